@@ -1,0 +1,182 @@
+"""The background event loop that every blocking natskv call runs on.
+
+One daemon thread per process runs one asyncio loop. It starts lazily on first use, is reset in a
+forked child (the child gets its own loop on first use; the parent's is untouched), and is stopped
+at interpreter exit after the clients registered with it have been closed.
+
+Blocking calls come in through :meth:`Runner.call`: the coroutine runs on the loop, the caller's
+thread waits with a timeout. A call made *from* the loop thread raises :class:`DeadlockError` at
+once, because it could never finish. Ctrl-C while waiting cancels the coroutine, waits briefly for
+its clean-up, then lets ``KeyboardInterrupt`` through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import os
+import threading
+import types
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from natskv.errors import DeadlockError, NatsKVTimeoutError
+
+log = logging.getLogger("natskv")
+
+T = TypeVar("T")
+
+# Frames from these files are plumbing between the caller and the failing code; they are dropped
+# from tracebacks that cross the thread boundary so users see their call and the natskv code.
+_PLUMBING = (
+    os.path.dirname(asyncio.__file__),
+    os.path.dirname(concurrent.futures.__file__),
+    __file__,
+)
+
+
+def _trim_traceback(exc: BaseException) -> BaseException:
+    tb = exc.__traceback__
+    kept: list[types.TracebackType] = []
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_PLUMBING):
+            kept.append(tb)
+        tb = tb.tb_next
+    new_tb = None
+    for frame_tb in reversed(kept):
+        new_tb = types.TracebackType(new_tb, frame_tb.tb_frame, frame_tb.tb_lasti, frame_tb.tb_lineno)
+    return exc.with_traceback(new_tb)
+
+
+class Runner:
+    """Owns the loop thread of this process. Use the module-level :data:`runner`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        # Objects with a ``_close_at_exit()`` method (clients), closed before the loop stops.
+        self._closeables: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop of this process, started on first use."""
+        loop = self._loop
+        if loop is not None and self._pid == os.getpid():
+            return loop
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                self._start()
+            assert self._loop is not None
+            return self._loop
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            try:
+                loop.run_forever()
+            finally:
+                try:
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                finally:
+                    loop.close()
+
+        thread = threading.Thread(target=run, name="natskv-loop", daemon=True)
+        thread.start()
+        ready.wait()
+        self._loop, self._thread = loop, thread
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's loop thread does not exist here. Forget it without touching it: its sockets
+        # are shared with the parent, which still uses them.
+        self._lock = threading.Lock()
+        self._loop = None
+        self._thread = None
+        self._pid = os.getpid()
+        self._closeables = weakref.WeakSet()
+
+    def register(self, obj: Any) -> None:
+        """Close ``obj`` (via ``obj._close_at_exit()``) when the interpreter exits."""
+        self._closeables.add(obj)
+
+    def unregister(self, obj: Any) -> None:
+        self._closeables.discard(obj)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Close registered clients, then stop the loop thread. Called at interpreter exit."""
+        if self._loop is None or self._pid != os.getpid():
+            return
+        for obj in list(self._closeables):
+            try:
+                obj._close_at_exit()
+            except Exception:  # noqa: BLE001 - exit must go on
+                log.debug("natskv: error while closing %r at exit", obj, exc_info=True)
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def in_loop_thread(self) -> bool:
+        """True when called from natskv's loop thread."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def check_not_loop_thread(self, what: str = "a blocking natskv call") -> None:
+        """Raise :class:`DeadlockError` if the caller is the loop thread."""
+        if self.in_loop_thread():
+            raise DeadlockError(
+                f"{what} was made from natskv's event-loop thread and would deadlock; "
+                "run it from another thread (natskv callbacks already run on a dispatcher thread)"
+            )
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        """Run ``coro`` on the loop and wait for its result in the calling thread.
+
+        Raises :class:`NatsKVTimeoutError` after ``timeout`` seconds (the coroutine is cancelled),
+        :class:`DeadlockError` from the loop thread, and whatever the coroutine raised, with the
+        thread plumbing trimmed from its traceback.
+        """
+        if self.in_loop_thread():
+            coro.close()
+            self.check_not_loop_thread()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise NatsKVTimeoutError(
+                f"the operation did not complete within {timeout} s; "
+                "check the server is reachable or pass a larger timeout="
+            ) from None
+        except KeyboardInterrupt:
+            future.cancel()
+            try:  # give the cancelled work a moment to clean up (delete consumers, etc.)
+                future.exception(timeout=1.0)
+            except BaseException:  # noqa: BLE001 - the interrupt wins
+                pass
+            raise
+        except BaseException as exc:
+            raise _trim_traceback(exc) from exc.__cause__
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Schedule a plain function on the loop thread, from any thread."""
+        self.loop.call_soon_threadsafe(fn, *args)
+
+
+runner = Runner()
+os.register_at_fork(after_in_child=runner._after_fork_in_child)
+atexit.register(runner.shutdown)

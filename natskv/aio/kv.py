@@ -1,0 +1,375 @@
+"""natskv's Key-Value protocol over plain NATS messages.
+
+A bucket is a stream ``KV_<bucket>`` holding subjects ``$KV.<bucket>.<encoded key>``; the latest
+message of a subject is the key's value. Reads use JetStream direct get (one key, or many in one
+batch request); writes are publishes whose PubAck carries the revision (stream sequence); CAS uses
+``Nats-Expected-Last-Subject-Sequence``; per-key TTL uses ``Nats-TTL``; multi-key commits use atomic
+batch publish. The methods that block run in the caller's thread through the multiplexer; the
+``async`` ones run on the loop thread.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from natskv.aio.connection import API_LEVEL_ATOMIC, API_LEVEL_TTL, Connection, check_api_reply
+from natskv.aio.mux import RawReply, parse_reply_headers, status_of
+from natskv.codec import RAW_HEADER
+from natskv.errors import (
+    BatchError,
+    BucketNotFoundError,
+    ConfigurationError,
+    InvalidBucketNameError,
+    JetStreamError,
+    NatsKVTimeoutError,
+    PayloadTooLargeError,
+)
+
+BUCKET_NAME_RE = re.compile(r"\A[A-Za-z0-9_-]+\Z")
+
+# Error codes of a PubAck whose CAS check failed ("wrong last sequence" and its newer variant).
+CAS_ERROR_CODES = (10071, 10164)
+MAX_SUBJECTS_PER_BATCH_GET = 1024
+MAX_ATOMIC_BATCH = 1000
+DEFAULT_MAX_CONSUMERS = 10_000
+NANOS = 1_000_000_000
+
+OP_PUT, OP_DEL, OP_PURGE = "PUT", "DEL", "PURGE"
+
+
+def validate_bucket_name(name: str) -> None:
+    if not isinstance(name, str) or not BUCKET_NAME_RE.match(name):
+        raise InvalidBucketNameError(
+            f"invalid bucket name {name!r}: use letters, digits, '_' and '-' only (e.g. 'user_sessions')"
+        )
+
+
+def ttl_header(ttl: float | None) -> str | None:
+    """The ``Nats-TTL`` value for a per-key TTL in seconds (whole seconds, at least 1)."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
+        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    seconds = int(ttl) if float(ttl).is_integer() else int(ttl) + 1
+    return f"{max(seconds, 1)}s"
+
+
+@dataclass
+class RawEntry:
+    """A stored message as read from the server, before key decoding and value decoding."""
+
+    subject: str
+    data: bytes
+    revision: int
+    timestamp: str
+    operation: str
+    delta: int = 0  # for watches: messages still pending after this one
+    raw_bytes: bool = False  # stored as bytes by natskv's JSON codec (see natskv.codec)
+
+    @property
+    def absent(self) -> bool:
+        return self.operation != OP_PUT
+
+
+def entry_from_headers(hdrs: dict[str, str], data: bytes, subject: str = "") -> RawEntry:
+    op = hdrs.get("KV-Operation", OP_PUT)
+    if "Nats-Marker-Reason" in hdrs:  # a TTL / max-age / purge marker: the key is gone
+        op = OP_PURGE if hdrs["Nats-Marker-Reason"] == "Purge" else OP_DEL
+    return RawEntry(
+        subject=hdrs.get("Nats-Subject", subject),
+        data=data,
+        revision=int(hdrs.get("Nats-Sequence", 0)),
+        timestamp=hdrs.get("Nats-Time-Stamp", ""),
+        operation=op,
+        raw_bytes=RAW_HEADER in hdrs,
+    )
+
+
+def check_pub_ack(data: bytes) -> dict[str, Any]:
+    """Decode a PubAck. CAS failures raise :class:`JetStreamError` with ``err_code`` set."""
+    return check_api_reply("publish", data)
+
+
+class KVProtocol:
+    """The wire protocol of one bucket on one connection."""
+
+    def __init__(self, conn: Connection, bucket: str) -> None:
+        validate_bucket_name(bucket)
+        self.conn = conn
+        self.bucket = bucket
+        self.stream = "KV_" + bucket
+        self.subject_prefix = f"$KV.{bucket}."
+        self._direct_prefix = f"$JS.API.DIRECT.GET.{self.stream}.{self.subject_prefix}"
+        self._direct_batch = f"$JS.API.DIRECT.GET.{self.stream}"
+        self.config: dict[str, Any] = {}
+
+    # -- bucket management (any thread) -------------------------------------------------------
+
+    def stream_config(
+        self, history: int, ttl: float | None, replicas: int, max_value_size: int | None, storage: str, max_bytes: int
+    ) -> dict[str, Any]:
+        if not 1 <= history <= 64:
+            raise ConfigurationError(f"history must be between 1 and 64, not {history!r}")
+        if storage not in ("file", "memory"):
+            raise ConfigurationError(f"storage must be 'file' or 'memory', not {storage!r}")
+        if replicas not in (1, 3, 5) and not 1 <= replicas <= 5:
+            raise ConfigurationError(f"replicas must be between 1 and 5, not {replicas!r}")
+        max_age = int((ttl or 0) * NANOS)
+        config: dict[str, Any] = {
+            "name": self.stream,
+            "subjects": [self.subject_prefix + ">"],
+            "retention": "limits",
+            "max_msgs_per_subject": history,
+            "max_msgs": -1,
+            "max_bytes": max_bytes,
+            "max_age": max_age,
+            "max_msg_size": max_value_size if max_value_size else -1,
+            "storage": storage,
+            "num_replicas": replicas,
+            "discard": "new",
+            "allow_rollup_hdrs": True,
+            "deny_delete": True,
+            "allow_direct": True,
+            "max_consumers": DEFAULT_MAX_CONSUMERS,
+            "duplicate_window": min(max_age, 120 * NANOS) if max_age else 120 * NANOS,
+        }
+        if self.conn.api_level >= API_LEVEL_TTL:
+            config["allow_msg_ttl"] = True
+            # Watchers see a delete marker when a key expires, instead of silence.
+            config["subject_delete_marker_ttl"] = 15 * 60 * NANOS
+        if self.conn.api_level >= API_LEVEL_ATOMIC:
+            config["allow_atomic"] = True
+        return config
+
+    def ensure(self, config: dict[str, Any], create: bool, timeout: float | None) -> dict[str, Any]:
+        """Return the bucket's stream config, creating the stream if it is missing and allowed."""
+        try:
+            info = self.conn.js_api_blocking(f"STREAM.INFO.{self.stream}", None, timeout)
+        except BucketNotFoundError:
+            if not create:
+                raise BucketNotFoundError(
+                    f"bucket {self.bucket!r} does not exist; call client.bucket({self.bucket!r}) to create it"
+                ) from None
+            try:
+                info = self.conn.js_api_blocking(f"STREAM.CREATE.{self.stream}", config, timeout)
+            except JetStreamError as exc:
+                if exc.err_code != 10058:  # created concurrently by another client: read it
+                    raise
+                info = self.conn.js_api_blocking(f"STREAM.INFO.{self.stream}", None, timeout)
+        self.config = info["config"]
+        if not self.config.get("allow_direct"):
+            # Buckets made by other tools may lack direct get, which every read here uses.
+            self.config = self.update_config({"allow_direct": True}, timeout)
+        return self.config
+
+    def update_config(self, changes: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        config = dict(self.config, **changes)
+        info = self.conn.js_api_blocking(f"STREAM.UPDATE.{self.stream}", config, timeout)
+        self.config = info["config"]
+        return self.config
+
+    def info(self, timeout: float | None) -> dict[str, Any]:
+        return self.conn.js_api_blocking(f"STREAM.INFO.{self.stream}", None, timeout)
+
+    def destroy(self, timeout: float | None) -> None:
+        self.conn.js_api_blocking(f"STREAM.DELETE.{self.stream}", None, timeout)
+
+    # -- reads (any thread) -----------------------------------------------------------------
+
+    def get(self, encoded_key: str, timeout: float | None) -> RawEntry | None:
+        """The latest message of one key (None when it has none; deletes come back as entries)."""
+        assert self.conn.mux is not None
+        data, headers, _ = self.conn.mux.request(self._direct_prefix + encoded_key, b"", None, timeout)
+        status, desc, hdrs = parse_reply_headers(headers)
+        if status:
+            if status == 404:
+                return None
+            raise self._status_error(status, desc)
+        return entry_from_headers(hdrs, data)
+
+    def get_revision(self, encoded_key: str, revision: int, timeout: float | None) -> RawEntry | None:
+        """The message at ``revision`` if it belongs to this key."""
+        assert self.conn.mux is not None
+        body = orjson.dumps({"seq": revision})
+        data, headers, _ = self.conn.mux.request(self._direct_batch, body, None, timeout)
+        status, desc, hdrs = parse_reply_headers(headers)
+        if status:
+            if status == 404:
+                return None
+            raise self._status_error(status, desc)
+        entry = entry_from_headers(hdrs, data)
+        return entry if entry.subject == self.subject_prefix + encoded_key else None
+
+    def get_last_many(self, subjects: list[str], timeout: float | None) -> list[RawEntry] | None:
+        """Latest message of each subject (wildcards allowed) in batch direct gets.
+
+        Returns None when a request matched more subjects than one batch get may answer (413):
+        the caller then reads through a consumer instead.
+        """
+        self.conn.require(API_LEVEL_TTL, "reading many keys at once (batch direct get)")
+        assert self.conn.mux is not None
+        out: list[RawEntry] = []
+        for i in range(0, len(subjects), MAX_SUBJECTS_PER_BATCH_GET):
+            body = orjson.dumps({"multi_last": subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]})
+            replies = self.conn.mux.request_stream(self._direct_batch, body, timeout)
+            for data, headers, _ in replies:
+                status, desc, hdrs = parse_reply_headers(headers)
+                if status:
+                    if status in (204, 404):
+                        break
+                    if status == 413:
+                        return None
+                    raise self._status_error(status, desc)
+                out.append(entry_from_headers(hdrs, data))
+        return out
+
+    def history(self, encoded_key: str, timeout: float | None) -> list[RawEntry]:
+        """Every stored revision of one key, oldest first."""
+        assert self.conn.mux is not None
+        subject = self.subject_prefix + encoded_key
+        out: list[RawEntry] = []
+        seq = 1
+        while True:
+            body = orjson.dumps({"batch": 256, "seq": seq, "next_by_subj": subject})
+            replies = self.conn.mux.request_stream(self._direct_batch, body, timeout)
+            pending = 0
+            for data, headers, _ in replies:
+                status, desc, hdrs = parse_reply_headers(headers)
+                if status:
+                    if status not in (204, 404):
+                        raise self._status_error(status, desc)
+                    pending = int(hdrs.get("Nats-Num-Pending", 0) or 0)
+                    break
+                out.append(entry_from_headers(hdrs, data))
+            if not pending or not out:
+                return out
+            seq = out[-1].revision + 1
+
+    # -- writes (any thread) ----------------------------------------------------------------
+
+    def put(self, encoded_key: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> int:
+        """Publish one message and return its revision. CAS failures raise JetStreamError."""
+        assert self.conn.mux is not None
+        self.check_size(len(payload))
+        data, hdrs, _ = self.conn.mux.request(self.subject_prefix + encoded_key, payload, headers, timeout)
+        if not data:
+            status, desc, _ = parse_reply_headers(hdrs)
+            raise self._status_error(status, desc)
+        return int(check_pub_ack(data)["seq"])
+
+    def put_many(
+        self, items: list[tuple[str, bytes, dict[str, str] | None]], timeout: float | None
+    ) -> list[int | Exception]:
+        """Pipeline many publishes; return each one's revision or the error it got, in order."""
+        assert self.conn.mux is not None
+        for _, payload, _ in items:
+            self.check_size(len(payload))
+        commands = [(self.subject_prefix + k, p, h) for k, p, h in items]
+        results: list[int | Exception] = []
+        for reply in self.conn.mux.request_many(commands, timeout):
+            if reply is None:
+                results.append(NatsKVTimeoutError(f"no acknowledgement within {timeout} s"))
+                continue
+            try:
+                if not reply[0]:
+                    status, desc, _ = parse_reply_headers(reply[1])
+                    raise self._status_error(status, desc)
+                results.append(int(check_pub_ack(reply[0])["seq"]))
+            except Exception as exc:  # noqa: BLE001 - returned to the caller per item
+                results.append(exc)
+        return results
+
+    def commit_batch(self, items: list[tuple[str, bytes, dict[str, str]]], timeout: float | None) -> int:
+        """Write all messages as one atomic batch; return the revision of the last one.
+
+        All or nothing: one failed CAS check rejects the whole batch and nothing is stored.
+        """
+        self.conn.require(API_LEVEL_ATOMIC, "atomic multi-key commit (atomic batch publish)")
+        if not items:
+            raise ValueError("commit() needs at least one operation")
+        if len(items) > MAX_ATOMIC_BATCH:
+            raise BatchError(f"an atomic commit holds at most {MAX_ATOMIC_BATCH} operations, not {len(items)}")
+        if not self.config.get("allow_atomic"):
+            self.update_config({"allow_atomic": True}, timeout)
+        assert self.conn.mux is not None
+        for _, payload, _ in items:
+            self.check_size(len(payload))
+        batch_id = uuid.uuid4().hex
+        n = len(items)
+        commands: list[tuple[str, bytes, dict[str, str] | None]] = []
+        for i, (key, payload, headers) in enumerate(items, start=1):
+            h = dict(headers)
+            h["Nats-Batch-Id"] = batch_id
+            h["Nats-Batch-Sequence"] = str(i)
+            if i == n:
+                h["Nats-Batch-Commit"] = "1"
+            commands.append((self.subject_prefix + key, payload, h))
+        # The first message and the commit are requests (errors come back on them); the middle
+        # ones are plain publishes. The server answers the first only if it fails, so wait for
+        # the commit's answer alone.
+        mux = self.conn.mux
+        if n == 1:
+            data, hdrs, _ = mux.request(commands[0][0], commands[0][1], commands[0][2], timeout)
+            return self._batch_ack(data, hdrs)
+        first_token = mux.new_token()
+        first_error: list[RawReply] = []
+
+        def on_first(data: bytes, headers: Any, reply: str) -> bool:
+            first_error.append((data, headers, reply))
+            return True
+
+        mux.add_route(first_token, on_first)
+        from natskv._speedups import core
+
+        parts = [core.pub_command(commands[0][0], mux.prefix + first_token, commands[0][1], commands[0][2])]
+        for subject, payload, headers in commands[1:-1]:
+            parts.append(core.pub_command(subject, "", payload, headers))
+        try:
+            mux.send(b"".join(parts))
+            last = commands[-1]
+            data, hdrs, _ = mux.request(last[0], last[1], last[2], timeout)
+        finally:
+            mux.remove_route(first_token)
+        if first_error and first_error[0][0]:
+            check_pub_ack(first_error[0][0])
+        return self._batch_ack(data, hdrs)
+
+    def _batch_ack(self, data: bytes, headers: Any) -> int:
+        if not data:
+            status, desc, _ = parse_reply_headers(headers)
+            raise self._status_error(status, desc)
+        return int(check_pub_ack(data)["seq"])
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def check_size(self, size: int) -> None:
+        limit = self.conn.max_payload
+        max_value = self.config.get("max_msg_size", -1)
+        if max_value and max_value > 0 and size > max_value:
+            raise PayloadTooLargeError(
+                f"value of {size} bytes exceeds bucket {self.bucket!r}'s max_value_size of {max_value} bytes"
+            )
+        # Leave room for the subject and headers inside the server's max payload.
+        if size > limit - 512:
+            raise PayloadTooLargeError(
+                f"value of {size} bytes exceeds the server's max payload ({limit} bytes, less room for headers); "
+                "store large values in NATS Object Store or raise max_payload in the server config"
+            )
+
+    def _status_error(self, status: int, desc: str) -> Exception:
+        if status == 503:
+            return JetStreamError(
+                f"no JetStream responders for bucket {self.bucket!r} (is JetStream enabled, does the stream have a leader?)",
+                code=503,
+            )
+        if status == 408:
+            return NatsKVTimeoutError(f"the server timed out answering a request on bucket {self.bucket!r}")
+        return JetStreamError(desc or f"unexpected status {status}", code=status)
+
+
+__all__ = ["KVProtocol", "RawEntry", "status_of", "validate_bucket_name", "ttl_header"]

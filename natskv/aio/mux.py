@@ -1,0 +1,343 @@
+"""Request multiplexing between caller threads and the loop thread.
+
+This is the hot path of every blocking get and put. It is built so that the loop thread does as
+little as possible per request:
+
+* the *caller* thread encodes the whole protocol command (``_core.pub_command``) and registers a
+  waiter under a fresh reply token;
+* commands from many threads are coalesced: callers append to an outbox and only the first one
+  since the last drain schedules the loop, which writes the whole batch in one system call;
+* replies arrive on one wildcard inbox subscription (``<inbox>.*``). When the installed nats-py is
+  the version natskv was built against, replies are taken straight from nats-py's protocol parser,
+  before it builds a ``Msg`` or parses headers; otherwise the subscription's documented ``future=``
+  hook receives them. Either way the loop thread only stores the raw reply and releases the
+  waiter; the caller thread parses headers and decodes the value.
+* a waiter is a ``threading.Lock`` acquired twice: the cheapest wait primitive in CPython.
+
+Watch consumers deliver to tokens under the same inbox, routed to their handler on the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from natskv._speedups import core
+from natskv.errors import NatsKVTimeoutError, NotConnectedError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+
+# Above this many bytes queued in the socket's write buffer, hand writes to nats-py's flusher,
+# which waits for the buffer to drain (back-pressure) instead of growing it without bound.
+_WRITE_BUFFER_HIGH = 1 << 20
+
+# nats-py versions whose private parser hook natskv knows (see Multiplexer._install_parser_hook).
+_HOOKED_NATS_VERSIONS = ("2.16.",)
+
+
+RawReply = tuple[bytes, "bytes | dict[str, str] | None", str]
+"""(payload, headers, reply subject): headers are the raw header block, or a parsed dict when the
+reply came through nats-py's own message path."""
+
+
+def status_of(headers: bytes | dict[str, str] | None) -> int:
+    """The inline status code of a reply (0 when it carries none). Cheap: no full header parse."""
+    if headers is None:
+        return 0
+    if type(headers) is dict:
+        return int(headers.get("Status", 0) or 0)
+    # b"NATS/1.0 404 ..." : a status reply has a space right after the version.
+    if len(headers) > 12 and headers[8] == 32:
+        return int(headers[9:12])
+    return 0
+
+
+def parse_reply_headers(headers: bytes | dict[str, str] | None) -> tuple[int, str, dict[str, str]]:
+    """(status, description, headers) of a reply, whichever path delivered it."""
+    if headers is None:
+        return 0, "", {}
+    if type(headers) is dict:
+        h = dict(headers)
+        status = int(h.pop("Status", 0) or 0)
+        return status, h.pop("Description", ""), h
+    return core.parse_headers(headers)
+
+
+class Waiter:
+    """Waits for one reply. Delivered on the loop thread, waited on by a caller thread."""
+
+    __slots__ = ("_lock", "reply")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.reply: RawReply | None = None
+
+    def deliver(self, data: bytes, headers: Any, reply: str) -> bool:
+        """Store the reply; return True when the waiter is complete (the route is then removed)."""
+        self.reply = (data, headers, reply)
+        self._lock.release()
+        return True
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))
+
+
+class StreamWaiter:
+    """Collects a multi-message reply (batch direct get) until its end-of-batch status message.
+
+    Any status reply ends the batch: 204 is the normal end; 404, 408, 413 and errors end it too
+    and are kept as the last element for the caller to interpret.
+    """
+
+    __slots__ = ("_lock", "replies", "done")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.replies: list[RawReply] = []
+        self.done = False
+
+    def deliver(self, data: bytes, headers: Any, reply: str) -> bool:
+        self.replies.append((data, headers, reply))
+        if not data and status_of(headers):
+            self.done = True
+            self._lock.release()
+            return True
+        return False
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))
+
+
+class CountWaiter:
+    """Waits for ``n`` single replies sent under tokens ``base+0 .. base+n-1`` (pipelined writes)."""
+
+    __slots__ = ("_lock", "replies", "_left")
+
+    def __init__(self, n: int) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.replies: list[RawReply | None] = [None] * n
+        self._left = n
+
+    def slot(self, i: int) -> Callable[[bytes, Any, str], bool]:
+        def deliver(data: bytes, headers: Any, reply: str) -> bool:
+            if self.replies[i] is None:
+                self.replies[i] = (data, headers, reply)
+                self._left -= 1  # loop thread only: no lock needed
+                if self._left == 0:
+                    self._lock.release()
+            return True
+
+        return deliver
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))
+
+
+class _HookFuture:
+    """Stands in for the ``asyncio.Future`` nats-py resolves synchronously per message.
+
+    ``nc.subscribe(subject, future=obj)`` makes nats-py call ``obj.set_result(msg)`` for every
+    message on that subscription, on the loop thread, without a task. It never completes.
+    """
+
+    def __init__(self, on_msg: Callable[[str, bytes, Any, str], None]) -> None:
+        self._on_msg = on_msg
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, msg: Any) -> None:
+        self._on_msg(msg.subject, msg.data, msg.headers, msg.reply)
+
+
+class Multiplexer:
+    """Shares one connection's inbox between any number of threads and watch consumers."""
+
+    def __init__(self, nc: NatsClient, loop: asyncio.AbstractEventLoop, inbox_prefix: str) -> None:
+        self._nc = nc
+        self._loop = loop
+        self.prefix = f"{inbox_prefix}.{nc._nuid.next().decode()}."
+        self._plen = len(self.prefix)
+        self._routes: dict[str, Any] = {}
+        self._ids = itertools.count(1)
+        self._outbox: list[bytes] = []
+        self._out_lock = threading.Lock()
+        self._scheduled = False
+        self._handlers: dict[int, Callable[[str, bytes, Any, str], None]] = {}
+        self.hooked = False
+        self.closed = False
+
+    async def start(self) -> None:
+        await self.subscribe(self.prefix + "*", self._on_inbox)
+        if os.environ.get("NATSKV_NO_PARSER_HOOK") != "1":
+            self._install_parser_hook()
+
+    async def subscribe(self, subject: str, handler: Callable[[str, bytes, Any, str], None]) -> int:
+        """Subscribe ``handler(subject, data, headers, reply)``, called on the loop thread per message.
+
+        ``headers`` is the raw header block (bytes) or, on nats-py's own path, a parsed dict; use
+        :func:`parse_reply_headers` to read either.
+        """
+        sub = await self._nc.subscribe(subject, future=_HookFuture(handler))  # type: ignore[arg-type]
+        self._handlers[sub._id] = handler
+        return sub._id
+
+    async def unsubscribe(self, sid: int) -> None:
+        self._handlers.pop(sid, None)
+        sub = self._nc._subs.get(sid)
+        if sub is not None and not self._nc.is_closed:
+            await sub.unsubscribe()
+
+    def _install_parser_hook(self) -> None:
+        # Below nats-py's per-message work: its parser awaits nc._process_msg(sid, subject, reply,
+        # data, headers) for every MSG; natskv's subscriptions are answered right there.
+        from nats.aio.client import __version__ as nats_version
+
+        if not nats_version.startswith(_HOOKED_NATS_VERSIONS):
+            return
+        nc = self._nc
+        original = nc._process_msg
+        handlers = self._handlers
+
+        async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> None:
+            handler = handlers.get(sid)
+            if handler is not None:
+                handler(subject.decode(), data, headers, reply.decode() if reply else "")
+                return
+            await original(sid, subject, reply, data, headers)
+
+        nc._process_msg = process_msg  # type: ignore[method-assign]
+        self.hooked = True
+
+    # -- loop thread: delivery -------------------------------------------------------------
+
+    def _on_inbox(self, subject: str, data: bytes, headers: Any, reply: str) -> None:
+        token = subject[self._plen :]
+        route = self._routes.get(token)
+        if route is not None and route(data, headers, reply):
+            self._routes.pop(token, None)
+
+    # -- any thread: sending ---------------------------------------------------------------
+
+    def new_token(self) -> str:
+        return format(next(self._ids), "x")
+
+    def add_route(self, token: str, handler: Callable[[bytes, Any, str], bool]) -> None:
+        """Send messages arriving at ``prefix + token`` to ``handler`` (on the loop thread)."""
+        self._routes[token] = handler
+
+    def remove_route(self, token: str) -> None:
+        self._routes.pop(token, None)
+
+    def send(self, command: bytes) -> None:
+        """Queue an encoded protocol command for the loop thread to write; never blocks."""
+        if self.closed:
+            raise NotConnectedError("the client is closed; create a new one with natskv.connect()")
+        with self._out_lock:
+            self._outbox.append(command)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._flush_outbox)
+
+    def _flush_outbox(self) -> None:
+        with self._out_lock:
+            commands, self._outbox = self._outbox, []
+            self._scheduled = False
+        if commands:
+            self.write_now(b"".join(commands))
+
+    def write_now(self, data: bytes) -> None:
+        """Write protocol bytes from the loop thread, keeping order with nats-py's own writes."""
+        nc = self._nc
+        transport = nc._transport
+        if (
+            nc.is_connected
+            and not nc._pending
+            and transport is not None
+            and transport._io_writer is not None
+            and transport._io_writer.transport.get_write_buffer_size() < _WRITE_BUFFER_HIGH
+        ):
+            transport.write(data)
+            return
+        # Reconnecting, or back-pressure: nats-py buffers it and its flusher writes it in order
+        # (after a reconnect too).
+        nc._pending.append(data)
+        nc._pending_data_size += len(data)
+        if nc.is_connected and nc._flush_queue is not None and nc._flush_queue.empty():
+            nc._flush_queue.put_nowait(self._loop.create_future())
+
+    # -- caller threads: requests -----------------------------------------------------------
+
+    def request(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> RawReply:
+        """Send one request and block the calling thread until its reply or the timeout."""
+        token = self.new_token()
+        waiter = Waiter()
+        self._routes[token] = waiter.deliver
+        self.send(core.pub_command(subject, self.prefix + token, payload, headers))
+        if not waiter.wait(timeout):
+            self._routes.pop(token, None)
+            if waiter.reply is not None:  # delivered between the timeout and the pop
+                return waiter.reply
+            raise self.timeout_error(subject, timeout)
+        assert waiter.reply is not None
+        return waiter.reply
+
+    def request_stream(
+        self, subject: str, payload: bytes, timeout: float | None
+    ) -> list[RawReply]:
+        """Send one request whose answer is several messages ending with a status message."""
+        token = self.new_token()
+        waiter = StreamWaiter()
+        self._routes[token] = waiter.deliver
+        self.send(core.pub_command(subject, self.prefix + token, payload, None))
+        if not waiter.wait(timeout):
+            self._routes.pop(token, None)
+            if not waiter.done:
+                raise self.timeout_error(subject, timeout)
+        return waiter.replies
+
+    def request_many(
+        self, commands: list[tuple[str, bytes, dict[str, str] | None]], timeout: float | None
+    ) -> list[RawReply | None]:
+        """Pipeline several requests in one write; the replies come back in the same order.
+
+        A ``None`` in the result means that request got no reply within the timeout.
+        """
+        waiter = CountWaiter(len(commands))
+        tokens = [self.new_token() for _ in commands]
+        encoded = []
+        for i, ((subject, payload, headers), token) in enumerate(zip(commands, tokens)):
+            self._routes[token] = waiter.slot(i)
+            encoded.append(core.pub_command(subject, self.prefix + token, payload, headers))
+        self.send(b"".join(encoded))
+        if not waiter.wait(timeout):
+            for token in tokens:
+                self._routes.pop(token, None)
+        return waiter.replies
+
+    def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Fire-and-forget publish from any thread."""
+        self.send(core.pub_command(subject, "", payload, headers))
+
+    def timeout_error(self, subject: str, timeout: float | None) -> Exception:
+        if not self._nc.is_connected:
+            return NatsKVTimeoutError(
+                f"no reply within {timeout} s: the connection to NATS is down and reconnecting; "
+                "a write that timed out may still be applied once the connection is back"
+            )
+        return NatsKVTimeoutError(
+            f"no reply to a request on {subject!r} within {timeout} s; "
+            "the server may be overloaded or the stream may have no leader; pass a larger timeout="
+        )

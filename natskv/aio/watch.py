@@ -1,0 +1,253 @@
+"""Ordered push consumers: the server side of watches and of large key listings.
+
+A :class:`ConsumerFeed` owns one ephemeral, in-memory, ack-less JetStream consumer that pushes a
+bucket's messages to a private inbox. It checks the delivery sequence of every message and the idle
+heartbeats; on a gap, a stall or a reconnect it recreates the consumer from the last stream sequence
+it delivered, so subscribers miss nothing and see nothing twice. It runs on the loop thread and hands
+events to ``sink`` (which must not block: the sync layer puts them on a queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from natskv._speedups import core
+from natskv.aio.connection import Connection
+from natskv.aio.kv import NANOS, KVProtocol, RawEntry, entry_from_headers
+from natskv.aio.mux import parse_reply_headers, status_of
+from natskv.errors import NatsKVError
+
+log = logging.getLogger("natskv")
+
+HEARTBEAT = 5.0  # seconds between idle heartbeats from the server
+INACTIVE_THRESHOLD = 120.0  # the server removes a consumer nobody listens to after this long
+
+
+class InitialDone:
+    """Marker event: every value that existed when the watch started has been delivered."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "InitialDone"
+
+
+INITIAL_DONE = InitialDone()
+
+
+class ConsumerFeed:
+    """One ordered push consumer and its recovery logic. Loop thread only."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        proto: KVProtocol,
+        filter_subject: str,
+        sink: Callable[[Any], None],
+        *,
+        deliver_policy: str = "last_per_subject",
+        headers_only: bool = False,
+    ) -> None:
+        self.conn = conn
+        self.proto = proto
+        self.filter_subject = proto.subject_prefix + filter_subject
+        self.sink = sink
+        self.deliver_policy = deliver_policy
+        self.headers_only = headers_only
+        self.consumer_name = ""
+        self.last_sseq = 0  # stream sequence of the last message handed to sink
+        self._next_dseq = 1
+        self._initial_pending = deliver_policy != "new"
+        self._sid: int | None = None
+        self._inbox = ""
+        self._stopped = False
+        self._resetting = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._last_activity = 0.0
+        self._loop = asyncio.get_running_loop()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        assert self.conn.nc is not None and self.conn.mux is not None
+        self._inbox = self.conn.nc.new_inbox()
+        self._sid = await self.conn.mux.subscribe(self._inbox, self._on_message)
+        self.conn.on_reconnect.append(self._on_reconnect)
+        await self._create_consumer()
+        self._arm_watchdog()
+
+    async def stop(self) -> None:
+        """Stop deliveries and delete the server consumer."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._on_reconnect in self.conn.on_reconnect:
+            self.conn.on_reconnect.remove(self._on_reconnect)
+        assert self.conn.mux is not None
+        if self._sid is not None:
+            await self.conn.mux.unsubscribe(self._sid)
+        await self._delete_consumer(self.consumer_name)
+
+    async def _delete_consumer(self, name: str) -> None:
+        if not name or self.conn.nc is None or not self.conn.nc.is_connected:
+            return
+        try:
+            await self.conn.js_api(f"CONSUMER.DELETE.{self.proto.stream}.{name}", None, timeout=2.0)
+        except NatsKVError:
+            # Already gone (server restart) or unreachable: the inactive threshold removes it.
+            log.debug("natskv: could not delete consumer %s", name, exc_info=True)
+
+    async def _create_consumer(self) -> None:
+        config: dict[str, Any] = {
+            "deliver_subject": self._inbox,
+            "ack_policy": "none",
+            "max_deliver": 1,
+            "flow_control": True,
+            "idle_heartbeat": int(HEARTBEAT * NANOS),
+            "headers_only": self.headers_only,
+            "mem_storage": True,
+            "num_replicas": 1,
+            "inactive_threshold": int(INACTIVE_THRESHOLD * NANOS),
+            "replay_policy": "instant",
+            "filter_subject": self.filter_subject,
+        }
+        # Name the consumer before creating it: deliveries can arrive before the API's answer.
+        name = self.conn.nc.new_inbox().rpartition(".")[2] if self.conn.nc else "natskv"
+        config["name"] = name
+        self.consumer_name = name
+        self._next_dseq = 1
+        if self.last_sseq:
+            config["deliver_policy"] = "by_start_sequence"
+            config["opt_start_seq"] = self.last_sseq + 1
+        else:
+            config["deliver_policy"] = self.deliver_policy
+        try:
+            info = await self.conn.js_api(
+                f"CONSUMER.CREATE.{self.proto.stream}.{name}",
+                {"stream_name": self.proto.stream, "config": config},
+            )
+        except BaseException:
+            self.consumer_name = ""
+            raise
+        self._last_activity = self._loop.time()
+        if self._initial_pending and info.get("num_pending", 0) == 0:
+            self._initial_pending = False
+            self.sink(INITIAL_DONE)
+
+    # -- deliveries -------------------------------------------------------------------------
+
+    def _on_message(self, subject: str, data: bytes, headers: Any, reply: str) -> None:
+        if self._stopped:
+            return
+        self._last_activity = self._loop.time()
+        status = status_of(headers) if not data else 0
+        if status == 100:
+            self._on_control(headers, reply)
+            return
+        if not reply.startswith("$JS.ACK."):
+            return
+        try:
+            _, consumer, _, sseq, dseq, ts_ns, pending = core.parse_ack_subject(reply)
+        except ValueError:
+            log.warning("natskv: unparseable ack subject %r", reply)
+            return
+        if consumer != self.consumer_name:
+            return  # a late message from a consumer we replaced
+        if dseq != self._next_dseq:
+            self._reset(f"delivery gap (expected {self._next_dseq}, got {dseq})")
+            return
+        self._next_dseq = dseq + 1
+        self.last_sseq = sseq
+        _, _, hdrs = parse_reply_headers(headers)
+        entry = entry_from_headers(hdrs, data, subject)
+        entry.revision = sseq
+        entry.timestamp = str(ts_ns)
+        entry.delta = pending
+        if self.headers_only:
+            entry.data = b""
+        self.sink(entry)
+        if self._initial_pending and pending == 0:
+            self._initial_pending = False
+            self.sink(INITIAL_DONE)
+
+    def _on_control(self, headers: Any, reply: str) -> None:
+        _, desc, hdrs = parse_reply_headers(headers)
+        assert self.conn.mux is not None
+        if desc.startswith("FlowControl") and reply:
+            self.conn.mux.write_now(core.pub_command(reply, "", b"", None))
+            return
+        stalled = hdrs.get("Nats-Consumer-Stalled")
+        if stalled:
+            self.conn.mux.write_now(core.pub_command(stalled, "", b"", None))
+        last_consumer = hdrs.get("Nats-Last-Consumer")
+        if last_consumer is not None and int(last_consumer) != self._next_dseq - 1:
+            self._reset(f"heartbeat reports delivery {last_consumer}, saw {self._next_dseq - 1}")
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    def _on_reconnect(self) -> None:
+        self._reset("reconnected")
+
+    def _reset(self, why: str) -> None:
+        if self._stopped or self._resetting:
+            return
+        self._resetting = True
+        log.info("natskv: resuming watch on %s after stream sequence %d: %s", self.filter_subject, self.last_sseq, why)
+        self._loop.create_task(self._recreate())
+
+    async def _recreate(self) -> None:
+        old = self.consumer_name
+        self.consumer_name = ""  # drop whatever the old consumer still delivers
+        delay = 0.05
+        try:
+            while not self._stopped:
+                try:
+                    await self._delete_consumer(old)
+                    await self._create_consumer()
+                    return
+                except NatsKVError as exc:
+                    log.info("natskv: could not recreate watch consumer yet: %s", exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        finally:
+            self._resetting = False
+
+    def _arm_watchdog(self) -> None:
+        def check() -> None:
+            if self._stopped:
+                return
+            if self._loop.time() - self._last_activity > 3 * HEARTBEAT and self.conn.nc and self.conn.nc.is_connected:
+                self._reset("no heartbeat")
+            self._watchdog = self._loop.call_later(HEARTBEAT, check)
+
+        self._watchdog = self._loop.call_later(HEARTBEAT, check)
+
+
+async def snapshot(
+    conn: Connection, proto: KVProtocol, filter_subject: str, headers_only: bool, timeout: float
+) -> list[RawEntry]:
+    """The latest message of every subject under ``filter_subject``, read through a consumer.
+
+    Used where a batch direct get would match too many subjects. Deletes are included.
+    """
+    out: list[RawEntry] = []
+    done = asyncio.Event()
+
+    def sink(event: Any) -> None:
+        if event is INITIAL_DONE:
+            done.set()
+        else:
+            out.append(event)
+
+    feed = ConsumerFeed(conn, proto, filter_subject, sink, headers_only=headers_only)
+    await feed.start()
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    finally:
+        await feed.stop()
+    return out

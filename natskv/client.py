@@ -1,0 +1,237 @@
+"""Client: one connection to NATS, shared by every thread of the process.
+
+``natskv.connect()`` returns a :class:`Client`. It is thread-safe: any number of threads may use it
+(and its buckets) at once; their requests are multiplexed over the one connection. It is fork-safe:
+a forked child that uses an inherited client gets its own connection on first use, and the parent's
+is untouched (watches do not carry over into the child).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from natskv._runner import runner
+from natskv.aio.connection import Connection
+from natskv.aio.kv import KVProtocol, validate_bucket_name
+from natskv.codec import Codec
+from natskv.config import ConnectOptions
+from natskv.errors import BucketNotFoundError, NotConnectedError
+from natskv.kv import Bucket
+
+if TYPE_CHECKING:
+    from natskv.server import EmbeddedServer
+    from natskv.watch import Watcher
+
+log = logging.getLogger("natskv")
+
+
+class Client:
+    """A connection to NATS JetStream and the entry point to buckets.
+
+    Use it as a context manager, or call :meth:`close` when done.
+    """
+
+    def __init__(self, options: ConnectOptions, server: EmbeddedServer | None = None) -> None:
+        self.options = options
+        self.server = server
+        self._servers = list(options.servers) if options.servers else [server.url] if server else []
+        self._lock = threading.Lock()
+        self._buckets: dict[str, Bucket] = {}
+        self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
+        self._closed = False
+        self._pid = os.getpid()
+        self._conn = self._open()
+        runner.register(self)
+
+    def _open(self) -> Connection:
+        conn = Connection(self.options, self._servers)
+        runner.call(conn.connect(), self.options.connect_timeout + self.options.request_timeout)
+        return conn
+
+    def _check(self) -> None:
+        """Reconnect in a forked child; refuse use after close()."""
+        if self._closed:
+            raise NotConnectedError("this client is closed; create a new one with natskv.connect()")
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._conn = self._open()
+                    for bucket in self._buckets.values():
+                        bucket._proto.conn = self._conn
+                    self._watchers = weakref.WeakSet()
+                    self._pid = os.getpid()
+                    runner.register(self)
+
+    # -- buckets -------------------------------------------------------------------------------
+
+    def bucket(
+        self,
+        name: str,
+        *,
+        history: int = 1,
+        ttl: float | None = None,
+        replicas: int = 1,
+        max_value_size: int | None = None,
+        max_bytes: int = -1,
+        storage: str = "file",
+        codec: str | Codec | None = None,
+        sep: str = ":",
+        create: bool = True,
+        timeout: float | None = None,
+    ) -> Bucket:
+        """The bucket ``name``, created with these settings if it does not exist yet.
+
+        ``history`` revisions are kept per key (1..64); ``ttl`` (seconds) expires every value;
+        ``codec`` is ``"json"`` (default), ``"bytes"``, ``"str"`` or a Codec object; ``sep`` is the
+        key hierarchy separator used for server-side pattern filtering (``""`` for none). With
+        ``create=False`` a missing bucket raises :class:`BucketNotFoundError`. Settings of an
+        existing bucket are not changed.
+        """
+        validate_bucket_name(name)
+        if not isinstance(sep, str) or len(sep) > 1:
+            raise ValueError(f"sep must be one character or '', not {sep!r}")
+        self._check()
+        runner.check_not_loop_thread()
+        key = name
+        cached = self._buckets.get(key)
+        if cached is not None and cached.sep == sep and (codec is None or cached.codec is codec or codec == cached.codec.name):
+            return cached
+        proto = KVProtocol(self._conn, name)
+        config = proto.stream_config(history, ttl, replicas, max_value_size, storage, max_bytes)
+        proto.ensure(config, create, timeout if timeout is not None else self.options.request_timeout)
+        bucket = Bucket(self, proto, codec, sep)
+        self._buckets[key] = bucket
+        return bucket
+
+    def delete_bucket(self, name: str, *, timeout: float | None = None) -> bool:
+        """Delete a bucket and all its data. Returns False when it did not exist."""
+        validate_bucket_name(name)
+        self._check()
+        proto = KVProtocol(self._conn, name)
+        try:
+            proto.destroy(timeout if timeout is not None else self.options.request_timeout)
+        except BucketNotFoundError:
+            return False
+        finally:
+            self._buckets.pop(name, None)
+        return True
+
+    def buckets(self, *, timeout: float | None = None) -> list[str]:
+        """Names of the KV buckets on the server."""
+        self._check()
+        t = timeout if timeout is not None else self.options.request_timeout
+        names: list[str] = []
+        offset = 0
+        while True:
+            reply = self._conn.js_api_blocking("STREAM.NAMES", {"offset": offset, "subject": "$KV.*.>"}, t)
+            batch = reply.get("streams") or []
+            names.extend(s[3:] for s in batch if s.startswith("KV_"))
+            offset += len(batch)
+            if not batch or offset >= reply.get("total", 0):
+                return sorted(names)
+
+    # -- plain NATS ------------------------------------------------------------------------------
+
+    def publish(self, subject: str, data: bytes = b"", *, headers: dict[str, str] | None = None) -> None:
+        """Publish a plain NATS message (fire and forget)."""
+        self._check()
+        assert self._conn.mux is not None
+        self._conn.mux.publish(subject, bytes(data), headers)
+
+    def request(
+        self, subject: str, data: bytes = b"", *, headers: dict[str, str] | None = None, timeout: float | None = None
+    ) -> bytes:
+        """Send a plain NATS request and return the reply's payload."""
+        self._check()
+        runner.check_not_loop_thread()
+        assert self._conn.mux is not None
+        reply = self._conn.mux.request(subject, bytes(data), headers, timeout if timeout is not None else self.options.request_timeout)
+        return reply[0]
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def server_version(self) -> str:
+        """Version of the nats-server this client is connected to."""
+        return self._conn.server_version
+
+    @property
+    def connected(self) -> bool:
+        nc = self._conn.nc
+        return bool(nc is not None and nc.is_connected) and not self._closed and self._pid == os.getpid()
+
+    def stats(self) -> dict[str, Any]:
+        """Connection statistics: messages and bytes in and out, reconnects, server, fast path."""
+        nc = self._conn.nc
+        assert nc is not None
+        return {
+            **nc.stats,
+            "reconnects": self._conn.reconnects,
+            "server_version": self._conn.server_version,
+            "api_level": self._conn.api_level,
+            "connected_url": nc.connected_url.geturl() if nc.connected_url else None,
+            "parser_hook": bool(self._conn.mux and self._conn.mux.hooked),
+        }
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """Stop this client's watches, drain the connection and close it. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        runner.unregister(self)
+        if self._pid != os.getpid():
+            return  # the connection belongs to the parent process
+        for w in list(self._watchers):
+            w.stop()
+        try:
+            runner.call(self._conn.close(), timeout if timeout is not None else self.options.drain_timeout)
+        except Exception:  # noqa: BLE001 - closing must not raise
+            log.debug("natskv: error while closing", exc_info=True)
+
+    def _close_at_exit(self) -> None:
+        self.close(timeout=2.0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<natskv.Client {', '.join(self._servers)} {state}>"
+
+
+def connect(
+    url_or_servers: str | Sequence[str] | None = None,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> Client:
+    """Connect to NATS and return a :class:`Client`.
+
+    ``url_or_servers`` is one URL, several comma-separated, or a list (credentials may be in the
+    URL). Without it, ``NATS_URL`` is used; without that, natskv starts (or reuses) an embedded
+    nats-server on loopback that keeps its data in ``data_dir`` (default: a per-user data
+    directory, or ``NATSKV_DATA_DIR``). Options: user, password, token, creds, nkey_seed, tls_ca,
+    tls_cert, tls_key, tls_hostname, name, connect_timeout, request_timeout (alias timeout: the
+    default of every blocking call), max_reconnect (default -1: forever), reconnect_wait,
+    drain_timeout, ping_interval, inbox_prefix.
+
+    Raises :class:`ConfigurationError` for bad options (before connecting) and
+    :class:`NotConnectedError` when no server could be reached.
+    """
+    opts = ConnectOptions.from_args(url_or_servers, **options)
+    server = None
+    if opts.uses_embedded_server:
+        from natskv.server import EmbeddedServer
+
+        server = EmbeddedServer.shared(data_dir=data_dir)
+    return Client(opts, server)

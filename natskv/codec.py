@@ -1,0 +1,98 @@
+"""Value codecs: how Python values become message payloads and back.
+
+The default :class:`JSONCodec` stores values as JSON (orjson). ``bytes`` given to a JSON bucket are
+stored untouched and marked with a header, so they read back as the same ``bytes`` (``b""``
+included). Values written by other NATS clients without that header are decoded as JSON, and
+returned as ``bytes`` when they are not JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import orjson
+
+from natskv.errors import SerializationError
+
+RAW_HEADER = "Natskv-Raw"
+
+
+class Codec(Protocol):
+    """Turns values into payload bytes and back. Implementations must be thread-safe."""
+
+    name: str
+
+    def encode(self, value: Any) -> bytes:
+        """Encode ``value``; raise :class:`SerializationError` if it cannot be stored."""
+        ...
+
+    def decode(self, data: bytes) -> Any:
+        """Decode a stored payload."""
+        ...
+
+
+class JSONCodec:
+    """JSON via orjson: dicts, lists, str, int, float, bool, None, datetime, UUID, dataclasses."""
+
+    name = "json"
+    _options = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return orjson.dumps(value, option=self._options)
+        except TypeError as exc:
+            raise SerializationError(
+                f"cannot store a value of type {type(value).__name__} as JSON ({exc}); "
+                "convert it to JSON types, pass bytes, or give the bucket another codec"
+            ) from exc
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return data  # not written as JSON (another client): hand back the bytes
+
+
+class BytesCodec:
+    """Values are ``bytes`` (or ``bytearray`` / ``memoryview``), stored untouched."""
+
+    name = "bytes"
+
+    def encode(self, value: Any) -> bytes:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value)
+        raise SerializationError(f"this bucket stores bytes; got {type(value).__name__}")
+
+    def decode(self, data: bytes) -> Any:
+        return data
+
+
+class StrCodec:
+    """Values are ``str``, stored as UTF-8."""
+
+    name = "str"
+
+    def encode(self, value: Any) -> bytes:
+        if isinstance(value, str):
+            return value.encode("utf-8", "surrogatepass")
+        raise SerializationError(f"this bucket stores str; got {type(value).__name__}")
+
+    def decode(self, data: bytes) -> Any:
+        return data.decode("utf-8", "surrogatepass")
+
+
+CODECS: dict[str, Codec] = {"json": JSONCodec(), "bytes": BytesCodec(), "str": StrCodec()}
+
+
+def get_codec(codec: str | Codec | None) -> Codec:
+    """A codec by name (``"json"``, ``"bytes"``, ``"str"``) or any object with encode/decode."""
+    if codec is None:
+        return CODECS["json"]
+    if isinstance(codec, str):
+        try:
+            return CODECS[codec]
+        except KeyError:
+            raise ValueError(f"unknown codec {codec!r}; use one of {sorted(CODECS)} or a Codec object") from None
+    if not (callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))):
+        raise TypeError("a codec needs encode(value) -> bytes and decode(bytes) -> value methods")
+    return codec

@@ -1,0 +1,504 @@
+"""Bucket: the blocking Key-Value API.
+
+Every method may be called from any thread except natskv's loop thread. Keys are any ``str``; they
+are encoded by ``_core.encode_key`` into the NATS subject alphabet (reversibly), with ``sep`` (``:``
+by default) becoming NATS's token separator so patterns like ``"user:*"`` are filtered by the server.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable
+
+from natskv._runner import runner
+from natskv._speedups import core
+from natskv.aio.kv import KVProtocol, RawEntry, ttl_header
+from natskv.aio.kv import CAS_ERROR_CODES
+from natskv.aio.watch import snapshot
+from natskv.codec import RAW_HEADER, Codec, get_codec
+from natskv.errors import (
+    InvalidKeyError,
+    JetStreamError,
+    KeyExistsError,
+    KeyNotFoundError,
+    RevisionMismatchError,
+)
+
+if TYPE_CHECKING:
+    from natskv.client import Client
+    from natskv.watch import Watcher
+
+_MISSING: Any = object()
+_WRONG_SEQ = re.compile(r"wrong last sequence: (\d+)")
+# NATS parses protocol lines up to 4 KiB; keep the whole subject comfortably inside.
+MAX_ENCODED_KEY = 3000
+
+
+def _parse_timestamp(ts: str) -> datetime:
+    if ts.isdigit():  # nanoseconds since the epoch (watch deliveries)
+        return datetime.fromtimestamp(int(ts) / 1e9, tz=timezone.utc)
+    # RFC 3339 with up to nanoseconds: keep microseconds for datetime.
+    head, _, frac = ts.rstrip("Z").partition(".")
+    micros = int((frac + "000000")[:6]) if frac else 0
+    return datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(microsecond=micros, tzinfo=timezone.utc)
+
+
+class Entry:
+    """One stored revision of a key.
+
+    ``operation`` is ``"PUT"`` for values; history and watches also show ``"DEL"`` and ``"PURGE"``.
+    ``created`` is when this revision was written (UTC).
+    """
+
+    __slots__ = ("key", "value", "revision", "operation", "_timestamp", "bucket")
+
+    def __init__(self, key: str, value: Any, revision: int, timestamp: str, operation: str, bucket: str) -> None:
+        self.key = key
+        self.value = value
+        self.revision = revision
+        self.operation = operation
+        self._timestamp = timestamp
+        self.bucket = bucket
+
+    @property
+    def created(self) -> datetime | None:
+        return _parse_timestamp(self._timestamp) if self._timestamp else None
+
+    def __repr__(self) -> str:
+        return f"Entry(key={self.key!r}, value={self.value!r}, revision={self.revision}, operation={self.operation!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return (self.key, self.value, self.revision, self.operation, self.bucket) == (
+            other.key, other.value, other.revision, other.operation, other.bucket,
+        )
+
+
+@dataclass(frozen=True)
+class BucketStatus:
+    """What the server reports about a bucket."""
+
+    bucket: str
+    values: int  # messages stored, all revisions and delete markers included
+    bytes: int
+    history: int
+    ttl: float | None
+    max_value_size: int | None
+    replicas: int
+    storage: str
+    first_revision: int
+    last_revision: int
+    supports_atomic: bool
+    supports_ttl: bool
+
+
+class Bucket:
+    """A NATS KV bucket. Get one with :meth:`natskv.Client.bucket`."""
+
+    def __init__(self, client: Client, proto: KVProtocol, codec: str | Codec | None, sep: str) -> None:
+        self._client = client
+        self._proto = proto
+        self.name = proto.bucket
+        self.codec = get_codec(codec)
+        self.sep = sep
+        self._enc = core.encode_key
+        self._dec = core.decode_key
+
+    def __repr__(self) -> str:
+        return f"<natskv.Bucket {self.name!r}>"
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _t(self, timeout: float | None) -> float | None:
+        runner.check_not_loop_thread()
+        return self._client.options.request_timeout if timeout is None else timeout
+
+    def _key(self, key: str) -> str:
+        if type(key) is not str:
+            if not isinstance(key, str):
+                raise InvalidKeyError(f"keys are str, not {type(key).__name__} ({key!r}); convert it with str()")
+        try:
+            encoded = self._enc(key, self.sep)
+        except ValueError as exc:
+            raise InvalidKeyError(f"key {key!r} cannot be stored: {exc}") from exc
+        if len(encoded) > MAX_ENCODED_KEY:
+            raise InvalidKeyError(f"key of {len(key)} characters is too long (encoded: {len(encoded)} > {MAX_ENCODED_KEY})")
+        return encoded
+
+    def _encode(self, value: Any, ttl: float | None = None) -> tuple[bytes, dict[str, str] | None]:
+        headers: dict[str, str] | None = None
+        if type(value) is bytes and self.codec.name == "json":
+            payload, headers = value, {RAW_HEADER: "1"}
+        else:
+            payload = self.codec.encode(value)
+        tth = ttl_header(ttl)
+        if tth is not None:
+            headers = dict(headers or {}, **{"Nats-TTL": tth})
+        return payload, headers
+
+    def _decode(self, raw: RawEntry, key: str | None = None) -> Entry:
+        if key is None:
+            key = self._dec(raw.subject[len(self._proto.subject_prefix) :], self.sep)
+        if raw.operation != "PUT":
+            value = None
+        elif raw.raw_bytes:
+            value = raw.data
+        else:
+            value = self.codec.decode(raw.data)
+        return Entry(key, value, raw.revision, raw.timestamp, raw.operation, self.name)
+
+    def _cas_error(self, exc: JetStreamError, key: str, expected: int) -> Exception:
+        m = _WRONG_SEQ.search(exc.description)
+        current = int(m.group(1)) if m else None
+        if expected == 0:
+            return KeyExistsError(key, current)
+        return RevisionMismatchError(key, expected, current)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None, *, timeout: float | None = None) -> Any:
+        """The value of ``key``, or ``default`` when it is absent (never set, deleted or expired)."""
+        raw = self._proto.get(self._key(key), self._t(timeout))
+        if raw is None or raw.operation != "PUT":
+            return default
+        return self._decode(raw, key).value
+
+    def entry(self, key: str, *, revision: int | None = None, timeout: float | None = None) -> Entry | None:
+        """The latest :class:`Entry` of ``key`` (or the one at ``revision``), None when absent."""
+        enc = self._key(key)
+        t = self._t(timeout)
+        raw = self._proto.get(enc, t) if revision is None else self._proto.get_revision(enc, revision, t)
+        if raw is None or (revision is None and raw.operation != "PUT"):
+            return None
+        return self._decode(raw, key)
+
+    def get_many(self, keys: Iterable[str], *, timeout: float | None = None) -> dict[str, Any]:
+        """Values of many keys in batch requests (1024 keys per round trip). Absent keys are left out."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        by_subject = {self._proto.subject_prefix + self._key(k): k for k in keys}
+        raws = self._proto.get_last_many(list(by_subject), self._t(timeout))
+        assert raws is not None  # explicit subjects never exceed the per-request cap
+        out: dict[str, Any] = {}
+        for raw in raws:
+            if raw.operation == "PUT":
+                key = by_subject[raw.subject]
+                out[key] = self._decode(raw, key).value
+        return out
+
+    def _latest(self, pattern: str | re.Pattern[str], headers_only: bool, timeout: float | None) -> list[tuple[str, RawEntry]]:
+        try:
+            compiled = core.compile_pattern(pattern, self.sep)
+        except ValueError as exc:
+            raise InvalidKeyError(f"invalid key pattern {pattern!r}: {exc}") from exc
+        t = self._t(timeout)
+        prefix_len = len(self._proto.subject_prefix)
+        raws = None
+        if self._client._conn.api_level >= 1:
+            raws = self._proto.get_last_many([self._proto.subject_prefix + compiled.filter], t)
+        if raws is None:  # too many subjects for one batch get, or an old server: use a consumer
+            raws = runner.call(
+                snapshot(self._client._conn, self._proto, compiled.filter, headers_only, t or 30.0), t and t * 10
+            )
+        out = []
+        exact = compiled.exact
+        for raw in raws:
+            if raw.operation != "PUT":
+                continue
+            key = self._dec(raw.subject[prefix_len:], self.sep)
+            if exact or compiled.match(key):
+                out.append((key, raw))
+        out.sort(key=lambda kr: kr[0])
+        return out
+
+    def keys(self, pattern: str | re.Pattern[str] = "*", *, timeout: float | None = None) -> list[str]:
+        """Sorted keys matching a glob (``*``, ``?``, ``[abc]``, Redis KEYS rules) or compiled regex.
+
+        The pattern's literal leading tokens become a server-side filter, so ``keys("user:*")``
+        reads only the ``user:`` keys.
+        """
+        return [k for k, _ in self._latest(pattern, True, timeout)]
+
+    def items(self, pattern: str | re.Pattern[str] = "*", *, timeout: float | None = None) -> list[tuple[str, Any]]:
+        """Sorted ``(key, value)`` pairs of the keys matching ``pattern``."""
+        return [(k, self._decode(raw, k).value) for k, raw in self._latest(pattern, False, timeout)]
+
+    def find(
+        self,
+        where: Mapping[str, Any] | None = None,
+        pattern: str | re.Pattern[str] = "*",
+        *,
+        limit: int | None = None,
+        timeout: float | None = None,
+    ) -> list[tuple[str, Any]]:
+        """``(key, value)`` pairs whose JSON value matches ``where`` (MongoDB-style operators).
+
+        Example: ``kv.find(where={"age": {"$gte": 18}}, pattern="user:*")``. Supported operators:
+        ``$eq $ne $gt $gte $lt $lte $in $nin $contains $startswith $endswith $regex $exists $and
+        $or $not``; dotted names reach into nested objects. The filter is compiled (and checked)
+        before anything is read.
+        """
+        try:
+            flt = core.compile_filter(dict(where or {}))
+        except ValueError as exc:
+            raise ValueError(f"invalid where= filter: {exc}") from exc
+        pairs = self.items(pattern, timeout=timeout)
+        hits = flt.filter([v for _, v in pairs])
+        out = [pairs[i] for i in hits]
+        return out[:limit] if limit is not None else out
+
+    def history(self, key: str, *, timeout: float | None = None) -> list[Entry]:
+        """Every stored revision of ``key``, oldest first, deletes included (as many as ``history`` keeps)."""
+        return [self._decode(raw, key) for raw in self._proto.history(self._key(key), self._t(timeout))]
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def set(self, key: str, value: Any, *, ttl: float | None = None, timeout: float | None = None) -> int:
+        """Store ``value`` under ``key``; return the new revision. ``ttl`` (seconds) expires the key."""
+        enc = self._key(key)
+        payload, headers = self._encode(value, ttl)
+        return self._proto.put(enc, payload, headers, self._t(timeout))
+
+    put = set
+
+    def create(self, key: str, value: Any, *, ttl: float | None = None, timeout: float | None = None) -> int:
+        """Store ``value`` only if ``key`` is absent; raise :class:`KeyExistsError` otherwise.
+
+        A deleted, purged or expired key counts as absent.
+        """
+        enc = self._key(key)
+        payload, headers = self._encode(value, ttl)
+        t = self._t(timeout)
+        try:
+            return self._proto.put(enc, payload, dict(headers or {}, **{"Nats-Expected-Last-Subject-Sequence": "0"}), t)
+        except JetStreamError as exc:
+            if exc.err_code not in CAS_ERROR_CODES:
+                raise
+            first_error = exc
+        # The subject has history: allowed if its latest message is a delete, purge or TTL marker.
+        raw = self._proto.get(enc, t)
+        if raw is not None and raw.operation == "PUT":
+            raise self._cas_error(first_error, key, 0) from None
+        expected = raw.revision if raw is not None else 0
+        try:
+            return self._proto.put(
+                enc, payload, dict(headers or {}, **{"Nats-Expected-Last-Subject-Sequence": str(expected)}), t
+            )
+        except JetStreamError as exc:
+            if exc.err_code in CAS_ERROR_CODES:
+                raise self._cas_error(exc, key, 0) from None
+            raise
+
+    def update(
+        self, key: str, value: Any, revision: int, *, ttl: float | None = None, timeout: float | None = None
+    ) -> int:
+        """Store ``value`` only if ``key`` is still at ``revision`` (compare-and-set).
+
+        Raises :class:`RevisionMismatchError` carrying ``current_revision`` otherwise.
+        """
+        enc = self._key(key)
+        revision = _check_revision(revision)
+        payload, headers = self._encode(value, ttl)
+        headers = dict(headers or {}, **{"Nats-Expected-Last-Subject-Sequence": str(revision)})
+        try:
+            return self._proto.put(enc, payload, headers, self._t(timeout))
+        except JetStreamError as exc:
+            if exc.err_code in CAS_ERROR_CODES:
+                raise self._cas_error(exc, key, revision) from None
+            raise
+
+    def replace(self, key: str, value: Any, *, ttl: float | None = None, timeout: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` exists; return whether it was stored."""
+        self._key(key)
+        self._encode(value, ttl)  # fail on a bad value before reading anything
+        while True:
+            current = self.entry(key, timeout=timeout)
+            if current is None:
+                return False
+            try:
+                self.update(key, value, current.revision, ttl=ttl, timeout=timeout)
+                return True
+            except RevisionMismatchError:
+                continue  # changed or deleted meanwhile: look again
+
+    def delete(self, key: str, *, revision: int | None = None, timeout: float | None = None) -> int:
+        """Delete ``key`` (its history is kept); with ``revision``, only if still at that revision.
+
+        Returns the revision of the delete marker. Deleting an absent key is not an error.
+        """
+        return self._tombstone(key, "DEL", revision, timeout)
+
+    def purge(self, key: str, *, revision: int | None = None, timeout: float | None = None) -> int:
+        """Delete ``key`` and drop its history; with ``revision``, only if still at that revision."""
+        return self._tombstone(key, "PURGE", revision, timeout)
+
+    def _tombstone(self, key: str, op: str, revision: int | None, timeout: float | None) -> int:
+        enc = self._key(key)
+        headers = {"KV-Operation": op}
+        if op == "PURGE":
+            headers["Nats-Rollup"] = "sub"
+        if revision is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(_check_revision(revision))
+        try:
+            return self._proto.put(enc, b"", headers, self._t(timeout))
+        except JetStreamError as exc:
+            if revision is not None and exc.err_code in CAS_ERROR_CODES:
+                raise self._cas_error(exc, key, revision) from None
+            raise
+
+    def set_many(
+        self, mapping: Mapping[str, Any], *, ttl: float | None = None, timeout: float | None = None
+    ) -> dict[str, int]:
+        """Store many values in one pipelined write; return each key's revision.
+
+        Not atomic (see :meth:`commit`): if some writes fail, the others are still stored and the
+        first error is raised after all acknowledgements are in.
+        """
+        items = [(k, self._key(k), *self._encode(v, ttl)) for k, v in mapping.items()]
+        results = self._proto.put_many([(enc, p, h) for _, enc, p, h in items], self._t(timeout))
+        out: dict[str, int] = {}
+        for (key, _, _, _), res in zip(items, results):
+            if isinstance(res, Exception):
+                raise res
+            out[key] = res
+        return out
+
+    def commit(self, ops: Iterable[tuple[Any, ...]], *, timeout: float | None = None) -> int:
+        """Apply several writes atomically: all are stored, or none (needs nats-server 2.12).
+
+        Each op is a tuple: ``("set", key, value)``, ``("create", key, value)``,
+        ``("update", key, value, revision)``, ``("delete", key)`` or ``("delete", key, revision)``.
+        ``create`` and ``update`` are compare-and-set checks; if any fails the whole commit is
+        rejected with :class:`RevisionMismatchError` / :class:`KeyExistsError` and nothing is stored.
+        Returns the revision of the last write. Keys must be distinct.
+        """
+        items: list[tuple[str, bytes, dict[str, str]]] = []
+        seen: set[str] = set()
+        checks: dict[str, tuple[str, int]] = {}
+        for op in ops:
+            if not op or op[0] not in ("set", "create", "update", "delete"):
+                raise ValueError(f"unknown commit operation {op!r}; use set, create, update or delete")
+            kind, key = op[0], op[1]
+            enc = self._key(key)
+            if enc in seen:
+                raise ValueError(f"key {key!r} appears twice in one commit")
+            seen.add(enc)
+            headers: dict[str, str] = {}
+            if kind == "delete":
+                payload = b""
+                headers["KV-Operation"] = "DEL"
+                if len(op) > 2 and op[2] is not None:
+                    headers["Nats-Expected-Last-Subject-Sequence"] = str(_check_revision(op[2]))
+                    checks[enc] = (key, int(op[2]))
+            else:
+                payload, extra = self._encode(op[2])
+                headers.update(extra or {})
+                if kind == "create":
+                    headers["Nats-Expected-Last-Subject-Sequence"] = "0"
+                    checks[enc] = (key, 0)
+                elif kind == "update":
+                    if len(op) < 4:
+                        raise ValueError(f"update needs a revision: ('update', key, value, revision), got {op!r}")
+                    headers["Nats-Expected-Last-Subject-Sequence"] = str(_check_revision(op[3]))
+                    checks[enc] = (key, int(op[3]))
+            items.append((enc, payload, headers))
+        try:
+            return self._proto.commit_batch(items, self._t(timeout))
+        except JetStreamError as exc:
+            if exc.err_code in CAS_ERROR_CODES:
+                # The server does not say which key failed; find it for a useful error.
+                for enc, (key, expected) in checks.items():
+                    raw = self._proto.get(enc, self._t(timeout))
+                    current = raw.revision if raw is not None and (expected != 0 or raw.operation == "PUT") else 0
+                    if current != expected:
+                        err = KeyExistsError(key, current) if expected == 0 else RevisionMismatchError(key, expected, current)
+                        raise err from exc
+            raise
+
+    # -- watching ------------------------------------------------------------------------------
+
+    def watch(
+        self,
+        pattern: str | re.Pattern[str] = "*",
+        callback: Callable[[Any], None] | None = None,
+        *,
+        include_history: bool = False,
+        updates_only: bool = False,
+        ignore_deletes: bool = False,
+        on_error: Callable[[BaseException], None] | None = None,
+        timeout: float | None = None,
+    ) -> Watcher:
+        """Watch keys matching ``pattern``; see :class:`natskv.Watcher`.
+
+        Iterate the watcher for :class:`natskv.Change` events (the special change with
+        ``initial_done=True`` marks the end of the initial values), or pass ``callback``, which
+        natskv calls on its dispatcher thread (never the loop thread). Call ``stop()`` (or use
+        ``with``) to end it and delete its server consumer.
+        """
+        from natskv.watch import Watcher
+
+        return Watcher(
+            self, pattern, callback,
+            include_history=include_history, updates_only=updates_only, ignore_deletes=ignore_deletes,
+            on_error=on_error, timeout=self._t(timeout),
+        )
+
+    # -- bucket --------------------------------------------------------------------------------
+
+    def status(self, *, timeout: float | None = None) -> BucketStatus:
+        """Size and configuration of the bucket, as the server reports them."""
+        info = self._proto.info(self._t(timeout))
+        cfg, state = info["config"], info["state"]
+        return BucketStatus(
+            bucket=self.name,
+            values=state.get("messages", 0),
+            bytes=state.get("bytes", 0),
+            history=cfg.get("max_msgs_per_subject", 1),
+            ttl=(cfg.get("max_age", 0) / 1e9) or None,
+            max_value_size=cfg.get("max_msg_size", -1) if cfg.get("max_msg_size", -1) > 0 else None,
+            replicas=cfg.get("num_replicas", 1),
+            storage=cfg.get("storage", "file"),
+            first_revision=state.get("first_seq", 0),
+            last_revision=state.get("last_seq", 0),
+            supports_atomic=bool(cfg.get("allow_atomic")),
+            supports_ttl=bool(cfg.get("allow_msg_ttl")),
+        )
+
+    # -- mapping protocol ------------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyNotFoundError(key, self.name)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.set(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        current = self.entry(key)
+        if current is None:
+            raise KeyNotFoundError(key, self.name)
+        try:
+            self.delete(key, revision=current.revision)
+        except RevisionMismatchError:
+            if self.entry(key) is None:
+                raise KeyNotFoundError(key, self.name) from None
+            self.delete(key)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key, _MISSING) is not _MISSING
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+
+def _check_revision(revision: Any) -> int:
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+        raise ValueError(f"revision must be a non-negative int, not {revision!r}")
+    return revision

@@ -1,0 +1,222 @@
+"""Watcher: changes to a bucket's keys, as an iterator or through a callback.
+
+Events travel from the loop thread (where the consumer receives them) over a queue to the thread
+that consumes them: the thread iterating the watcher, or the watcher's dispatcher thread, which runs
+the callback. Callbacks therefore never run on the loop thread, may block, and may call natskv. An
+exception in a callback is logged and passed to ``on_error``; the watch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from natskv._runner import runner
+from natskv._speedups import core
+from natskv.aio.kv import RawEntry
+from natskv.aio.watch import INITIAL_DONE, ConsumerFeed
+from natskv.errors import InvalidKeyError
+
+if TYPE_CHECKING:
+    from natskv.kv import Bucket
+
+log = logging.getLogger("natskv")
+
+_STOP = object()
+
+
+class Change:
+    """One change seen by a watch.
+
+    ``operation`` is ``"PUT"``, ``"DEL"`` or ``"PURGE"`` (value None for the last two). ``delta`` is
+    how many more messages the server had queued for the watch when this one was sent.
+    ``initial_done`` is True on the single marker event that ends the initial values; its other
+    fields are empty.
+    """
+
+    __slots__ = ("key", "value", "revision", "operation", "_timestamp", "delta", "initial_done", "bucket")
+
+    def __init__(
+        self, key: str, value: Any, revision: int, operation: str, timestamp: str, delta: int, bucket: str,
+        initial_done: bool = False,
+    ) -> None:
+        self.key = key
+        self.value = value
+        self.revision = revision
+        self.operation = operation
+        self._timestamp = timestamp
+        self.delta = delta
+        self.bucket = bucket
+        self.initial_done = initial_done
+
+    @property
+    def timestamp(self) -> datetime | None:
+        from natskv.kv import _parse_timestamp
+
+        return _parse_timestamp(self._timestamp) if self._timestamp else None
+
+    @property
+    def deleted(self) -> bool:
+        return self.operation != "PUT"
+
+    def __repr__(self) -> str:
+        if self.initial_done:
+            return "Change(initial_done=True)"
+        return f"Change(key={self.key!r}, value={self.value!r}, revision={self.revision}, operation={self.operation!r})"
+
+
+class Watcher:
+    """A running watch. Create it with :meth:`natskv.Bucket.watch`.
+
+    Iterate it (``for change in watcher``) or pass ``callback``; stop it with :meth:`stop` or by
+    leaving its ``with`` block. Iteration ends when the watcher is stopped.
+    """
+
+    def __init__(
+        self,
+        bucket: Bucket,
+        pattern: str | re.Pattern[str],
+        callback: Callable[[Change], None] | None,
+        *,
+        include_history: bool,
+        updates_only: bool,
+        ignore_deletes: bool,
+        on_error: Callable[[BaseException], None] | None,
+        timeout: float | None,
+    ) -> None:
+        if include_history and updates_only:
+            raise ValueError("include_history and updates_only cannot both be set")
+        try:
+            self._pattern = core.compile_pattern(pattern, bucket.sep)
+        except ValueError as exc:
+            raise InvalidKeyError(f"invalid key pattern {pattern!r}: {exc}") from exc
+        self.bucket = bucket
+        self._callback = callback
+        self._on_error = on_error
+        self._ignore_deletes = ignore_deletes
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._stopped = False
+        self._initial_done = threading.Event()
+        self._dispatcher: threading.Thread | None = None
+        policy = "all" if include_history else "new" if updates_only else "last_per_subject"
+        client = bucket._client
+        self._feed_holder: list[ConsumerFeed] = []
+
+        async def start() -> None:
+            feed = ConsumerFeed(client._conn, bucket._proto, self._pattern.filter, self._queue.put, deliver_policy=policy)
+            self._feed_holder.append(feed)
+            await feed.start()
+
+        runner.call(start(), timeout)
+        if updates_only:
+            self._queue.put(INITIAL_DONE)
+        client._watchers.add(self)
+        if callback is not None:
+            self._dispatcher = threading.Thread(target=self._dispatch, name=f"natskv-watch-{bucket.name}", daemon=True)
+            self._dispatcher.start()
+
+    # -- consuming -------------------------------------------------------------------------
+
+    def _convert(self, event: Any) -> Change | None:
+        if event is INITIAL_DONE:
+            self._initial_done.set()
+            return Change("", None, 0, "", "", 0, self.bucket.name, initial_done=True)
+        raw: RawEntry = event
+        if raw.operation != "PUT" and self._ignore_deletes:
+            return None
+        bucket = self.bucket
+        key = core.decode_key(raw.subject[len(bucket._proto.subject_prefix) :], bucket.sep)
+        if not self._pattern.exact and not self._pattern.match(key):
+            return None
+        entry = bucket._decode(raw, key)
+        return Change(key, entry.value, raw.revision, raw.operation, raw.timestamp, raw.delta, bucket.name)
+
+    def get(self, timeout: float | None = None) -> Change | None:
+        """The next change, waiting up to ``timeout`` seconds (None: forever). None when stopped or timed out."""
+        runner.check_not_loop_thread("Watcher.get()")
+        while True:
+            try:
+                event = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                return None
+            if event is _STOP:
+                self._queue.put(_STOP)  # keep later calls returning at once
+                return None
+            change = self._convert(event)
+            if change is not None:
+                return change
+
+    def __iter__(self) -> Iterator[Change]:
+        if self._callback is not None:
+            raise TypeError("this watcher delivers to its callback; it cannot also be iterated")
+        while True:
+            change = self.get()
+            if change is None:
+                return
+            yield change
+
+    def wait_initial(self, timeout: float | None = None) -> bool:
+        """Block until the initial values have been delivered (callback mode) or queued."""
+        return self._initial_done.wait(timeout)
+
+    def _dispatch(self) -> None:
+        callback = self._callback
+        assert callback is not None
+        while True:
+            event = self._queue.get()
+            if event is _STOP:
+                return
+            try:
+                change = self._convert(event)
+                if change is not None:
+                    callback(change)
+            except Exception as exc:  # noqa: BLE001 - a user error must not end the watch
+                log.exception("natskv: error in watch callback on bucket %r", self.bucket.name)
+                if self._on_error is not None:
+                    try:
+                        self._on_error(exc)
+                    except Exception:  # noqa: BLE001
+                        log.exception("natskv: error in the on_error hook")
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop watching and delete the server consumer. Safe to call twice and from the callback."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.bucket._client._watchers.discard(self)
+        if self._feed_holder and not runner.in_loop_thread():
+            try:
+                runner.call(self._feed_holder[0].stop(), timeout)
+            except Exception:  # noqa: BLE001 - stopping must not fail; the server expires it
+                log.debug("natskv: error stopping watch", exc_info=True)
+        self._queue.put(_STOP)
+        d = self._dispatcher
+        if d is not None and d is not threading.current_thread():
+            d.join(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_stopped", True) and self._callback is None:
+            # An abandoned iterator watch: stop its consumer without waiting.
+            feed = self._feed_holder[0] if self._feed_holder else None
+            if feed is not None:
+                try:
+                    runner.loop.call_soon_threadsafe(lambda: runner.loop.create_task(feed.stop()))
+                except RuntimeError:
+                    pass
