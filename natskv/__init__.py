@@ -9,9 +9,9 @@
 See README.md for the full tour.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from natskv._speedups import __impl__
-from natskv.client import Client, connect
-from natskv.codec import BytesCodec, Codec, JSONCodec, StrCodec
 from natskv.config import ConnectOptions
 from natskv.errors import (
     BatchError,
@@ -34,9 +34,45 @@ from natskv.errors import (
     ServerError,
     ValidationError,
 )
-from natskv.kv import Bucket, BucketStatus, Entry
 from natskv.server import EmbeddedServer
-from natskv.watch import Change, Watcher
+
+if TYPE_CHECKING:
+    from natskv.client import Client, connect
+    from natskv.codec import BytesCodec, Codec, JSONCodec, StrCodec
+    from natskv.kv import Bucket, BucketStatus, Entry
+    from natskv.watch import Change, Watcher
+
+# These pull in nats-py and asyncio (~150 ms): loaded on first use, so `natskv --help` and
+# `natskv server` start fast.
+_LAZY = {
+    "Client": "natskv.client",
+    "connect": "natskv.client",
+    "BytesCodec": "natskv.codec",
+    "Codec": "natskv.codec",
+    "JSONCodec": "natskv.codec",
+    "StrCodec": "natskv.codec",
+    "Bucket": "natskv.kv",
+    "BucketStatus": "natskv.kv",
+    "Entry": "natskv.kv",
+    "Change": "natskv.watch",
+    "Watcher": "natskv.watch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'natskv' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from natskv._runner import runner
 from natskv._speedups import core
 from natskv.aio.kv import RawEntry
-from natskv.aio.watch import INITIAL_DONE, ConsumerFeed
+from natskv.aio.watch import INITIAL_DONE, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
 from natskv.errors import InvalidKeyError
 
 if TYPE_CHECKING:
@@ -105,14 +105,12 @@ class Watcher:
         self._dispatcher: threading.Thread | None = None
         policy = "all" if include_history else "new" if updates_only else "last_per_subject"
         client = bucket._client
-        self._feed_holder: list[ConsumerFeed] = []
-
-        async def start() -> None:
-            feed = ConsumerFeed(client._conn, bucket._proto, self._pattern.filter, self._queue.put, deliver_policy=policy)
-            self._feed_holder.append(feed)
-            await feed.start()
-
-        runner.call(start(), timeout)
+        self._subscription: tuple[SharedFeed, FeedSubscriber] | None = None
+        # Watchers of the same bucket and server-side filter share one consumer (see subscribe_feed).
+        self._subscription = runner.call(
+            subscribe_feed(client._conn, bucket._proto, self._pattern.filter, policy, self._queue.put, timeout or 5.0),
+            timeout,
+        )
         if updates_only:
             self._queue.put(INITIAL_DONE)
         client._watchers.add(self)
@@ -191,9 +189,9 @@ class Watcher:
             return
         self._stopped = True
         self.bucket._client._watchers.discard(self)
-        if self._feed_holder and not runner.in_loop_thread():
+        if self._subscription is not None and not runner.in_loop_thread():
             try:
-                runner.call(self._feed_holder[0].stop(), timeout)
+                runner.call(unsubscribe_feed(*self._subscription), timeout)
             except Exception:  # noqa: BLE001 - stopping must not fail; the server expires it
                 log.debug("natskv: error stopping watch", exc_info=True)
         self._queue.put(_STOP)
@@ -214,9 +212,10 @@ class Watcher:
     def __del__(self) -> None:
         if not getattr(self, "_stopped", True) and self._callback is None:
             # An abandoned iterator watch: stop its consumer without waiting.
-            feed = self._feed_holder[0] if self._feed_holder else None
-            if feed is not None:
+            subscription = getattr(self, "_subscription", None)
+            if subscription is not None:
                 try:
-                    runner.loop.call_soon_threadsafe(lambda: runner.loop.create_task(feed.stop()))
+                    loop = runner.loop
+                    loop.call_soon_threadsafe(lambda: loop.create_task(unsubscribe_feed(*subscription)))
                 except RuntimeError:
                     pass

@@ -56,6 +56,8 @@ class Connection:
         # Called on the loop thread after every reconnect (watch consumers resume through this).
         self.on_reconnect: list[Callable[[], Any]] = []
         self.on_disconnect: list[Callable[[], Any]] = []
+        # Watch feeds shared by the watchers of this connection, by (stream, filter, policy).
+        self.feeds: dict[tuple[str, str, str], Any] = {}
 
     # -- lifecycle (loop thread) -------------------------------------------------------------
 

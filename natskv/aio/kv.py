@@ -10,6 +10,7 @@ batch publish. The methods that block run in the caller's thread through the mul
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from natskv._speedups import core
 from natskv.aio.connection import API_LEVEL_ATOMIC, API_LEVEL_TTL, Connection, check_api_reply
 from natskv.aio.mux import RawReply, parse_reply_headers, status_of
 from natskv.codec import RAW_HEADER
@@ -228,6 +230,47 @@ class KVProtocol:
                 out.append(entry_from_headers(hdrs, data))
         return out
 
+    async def last_many_async(self, filter_subject: str, up_to_seq: int, timeout: float) -> list[RawEntry] | None:
+        """Loop-thread form of a batch direct get: the latest message per subject under
+        ``filter_subject`` as of stream sequence ``up_to_seq``. None when there are too many
+        subjects for one batch get (413) or the server lacks batch get.
+        """
+        if self.conn.api_level < API_LEVEL_TTL:
+            return None
+        mux = self.conn.mux
+        assert mux is not None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        replies: list[RawReply] = []
+
+        def collect(data: bytes, headers: Any, reply: str) -> bool:
+            replies.append((data, headers, reply))
+            if not data and status_of(headers):
+                if not done.done():
+                    done.set_result(None)
+                return True
+            return False
+
+        token = mux.new_token()
+        mux.add_route(token, collect)
+        body = orjson.dumps({"multi_last": [self.subject_prefix + filter_subject], "up_to_seq": up_to_seq})
+        mux.write_now(core.pub_command(self._direct_batch, mux.prefix + token, body, None))
+        try:
+            await asyncio.wait_for(done, timeout)
+        finally:
+            mux.remove_route(token)
+        out = []
+        for data, headers, _ in replies:
+            status, desc, hdrs = parse_reply_headers(headers)
+            if status:
+                if status in (204, 404):
+                    break
+                if status == 413:
+                    return None
+                raise self._status_error(status, desc)
+            out.append(entry_from_headers(hdrs, data))
+        return out
+
     def history(self, encoded_key: str, timeout: float | None) -> list[RawEntry]:
         """Every stored revision of one key, oldest first."""
         assert self.conn.mux is not None
@@ -324,8 +367,6 @@ class KVProtocol:
             return True
 
         mux.add_route(first_token, on_first)
-        from natskv._speedups import core
-
         parts = [core.pub_command(commands[0][0], mux.prefix + first_token, commands[0][1], commands[0][2])]
         for subject, payload, headers in commands[1:-1]:
             parts.append(core.pub_command(subject, "", payload, headers))

@@ -285,8 +285,13 @@ class Multiplexer:
         token = self.new_token()
         waiter = Waiter()
         self._routes[token] = waiter.deliver
-        self.send(core.pub_command(subject, self.prefix + token, payload, headers))
-        if not waiter.wait(timeout):
+        try:
+            self.send(core.pub_command(subject, self.prefix + token, payload, headers))
+            completed = waiter.wait(timeout)
+        except BaseException:  # Ctrl-C while waiting, or a bad command: forget the request
+            self._routes.pop(token, None)
+            raise
+        if not completed:
             self._routes.pop(token, None)
             if waiter.reply is not None:  # delivered between the timeout and the pop
                 return waiter.reply
@@ -301,8 +306,13 @@ class Multiplexer:
         token = self.new_token()
         waiter = StreamWaiter()
         self._routes[token] = waiter.deliver
-        self.send(core.pub_command(subject, self.prefix + token, payload, None))
-        if not waiter.wait(timeout):
+        try:
+            self.send(core.pub_command(subject, self.prefix + token, payload, None))
+            completed = waiter.wait(timeout)
+        except BaseException:
+            self._routes.pop(token, None)
+            raise
+        if not completed:
             self._routes.pop(token, None)
             if not waiter.done:
                 raise self.timeout_error(subject, timeout)
@@ -321,10 +331,16 @@ class Multiplexer:
         for i, ((subject, payload, headers), token) in enumerate(zip(commands, tokens)):
             self._routes[token] = waiter.slot(i)
             encoded.append(core.pub_command(subject, self.prefix + token, payload, headers))
-        self.send(b"".join(encoded))
-        if not waiter.wait(timeout):
-            for token in tokens:
-                self._routes.pop(token, None)
+        try:
+            self.send(b"".join(encoded))
+            completed = waiter.wait(timeout)
+        except BaseException:
+            completed = False
+            raise
+        finally:
+            if not completed:
+                for token in tokens:
+                    self._routes.pop(token, None)
         return waiter.replies
 
     def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:

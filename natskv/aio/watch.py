@@ -251,3 +251,117 @@ async def snapshot(
     finally:
         await feed.stop()
     return out
+
+
+class FeedSubscriber:
+    """One watcher's place on a shared feed. Loop thread only.
+
+    While ``buffer`` is a list the subscriber is catching up (reading its initial values) and live
+    events wait there; ``wants_initial`` marks subscribers that take the feed's own initial values.
+    """
+
+    __slots__ = ("sink", "buffer", "wants_initial")
+
+    def __init__(self, sink: Callable[[Any], None]) -> None:
+        self.sink = sink
+        self.buffer: list[Any] | None = None
+        self.wants_initial = False
+
+
+class SharedFeed:
+    """A consumer feed fanned out to every watcher of the same bucket, filter and start policy."""
+
+    def __init__(self, conn: Connection, proto: KVProtocol, filter_subject: str, policy: str) -> None:
+        self.key = (proto.stream, filter_subject, policy)
+        self.subscribers: list[FeedSubscriber] = []
+        self.initial_done = policy == "new"
+        self.feed = ConsumerFeed(conn, proto, filter_subject, self._fan_out, deliver_policy=policy)
+
+    def _fan_out(self, event: Any) -> None:
+        if event is INITIAL_DONE:
+            self.initial_done = True
+            for sub in self.subscribers:
+                if sub.wants_initial:
+                    sub.wants_initial = False
+                    sub.sink(event)
+            return
+        for sub in self.subscribers:
+            if sub.buffer is not None:
+                sub.buffer.append(event)
+            else:
+                sub.sink(event)
+
+
+async def subscribe_feed(
+    conn: Connection, proto: KVProtocol, filter_subject: str, policy: str, sink: Callable[[Any], None], timeout: float
+) -> tuple[SharedFeed, FeedSubscriber]:
+    """Attach ``sink`` to the client's feed for this bucket and filter, starting one if needed.
+
+    ``policy`` is ``last_per_subject`` (initial values, then changes), ``new`` (changes only) or
+    ``all`` (full history, never shared). A watcher joining a feed that is already running reads
+    its initial values with one batch get up to the feed's position, then continues with the
+    feed's events after that position: nothing missed, nothing twice.
+    """
+    sub = FeedSubscriber(sink)
+    shared = conn.feeds.get((proto.stream, filter_subject, policy)) if policy != "all" else None
+    if shared is None:
+        return await _start_feed(conn, proto, filter_subject, policy, sub, register=policy != "all")
+    if policy == "new":
+        shared.subscribers.append(sub)
+        return shared, sub
+    if not shared.initial_done and shared.feed.last_sseq == 0:
+        sub.wants_initial = True  # nothing delivered yet: take the feed's own initial values
+        shared.subscribers.append(sub)
+        return shared, sub
+    up_to = shared.feed.last_sseq
+    sub.buffer = []
+    shared.subscribers.append(sub)
+    try:
+        entries = await proto.last_many_async(filter_subject, up_to, timeout) if up_to else []
+    except BaseException:
+        shared.subscribers.remove(sub)
+        raise
+    if entries is None:  # too many keys for one batch get: this watcher gets its own consumer
+        shared.subscribers.remove(sub)
+        sub.buffer = None
+        return await _start_feed(conn, proto, filter_subject, policy, sub, register=False)
+    for entry in entries:
+        sink(entry)
+    if shared.initial_done:
+        sink(INITIAL_DONE)
+    else:
+        sub.wants_initial = True
+    buffered, sub.buffer = sub.buffer, None
+    for event in buffered:
+        if event.revision > up_to:
+            sink(event)
+    return shared, sub
+
+
+async def _start_feed(
+    conn: Connection, proto: KVProtocol, filter_subject: str, policy: str, sub: FeedSubscriber, register: bool
+) -> tuple[SharedFeed, FeedSubscriber]:
+    shared = SharedFeed(conn, proto, filter_subject, policy)
+    sub.wants_initial = policy != "new"
+    shared.subscribers.append(sub)
+    if register:
+        conn.feeds[shared.key] = shared
+    try:
+        await shared.feed.start()
+    except BaseException:
+        if conn.feeds.get(shared.key) is shared:
+            del conn.feeds[shared.key]
+        await shared.feed.stop()
+        raise
+    return shared, sub
+
+
+async def unsubscribe_feed(shared: SharedFeed, sub: FeedSubscriber) -> None:
+    """Detach a subscriber; the last one out stops the feed and deletes its consumer."""
+    if sub in shared.subscribers:
+        shared.subscribers.remove(sub)
+    if not shared.subscribers:
+        conn = shared.feed.conn
+        if conn.feeds.get(shared.key) is shared:
+            del conn.feeds[shared.key]
+        await shared.feed.stop()

@@ -1,0 +1,1493 @@
+# cython: language_level=3, freethreading_compatible = True
+# cython: boundscheck=False, wraparound=False, cdivision=True
+"""The compiled core of natskv: the same API and behaviour as ``natskv._core_py``.
+
+``natskv._core_py`` is the documented reference; this module mirrors it name for name, including
+exception types and messages, and exists only to be fast: key coding and glob matching are C
+loops over the string's own buffer (Py_UCS1/2/4), and a filter is a tree of cdef nodes whose
+operators are resolved once, at compile time. No I/O, no NATS, no asyncio. Every object here is
+immutable once built, so it is safe to share between threads (also on free-threaded Python).
+Import it through ``natskv._speedups``.
+"""
+
+import re
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport Py_GE, Py_GT, Py_LE, Py_LT, PyObject_RichCompareBool
+from cpython.unicode cimport (
+    Py_UCS1,
+    Py_UCS2,
+    PyUnicode_1BYTE_DATA,
+    PyUnicode_1BYTE_KIND,
+    PyUnicode_2BYTE_KIND,
+    PyUnicode_4BYTE_KIND,
+    PyUnicode_DATA,
+    PyUnicode_DecodeUTF8,
+    PyUnicode_FromKindAndData,
+    PyUnicode_KIND,
+    PyUnicode_New,
+)
+from libc.string cimport memchr, memcmp, memcpy
+
+
+cdef extern from "Python.h":
+    int Py_EnterRecursiveCall(const char* where) except -1
+    void Py_LeaveRecursiveCall()
+
+__all__ = [
+    "Filter",
+    "Pattern",
+    "compile_filter",
+    "compile_pattern",
+    "decode_key",
+    "decode_keys",
+    "decode_subjects",
+    "encode_key",
+    "encode_keys",
+    "parse_ack_subject",
+    "parse_headers",
+    "pub_command",
+]
+
+ctypedef fused uchar:
+    Py_UCS1
+    Py_UCS2
+    Py_UCS4
+
+cdef enum:
+    CH_TAB = 9
+    CH_LF = 10
+    CH_CR = 13
+    CH_SPACE = 32
+    CH_DOT = 46
+    CH_COLON = 58
+    CH_EQ = 61
+    NO_SEP = 0x110000          # not a code point: "no hierarchy separator"
+    STACK_CHARS = 256          # keys up to this length are decoded without a heap buffer
+    STACK_RAW = 86             # STACK_CHARS // 3 + 1: escaped bytes of such a key
+
+# Characters a key token keeps literally ([A-Za-z0-9_/-]) and the value of each uppercase hex digit.
+cdef unsigned char _LIT[128]
+cdef signed char _HEXVAL[128]
+cdef const char* _HEX = b"0123456789ABCDEF"
+
+
+cdef void _init_tables() noexcept:
+    cdef int c
+    for c in range(128):
+        _LIT[c] = (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c == 95 or c == 47 or c == 45
+        if 48 <= c <= 57:
+            _HEXVAL[c] = c - 48
+        elif 65 <= c <= 70:
+            _HEXVAL[c] = c - 55
+        else:
+            _HEXVAL[c] = -1
+
+
+_init_tables()
+
+
+cdef inline bint _is_lit(Py_UCS4 c) noexcept nogil:
+    return c < 128 and _LIT[c]
+
+
+cdef long _sep_char(object sep) except -2:
+    """The separator as a code point, NO_SEP for ""; validates like _check_sep."""
+    if not isinstance(sep, str):
+        raise TypeError(f"sep must be str, not {type(sep).__name__}")
+    cdef Py_ssize_t n = len(<str>sep)
+    if n == 0:
+        return NO_SEP
+    if n > 1:
+        raise ValueError(f"sep must be a single character or '', not {sep!r}")
+    return <long>(<str>sep)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------------------------
+
+cdef Py_ssize_t _encoded_len(const uchar* s, Py_ssize_t n, Py_UCS4 sep) noexcept nogil:
+    """Length of the encoding, or -1 - i when s[i] is a lone surrogate."""
+    cdef Py_ssize_t i, total = 0
+    cdef bint empty = True
+    cdef unsigned int c
+    for i in range(n):
+        c = s[i]
+        if c == sep:
+            total += 2 if empty else 1
+            empty = True
+            continue
+        empty = False
+        if c < 128:
+            total += 1 if _LIT[c] else 3
+        elif c < 0x800:
+            total += 6
+        elif c < 0x10000:
+            if 0xD800 <= c <= 0xDFFF:
+                return -1 - i
+            total += 9
+        else:
+            total += 12
+    if empty:
+        total += 1
+    return total
+
+
+cdef inline Py_ssize_t _put_escape(Py_UCS1* out, Py_ssize_t o, unsigned int byte) noexcept nogil:
+    out[o] = CH_EQ
+    out[o + 1] = _HEX[byte >> 4]
+    out[o + 2] = _HEX[byte & 15]
+    return o + 3
+
+
+cdef void _encode_into(const uchar* s, Py_ssize_t n, Py_UCS4 sep, Py_UCS1* out) noexcept nogil:
+    cdef Py_ssize_t i, o = 0
+    cdef bint empty = True
+    cdef unsigned int c
+    for i in range(n):
+        c = s[i]
+        if c == sep:
+            if empty:
+                out[o] = CH_EQ
+                o += 1
+            out[o] = CH_DOT
+            o += 1
+            empty = True
+            continue
+        empty = False
+        if c < 128:
+            if _LIT[c]:
+                out[o] = <Py_UCS1>c
+                o += 1
+            else:
+                o = _put_escape(out, o, c)
+        elif c < 0x800:
+            o = _put_escape(out, o, 0xC0 | (c >> 6))
+            o = _put_escape(out, o, 0x80 | (c & 0x3F))
+        elif c < 0x10000:
+            o = _put_escape(out, o, 0xE0 | (c >> 12))
+            o = _put_escape(out, o, 0x80 | ((c >> 6) & 0x3F))
+            o = _put_escape(out, o, 0x80 | (c & 0x3F))
+        else:
+            o = _put_escape(out, o, 0xF0 | (c >> 18))
+            o = _put_escape(out, o, 0x80 | ((c >> 12) & 0x3F))
+            o = _put_escape(out, o, 0x80 | ((c >> 6) & 0x3F))
+            o = _put_escape(out, o, 0x80 | (c & 0x3F))
+    if empty:
+        out[o] = CH_EQ
+
+
+cdef str _encode(object key, Py_UCS4 sep):
+    if not isinstance(key, str):
+        raise TypeError(f"key must be str, not {type(key).__name__}")
+    cdef Py_ssize_t n = len(<str>key)
+    cdef unsigned int kind = PyUnicode_KIND(key)
+    cdef void* data = PyUnicode_DATA(key)
+    cdef Py_ssize_t total
+    if kind == PyUnicode_1BYTE_KIND:
+        total = _encoded_len(<const Py_UCS1*>data, n, sep)
+    elif kind == PyUnicode_2BYTE_KIND:
+        total = _encoded_len(<const Py_UCS2*>data, n, sep)
+    else:
+        total = _encoded_len(<const Py_UCS4*>data, n, sep)
+    if total < 0:
+        position = -1 - total
+        raise ValueError(
+            f"key has a lone surrogate {key[position]!r} at position {position}, which UTF-8 cannot"
+            " encode; keys must be valid Unicode text"
+        )
+    cdef str out = PyUnicode_New(total, 127)
+    cdef Py_UCS1* buf = PyUnicode_1BYTE_DATA(out)
+    if kind == PyUnicode_1BYTE_KIND:
+        _encode_into(<const Py_UCS1*>data, n, sep, buf)
+    elif kind == PyUnicode_2BYTE_KIND:
+        _encode_into(<const Py_UCS2*>data, n, sep, buf)
+    else:
+        _encode_into(<const Py_UCS4*>data, n, sep, buf)
+    return out
+
+
+cdef enum DecodeError:
+    E_EMPTY = 1
+    E_MALFORMED
+    E_UTF8
+    E_ESCAPED_SEP
+    E_ESCAPED_LITERAL
+    E_SEP_IN_TOKEN
+    E_INVALID
+
+
+cdef struct DecodeFailure:
+    int code
+    Py_ssize_t pos
+    Py_UCS4 ch
+
+
+cdef inline Py_ssize_t _fail(DecodeFailure* err, int code, Py_ssize_t pos, Py_UCS4 ch) noexcept nogil:
+    err.code = code
+    err.pos = pos
+    err.ch = ch
+    return -1
+
+
+cdef inline bint _is_hex(Py_UCS4 c) noexcept nogil:
+    return c < 128 and _HEXVAL[c] >= 0
+
+
+cdef Py_ssize_t _decode_into(
+    const uchar* s, Py_ssize_t n, Py_UCS4 sep, Py_UCS4* out, unsigned char* raw, DecodeFailure* err
+) noexcept nogil:
+    """Decode s into out (capacity n); raw is scratch space for n // 3 + 1 bytes.
+
+    Returns the decoded length, or -1 with *err set. The checks run in the same order as
+    _core_py's: escape syntax of a whole run of escapes first, then its UTF-8, character by
+    character, each decoded character being validated before the next one is decoded.
+    """
+    cdef Py_ssize_t i = 0, o = 0, start, m, k, need, t
+    cdef bint has_sep = sep != NO_SEP
+    cdef bint token_empty = True
+    cdef unsigned int c, cp, b0, lo, hi, b
+    while i < n:
+        c = s[i]
+        if c == CH_DOT and has_sep:
+            if token_empty:
+                return _fail(err, E_EMPTY, i, 0)
+            out[o] = sep
+            o += 1
+            token_empty = True
+            i += 1
+            continue
+        if c == CH_EQ:
+            if token_empty and (i + 1 == n or (has_sep and s[i + 1] == CH_DOT)):
+                token_empty = False  # a lone "=" is the empty token
+                i += 1
+                continue
+            token_empty = False
+            start = i
+            m = 0
+            while i < n and s[i] == CH_EQ:
+                if i + 2 >= n or not _is_hex(s[i + 1]) or not _is_hex(s[i + 2]):
+                    return _fail(err, E_MALFORMED, i, 0)
+                raw[m] = <unsigned char>(_HEXVAL[s[i + 1]] * 16 + _HEXVAL[s[i + 2]])
+                m += 1
+                i += 3
+            k = 0
+            while k < m:
+                b0 = raw[k]
+                lo = 0x80
+                hi = 0xBF
+                if b0 < 0x80:
+                    need = 0
+                    cp = b0
+                elif 0xC2 <= b0 <= 0xDF:
+                    need = 1
+                    cp = b0 & 0x1F
+                elif 0xE0 <= b0 <= 0xEF:
+                    need = 2
+                    cp = b0 & 0x0F
+                    if b0 == 0xE0:
+                        lo = 0xA0
+                    elif b0 == 0xED:
+                        hi = 0x9F
+                elif 0xF0 <= b0 <= 0xF4:
+                    need = 3
+                    cp = b0 & 0x07
+                    if b0 == 0xF0:
+                        lo = 0x90
+                    elif b0 == 0xF4:
+                        hi = 0x8F
+                else:
+                    return _fail(err, E_UTF8, start + 3 * k, 0)
+                if k + need >= m:
+                    return _fail(err, E_UTF8, start + 3 * k, 0)
+                for t in range(1, need + 1):
+                    b = raw[k + t]
+                    if t == 1:
+                        if b < lo or b > hi:
+                            return _fail(err, E_UTF8, start + 3 * k, 0)
+                    elif b < 0x80 or b > 0xBF:
+                        return _fail(err, E_UTF8, start + 3 * k, 0)
+                    cp = (cp << 6) | (b & 0x3F)
+                if cp == sep:
+                    return _fail(err, E_ESCAPED_SEP, start + 3 * k, cp)
+                if _is_lit(cp):
+                    return _fail(err, E_ESCAPED_LITERAL, start + 3 * k, cp)
+                out[o] = cp
+                o += 1
+                k += need + 1
+            continue
+        token_empty = False
+        if c == sep:
+            return _fail(err, E_SEP_IN_TOKEN, i, c)
+        if not _is_lit(c):
+            return _fail(err, E_INVALID, i, c)
+        out[o] = c
+        o += 1
+        i += 1
+    if token_empty:
+        return _fail(err, E_EMPTY, n, 0)
+    return o
+
+
+cdef Py_ssize_t _decode_buffer(
+    str encoded, Py_ssize_t start, Py_UCS4 sep, Py_UCS4* out, unsigned char* raw, DecodeFailure* err
+) noexcept:
+    """Decode encoded[start:] (start <= len(encoded)) into out; see _decode_into."""
+    cdef Py_ssize_t n = len(encoded) - start
+    cdef unsigned int kind = PyUnicode_KIND(encoded)
+    cdef char* data = <char*>PyUnicode_DATA(encoded) + start * kind
+    if kind == PyUnicode_1BYTE_KIND:
+        return _decode_into(<const Py_UCS1*>data, n, sep, out, raw, err)
+    if kind == PyUnicode_2BYTE_KIND:
+        return _decode_into(<const Py_UCS2*>data, n, sep, out, raw, err)
+    return _decode_into(<const Py_UCS4*>data, n, sep, out, raw, err)
+
+
+cdef object _decode_error(str encoded, DecodeFailure* err, Py_UCS4 sep):
+    cdef Py_ssize_t pos = err.pos
+    cdef Py_ssize_t end
+    cdef str reason
+    if err.code == E_EMPTY:
+        reason = "empty token"
+    elif err.code == E_MALFORMED:
+        end = min(pos + 3, len(encoded))
+        if sep != NO_SEP:
+            dot = encoded.find(".", pos, end)
+            if dot >= 0:
+                end = dot
+        reason = f"malformed escape {encoded[pos:end]!r}"
+    elif err.code == E_UTF8:
+        reason = "invalid UTF-8 in escapes"
+    elif err.code == E_ESCAPED_SEP:
+        reason = f"escaped separator {chr(err.ch)!r}"
+    elif err.code == E_ESCAPED_LITERAL:
+        reason = f"escaped character {chr(err.ch)!r} must be written literally"
+    elif err.code == E_SEP_IN_TOKEN:
+        reason = f"separator character {chr(err.ch)!r} inside a token"
+    else:
+        reason = f"invalid character {chr(err.ch)!r}"
+    return ValueError(f"invalid encoded key {encoded!r}: {reason} at position {pos}")
+
+
+cdef str _decode(object encoded, Py_UCS4 sep, Py_ssize_t start=0):
+    """Decode encoded[start:]; start > len(encoded) decodes "" like a slice would."""
+    if not isinstance(encoded, str):
+        raise TypeError(f"encoded key must be str, not {type(encoded).__name__}")
+    cdef Py_ssize_t n = len(<str>encoded)
+    if start > n:
+        start = n
+    n -= start
+    cdef Py_UCS4 out_stack[STACK_CHARS]
+    cdef unsigned char raw_stack[STACK_RAW]
+    cdef Py_UCS4* out = out_stack
+    cdef unsigned char* raw = raw_stack
+    cdef DecodeFailure err
+    cdef Py_ssize_t length
+    if n > STACK_CHARS:
+        out = <Py_UCS4*>PyMem_Malloc(n * sizeof(Py_UCS4) + n // 3 + 1)
+        if out == NULL:
+            raise MemoryError()
+        raw = <unsigned char*>(out + n)
+    try:
+        length = _decode_buffer(<str>encoded, start, sep, out, raw, &err)
+        if length < 0:
+            raise _decode_error((<str>encoded)[start:], &err, sep)
+        return PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out, length)
+    finally:
+        if out != out_stack:
+            PyMem_Free(out)
+
+
+def encode_key(key, sep=":"):
+    """Encode any str into a NATS KV key, reversibly. See natskv._core_py.encode_key."""
+    return _encode(key, <Py_UCS4>_sep_char(sep))
+
+
+def decode_key(encoded, sep=":"):
+    """Decode a key produced by encode_key (strictly). See natskv._core_py.decode_key."""
+    return _decode(encoded, <Py_UCS4>_sep_char(sep))
+
+
+def encode_keys(keys, sep=":"):
+    """[encode_key(k, sep) for k in keys] in one call."""
+    cdef Py_UCS4 c_sep = <Py_UCS4>_sep_char(sep)
+    return [_encode(key, c_sep) for key in keys]
+
+
+def decode_keys(encoded, sep=":"):
+    """[decode_key(e, sep) for e in encoded] in one call."""
+    cdef Py_UCS4 c_sep = <Py_UCS4>_sep_char(sep)
+    return [_decode(item, c_sep) for item in encoded]
+
+
+def decode_subjects(subjects, Py_ssize_t prefix_len, sep=":"):
+    """Decode s[prefix_len:] of each subject. See natskv._core_py.decode_subjects."""
+    if prefix_len < 0:
+        raise ValueError(f"prefix_len must be >= 0, not {prefix_len}")
+    cdef Py_UCS4 c_sep = <Py_UCS4>_sep_char(sep)
+    return [_decode(subject, c_sep, prefix_len) for subject in subjects]
+
+
+# ---------------------------------------------------------------------------------------------
+# Patterns
+# ---------------------------------------------------------------------------------------------
+
+_STAR = ("star",)
+_ONE = ("one",)
+
+
+def _bad_pattern(pattern, reason, position):
+    return ValueError(f"invalid pattern {pattern!r}: {reason} at position {position}")
+
+
+def _parse_class(str pattern, Py_ssize_t start):
+    cdef Py_ssize_t n = len(pattern)
+    cdef Py_ssize_t j = start + 1
+    negated = j < n and pattern[j] in "^!"
+    if negated:
+        j += 1
+    ranges = []
+    while True:
+        if j >= n:
+            raise _bad_pattern(pattern, "unterminated character class", start)
+        ch = pattern[j]
+        if ch == "]":
+            if not ranges:
+                raise _bad_pattern(
+                    pattern, "empty character class (write \\] to match ']')", start
+                )
+            return ("class", negated, tuple(ranges)), j + 1
+        if ch == "\\":
+            if j + 1 >= n:
+                raise _bad_pattern(pattern, "unterminated character class", start)
+            low = pattern[j + 1]
+            j += 2
+        else:
+            low = ch
+            j += 1
+        high = low
+        if j + 1 < n and pattern[j] == "-" and pattern[j + 1] != "]":
+            j += 1
+            if pattern[j] == "\\":
+                if j + 1 >= n:
+                    raise _bad_pattern(pattern, "unterminated character class", start)
+                high = pattern[j + 1]
+                j += 2
+            else:
+                high = pattern[j]
+                j += 1
+            if low > high:
+                low, high = high, low
+        ranges.append((low, high))
+
+
+def _parse_glob(str pattern):
+    elements = []
+    cdef Py_ssize_t i = 0
+    cdef Py_ssize_t n = len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "*":
+            if not elements or elements[len(elements) - 1] is not _STAR:
+                elements.append(_STAR)
+            i += 1
+        elif ch == "?":
+            elements.append(_ONE)
+            i += 1
+        elif ch == "[":
+            element, i = _parse_class(pattern, i)
+            elements.append(element)
+        elif ch == "\\":
+            if i + 1 >= n:
+                raise _bad_pattern(pattern, "trailing backslash", i)
+            elements.append(("lit", pattern[i + 1]))
+            i += 2
+        else:
+            elements.append(("lit", ch))
+            i += 1
+    return elements
+
+
+def _glob_filter(elements, str sep):
+    current = []
+    tokens = [current]
+    for element in elements:
+        if sep and element == ("lit", sep):
+            current = []
+            tokens.append(current)
+        else:
+            current.append(element)
+    literal = []
+    for token in tokens:
+        if any(element[0] != "lit" for element in token):
+            break
+        literal.append("".join(element[1] for element in token))
+    if len(literal) == len(tokens):
+        return encode_key(sep.join(literal), sep), True
+    rest = tokens[len(literal):]
+    exact = len(rest) == 1 and rest[0] == [_STAR]
+    return ".".join([encode_key(token, "") for token in literal] + [">"]), exact
+
+
+cdef enum GlobOp:
+    G_LIT
+    G_ONE
+    G_STAR
+    G_CLASS
+    G_NCLASS
+
+
+cdef struct GOp:
+    int op
+    Py_UCS4 ch          # G_LIT: the character
+    Py_ssize_t first    # G_CLASS / G_NCLASS: ranges[first:last] holds (low, high) pairs
+    Py_ssize_t last
+
+
+cdef inline bint _op_match(const GOp* op, const Py_UCS4* ranges, Py_UCS4 c) noexcept nogil:
+    if op.op == G_LIT:
+        return c == op.ch
+    if op.op == G_ONE:
+        return True
+    cdef Py_ssize_t r = op.first
+    cdef bint found = False
+    while r < op.last:
+        if ranges[r] <= c <= ranges[r + 1]:
+            found = True
+            break
+        r += 2
+    return found != (op.op == G_NCLASS)
+
+
+cdef bint _glob(const GOp* ops, Py_ssize_t m, const Py_UCS4* ranges, const uchar* s, Py_ssize_t n) noexcept nogil:
+    """Match s against the program: greedy stars, backtracking to the most recent star only.
+
+    Every element but a star consumes exactly one character, so retrying from the last star is
+    enough to find a match when there is one; the worst case is O(len(s) * len(ops)).
+    """
+    cdef Py_ssize_t pi = 0, si = 0, star_pi = -1, star_si = 0
+    cdef const GOp* op
+    while si < n:
+        if pi < m:
+            op = &ops[pi]
+            if op.op == G_STAR:
+                if pi + 1 == m:
+                    return True
+                star_pi = pi
+                star_si = si
+                pi += 1
+                continue
+            if _op_match(op, ranges, s[si]):
+                pi += 1
+                si += 1
+                continue
+        if star_pi < 0:
+            return False
+        pi = star_pi + 1
+        star_si += 1
+        si = star_si
+    while pi < m and ops[pi].op == G_STAR:
+        pi += 1
+    return pi == m
+
+
+cdef class Pattern:
+    """A compiled key pattern: a matcher over decoded keys plus a NATS subject filter.
+
+    See natskv._core_py.Pattern. Attributes: pattern, sep, filter, exact (read-only).
+    """
+
+    cdef readonly object pattern
+    cdef readonly str sep
+    cdef readonly str filter
+    cdef readonly bint exact
+    cdef object _search         # re.Pattern.search for a regex pattern, else None
+    cdef Py_UCS4 _sep
+    cdef GOp* _ops
+    cdef Py_ssize_t _nops
+    cdef Py_UCS4* _ranges
+    cdef Py_ssize_t _min_len    # characters a match needs at least (elements but stars)
+    cdef bint _has_star
+
+    def __cinit__(self, pattern, sep=":"):
+        self._sep = <Py_UCS4>_sep_char(sep)
+        self.sep = sep
+        self.pattern = pattern
+        if isinstance(pattern, re.Pattern):
+            if not isinstance(pattern.pattern, str):
+                raise TypeError("a bytes regular expression cannot match str keys; use a str one")
+            self._search = pattern.search
+            self.filter = ">"
+            self.exact = False
+            return
+        if not isinstance(pattern, str):
+            raise TypeError(f"pattern must be str or re.Pattern, not {type(pattern).__name__}")
+        elements = _parse_glob(pattern)
+        self.filter, self.exact = _glob_filter(elements, sep)
+        self._compile(elements)
+
+    cdef _compile(self, list elements):
+        cdef Py_ssize_t nranges = 0, i, r = 0
+        for element in elements:
+            if element[0] == "class":
+                nranges += 2 * len(element[2])
+        self._ops = <GOp*>PyMem_Malloc((len(elements) + 1) * sizeof(GOp))
+        self._ranges = <Py_UCS4*>PyMem_Malloc((nranges + 1) * sizeof(Py_UCS4))
+        if self._ops == NULL or self._ranges == NULL:
+            raise MemoryError()
+        self._nops = len(elements)
+        for i, element in enumerate(elements):
+            kind = element[0]
+            self._ops[i].ch = 0
+            self._ops[i].first = 0
+            self._ops[i].last = 0
+            if kind == "lit":
+                self._ops[i].op = G_LIT
+                self._ops[i].ch = ord(element[1])
+            elif kind == "one":
+                self._ops[i].op = G_ONE
+            elif kind == "star":
+                self._ops[i].op = G_STAR
+                self._has_star = True
+            else:
+                self._ops[i].op = G_NCLASS if element[1] else G_CLASS
+                self._ops[i].first = r
+                for low, high in element[2]:
+                    self._ranges[r] = ord(low)
+                    self._ranges[r + 1] = ord(high)
+                    r += 2
+                self._ops[i].last = r
+            if kind != "star":
+                self._min_len += 1
+
+    def __dealloc__(self):
+        PyMem_Free(self._ops)
+        PyMem_Free(self._ranges)
+
+    def __repr__(self):
+        return f"Pattern({self.pattern!r}, filter={self.filter!r}, exact={self.exact})"
+
+    def __reduce__(self):
+        return compile_pattern, (self.pattern, self.sep)
+
+    cdef inline bint _match_chars(self, unsigned int kind, const void* data, Py_ssize_t n) noexcept:
+        if n < self._min_len or (not self._has_star and n != self._min_len):
+            return False
+        if kind == PyUnicode_1BYTE_KIND:
+            return _glob(self._ops, self._nops, self._ranges, <const Py_UCS1*>data, n)
+        if kind == PyUnicode_2BYTE_KIND:
+            return _glob(self._ops, self._nops, self._ranges, <const Py_UCS2*>data, n)
+        return _glob(self._ops, self._nops, self._ranges, <const Py_UCS4*>data, n)
+
+    cdef bint _match(self, object key) except -1:
+        if not isinstance(key, str):
+            raise TypeError(f"key must be str, not {type(key).__name__}")
+        if self._search is not None:
+            return self._search(key) is not None
+        return self._match_chars(PyUnicode_KIND(key), PyUnicode_DATA(key), len(<str>key))
+
+    def match(self, key):
+        """True if the decoded key matches. Raises TypeError for a non-str key."""
+        return self._match(key)
+
+    def match_encoded(self, encoded):
+        """True if the encoded key matches; False if it is not a valid encoded key."""
+        if not isinstance(encoded, str):
+            raise TypeError(f"encoded key must be str, not {type(encoded).__name__}")
+        cdef Py_ssize_t n = len(<str>encoded)
+        cdef Py_UCS4 out_stack[STACK_CHARS]
+        cdef unsigned char raw_stack[STACK_RAW]
+        cdef Py_UCS4* out = out_stack
+        cdef unsigned char* raw = raw_stack
+        cdef DecodeFailure err
+        cdef Py_ssize_t length
+        if n > STACK_CHARS:
+            out = <Py_UCS4*>PyMem_Malloc(n * sizeof(Py_UCS4) + n // 3 + 1)
+            if out == NULL:
+                raise MemoryError()
+            raw = <unsigned char*>(out + n)
+        try:
+            length = _decode_buffer(<str>encoded, 0, self._sep, out, raw, &err)
+            if length < 0:
+                return False
+            if self._search is not None:
+                return self._search(PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out, length)) is not None
+            return self._match_chars(PyUnicode_4BYTE_KIND, out, length)
+        finally:
+            if out != out_stack:
+                PyMem_Free(out)
+
+    def filter_keys(self, keys):
+        """The keys (decoded) that match, in order. Raises TypeError for a non-str key."""
+        cdef list result = []
+        for key in keys:
+            if self._match(key):
+                result.append(key)
+        return result
+
+
+def compile_pattern(pattern, sep=":"):
+    """Compile a Redis KEYS-style glob or a re.Pattern. See natskv._core_py.compile_pattern."""
+    return Pattern(pattern, sep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol helpers
+# ---------------------------------------------------------------------------------------------
+
+cdef inline bint _is_ws(unsigned char c) noexcept nogil:
+    return c == CH_SPACE or c == CH_TAB or c == CH_LF or c == CH_CR or c == 11 or c == 12
+
+
+cdef inline str _text(const char* p, Py_ssize_t start, Py_ssize_t end):
+    return PyUnicode_DecodeUTF8(<char*>p + start, end - start, b"replace")
+
+
+def parse_headers(raw):
+    """Parse a NATS header block. See natskv._core_py.parse_headers."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise TypeError(f"raw must be bytes, not {type(raw).__name__}")
+    cdef bytes data = raw if type(raw) is bytes else bytes(raw)
+    cdef const char* p = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    if n < 5 or memcmp(p, b"NATS/", 5) != 0:
+        raise ValueError(f"not a NATS header block: {data[:32]!r}")
+    cdef const char* nl = <const char*>memchr(p, CH_LF, n)
+    cdef Py_ssize_t line_end = (nl - p) if nl != NULL else n
+    cdef Py_ssize_t e = line_end, i = 0, code_start, code_end, status = 0, k
+    cdef str description = ""
+    while e > 0 and p[e - 1] == CH_CR:
+        e -= 1
+    while i < e and not _is_ws(p[i]):
+        i += 1
+    while i < e and _is_ws(p[i]):
+        i += 1
+    while e > i and _is_ws(p[e - 1]):
+        e -= 1
+    if i < e:
+        code_start = i
+        while i < e and not _is_ws(p[i]):
+            if not (48 <= p[i] <= 57):
+                first = data[:line_end].rstrip(b"\r")
+                raise ValueError(f"malformed NATS status line: {first!r}")
+            i += 1
+        code_end = i
+        if code_end - code_start <= 18:
+            for k in range(code_start, code_end):
+                status = status * 10 + (p[k] - 48)
+            status_obj = status
+        else:
+            status_obj = int(data[code_start:code_end])
+        while i < e and _is_ws(p[i]):
+            i += 1
+        if i < e:
+            description = _text(p, i, e)
+    else:
+        status_obj = 0
+    cdef dict headers = {}
+    cdef Py_ssize_t pos = line_end + 1, le, colon_at, ns, ne, vs, ve
+    cdef const char* colon
+    while nl != NULL and pos <= n:
+        nl = <const char*>memchr(p + pos, CH_LF, n - pos)
+        le = (nl - p) if nl != NULL else n
+        e = le
+        while e > pos and p[e - 1] == CH_CR:
+            e -= 1
+        if e == pos:
+            break
+        colon = <const char*>memchr(p + pos, CH_COLON, e - pos)
+        if colon != NULL:
+            colon_at = colon - p
+            ns = pos
+            ne = colon_at
+            while ns < ne and _is_ws(p[ns]):
+                ns += 1
+            while ne > ns and _is_ws(p[ne - 1]):
+                ne -= 1
+            if ne > ns:
+                vs = colon_at + 1
+                ve = e
+                while vs < ve and _is_ws(p[vs]):
+                    vs += 1
+                while ve > vs and _is_ws(p[ve - 1]):
+                    ve -= 1
+                headers[_text(p, ns, ne)] = _text(p, vs, ve)
+        pos = le + 1
+    return status_obj, description, headers
+
+
+cdef bint _has_any(str text, str chars):
+    for ch in chars:
+        if ch in text:
+            return True
+    return False
+
+
+cdef bytes _check_token(str what, object value, bint allow_empty):
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+    if not allow_empty and len(<str>value) == 0:
+        raise ValueError(f"{what} must not be empty")
+    if _has_any(value, " \t\r\n"):
+        raise ValueError(f"{what} {value!r} must not contain whitespace")
+    return (<str>value).encode("utf-8")
+
+
+cdef inline Py_ssize_t _put(char* buf, Py_ssize_t o, const char* src, Py_ssize_t k) noexcept nogil:
+    memcpy(buf + o, src, k)
+    return o + k
+
+
+cdef inline Py_ssize_t _digits(Py_ssize_t v) noexcept nogil:
+    cdef Py_ssize_t d = 1
+    while v >= 10:
+        v //= 10
+        d += 1
+    return d
+
+
+cdef inline Py_ssize_t _put_int(char* buf, Py_ssize_t o, Py_ssize_t v) noexcept nogil:
+    cdef Py_ssize_t d = _digits(v)
+    cdef Py_ssize_t j = o + d
+    while True:
+        j -= 1
+        buf[j] = <char>(48 + v % 10)
+        v //= 10
+        if v == 0:
+            break
+    return o + d
+
+
+def pub_command(subject, reply, payload, headers):
+    """Build a PUB or HPUB client protocol command. See natskv._core_py.pub_command."""
+    cdef bytes subject_b = _check_token("subject", subject, False)
+    cdef bytes reply_b = _check_token("reply", reply, True)
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+    cdef bytes payload_b = payload if type(payload) is bytes else bytes(payload)
+    if headers is not None and not isinstance(headers, dict):
+        raise TypeError(f"headers must be a dict or None, not {type(headers).__name__}")
+    cdef list parts = []
+    cdef Py_ssize_t hdr_len = 0
+    if headers:
+        hdr_len = 12  # "NATS/1.0\r\n" and the closing "\r\n"
+        for name, value in (<dict>headers).items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise TypeError(
+                    f"header names and values must be str, got {type(name).__name__}: "
+                    f"{type(value).__name__}"
+                )
+            if len(<str>name) == 0 or _has_any(name, " \t\r\n:"):
+                raise ValueError(
+                    f"invalid header name {name!r}: it must be non-empty, without spaces, colons,"
+                    " tabs or line breaks"
+                )
+            if _has_any(value, "\r\n"):
+                raise ValueError(f"invalid value for header {name!r}: it must not contain CR or LF")
+            name_b = (<str>name).encode("utf-8")
+            value_b = (<str>value).encode("utf-8")
+            parts.append(name_b)
+            parts.append(value_b)
+            hdr_len += len(<bytes>name_b) + len(<bytes>value_b) + 4
+    cdef Py_ssize_t ns = len(subject_b), nr = len(reply_b), np = len(payload_b)
+    cdef Py_ssize_t total = ns + np + 2 + 2 + 1  # subject, payload, two CRLFs, one space
+    if nr:
+        total += nr + 1
+    if hdr_len:
+        total += 5 + _digits(hdr_len) + 1 + _digits(hdr_len + np) + hdr_len
+    else:
+        total += 4 + _digits(np)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* buf = PyBytes_AS_STRING(out)
+    cdef Py_ssize_t o
+    if hdr_len:
+        o = _put(buf, 0, b"HPUB ", 5)
+    else:
+        o = _put(buf, 0, b"PUB ", 4)
+    o = _put(buf, o, PyBytes_AS_STRING(subject_b), ns)
+    if nr:
+        buf[o] = CH_SPACE
+        o = _put(buf, o + 1, PyBytes_AS_STRING(reply_b), nr)
+    buf[o] = CH_SPACE
+    o += 1
+    if hdr_len:
+        o = _put_int(buf, o, hdr_len)
+        buf[o] = CH_SPACE
+        o = _put_int(buf, o + 1, hdr_len + np)
+        o = _put(buf, o, b"\r\nNATS/1.0\r\n", 12)
+        for i in range(0, len(parts), 2):
+            o = _put(buf, o, PyBytes_AS_STRING(<bytes>parts[i]), len(<bytes>parts[i]))
+            o = _put(buf, o, b": ", 2)
+            o = _put(buf, o, PyBytes_AS_STRING(<bytes>parts[i + 1]), len(<bytes>parts[i + 1]))
+            o = _put(buf, o, b"\r\n", 2)
+        o = _put(buf, o, b"\r\n", 2)
+    else:
+        o = _put_int(buf, o, np)
+        o = _put(buf, o, b"\r\n", 2)
+    o = _put(buf, o, PyBytes_AS_STRING(payload_b), np)
+    _put(buf, o, b"\r\n", 2)
+    return out
+
+
+cdef object _ack_number(str reply, str token):
+    cdef Py_ssize_t n = len(token), i
+    cdef long long value = 0
+    cdef unsigned int c
+    if n == 0:
+        raise ValueError(f"not a JetStream ack subject: {reply!r} (bad number {token!r})")
+    for i in range(n):
+        c = token[i]
+        if c < 48 or c > 57:
+            raise ValueError(f"not a JetStream ack subject: {reply!r} (bad number {token!r})")
+        value = value * 10 + (c - 48)
+    if n > 18:  # may not fit in 64 bits
+        return int(token)
+    return value
+
+
+def parse_ack_subject(reply):
+    """Parse a JetStream ack reply subject (v1 or v2). See natskv._core_py.parse_ack_subject."""
+    if not isinstance(reply, str):
+        raise TypeError(f"reply must be str, not {type(reply).__name__}")
+    cdef list tokens = (<str>reply).split(".")
+    cdef Py_ssize_t count = len(tokens)
+    if (count != 9 and count != 11 and count != 12) or tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    for token in tokens:
+        if len(<str>token) == 0:
+            raise ValueError(f"not a JetStream ack subject: {reply!r} (empty token)")
+    cdef Py_ssize_t base = 2 if count == 9 else 4
+    return (
+        tokens[base],
+        tokens[base + 1],
+        _ack_number(reply, tokens[base + 2]),
+        _ack_number(reply, tokens[base + 3]),
+        _ack_number(reply, tokens[base + 4]),
+        _ack_number(reply, tokens[base + 5]),
+        _ack_number(reply, tokens[base + 6]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Query filters
+# ---------------------------------------------------------------------------------------------
+
+cdef enum Category:
+    K_BOOL
+    K_STR
+    K_NUM
+    K_NONE
+    K_LIST
+    K_DICT
+    K_OTHER
+
+cdef object _MISSING = object()
+
+
+cdef int _category_slow(object value):
+    if isinstance(value, bool):
+        return K_BOOL
+    if isinstance(value, str):
+        return K_STR
+    if isinstance(value, (int, float)):
+        return K_NUM
+    if value is None:
+        return K_NONE
+    if isinstance(value, (list, tuple)):
+        return K_LIST
+    if isinstance(value, dict):
+        return K_DICT
+    return K_OTHER
+
+
+cdef inline int _category(object value):
+    cdef type t = type(value)
+    if t is str:
+        return K_STR
+    if t is int or t is float:
+        return K_NUM
+    if t is bool:
+        return K_BOOL
+    if value is None:
+        return K_NONE
+    if t is dict:
+        return K_DICT
+    if t is list or t is tuple:
+        return K_LIST
+    return _category_slow(value)
+
+
+cdef bint _json_eq(object a, object b) except -1:
+    """Deep equality of JSON-like values, with bools never equal to numbers (as _core_py)."""
+    cdef int kind = _category(a)
+    cdef Py_ssize_t i, n
+    if kind != _category(b):
+        return False
+    if kind == K_STR:
+        if type(a) is str and type(b) is str:
+            return (<str>a) == (<str>b)
+        return bool(a == b)
+    if kind == K_NUM:
+        if type(a) is float and type(b) is float:
+            return (<double>a) == (<double>b)
+        return bool(a == b)
+    if kind == K_NONE:
+        return True
+    if kind == K_BOOL:
+        return a is b
+    if kind == K_LIST:
+        n = len(a)
+        if n != len(b):
+            return False
+        Py_EnterRecursiveCall(b" comparing nested values in a filter")
+        try:
+            for i in range(n):
+                if not _json_eq(a[i], b[i]):
+                    return False
+            return True
+        finally:
+            Py_LeaveRecursiveCall()
+    if kind == K_DICT:
+        if len(a) != len(b):
+            return False
+        Py_EnterRecursiveCall(b" comparing nested values in a filter")
+        try:
+            for key, value in (<dict>a).items():
+                other = (<dict>b).get(key, _MISSING)
+                if other is _MISSING or not _json_eq(value, other):
+                    return False
+            return True
+        finally:
+            Py_LeaveRecursiveCall()
+    return bool(a == b)
+
+
+cdef class _Cond:
+    """One operator applied to one field value (present is False when the field is absent)."""
+
+    cdef bint test(self, object value, bint present) except -1:
+        raise NotImplementedError
+
+
+cdef class _Eq(_Cond):
+    cdef object operand
+
+    def __init__(self, operand):
+        self.operand = operand
+
+    cdef bint test(self, object value, bint present) except -1:
+        if not present:
+            return self.operand is None
+        return _json_eq(value, self.operand)
+
+
+cdef class _In(_Cond):
+    cdef frozenset strs
+    cdef frozenset nums
+    cdef bint has_true, has_false, has_none
+    cdef tuple others           # lists, dicts and other objects: compared one by one
+
+    def __init__(self, tuple members):
+        strs = []
+        nums = []
+        others = []
+        for member in members:
+            kind = _category(member)
+            if kind == K_STR:
+                strs.append(member)
+            elif kind == K_NUM:
+                if member == member:  # NaN equals nothing, not even itself
+                    nums.append(member)
+            elif kind == K_BOOL:
+                if member:
+                    self.has_true = True
+                else:
+                    self.has_false = True
+            elif kind == K_NONE:
+                self.has_none = True
+            else:
+                others.append(member)
+        self.strs = frozenset(strs)
+        self.nums = frozenset(nums)
+        self.others = tuple(others)
+
+    cdef bint test(self, object value, bint present) except -1:
+        if not present:
+            return self.has_none
+        cdef int kind = _category(value)
+        if kind == K_STR:
+            return value in self.strs
+        if kind == K_NUM:
+            return value in self.nums
+        if kind == K_BOOL:
+            return self.has_true if value is True else self.has_false
+        if kind == K_NONE:
+            return self.has_none
+        for member in self.others:
+            if _json_eq(value, member):
+                return True
+        return False
+
+
+cdef class _Negate(_Cond):
+    cdef tuple conds
+
+    def __init__(self, conds):
+        self.conds = tuple(conds)
+
+    cdef bint test(self, object value, bint present) except -1:
+        for cond in self.conds:
+            if not (<_Cond>cond).test(value, present):
+                return True
+        return False
+
+
+cdef class _Compare(_Cond):
+    cdef int op
+    cdef int category
+    cdef object operand
+    cdef bint is_float
+    cdef double number
+
+    def __init__(self, int op, operand):
+        self.op = op
+        self.operand = operand
+        self.category = _category(operand)
+        self.is_float = type(operand) is float
+        if self.is_float:
+            self.number = operand
+
+    cdef bint test(self, object value, bint present) except -1:
+        if not present or _category(value) != self.category:
+            return False
+        cdef double x
+        if self.is_float and type(value) is float:
+            x = value
+            if self.op == Py_GT:
+                return x > self.number
+            if self.op == Py_GE:
+                return x >= self.number
+            if self.op == Py_LT:
+                return x < self.number
+            return x <= self.number
+        return PyObject_RichCompareBool(value, self.operand, self.op)
+
+
+cdef class _Contains(_Cond):
+    cdef object operand
+    cdef bint operand_is_str
+
+    def __init__(self, operand):
+        self.operand = operand
+        self.operand_is_str = isinstance(operand, str)
+
+    cdef bint test(self, object value, bint present) except -1:
+        if not present:
+            return False
+        cdef int kind = _category(value)
+        if kind == K_STR:
+            return self.operand_is_str and self.operand in value
+        if kind == K_LIST:
+            for item in value:
+                if _json_eq(item, self.operand):
+                    return True
+        return False
+
+
+cdef class _StartsWith(_Cond):
+    cdef str operand
+
+    def __init__(self, str operand):
+        self.operand = operand
+
+    cdef bint test(self, object value, bint present) except -1:
+        return present and isinstance(value, str) and (<str>value).startswith(self.operand)
+
+
+cdef class _EndsWith(_Cond):
+    cdef str operand
+
+    def __init__(self, str operand):
+        self.operand = operand
+
+    cdef bint test(self, object value, bint present) except -1:
+        return present and isinstance(value, str) and (<str>value).endswith(self.operand)
+
+
+cdef class _Regex(_Cond):
+    cdef object search
+
+    def __init__(self, regex):
+        self.search = regex.search
+
+    cdef bint test(self, object value, bint present) except -1:
+        return present and isinstance(value, str) and self.search(value) is not None
+
+
+cdef class _Exists(_Cond):
+    cdef bint wanted
+
+    def __init__(self, bint wanted):
+        self.wanted = wanted
+
+    cdef bint test(self, object value, bint present) except -1:
+        return present == self.wanted
+
+
+cdef class _Node:
+    """A condition on a whole document (a dict)."""
+
+    cdef bint match(self, dict doc) except -1:
+        raise NotImplementedError
+
+
+cdef class _Field(_Node):
+    cdef tuple path
+    cdef object key             # path[0], the whole path when it has one part
+    cdef bint nested
+    cdef tuple conds
+
+    def __init__(self, tuple path, conds):
+        self.path = path
+        self.key = path[0]
+        self.nested = len(path) > 1
+        self.conds = tuple(conds)
+
+    cdef bint match(self, dict doc) except -1:
+        cdef object value = doc.get(self.key, _MISSING)
+        cdef bint present
+        cdef Py_ssize_t i
+        if self.nested:
+            for i in range(1, len(self.path)):
+                if value is _MISSING:
+                    break
+                if isinstance(value, dict):
+                    value = (<dict>value).get(self.path[i], _MISSING)
+                else:
+                    value = _MISSING
+        present = value is not _MISSING
+        if not present:
+            value = None
+        for cond in self.conds:
+            if not (<_Cond>cond).test(value, present):
+                return False
+        return True
+
+
+cdef class _And(_Node):
+    cdef tuple nodes
+
+    def __init__(self, nodes):
+        self.nodes = tuple(nodes)
+
+    cdef bint match(self, dict doc) except -1:
+        for node in self.nodes:
+            if not (<_Node>node).match(doc):
+                return False
+        return True
+
+
+cdef class _Or(_Node):
+    cdef tuple nodes
+
+    def __init__(self, nodes):
+        self.nodes = tuple(nodes)
+
+    cdef bint match(self, dict doc) except -1:
+        for node in self.nodes:
+            if (<_Node>node).match(doc):
+                return True
+        return False
+
+
+cdef class _Not(_Node):
+    cdef _Node node
+
+    def __init__(self, _Node node):
+        self.node = node
+
+    cdef bint match(self, dict doc) except -1:
+        return not self.node.match(doc)
+
+
+cdef _Node _all_of(list nodes):
+    """An _And of nodes, or the node itself when there is only one (one less call per match)."""
+    if len(nodes) == 1:
+        return nodes[0]
+    return _And(nodes)
+
+
+_COMPARISONS = {"$gt": Py_GT, "$gte": Py_GE, "$lt": Py_LT, "$lte": Py_LE}
+_FIELD_OPERATORS = frozenset(
+    [
+        "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$contains",
+        "$startswith", "$endswith", "$regex", "$exists", "$not",
+    ]
+)
+
+
+def _filter_error(path, problem):
+    where = f" at {path!r}" if path else ""
+    return ValueError(f"invalid filter{where}: {problem}")
+
+
+cdef bint _is_operator_dict(object spec):
+    if not isinstance(spec, dict):
+        return False
+    for key in spec:
+        if isinstance(key, str) and (<str>key).startswith("$"):
+            return True
+    return False
+
+
+cdef _Cond _compile_op(object op, object arg, str path):
+    if op == "$eq":
+        return _Eq(arg)
+    if op == "$ne":
+        return _Negate([_Eq(arg)])
+    if op in _COMPARISONS:
+        if _category(arg) not in (K_NUM, K_STR):
+            raise _filter_error(path, f"{op} needs a number or a string, got {type(arg).__name__}")
+        return _Compare(_COMPARISONS[op], arg)
+    if op == "$in" or op == "$nin":
+        if not isinstance(arg, (list, tuple)):
+            raise _filter_error(path, f"{op} needs a list, got {type(arg).__name__}")
+        cond = _In(tuple(arg))
+        return cond if op == "$in" else _Negate([cond])
+    if op == "$contains":
+        return _Contains(arg)
+    if op == "$startswith" or op == "$endswith":
+        if not isinstance(arg, str):
+            raise _filter_error(path, f"{op} needs a string, got {type(arg).__name__}")
+        return _StartsWith(arg) if op == "$startswith" else _EndsWith(arg)
+    if op == "$regex":
+        return _Regex(_compile_regex(arg, path))
+    if op == "$exists":
+        if not isinstance(arg, bool):
+            raise _filter_error(path, f"$exists needs True or False, got {type(arg).__name__}")
+        return _Exists(arg)
+    if op == "$not":
+        if not _is_operator_dict(arg):
+            raise _filter_error(path, "$not on a field needs an operator dict such as {'$gt': 5}")
+        return _Negate(_compile_conds(arg, path))
+    if op == "$and" or op == "$or":
+        raise _filter_error(path, f"{op} is only allowed at the top level of a filter")
+    raise _filter_error(path, f"unknown operator {op!r}")
+
+
+cdef object _compile_regex(object arg, str path):
+    if isinstance(arg, re.Pattern):
+        if not isinstance(arg.pattern, str):
+            raise _filter_error(path, "$regex needs a str pattern, got a bytes pattern")
+        return arg
+    if not isinstance(arg, str):
+        raise _filter_error(path, f"$regex needs a string, got {type(arg).__name__}")
+    try:
+        return re.compile(arg)
+    except re.error as exc:
+        raise _filter_error(path, f"bad regular expression {arg!r}: {exc}") from None
+
+
+cdef list _compile_conds(object spec, str path):
+    if not _is_operator_dict(spec):
+        return [_Eq(spec)]
+    conds = []
+    for op, arg in (<dict>spec).items():
+        here = f"{path}.{op}" if isinstance(op, str) else path
+        if not isinstance(op, str) or not (<str>op).startswith("$"):
+            raise _filter_error(here, f"{op!r} mixes a field name with operators")
+        conds.append(_compile_op(op, arg, here))
+    return conds
+
+
+cdef list _compile_doc(object where, str path):
+    if not isinstance(where, dict):
+        raise _filter_error(path, f"expected a dict, got {type(where).__name__}")
+    cdef list nodes = []
+    for key, spec in (<dict>where).items():
+        if not isinstance(key, str):
+            raise _filter_error(path, f"field names must be str, got {key!r}")
+        here = f"{path}.{key}" if path else key
+        if key == "$and" or key == "$or":
+            if not isinstance(spec, list) or not spec:
+                raise _filter_error(here, f"{key} needs a non-empty list of filters")
+            subs = [_all_of(_compile_doc(sub, f"{here}[{i}]")) for i, sub in enumerate(spec)]
+            nodes.append(_And(subs) if key == "$and" else _Or(subs))
+        elif key == "$not":
+            nodes.append(_Not(_all_of(_compile_doc(spec, here))))
+        elif (<str>key).startswith("$"):
+            if key in _FIELD_OPERATORS:
+                raise _filter_error(here, f"{key} needs a field, as in {{'field': {{{key!r}: ...}}}}")
+            raise _filter_error(here, f"unknown operator {key!r}")
+        else:
+            parts = tuple((<str>key).split("."))
+            if "" in parts:
+                raise _filter_error(here, "empty segment in field path")
+            nodes.append(_Field(parts, _compile_conds(spec, here)))
+    return nodes
+
+
+cdef void _top_fields(dict where, set into) except *:
+    for key, spec in where.items():
+        if key == "$and" or key == "$or":
+            for sub in spec:
+                _top_fields(sub, into)
+        elif key == "$not":
+            _top_fields(spec, into)
+        else:
+            into.add((<str>key).split(".", 1)[0])
+
+
+cdef class Filter:
+    """A compiled MongoDB-style filter over decoded JSON values. See natskv._core_py.Filter.
+
+    Attributes: where (the source dict) and fields (top-level field names), read-only.
+    """
+
+    cdef readonly object where
+    cdef readonly frozenset fields
+    cdef _Node _root            # None for the empty filter, which matches everything
+
+    def __cinit__(self, where):
+        if not isinstance(where, dict):
+            raise TypeError(f"where must be a dict, not {type(where).__name__}")
+        nodes = _compile_doc(where, "")
+        self._root = _all_of(nodes) if nodes else None
+        cdef set fields = set()
+        _top_fields(where, fields)
+        self.fields = frozenset(fields)
+        self.where = where
+
+    def __repr__(self):
+        return f"Filter({self.where!r})"
+
+    def __reduce__(self):
+        return compile_filter, (self.where,)
+
+    cdef inline bint _match(self, object value) except -1:
+        if self._root is None:
+            return True
+        if type(value) is dict:
+            return self._root.match(<dict>value)
+        return isinstance(value, dict) and self._root.match(<dict>value)
+
+    def match(self, value):
+        """True if value satisfies the filter. Only dicts can match a non-empty filter."""
+        return self._match(value)
+
+    def filter(self, values):
+        """The indices of the values that match, in order."""
+        cdef list result = []
+        cdef Py_ssize_t i = 0
+        for value in values:
+            if self._match(value):
+                result.append(i)
+            i += 1
+        return result
+
+
+def compile_filter(where):
+    """Compile a MongoDB-style where dict. See natskv._core_py.compile_filter."""
+    return Filter(where)

@@ -1,0 +1,956 @@
+"""The pure-Python core of natskv: the readable reference for ``natskv._core``.
+
+Everything here is a pure function or an immutable object: no I/O, no NATS, no asyncio, safe to
+call from any thread. ``natskv._core`` (Cython) exposes the same names with the same behaviour,
+including the exact exception types and messages; ``tests/test_core.py`` checks both against each
+other. Import the pair through ``natskv._speedups``, never directly.
+
+Four groups of functions live here:
+
+- keys: ``encode_key`` / ``decode_key`` map any ``str`` to a NATS KV key and back, reversibly;
+- patterns: ``compile_pattern`` turns a Redis-style glob into a matcher plus the narrowest NATS
+  subject filter that still selects every matching key;
+- protocol helpers: ``parse_headers``, ``pub_command``, ``parse_ack_subject``;
+- query filters: ``compile_filter`` compiles a MongoDB-style ``where`` dict once, to be matched
+  against many decoded JSON values.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = [
+    "Filter",
+    "Pattern",
+    "compile_filter",
+    "compile_pattern",
+    "decode_key",
+    "decode_keys",
+    "decode_subjects",
+    "encode_key",
+    "encode_keys",
+    "parse_ack_subject",
+    "parse_headers",
+    "pub_command",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------------------------
+
+# Characters a key token keeps as they are. "." separates tokens and "=" starts an escape, so both
+# are escaped like any other character outside this set.
+_LITERAL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_/-")
+_LITERAL_TOKEN = re.compile(r"[A-Za-z0-9_/\-]+")
+_UPPER_HEX = frozenset("0123456789ABCDEF")
+
+
+def _check_sep(sep: object) -> None:
+    if not isinstance(sep, str):
+        raise TypeError(f"sep must be str, not {type(sep).__name__}")
+    if len(sep) > 1:
+        raise ValueError(f"sep must be a single character or '', not {sep!r}")
+
+
+def _escape_token(token: str, offset: int) -> str:
+    """Escape one token of a key; ``offset`` is where the token starts in the key."""
+    parts = []
+    for i, ch in enumerate(token):
+        if ch in _LITERAL:
+            parts.append(ch)
+            continue
+        try:
+            data = ch.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"key has a lone surrogate {ch!r} at position {offset + i}, which UTF-8 cannot"
+                " encode; keys must be valid Unicode text"
+            ) from None
+        parts.append("".join(f"={byte:02X}" for byte in data))
+    return "".join(parts)
+
+
+def encode_key(key: str, sep: str = ":") -> str:
+    """Encode any ``str`` into a NATS KV key (alphabet ``[-/_=.a-zA-Z0-9]``), reversibly.
+
+    ``sep`` is the hierarchy separator: each occurrence becomes a ``.`` token boundary, so NATS
+    subject wildcards work on the same boundaries. ``""`` means no hierarchy (``.`` is escaped).
+    Inside a token ``[A-Za-z0-9_/-]`` stay literal and every other character becomes ``=XX`` per
+    UTF-8 byte; an empty token is written as a lone ``=``.
+
+    >>> encode_key("user:42"), encode_key("a.b"), encode_key(""), encode_key("a::b")
+    ('user.42', 'a=2Eb', '=', 'a.=.b')
+
+    Raises TypeError for a non-str key or sep, ValueError for a sep longer than one character or
+    a key containing a lone surrogate.
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"key must be str, not {type(key).__name__}")
+    _check_sep(sep)
+    tokens = key.split(sep) if sep else [key]
+    out = []
+    offset = 0
+    for token in tokens:
+        if not token:
+            out.append("=")
+        elif _LITERAL_TOKEN.fullmatch(token):
+            out.append(token)
+        else:
+            out.append(_escape_token(token, offset))
+        offset += len(token) + 1
+    return ".".join(out)
+
+
+def _bad_key(encoded: str, reason: str, position: int) -> ValueError:
+    return ValueError(f"invalid encoded key {encoded!r}: {reason} at position {position}")
+
+
+def _unescape_token(encoded: str, token: str, offset: int, sep: str) -> str:
+    """Decode one token that is not plain literal text, validating it strictly.
+
+    Errors are reported in reading order: a run of ``=XX`` escapes is first checked for syntax,
+    then decoded as UTF-8 character by character, each decoded character being checked before
+    the next one is decoded. ``natskv._core`` follows the same order so both report the same
+    position.
+    """
+    out = []
+    i = 0
+    n = len(token)
+    while i < n:
+        ch = token[i]
+        if ch == "=":
+            start = i
+            raw = bytearray()
+            while i < n and token[i] == "=":
+                digits = token[i + 1 : i + 3]
+                if len(digits) != 2 or not _UPPER_HEX.issuperset(digits):
+                    raise _bad_key(encoded, f"malformed escape {token[i : i + 3]!r}", offset + i)
+                raw.append(int(digits, 16))
+                i += 3
+            try:
+                text = raw.decode("utf-8")
+                bad_byte = -1
+            except UnicodeDecodeError as exc:
+                text = raw[: exc.start].decode("utf-8")
+                bad_byte = exc.start
+            position = offset + start
+            for decoded in text:
+                if decoded == sep:
+                    raise _bad_key(encoded, f"escaped separator {decoded!r}", position)
+                if decoded in _LITERAL:
+                    raise _bad_key(
+                        encoded, f"escaped character {decoded!r} must be written literally", position
+                    )
+                out.append(decoded)
+                position += 3 * len(decoded.encode("utf-8"))
+            if bad_byte >= 0:
+                raise _bad_key(encoded, "invalid UTF-8 in escapes", offset + start + 3 * bad_byte)
+        elif ch == sep:
+            raise _bad_key(encoded, f"separator character {ch!r} inside a token", offset + i)
+        elif ch in _LITERAL:
+            out.append(ch)
+            i += 1
+        else:
+            raise _bad_key(encoded, f"invalid character {ch!r}", offset + i)
+    return "".join(out)
+
+
+def decode_key(encoded: str, sep: str = ":") -> str:
+    """Decode a key produced by ``encode_key`` (same ``sep``) back to the original ``str``.
+
+    Strict: anything ``encode_key`` could not have produced raises ValueError naming the reason
+    and position (empty token, bad or lowercase escape, invalid UTF-8, an escaped character that
+    should have been literal, ...). So every accepted input round-trips:
+    ``encode_key(decode_key(x, sep), sep) == x``. Raises TypeError for non-str input.
+    """
+    if not isinstance(encoded, str):
+        raise TypeError(f"encoded key must be str, not {type(encoded).__name__}")
+    _check_sep(sep)
+    tokens = encoded.split(".") if sep else [encoded]
+    out = []
+    offset = 0
+    for token in tokens:
+        if not token:
+            raise _bad_key(encoded, "empty token", offset)
+        if token == "=":
+            out.append("")
+        elif _LITERAL_TOKEN.fullmatch(token) and not (sep and sep in token):
+            out.append(token)
+        else:
+            out.append(_unescape_token(encoded, token, offset, sep))
+        offset += len(token) + 1
+    return sep.join(out)
+
+
+def encode_keys(keys: Iterable[str], sep: str = ":") -> list[str]:
+    """``[encode_key(k, sep) for k in keys]`` in one call."""
+    return [encode_key(key, sep) for key in keys]
+
+
+def decode_keys(encoded: Iterable[str], sep: str = ":") -> list[str]:
+    """``[decode_key(e, sep) for e in encoded]`` in one call."""
+    return [decode_key(item, sep) for item in encoded]
+
+
+def decode_subjects(subjects: Iterable[str], prefix_len: int, sep: str = ":") -> list[str]:
+    """Decode ``s[prefix_len:]`` of each subject, e.g. ``"$KV.b.user.42"`` with 6 -> ``"user:42"``.
+
+    Raises ValueError for a negative ``prefix_len`` or a remainder that is not a valid key.
+    """
+    if prefix_len < 0:
+        raise ValueError(f"prefix_len must be >= 0, not {prefix_len}")
+    return [decode_key(subject[prefix_len:], sep) for subject in subjects]
+
+
+# ---------------------------------------------------------------------------------------------
+# Patterns
+# ---------------------------------------------------------------------------------------------
+
+# A parsed glob is a list of elements: ("lit", ch), ("one",), ("star",) or
+# ("class", negated, ((lo, hi), ...)). Consecutive stars are merged: "**" means the same as "*".
+_Element = tuple[Any, ...]
+_STAR: _Element = ("star",)
+_ONE: _Element = ("one",)
+
+
+def _bad_pattern(pattern: str, reason: str, position: int) -> ValueError:
+    return ValueError(f"invalid pattern {pattern!r}: {reason} at position {position}")
+
+
+def _parse_class(pattern: str, start: int) -> tuple[_Element, int]:
+    """Parse ``[...]`` starting at ``start``; return the element and the index after ``]``."""
+    n = len(pattern)
+    j = start + 1
+    negated = j < n and pattern[j] in "^!"
+    if negated:
+        j += 1
+    ranges: list[tuple[str, str]] = []
+    while True:
+        if j >= n:
+            raise _bad_pattern(pattern, "unterminated character class", start)
+        ch = pattern[j]
+        if ch == "]":
+            if not ranges:
+                raise _bad_pattern(
+                    pattern, "empty character class (write \\] to match ']')", start
+                )
+            return ("class", negated, tuple(ranges)), j + 1
+        if ch == "\\":
+            if j + 1 >= n:
+                raise _bad_pattern(pattern, "unterminated character class", start)
+            low = pattern[j + 1]
+            j += 2
+        else:
+            low = ch
+            j += 1
+        high = low
+        if j + 1 < n and pattern[j] == "-" and pattern[j + 1] != "]":
+            j += 1
+            if pattern[j] == "\\":
+                if j + 1 >= n:
+                    raise _bad_pattern(pattern, "unterminated character class", start)
+                high = pattern[j + 1]
+                j += 2
+            else:
+                high = pattern[j]
+                j += 1
+            if low > high:
+                low, high = high, low
+        ranges.append((low, high))
+
+
+def _parse_glob(pattern: str) -> list[_Element]:
+    elements: list[_Element] = []
+    i = 0
+    n = len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "*":
+            if not elements or elements[-1] is not _STAR:
+                elements.append(_STAR)
+            i += 1
+        elif ch == "?":
+            elements.append(_ONE)
+            i += 1
+        elif ch == "[":
+            element, i = _parse_class(pattern, i)
+            elements.append(element)
+        elif ch == "\\":
+            if i + 1 >= n:
+                raise _bad_pattern(pattern, "trailing backslash", i)
+            elements.append(("lit", pattern[i + 1]))
+            i += 2
+        else:
+            elements.append(("lit", ch))
+            i += 1
+    return elements
+
+
+def _glob_regex(elements: list[_Element]) -> re.Pattern[str]:
+    parts = []
+    for element in elements:
+        kind = element[0]
+        if kind == "lit":
+            parts.append(re.escape(element[1]))
+        elif kind == "one":
+            parts.append(".")
+        elif kind == "star":
+            parts.append(".*")
+        else:
+            members = "".join(
+                re.escape(low) if low == high else f"{re.escape(low)}-{re.escape(high)}"
+                for low, high in element[2]
+            )
+            parts.append(f"[{'^' if element[1] else ''}{members}]")
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def _glob_filter(elements: list[_Element], sep: str) -> tuple[str, bool]:
+    """The narrowest subject filter (relative to the bucket prefix) and whether it is exact."""
+    tokens: list[list[_Element]] = [[]]
+    for element in elements:
+        if sep and element == ("lit", sep):
+            tokens.append([])
+        else:
+            tokens[-1].append(element)
+    literal: list[str] = []
+    for token in tokens:
+        if any(element[0] != "lit" for element in token):
+            break
+        literal.append("".join(element[1] for element in token))
+    if len(literal) == len(tokens):
+        return encode_key(sep.join(literal), sep), True
+    rest = tokens[len(literal) :]
+    exact = len(rest) == 1 and rest[0] == [_STAR]
+    return ".".join([encode_key(token, "") for token in literal] + [">"]), exact
+
+
+class Pattern:
+    """A compiled key pattern: a matcher over decoded keys plus a NATS subject filter.
+
+    Attributes (read-only): ``pattern`` (the source given to ``compile_pattern``: a str glob or
+    a ``re.Pattern``), ``sep``, ``filter`` (subject filter relative to the bucket prefix) and
+    ``exact`` (True when the filter alone selects exactly the matching keys). Immutable and
+    thread-safe.
+    """
+
+    __slots__ = ("_exact", "_filter", "_fullmatch", "_pattern", "_regex", "_search", "_sep")
+
+    def __init__(self, pattern: str | re.Pattern[str], sep: str = ":") -> None:
+        _check_sep(sep)
+        self._pattern = pattern
+        self._sep = sep
+        if isinstance(pattern, re.Pattern):
+            if not isinstance(pattern.pattern, str):
+                raise TypeError("a bytes regular expression cannot match str keys; use a str one")
+            self._regex = pattern
+            self._filter = ">"
+            self._exact = False
+            self._search = True
+        elif isinstance(pattern, str):
+            elements = _parse_glob(pattern)
+            self._regex = _glob_regex(elements)
+            self._filter, self._exact = _glob_filter(elements, sep)
+            self._search = False
+        else:
+            raise TypeError(f"pattern must be str or re.Pattern, not {type(pattern).__name__}")
+
+    @property
+    def pattern(self) -> str | re.Pattern[str]:
+        return self._pattern
+
+    @property
+    def sep(self) -> str:
+        return self._sep
+
+    @property
+    def filter(self) -> str:
+        return self._filter
+
+    @property
+    def exact(self) -> bool:
+        return self._exact
+
+    def __repr__(self) -> str:
+        return f"Pattern({self._pattern!r}, filter={self._filter!r}, exact={self._exact})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return compile_pattern, (self._pattern, self._sep)
+
+    def match(self, key: str) -> bool:
+        """True if the decoded ``key`` matches. Raises TypeError for a non-str key."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be str, not {type(key).__name__}")
+        if self._search:
+            return self._regex.search(key) is not None
+        return self._regex.fullmatch(key) is not None
+
+    def match_encoded(self, encoded: str) -> bool:
+        """True if the encoded key matches; False if ``encoded`` is not a valid encoded key."""
+        try:
+            key = decode_key(encoded, self._sep)
+        except ValueError:
+            return False
+        return self.match(key)
+
+    def filter_keys(self, keys: Iterable[str]) -> list[str]:
+        """The keys (decoded) that match, in order. Raises TypeError for a non-str key."""
+        return [key for key in keys if self.match(key)]
+
+
+def compile_pattern(pattern: str | re.Pattern[str], sep: str = ":") -> Pattern:
+    """Compile a Redis KEYS-style glob (or a ``re.Pattern``) over decoded keys.
+
+    Glob syntax: ``*`` any run of characters (separator included), ``?`` one character,
+    ``[abc]``, ``[a-z]``, ``[^abc]`` / ``[!abc]``, ``\\x`` a literal x. A reversed range such as
+    ``[z-a]`` means ``[a-z]``. A ``re.Pattern`` matches with ``search`` and filters with ``>``.
+    Raises ValueError with the position for an unterminated or empty ``[...]`` or a trailing
+    backslash, TypeError for anything but str / ``re.Pattern``.
+    """
+    return Pattern(pattern, sep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol helpers
+# ---------------------------------------------------------------------------------------------
+
+_WHITESPACE = b" \t\n\r\x0b\x0c"
+
+
+def parse_headers(raw: bytes) -> tuple[int, str, dict[str, str]]:
+    """Parse a NATS header block into ``(status or 0, description or "", headers)``.
+
+    ``raw`` looks like ``b"NATS/1.0 404 Not Found\\r\\nName: Value\\r\\n\\r\\n"``. Names keep their
+    case, values are stripped, a repeated name keeps its last value, lines without a colon are
+    skipped, and text is decoded as UTF-8 (invalid bytes replaced). Raises ValueError if the
+    block does not start with ``NATS/`` or the status is not a number, TypeError if ``raw`` is
+    not bytes-like.
+    """
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise TypeError(f"raw must be bytes, not {type(raw).__name__}")
+    raw = bytes(raw)
+    if not raw.startswith(b"NATS/"):
+        raise ValueError(f"not a NATS header block: {raw[:32]!r}")
+    lines = raw.split(b"\n")
+    first = lines[0].rstrip(b"\r")
+    version_and_rest = first.split(None, 1)
+    rest = version_and_rest[1].strip(_WHITESPACE) if len(version_and_rest) > 1 else b""
+    status = 0
+    description = ""
+    if rest:
+        parts = rest.split(None, 1)
+        code = parts[0]
+        if not code.isdigit():
+            raise ValueError(f"malformed NATS status line: {first!r}")
+        status = int(code)
+        if len(parts) > 1:
+            description = parts[1].strip(_WHITESPACE).decode("utf-8", "replace")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        line = line.rstrip(b"\r")
+        if not line:
+            break
+        name, colon, value = line.partition(b":")
+        name = name.strip(_WHITESPACE)
+        if not colon or not name:
+            continue
+        headers[name.decode("utf-8", "replace")] = value.strip(_WHITESPACE).decode(
+            "utf-8", "replace"
+        )
+    return status, description, headers
+
+
+def _check_token(what: str, value: object, allow_empty: bool) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+    if not value and not allow_empty:
+        raise ValueError(f"{what} must not be empty")
+    if any(ch in value for ch in " \t\r\n"):
+        raise ValueError(f"{what} {value!r} must not contain whitespace")
+    return value.encode("utf-8")
+
+
+def _header_block(headers: dict[str, str]) -> bytes:
+    lines = [b"NATS/1.0\r\n"]
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(
+                f"header names and values must be str, got {type(name).__name__}: "
+                f"{type(value).__name__}"
+            )
+        if not name or any(ch in name for ch in " \t\r\n:"):
+            raise ValueError(
+                f"invalid header name {name!r}: it must be non-empty, without spaces, colons,"
+                " tabs or line breaks"
+            )
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"invalid value for header {name!r}: it must not contain CR or LF")
+        lines.append(f"{name}: {value}\r\n".encode())
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def pub_command(
+    subject: str, reply: str, payload: bytes, headers: dict[str, str] | None
+) -> bytes:
+    """Build a ``PUB`` (no or empty headers) or ``HPUB`` client protocol command.
+
+    ``reply`` ``""`` means no reply subject. Raises ValueError for an empty subject, whitespace in
+    the subject or reply, a header name that is empty or holds a space, tab, colon, CR or LF, or a
+    header value holding CR or LF; TypeError for wrongly typed arguments.
+    """
+    subject_bytes = _check_token("subject", subject, allow_empty=False)
+    reply_bytes = _check_token("reply", reply, allow_empty=True)
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+    payload = bytes(payload)
+    if headers is not None and not isinstance(headers, dict):
+        raise TypeError(f"headers must be a dict or None, not {type(headers).__name__}")
+    reply_part = b" " + reply_bytes if reply_bytes else b""
+    if not headers:
+        return b"PUB %s%s %d\r\n%s\r\n" % (subject_bytes, reply_part, len(payload), payload)
+    block = _header_block(headers)
+    return b"HPUB %s%s %d %d\r\n%s%s\r\n" % (
+        subject_bytes,
+        reply_part,
+        len(block),
+        len(block) + len(payload),
+        block,
+        payload,
+    )
+
+
+def _ack_number(reply: str, token: str) -> int:
+    if not token or not token.isascii() or not token.isdigit():
+        raise ValueError(f"not a JetStream ack subject: {reply!r} (bad number {token!r})")
+    return int(token)
+
+
+def parse_ack_subject(reply: str) -> tuple[str, str, int, int, int, int, int]:
+    """Parse a JetStream ack reply subject.
+
+    Returns ``(stream, consumer, num_delivered, stream_seq, consumer_seq, timestamp_ns,
+    num_pending)``. Accepts the v1 form ``$JS.ACK.<stream>.<consumer>.<5 numbers>`` and the v2 form
+    ``$JS.ACK.<domain>.<account>.<stream>.<consumer>.<5 numbers>[.<token>]``. Raises ValueError for
+    anything else, TypeError for non-str input.
+    """
+    if not isinstance(reply, str):
+        raise TypeError(f"reply must be str, not {type(reply).__name__}")
+    tokens = reply.split(".")
+    if len(tokens) not in (9, 11, 12) or tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    if "" in tokens:
+        raise ValueError(f"not a JetStream ack subject: {reply!r} (empty token)")
+    base = 2 if len(tokens) == 9 else 4
+    numbers = [_ack_number(reply, token) for token in tokens[base + 2 : base + 7]]
+    return (
+        tokens[base],
+        tokens[base + 1],
+        numbers[0],
+        numbers[1],
+        numbers[2],
+        numbers[3],
+        numbers[4],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Query filters
+# ---------------------------------------------------------------------------------------------
+
+# Value categories. Equality and ordering only ever hold within one category, so True != 1 and
+# "1" != 1, while 1 == 1.0.
+_BOOL, _STR, _NUM, _NONE, _LIST, _DICT, _OTHER = range(7)
+
+
+def _category(value: object) -> int:
+    if isinstance(value, bool):
+        return _BOOL
+    if isinstance(value, str):
+        return _STR
+    if isinstance(value, (int, float)):
+        return _NUM
+    if value is None:
+        return _NONE
+    if isinstance(value, (list, tuple)):
+        return _LIST
+    if isinstance(value, dict):
+        return _DICT
+    return _OTHER
+
+
+def _json_eq(a: object, b: object) -> bool:
+    """Deep equality of JSON-like values, with bools never equal to numbers."""
+    kind = _category(a)
+    if kind != _category(b):
+        return False
+    if kind == _LIST:
+        return len(a) == len(b) and all(_json_eq(x, y) for x, y in zip(a, b))  # type: ignore[arg-type]
+    if kind == _DICT:
+        if len(a) != len(b):  # type: ignore[arg-type]
+            return False
+        for key, value in a.items():  # type: ignore[attr-defined]
+            other = dict.get(b, key, _MISSING)  # type: ignore[arg-type]
+            if other is _MISSING or not _json_eq(value, other):
+                return False
+        return True
+    return bool(a == b)
+
+
+_MISSING = object()
+
+
+class _Cond:
+    """One operator applied to one field value (``present`` is False when the field is absent)."""
+
+    __slots__ = ()
+
+    def test(self, value: Any, present: bool) -> bool:
+        raise NotImplementedError
+
+
+class _Eq(_Cond):
+    __slots__ = ("operand",)
+
+    def __init__(self, operand: Any) -> None:
+        self.operand = operand
+
+    def test(self, value: Any, present: bool) -> bool:
+        if not present:
+            return self.operand is None
+        return _json_eq(value, self.operand)
+
+
+class _In(_Cond):
+    __slots__ = ("members",)
+
+    def __init__(self, members: tuple[Any, ...]) -> None:
+        self.members = members
+
+    def test(self, value: Any, present: bool) -> bool:
+        if not present:
+            value = None
+        return any(_json_eq(value, member) for member in self.members)
+
+
+class _Negate(_Cond):
+    """``$ne``, ``$nin`` and field-level ``$not``: true when not all inner conditions hold."""
+
+    __slots__ = ("conds",)
+
+    def __init__(self, conds: list[_Cond]) -> None:
+        self.conds = conds
+
+    def test(self, value: Any, present: bool) -> bool:
+        return not all(cond.test(value, present) for cond in self.conds)
+
+
+class _Compare(_Cond):
+    __slots__ = ("category", "compare", "operand")
+
+    def __init__(self, compare: Callable[[Any, Any], bool], operand: Any) -> None:
+        self.compare = compare
+        self.operand = operand
+        self.category = _category(operand)
+
+    def test(self, value: Any, present: bool) -> bool:
+        return present and _category(value) == self.category and self.compare(value, self.operand)
+
+
+class _Contains(_Cond):
+    __slots__ = ("operand",)
+
+    def __init__(self, operand: Any) -> None:
+        self.operand = operand
+
+    def test(self, value: Any, present: bool) -> bool:
+        if not present:
+            return False
+        if isinstance(value, str):
+            return isinstance(self.operand, str) and self.operand in value
+        if isinstance(value, (list, tuple)):
+            return any(_json_eq(item, self.operand) for item in value)
+        return False
+
+
+class _StartsWith(_Cond):
+    __slots__ = ("operand",)
+
+    def __init__(self, operand: str) -> None:
+        self.operand = operand
+
+    def test(self, value: Any, present: bool) -> bool:
+        return present and isinstance(value, str) and value.startswith(self.operand)
+
+
+class _EndsWith(_Cond):
+    __slots__ = ("operand",)
+
+    def __init__(self, operand: str) -> None:
+        self.operand = operand
+
+    def test(self, value: Any, present: bool) -> bool:
+        return present and isinstance(value, str) and value.endswith(self.operand)
+
+
+class _Regex(_Cond):
+    __slots__ = ("regex",)
+
+    def __init__(self, regex: re.Pattern[str]) -> None:
+        self.regex = regex
+
+    def test(self, value: Any, present: bool) -> bool:
+        return present and isinstance(value, str) and self.regex.search(value) is not None
+
+
+class _Exists(_Cond):
+    __slots__ = ("wanted",)
+
+    def __init__(self, wanted: bool) -> None:
+        self.wanted = wanted
+
+    def test(self, value: Any, present: bool) -> bool:
+        return present == self.wanted
+
+
+class _Node:
+    """A condition on a whole document (a dict)."""
+
+    __slots__ = ()
+
+    def match(self, doc: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+
+class _Field(_Node):
+    __slots__ = ("conds", "path")
+
+    def __init__(self, path: tuple[str, ...], conds: list[_Cond]) -> None:
+        self.path = path
+        self.conds = conds
+
+    def match(self, doc: dict[str, Any]) -> bool:
+        value: Any = doc
+        present = True
+        for part in self.path:
+            value = dict.get(value, part, _MISSING) if isinstance(value, dict) else _MISSING
+            if value is _MISSING:
+                present = False
+                value = None
+                break
+        return all(cond.test(value, present) for cond in self.conds)
+
+
+class _And(_Node):
+    __slots__ = ("nodes",)
+
+    def __init__(self, nodes: list[_Node]) -> None:
+        self.nodes = nodes
+
+    def match(self, doc: dict[str, Any]) -> bool:
+        return all(node.match(doc) for node in self.nodes)
+
+
+class _Or(_Node):
+    __slots__ = ("nodes",)
+
+    def __init__(self, nodes: list[_Node]) -> None:
+        self.nodes = nodes
+
+    def match(self, doc: dict[str, Any]) -> bool:
+        return any(node.match(doc) for node in self.nodes)
+
+
+class _Not(_Node):
+    __slots__ = ("node",)
+
+    def __init__(self, node: _Node) -> None:
+        self.node = node
+
+    def match(self, doc: dict[str, Any]) -> bool:
+        return not self.node.match(doc)
+
+
+_COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
+    "$gt": operator.gt,
+    "$gte": operator.ge,
+    "$lt": operator.lt,
+    "$lte": operator.le,
+}
+_FIELD_OPERATORS = frozenset(
+    [
+        "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$contains",
+        "$startswith", "$endswith", "$regex", "$exists", "$not",
+    ]
+)  # fmt: skip
+
+
+def _filter_error(path: str, problem: str) -> ValueError:
+    where = f" at {path!r}" if path else ""
+    return ValueError(f"invalid filter{where}: {problem}")
+
+
+def _is_operator_dict(spec: object) -> bool:
+    return isinstance(spec, dict) and any(isinstance(k, str) and k.startswith("$") for k in spec)
+
+
+def _compile_op(op: object, arg: Any, path: str) -> _Cond:
+    if op == "$eq":
+        return _Eq(arg)
+    if op == "$ne":
+        return _Negate([_Eq(arg)])
+    if op in _COMPARISONS:
+        if _category(arg) not in (_NUM, _STR):
+            raise _filter_error(path, f"{op} needs a number or a string, got {type(arg).__name__}")
+        return _Compare(_COMPARISONS[op], arg)  # type: ignore[index]
+    if op in ("$in", "$nin"):
+        if not isinstance(arg, (list, tuple)):
+            raise _filter_error(path, f"{op} needs a list, got {type(arg).__name__}")
+        cond: _Cond = _In(tuple(arg))
+        return cond if op == "$in" else _Negate([cond])
+    if op == "$contains":
+        return _Contains(arg)
+    if op in ("$startswith", "$endswith"):
+        if not isinstance(arg, str):
+            raise _filter_error(path, f"{op} needs a string, got {type(arg).__name__}")
+        return _StartsWith(arg) if op == "$startswith" else _EndsWith(arg)
+    if op == "$regex":
+        return _Regex(_compile_regex(arg, path))
+    if op == "$exists":
+        if not isinstance(arg, bool):
+            raise _filter_error(path, f"$exists needs True or False, got {type(arg).__name__}")
+        return _Exists(arg)
+    if op == "$not":
+        if not _is_operator_dict(arg):
+            raise _filter_error(path, "$not on a field needs an operator dict such as {'$gt': 5}")
+        return _Negate(_compile_conds(arg, path))
+    if op in ("$and", "$or"):
+        raise _filter_error(path, f"{op} is only allowed at the top level of a filter")
+    raise _filter_error(path, f"unknown operator {op!r}")
+
+
+def _compile_regex(arg: object, path: str) -> re.Pattern[str]:
+    if isinstance(arg, re.Pattern):
+        if not isinstance(arg.pattern, str):
+            raise _filter_error(path, "$regex needs a str pattern, got a bytes pattern")
+        return arg
+    if not isinstance(arg, str):
+        raise _filter_error(path, f"$regex needs a string, got {type(arg).__name__}")
+    try:
+        return re.compile(arg)
+    except re.error as exc:
+        raise _filter_error(path, f"bad regular expression {arg!r}: {exc}") from None
+
+
+def _compile_conds(spec: Any, path: str) -> list[_Cond]:
+    """The conditions of one field: an operator dict, or a plain value meaning equality."""
+    if not _is_operator_dict(spec):
+        return [_Eq(spec)]
+    conds = []
+    for op, arg in spec.items():
+        here = f"{path}.{op}" if isinstance(op, str) else path
+        if not isinstance(op, str) or not op.startswith("$"):
+            raise _filter_error(here, f"{op!r} mixes a field name with operators")
+        conds.append(_compile_op(op, arg, here))
+    return conds
+
+
+def _compile_doc(where: object, path: str) -> list[_Node]:
+    """The nodes of one filter document (top level, or an item of ``$and`` / ``$or`` / ``$not``)."""
+    if not isinstance(where, dict):
+        raise _filter_error(path, f"expected a dict, got {type(where).__name__}")
+    nodes: list[_Node] = []
+    for key, spec in where.items():
+        if not isinstance(key, str):
+            raise _filter_error(path, f"field names must be str, got {key!r}")
+        here = f"{path}.{key}" if path else key
+        if key in ("$and", "$or"):
+            if not isinstance(spec, list) or not spec:
+                raise _filter_error(here, f"{key} needs a non-empty list of filters")
+            subs: list[_Node] = [
+                _And(_compile_doc(sub, f"{here}[{i}]")) for i, sub in enumerate(spec)
+            ]
+            nodes.append(_And(subs) if key == "$and" else _Or(subs))
+        elif key == "$not":
+            nodes.append(_Not(_And(_compile_doc(spec, here))))
+        elif key.startswith("$"):
+            if key in _FIELD_OPERATORS:
+                raise _filter_error(here, f"{key} needs a field, as in {{'field': {{{key!r}: ...}}}}")
+            raise _filter_error(here, f"unknown operator {key!r}")
+        else:
+            parts = tuple(key.split("."))
+            if "" in parts:
+                raise _filter_error(here, "empty segment in field path")
+            nodes.append(_Field(parts, _compile_conds(spec, here)))
+    return nodes
+
+
+def _top_fields(where: dict[str, Any], into: set[str]) -> None:
+    for key, spec in where.items():
+        if key in ("$and", "$or"):
+            for sub in spec:
+                _top_fields(sub, into)
+        elif key == "$not":
+            _top_fields(spec, into)
+        else:
+            into.add(key.split(".", 1)[0])
+
+
+class Filter:
+    """A compiled MongoDB-style filter over decoded JSON values.
+
+    Attributes (read-only): ``where`` (the source dict) and ``fields`` (the top-level field
+    names it reads, as a frozenset). Immutable and thread-safe.
+    """
+
+    __slots__ = ("_fields", "_root", "_where")
+
+    def __init__(self, where: dict[str, Any]) -> None:
+        if not isinstance(where, dict):
+            raise TypeError(f"where must be a dict, not {type(where).__name__}")
+        nodes = _compile_doc(where, "")
+        self._root: _Node | None = _And(nodes) if nodes else None
+        fields: set[str] = set()
+        _top_fields(where, fields)
+        self._fields = frozenset(fields)
+        self._where = where
+
+    @property
+    def where(self) -> dict[str, Any]:
+        return self._where
+
+    @property
+    def fields(self) -> frozenset[str]:
+        return self._fields
+
+    def __repr__(self) -> str:
+        return f"Filter({self._where!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return compile_filter, (self._where,)
+
+    def match(self, value: Any) -> bool:
+        """True if ``value`` satisfies the filter. Only dicts can match a non-empty filter."""
+        if self._root is None:
+            return True
+        return isinstance(value, dict) and self._root.match(value)
+
+    def filter(self, values: Iterable[Any]) -> list[int]:
+        """The indices of the values that match, in order."""
+        return [i for i, value in enumerate(values) if self.match(value)]
+
+
+def compile_filter(where: dict[str, Any]) -> Filter:
+    """Compile a MongoDB-style ``where`` dict, validating all of it up front.
+
+    Field names are dotted paths into nested dicts; a plain value means equality. Operators:
+    ``$eq $ne $gt $gte $lt $lte $in $nin $contains $startswith $endswith $regex $exists $not``
+    on a field, ``$and $or`` (non-empty lists of filters) and ``$not`` (a filter) at the top.
+    An absent field only equals None; comparisons need both sides numbers (bool is not a
+    number) or both strings and are simply false otherwise, never raising. Raises ValueError
+    naming the path of the first problem, TypeError if ``where`` is not a dict.
+    """
+    return Filter(where)
