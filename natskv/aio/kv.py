@@ -219,15 +219,24 @@ class KVProtocol:
         for i in range(0, len(subjects), MAX_SUBJECTS_PER_BATCH_GET):
             body = orjson.dumps({"multi_last": subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]})
             replies = self.conn.mux.request_stream(self._direct_batch, body, timeout)
-            for data, headers, _ in replies:
-                status, desc, hdrs = parse_reply_headers(headers)
-                if status:
-                    if status in (204, 404):
-                        break
-                    if status == 413:
-                        return None
-                    raise self._status_error(status, desc)
-                out.append(entry_from_headers(hdrs, data))
+            entries = self._batch_entries(replies)
+            if entries is None:
+                return None
+            out.extend(entries)
+        return out
+
+    def _batch_entries(self, replies: list[RawReply]) -> list[RawEntry] | None:
+        """Entries of a batch direct get's replies; None when it matched too many subjects (413)."""
+        out: list[RawEntry] = []
+        for data, headers, _ in replies:
+            status, desc, hdrs = parse_reply_headers(headers)
+            if status:
+                if status in (204, 404):
+                    break
+                if status == 413:
+                    return None
+                raise self._status_error(status, desc)
+            out.append(entry_from_headers(hdrs, data))
         return out
 
     async def last_many_async(self, filter_subject: str, up_to_seq: int, timeout: float) -> list[RawEntry] | None:
@@ -259,17 +268,7 @@ class KVProtocol:
             await asyncio.wait_for(done, timeout)
         finally:
             mux.remove_route(token)
-        out = []
-        for data, headers, _ in replies:
-            status, desc, hdrs = parse_reply_headers(headers)
-            if status:
-                if status in (204, 404):
-                    break
-                if status == 413:
-                    return None
-                raise self._status_error(status, desc)
-            out.append(entry_from_headers(hdrs, data))
-        return out
+        return self._batch_entries(replies)
 
     def history(self, encoded_key: str, timeout: float | None) -> list[RawEntry]:
         """Every stored revision of one key, oldest first."""
