@@ -30,11 +30,6 @@ from cpython.unicode cimport (
 )
 from libc.string cimport memchr, memcmp, memcpy
 
-
-cdef extern from "Python.h":
-    int Py_EnterRecursiveCall(const char* where) except -1
-    void Py_LeaveRecursiveCall()
-
 __all__ = [
     "Filter",
     "Pattern",
@@ -76,7 +71,9 @@ cdef const char* _HEX = b"0123456789ABCDEF"
 cdef void _init_tables() noexcept:
     cdef int c
     for c in range(128):
-        _LIT[c] = (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c == 95 or c == 47 or c == 45
+        _LIT[c] = (
+            (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c == 95 or c == 47 or c == 45
+        )
         if 48 <= c <= 57:
             _HEXVAL[c] = c - 48
         elif 65 <= c <= 70:
@@ -225,7 +222,9 @@ cdef struct DecodeFailure:
     Py_UCS4 ch
 
 
-cdef inline Py_ssize_t _fail(DecodeFailure* err, int code, Py_ssize_t pos, Py_UCS4 ch) noexcept nogil:
+cdef inline Py_ssize_t _fail(
+    DecodeFailure* err, int code, Py_ssize_t pos, Py_UCS4 ch
+) noexcept nogil:
     err.code = code
     err.pos = pos
     err.ch = ch
@@ -561,7 +560,9 @@ cdef inline bint _op_match(const GOp* op, const Py_UCS4* ranges, Py_UCS4 c) noex
     return found != (op.op == G_NCLASS)
 
 
-cdef bint _glob(const GOp* ops, Py_ssize_t m, const Py_UCS4* ranges, const uchar* s, Py_ssize_t n) noexcept nogil:
+cdef bint _glob(
+    const GOp* ops, Py_ssize_t m, const Py_UCS4* ranges, const uchar* s, Py_ssize_t n
+) noexcept nogil:
     """Match s against the program: greedy stars, backtracking to the most recent star only.
 
     Every element but a star consumes exactly one character, so retrying from the last star is
@@ -713,7 +714,8 @@ cdef class Pattern:
             if length < 0:
                 return False
             if self._search is not None:
-                return self._search(PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out, length)) is not None
+                key = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out, length)
+                return self._search(key) is not None
             return self._match_chars(PyUnicode_4BYTE_KIND, out, length)
         finally:
             if out != out_stack:
@@ -984,6 +986,9 @@ cdef enum Category:
     K_OTHER
 
 cdef object _MISSING = object()
+cdef enum:
+    _MAX_DEPTH = 256
+_TOO_DEEP = "values nested more than 256 levels deep cannot be compared"
 
 
 cdef int _category_slow(object value):
@@ -1019,8 +1024,12 @@ cdef inline int _category(object value):
     return _category_slow(value)
 
 
-cdef bint _json_eq(object a, object b) except -1:
-    """Deep equality of JSON-like values, with bools never equal to numbers (as _core_py)."""
+cdef bint _json_eq(object a, object b, int depth) except -1:
+    """Deep equality of JSON-like values, with bools never equal to numbers (as _core_py).
+
+    depth counts the containers already entered; past _MAX_DEPTH it raises RecursionError
+    instead of exhausting the C stack.
+    """
     cdef int kind = _category(a)
     cdef Py_ssize_t i, n
     if kind != _category(b):
@@ -1041,26 +1050,22 @@ cdef bint _json_eq(object a, object b) except -1:
         n = len(a)
         if n != len(b):
             return False
-        Py_EnterRecursiveCall(b" comparing nested values in a filter")
-        try:
-            for i in range(n):
-                if not _json_eq(a[i], b[i]):
-                    return False
-            return True
-        finally:
-            Py_LeaveRecursiveCall()
+        if depth >= _MAX_DEPTH:
+            raise RecursionError(_TOO_DEEP)
+        for i in range(n):
+            if not _json_eq(a[i], b[i], depth + 1):
+                return False
+        return True
     if kind == K_DICT:
         if len(a) != len(b):
             return False
-        Py_EnterRecursiveCall(b" comparing nested values in a filter")
-        try:
-            for key, value in (<dict>a).items():
-                other = (<dict>b).get(key, _MISSING)
-                if other is _MISSING or not _json_eq(value, other):
-                    return False
-            return True
-        finally:
-            Py_LeaveRecursiveCall()
+        if depth >= _MAX_DEPTH:
+            raise RecursionError(_TOO_DEEP)
+        for key, value in (<dict>a).items():
+            other = (<dict>b).get(key, _MISSING)
+            if other is _MISSING or not _json_eq(value, other, depth + 1):
+                return False
+        return True
     return bool(a == b)
 
 
@@ -1080,7 +1085,7 @@ cdef class _Eq(_Cond):
     cdef bint test(self, object value, bint present) except -1:
         if not present:
             return self.operand is None
-        return _json_eq(value, self.operand)
+        return _json_eq(value, self.operand, 0)
 
 
 cdef class _In(_Cond):
@@ -1126,7 +1131,7 @@ cdef class _In(_Cond):
         if kind == K_NONE:
             return self.has_none
         for member in self.others:
-            if _json_eq(value, member):
+            if _json_eq(value, member, 0):
                 return True
         return False
 
@@ -1191,7 +1196,7 @@ cdef class _Contains(_Cond):
             return self.operand_is_str and self.operand in value
         if kind == K_LIST:
             for item in value:
-                if _json_eq(item, self.operand):
+                if _json_eq(item, self.operand, 0):
                     return True
         return False
 
@@ -1319,6 +1324,8 @@ cdef _Node _all_of(list nodes):
     return _And(nodes)
 
 
+# Deeper filters are refused at compile time: nodes are evaluated by C recursion.
+_MAX_FILTER_DEPTH = 64
 _COMPARISONS = {"$gt": Py_GT, "$gte": Py_GE, "$lt": Py_LT, "$lte": Py_LE}
 _FIELD_OPERATORS = frozenset(
     [
@@ -1342,7 +1349,7 @@ cdef bint _is_operator_dict(object spec):
     return False
 
 
-cdef _Cond _compile_op(object op, object arg, str path):
+cdef _Cond _compile_op(object op, object arg, str path, int depth):
     if op == "$eq":
         return _Eq(arg)
     if op == "$ne":
@@ -1371,7 +1378,7 @@ cdef _Cond _compile_op(object op, object arg, str path):
     if op == "$not":
         if not _is_operator_dict(arg):
             raise _filter_error(path, "$not on a field needs an operator dict such as {'$gt': 5}")
-        return _Negate(_compile_conds(arg, path))
+        return _Negate(_compile_conds(arg, path, depth + 1))
     if op == "$and" or op == "$or":
         raise _filter_error(path, f"{op} is only allowed at the top level of a filter")
     raise _filter_error(path, f"unknown operator {op!r}")
@@ -1390,7 +1397,9 @@ cdef object _compile_regex(object arg, str path):
         raise _filter_error(path, f"bad regular expression {arg!r}: {exc}") from None
 
 
-cdef list _compile_conds(object spec, str path):
+cdef list _compile_conds(object spec, str path, int depth):
+    if depth > _MAX_FILTER_DEPTH:
+        raise _filter_error(path, f"filter nested more than {_MAX_FILTER_DEPTH} levels deep")
     if not _is_operator_dict(spec):
         return [_Eq(spec)]
     conds = []
@@ -1398,11 +1407,13 @@ cdef list _compile_conds(object spec, str path):
         here = f"{path}.{op}" if isinstance(op, str) else path
         if not isinstance(op, str) or not (<str>op).startswith("$"):
             raise _filter_error(here, f"{op!r} mixes a field name with operators")
-        conds.append(_compile_op(op, arg, here))
+        conds.append(_compile_op(op, arg, here, depth))
     return conds
 
 
-cdef list _compile_doc(object where, str path):
+cdef list _compile_doc(object where, str path, int depth):
+    if depth > _MAX_FILTER_DEPTH:
+        raise _filter_error(path, f"filter nested more than {_MAX_FILTER_DEPTH} levels deep")
     if not isinstance(where, dict):
         raise _filter_error(path, f"expected a dict, got {type(where).__name__}")
     cdef list nodes = []
@@ -1413,19 +1424,23 @@ cdef list _compile_doc(object where, str path):
         if key == "$and" or key == "$or":
             if not isinstance(spec, list) or not spec:
                 raise _filter_error(here, f"{key} needs a non-empty list of filters")
-            subs = [_all_of(_compile_doc(sub, f"{here}[{i}]")) for i, sub in enumerate(spec)]
+            subs = [
+                _all_of(_compile_doc(sub, f"{here}[{i}]", depth + 1)) for i, sub in enumerate(spec)
+            ]
             nodes.append(_And(subs) if key == "$and" else _Or(subs))
         elif key == "$not":
-            nodes.append(_Not(_all_of(_compile_doc(spec, here))))
+            nodes.append(_Not(_all_of(_compile_doc(spec, here, depth + 1))))
         elif (<str>key).startswith("$"):
             if key in _FIELD_OPERATORS:
-                raise _filter_error(here, f"{key} needs a field, as in {{'field': {{{key!r}: ...}}}}")
+                raise _filter_error(
+                    here, f"{key} needs a field, as in {{'field': {{{key!r}: ...}}}}"
+                )
             raise _filter_error(here, f"unknown operator {key!r}")
         else:
             parts = tuple((<str>key).split("."))
             if "" in parts:
                 raise _filter_error(here, "empty segment in field path")
-            nodes.append(_Field(parts, _compile_conds(spec, here)))
+            nodes.append(_Field(parts, _compile_conds(spec, here, depth)))
     return nodes
 
 
@@ -1453,7 +1468,7 @@ cdef class Filter:
     def __cinit__(self, where):
         if not isinstance(where, dict):
             raise TypeError(f"where must be a dict, not {type(where).__name__}")
-        nodes = _compile_doc(where, "")
+        nodes = _compile_doc(where, "", 0)
         self._root = _all_of(nodes) if nodes else None
         cdef set fields = set()
         _top_fields(where, fields)

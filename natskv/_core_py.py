@@ -3,7 +3,8 @@
 Everything here is a pure function or an immutable object: no I/O, no NATS, no asyncio, safe to
 call from any thread. ``natskv._core`` (Cython) exposes the same names with the same behaviour,
 including the exact exception types and messages; ``tests/test_core.py`` checks both against each
-other. Import the pair through ``natskv._speedups``, never directly.
+other. The rest of natskv imports whichever one ``natskv._speedups`` picked, never either
+module directly.
 
 Four groups of functions live here:
 
@@ -141,9 +142,8 @@ def _unescape_token(encoded: str, token: str, offset: int, sep: str) -> str:
                 if decoded == sep:
                     raise _bad_key(encoded, f"escaped separator {decoded!r}", position)
                 if decoded in _LITERAL:
-                    raise _bad_key(
-                        encoded, f"escaped character {decoded!r} must be written literally", position
-                    )
+                    reason = f"escaped character {decoded!r} must be written literally"
+                    raise _bad_key(encoded, reason, position)
                 out.append(decoded)
                 position += 3 * len(decoded.encode("utf-8"))
             if bad_byte >= 0:
@@ -309,7 +309,14 @@ def _glob_regex(elements: list[_Element]) -> re.Pattern[str]:
 
 
 def _glob_filter(elements: list[_Element], sep: str) -> tuple[str, bool]:
-    """The narrowest subject filter (relative to the bucket prefix) and whether it is exact."""
+    """The narrowest subject filter (relative to the bucket prefix) and whether it is exact.
+
+    The glob is split into tokens at literal separators. Leading tokens without wildcards are
+    kept (encoded); the first token with a wildcard and everything after it become ``>``. That
+    is exact only when the rest is a single lone ``*``: ``user:*`` matches precisely the keys
+    whose first token is ``user`` followed by at least one more token, which is what
+    ``user.>`` selects. A glob without wildcards is its own encoded key, exactly.
+    """
     tokens: list[list[_Element]] = [[]]
     for element in elements:
         if sep and element == ("lit", sep):
@@ -337,7 +344,7 @@ class Pattern:
     thread-safe.
     """
 
-    __slots__ = ("_exact", "_filter", "_fullmatch", "_pattern", "_regex", "_search", "_sep")
+    __slots__ = ("_exact", "_filter", "_pattern", "_regex", "_search", "_sep")
 
     def __init__(self, pattern: str | re.Pattern[str], sep: str = ":") -> None:
         _check_sep(sep)
@@ -406,9 +413,13 @@ def compile_pattern(pattern: str | re.Pattern[str], sep: str = ":") -> Pattern:
 
     Glob syntax: ``*`` any run of characters (separator included), ``?`` one character,
     ``[abc]``, ``[a-z]``, ``[^abc]`` / ``[!abc]``, ``\\x`` a literal x. A reversed range such as
-    ``[z-a]`` means ``[a-z]``. A ``re.Pattern`` matches with ``search`` and filters with ``>``.
-    Raises ValueError with the position for an unterminated or empty ``[...]`` or a trailing
-    backslash, TypeError for anything but str / ``re.Pattern``.
+    ``[z-a]`` means ``[a-z]`` (as in Redis); ``-`` first or last in a class is literal. The
+    result's ``filter`` is the narrowest server-side subject filter (see ``_glob_filter``): for
+    ``"user:*"`` it is ``"user.>"`` with ``exact`` True, for ``"user:a?"`` ``"user.>"`` with
+    ``exact`` False (keys must still be checked with ``match``). A ``re.Pattern`` matches with
+    ``search`` and filters with ``>``. Raises ValueError with the position for an unterminated
+    or empty ``[...]`` (write ``\\]`` for a literal ``]``) or a trailing backslash, TypeError
+    for anything but str / ``re.Pattern``.
     """
     return Pattern(pattern, sep)
 
@@ -582,19 +593,33 @@ def _category(value: object) -> int:
     return _OTHER
 
 
-def _json_eq(a: object, b: object) -> bool:
-    """Deep equality of JSON-like values, with bools never equal to numbers."""
+_MAX_DEPTH = 256
+
+
+def _json_eq(a: Any, b: Any, depth: int = 0) -> bool:
+    """Deep equality of JSON-like values, with bools never equal to numbers.
+
+    ``depth`` counts the containers already entered; comparing values nested deeper than
+    ``_MAX_DEPTH`` raises RecursionError (the compiled core would otherwise exhaust the C stack).
+    """
     kind = _category(a)
     if kind != _category(b):
         return False
-    if kind == _LIST:
-        return len(a) == len(b) and all(_json_eq(x, y) for x, y in zip(a, b))  # type: ignore[arg-type]
-    if kind == _DICT:
-        if len(a) != len(b):  # type: ignore[arg-type]
+    if kind == _LIST or kind == _DICT:
+        if len(a) != len(b):
             return False
-        for key, value in a.items():  # type: ignore[attr-defined]
-            other = dict.get(b, key, _MISSING)  # type: ignore[arg-type]
-            if other is _MISSING or not _json_eq(value, other):
+        if depth >= _MAX_DEPTH:
+            raise RecursionError(
+                f"values nested more than {_MAX_DEPTH} levels deep cannot be compared"
+            )
+        if kind == _LIST:
+            for x, y in zip(a, b):
+                if not _json_eq(x, y, depth + 1):
+                    return False
+            return True
+        for key, value in a.items():
+            other = dict.get(b, key, _MISSING)
+            if other is _MISSING or not _json_eq(value, other, depth + 1):
                 return False
         return True
     return bool(a == b)
@@ -774,6 +799,8 @@ class _Not(_Node):
         return not self.node.match(doc)
 
 
+# Deeper filters are refused at compile time (the compiled core evaluates nodes by C recursion).
+_MAX_FILTER_DEPTH = 64
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
     "$gt": operator.gt,
     "$gte": operator.ge,
@@ -797,7 +824,7 @@ def _is_operator_dict(spec: object) -> bool:
     return isinstance(spec, dict) and any(isinstance(k, str) and k.startswith("$") for k in spec)
 
 
-def _compile_op(op: object, arg: Any, path: str) -> _Cond:
+def _compile_op(op: object, arg: Any, path: str, depth: int) -> _Cond:
     if op == "$eq":
         return _Eq(arg)
     if op == "$ne":
@@ -826,7 +853,7 @@ def _compile_op(op: object, arg: Any, path: str) -> _Cond:
     if op == "$not":
         if not _is_operator_dict(arg):
             raise _filter_error(path, "$not on a field needs an operator dict such as {'$gt': 5}")
-        return _Negate(_compile_conds(arg, path))
+        return _Negate(_compile_conds(arg, path, depth + 1))
     if op in ("$and", "$or"):
         raise _filter_error(path, f"{op} is only allowed at the top level of a filter")
     raise _filter_error(path, f"unknown operator {op!r}")
@@ -845,8 +872,10 @@ def _compile_regex(arg: object, path: str) -> re.Pattern[str]:
         raise _filter_error(path, f"bad regular expression {arg!r}: {exc}") from None
 
 
-def _compile_conds(spec: Any, path: str) -> list[_Cond]:
+def _compile_conds(spec: Any, path: str, depth: int) -> list[_Cond]:
     """The conditions of one field: an operator dict, or a plain value meaning equality."""
+    if depth > _MAX_FILTER_DEPTH:
+        raise _filter_error(path, f"filter nested more than {_MAX_FILTER_DEPTH} levels deep")
     if not _is_operator_dict(spec):
         return [_Eq(spec)]
     conds = []
@@ -854,12 +883,14 @@ def _compile_conds(spec: Any, path: str) -> list[_Cond]:
         here = f"{path}.{op}" if isinstance(op, str) else path
         if not isinstance(op, str) or not op.startswith("$"):
             raise _filter_error(here, f"{op!r} mixes a field name with operators")
-        conds.append(_compile_op(op, arg, here))
+        conds.append(_compile_op(op, arg, here, depth))
     return conds
 
 
-def _compile_doc(where: object, path: str) -> list[_Node]:
+def _compile_doc(where: object, path: str, depth: int) -> list[_Node]:
     """The nodes of one filter document (top level, or an item of ``$and`` / ``$or`` / ``$not``)."""
+    if depth > _MAX_FILTER_DEPTH:
+        raise _filter_error(path, f"filter nested more than {_MAX_FILTER_DEPTH} levels deep")
     if not isinstance(where, dict):
         raise _filter_error(path, f"expected a dict, got {type(where).__name__}")
     nodes: list[_Node] = []
@@ -871,20 +902,22 @@ def _compile_doc(where: object, path: str) -> list[_Node]:
             if not isinstance(spec, list) or not spec:
                 raise _filter_error(here, f"{key} needs a non-empty list of filters")
             subs: list[_Node] = [
-                _And(_compile_doc(sub, f"{here}[{i}]")) for i, sub in enumerate(spec)
+                _And(_compile_doc(sub, f"{here}[{i}]", depth + 1)) for i, sub in enumerate(spec)
             ]
             nodes.append(_And(subs) if key == "$and" else _Or(subs))
         elif key == "$not":
-            nodes.append(_Not(_And(_compile_doc(spec, here))))
+            nodes.append(_Not(_And(_compile_doc(spec, here, depth + 1))))
         elif key.startswith("$"):
             if key in _FIELD_OPERATORS:
-                raise _filter_error(here, f"{key} needs a field, as in {{'field': {{{key!r}: ...}}}}")
+                raise _filter_error(
+                    here, f"{key} needs a field, as in {{'field': {{{key!r}: ...}}}}"
+                )
             raise _filter_error(here, f"unknown operator {key!r}")
         else:
             parts = tuple(key.split("."))
             if "" in parts:
                 raise _filter_error(here, "empty segment in field path")
-            nodes.append(_Field(parts, _compile_conds(spec, here)))
+            nodes.append(_Field(parts, _compile_conds(spec, here, depth)))
     return nodes
 
 
@@ -911,7 +944,7 @@ class Filter:
     def __init__(self, where: dict[str, Any]) -> None:
         if not isinstance(where, dict):
             raise TypeError(f"where must be a dict, not {type(where).__name__}")
-        nodes = _compile_doc(where, "")
+        nodes = _compile_doc(where, "", 0)
         self._root: _Node | None = _And(nodes) if nodes else None
         fields: set[str] = set()
         _top_fields(where, fields)
@@ -951,6 +984,8 @@ def compile_filter(where: dict[str, Any]) -> Filter:
     on a field, ``$and $or`` (non-empty lists of filters) and ``$not`` (a filter) at the top.
     An absent field only equals None; comparisons need both sides numbers (bool is not a
     number) or both strings and are simply false otherwise, never raising. Raises ValueError
-    naming the path of the first problem, TypeError if ``where`` is not a dict.
+    naming the path of the first problem (also for filters nested more than 64 levels deep),
+    TypeError if ``where`` is not a dict. Matching raises RecursionError only when an equality
+    has to compare values nested more than 256 levels deep.
     """
     return Filter(where)
