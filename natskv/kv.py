@@ -140,9 +140,17 @@ class Bucket:
             headers = dict(headers or {}, **{"Nats-TTL": tth})
         return payload, headers
 
+    def _key_of(self, encoded: str) -> str:
+        """The key of an encoded subject token; keys written by other clients that are not in
+        natskv's encoding come back as they are on the wire."""
+        try:
+            return self._dec(encoded, self.sep)
+        except ValueError:
+            return encoded
+
     def _decode(self, raw: RawEntry, key: str | None = None) -> Entry:
         if key is None:
-            key = self._dec(raw.subject[len(self._proto.subject_prefix) :], self.sep)
+            key = self._key_of(raw.subject[len(self._proto.subject_prefix) :])
         if raw.operation != "PUT":
             value = None
         elif raw.raw_bytes:
@@ -210,7 +218,7 @@ class Bucket:
         for raw in raws:
             if raw.operation != "PUT":
                 continue
-            key = self._dec(raw.subject[prefix_len:], self.sep)
+            key = self._key_of(raw.subject[prefix_len:])
             if exact or compiled.match(key):
                 out.append((key, raw))
         out.sort(key=lambda kr: kr[0])

@@ -128,7 +128,7 @@ class Watcher:
         if raw.operation != "PUT" and self._ignore_deletes:
             return None
         bucket = self.bucket
-        key = core.decode_key(raw.subject[len(bucket._proto.subject_prefix) :], bucket.sep)
+        key = bucket._key_of(raw.subject[len(bucket._proto.subject_prefix) :])
         if not self._pattern.exact and not self._pattern.match(key):
             return None
         entry = bucket._decode(raw, key)
