@@ -1017,13 +1017,18 @@ def test_filter_error_parity(c_core: ModuleType, py_core: ModuleType, where: dic
 
 
 def run_selector(impl: str | None, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    # The child must import the same natskv as this test run: the installed wheel (cibuildwheel)
+    # or the source tree with its in-place build.
+    import natskv
+
+    natskv_root = str(Path(natskv.__file__).resolve().parent.parent)
     env = {k: v for k, v in os.environ.items() if k != "NATSKV_IMPL"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [natskv_root, env.get("PYTHONPATH")]))
     if impl is not None:
         env["NATSKV_IMPL"] = impl
     code = f"{prelude}\nfrom natskv import _speedups\nprint(_speedups.__impl__, _speedups.core.__name__)"
     return subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code], env=env, cwd=natskv_root, capture_output=True, text=True, timeout=60
     )
 
 
