@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from natskv._runner import runner
 from natskv.aio.connection import Connection
 from natskv.aio.kv import KVProtocol, validate_bucket_name
-from natskv.codec import Codec
+from natskv.codec import Codec, get_codec
 from natskv.config import ConnectOptions
-from natskv.errors import BucketNotFoundError, NotConnectedError
+from natskv.errors import BucketNotFoundError, InvalidArgumentError, NotConnectedError
 from natskv.kv import Bucket
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class Client:
         self.server = server
         self._servers = list(options.servers) if options.servers else [server.url] if server else []
         self._lock = threading.Lock()
-        self._buckets: dict[str, Bucket] = {}
+        self._buckets: dict[tuple[str, str, int], Bucket] = {}
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         self._closed = False
         self._pid = os.getpid()
@@ -94,17 +94,18 @@ class Client:
         """
         validate_bucket_name(name)
         if not isinstance(sep, str) or len(sep) > 1:
-            raise ValueError(f"sep must be one character or '', not {sep!r}")
+            raise InvalidArgumentError(f"sep must be one character or '', not {sep!r}")
         self._check()
         runner.check_not_loop_thread()
-        key = name
+        codec_obj = get_codec(codec)  # an unknown codec fails before the bucket is created
+        key = (name, sep, id(codec_obj))
         cached = self._buckets.get(key)
-        if cached is not None and cached.sep == sep and (codec is None or cached.codec is codec or codec == cached.codec.name):
+        if cached is not None and cached.codec is codec_obj:
             return cached
         proto = KVProtocol(self._conn, name)
         config = proto.stream_config(history, ttl, replicas, max_value_size, storage, max_bytes)
         proto.ensure(config, create, timeout if timeout is not None else self.options.request_timeout)
-        bucket = Bucket(self, proto, codec, sep)
+        bucket = Bucket(self, proto, codec_obj, sep)
         self._buckets[key] = bucket
         return bucket
 
@@ -118,7 +119,8 @@ class Client:
         except BucketNotFoundError:
             return False
         finally:
-            self._buckets.pop(name, None)
+            for key in [k for k in self._buckets if k[0] == name]:
+                del self._buckets[key]
         return True
 
     def buckets(self, *, timeout: float | None = None) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from natskv.errors import SerializationError
+from natskv.errors import InvalidArgumentError, SerializationError
 
 RAW_HEADER = "Natskv-Raw"
 
@@ -92,7 +92,7 @@ def get_codec(codec: str | Codec | None) -> Codec:
         try:
             return CODECS[codec]
         except KeyError:
-            raise ValueError(f"unknown codec {codec!r}; use one of {sorted(CODECS)} or a Codec object") from None
+            raise InvalidArgumentError(f"unknown codec {codec!r}; use one of {sorted(CODECS)} or a Codec object") from None
     if not (callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))):
-        raise TypeError("a codec needs encode(value) -> bytes and decode(bytes) -> value methods")
+        raise InvalidArgumentError("a codec needs encode(value) -> bytes and decode(bytes) -> value methods")
     return codec

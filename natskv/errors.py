@@ -42,6 +42,10 @@ class DeadlockError(NatsKVError, RuntimeError):
     """
 
 
+class InvalidArgumentError(NatsKVError, ValueError):
+    """An argument is invalid (a bad revision, ttl, filter, commit operation ...). Nothing was sent."""
+
+
 class InvalidKeyError(NatsKVError, ValueError):
     """A key, or a key pattern, cannot be used."""
 
@@ -152,6 +156,7 @@ __all__ = [
     "ConfigurationError",
     "DeadlockError",
     "FeatureNotSupportedError",
+    "InvalidArgumentError",
     "InvalidBucketNameError",
     "InvalidKeyError",
     "JetStreamError",

@@ -20,6 +20,7 @@ from natskv.aio.kv import CAS_ERROR_CODES
 from natskv.aio.watch import snapshot
 from natskv.codec import RAW_HEADER, Codec, get_codec
 from natskv.errors import (
+    InvalidArgumentError,
     InvalidKeyError,
     JetStreamError,
     KeyExistsError,
@@ -114,6 +115,7 @@ class Bucket:
     # -- helpers -------------------------------------------------------------------------------
 
     def _t(self, timeout: float | None) -> float | None:
+        self._client._check()  # closed? forked? (a forked child reconnects here)
         runner.check_not_loop_thread()
         return self._client.options.request_timeout if timeout is None else timeout
 
@@ -135,6 +137,7 @@ class Bucket:
             payload, headers = value, {RAW_HEADER: "1"}
         else:
             payload = self.codec.encode(value)
+        self._proto.check_size(len(payload))
         tth = ttl_header(ttl)
         if tth is not None:
             headers = dict(headers or {}, **{"Nats-TTL": tth})
@@ -202,7 +205,7 @@ class Bucket:
     def _latest(self, pattern: str | re.Pattern[str], headers_only: bool, timeout: float | None) -> list[tuple[str, RawEntry]]:
         try:
             compiled = core.compile_pattern(pattern, self.sep)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise InvalidKeyError(f"invalid key pattern {pattern!r}: {exc}") from exc
         t = self._t(timeout)
         prefix_len = len(self._proto.subject_prefix)
@@ -254,7 +257,7 @@ class Bucket:
         try:
             flt = core.compile_filter(dict(where or {}))
         except ValueError as exc:
-            raise ValueError(f"invalid where= filter: {exc}") from exc
+            raise InvalidArgumentError(f"invalid where= filter: {exc}") from exc
         pairs = self.items(pattern, timeout=timeout)
         hits = flt.filter([v for _, v in pairs])
         out = [pairs[i] for i in hits]
@@ -390,11 +393,11 @@ class Bucket:
         checks: dict[str, tuple[str, int]] = {}
         for op in ops:
             if not op or op[0] not in ("set", "create", "update", "delete"):
-                raise ValueError(f"unknown commit operation {op!r}; use set, create, update or delete")
+                raise InvalidArgumentError(f"unknown commit operation {op!r}; use set, create, update or delete")
             kind, key = op[0], op[1]
             enc = self._key(key)
             if enc in seen:
-                raise ValueError(f"key {key!r} appears twice in one commit")
+                raise InvalidArgumentError(f"key {key!r} appears twice in one commit")
             seen.add(enc)
             headers: dict[str, str] = {}
             if kind == "delete":
@@ -411,7 +414,7 @@ class Bucket:
                     checks[enc] = (key, 0)
                 elif kind == "update":
                     if len(op) < 4:
-                        raise ValueError(f"update needs a revision: ('update', key, value, revision), got {op!r}")
+                        raise InvalidArgumentError(f"update needs a revision: ('update', key, value, revision), got {op!r}")
                     headers["Nats-Expected-Last-Subject-Sequence"] = str(_check_revision(op[3]))
                     checks[enc] = (key, int(op[3]))
             items.append((enc, payload, headers))
@@ -468,7 +471,7 @@ class Bucket:
             bytes=state.get("bytes", 0),
             history=cfg.get("max_msgs_per_subject", 1),
             ttl=(cfg.get("max_age", 0) / 1e9) or None,
-            max_value_size=cfg.get("max_msg_size", -1) if cfg.get("max_msg_size", -1) > 0 else None,
+            max_value_size=self._proto.max_value_size(),
             replicas=cfg.get("num_replicas", 1),
             storage=cfg.get("storage", "file"),
             first_revision=state.get("first_seq", 0),
@@ -508,5 +511,5 @@ class Bucket:
 
 def _check_revision(revision: Any) -> int:
     if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
-        raise ValueError(f"revision must be a non-negative int, not {revision!r}")
+        raise InvalidArgumentError(f"revision must be a non-negative int, not {revision!r}")
     return revision

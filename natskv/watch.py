@@ -20,7 +20,7 @@ from natskv._runner import runner
 from natskv._speedups import core
 from natskv.aio.kv import RawEntry
 from natskv.aio.watch import INITIAL_DONE, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
-from natskv.errors import InvalidKeyError
+from natskv.errors import InvalidArgumentError, InvalidKeyError
 
 if TYPE_CHECKING:
     from natskv.kv import Bucket
@@ -90,10 +90,10 @@ class Watcher:
         timeout: float | None,
     ) -> None:
         if include_history and updates_only:
-            raise ValueError("include_history and updates_only cannot both be set")
+            raise InvalidArgumentError("include_history and updates_only cannot both be set")
         try:
             self._pattern = core.compile_pattern(pattern, bucket.sep)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise InvalidKeyError(f"invalid key pattern {pattern!r}: {exc}") from exc
         self.bucket = bucket
         self._callback = callback

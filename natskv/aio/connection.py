@@ -26,6 +26,7 @@ from natskv.errors import (
     NatsKVError,
     NatsKVTimeoutError,
     NotConnectedError,
+    PayloadTooLargeError,
     PermissionDeniedError,
 )
 
@@ -37,6 +38,7 @@ API_LEVEL_ATOMIC = 2  # atomic batch publish, counters (2.12)
 LEVEL_VERSIONS = {API_LEVEL_TTL: "2.11", API_LEVEL_ATOMIC: "2.12"}
 
 ERR_STREAM_NOT_FOUND = 10059
+ERR_MESSAGE_TOO_LARGE = 10054
 ERR_JETSTREAM_NOT_ENABLED = (10039, 10076)
 
 
@@ -69,8 +71,11 @@ class Connection:
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
+        # nats-py retries an initial connection as often as a reconnect (forever by default);
+        # a first connection either works within the connect timeout per server or fails.
+        budget = self.options.connect_timeout * max(1, len(self.servers)) + 1.0
         try:
-            self.nc = await nats.connect(**kwargs)
+            self.nc = await asyncio.wait_for(nats.connect(**kwargs), budget)
         except Exception as exc:
             raise NotConnectedError(
                 f"could not connect to NATS at {', '.join(self.servers)}: {exc or type(exc).__name__}; "
@@ -200,6 +205,8 @@ def check_api_reply(api: str, data: bytes) -> dict[str, Any]:
         code, err_code, desc = err.get("code", 0), err.get("err_code", 0), err.get("description", "")
         if err_code == ERR_STREAM_NOT_FOUND:
             raise BucketNotFoundError(f"{desc} ({api}); create the bucket first with client.bucket(name)")
+        if err_code == ERR_MESSAGE_TOO_LARGE:
+            raise PayloadTooLargeError(f"{desc}: the value is larger than the bucket or server allows")
         if err_code in ERR_JETSTREAM_NOT_ENABLED:
             raise ConfigurationError(f"JetStream is not enabled for this account: {desc}")
         raise JetStreamError(desc, code=code, err_code=err_code)

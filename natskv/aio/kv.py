@@ -11,6 +11,7 @@ batch publish. The methods that block run in the caller's thread through the mul
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from natskv.errors import (
     BatchError,
     BucketNotFoundError,
     ConfigurationError,
+    InvalidArgumentError,
     InvalidBucketNameError,
     JetStreamError,
     NatsKVTimeoutError,
@@ -39,6 +41,7 @@ CAS_ERROR_CODES = (10071, 10164)
 MAX_SUBJECTS_PER_BATCH_GET = 1024
 MAX_ATOMIC_BATCH = 1000
 DEFAULT_MAX_CONSUMERS = 10_000
+HEADER_ROOM = 512  # bytes of headers natskv may add to a value (TTL, CAS, batch, raw marker)
 NANOS = 1_000_000_000
 
 OP_PUT, OP_DEL, OP_PURGE = "PUT", "DEL", "PURGE"
@@ -55,8 +58,8 @@ def ttl_header(ttl: float | None) -> str | None:
     """The ``Nats-TTL`` value for a per-key TTL in seconds (whole seconds, at least 1)."""
     if ttl is None:
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
-        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl <= 0:
+        raise InvalidArgumentError(f"ttl must be a positive number of seconds, not {ttl!r}")
     seconds = int(ttl) if float(ttl).is_integer() else int(ttl) + 1
     return f"{max(seconds, 1)}s"
 
@@ -115,12 +118,21 @@ class KVProtocol:
     def stream_config(
         self, history: int, ttl: float | None, replicas: int, max_value_size: int | None, storage: str, max_bytes: int
     ) -> dict[str, Any]:
-        if not 1 <= history <= 64:
-            raise ConfigurationError(f"history must be between 1 and 64, not {history!r}")
+        def whole(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not whole(history) or not 1 <= history <= 64:
+            raise ConfigurationError(f"history must be an int from 1 to 64, not {history!r}")
         if storage not in ("file", "memory"):
             raise ConfigurationError(f"storage must be 'file' or 'memory', not {storage!r}")
-        if replicas not in (1, 3, 5) and not 1 <= replicas <= 5:
-            raise ConfigurationError(f"replicas must be between 1 and 5, not {replicas!r}")
+        if not whole(replicas) or not 1 <= replicas <= 5:
+            raise ConfigurationError(f"replicas must be an int from 1 to 5, not {replicas!r}")
+        if max_value_size is not None and (not whole(max_value_size) or max_value_size < 1):
+            raise ConfigurationError(f"max_value_size must be a positive int (bytes) or None, not {max_value_size!r}")
+        if not whole(max_bytes) or (max_bytes < 1 and max_bytes != -1):
+            raise ConfigurationError(f"max_bytes must be a positive int or -1 (no limit), not {max_bytes!r}")
+        if ttl is not None:
+            ttl_header(ttl)  # same rules as a per-key ttl
         max_age = int((ttl or 0) * NANOS)
         config: dict[str, Any] = {
             "name": self.stream,
@@ -130,7 +142,10 @@ class KVProtocol:
             "max_msgs": -1,
             "max_bytes": max_bytes,
             "max_age": max_age,
-            "max_msg_size": max_value_size if max_value_size else -1,
+            # The server counts headers in a message's size; natskv checks the value itself
+            # against max_value_size (kept in the metadata) and leaves the server room for headers.
+            "max_msg_size": max_value_size + HEADER_ROOM if max_value_size else -1,
+            "metadata": {"natskv.max_value_size": str(max_value_size or 0)},
             "storage": storage,
             "num_replicas": replicas,
             "discard": "new",
@@ -142,8 +157,10 @@ class KVProtocol:
         }
         if self.conn.api_level >= API_LEVEL_TTL:
             config["allow_msg_ttl"] = True
-            # Watchers see a delete marker when a key expires, instead of silence.
-            config["subject_delete_marker_ttl"] = 15 * 60 * NANOS
+            # Watchers see a delete marker when a key expires, instead of silence. The server
+            # raises every per-key TTL to at least the marker's TTL unless history is 1, so
+            # buckets with history keep markers for the minimum of one second.
+            config["subject_delete_marker_ttl"] = (15 * 60 if history == 1 else 1) * NANOS
         if self.conn.api_level >= API_LEVEL_ATOMIC:
             config["allow_atomic"] = True
         return config
@@ -297,7 +314,6 @@ class KVProtocol:
     def put(self, encoded_key: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> int:
         """Publish one message and return its revision. CAS failures raise JetStreamError."""
         assert self.conn.mux is not None
-        self.check_size(len(payload))
         data, hdrs, _ = self.conn.mux.request(self.subject_prefix + encoded_key, payload, headers, timeout)
         if not data:
             status, desc, _ = parse_reply_headers(hdrs)
@@ -309,8 +325,6 @@ class KVProtocol:
     ) -> list[int | Exception]:
         """Pipeline many publishes; return each one's revision or the error it got, in order."""
         assert self.conn.mux is not None
-        for _, payload, _ in items:
-            self.check_size(len(payload))
         commands = [(self.subject_prefix + k, p, h) for k, p, h in items]
         results: list[int | Exception] = []
         for reply in self.conn.mux.request_many(commands, timeout):
@@ -333,14 +347,12 @@ class KVProtocol:
         """
         self.conn.require(API_LEVEL_ATOMIC, "atomic multi-key commit (atomic batch publish)")
         if not items:
-            raise ValueError("commit() needs at least one operation")
+            raise InvalidArgumentError("commit() needs at least one operation")
         if len(items) > MAX_ATOMIC_BATCH:
             raise BatchError(f"an atomic commit holds at most {MAX_ATOMIC_BATCH} operations, not {len(items)}")
         if not self.config.get("allow_atomic"):
             self.update_config({"allow_atomic": True}, timeout)
         assert self.conn.mux is not None
-        for _, payload, _ in items:
-            self.check_size(len(payload))
         batch_id = uuid.uuid4().hex
         n = len(items)
         commands: list[tuple[str, bytes, dict[str, str] | None]] = []
@@ -387,15 +399,21 @@ class KVProtocol:
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def max_value_size(self) -> int | None:
+        """The bucket's value size limit: natskv's own (in the metadata), else the stream's."""
+        meta = self.config.get("metadata") or {}
+        limit = int(meta.get("natskv.max_value_size", 0) or 0) or self.config.get("max_msg_size", -1)
+        return limit if limit and limit > 0 else None
+
     def check_size(self, size: int) -> None:
         limit = self.conn.max_payload
-        max_value = self.config.get("max_msg_size", -1)
-        if max_value and max_value > 0 and size > max_value:
+        max_value = self.max_value_size()
+        if max_value is not None and size > max_value:
             raise PayloadTooLargeError(
                 f"value of {size} bytes exceeds bucket {self.bucket!r}'s max_value_size of {max_value} bytes"
             )
         # Leave room for the subject and headers inside the server's max payload.
-        if size > limit - 512:
+        if size > limit - HEADER_ROOM:
             raise PayloadTooLargeError(
                 f"value of {size} bytes exceeds the server's max payload ({limit} bytes, less room for headers); "
                 "store large values in NATS Object Store or raise max_payload in the server config"

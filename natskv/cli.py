@@ -1,0 +1,558 @@
+"""The ``natskv`` command (also ``python -m natskv``).
+
+    natskv server [--port N] [--data-dir DIR]      run nats-server in the foreground until Ctrl-C
+    natskv server --stop                           stop the shared background server
+    natskv demo                                    a short tour of the API
+    natskv get KEY | set KEY VALUE | del KEY | ls [PATTERN] | watch [PATTERN]
+
+Every command that talks to NATS takes ``--url`` (else ``NATS_URL``, else the embedded server that
+``natskv.connect()`` starts), ``--bucket`` and ``--timeout``. A natskv error prints one line on
+stderr and exits 1; Ctrl-C exits 130.
+
+Start-up is kept short: this module imports nothing from natskv at import time, so ``--help`` and
+argument errors never load nats-py or asyncio. Each command imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from natskv.client import Client
+    from natskv.kv import Bucket
+
+PROG = "natskv"
+DEFAULT_BUCKET = "default"
+DEMO_BUCKET = "natskv_demo"
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+_EPILOG = """\
+connecting: --url, else the NATS_URL environment variable, else the embedded nats-server that
+natskv starts on loopback and leaves running in the background (stop it with `natskv server --stop`).
+
+examples:
+  natskv demo
+  natskv set user:1 '{"name": "Ann", "age": 34}'
+  natskv get user:1
+  natskv ls 'user:*'
+  natskv watch 'user:*'
+"""
+
+
+class CommandError(Exception):
+    """A problem the CLI reports itself: one line on stderr, exit status 1."""
+
+
+# -- output helpers -----------------------------------------------------------------------------
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _json(value: Any) -> str:
+    """A value as one line of JSON (``bytes`` that are not JSON show as a Python bytes literal)."""
+    import orjson
+
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return repr(value)
+
+
+def _parse_value(text: str) -> Any:
+    """VALUE as JSON when it parses (``42``, ``true``, ``{"a": 1}``, ``"quoted"``), else the string."""
+    import orjson
+
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def _describe_change(change: Any) -> str:
+    if change.operation == "PUT":
+        return f"PUT {change.key} = {_json(change.value)}  (revision {change.revision})"
+    return f"{change.operation} {change.key}  (revision {change.revision})"
+
+
+# -- connecting ---------------------------------------------------------------------------------
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    import natskv
+
+    options: dict[str, Any] = {"name": "natskv-cli"}
+    if args.timeout is not None:
+        options["timeout"] = args.timeout
+        options["connect_timeout"] = args.timeout
+    return natskv.connect(args.url, **options)
+
+
+def _open_bucket(db: Client, args: argparse.Namespace, *, create: bool) -> Bucket:
+    from natskv.errors import BucketNotFoundError
+
+    try:
+        return db.bucket(args.bucket, create=create, timeout=args.timeout)
+    except BucketNotFoundError as exc:
+        raise CommandError(
+            f"bucket {args.bucket!r} does not exist; pick another with --bucket, or create it by "
+            f"storing a key: {PROG} set --bucket {args.bucket} KEY VALUE"
+        ) from exc
+
+
+def _with_bucket(args: argparse.Namespace, *, create: bool, body: Callable[[Bucket], int]) -> int:
+    db = _connect(args)
+    try:
+        return body(_open_bucket(db, args, create=create))
+    finally:
+        db.close(timeout=2.0)
+
+
+# -- key commands -------------------------------------------------------------------------------
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from natskv.errors import KeyNotFoundError
+
+    def body(kv: Bucket) -> int:
+        missing = object()
+        value = kv.get(args.key, missing, timeout=args.timeout)
+        if value is missing:
+            raise KeyNotFoundError(args.key, kv.name)
+        if isinstance(value, bytes) and not args.json:
+            sys.stdout.buffer.write(value)
+            if sys.stdout.isatty():
+                sys.stdout.buffer.write(b"\n")
+            sys.stdout.flush()
+        elif isinstance(value, str) and not args.json:
+            _out(value)
+        else:
+            _out(_json(value))
+        return 0
+
+    return _with_bucket(args, create=False, body=body)
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.value == "-" else args.value
+    value = text if args.string else _parse_value(text)
+
+    def body(kv: Bucket) -> int:
+        revision = kv.set(args.key, value, ttl=args.ttl, timeout=args.timeout)
+        _out(f"{args.key}: stored at revision {revision}")
+        return 0
+
+    return _with_bucket(args, create=True, body=body)
+
+
+def cmd_del(args: argparse.Namespace) -> int:
+    from natskv.errors import KeyNotFoundError
+
+    def body(kv: Bucket) -> int:
+        current = kv.entry(args.key, timeout=args.timeout)
+        if current is None:
+            raise KeyNotFoundError(args.key, kv.name)
+        revision = kv.delete(args.key, timeout=args.timeout)
+        _out(f"{args.key}: deleted at revision {revision}")
+        return 0
+
+    return _with_bucket(args, create=False, body=body)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    def body(kv: Bucket) -> int:
+        if args.values:
+            for key, value in kv.items(args.pattern, timeout=args.timeout):
+                _out(f"{key}\t{_json(value)}")
+        else:
+            for key in kv.keys(args.pattern, timeout=args.timeout):
+                _out(key)
+        return 0
+
+    return _with_bucket(args, create=False, body=body)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    def body(kv: Bucket) -> int:
+        with kv.watch(args.pattern, updates_only=args.updates_only, timeout=args.timeout) as watcher:
+            for change in watcher:
+                if change.initial_done:
+                    print(
+                        f"{PROG}: watching {args.pattern!r} in bucket {kv.name!r}; press Ctrl-C to stop",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    continue
+                _out(_describe_change(change))
+        return 0
+
+    # The bucket is created when missing: watching a bucket before it is first written is normal.
+    return _with_bucket(args, create=True, body=body)
+
+
+# -- server -------------------------------------------------------------------------------------
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    import time
+
+    from natskv.server import EmbeddedServer, default_data_dir
+
+    data_dir = args.data_dir or default_data_dir()
+    if args.stop:
+        if EmbeddedServer.stop_shared(data_dir):
+            _out(f"stopped the shared nats-server of {data_dir}")
+        else:
+            _out(f"no shared nats-server was running for {data_dir}")
+        return 0
+
+    running = _shared_server_url(data_dir)
+    if running is not None:
+        # nats-server does not lock its store: two servers on one directory would corrupt it.
+        raise CommandError(
+            f"the shared background server of {data_dir} is running at {running} and uses this "
+            f"data already: connect to it with --url {running}, or stop it first with "
+            f"`{PROG} server --stop`, or pass another --data-dir"
+        )
+    server = EmbeddedServer(data_dir=data_dir, port=args.port)
+    server.start()
+    try:
+        version = (server.info or {}).get("version", "?")
+        _out(f"nats-server {version} with JetStream is running at {server.url}")
+        _out(f"  data: {server.store_dir}")
+        _out(f"  log:  {server.log_file}")
+        _out(f"  use it: export NATS_URL={server.url}   (or pass --url {server.url})")
+        _out("press Ctrl-C to stop")
+        while server.running:
+            time.sleep(0.2)
+        raise CommandError(f"nats-server exited unexpectedly; see its log: {server.log_file}")
+    finally:
+        server.stop()
+
+
+def _shared_server_url(data_dir: Any) -> str | None:
+    """The URL of the shared server recorded in ``data_dir`` when something answers there."""
+    import json
+    import socket
+    from pathlib import Path
+
+    from natskv.server import STATE_FILE
+
+    try:
+        state = json.loads((Path(data_dir) / STATE_FILE).read_text(encoding="utf-8"))
+        host, port = str(state["host"]), int(state["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        socket.create_connection((host, port), timeout=1.0).close()
+    except OSError:
+        return None
+    return f"nats://{host}:{port}"
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+def _step(title: str) -> None:
+    _out()
+    _out(f"== {title}")
+
+
+def _show(call: str, result: Any) -> None:
+    line = f"   {call}  ->  {result!r}"
+    _out(line if len(line) <= 100 else f"   {call}\n     ->  {result!r}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import threading
+
+    import natskv
+
+    db = _connect(args)
+    try:
+        if db.server is not None:
+            where = f"the embedded nats-server {db.server_version} at {db.server.url}"
+        else:
+            where = f"nats-server {db.server_version} at {db.stats()['connected_url']}"
+        _out(f"natskv {natskv.__version__} (core: {natskv.__impl__}), connected to {where}")
+        db.delete_bucket(DEMO_BUCKET, timeout=args.timeout)  # a leftover of an interrupted run
+        kv = db.bucket(DEMO_BUCKET, history=5, timeout=args.timeout)
+        _out(f"bucket {DEMO_BUCKET!r}: created for this tour, deleted at the end")
+        try:
+            ok = _tour(db, kv, threading, natskv)
+        finally:
+            db.delete_bucket(DEMO_BUCKET, timeout=args.timeout)
+        _out()
+        _out(f"done: bucket {DEMO_BUCKET!r} deleted")
+        if db.server is not None:
+            _out(
+                f"the embedded server keeps running in the background (data in {db.server.data_dir});\n"
+                f"later connect() calls reuse it; stop it with: {PROG} server --stop"
+            )
+        return 0 if ok else EXIT_ERROR
+    finally:
+        db.close(timeout=2.0)
+
+
+def _tour(db: Client, kv: Bucket, threading: Any, natskv: Any) -> bool:
+    ok = True
+
+    _step("1. set and get (values are JSON; set returns the new revision)")
+    rev = kv.set("user:1", {"name": "Ann", "age": 34})
+    _show('kv.set("user:1", {"name": "Ann", "age": 34})', rev)
+    kv.set("user:2", {"name": "Bob", "age": 17})
+    kv.set("user:3", {"name": "Cleo", "age": 52})
+    kv.set("order:1", {"user": 1, "total": 9.5})
+    _out("   kv.set(...) for user:2, user:3 and order:1")
+    _show('kv.get("user:1")', kv.get("user:1"))
+    _show('kv.get("user:404", default="n/a")', kv.get("user:404", default="n/a"))
+
+    _step("2. compare-and-set: a conflict caught")
+    seen_by_a = kv.entry("user:1")
+    seen_by_b = kv.entry("user:1")
+    assert seen_by_a is not None and seen_by_b is not None
+    _out(f"   writers A and B both read user:1 at revision {seen_by_a.revision}")
+    rev_a = kv.update("user:1", {**seen_by_a.value, "age": 35}, revision=seen_by_a.revision)
+    _out(f'   A: kv.update("user:1", {{..., "age": 35}}, revision={seen_by_a.revision})  ->  {rev_a}')
+    try:
+        kv.update("user:1", {**seen_by_b.value, "name": "Anne"}, revision=seen_by_b.revision)
+        _out("   B: update succeeded: that should not happen")
+        ok = False
+    except natskv.RevisionMismatchError as exc:
+        _out(f"   B: kv.update(\"user:1\", ..., revision={seen_by_b.revision}) raised RevisionMismatchError:")
+        _out(f"      {exc}")
+        _out(f"   B's stale write was refused, so A's change survives (current revision: {exc.current_revision}).")
+        fresh = kv.entry("user:1")
+        assert fresh is not None
+        rev_b = kv.update("user:1", {**fresh.value, "name": "Anne"}, revision=fresh.revision)
+        _out(f"   B re-reads (revision {fresh.revision}), reapplies its change, retries -> revision {rev_b}")
+        _show('kv.get("user:1")', kv.get("user:1"))
+
+    _step("3. keys by pattern (globs: * ? [abc]; 'user:' is filtered by the server)")
+    _show('kv.keys("user:*")', kv.keys("user:*"))
+    _show('kv.keys("*:1")', kv.keys("*:1"))
+    _show('kv.keys("user:[12]")', kv.keys("user:[12]"))
+
+    _step("4. find with an operator")
+    _show('kv.find(where={"age": {"$gte": 18}}, pattern="user:*")', kv.find(where={"age": {"$gte": 18}}, pattern="user:*"))
+
+    _step("5. a watch with a callback")
+    seen: list[Any] = []
+    arrived = threading.Event()
+
+    def on_change(change: Any) -> None:  # runs on natskv's dispatcher thread
+        if change.initial_done:
+            return
+        seen.append(change)
+        arrived.set()
+
+    watcher = kv.watch("user:*", callback=on_change, updates_only=True)
+    _out('   w = kv.watch("user:*", callback=on_change, updates_only=True)')
+    kv.set("user:4", {"name": "Dan", "age": 28})
+    _out('   kv.set("user:4", {"name": "Dan", "age": 28})')
+    if arrived.wait(5.0):
+        _out(f"   on_change saw: {_describe_change(seen[0])}")
+    else:
+        _out("   on_change saw nothing within 5 s: that is a bug")
+        ok = False
+    watcher.stop()
+    _out("   w.stop()")
+
+    _step("6. get_many: many keys in one round trip (absent keys are left out)")
+    _show('kv.get_many(["user:1", "user:2", "user:404"])', kv.get_many(["user:1", "user:2", "user:404"]))
+
+    _step("7. an atomic commit: all writes or none")
+    current = kv.entry("user:2")
+    assert current is not None
+    try:
+        rev = kv.commit([
+            ("update", "user:2", {**current.value, "age": 18}, current.revision),
+            ("create", "audit:1", {"event": "user:2 came of age"}),
+        ])
+        _show(f'kv.commit([("update", "user:2", {{..., "age": 18}}, {current.revision}), ("create", "audit:1", {{...}})])', rev)
+        _show('kv.get_many(["user:2", "audit:1"])', kv.get_many(["user:2", "audit:1"]))
+        try:
+            kv.commit([
+                ("update", "user:2", {**current.value, "age": 99}, current.revision),
+                ("create", "audit:2", {"event": "never stored"}),
+            ])
+            _out("   a commit with a stale revision succeeded: that should not happen")
+            ok = False
+        except natskv.RevisionMismatchError as exc:
+            _out(f"   the same commit again, with the now stale revision {current.revision}, raised RevisionMismatchError:")
+            _out(f"      {exc}")
+            _out("   nothing of it was stored:")
+            _show('kv.get("audit:2")', kv.get("audit:2"))
+    except natskv.FeatureNotSupportedError as exc:
+        _out(f"   skipped: {exc}")
+
+    return ok
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+
+
+def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # The same options are accepted before and after the command. On the command's parser they
+    # default to SUPPRESS so they do not overwrite a value given before the command.
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--url", default=default(None),
+        help="NATS server URL(s), e.g. nats://user:pass@host:4222,host2:4222 "
+        "(default: $NATS_URL, else the embedded server)",
+    )
+    group.add_argument("--bucket", default=default(DEFAULT_BUCKET), help=f"bucket name (default: {DEFAULT_BUCKET})")
+    group.add_argument(
+        "--timeout", type=_positive_float, default=default(None), metavar="SECONDS",
+        help="timeout of each call and of connecting (default: 5)",
+    )
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 (pick a free one) to 65535, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="natskv: a blocking Python driver for NATS JetStream Key-Value.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action=_VersionAction)
+    _add_common(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str, common: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(func=func)
+        if common:
+            _add_common(sub, top=False)
+        return sub
+
+    p = command("server", cmd_server, "run the embedded nats-server in the foreground until Ctrl-C", common=False)
+    p.add_argument("--port", type=_port, default=4222, help="client port (default: 4222; 0 picks a free one)")
+    p.add_argument("--data-dir", help="where the JetStream store and log live (default: natskv's per-user data dir)")
+    p.add_argument(
+        "--stop", action="store_true",
+        help="stop the shared background server that natskv.connect() started (of --data-dir), then exit",
+    )
+
+    command("demo", cmd_demo, f"a short tour of natskv (uses a bucket {DEMO_BUCKET!r} it deletes at the end)")
+
+    p = command("get", cmd_get, "print the value of KEY (strings as they are, other values as JSON)")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--json", action="store_true", help="print strings as JSON too")
+
+    p = command("set", cmd_set, "store VALUE under KEY (VALUE is parsed as JSON when it parses, else stored as a string)")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", metavar="VALUE", help="the value; - reads it from stdin")
+    p.add_argument("--string", action="store_true", help="store VALUE as a string even if it parses as JSON")
+    p.add_argument("--ttl", type=_positive_float, metavar="SECONDS", help="expire the key after this many seconds")
+
+    p = command("del", cmd_del, "delete KEY (exit status 1 when it does not exist)")
+    p.add_argument("key", metavar="KEY")
+
+    p = command("ls", cmd_ls, "list the keys matching PATTERN, sorted")
+    p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*", help="glob: * ? [abc] (default: *)")
+    p.add_argument("-v", "--values", action="store_true", help="print each value (as JSON) after its key")
+
+    p = command("watch", cmd_watch, "print the current values, then every change, until Ctrl-C")
+    p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*", help="glob: * ? [abc] (default: *)")
+    p.add_argument("--updates-only", action="store_true", help="skip the current values; print new changes only")
+    return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: imports natskv only when asked, so other invocations stay fast."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        import natskv
+
+        _out(f"{PROG} {natskv.__version__} (core: {natskv.__impl__})")
+        parser.exit()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[bool]]:
+    """While active, SIGTERM unwinds like Ctrl-C, so watches, clients and servers are cleaned up.
+
+    Yields a list that becomes ``[True]`` once SIGTERM arrived (main() then exits 143).
+    """
+    seen: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        seen.append(True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``natskv`` command; return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    terminated: list[bool] = []
+    try:
+        with _sigterm_as_interrupt() as terminated:
+            return args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`natskv ls | head`): stop quietly, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
+    except CommandError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        from natskv.errors import NatsKVError
+
+        if not isinstance(exc, NatsKVError):
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
