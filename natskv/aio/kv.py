@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -203,7 +204,7 @@ class KVProtocol:
     def get(self, encoded_key: str, timeout: float | None) -> RawEntry | None:
         """The latest message of one key (None when it has none; deletes come back as entries)."""
         assert self.conn.mux is not None
-        data, headers, _ = self.conn.mux.request(self._direct_prefix + encoded_key, b"", None, timeout)
+        data, headers, _ = self._request(self._direct_prefix + encoded_key, b"", None, timeout)
         status, desc, hdrs = parse_reply_headers(headers)
         if status:
             if status == 404:
@@ -215,7 +216,7 @@ class KVProtocol:
         """The message at ``revision`` if it belongs to this key."""
         assert self.conn.mux is not None
         body = orjson.dumps({"seq": revision})
-        data, headers, _ = self.conn.mux.request(self._direct_batch, body, None, timeout)
+        data, headers, _ = self._request(self._direct_batch, body, None, timeout)
         status, desc, hdrs = parse_reply_headers(headers)
         if status:
             if status == 404:
@@ -314,7 +315,7 @@ class KVProtocol:
     def put(self, encoded_key: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> int:
         """Publish one message and return its revision. CAS failures raise JetStreamError."""
         assert self.conn.mux is not None
-        data, hdrs, _ = self.conn.mux.request(self.subject_prefix + encoded_key, payload, headers, timeout)
+        data, hdrs, _ = self._request(self.subject_prefix + encoded_key, payload, headers, timeout)
         if not data:
             status, desc, _ = parse_reply_headers(hdrs)
             raise self._status_error(status, desc)
@@ -398,6 +399,31 @@ class KVProtocol:
         return int(check_pub_ack(data)["seq"])
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _request(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> RawReply:
+        """One request; "no responders" (503) is retried until the timeout.
+
+        A 503 means no stream took the message (JetStream still starting after a restart, or a
+        stream without a leader for a moment): nothing was stored, so sending again is safe.
+        """
+        mux = self.conn.mux
+        assert mux is not None
+        total = timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            reply = mux.request(subject, payload, headers, timeout)
+            if reply[0] or status_of(reply[1]) != 503:
+                return reply
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= delay:
+                    raise NatsKVTimeoutError(
+                        f"bucket {self.bucket!r} had no JetStream responder for {total} s: "
+                        "is JetStream enabled and does the stream have a leader? Nothing was stored."
+                    )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     def max_value_size(self) -> int | None:
         """The bucket's value size limit: natskv's own (in the metadata), else the stream's."""
