@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from natskv.errors import DeadlockError, NatsKVTimeoutError
+from natskv.errors import ConfigurationError, DeadlockError, NatsKVTimeoutError
 
 log = logging.getLogger("natskv")
 
@@ -49,6 +49,32 @@ def _trim_traceback(exc: BaseException) -> BaseException:
     for frame_tb in reversed(kept):
         new_tb = types.TracebackType(new_tb, frame_tb.tb_frame, frame_tb.tb_lasti, frame_tb.tb_lineno)
     return exc.with_traceback(new_tb)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new loop: uvloop when it is installed (``pip install natskv[uvloop]``), else asyncio's.
+
+    ``NATSKV_LOOP=asyncio`` forces asyncio's loop; ``NATSKV_LOOP=uvloop`` requires uvloop.
+    """
+    choice = os.environ.get("NATSKV_LOOP", "").strip().lower()
+    if choice not in ("", "auto", "asyncio", "uvloop"):
+        raise ConfigurationError(f"NATSKV_LOOP={choice!r} is not valid: use 'uvloop', 'asyncio' or leave it unset")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError as exc:
+            if choice == "uvloop":
+                raise ConfigurationError(
+                    "NATSKV_LOOP=uvloop but uvloop is not installed: pip install 'natskv[uvloop]'"
+                ) from exc
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``"uvloop"`` or ``"asyncio"``: which loop implementation runs natskv's thread."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 class Runner:
@@ -78,7 +104,7 @@ class Runner:
 
     def _start(self) -> None:
         self._pid = os.getpid()
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop()
         ready = threading.Event()
 
         def run() -> None:

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from natskv._runner import runner
+from natskv._runner import loop_name, runner
 from natskv.aio.connection import Connection
 from natskv.aio.kv import KVProtocol, validate_bucket_name
 from natskv.codec import Codec, get_codec
@@ -178,6 +178,7 @@ class Client:
             "api_level": self._conn.api_level,
             "connected_url": nc.connected_url.geturl() if nc.connected_url else None,
             "parser_hook": bool(self._conn.mux and self._conn.mux.hooked),
+            "event_loop": loop_name(runner.loop),
         }
 
     # -- closing ---------------------------------------------------------------------------------
