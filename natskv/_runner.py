@@ -16,6 +16,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import math
 import os
 import threading
 import types
@@ -23,7 +24,7 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from natskv.errors import ConfigurationError, DeadlockError, NatsKVTimeoutError
+from natskv.errors import ConfigurationError, DeadlockError, InvalidArgumentError, NatsKVTimeoutError
 
 log = logging.getLogger("natskv")
 
@@ -75,6 +76,16 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     """``"uvloop"`` or ``"asyncio"``: which loop implementation runs natskv's thread."""
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def check_timeout(timeout: object) -> None:
+    """Reject a ``timeout=`` that is not None or a positive, finite number of seconds."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout <= 0:
+        raise InvalidArgumentError(
+            f"timeout must be a positive number of seconds (math.inf: no limit) or None, not {timeout!r}"
+        )
 
 
 class Runner:

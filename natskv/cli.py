@@ -273,8 +273,6 @@ def _show(call: str, result: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import threading
-
     import natskv
 
     db = _connect(args)
@@ -288,7 +286,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         kv = db.bucket(DEMO_BUCKET, history=5, timeout=args.timeout)
         _out(f"bucket {DEMO_BUCKET!r}: created for this tour, deleted at the end")
         try:
-            ok = _tour(db, kv, threading, natskv)
+            ok = _tour(kv)
         finally:
             db.delete_bucket(DEMO_BUCKET, timeout=args.timeout)
         _out()
@@ -303,7 +301,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         db.close(timeout=2.0)
 
 
-def _tour(db: Client, kv: Bucket, threading: Any, natskv: Any) -> bool:
+def _tour(kv: Bucket) -> bool:
+    """The demo's steps; False when natskv did not behave as the tour says it should."""
+    import natskv
+
     ok = True
 
     _step("1. set and get (values are JSON; set returns the new revision)")
@@ -401,7 +402,7 @@ def _tour(db: Client, kv: Bucket, threading: Any, natskv: Any) -> bool:
 # -- argument parsing ---------------------------------------------------------------------------
 
 
-def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+def _add_common(parser: argparse.ArgumentParser, *, top: bool, bucket: bool = True) -> None:
     # The same options are accepted before and after the command. On the command's parser they
     # default to SUPPRESS so they do not overwrite a value given before the command.
     def default(value: Any) -> Any:
@@ -413,7 +414,8 @@ def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
         help="NATS server URL(s), e.g. nats://user:pass@host:4222,host2:4222 "
         "(default: $NATS_URL, else the embedded server)",
     )
-    group.add_argument("--bucket", default=default(DEFAULT_BUCKET), help=f"bucket name (default: {DEFAULT_BUCKET})")
+    if bucket:
+        group.add_argument("--bucket", default=default(DEFAULT_BUCKET), help=f"bucket name (default: {DEFAULT_BUCKET})")
     group.add_argument(
         "--timeout", type=_positive_float, default=default(None), metavar="SECONDS",
         help="timeout of each call and of connecting (default: 5)",
@@ -451,11 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, func: Callable[[argparse.Namespace], int], help: str, common: bool = True) -> argparse.ArgumentParser:
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str, common: bool = True, bucket: bool = True
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(func=func)
         if common:
-            _add_common(sub, top=False)
+            _add_common(sub, top=False, bucket=bucket)
         return sub
 
     p = command("server", cmd_server, "run the embedded nats-server in the foreground until Ctrl-C", common=False)
@@ -466,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the shared background server that natskv.connect() started (of --data-dir), then exit",
     )
 
-    command("demo", cmd_demo, f"a short tour of natskv (uses a bucket {DEMO_BUCKET!r} it deletes at the end)")
+    command("demo", cmd_demo, f"a short tour of natskv (uses a bucket {DEMO_BUCKET!r} it deletes at the end)", bucket=False)
 
     p = command("get", cmd_get, "print the value of KEY (strings as they are, other values as JSON)")
     p.add_argument("key", metavar="KEY")

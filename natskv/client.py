@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from natskv._runner import loop_name, runner
+from natskv._runner import check_timeout, loop_name, runner
 from natskv.aio.connection import Connection
 from natskv.aio.kv import KVProtocol, validate_bucket_name
 from natskv.codec import Codec, get_codec
@@ -93,6 +93,7 @@ class Client:
         existing bucket are not changed.
         """
         validate_bucket_name(name)
+        check_timeout(timeout)
         if not isinstance(sep, str) or len(sep) > 1:
             raise InvalidArgumentError(f"sep must be one character or '', not {sep!r}")
         self._check()

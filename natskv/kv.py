@@ -7,13 +7,14 @@ by default) becoming NATS's token separator so patterns like ``"user:*"`` are fi
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
-from natskv._runner import runner
+from natskv._runner import check_timeout, runner
 from natskv._speedups import core
 from natskv.aio.kv import KVProtocol, RawEntry, ttl_header
 from natskv.aio.kv import CAS_ERROR_CODES
@@ -39,8 +40,9 @@ MAX_ENCODED_KEY = 3000
 
 
 def _parse_timestamp(ts: str) -> datetime:
-    if ts.isdigit():  # nanoseconds since the epoch (watch deliveries)
-        return datetime.fromtimestamp(int(ts) / 1e9, tz=timezone.utc)
+    if ts.isdigit():  # nanoseconds since the epoch (watch deliveries); integer maths keeps µs exact
+        seconds, nanos = divmod(int(ts), 1_000_000_000)
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).replace(microsecond=nanos // 1000)
     # RFC 3339 with up to nanoseconds: keep microseconds for datetime.
     head, _, frac = ts.rstrip("Z").partition(".")
     micros = int((frac + "000000")[:6]) if frac else 0
@@ -115,9 +117,12 @@ class Bucket:
     # -- helpers -------------------------------------------------------------------------------
 
     def _t(self, timeout: float | None) -> float | None:
+        check_timeout(timeout)
         self._client._check()  # closed? forked? (a forked child reconnects here)
         runner.check_not_loop_thread()
-        return self._client.options.request_timeout if timeout is None else timeout
+        if timeout is None:
+            return self._client.options.request_timeout
+        return None if timeout == math.inf else timeout  # None: wait without limit
 
     def _key(self, key: str) -> str:
         if type(key) is not str:
@@ -140,6 +145,7 @@ class Bucket:
         self._proto.check_size(len(payload))
         tth = ttl_header(ttl)
         if tth is not None:
+            self._proto.require_ttl()
             headers = dict(headers or {}, **{"Nats-TTL": tth})
         return payload, headers
 

@@ -418,6 +418,16 @@ def _kill_at_exit(proc: subprocess.Popen[bytes], spawned_by: int) -> None:
         _terminate_pid(proc.pid, 2.0, proc)
 
 
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServerError(
+            f"cannot create the directory {path}: {exc}; choose another data_dir "
+            f"(or set {DATA_DIR_ENV} for the shared server)"
+        ) from exc
+
+
 def _log_tail(path: Path, offset: int = 0) -> str:
     try:
         with open(path, "rb") as log:
@@ -651,18 +661,30 @@ class EmbeddedServer:
             raise ServerError("this shared server is not running: call EmbeddedServer.shared() again")
         deadline = time.monotonic() + timeout
         attempts = 3 if self._port == 0 else 1
+        had_temp_dir = self._temp_dir is not None
         while True:
             attempts -= 1
-            self.launch()
             try:
+                self.launch()
                 self.wait_ready(max(deadline - time.monotonic(), 0.0))
                 return self
             except _PortTakenError:
                 # A port picked by binding port 0 can be taken by another process before the
                 # server binds it: pick again.
-                if attempts == 0:
-                    raise
-                self._port = 0
+                if attempts > 0:
+                    self._port = 0
+                    continue
+                self._discard_new_temp_dir(had_temp_dir)
+                raise
+            except BaseException:
+                self._discard_new_temp_dir(had_temp_dir)
+                raise
+
+    def _discard_new_temp_dir(self, had_temp_dir: bool) -> None:
+        # A failed first start leaves nothing behind (its log tail is in the error already).
+        if not had_temp_dir and self._temp_dir is not None and not self.running:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
 
     def launch(self) -> None:
         """Spawn the process without waiting for it; ``wait_ready()`` waits. ``start()`` is both.
@@ -674,10 +696,10 @@ class EmbeddedServer:
             self._temp_dir = Path(tempfile.mkdtemp(prefix="natskv-server-"))
         data_dir = self.data_dir
         assert data_dir is not None
-        data_dir.mkdir(parents=True, exist_ok=True)
+        _make_dir(data_dir)
         if self._jetstream:
             assert self.store_dir is not None
-            self.store_dir.mkdir(parents=True, exist_ok=True)
+            _make_dir(self.store_dir)
         if self._port == 0:
             self._port = _free_ports(self._host, 1)[0]
         elif not _port_is_free(self._host, self._port):
@@ -698,7 +720,7 @@ class EmbeddedServer:
     def _spawn(self, binary: str) -> None:
         log_path = self.log_file
         assert log_path is not None
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        _make_dir(log_path.parent)
         with open(log_path, "ab") as log:
             self._log_offset = log.tell()
             try:
@@ -829,7 +851,7 @@ class EmbeddedServer:
         obtained within ``timeout`` plus a margin.
         """
         directory = Path(data_dir) if data_dir is not None else default_data_dir()
-        directory.mkdir(parents=True, exist_ok=True)
+        _make_dir(directory)
         handle = cls._attach(directory)
         if handle is not None:
             return handle
@@ -865,7 +887,8 @@ class EmbeddedServer:
         if state is None:
             return None
         try:
-            pid, port, host, name = int(state["pid"]), int(state["port"]), str(state["host"]), state["name"]
+            pid, port = int(state["pid"]), int(state["port"])
+            host, name = str(state["host"]), state["name"]
         except (KeyError, TypeError, ValueError):
             return None
         if not _pid_alive(pid):
@@ -918,10 +941,12 @@ def _read_state(directory: Path) -> dict[str, Any] | None:
 class EmbeddedCluster:
     """``size`` clustered nats-servers with JetStream, on loopback, for tests.
 
-    Node ``i`` keeps its log and store in ``<data_dir>/node-<i>`` and its ports across
-    ``stop_node(i)`` / ``start_node(i)``. ``start()`` returns once every node answers a JetStream
-    request, which needs an elected meta leader. Without ``data_dir`` a temporary directory is
-    used and deleted by ``stop()``.
+    Node ``i`` keeps its log and store in ``<data_dir>/node-<i>`` and its ports (client, route,
+    HTTP monitor) across ``stop_node(i)`` / ``start_node(i)``. ``start()`` returns once JetStream
+    is usable everywhere: every running node answers a JetStream request and the meta leader
+    sees every running node as current (before that, creating an R3 stream can fail with "no
+    suitable peers for placement"). Without ``data_dir`` a temporary directory is used and
+    deleted by ``stop()``.
     """
 
     def __init__(
@@ -940,6 +965,7 @@ class EmbeddedCluster:
         self._host = host
         self._cluster_name = cluster_name
         self._binary = binary
+        self._monitor_ports: list[int] = []
         self.nodes: list[EmbeddedServer] = []
 
     @property
@@ -963,7 +989,7 @@ class EmbeddedCluster:
         self.stop()
 
     def start(self, timeout: float = 30.0) -> EmbeddedCluster:
-        """Start every node and wait for JetStream to be usable on each; return self.
+        """Start every node and wait until JetStream is usable on all; return self.
 
         Raises ServerError (and stops what was started) when that takes longer than ``timeout``.
         """
@@ -987,14 +1013,18 @@ class EmbeddedCluster:
             self._temp_dir = Path(tempfile.mkdtemp(prefix="natskv-cluster-"))
         base = self._data_dir or self._temp_dir
         assert base is not None
-        ports = _free_ports(self._host, 2 * self._size)
-        client_ports, route_ports = ports[: self._size], ports[self._size :]
+        size = self._size
+        ports = _free_ports(self._host, 3 * size)
+        client_ports, route_ports = ports[:size], ports[size : 2 * size]
+        self._monitor_ports = ports[2 * size :]
         host = _url_host(self._host)
-        for i in range(self._size):
-            routes = ",".join(
-                f"nats://{host}:{route_ports[j]}" for j in range(self._size) if j != i
-            )
-            args = ["--cluster", f"nats://{host}:{route_ports[i]}", "--cluster_name", self._cluster_name]
+        for i in range(size):
+            routes = ",".join(f"nats://{host}:{route_ports[j]}" for j in range(size) if j != i)
+            args = [
+                "--cluster", f"nats://{host}:{route_ports[i]}",
+                "--cluster_name", self._cluster_name,
+                "-m", str(self._monitor_ports[i]),  # binds to the -a host, like the client port
+            ]
             if routes:
                 args += ["--routes", routes]
             self.nodes.append(
@@ -1008,28 +1038,54 @@ class EmbeddedCluster:
                 )
             )
 
-    def wait_jetstream(self, timeout: float = 30.0, nodes: Sequence[int] | None = None) -> None:
-        """Wait until the given nodes (default: every running node) answer ``$JS.API.INFO``.
+    def _meta_cluster(self, index: int) -> dict[str, Any] | None:
+        """Node ``index``'s view of the JetStream meta group (``/jsz`` on its monitor port)."""
+        import urllib.request
+
+        url = f"http://{_url_host(self._host)}:{self._monitor_ports[index]}/jsz"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                meta = json.load(response).get("meta_cluster")
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def _jetstream_usable(self) -> list[int]:
+        """Indexes of running nodes not yet usable (empty when the whole cluster is ready)."""
+        running = [i for i, node in enumerate(self.nodes) if node.running]
+        waiting = [
+            i for i in running
+            if not jetstream_ready(_probe_host(self.nodes[i].host), self.nodes[i].port, timeout=1.0)
+        ]
+        if waiting:
+            return waiting
+        names = {self.nodes[i].name: i for i in running}
+        leaders = {(self._meta_cluster(i) or {}).get("leader") for i in running}
+        leader = leaders.pop() if len(leaders) == 1 else None
+        if leader not in names:
+            return running  # no leader yet, or the nodes disagree on it
+        # Only the leader tracks whether its followers are current.
+        view = self._meta_cluster(names[leader]) or {}
+        current = {leader} | {
+            peer.get("name") for peer in view.get("replicas") or () if peer.get("current")
+        }
+        return [i for i in running if self.nodes[i].name not in current]
+
+    def wait_jetstream(self, timeout: float = 30.0) -> None:
+        """Wait until JetStream is usable on every running node (see the class docstring).
 
         Raises ServerError naming the nodes still not ready after ``timeout``.
         """
         deadline = time.monotonic() + timeout
-        indexes = list(nodes) if nodes is not None else [
-            i for i, node in enumerate(self.nodes) if node.running
-        ]
-        pending = set(indexes)
-        while pending:
-            for i in sorted(pending):
-                node = self.nodes[i]
-                if jetstream_ready(_probe_host(node.host), node.port, timeout=1.0):
-                    pending.discard(i)
-            if not pending:
+        while True:
+            waiting = self._jetstream_usable()
+            if not waiting:
                 return
             if time.monotonic() >= deadline:
                 raise ServerError(
-                    f"JetStream is not ready on node(s) {sorted(pending)} after {timeout:.1f}s "
-                    "(no meta leader elected?); see the logs in "
-                    + ", ".join(str(self.nodes[i].log_file) for i in sorted(pending))
+                    f"JetStream is not ready on node(s) {waiting} after {timeout:.1f}s "
+                    "(no meta leader, or nodes not caught up); see the logs in "
+                    + ", ".join(str(self.nodes[i].log_file) for i in waiting)
                 )
             time.sleep(0.05)
 
@@ -1038,10 +1094,10 @@ class EmbeddedCluster:
         self.nodes[index]._stop_process(timeout)
 
     def start_node(self, index: int, timeout: float = 30.0) -> None:
-        """Start node ``index`` again on its ports and store; wait until JetStream answers on it."""
+        """Start node ``index`` again on its ports and store; wait until the cluster is usable."""
         deadline = time.monotonic() + timeout
         self.nodes[index].start(timeout)
-        self.wait_jetstream(max(deadline - time.monotonic(), 0.0), nodes=[index])
+        self.wait_jetstream(max(deadline - time.monotonic(), 0.0))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every node (idempotent) and delete the temporary data directory, if any."""

@@ -231,8 +231,11 @@ class KVProtocol:
         Returns None when a request matched more subjects than one batch get may answer (413):
         the caller then reads through a consumer instead.
         """
-        self.conn.require(API_LEVEL_TTL, "reading many keys at once (batch direct get)")
         assert self.conn.mux is not None
+        if self.conn.api_level < API_LEVEL_TTL:  # no batch get before nats-server 2.11
+            if any(s.endswith(">") or "*" in s.split(".") for s in subjects):
+                return None
+            return self._get_each(subjects, timeout)
         out: list[RawEntry] = []
         for i in range(0, len(subjects), MAX_SUBJECTS_PER_BATCH_GET):
             body = orjson.dumps({"multi_last": subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]})
@@ -241,6 +244,24 @@ class KVProtocol:
             if entries is None:
                 return None
             out.extend(entries)
+        return out
+
+    def _get_each(self, subjects: list[str], timeout: float | None) -> list[RawEntry]:
+        """Pipelined single direct gets, for servers without batch get."""
+        assert self.conn.mux is not None
+        commands: list[tuple[str, bytes, dict[str, str] | None]] = [
+            (f"$JS.API.DIRECT.GET.{self.stream}.{subject}", b"", None) for subject in subjects
+        ]
+        out: list[RawEntry] = []
+        for reply in self.conn.mux.request_many(commands, timeout):
+            if reply is None:
+                raise self.conn.mux.timeout_error(self._direct_batch, timeout)
+            status, desc, hdrs = parse_reply_headers(reply[1])
+            if status == 404:
+                continue
+            if status:
+                raise self._status_error(status, desc)
+            out.append(entry_from_headers(hdrs, reply[0]))
         return out
 
     def _batch_entries(self, replies: list[RawReply]) -> list[RawEntry] | None:
@@ -257,10 +278,10 @@ class KVProtocol:
             out.append(entry_from_headers(hdrs, data))
         return out
 
-    async def last_many_async(self, filter_subject: str, up_to_seq: int, timeout: float) -> list[RawEntry] | None:
+    async def last_many_async(self, filter_subject: str, timeout: float) -> tuple[list[RawEntry], int] | None:
         """Loop-thread form of a batch direct get: the latest message per subject under
-        ``filter_subject`` as of stream sequence ``up_to_seq``. None when there are too many
-        subjects for one batch get (413) or the server lacks batch get.
+        ``filter_subject`` now, and the stream sequence the snapshot was taken at. None when there
+        are too many subjects for one batch get (413) or the server lacks batch get.
         """
         if self.conn.api_level < API_LEVEL_TTL:
             return None
@@ -280,13 +301,18 @@ class KVProtocol:
 
         token = mux.new_token()
         mux.add_route(token, collect)
-        body = orjson.dumps({"multi_last": [self.subject_prefix + filter_subject], "up_to_seq": up_to_seq})
+        body = orjson.dumps({"multi_last": [self.subject_prefix + filter_subject]})
         mux.write_now(core.pub_command(self._direct_batch, mux.prefix + token, body, None))
         try:
             await asyncio.wait_for(done, timeout)
         finally:
             mux.remove_route(token)
-        return self._batch_entries(replies)
+        entries = self._batch_entries(replies)
+        if entries is None:
+            return None
+        _, _, end = parse_reply_headers(replies[-1][1])
+        up_to = int(end.get("Nats-UpTo-Sequence", 0) or end.get("Nats-Last-Sequence", 0) or 0)
+        return entries, max([up_to, *(e.revision for e in entries)])
 
     def history(self, encoded_key: str, timeout: float | None) -> list[RawEntry]:
         """Every stored revision of one key, oldest first."""
@@ -424,6 +450,13 @@ class KVProtocol:
                     )
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+    def require_ttl(self) -> None:
+        """Make sure per-key TTL works here: the server has it and the stream allows it."""
+        self.conn.require(API_LEVEL_TTL, "per-key TTL")
+        if not self.config.get("allow_msg_ttl"):
+            # A bucket made before natskv (or by another tool): allow it, as nats.go does.
+            self.update_config({"allow_msg_ttl": True}, self.conn.options.request_timeout)
 
     def max_value_size(self) -> int | None:
         """The bucket's value size limit: natskv's own (in the metadata), else the stream's."""

@@ -299,8 +299,8 @@ async def subscribe_feed(
 
     ``policy`` is ``last_per_subject`` (initial values, then changes), ``new`` (changes only) or
     ``all`` (full history, never shared). A watcher joining a feed that is already running reads
-    its initial values with one batch get up to the feed's position, then continues with the
-    feed's events after that position: nothing missed, nothing twice.
+    its initial values with one batch get, then continues with the feed's events after the
+    snapshot's stream position: nothing missed, nothing twice.
     """
     sub = FeedSubscriber(sink)
     shared = conn.feeds.get((proto.stream, filter_subject, policy)) if policy != "all" else None
@@ -313,18 +313,21 @@ async def subscribe_feed(
         sub.wants_initial = True  # nothing delivered yet: take the feed's own initial values
         shared.subscribers.append(sub)
         return shared, sub
-    up_to = shared.feed.last_sseq
+    # Live events from here on are buffered; the snapshot's position decides which of them it
+    # already covers. Everything the feed delivered before this point is at or below that
+    # position, so nothing is missed; events at or below it are dropped, so nothing is repeated.
     sub.buffer = []
     shared.subscribers.append(sub)
     try:
-        entries = await proto.last_many_async(filter_subject, up_to, timeout) if up_to else []
+        snap = await proto.last_many_async(filter_subject, timeout)
     except BaseException:
         shared.subscribers.remove(sub)
         raise
-    if entries is None:  # too many keys for one batch get: this watcher gets its own consumer
+    if snap is None:  # too many keys for one batch get: this watcher gets its own consumer
         shared.subscribers.remove(sub)
         sub.buffer = None
         return await _start_feed(conn, proto, filter_subject, policy, sub, register=False)
+    entries, up_to = snap
     for entry in entries:
         sink(entry)
     if shared.initial_done:
