@@ -190,21 +190,27 @@ class Runner:
         if self.in_loop_thread():
             coro.close()
             self.check_not_loop_thread()
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        finished = threading.Event()
+
+        async def tracked() -> T:
+            try:
+                return await coro
+            finally:
+                finished.set()
+
+        future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
+            finished.wait(1.0)  # let the cancelled work clean up before the caller moves on
             raise NatsKVTimeoutError(
                 f"the operation did not complete within {timeout} s; "
                 "check the server is reachable or pass a larger timeout="
             ) from None
         except KeyboardInterrupt:
             future.cancel()
-            try:  # give the cancelled work a moment to clean up (delete consumers, etc.)
-                future.exception(timeout=1.0)
-            except BaseException:  # noqa: BLE001 - the interrupt wins
-                pass
+            finished.wait(1.0)  # give the cancelled work a moment to clean up (consumers, etc.)
             raise
         except BaseException as exc:
             raise _trim_traceback(exc) from exc.__cause__

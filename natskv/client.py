@@ -50,7 +50,10 @@ class Client:
 
     def _open(self) -> Connection:
         conn = Connection(self.options, self._servers)
-        runner.call(conn.connect(), self.options.connect_timeout + self.options.request_timeout)
+        # Connection.connect() bounds the TCP/TLS connect itself (and raises NotConnectedError);
+        # this outer limit only adds room for reading the server's JetStream info.
+        budget = self.options.connect_timeout * max(1, len(self._servers)) + 1.0 + self.options.request_timeout
+        runner.call(conn.connect(), budget + 1.0)
         return conn
 
     def _check(self) -> None:
@@ -192,6 +195,8 @@ class Client:
         runner.unregister(self)
         if self._pid != os.getpid():
             return  # the connection belongs to the parent process
+        if self._conn.mux is not None:
+            self._conn.mux.close()  # wake threads blocked in calls on this client
         for w in list(self._watchers):
             w.stop()
         try:

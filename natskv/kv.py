@@ -19,7 +19,7 @@ from natskv._speedups import core
 from natskv.aio.kv import KVProtocol, RawEntry, ttl_header
 from natskv.aio.kv import CAS_ERROR_CODES
 from natskv.aio.watch import snapshot
-from natskv.codec import RAW_HEADER, Codec, get_codec
+from natskv.codec import RAW_HEADER, Codec, JSONCodec, get_codec
 from natskv.errors import (
     InvalidArgumentError,
     InvalidKeyError,
@@ -138,7 +138,7 @@ class Bucket:
 
     def _encode(self, value: Any, ttl: float | None = None) -> tuple[bytes, dict[str, str] | None]:
         headers: dict[str, str] | None = None
-        if type(value) is bytes and self.codec.name == "json":
+        if type(value) is bytes and isinstance(self.codec, JSONCodec):
             payload, headers = value, {RAW_HEADER: "1"}
         else:
             payload = self.codec.encode(value)
@@ -201,10 +201,11 @@ class Bucket:
         by_subject = {self._proto.subject_prefix + self._key(k): k for k in keys}
         raws = self._proto.get_last_many(list(by_subject), self._t(timeout))
         assert raws is not None  # explicit subjects never exceed the per-request cap
+        found = {raw.subject: raw for raw in raws if raw.operation == "PUT"}
         out: dict[str, Any] = {}
-        for raw in raws:
-            if raw.operation == "PUT":
-                key = by_subject[raw.subject]
+        for subject, key in by_subject.items():  # in the order asked for
+            raw = found.get(subject)
+            if raw is not None:
                 out[key] = self._decode(raw, key).value
         return out
 

@@ -375,7 +375,18 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # exists, owned by someone else
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A process that exited but was not reaped by its parent (another process's child): dead."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False  # no procfs (macOS): trust os.kill
+    # The state letter follows the parenthesised command name, which may contain spaces.
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
 def _terminate_pid(pid: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -77,8 +77,9 @@ class Connection:
         try:
             self.nc = await asyncio.wait_for(nats.connect(**kwargs), budget)
         except Exception as exc:
+            why = f"no connection within {budget:g} s" if isinstance(exc, asyncio.TimeoutError) else str(exc)
             raise NotConnectedError(
-                f"could not connect to NATS at {', '.join(self.servers)}: {exc or type(exc).__name__}; "
+                f"could not connect to NATS at {', '.join(self.servers)}: {why or type(exc).__name__}; "
                 "check the URL, credentials and that nats-server is running"
             ) from exc
         loop = asyncio.get_running_loop()
@@ -102,7 +103,7 @@ class Connection:
     async def close(self, drain: bool = True) -> None:
         nc = self.nc
         if self.mux is not None:
-            self.mux.closed = True
+            self.mux.close()
         if nc is None or nc.is_closed:
             return
         try:

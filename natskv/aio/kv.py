@@ -31,6 +31,7 @@ from natskv.errors import (
     InvalidArgumentError,
     InvalidBucketNameError,
     JetStreamError,
+    NatsKVError,
     NatsKVTimeoutError,
     PayloadTooLargeError,
 )
@@ -437,10 +438,21 @@ class KVProtocol:
         total = timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.02
+        checked = False
         while True:
             reply = mux.request(subject, payload, headers, timeout)
             if reply[0] or status_of(reply[1]) != 503:
                 return reply
+            if not checked:  # deleted by someone else? Say so instead of retrying until the timeout
+                checked = True
+                try:
+                    self.info(min(timeout or 1.0, 1.0))
+                except BucketNotFoundError:
+                    raise BucketNotFoundError(
+                        f"bucket {self.bucket!r} does not exist (deleted?); create it again with client.bucket({self.bucket!r})"
+                    ) from None
+                except NatsKVError:
+                    pass  # JetStream not answering yet (restarting): keep retrying
             if deadline is not None:
                 timeout = deadline - time.monotonic()
                 if timeout <= delay:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from natskv.errors import NatsKVTimeoutError, NotConnectedError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
+
+log = logging.getLogger("natskv")
 
 # Above this many bytes queued in the socket's write buffer, hand writes to nats-py's flusher,
 # which waits for the buffer to drain (back-pressure) instead of growing it without bound.
@@ -71,17 +74,26 @@ def parse_reply_headers(headers: bytes | dict[str, str] | None) -> tuple[int, st
 class Waiter:
     """Waits for one reply. Delivered on the loop thread, waited on by a caller thread."""
 
-    __slots__ = ("_lock", "reply")
+    __slots__ = ("_lock", "reply", "error")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.reply: RawReply | None = None
+        self.error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """Wake the waiting thread with ``error`` (the client was closed). Loop thread only, like
+        ``deliver``, so the two never both release the lock."""
+        if self.error is None and self._lock.locked():
+            self.error = error
+            self._lock.release()
 
     def deliver(self, data: bytes, headers: Any, reply: str) -> bool:
         """Store the reply; return True when the waiter is complete (the route is then removed)."""
-        self.reply = (data, headers, reply)
-        self._lock.release()
+        if self.error is None:  # not already woken by close()
+            self.reply = (data, headers, reply)
+            self._lock.release()
         return True
 
     def wait(self, timeout: float | None) -> bool:
@@ -95,15 +107,20 @@ class StreamWaiter:
     and are kept as the last element for the caller to interpret.
     """
 
-    __slots__ = ("_lock", "replies", "done")
+    __slots__ = ("_lock", "replies", "done", "error")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.replies: list[RawReply] = []
         self.done = False
+        self.error: BaseException | None = None
+
+    fail = Waiter.fail
 
     def deliver(self, data: bytes, headers: Any, reply: str) -> bool:
+        if self.error is not None:
+            return True
         self.replies.append((data, headers, reply))
         if not data and status_of(headers):
             self.done = True
@@ -118,17 +135,20 @@ class StreamWaiter:
 class CountWaiter:
     """Waits for ``n`` single replies sent under tokens ``base+0 .. base+n-1`` (pipelined writes)."""
 
-    __slots__ = ("_lock", "replies", "_left")
+    __slots__ = ("_lock", "replies", "_left", "error")
 
     def __init__(self, n: int) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.replies: list[RawReply | None] = [None] * n
         self._left = n
+        self.error: BaseException | None = None
+
+    fail = Waiter.fail
 
     def slot(self, i: int) -> Callable[[bytes, Any, str], bool]:
         def deliver(data: bytes, headers: Any, reply: str) -> bool:
-            if self.replies[i] is None:
+            if self.replies[i] is None and self.error is None:
                 self.replies[i] = (data, headers, reply)
                 self._left -= 1  # loop thread only: no lock needed
                 if self._left == 0:
@@ -175,6 +195,8 @@ class Multiplexer:
         self._out_lock = threading.Lock()
         self._scheduled = False
         self._handlers: dict[int, Callable[[str, bytes, Any, str], None]] = {}
+        # Threads blocked in a request, woken with NotConnectedError by close().
+        self._waiting: set[Waiter | StreamWaiter | CountWaiter] = set()
         self.hooked = False
         self.closed = False
 
@@ -213,7 +235,10 @@ class Multiplexer:
         async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> None:
             handler = handlers.get(sid)
             if handler is not None:
-                handler(subject.decode(), data, headers, reply.decode() if reply else "")
+                try:
+                    handler(subject.decode(), data, headers, reply.decode() if reply else "")
+                except Exception:  # noqa: BLE001 - never let one message stop nats-py's reader
+                    log.exception("natskv: error handling a message on %r", subject)
                 return
             await original(sid, subject, reply, data, headers)
 
@@ -239,6 +264,29 @@ class Multiplexer:
 
     def remove_route(self, token: str) -> None:
         self._routes.pop(token, None)
+
+    def close(self) -> None:
+        """Refuse new requests and wake every thread still waiting for a reply (any thread)."""
+        self.closed = True
+        error = NotConnectedError("the client was closed while this call waited for its reply")
+
+        def fail_all() -> None:
+            for waiter in list(self._waiting):
+                waiter.fail(error)
+
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(fail_all)
+
+    def _wait(self, waiter: Any, timeout: float | None) -> bool:
+        self._waiting.add(waiter)
+        try:
+            completed = waiter.wait(timeout)
+        finally:
+            self._waiting.discard(waiter)
+        if waiter.error is not None:
+            raise waiter.error
+        return completed
 
     def send(self, command: bytes) -> None:
         """Queue an encoded protocol command for the loop thread to write; never blocks."""
@@ -287,7 +335,7 @@ class Multiplexer:
         self._routes[token] = waiter.deliver
         try:
             self.send(core.pub_command(subject, self.prefix + token, payload, headers))
-            completed = waiter.wait(timeout)
+            completed = self._wait(waiter, timeout)
         except BaseException:  # Ctrl-C while waiting, or a bad command: forget the request
             self._routes.pop(token, None)
             raise
@@ -308,7 +356,7 @@ class Multiplexer:
         self._routes[token] = waiter.deliver
         try:
             self.send(core.pub_command(subject, self.prefix + token, payload, None))
-            completed = waiter.wait(timeout)
+            completed = self._wait(waiter, timeout)
         except BaseException:
             self._routes.pop(token, None)
             raise
@@ -325,6 +373,8 @@ class Multiplexer:
 
         A ``None`` in the result means that request got no reply within the timeout.
         """
+        if not commands:
+            return []
         waiter = CountWaiter(len(commands))
         tokens = [self.new_token() for _ in commands]
         encoded = []
@@ -333,7 +383,7 @@ class Multiplexer:
             encoded.append(core.pub_command(subject, self.prefix + token, payload, headers))
         try:
             self.send(b"".join(encoded))
-            completed = waiter.wait(timeout)
+            completed = self._wait(waiter, timeout)
         except BaseException:
             completed = False
             raise
@@ -348,6 +398,8 @@ class Multiplexer:
         self.send(core.pub_command(subject, "", payload, headers))
 
     def timeout_error(self, subject: str, timeout: float | None) -> Exception:
+        if self.closed:
+            return NotConnectedError("the client was closed while this call waited for its reply")
         if not self._nc.is_connected:
             return NatsKVTimeoutError(
                 f"no reply within {timeout} s: the connection to NATS is down and reconnecting; "

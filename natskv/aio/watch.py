@@ -59,6 +59,9 @@ class ConsumerFeed:
         self.headers_only = headers_only
         self.consumer_name = ""
         self.last_sseq = 0  # stream sequence of the last message handed to sink
+        # True once last_sseq is a resume point (a message was delivered, or the consumer started
+        # with nothing pending): recreated consumers then start right after it.
+        self._positioned = False
         self._next_dseq = 1
         self._initial_pending = deliver_policy != "new"
         self._sid: int | None = None
@@ -121,7 +124,7 @@ class ConsumerFeed:
         config["name"] = name
         self.consumer_name = name
         self._next_dseq = 1
-        if self.last_sseq:
+        if self._positioned:
             config["deliver_policy"] = "by_start_sequence"
             config["opt_start_seq"] = self.last_sseq + 1
         else:
@@ -135,6 +138,11 @@ class ConsumerFeed:
             self.consumer_name = ""
             raise
         self._last_activity = self._loop.time()
+        if info.get("num_pending", 0) == 0 and not self._positioned:
+            # Nothing to deliver yet: remember where the stream stood, so a consumer recreated
+            # after a restart starts there and misses nothing written in between.
+            self.last_sseq = int((info.get("delivered") or {}).get("stream_seq", 0))
+            self._positioned = True
         if self._initial_pending and info.get("num_pending", 0) == 0:
             self._initial_pending = False
             self.sink(INITIAL_DONE)
@@ -163,6 +171,7 @@ class ConsumerFeed:
             return
         self._next_dseq = dseq + 1
         self.last_sseq = sseq
+        self._positioned = True
         _, _, hdrs = parse_reply_headers(headers)
         entry = entry_from_headers(hdrs, data, subject)
         entry.revision = sseq

@@ -1,0 +1,334 @@
+"""The ``natskv`` command, run as ``python -m natskv`` subprocesses against the session's server."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import natskv
+
+# The children import the same natskv as this process, wherever it was imported from.
+_PACKAGE_ROOT = str(Path(natskv.__file__).resolve().parent.parent)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)  # conftest removed NATS_URL & co. and set NATSKV_DATA_DIR
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+def run(
+    *args: str, input: str | None = None, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "natskv", *args],
+        input=input, capture_output=True, text=True, timeout=timeout, env=_env(**(env or {})),
+    )
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "natskv", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+
+
+class Lines:
+    """Lines of a child's stream, read by a thread so tests can wait for one with a timeout."""
+
+    def __init__(self, stream) -> None:
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"{text!r} did not appear within {timeout}s; seen: {self.seen}") from None
+            if line is None:
+                raise AssertionError(f"the stream ended before {text!r} appeared; seen: {self.seen}")
+            self.seen.append(line)
+            if text in line:
+                return line
+
+
+def assert_clean_error(
+    result: subprocess.CompletedProcess[str], *fragments: str, one_line: bool = True
+) -> None:
+    """Exit status 1, one line on stderr starting with 'natskv: error:', no traceback.
+
+    ``one_line=False`` only for a failed connect: natskv's runner may then print asyncio's
+    "Task was destroyed but it is pending!" at exit (a runner bug, reported; not the CLI's output).
+    """
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[0].startswith("natskv: error: "), result.stderr
+    if one_line:
+        assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def bucket(nats_url: str) -> Iterator[str]:
+    """A fresh bucket name, deleted after the test."""
+    name = f"cli_{uuid.uuid4().hex[:10]}"
+    yield name
+    with natskv.connect(nats_url) as db:
+        db.delete_bucket(name)
+
+
+@pytest.fixture
+def kv(nats_url: str, bucket: str) -> Iterator[natskv.Bucket]:
+    """The test's bucket seen through an in-process client, to check what the CLI stored."""
+    with natskv.connect(nats_url) as db:
+        yield db.bucket(bucket)
+
+
+# -- start-up ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["get", "--help"], ["server", "--help"]])
+def test_help_does_not_import_nats(argv: list[str]) -> None:
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['natskv', *{argv!r}]\n"
+        "try:\n"
+        "    runpy.run_module('natskv', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code in (0, None), exc.code\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('nats', 'asyncio'))\n"
+        "print('LOADED:', loaded)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env())
+    assert result.returncode == 0, result.stderr
+    assert "usage: natskv" in result.stdout
+    assert "LOADED: []" in result.stdout
+
+
+def test_no_command_is_a_usage_error() -> None:
+    result = run()
+    assert result.returncode == 2
+    assert "usage: natskv" in result.stderr
+
+
+# -- key commands -----------------------------------------------------------------------------------
+
+
+def test_set_get_ls_del_round_trip(nats_url: str, bucket: str) -> None:
+    common = ("--url", nats_url, "--bucket", bucket)
+    first = run("set", "user:1", '{"name": "Ann", "age": 34}', *common)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "user:1: stored at revision 1"
+    assert run("set", "user:2", "Bob", *common).returncode == 0
+    assert run("set", "order:1", "7", *common).returncode == 0
+
+    got = run("get", "user:1", *common)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == '{"name":"Ann","age":34}\n'
+
+    assert run("ls", *common).stdout.splitlines() == ["order:1", "user:1", "user:2"]
+    assert run("ls", "user:*", *common).stdout.splitlines() == ["user:1", "user:2"]
+    listed = run("ls", "--values", "user:*", *common)
+    assert listed.stdout.splitlines() == ['user:1\t{"name":"Ann","age":34}', 'user:2\t"Bob"']
+
+    deleted = run("del", "user:2", *common)
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.startswith("user:2: deleted at revision ")
+    assert run("ls", *common).stdout.splitlines() == ["order:1", "user:1"]
+    assert_clean_error(run("get", "user:2", *common), "'user:2'", "not found")
+    assert_clean_error(run("del", "user:2", *common), "'user:2'", "not found")
+
+
+def test_options_may_come_before_the_command(nats_url: str, bucket: str) -> None:
+    assert run("--url", nats_url, "--bucket", bucket, "set", "k", "v").returncode == 0
+    assert run("--url", nats_url, "--bucket", bucket, "get", "k").stdout == "v\n"
+    assert run("--url", nats_url, "get", "k", "--bucket", bucket, "--timeout", "3").stdout == "v\n"
+
+
+def test_values_are_json_when_they_parse_else_strings(nats_url: str, bucket: str, kv: natskv.Bucket) -> None:
+    common = ("--url", nats_url, "--bucket", bucket)
+    cases = {
+        "int": ("42", 42),
+        "float": ("2.5", 2.5),
+        "bool": ("true", True),
+        "null": ("null", None),
+        "list": ("[1, 2]", [1, 2]),
+        "object": ('{"a": {"b": 1}}', {"a": {"b": 1}}),
+        "quoted": ('"42"', "42"),
+        "word": ("hello", "hello"),
+        "sentence": ("hello world", "hello world"),
+        "not-json": ("{oops", "{oops"),
+        "nan": ("NaN", "NaN"),  # not JSON: kept as the string, not turned into a float
+        "empty": ("", ""),
+    }
+    setters = [start("set", key, text, *common) for key, (text, _) in cases.items()]  # in parallel
+    for proc in setters:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    for key, (_, expected) in cases.items():
+        assert kv.get(key) == expected, key
+        assert type(kv.get(key)) is type(expected), key
+
+    assert run("get", "word", *common).stdout == "hello\n"  # strings print as they are
+    assert run("get", "word", "--json", *common).stdout == '"hello"\n'
+    assert run("get", "quoted", "--json", *common).stdout == '"42"\n'
+    assert run("get", "int", *common).stdout == "42\n"
+    assert run("get", "object", *common).stdout == '{"a":{"b":1}}\n'
+
+    assert run("set", "forced", "42", "--string", *common).returncode == 0
+    assert kv.get("forced") == "42"
+    assert run("set", "piped", "-", *common, input='{"from": "stdin"}\n').returncode == 0
+    assert kv.get("piped") == {"from": "stdin"}
+
+
+def test_get_of_a_missing_key_exits_1_with_a_clear_message(nats_url: str, bucket: str) -> None:
+    assert run("set", "present", "1", "--url", nats_url, "--bucket", bucket).returncode == 0
+    result = run("get", "absent", "--url", nats_url, "--bucket", bucket)
+    assert_clean_error(result, "key 'absent' not found", f"bucket {bucket!r}")
+    assert result.stdout == ""
+
+
+def test_a_missing_bucket_is_reported_not_created(nats_url: str, bucket: str) -> None:
+    for args in (["get", "k"], ["ls"], ["del", "k"]):
+        assert_clean_error(run(*args, "--url", nats_url, "--bucket", bucket), f"bucket {bucket!r} does not exist")
+    with natskv.connect(nats_url) as db:
+        assert bucket not in db.buckets()
+
+
+def test_bad_input_is_one_line_on_stderr(nats_url: str) -> None:
+    assert_clean_error(run("get", "k", "--url", nats_url, "--bucket", "no spaces allowed"), "no spaces allowed")
+    assert_clean_error(run("get", "k", "--url", "nats://host:4222/path"), "invalid server URL")
+
+
+def test_an_unreachable_server_is_one_line_on_stderr() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = run("get", "k", "--url", f"nats://127.0.0.1:{port}", "--timeout", "0.5")
+    assert_clean_error(result, "could not connect to NATS", one_line=False)
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+
+def test_demo_runs_the_tour_and_cleans_up(nats_url: str) -> None:
+    result = run("demo", "--url", nats_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr == ""
+    out = result.stdout
+    for section in (
+        "== 1. set and get",
+        "== 2. compare-and-set",
+        "== 3. keys by pattern",
+        "== 4. find with an operator",
+        "== 5. a watch with a callback",
+        "== 6. get_many",
+        "== 7. an atomic commit",
+    ):
+        assert section in out
+    assert "raised RevisionMismatchError" in out  # the CAS conflict, caught and explained
+    assert "['user:1', 'user:2', 'user:3']" in out  # keys("user:*")
+    assert "on_change saw: PUT user:4" in out
+    assert "bug" not in out and "should not happen" not in out
+    assert "bucket 'natskv_demo' deleted" in out
+    with natskv.connect(nats_url) as db:
+        assert "natskv_demo" not in db.buckets()
+
+
+# -- watch ------------------------------------------------------------------------------------------
+
+
+def test_watch_prints_changes_from_another_process_until_sigint(nats_url: str, bucket: str) -> None:
+    common = ("--url", nats_url, "--bucket", bucket)
+    assert run("set", "user:1", '{"v": 1}', *common).returncode == 0
+    proc = start("watch", "user:*", *common)
+    try:
+        out, err = Lines(proc.stdout), Lines(proc.stderr)
+        assert out.wait_for("user:1") == 'PUT user:1 = {"v":1}  (revision 1)\n'  # the current value
+        err.wait_for("press Ctrl-C to stop")  # the initial values are done: watching live now
+        assert run("set", "user:2", "hello", *common).returncode == 0
+        assert run("set", "other", "1", *common).returncode == 0  # outside the pattern
+        assert run("del", "user:1", *common).returncode == 0
+        assert out.wait_for("user:2") == 'PUT user:2 = "hello"  (revision 2)\n'
+        assert out.wait_for("DEL user:1") == "DEL user:1  (revision 4)\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not any("other" in line for line in out.seen)
+    assert "Traceback" not in "".join(err.seen)
+
+
+# -- server -----------------------------------------------------------------------------------------
+
+
+def test_server_runs_in_the_foreground_until_sigint(tmp_path: Path) -> None:
+    proc = start("server", "--port", "0", "--data-dir", str(tmp_path))
+    try:
+        out = Lines(proc.stdout)
+        line = out.wait_for(" is running at nats://")
+        url = line.split(" is running at ")[1].split()[0]
+        out.wait_for("press Ctrl-C to stop")
+        assert run("set", "k", "[1]", "--url", url).returncode == 0
+        assert run("get", "k", "--url", url).stdout == "[1]\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_clean_error(run("get", "k", "--url", url, "--timeout", "0.5"), one_line=False)  # the server is gone
+    assert (tmp_path / "jetstream").is_dir()
+
+
+def test_server_stop_stops_the_shared_server_and_is_fine_without_one(tmp_path: Path) -> None:
+    data_dir = tmp_path / "shared"
+    stopped = run("server", "--stop", "--data-dir", str(data_dir))
+    assert stopped.returncode == 0, stopped.stderr
+    assert "no shared nats-server was running" in stopped.stdout
+
+    # No --url and no NATS_URL: the command starts the shared background server of the data dir,
+    # which outlives it, as natskv.connect() does.
+    embedded = {"NATSKV_DATA_DIR": str(data_dir)}
+    try:
+        assert run("set", "k", "1", env=embedded).returncode == 0
+        assert run("get", "k", env=embedded).stdout == "1\n"
+        state = json.loads((data_dir / "server.json").read_text())
+        url = f"nats://{state['host']}:{state['port']}"
+        assert run("get", "k", "--url", url).stdout == "1\n"
+
+        refused = run("server", "--port", "0", "--data-dir", str(data_dir))  # same store: refused
+        assert_clean_error(refused, f"is running at {url}", "server --stop")
+
+        stopped = run("server", "--stop", env=embedded)  # the data dir from NATSKV_DATA_DIR
+        assert stopped.returncode == 0, stopped.stderr
+        assert "stopped the shared nats-server" in stopped.stdout
+        assert_clean_error(run("get", "k", "--url", url, "--timeout", "0.5"), one_line=False)
+    finally:
+        natskv.EmbeddedServer.stop_shared(data_dir)
