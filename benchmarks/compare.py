@@ -520,8 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"Cython {version('Cython')}"
             )
             print(f"{platform.platform()}  cores: {usable_cores()}  {load()}  mode: {'quick' if args.quick else 'full'}")
-            hook = client.stats().get("parser_hook")
-            print(f"server {url}  natskv parser hook: {hook}")
+            stats = client.stats()
+            print(f"server {url}  natskv parser hook: {stats.get('parser_hook')}  natskv event loop: {stats.get('event_loop')}")
             print(flush=True)
             rows += compare_single(url, client, s)
             rows += compare_threads(client, s)
