@@ -670,6 +670,14 @@ class EmbeddedServer:
             return self
         if not self._owned:
             raise ServerError("this shared server is not running: call EmbeddedServer.shared() again")
+        if self._data_dir is not None and self._store_dir is None:
+            # nats-server does not lock its store: two servers on one store would corrupt it.
+            running = type(self)._attach(self._data_dir)
+            if running is not None:
+                raise ServerError(
+                    f"a natskv server is already running on {self._data_dir} (pid {running.pid}, {running.url}); "
+                    "connect to it, or stop it first with `natskv server --stop`"
+                )
         deadline = time.monotonic() + timeout
         attempts = 3 if self._port == 0 else 1
         had_temp_dir = self._temp_dir is not None

@@ -543,3 +543,14 @@ def test_cluster_elects_a_leader_and_survives_a_node_restart(tmp_path: Path) -> 
         assert info["config"]["num_replicas"] == 3 and info["state"]["messages"] == 1
         pids = [node.pid for node in cluster.nodes]
     assert not any(_alive(pid) for pid in pids if pid is not None)
+
+
+def test_a_second_server_on_a_shared_servers_store_is_refused(tmp_path: Path) -> None:
+    """nats-server does not lock its store; natskv refuses to start a second one on it."""
+    shared = EmbeddedServer.shared(data_dir=tmp_path)
+    try:
+        with pytest.raises(ServerError, match="already running"):
+            EmbeddedServer(data_dir=tmp_path).start()
+    finally:
+        assert EmbeddedServer.stop_shared(data_dir=tmp_path)
+    assert shared.pid is not None
