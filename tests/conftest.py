@@ -6,11 +6,14 @@ install it: the suite never skips for lack of a server.
 
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+import natskv
 from natskv.server import EmbeddedServer, find_server_binary, server_version
 
 # Environment that would point a client at some other server or credentials.
@@ -77,3 +80,23 @@ def fresh_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
         yield server
     finally:
         server.stop()
+
+
+_bucket_seq = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def db(nats_url: str) -> Iterator[natskv.Client]:
+    """One client per test module, connected to the session's server."""
+    client = natskv.connect(nats_url, timeout=10.0)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    """A bucket name unique to this test (valid: letters, digits, '_' and '-')."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:48] + f"_{next(_bucket_seq)}"
+

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import natskv
+from helpers import default_sigint
 
 # The children import the same natskv as this process, wherever it was imported from.
 _PACKAGE_ROOT = str(Path(natskv.__file__).resolve().parent.parent)
@@ -42,6 +43,7 @@ def start(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "natskv", *args],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        preexec_fn=default_sigint if os.name == "posix" else None,
     )
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -18,27 +16,11 @@ from typing import Any, Callable, Iterator
 import pytest
 
 import natskv
+from helpers import default_sigint
 from natskv import DeadlockError, NatsKVError, NotConnectedError, RevisionMismatchError
 from natskv._runner import runner
 
 REPO = Path(__file__).resolve().parent.parent
-_seq = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def db(nats_url: str) -> Iterator[natskv.Client]:
-    client = natskv.connect(nats_url, timeout=10.0)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
-def name(request: pytest.FixtureRequest) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:48] + f"_{next(_seq)}"
-
-
 @pytest.fixture
 def kv(db: natskv.Client, name: str) -> Iterator[natskv.Bucket]:
     bucket = db.bucket(name)
@@ -574,6 +556,7 @@ def test_ctrl_c_interrupts_a_blocked_call(nats_url: str, db: natskv.Client, name
     proc = subprocess.Popen(
         [sys.executable, "-c", INTERRUPT_SCRIPT, nats_url, name, mode],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_sigint if os.name == "posix" else None,
     )
     try:
         assert proc.stdout is not None

@@ -5,7 +5,6 @@ Each test uses a bucket of its own (named after the test), on one client shared 
 
 from __future__ import annotations
 
-import itertools
 import re
 import socket
 import time
@@ -29,28 +28,6 @@ from natskv import (
     RevisionMismatchError,
     SerializationError,
 )
-
-_seq = itertools.count()
-
-
-def unique_name(request: pytest.FixtureRequest, suffix: str = "") -> str:
-    base = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:48]
-    return f"{base}{suffix}_{next(_seq)}"
-
-
-@pytest.fixture(scope="module")
-def db(nats_url: str) -> Iterator[natskv.Client]:
-    client = natskv.connect(nats_url, timeout=10.0)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
-def name(request: pytest.FixtureRequest) -> str:
-    return unique_name(request)
-
 
 @pytest.fixture
 def kv(db: natskv.Client, name: str) -> Iterator[natskv.Bucket]:
@@ -1228,8 +1205,8 @@ def test_existing_bucket_settings_are_kept(db: natskv.Client, nats_url: str, nam
         db.delete_bucket(name)
 
 
-def test_buckets_and_delete_bucket(db: natskv.Client, request: pytest.FixtureRequest) -> None:
-    names = [unique_name(request, f"_{i}") for i in range(3)]
+def test_buckets_and_delete_bucket(db: natskv.Client, name: str) -> None:
+    names = [f"{name}_{i}" for i in range(3)]
     for n in names:
         db.bucket(n).set("k", n)
     listed = db.buckets()

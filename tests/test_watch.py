@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
 import threading
@@ -14,23 +13,6 @@ import pytest
 
 import natskv
 from natskv import Change, InvalidKeyError, NatsKVError
-
-_seq = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def db(nats_url: str) -> Iterator[natskv.Client]:
-    client = natskv.connect(nats_url, timeout=10.0)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
-def name(request: pytest.FixtureRequest) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:48] + f"_{next(_seq)}"
-
 
 @pytest.fixture
 def kv(db: natskv.Client, name: str) -> Iterator[natskv.Bucket]:
