@@ -108,7 +108,7 @@ class Watcher:
         self._subscription: tuple[SharedFeed, FeedSubscriber] | None = None
         # Watchers of the same bucket and server-side filter share one consumer (see subscribe_feed).
         self._subscription = runner.call(
-            subscribe_feed(client._conn, bucket._proto, self._pattern.filter, policy, self._queue.put, timeout or 5.0),
+            subscribe_feed(client._conn, bucket._proto, self._pattern.filter, policy, self._queue.put),
             timeout,
         )
         if updates_only:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import socket
 import time
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
@@ -1310,3 +1311,23 @@ def test_bucket_deleted_by_another_client_says_so(nats_url: str, name: str) -> N
         with pytest.raises(natskv.BucketNotFoundError):
             kv.get("k")
         assert time.monotonic() - t0 < 2.0
+
+
+def test_permission_denied_is_reported_at_once(tmp_path: Path) -> None:
+    """A user the server forbids to write a bucket gets PermissionDeniedError, not a timeout."""
+    conf = tmp_path / "auth.conf"
+    conf.write_text(
+        'authorization { users = [ { user: app, password: pw, permissions: {'
+        ' publish: { allow: [">"], deny: ["$KV.locked.>"] }, subscribe: { allow: [">"] } } } ] }\n'
+    )
+    with natskv.EmbeddedServer(data_dir=tmp_path / "data", extra_args=["-c", str(conf)]) as server:
+        with natskv.connect(server.url, user="app", password="pw", timeout=5.0) as db:
+            kv = db.bucket("locked")
+            assert kv.get("k") is None  # reads are allowed
+            t0 = time.monotonic()
+            with pytest.raises(natskv.PermissionDeniedError) as info:
+                kv.set("k", 1)
+            assert time.monotonic() - t0 < 2.0
+            assert isinstance(info.value, PermissionError)
+            assert "locked" in str(info.value)
+            assert db.bucket("open").set("k", 1) >= 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,7 @@ API_LEVEL_ATOMIC = 2  # atomic batch publish, counters (2.12)
 LEVEL_VERSIONS = {API_LEVEL_TTL: "2.11", API_LEVEL_ATOMIC: "2.12"}
 
 ERR_STREAM_NOT_FOUND = 10059
+_DENIED_SUBJECT = re.compile(r'publish to "([^"]+)"', re.IGNORECASE)
 ERR_MESSAGE_TOO_LARGE = 10054
 ERR_JETSTREAM_NOT_ENABLED = (10039, 10076)
 
@@ -120,6 +122,17 @@ class Connection:
         if "permissions violation" in text.lower():
             self._permission_errors.append((time.monotonic(), text))
             del self._permission_errors[:-20]
+            # 'permissions violation for publish to "<subject>"': fail the calls waiting on it now
+            # instead of letting them time out.
+            match = _DENIED_SUBJECT.search(text)
+            if match and self.mux is not None:
+                subject = match.group(1)
+                self.mux.fail_subject(
+                    subject,
+                    PermissionDeniedError(
+                        f"the NATS user may not publish to {subject!r}; grant it in the server's authorization settings"
+                    ),
+                )
         log.debug("natskv: nats error: %s", text)
 
     async def _on_disconnected(self) -> None:

@@ -10,7 +10,6 @@ batch publish. The methods that block run in the caller's thread through the mul
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
@@ -278,42 +277,6 @@ class KVProtocol:
                 raise self._status_error(status, desc)
             out.append(entry_from_headers(hdrs, data))
         return out
-
-    async def last_many_async(self, filter_subject: str, timeout: float) -> tuple[list[RawEntry], int] | None:
-        """Loop-thread form of a batch direct get: the latest message per subject under
-        ``filter_subject`` now, and the stream sequence the snapshot was taken at. None when there
-        are too many subjects for one batch get (413) or the server lacks batch get.
-        """
-        if self.conn.api_level < API_LEVEL_TTL:
-            return None
-        mux = self.conn.mux
-        assert mux is not None
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        replies: list[RawReply] = []
-
-        def collect(data: bytes, headers: Any, reply: str) -> bool:
-            replies.append((data, headers, reply))
-            if not data and status_of(headers):
-                if not done.done():
-                    done.set_result(None)
-                return True
-            return False
-
-        token = mux.new_token()
-        mux.add_route(token, collect)
-        body = orjson.dumps({"multi_last": [self.subject_prefix + filter_subject]})
-        mux.write_now(core.pub_command(self._direct_batch, mux.prefix + token, body, None))
-        try:
-            await asyncio.wait_for(done, timeout)
-        finally:
-            mux.remove_route(token)
-        entries = self._batch_entries(replies)
-        if entries is None:
-            return None
-        _, _, end = parse_reply_headers(replies[-1][1])
-        up_to = int(end.get("Nats-UpTo-Sequence", 0) or end.get("Nats-Last-Sequence", 0) or 0)
-        return entries, max([up_to, *(e.revision for e in entries)])
 
     def history(self, encoded_key: str, timeout: float | None) -> list[RawEntry]:
         """Every stored revision of one key, oldest first."""

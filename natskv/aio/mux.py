@@ -74,13 +74,14 @@ def parse_reply_headers(headers: bytes | dict[str, str] | None) -> tuple[int, st
 class Waiter:
     """Waits for one reply. Delivered on the loop thread, waited on by a caller thread."""
 
-    __slots__ = ("_lock", "reply", "error")
+    __slots__ = ("_lock", "reply", "error", "subject")
 
-    def __init__(self) -> None:
+    def __init__(self, subject: str = "") -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.reply: RawReply | None = None
         self.error: BaseException | None = None
+        self.subject = subject  # what the request was sent to (to match permission errors)
 
     def fail(self, error: BaseException) -> None:
         """Wake the waiting thread with ``error`` (the client was closed). Loop thread only, like
@@ -107,14 +108,15 @@ class StreamWaiter:
     and are kept as the last element for the caller to interpret.
     """
 
-    __slots__ = ("_lock", "replies", "done", "error")
+    __slots__ = ("_lock", "replies", "done", "error", "subject")
 
-    def __init__(self) -> None:
+    def __init__(self, subject: str = "") -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.replies: list[RawReply] = []
         self.done = False
         self.error: BaseException | None = None
+        self.subject = subject
 
     fail = Waiter.fail
 
@@ -278,6 +280,14 @@ class Multiplexer:
             return
         self._loop.call_soon_threadsafe(fail_all)
 
+    def fail_subject(self, subject: str, error: BaseException) -> None:
+        """Wake the threads waiting on requests sent to ``subject`` (compared case-insensitively:
+        nats-py lowercases server errors) with ``error``. Loop thread only."""
+        subject = subject.lower()
+        for waiter in list(self._waiting):
+            if getattr(waiter, "subject", "").lower() == subject:
+                waiter.fail(error)
+
     def _wait(self, waiter: Any, timeout: float | None) -> bool:
         self._waiting.add(waiter)
         try:
@@ -331,7 +341,7 @@ class Multiplexer:
     def request(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> RawReply:
         """Send one request and block the calling thread until its reply or the timeout."""
         token = self.new_token()
-        waiter = Waiter()
+        waiter = Waiter(subject)
         self._routes[token] = waiter.deliver
         try:
             self.send(core.pub_command(subject, self.prefix + token, payload, headers))
@@ -352,7 +362,7 @@ class Multiplexer:
     ) -> list[RawReply]:
         """Send one request whose answer is several messages ending with a status message."""
         token = self.new_token()
-        waiter = StreamWaiter()
+        waiter = StreamWaiter(subject)
         self._routes[token] = waiter.deliver
         try:
             self.send(core.pub_command(subject, self.prefix + token, payload, None))

@@ -265,25 +265,29 @@ async def snapshot(
 class FeedSubscriber:
     """One watcher's place on a shared feed. Loop thread only.
 
-    While ``buffer`` is a list the subscriber is catching up (reading its initial values) and live
-    events wait there; ``wants_initial`` marks subscribers that take the feed's own initial values.
+    ``wants_initial`` marks subscribers still waiting for the feed's end-of-initial-values marker.
     """
 
-    __slots__ = ("sink", "buffer", "wants_initial")
+    __slots__ = ("sink", "wants_initial")
 
     def __init__(self, sink: Callable[[Any], None]) -> None:
         self.sink = sink
-        self.buffer: list[Any] | None = None
         self.wants_initial = False
 
 
 class SharedFeed:
-    """A consumer feed fanned out to every watcher of the same bucket, filter and start policy."""
+    """A consumer feed fanned out to every watcher of the same bucket, filter and start policy.
+
+    A ``last_per_subject`` feed also keeps the current value of every key it has seen (``state``),
+    so a watcher that joins later gets its initial values from memory, in the same loop-thread
+    step that attaches it: nothing missed, nothing twice, no round trip.
+    """
 
     def __init__(self, conn: Connection, proto: KVProtocol, filter_subject: str, policy: str) -> None:
         self.key = (proto.stream, filter_subject, policy)
         self.subscribers: list[FeedSubscriber] = []
         self.initial_done = policy == "new"
+        self.state: dict[str, RawEntry] | None = {} if policy == "last_per_subject" else None
         self.feed = ConsumerFeed(conn, proto, filter_subject, self._fan_out, deliver_policy=policy)
 
     def _fan_out(self, event: Any) -> None:
@@ -294,59 +298,39 @@ class SharedFeed:
                     sub.wants_initial = False
                     sub.sink(event)
             return
-        for sub in self.subscribers:
-            if sub.buffer is not None:
-                sub.buffer.append(event)
+        if self.state is not None:
+            if event.operation == "PUT":
+                self.state[event.subject] = event
             else:
-                sub.sink(event)
+                self.state.pop(event.subject, None)
+        for sub in self.subscribers:
+            sub.sink(event)
+
+    def join(self, sub: FeedSubscriber) -> None:
+        """Attach a subscriber to a running feed, replaying the current values first."""
+        if self.state is not None:
+            for entry in sorted(self.state.values(), key=lambda e: e.revision):
+                sub.sink(entry)
+            if self.initial_done:
+                sub.sink(INITIAL_DONE)
+            else:
+                sub.wants_initial = True
+        self.subscribers.append(sub)
 
 
 async def subscribe_feed(
-    conn: Connection, proto: KVProtocol, filter_subject: str, policy: str, sink: Callable[[Any], None], timeout: float
+    conn: Connection, proto: KVProtocol, filter_subject: str, policy: str, sink: Callable[[Any], None]
 ) -> tuple[SharedFeed, FeedSubscriber]:
     """Attach ``sink`` to the client's feed for this bucket and filter, starting one if needed.
 
     ``policy`` is ``last_per_subject`` (initial values, then changes), ``new`` (changes only) or
-    ``all`` (full history, never shared). A watcher joining a feed that is already running reads
-    its initial values with one batch get, then continues with the feed's events after the
-    snapshot's stream position: nothing missed, nothing twice.
+    ``all`` (full history, never shared).
     """
     sub = FeedSubscriber(sink)
     shared = conn.feeds.get((proto.stream, filter_subject, policy)) if policy != "all" else None
     if shared is None:
         return await _start_feed(conn, proto, filter_subject, policy, sub, register=policy != "all")
-    if policy == "new":
-        shared.subscribers.append(sub)
-        return shared, sub
-    if not shared.initial_done and shared.feed.last_sseq == 0:
-        sub.wants_initial = True  # nothing delivered yet: take the feed's own initial values
-        shared.subscribers.append(sub)
-        return shared, sub
-    # Live events from here on are buffered; the snapshot's position decides which of them it
-    # already covers. Everything the feed delivered before this point is at or below that
-    # position, so nothing is missed; events at or below it are dropped, so nothing is repeated.
-    sub.buffer = []
-    shared.subscribers.append(sub)
-    try:
-        snap = await proto.last_many_async(filter_subject, timeout)
-    except BaseException:
-        shared.subscribers.remove(sub)
-        raise
-    if snap is None:  # too many keys for one batch get: this watcher gets its own consumer
-        shared.subscribers.remove(sub)
-        sub.buffer = None
-        return await _start_feed(conn, proto, filter_subject, policy, sub, register=False)
-    entries, up_to = snap
-    for entry in entries:
-        sink(entry)
-    if shared.initial_done:
-        sink(INITIAL_DONE)
-    else:
-        sub.wants_initial = True
-    buffered, sub.buffer = sub.buffer, None
-    for event in buffered:
-        if event.revision > up_to:
-            sink(event)
+    shared.join(sub)
     return shared, sub
 
 
