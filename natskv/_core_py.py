@@ -1,31 +1,40 @@
 """The pure-Python core of natskv: the readable reference for ``natskv._core``.
 
-Everything here is a pure function or an immutable object: no I/O, no NATS, no asyncio, safe to
-call from any thread. ``natskv._core`` (Cython) exposes the same names with the same behaviour,
+Everything here is a pure function or an immutable object (the indexes excepted, see below): no
+I/O, no NATS, no asyncio, safe to call from any thread. ``natskv._core`` (Cython) exposes the same names with the same behaviour,
 including the exact exception types and messages; ``tests/test_core.py`` checks both against each
 other. The rest of natskv imports whichever one ``natskv._speedups`` picked, never either
 module directly.
 
-Four groups of functions live here:
+Five groups of names live here:
 
 - keys: ``encode_key`` / ``decode_key`` map any ``str`` to a NATS KV key and back, reversibly;
 - patterns: ``compile_pattern`` turns a Redis-style glob into a matcher plus the narrowest NATS
   subject filter that still selects every matching key;
 - protocol helpers: ``parse_headers``, ``pub_command``, ``parse_ack_subject``;
 - query filters: ``compile_filter`` compiles a MongoDB-style ``where`` dict once, to be matched
-  against many decoded JSON values.
+  against many decoded JSON values;
+- indexes: ``index_key`` (the total order of indexed values), ``SortedIndex`` and ``UniqueIndex``,
+  the in-memory secondary indexes of the model replica. Unlike everything else here they are
+  mutable, and their owner serializes access to them.
 """
 
 from __future__ import annotations
 
+import bisect
 import operator
 import re
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from sortedcontainers import SortedKeyList, SortedList
 
 __all__ = [
     "Filter",
     "Pattern",
+    "SortedIndex",
+    "UniqueIndex",
     "compile_filter",
     "compile_pattern",
     "decode_key",
@@ -33,6 +42,7 @@ __all__ = [
     "decode_subjects",
     "encode_key",
     "encode_keys",
+    "index_key",
     "parse_ack_subject",
     "parse_headers",
     "pub_command",
@@ -989,3 +999,562 @@ def compile_filter(where: dict[str, Any]) -> Filter:
     has to compare values nested more than 256 levels deep.
     """
     return Filter(where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Indexes
+# ---------------------------------------------------------------------------------------------
+
+# Order keys are tuples whose first item is a rank and whose last item is the value itself, so a
+# key can be turned back into its value and keys of different ranks never compare their values.
+_RANK_BOOL, _RANK_NUM, _RANK_STR = 0, 1, 2
+# A group of primary keys is a plain list until it outgrows this, then a SortedKeyList: inserting
+# into a long list costs a memmove per add, and most groups (unique-ish fields) hold one pk.
+_GROUP_LIST_MAX = 1024
+
+
+def index_key(value: Any) -> tuple[Any, ...] | None:
+    """The order key of a field value, or None when the value is not indexed.
+
+    The order is total over JSON scalars: every bool < every number < every str. Within a kind,
+    values compare naturally: ``False < True``; ints and floats by numeric value (``1`` and
+    ``1.0`` are the same key, ``True`` is never equal to ``1``); strings by code point. None,
+    NaN, dicts, lists and any other type are not indexed. Subclasses of bool/int/float/str
+    (enums, for instance) are indexed as their base value. Never raises.
+
+    >>> index_key(True) < index_key(-5) < index_key(2.5) < index_key("")
+    True
+    >>> index_key(1) == index_key(1.0), index_key(1) == index_key(True), index_key(None)
+    (True, False, None)
+    """
+    kind = type(value)
+    if kind is str:
+        return (_RANK_STR, value)
+    if kind is int:
+        return (_RANK_NUM, value)
+    if kind is float:
+        return (_RANK_NUM, value) if value == value else None
+    if kind is bool:
+        return (_RANK_BOOL, value)
+    if value is None or kind is dict or kind is list:
+        return None
+    if isinstance(value, str):
+        return (_RANK_STR, str.__str__(value))
+    if isinstance(value, int):
+        return (_RANK_NUM, int.__int__(value))
+    if isinstance(value, float):
+        number = float.__float__(value)
+        return (_RANK_NUM, number) if number == number else None
+    return None
+
+
+def _pk_key(pk: Any) -> tuple[Any, ...]:
+    """The order key of a primary key: (type rank, value), total over mixed pk types.
+
+    Ranks: bool < numbers < str < bytes < uuid.UUID < tuple (item by item) < any other hashable
+    type, grouped by qualified type name and ordered by the type's own ``<``. Raises ValueError
+    for None or NaN, TypeError for an unhashable pk.
+    """
+    kind = type(pk)
+    if kind is int:
+        return (_RANK_NUM, pk)
+    if kind is str:
+        return (_RANK_STR, pk)
+    return _pk_key_slow(pk)
+
+
+def _pk_key_slow(pk: Any) -> tuple[Any, ...]:
+    if pk is None:
+        raise ValueError("a primary key cannot be None")
+    if isinstance(pk, bool):
+        return (_RANK_BOOL, pk)
+    if isinstance(pk, (int, float)):
+        if pk != pk:
+            raise ValueError("a primary key cannot be NaN")
+        return (_RANK_NUM, pk)
+    if isinstance(pk, str):
+        return (_RANK_STR, pk)
+    if isinstance(pk, bytes):
+        return (3, pk)
+    if isinstance(pk, uuid.UUID):
+        return (4, pk)
+    if isinstance(pk, tuple):
+        return (5, tuple([_pk_key(item) for item in pk]), pk)
+    hash(pk)
+    kind = type(pk)
+    return (6, f"{kind.__module__}.{kind.__qualname__}", pk)
+
+
+def _check_limit(limit: object) -> int | None:
+    if limit is None:
+        return None
+    if type(limit) is bool or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
+    return limit
+
+
+def _bound_key(value: object) -> tuple[Any, ...] | None:
+    """The key of a range bound; None for NaN, which no value lies next to."""
+    key = index_key(value)
+    if key is None:
+        if isinstance(value, float):
+            return None
+        raise TypeError(f"range bounds must be bool, int, float or str, not {type(value).__name__}")
+    return key
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The smallest str above every str starting with ``prefix``; None if there is none."""
+    for i in range(len(prefix) - 1, -1, -1):
+        code = ord(prefix[i])
+        if code < 0x10FFFF:
+            return prefix[:i] + chr(code + 1)
+    return None
+
+
+_Bounds = tuple[Any, bool, Any, bool]
+
+
+class _OrderedIndex:
+    """What SortedIndex and UniqueIndex share: distinct value keys kept sorted, and the scans.
+
+    ``_values`` holds each distinct key once; ``_map`` maps it to the index's payload (a group of
+    pks, or one pk). Subclasses say how a value becomes a key and how a key's pks are taken.
+    """
+
+    __slots__ = ("_map", "_values")
+
+    def __init__(self) -> None:
+        self._map: dict[tuple[Any, ...], Any] = {}
+        self._values = SortedList()
+
+    def _value_key(self, value: Any) -> tuple[Any, ...] | None:
+        raise NotImplementedError
+
+    def _lookup_key(self, value: Any) -> tuple[Any, ...] | None:
+        return self._value_key(value)
+
+    def _pks(self, key: tuple[Any, ...]) -> list[Any]:
+        raise NotImplementedError
+
+    def _take(self, key: tuple[Any, ...], after: Any, reverse: bool, need: int | None) -> list[Any]:
+        raise NotImplementedError
+
+    def eq(self, value: Any) -> list[Any]:
+        """The pks holding ``value``, in pk order; [] for a value that is not indexed."""
+        key = self._lookup_key(value)
+        if key is None or key not in self._map:
+            return []
+        return self._pks(key)
+
+    def in_(self, values: Iterable[Any]) -> list[Any]:
+        """The pks holding any of ``values``, in index order (value order, then pk order).
+
+        Values that are not indexed are ignored; equal values (``1`` and ``1.0``) count once.
+        Raises TypeError for a str or bytes (pass a list of values).
+        """
+        if isinstance(values, (str, bytes)):
+            raise TypeError(f"in_ needs an iterable of values, not {type(values).__name__}")
+        keys = set()
+        for value in values:
+            key = self._lookup_key(value)
+            if key is not None and key in self._map:
+                keys.add(key)
+        out: list[Any] = []
+        for key in sorted(keys):
+            out.extend(self._pks(key))
+        return out
+
+    def count_eq(self, value: Any) -> int:
+        """How many pks hold ``value`` (0 for a value that is not indexed)."""
+        key = self._lookup_key(value)
+        if key is None or key not in self._map:
+            return 0
+        return self._count(key)
+
+    def distinct(self) -> int:
+        """The number of distinct indexed values."""
+        return len(self._values)
+
+    def min_value(self) -> Any:
+        """The smallest indexed value in index order (bool < number < str), or None if empty.
+
+        Of equal values (``1`` and ``1.0``) the one indexed first is returned.
+        """
+        return self._values[0][-1] if self._values else None
+
+    def max_value(self) -> Any:
+        """The largest indexed value in index order, or None if empty."""
+        return self._values[-1][-1] if self._values else None
+
+    def _count(self, key: tuple[Any, ...]) -> int:
+        raise NotImplementedError
+
+    def position(self, value: Any, pk: Any) -> tuple[Any, Any]:
+        """The cursor ``(value, pk)`` of an entry, for ``after=`` in ordered / range / prefix.
+
+        A cursor is plain data: the value (as indexed: subclasses become their base type) and the
+        pk. It marks a place in the order whether or not the entry still exists. Raises
+        ValueError for a value this index cannot hold, or an invalid pk (see ``add``).
+        """
+        key = self._cursor_key(value)
+        _pk_key(pk)
+        return (key[-1], pk)
+
+    def _cursor_key(self, value: Any) -> tuple[Any, ...]:
+        key = self._value_key(value)
+        if key is None:
+            raise ValueError(f"cursor value {value!r} is not indexed (None, NaN or not a scalar)")
+        return key
+
+    def _cursor(self, after: object) -> tuple[tuple[Any, ...], Any]:
+        if not isinstance(after, (tuple, list)) or len(after) != 2:
+            raise ValueError(f"after must be a (value, pk) cursor from position(), not {after!r}")
+        key = self._cursor_key(after[0])
+        return key, _pk_key(after[1])
+
+    def range(
+        self,
+        lo: Any = None,
+        hi: Any = None,
+        lo_inclusive: bool = True,
+        hi_inclusive: bool = True,
+        reverse: bool = False,
+        limit: int | None = None,
+        after: Any = None,
+    ) -> list[Any]:
+        """The pks whose value lies between ``lo`` and ``hi``, in index order (or reversed).
+
+        A None bound is open. A range never crosses kinds: with ``lo=5`` it holds numbers only,
+        never strings or bools; bounds of two different kinds give []; a NaN bound gives [].
+        With both bounds None it is the whole index. ``after`` is a cursor from ``position()``:
+        only entries strictly after it in the scan direction are returned. Raises TypeError for
+        a bound that is not bool/int/float/str or a bad limit, ValueError for a negative limit
+        or a malformed cursor.
+        """
+        need = _check_limit(limit)
+        bounds = self._bounds(lo, hi, lo_inclusive, hi_inclusive)
+        cursor = None if after is None else self._cursor(after)
+        if bounds is None or need == 0:
+            return []
+        return self._walk(bounds, bool(reverse), cursor, need)
+
+    def prefix(
+        self, p: str, limit: int | None = None, reverse: bool = False, after: Any = None
+    ) -> list[Any]:
+        """The pks whose value is a str starting with ``p``, in index order (or reversed).
+
+        ``""`` selects every string. ``after`` as in ``range``. Raises TypeError if ``p`` is not
+        a str.
+        """
+        if not isinstance(p, str):
+            raise TypeError(f"prefix must be str, not {type(p).__name__}")
+        need = _check_limit(limit)
+        p = str.__str__(p)
+        end = _prefix_end(p)
+        hi = (_RANK_STR + 1,) if end is None else (_RANK_STR, end)
+        cursor = None if after is None else self._cursor(after)
+        if need == 0:
+            return []
+        return self._walk(((_RANK_STR, p), True, hi, False), bool(reverse), cursor, need)
+
+    def ordered(
+        self, reverse: bool = False, after: Any = None, limit: int | None = None
+    ) -> list[Any]:
+        """Every pk in index order (value order, then pk order), or reversed.
+
+        ``after`` is a cursor from ``position()``: the scan starts strictly after it, so pages
+        taken with the last entry's cursor never repeat or skip an entry that was there all
+        along, even while other entries are added or removed. Raises as ``range``.
+        """
+        need = _check_limit(limit)
+        cursor = None if after is None else self._cursor(after)
+        if need == 0:
+            return []
+        return self._walk((None, True, None, True), bool(reverse), cursor, need)
+
+    def _bounds(self, lo: Any, hi: Any, lo_inclusive: bool, hi_inclusive: bool) -> _Bounds | None:
+        """Scan bounds as keys; None when nothing can match.
+
+        An open side is closed at the edge of the other bound's kind: ``(rank,)`` sorts before
+        every key of that rank and ``(rank + 1,)`` after all of them.
+        """
+        low = None if lo is None else _bound_key(lo)
+        high = None if hi is None else _bound_key(hi)
+        if (lo is not None and low is None) or (hi is not None and high is None):
+            return None
+        lo_inc, hi_inc = bool(lo_inclusive), bool(hi_inclusive)
+        if low is None and high is None:
+            return None, True, None, True
+        if low is None:
+            return (high[0],), False, high, hi_inc
+        if high is None:
+            return low, lo_inc, (low[0] + 1,), False
+        if low[0] != high[0]:
+            return None
+        return low, lo_inc, high, hi_inc
+
+    def _walk(
+        self,
+        bounds: _Bounds,
+        reverse: bool,
+        cursor: tuple[tuple[Any, ...], Any] | None,
+        need: int | None,
+    ) -> list[Any]:
+        low, lo_inc, high, hi_inc = bounds
+        at = None
+        if cursor is not None:
+            at, after_pk = cursor
+            if not reverse:
+                if low is None or at > low or (at == low and lo_inc):
+                    low, lo_inc = at, True
+                else:
+                    at = None
+            elif high is None or at < high or (at == high and hi_inc):
+                high, hi_inc = at, True
+            else:
+                at = None
+        out: list[Any] = []
+        for key in self._values.irange(low, high, (lo_inc, hi_inc), reverse):
+            # Only the first key can be the cursor's: the scan starts there.
+            part = self._take(
+                key,
+                after_pk if at is not None and key == at else None,
+                reverse,
+                None if need is None else need - len(out),
+            )
+            at = None
+            out.extend(part)
+            if need is not None and len(out) >= need:
+                break
+        return out
+
+
+def _group_bisect(group: Any, pk_key: tuple[Any, ...], right: bool) -> int:
+    if type(group) is list:
+        if right:
+            return bisect.bisect_right(group, pk_key, key=_pk_key)
+        return bisect.bisect_left(group, pk_key, key=_pk_key)
+    return group.bisect_key_right(pk_key) if right else group.bisect_key_left(pk_key)
+
+
+class SortedIndex(_OrderedIndex):
+    """A secondary index on one field: value -> the pks of the records holding it.
+
+    Entries ``(value, pk)`` are ordered by value (see ``index_key``), then by pk (bool < numbers
+    < str < bytes < UUID < tuple < other types, each by its own order: mixed pk types never
+    raise; ``1`` and ``"1"`` are different pks). Values that are not indexed (None, NaN, dicts,
+    lists) are skipped. Equality is a dict lookup; ranges, prefixes and ordered scans cost
+    O(log n + k). A pk may appear under several values (several entries).
+
+    Not thread-safe: the owner (the replica) serializes writers against readers. Raises
+    ValueError for a None or NaN pk, TypeError for an unhashable one.
+    """
+
+    __slots__ = ("_len",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"SortedIndex(entries={self._len}, distinct={len(self._values)})"
+
+    def _value_key(self, value: Any) -> tuple[Any, ...] | None:
+        return index_key(value)
+
+    def _pks(self, key: tuple[Any, ...]) -> list[Any]:
+        return list(self._map[key])
+
+    def _count(self, key: tuple[Any, ...]) -> int:
+        return len(self._map[key])
+
+    def _take(self, key: tuple[Any, ...], after: Any, reverse: bool, need: int | None) -> list[Any]:
+        group = self._map[key]
+        size = len(group)
+        if not reverse:
+            start = 0 if after is None else _group_bisect(group, after, True)
+            stop = size if need is None else min(size, start + need)
+            return group[start:stop]
+        stop = size if after is None else _group_bisect(group, after, False)
+        start = 0 if need is None else max(0, stop - need)
+        part = group[start:stop]
+        part.reverse()
+        return part
+
+    def add(self, value: Any, pk: Any) -> bool:
+        """Index ``pk`` under ``value``. False if the entry exists or the value is not indexed."""
+        pk_key = _pk_key(pk)
+        key = index_key(value)
+        if key is None:
+            return False
+        group = self._map.get(key)
+        if group is None:
+            self._map[key] = [pk]
+            self._values.add(key)
+        elif type(group) is list:
+            i = bisect.bisect_left(group, pk_key, key=_pk_key)
+            if i < len(group) and _pk_key(group[i]) == pk_key:
+                return False
+            group.insert(i, pk)
+            if len(group) > _GROUP_LIST_MAX:
+                self._map[key] = SortedKeyList(group, key=_pk_key)
+        else:
+            i = group.bisect_key_left(pk_key)
+            if i < len(group) and _pk_key(group[i]) == pk_key:
+                return False
+            group.add(pk)
+        self._len += 1
+        return True
+
+    def remove(self, value: Any, pk: Any) -> bool:
+        """Drop the entry ``(value, pk)``. False (no error) if it is not there."""
+        pk_key = _pk_key(pk)
+        key = index_key(value)
+        group = None if key is None else self._map.get(key)
+        if group is None:
+            return False
+        i = _group_bisect(group, pk_key, False)
+        if i == len(group) or _pk_key(group[i]) != pk_key:
+            return False
+        del group[i]
+        self._len -= 1
+        if not group:
+            del self._map[key]
+            self._values.remove(key)
+        return True
+
+    def replace(self, old_value: Any, new_value: Any, pk: Any) -> None:
+        """Move ``pk`` from ``old_value`` to ``new_value`` (either may be unindexed)."""
+        _pk_key(pk)
+        old, new = index_key(old_value), index_key(new_value)
+        if old is None or new is None or old != new:
+            self.remove(old_value, pk)
+        self.add(new_value, pk)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._map.clear()
+        self._values.clear()
+        self._len = 0
+
+
+class UniqueIndex(_OrderedIndex):
+    """A unique index: value -> the one pk holding it, with the same ordered scans as SortedIndex.
+
+    Values are ordered like ``index_key`` (None, NaN, dicts and lists are not indexed). With
+    ``pk_order=True`` the values are primary keys themselves: any hashable except None, in pk
+    order (bool < numbers < str < bytes < UUID < tuple < other types), which is how the replica
+    indexes and pages by primary key. ``range`` and ``prefix`` bounds are bool/number/str in both
+    modes. Cursors are ``(value, pk)`` like SortedIndex's, so both page the same way.
+
+    Uniqueness is the server's job; this is the in-memory map, and ``add`` raises ValueError when
+    a value is already held by another pk. Not thread-safe: the owner serializes access.
+    """
+
+    __slots__ = ("_pk_order",)
+
+    def __init__(self, pk_order: bool = False) -> None:
+        super().__init__()
+        self._pk_order = bool(pk_order)
+
+    @property
+    def pk_order(self) -> bool:
+        return self._pk_order
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __repr__(self) -> str:
+        return f"UniqueIndex(entries={len(self._map)}, pk_order={self._pk_order})"
+
+    def _value_key(self, value: Any) -> tuple[Any, ...] | None:
+        if not self._pk_order:
+            return index_key(value)
+        return None if value is None else _pk_key(value)
+
+    def _lookup_key(self, value: Any) -> tuple[Any, ...] | None:
+        try:
+            return self._value_key(value)
+        except (TypeError, ValueError):
+            return None
+
+    def _pks(self, key: tuple[Any, ...]) -> list[Any]:
+        return [self._map[key]]
+
+    def _count(self, key: tuple[Any, ...]) -> int:
+        return 1
+
+    def _take(self, key: tuple[Any, ...], after: Any, reverse: bool, need: int | None) -> list[Any]:
+        pk = self._map[key]
+        if after is not None:
+            pk_key = _pk_key(pk)
+            if (pk_key <= after) if not reverse else (pk_key >= after):
+                return []
+        return [pk]
+
+    def get(self, value: Any) -> Any:
+        """The pk holding ``value``, or None (also for a value that cannot be indexed)."""
+        key = self._lookup_key(value)
+        return None if key is None else self._map.get(key)
+
+    def add(self, value: Any, pk: Any) -> bool:
+        """Map ``value`` to ``pk``. False if already so or the value is not indexed.
+
+        Raises ValueError if another pk holds the value (nothing changes), or for an invalid pk
+        (None, NaN), TypeError for an unhashable pk (or value, with ``pk_order``).
+        """
+        pk_key = _pk_key(pk)
+        key = self._value_key(value)
+        if key is None:
+            return False
+        held = self._map.get(key, _MISSING)
+        if held is not _MISSING:
+            if _pk_key(held) == pk_key:
+                return False
+            raise ValueError(f"value {value!r} is already held by pk {held!r}, not {pk!r}")
+        self._map[key] = pk
+        self._values.add(key)
+        return True
+
+    def remove(self, value: Any) -> Any:
+        """Unmap ``value``; returns the pk that held it, or None (no error) if none did."""
+        key = self._lookup_key(value)
+        if key is None:
+            return None
+        pk = self._map.pop(key, _MISSING)
+        if pk is _MISSING:
+            return None
+        self._values.remove(key)
+        return pk
+
+    def replace(self, old_value: Any, new_value: Any, pk: Any) -> None:
+        """Move ``pk`` from ``old_value`` to ``new_value`` atomically.
+
+        ``old_value`` is freed only if ``pk`` holds it. Raises ValueError, changing nothing, if
+        another pk holds ``new_value``.
+        """
+        pk_key = _pk_key(pk)
+        new = self._value_key(new_value)
+        if new is not None:
+            held = self._map.get(new, _MISSING)
+            if held is not _MISSING and _pk_key(held) != pk_key:
+                raise ValueError(f"value {new_value!r} is already held by pk {held!r}, not {pk!r}")
+        old = self._lookup_key(old_value)
+        if old is not None and old != new:
+            held = self._map.get(old, _MISSING)
+            if held is not _MISSING and _pk_key(held) == pk_key:
+                del self._map[old]
+                self._values.remove(old)
+        if new is not None:
+            self.add(new_value, pk)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._map.clear()
+        self._values.clear()

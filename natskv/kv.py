@@ -143,8 +143,8 @@ class Bucket:
         else:
             payload = self.codec.encode(value)
         self._proto.check_size(len(payload))
-        tth = ttl_header(ttl)
-        if tth is not None:
+        if ttl is not None:
+            tth = ttl_header(ttl)
             self._proto.require_ttl()
             headers = dict(headers or {}, **{"Nats-TTL": tth})
         return payload, headers

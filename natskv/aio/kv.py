@@ -112,7 +112,8 @@ class KVProtocol:
         self.subject_prefix = f"$KV.{bucket}."
         self._direct_prefix = f"$JS.API.DIRECT.GET.{self.stream}.{self.subject_prefix}"
         self._direct_batch = f"$JS.API.DIRECT.GET.{self.stream}"
-        self.config: dict[str, Any] = {}
+        self._config: dict[str, Any] = {}
+        self._max_value: int | None = None
 
     # -- bucket management (any thread) -------------------------------------------------------
 
@@ -398,14 +399,14 @@ class KVProtocol:
         """
         mux = self.conn.mux
         assert mux is not None
+        reply = mux.request(subject, payload, headers, timeout)
+        if reply[0] or status_of(reply[1]) != 503:
+            return reply
         total = timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.02
         checked = False
         while True:
-            reply = mux.request(subject, payload, headers, timeout)
-            if reply[0] or status_of(reply[1]) != 503:
-                return reply
             if not checked:  # deleted by someone else? Say so instead of retrying until the timeout
                 checked = True
                 try:
@@ -425,6 +426,21 @@ class KVProtocol:
                     )
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+            reply = mux.request(subject, payload, headers, timeout)
+            if reply[0] or status_of(reply[1]) != 503:
+                return reply
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The bucket's stream config as last read from the server."""
+        return self._config
+
+    @config.setter
+    def config(self, config: dict[str, Any]) -> None:
+        self._config = config
+        meta = config.get("metadata") or {}
+        limit = int(meta.get("natskv.max_value_size", 0) or 0) or config.get("max_msg_size", -1)
+        self._max_value = limit if limit and limit > 0 else None
 
     def require_ttl(self) -> None:
         """Make sure per-key TTL works here: the server has it and the stream allows it."""
@@ -435,13 +451,11 @@ class KVProtocol:
 
     def max_value_size(self) -> int | None:
         """The bucket's value size limit: natskv's own (in the metadata), else the stream's."""
-        meta = self.config.get("metadata") or {}
-        limit = int(meta.get("natskv.max_value_size", 0) or 0) or self.config.get("max_msg_size", -1)
-        return limit if limit and limit > 0 else None
+        return self._max_value
 
     def check_size(self, size: int) -> None:
         limit = self.conn.max_payload
-        max_value = self.max_value_size()
+        max_value = self._max_value
         if max_value is not None and size > max_value:
             raise PayloadTooLargeError(
                 f"value of {size} bytes exceeds bucket {self.bucket!r}'s max_value_size of {max_value} bytes"
