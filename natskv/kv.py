@@ -425,18 +425,43 @@ class Bucket:
                     headers["Nats-Expected-Last-Subject-Sequence"] = str(_check_revision(op[3]))
                     checks[enc] = (key, int(op[3]))
             items.append((enc, payload, headers))
-        try:
-            return self._proto.commit_batch(items, self._t(timeout))
-        except JetStreamError as exc:
-            if exc.err_code in CAS_ERROR_CODES:
-                # The server does not say which key failed; find it for a useful error.
-                for enc, (key, expected) in checks.items():
-                    raw = self._proto.get(enc, self._t(timeout))
-                    current = raw.revision if raw is not None and (expected != 0 or raw.operation == "PUT") else 0
-                    if current != expected:
-                        err = KeyExistsError(key, current) if expected == 0 else RevisionMismatchError(key, expected, current)
-                        raise err from exc
-            raise
+        t = self._t(timeout)
+        for _ in range(5):
+            try:
+                return self._proto.commit_batch(items, t)
+            except JetStreamError as exc:
+                if exc.err_code not in CAS_ERROR_CODES:
+                    raise
+                # The server does not say which check failed. Read the checked keys (one batch
+                # get): a real conflict raises naming its key; a create over a deleted, purged or
+                # expired key is allowed (as in create()) and is retried against its tombstone.
+                self._rebase_creates(items, checks, t, exc)
+        raise RevisionMismatchError(next(iter(checks.values()))[0], 0, None, "keys kept changing; retry the commit")
+
+    def _rebase_creates(
+        self,
+        items: list[tuple[str, bytes, dict[str, str]]],
+        checks: dict[str, tuple[str, int]],
+        timeout: float | None,
+        cause: Exception,
+    ) -> None:
+        prefix = self._proto.subject_prefix
+        latest = {
+            raw.subject[len(prefix) :]: raw
+            for raw in self._proto.get_last_many([prefix + enc for enc in checks], timeout) or []
+        }
+        tombstones: dict[str, int] = {}  # creates: the revision of the tombstone they replace
+        for enc, (key, expected) in checks.items():
+            raw = latest.get(enc)
+            if expected == 0:
+                if raw is not None and raw.operation == "PUT":
+                    raise KeyExistsError(key, raw.revision) from cause
+                tombstones[enc] = raw.revision if raw is not None else 0
+            elif (raw.revision if raw is not None else 0) != expected:
+                raise RevisionMismatchError(key, expected, raw.revision if raw is not None else 0) from cause
+        for enc, _, headers in items:
+            if enc in tombstones:
+                headers["Nats-Expected-Last-Subject-Sequence"] = str(tombstones[enc])
 
     # -- watching ------------------------------------------------------------------------------
 

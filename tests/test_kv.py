@@ -1331,3 +1331,18 @@ def test_permission_denied_is_reported_at_once(tmp_path: Path) -> None:
             assert isinstance(info.value, PermissionError)
             assert "locked" in str(info.value)
             assert db.bucket("open").set("k", 1) >= 1
+
+
+def test_commit_create_over_deleted_purged_and_expired_keys(kv: natskv.Bucket) -> None:
+    """As with create(), a commit's create succeeds over a tombstone and fails over a live value."""
+    kv.set("gone", 1)
+    kv.delete("gone")
+    kv.set("purged", 1)
+    kv.purge("purged")
+    kv.set("live", 1)
+    kv.commit([("create", "gone", 2), ("create", "purged", 3), ("create", "fresh", 4)])
+    assert kv.get_many(["gone", "purged", "fresh"]) == {"gone": 2, "purged": 3, "fresh": 4}
+    with pytest.raises(KeyExistsError) as info:
+        kv.commit([("create", "other", 1), ("create", "live", 2)])
+    assert info.value.key == "live"
+    assert kv.get("other") is None and kv.get("live") == 1
