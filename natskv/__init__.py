@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from natskv.client import Client, connect
     from natskv.codec import BytesCodec, Codec, JSONCodec, StrCodec
     from natskv.kv import Bucket, BucketStatus, Entry
+    from natskv.replica import LocalReplica
     from natskv.watch import Change, Watcher
 
 # These pull in nats-py and asyncio (~150 ms): loaded on first use, so `natskv --help` and
@@ -56,6 +57,7 @@ _LAZY = {
     "BucketStatus": "natskv.kv",
     "Entry": "natskv.kv",
     "Change": "natskv.watch",
+    "LocalReplica": "natskv.replica",
     "Watcher": "natskv.watch",
 }
 
@@ -99,6 +101,7 @@ __all__ = [
     "JetStreamError",
     "KeyExistsError",
     "KeyNotFoundError",
+    "LocalReplica",
     "NatsKVError",
     "NatsKVTimeoutError",
     "NotConnectedError",

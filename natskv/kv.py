@@ -31,6 +31,7 @@ from natskv.errors import (
 
 if TYPE_CHECKING:
     from natskv.client import Client
+    from natskv.replica import LocalReplica
     from natskv.watch import Watcher
 
 _MISSING: Any = object()
@@ -490,6 +491,15 @@ class Bucket:
             include_history=include_history, updates_only=updates_only, ignore_deletes=ignore_deletes,
             on_error=on_error, timeout=self._t(timeout),
         )
+
+    def replica(self, pattern: str | re.Pattern[str] = "*", *, timeout: float | None = None) -> LocalReplica:
+        """A :class:`natskv.LocalReplica` of the keys matching ``pattern``, loaded and kept current.
+
+        Reads on it are in-memory; call ``replica.wait_for(revision)`` after a write to read it back.
+        """
+        from natskv.replica import LocalReplica
+
+        return LocalReplica(self, pattern).start(self._t(timeout))
 
     # -- bucket --------------------------------------------------------------------------------
 

@@ -1,0 +1,156 @@
+"""LocalReplica: the keys of a bucket mirrored in memory, kept current by one shared watch.
+
+Reads from a replica are dictionary lookups (microseconds, no network). The watch's events are
+applied on natskv's loop thread as they arrive, under a lock that readers take too, so a reader
+never sees half an update. Read-your-writes: :meth:`LocalReplica.wait_for` blocks until the
+replica has applied a given revision, which is what a writer calls after its write returned.
+
+The replica subscribes to the client's shared feed for its bucket and filter, so several replicas
+and watchers of the same keys cost one server consumer.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from natskv._runner import check_timeout, runner
+from natskv._speedups import core
+from natskv.aio.kv import RawEntry
+from natskv.aio.watch import INITIAL_DONE, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
+from natskv.errors import InvalidKeyError, NatsKVTimeoutError
+
+if TYPE_CHECKING:
+    from natskv.kv import Bucket
+
+ApplyHook = Callable[[str, Any, Any], None]
+"""``hook(key, old_value, new_value)`` after each change (None for absent); loop thread, under the
+replica's lock: it must be quick and must not call natskv."""
+
+
+class LocalReplica:
+    """The keys of ``bucket`` that match ``pattern``, with their latest values, in memory.
+
+    Create it with :meth:`natskv.Bucket.replica` (or directly), then :meth:`start`. Thread-safe.
+    """
+
+    def __init__(self, bucket: Bucket, pattern: str | re.Pattern[str] = "*", on_apply: ApplyHook | None = None) -> None:
+        try:
+            self._pattern = core.compile_pattern(pattern, bucket.sep)
+        except (ValueError, TypeError) as exc:
+            raise InvalidKeyError(f"invalid key pattern {pattern!r}: {exc}") from exc
+        self.bucket = bucket
+        self._on_apply = on_apply
+        self._values: dict[str, Any] = {}
+        self._revisions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._ready = threading.Event()
+        self.revision = 0  # highest stream revision applied
+        self._subscription: tuple[SharedFeed, FeedSubscriber] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> LocalReplica:
+        """Subscribe and wait until the current values are loaded; return self."""
+        check_timeout(timeout)
+        if self._subscription is None:
+            client = self.bucket._client
+            self._subscription = runner.call(
+                subscribe_feed(client._conn, self.bucket._proto, self._pattern.filter, "last_per_subject", self._apply),
+                timeout,
+            )
+        if not self._ready.wait(timeout):
+            raise NatsKVTimeoutError(f"replica of bucket {self.bucket.name!r} not loaded within {timeout} s")
+        return self
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop following the bucket (the values stay readable, frozen)."""
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None and not runner.in_loop_thread():
+            runner.call(unsubscribe_feed(*subscription), timeout)
+
+    def __enter__(self) -> LocalReplica:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- applying (loop thread) ------------------------------------------------------------------
+
+    def _apply(self, event: Any) -> None:
+        if event is INITIAL_DONE:
+            self._ready.set()
+            return
+        raw: RawEntry = event
+        bucket = self.bucket
+        key = bucket._key_of(raw.subject[len(bucket._proto.subject_prefix) :])
+        wanted = self._pattern.exact or self._pattern.match(key)
+        put = raw.operation == "PUT"
+        new = bucket._decode(raw, key).value if wanted and put else None
+        with self._changed:
+            # The stream position moves for every event, matched or not: wait_for() relies on it.
+            if raw.revision > self.revision:
+                self.revision = raw.revision
+            if wanted and raw.revision > self._revisions.get(key, 0):
+                old = self._values.get(key)
+                if put:
+                    self._values[key] = new
+                    self._revisions[key] = raw.revision
+                elif key in self._values:
+                    del self._values[key]
+                    del self._revisions[key]
+                else:
+                    old = new = None
+                if self._on_apply is not None and (old is not None or new is not None):
+                    self._on_apply(key, old, new)
+            self._changed.notify_all()
+
+    # -- reading (any thread) ------------------------------------------------------------------
+
+    def wait_for(self, revision: int, timeout: float | None = 5.0) -> None:
+        """Block until this replica has applied ``revision`` (read-your-writes).
+
+        ``revision`` must be that of a write to a key under the replica's pattern: writes to
+        other keys are never delivered to it, so their revisions are only passed, not reached.
+        """
+        runner.check_not_loop_thread("LocalReplica.wait_for()")
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.revision >= revision, timeout):
+                raise NatsKVTimeoutError(
+                    f"replica of bucket {self.bucket.name!r} did not reach revision {revision} within {timeout} s "
+                    f"(at {self.revision}); is the watch connected?"
+                )
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` as of the last applied change, or ``default``."""
+        with self._lock:
+            return self._values.get(key, default)
+
+    def revision_of(self, key: str) -> int | None:
+        """The revision of ``key``'s current value, None when absent."""
+        with self._lock:
+            return self._revisions.get(key)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of every key and value."""
+        with self._lock:
+            return dict(self._values)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._values
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._values)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.snapshot()))
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Hold this to read several values (or an index kept by ``on_apply``) consistently."""
+        return self._lock

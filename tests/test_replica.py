@@ -1,0 +1,119 @@
+"""LocalReplica: a bucket mirrored in memory by a shared watch, against a real nats-server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterator
+
+import pytest
+
+import natskv
+from natskv import InvalidKeyError, NatsKVTimeoutError
+
+
+@pytest.fixture
+def kv(db: natskv.Client, name: str) -> Iterator[natskv.Bucket]:
+    bucket = db.bucket(name)
+    try:
+        yield bucket
+    finally:
+        db.delete_bucket(name)
+
+
+def consumer_count(db: natskv.Client, bucket: str) -> int:
+    return int(db._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, 5)["state"]["consumer_count"])
+
+
+def test_loads_current_values_and_follows_changes(kv: natskv.Bucket) -> None:
+    kv.set_many({"user:1": {"n": 1}, "user:2": {"n": 2}, "other": 0})
+    kv.delete("user:2")
+    with kv.replica("user:*") as rep:
+        assert rep.snapshot() == {"user:1": {"n": 1}}
+        rev = kv.set("user:3", {"n": 3})
+        rep.wait_for(rev)
+        assert rep.get("user:3") == {"n": 3}
+        assert rep.revision_of("user:3") == rev
+        rev = kv.delete("user:1")
+        rep.wait_for(rev)
+        assert "user:1" not in rep and rep.get("user:1", "absent") == "absent"
+        kv.set("other", 1)  # outside the pattern: never delivered, never stored
+        rep.wait_for(kv.set("user:4", 4))
+        assert "other" not in rep
+        assert list(rep) == ["user:3", "user:4"] and len(rep) == 2
+
+
+def test_read_your_writes_from_many_threads(kv: natskv.Bucket) -> None:
+    rep = kv.replica()
+    errors: list[str] = []
+
+    def writer(t: int) -> None:
+        for i in range(50):
+            rev = kv.set(f"t{t}:{i}", i)
+            rep.wait_for(rev)
+            if rep.get(f"t{t}:{i}") != i:
+                errors.append(f"t{t}:{i}")
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    rep.stop()
+    assert errors == []
+    assert len(rep) == 400
+
+
+def test_apply_hook_sees_old_and_new_values(kv: natskv.Bucket) -> None:
+    seen: list[tuple[str, Any, Any]] = []
+    rep = natskv.LocalReplica(kv, "*", on_apply=lambda k, old, new: seen.append((k, old, new))).start(5)
+    try:
+        rep.wait_for(kv.set("a", 1))
+        rep.wait_for(kv.set("a", 2))
+        rep.wait_for(kv.delete("a"))
+        rep.wait_for(kv.delete("never-existed"))
+    finally:
+        rep.stop()
+    assert seen == [("a", None, 1), ("a", 1, 2), ("a", 2, None)]
+
+
+def test_replicas_and_watchers_share_one_consumer(db: natskv.Client, kv: natskv.Bucket) -> None:
+    kv.set("k:1", 1)
+    r1 = kv.replica("k:*")
+    r2 = kv.replica("k:*")
+    w = kv.watch("k:*")
+    try:
+        assert consumer_count(db, kv.name) == 1
+        rev = kv.set("k:2", 2)
+        r1.wait_for(rev)
+        r2.wait_for(rev)
+        assert r1.snapshot() == r2.snapshot() == {"k:1": 1, "k:2": 2}
+    finally:
+        r1.stop()
+        r2.stop()
+        w.stop()
+    assert consumer_count(db, kv.name) == 0
+
+
+def test_wait_for_times_out_with_a_clear_error(kv: natskv.Bucket) -> None:
+    with kv.replica() as rep:
+        with pytest.raises(NatsKVTimeoutError, match="did not reach revision"):
+            rep.wait_for(10**9, timeout=0.2)
+
+
+def test_bad_pattern_fails_before_subscribing(kv: natskv.Bucket) -> None:
+    with pytest.raises(InvalidKeyError):
+        kv.replica("[oops")
+
+
+def test_warm_up_of_many_keys(kv: natskv.Bucket) -> None:
+    """20k records load completely; the rate is reported (measured properly in benchmarks/)."""
+    n = 20_000
+    for start in range(0, n, 1000):
+        kv.set_many({f"r:{i:06d}": {"i": i, "name": f"user {i}"} for i in range(start, start + 1000)})
+    t0 = time.perf_counter()
+    with kv.replica("r:*", timeout=60) as rep:
+        elapsed = time.perf_counter() - t0
+        assert len(rep) == n
+        assert rep.get("r:012345") == {"i": 12345, "name": "user 12345"}
+    print(f"replica warm-up: {n / elapsed:,.0f} records/s")
