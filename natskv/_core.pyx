@@ -5,16 +5,21 @@
 ``natskv._core_py`` is the documented reference; this module mirrors it name for name, including
 exception types and messages, and exists only to be fast: key coding and glob matching are C
 loops over the string's own buffer (Py_UCS1/2/4), and a filter is a tree of cdef nodes whose
-operators are resolved once, at compile time. No I/O, no NATS, no asyncio. Every object here is
-immutable once built, so it is safe to share between threads (also on free-threaded Python).
-Import it through ``natskv._speedups``.
+operators are resolved once, at compile time. No I/O, no NATS, no asyncio. Every object here but
+the indexes (SortedIndex, UniqueIndex: mutable, their owner serializes access) is immutable once
+built, so it is safe to share between threads (also on free-threaded Python). Import it through
+``natskv._speedups``.
 """
 
 import re
+import uuid
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.object cimport Py_GE, Py_GT, Py_LE, Py_LT, PyObject_RichCompareBool
+from cpython.object cimport Py_EQ, Py_GE, Py_GT, Py_LE, Py_LT, PyObject_RichCompareBool
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport (
     Py_UCS1,
     Py_UCS2,
@@ -22,9 +27,11 @@ from cpython.unicode cimport (
     PyUnicode_1BYTE_KIND,
     PyUnicode_2BYTE_KIND,
     PyUnicode_4BYTE_KIND,
+    PyUnicode_Compare,
     PyUnicode_DATA,
     PyUnicode_DecodeUTF8,
     PyUnicode_FromKindAndData,
+    PyUnicode_FromOrdinal,
     PyUnicode_KIND,
     PyUnicode_New,
 )
@@ -33,6 +40,8 @@ from libc.string cimport memchr, memcmp, memcpy
 __all__ = [
     "Filter",
     "Pattern",
+    "SortedIndex",
+    "UniqueIndex",
     "compile_filter",
     "compile_pattern",
     "decode_key",
@@ -40,6 +49,7 @@ __all__ = [
     "decode_subjects",
     "encode_key",
     "encode_keys",
+    "index_key",
     "parse_ack_subject",
     "parse_headers",
     "pub_command",
@@ -1506,3 +1516,881 @@ cdef class Filter:
 def compile_filter(where):
     """Compile a MongoDB-style where dict. See natskv._core_py.compile_filter."""
     return Filter(where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Indexes
+# ---------------------------------------------------------------------------------------------
+# The same order keys as natskv._core_py: tuples (rank, value) for field values, (rank, pk) or
+# longer for primary keys, the value always last. Scans and bisects compare them with C fast paths
+# for same-rank str/int/float/bool and fall back to Python's own tuple comparison, which defines
+# the order. Index objects are mutable and not locked: their owner serializes access. Bounds
+# checks stay on here, so misuse from several threads raises instead of reading freed memory.
+
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
+
+cdef enum:
+    _LOAD = 512                 # a _Chunks chunk is split in two when it passes 2 * _LOAD keys
+    _GROUP_LIST_MAX = 1024      # a group longer than this becomes a _Chunks (as in _core_py)
+    _MAX_PK_DEPTH = 64          # tuple pks nested deeper are refused (C recursion)
+
+cdef object _UUID = uuid.UUID
+
+
+cdef object _index_key(object value):
+    cdef type kind = type(value)
+    cdef double number
+    if kind is str:
+        return (2, value)
+    if kind is int:
+        return (1, value)
+    if kind is float:
+        number = value
+        return (1, value) if number == number else None
+    if kind is bool:
+        return (0, value)
+    if value is None or kind is dict or kind is list:
+        return None
+    if isinstance(value, str):
+        return (2, str.__str__(value))
+    if isinstance(value, int):
+        return (1, int.__int__(value))
+    if isinstance(value, float):
+        value = float.__float__(value)
+        number = value
+        return (1, value) if number == number else None
+    return None
+
+
+def index_key(value):
+    """The order key of a field value, or None when it is not indexed.
+
+    bool < numbers < str; 1 and 1.0 share a key, True never equals 1; None, NaN, dicts, lists
+    and other types are not indexed. See natskv._core_py.index_key.
+    """
+    return _index_key(value)
+
+
+cdef object _pk_key(object pk):
+    cdef type kind = type(pk)
+    if kind is int:
+        return (1, pk)
+    if kind is str:
+        return (2, pk)
+    return _pk_key_slow(pk, 0)
+
+
+cdef object _pk_key_slow(object pk, int depth):
+    if pk is None:
+        raise ValueError("a primary key cannot be None")
+    if isinstance(pk, bool):
+        return (0, pk)
+    if isinstance(pk, (int, float)):
+        if pk != pk:
+            raise ValueError("a primary key cannot be NaN")
+        return (1, pk)
+    if isinstance(pk, str):
+        return (2, pk)
+    if isinstance(pk, bytes):
+        return (3, pk)
+    if isinstance(pk, _UUID):
+        return (4, pk)
+    if isinstance(pk, tuple):
+        if depth >= _MAX_PK_DEPTH:
+            raise ValueError("a primary key cannot nest tuples more than 64 levels deep")
+        return (5, tuple([_pk_key_slow(item, depth + 1) for item in pk]), pk)
+    hash(pk)
+    kind = type(pk)
+    return (6, f"{kind.__module__}.{kind.__qualname__}", pk)
+
+
+cdef inline int _check_pk(object pk) except -1:
+    cdef type kind = type(pk)
+    if kind is not int and kind is not str:
+        _pk_key_slow(pk, 0)
+    return 0
+
+
+cdef inline object _last(tuple key):
+    return key[len(key) - 1]
+
+
+cdef int _rich_cmp(object a, object b) except -2:
+    if PyObject_RichCompareBool(a, b, Py_LT):
+        return -1
+    if PyObject_RichCompareBool(a, b, Py_EQ):
+        return 0
+    return 1
+
+
+cdef inline int _int_cmp(object a, object b) except -2:
+    cdef int over_a = 0
+    cdef int over_b = 0
+    cdef long long x = PyLong_AsLongLongAndOverflow(a, &over_a)
+    cdef long long y = PyLong_AsLongLongAndOverflow(b, &over_b)
+    if over_a or over_b:
+        return _rich_cmp(a, b)
+    return (x > y) - (x < y)
+
+
+cdef int _key_cmp(object a, object b) except -2:
+    """Compare two order keys: -1, 0 or 1, exactly as Python compares the tuples."""
+    cdef object x, y
+    cdef type kind
+    cdef double p, q
+    if (
+        PyTuple_GET_SIZE(a) == 2
+        and PyTuple_GET_SIZE(b) == 2
+        and PyTuple_GET_ITEM(a, 0) == PyTuple_GET_ITEM(b, 0)  # ranks are cached small ints
+    ):
+        x = <object>PyTuple_GET_ITEM(a, 1)
+        y = <object>PyTuple_GET_ITEM(b, 1)
+        kind = type(x)
+        if kind is type(y):
+            if kind is str:
+                return PyUnicode_Compare(x, y)
+            if kind is int:
+                return _int_cmp(x, y)
+            if kind is float:
+                p = x
+                q = y
+                return (p > q) - (p < q)
+            if kind is bool:
+                return (x is True) - (y is True)
+    return _rich_cmp(a, b)
+
+
+cdef int _pk_cmp(object a, object b) except -2:
+    """Compare two primary keys in pk order."""
+    cdef type kind = type(a)
+    if kind is type(b):
+        if kind is int:
+            return _int_cmp(a, b)
+        if kind is str:
+            return PyUnicode_Compare(a, b)
+    return _key_cmp(_pk_key(a), _pk_key(b))
+
+
+@cython.boundscheck(True)
+cdef Py_ssize_t _bisect(list seq, object key, bint right, bint pks) except -1:
+    """Where ``key`` goes in the sorted ``seq``: before equal items, or after them if right."""
+    cdef Py_ssize_t lo = 0
+    cdef Py_ssize_t hi = len(seq)
+    cdef Py_ssize_t mid
+    cdef int c
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        c = _pk_cmp(seq[mid], key) if pks else _key_cmp(seq[mid], key)
+        if c < 0 or (right and c == 0):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@cython.final
+@cython.boundscheck(True)
+cdef class _Chunks:
+    """A sorted sequence kept as chunks of at most 2 * _LOAD keys, with optional payloads.
+
+    ``keys`` holds non-empty sorted lists whose concatenation is the sequence; ``maxes[i]`` is the
+    last key of ``keys[i]``; ``items`` (None without payloads) is parallel to ``keys``. A position
+    is (chunk, offset), chunk == len(keys) being the end. With ``pks`` the keys are raw primary
+    keys in pk order, otherwise order-key tuples. Inserting costs O(log n + _LOAD) and never
+    shifts more than one chunk, where one flat list would shift half the index.
+    """
+
+    cdef list keys
+    cdef list items
+    cdef list maxes
+    cdef Py_ssize_t size
+    cdef bint pks
+
+    def __cinit__(self):
+        self.keys = []
+        self.maxes = []
+        self.items = None
+        self.size = 0
+        self.pks = False
+
+    cdef inline int cmp(self, object a, object b) except -2:
+        return _pk_cmp(a, b) if self.pks else _key_cmp(a, b)
+
+    cdef int locate(self, object key, bint right, Py_ssize_t* chunk, Py_ssize_t* offset) except -1:
+        cdef Py_ssize_t ci = _bisect(self.maxes, key, right, self.pks)
+        chunk[0] = ci
+        offset[0] = 0 if ci == len(self.maxes) else _bisect(self.keys[ci], key, right, self.pks)
+        return 0
+
+    cdef int fill(self, list ordered) except -1:
+        """Load sorted, distinct keys into an empty instance without payloads."""
+        cdef Py_ssize_t i, n = len(ordered)
+        cdef list chunk
+        for i in range(0, n, _LOAD):
+            chunk = ordered[i:i + _LOAD]
+            self.keys.append(chunk)
+            self.maxes.append(chunk[len(chunk) - 1])
+        self.size = n
+        return 0
+
+    cdef bint insert(self, object key, object item) except -1:
+        """Insert ``key`` (with ``item``); False, changing nothing, if an equal key is there."""
+        cdef Py_ssize_t ci, j, half
+        cdef Py_ssize_t n = len(self.maxes)
+        cdef list chunk, payloads, upper
+        if n == 0:
+            self.keys.append([key])
+            self.maxes.append(key)
+            if self.items is not None:
+                self.items.append([item])
+            self.size = 1
+            return True
+        ci = _bisect(self.maxes, key, False, self.pks)
+        if ci == n:
+            ci = n - 1
+            chunk = self.keys[ci]
+            j = len(chunk)
+        else:
+            chunk = self.keys[ci]
+            j = _bisect(chunk, key, False, self.pks)
+            if self.cmp(chunk[j], key) == 0:
+                return False
+        chunk.insert(j, key)
+        if self.items is not None:
+            (<list>self.items[ci]).insert(j, item)
+        if j == len(chunk) - 1:
+            self.maxes[ci] = key
+        self.size += 1
+        if len(chunk) > 2 * _LOAD:
+            half = len(chunk) >> 1
+            upper = chunk[half:]
+            del chunk[half:]
+            self.keys.insert(ci + 1, upper)
+            self.maxes[ci] = chunk[half - 1]
+            self.maxes.insert(ci + 1, upper[len(upper) - 1])
+            if self.items is not None:
+                payloads = self.items[ci]
+                self.items.insert(ci + 1, payloads[half:])
+                del payloads[half:]
+        return True
+
+    cdef object pop(self, object key, object missing):
+        """Remove ``key``; its payload (None without payloads), or ``missing`` if absent."""
+        cdef Py_ssize_t ci, j
+        cdef list chunk
+        cdef object item = None
+        ci = _bisect(self.maxes, key, False, self.pks)
+        if ci == len(self.maxes):
+            return missing
+        chunk = self.keys[ci]
+        j = _bisect(chunk, key, False, self.pks)
+        if self.cmp(chunk[j], key) != 0:
+            return missing
+        del chunk[j]
+        if self.items is not None:
+            item = (<list>self.items[ci]).pop(j)
+        self.size -= 1
+        if not chunk:
+            del self.keys[ci]
+            del self.maxes[ci]
+            if self.items is not None:
+                del self.items[ci]
+        elif j == len(chunk):
+            self.maxes[ci] = chunk[j - 1]
+        return item
+
+    cdef int set_item(self, object key, object item) except -1:
+        """Replace the payload of ``key``, which must be present."""
+        cdef Py_ssize_t ci, j
+        self.locate(key, False, &ci, &j)
+        (<list>self.items[ci])[j] = item
+        return 0
+
+    cdef list all_keys(self):
+        cdef list out = []
+        for chunk in self.keys:
+            out.extend(<list>chunk)
+        return out
+
+    cdef int emit(
+        self, list out, Py_ssize_t ci, Py_ssize_t j, bint reverse, Py_ssize_t need
+    ) except -1:
+        """Append keys to ``out`` until it holds ``need`` items (need < 0: no limit).
+
+        Forwards from position (ci, j); in reverse, the keys before that position, downwards.
+        """
+        cdef list chunk
+        cdef Py_ssize_t stop
+        if not reverse:
+            while ci < len(self.keys):
+                chunk = self.keys[ci]
+                stop = len(chunk)
+                if need >= 0 and stop - j > need - len(out):
+                    stop = j + need - len(out)
+                while j < stop:
+                    out.append(chunk[j])
+                    j += 1
+                if need >= 0 and len(out) >= need:
+                    return 0
+                ci += 1
+                j = 0
+            return 0
+        while True:
+            if j == 0:
+                ci -= 1
+                if ci < 0:
+                    return 0
+                j = len(<list>self.keys[ci])
+            chunk = self.keys[ci]
+            j -= 1
+            out.append(chunk[j])
+            if need >= 0 and len(out) >= need:
+                return 0
+
+
+cdef _Chunks _new_chunks(bint pks, bint payloads):
+    cdef _Chunks chunks = _Chunks()
+    chunks.pks = pks
+    if payloads:
+        chunks.items = []
+    return chunks
+
+
+cdef Py_ssize_t _check_limit(object limit) except -2:
+    """The limit as a count, -1 for none."""
+    if limit is None:
+        return -1
+    if type(limit) is bool or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
+    if limit >= PY_SSIZE_T_MAX:
+        return -1
+    return limit
+
+
+cdef object _bound_key(object value):
+    key = _index_key(value)
+    if key is None:
+        if isinstance(value, float):
+            return None
+        raise TypeError(f"range bounds must be bool, int, float or str, not {type(value).__name__}")
+    return key
+
+
+cdef object _prefix_end(str prefix):
+    cdef Py_ssize_t i
+    cdef Py_UCS4 ch
+    cdef long code
+    for i in range(len(prefix) - 1, -1, -1):
+        ch = prefix[i]
+        code = ch
+        if code < 0x10FFFF:
+            return prefix[:i] + PyUnicode_FromOrdinal(code + 1)
+    return None
+
+
+def _restore_index(cls, args, entries):
+    """Unpickle an index: a new cls(*args) holding entries (value, pk)."""
+    index = cls(*args)
+    for value, pk in entries:
+        index.add(value, pk)
+    return index
+
+
+@cython.boundscheck(True)
+cdef class _OrderedIndex:
+    """What SortedIndex and UniqueIndex share. See natskv._core_py._OrderedIndex.
+
+    ``_map`` maps each distinct key to the payload (a group of pks, or one pk); ``_values`` keeps
+    the same keys sorted with the same payloads, so scans never go back to the dict.
+    """
+
+    cdef dict _map
+    cdef _Chunks _values
+
+    def __cinit__(self):
+        self._map = {}
+        self._values = _new_chunks(False, True)
+
+    cdef object _value_key(self, object value):
+        raise NotImplementedError
+
+    cdef object _lookup_key(self, object value):
+        return self._value_key(value)
+
+    cdef tuple _args(self):
+        return ()
+
+    def __reduce__(self):
+        cdef list entries = []
+        cdef list pks = []
+        for chunk, payloads in zip(self._values.keys, self._values.items):
+            for key, payload in zip(<list>chunk, <list>payloads):
+                del pks[:]
+                self._take(pks, payload, None, False, -1)
+                value = _last(key)
+                for pk in pks:
+                    entries.append((value, pk))
+        return _restore_index, (type(self), self._args(), entries)
+
+    cdef Py_ssize_t _count(self, object payload) except -1:
+        raise NotImplementedError
+
+    cdef int _take(
+        self, list out, object payload, object after, bint reverse, Py_ssize_t need
+    ) except -1:
+        raise NotImplementedError
+
+    cdef list _pks(self, object payload):
+        raise NotImplementedError
+
+    def eq(self, value):
+        """The pks holding value, in pk order; [] for a value that is not indexed."""
+        key = self._lookup_key(value)
+        if key is not None:
+            payload = self._map.get(key)
+            if payload is not None:
+                return self._pks(payload)
+        return []
+
+    def in_(self, values):
+        """The pks holding any of values, in index order. See natskv._core_py."""
+        cdef set keys = set()
+        cdef list out = []
+        if isinstance(values, (str, bytes)):
+            raise TypeError(f"in_ needs an iterable of values, not {type(values).__name__}")
+        for value in values:
+            key = self._lookup_key(value)
+            if key is not None and key in self._map:
+                keys.add(key)
+        for key in sorted(keys):
+            self._take(out, self._map[key], None, False, -1)
+        return out
+
+    def count_eq(self, value):
+        """How many pks hold value (0 for a value that is not indexed)."""
+        key = self._lookup_key(value)
+        if key is None:
+            return 0
+        payload = self._map.get(key)
+        return 0 if payload is None else self._count(payload)
+
+    def distinct(self):
+        """The number of distinct indexed values."""
+        return len(self._map)
+
+    def min_value(self):
+        """The smallest indexed value in index order, or None if empty."""
+        if not self._values.keys:
+            return None
+        return _last((<list>self._values.keys[0])[0])
+
+    def max_value(self):
+        """The largest indexed value in index order, or None if empty."""
+        cdef list chunk
+        if not self._values.keys:
+            return None
+        chunk = self._values.keys[len(self._values.keys) - 1]
+        return _last(chunk[len(chunk) - 1])
+
+    def position(self, value, pk):
+        """The cursor (value, pk) of an entry, for after= in ordered / range / prefix."""
+        key = self._cursor_key(value)
+        _check_pk(pk)
+        return (_last(key), pk)
+
+    cdef tuple _cursor_key(self, object value):
+        key = self._value_key(value)
+        if key is None:
+            raise ValueError(f"cursor value {value!r} is not indexed (None, NaN or not a scalar)")
+        return key
+
+    cdef tuple _cursor(self, object after):
+        if not isinstance(after, (tuple, list)) or len(after) != 2:
+            raise ValueError(f"after must be a (value, pk) cursor from position(), not {after!r}")
+        key = self._cursor_key(after[0])
+        pk = after[1]
+        _check_pk(pk)
+        return (key, pk)
+
+    def range(
+        self,
+        lo=None,
+        hi=None,
+        bint lo_inclusive=True,
+        bint hi_inclusive=True,
+        bint reverse=False,
+        limit=None,
+        after=None,
+    ):
+        """The pks whose value lies between lo and hi, in index order. See natskv._core_py."""
+        cdef Py_ssize_t need = _check_limit(limit)
+        cdef object low = None
+        cdef object high = None
+        if lo is not None:
+            low = _bound_key(lo)
+        if hi is not None:
+            high = _bound_key(hi)
+        cursor = None if after is None else self._cursor(after)
+        if (lo is not None and low is None) or (hi is not None and high is None) or need == 0:
+            return []
+        if low is None and high is None:
+            return self._walk(None, True, None, True, reverse, cursor, need)
+        if low is None:
+            return self._walk((high[0],), False, high, hi_inclusive, reverse, cursor, need)
+        if high is None:
+            return self._walk(low, lo_inclusive, (low[0] + 1,), False, reverse, cursor, need)
+        if low[0] != high[0]:
+            return []
+        return self._walk(low, lo_inclusive, high, hi_inclusive, reverse, cursor, need)
+
+    def prefix(self, p, limit=None, bint reverse=False, after=None):
+        """The pks whose value is a str starting with p, in index order. See natskv._core_py."""
+        if not isinstance(p, str):
+            raise TypeError(f"prefix must be str, not {type(p).__name__}")
+        cdef Py_ssize_t need = _check_limit(limit)
+        cdef str text = str.__str__(p)
+        end = _prefix_end(text)
+        high = (3,) if end is None else (2, end)
+        cursor = None if after is None else self._cursor(after)
+        if need == 0:
+            return []
+        return self._walk((2, text), True, high, False, reverse, cursor, need)
+
+    def ordered(self, bint reverse=False, after=None, limit=None):
+        """Every pk in index order, or reversed, strictly after the cursor after. See _core_py."""
+        cdef Py_ssize_t need = _check_limit(limit)
+        cursor = None if after is None else self._cursor(after)
+        if need == 0:
+            return []
+        return self._walk(None, True, None, True, reverse, cursor, need)
+
+    cdef list _walk(
+        self,
+        object low,
+        bint lo_inc,
+        object high,
+        bint hi_inc,
+        bint reverse,
+        object cursor,
+        Py_ssize_t need,
+    ):
+        cdef list out = []
+        cdef list chunk, payloads
+        cdef _Chunks values = self._values
+        cdef Py_ssize_t ci, j
+        cdef int c
+        cdef object at = None
+        cdef object after_pk = None
+        if cursor is not None:
+            at, after_pk = cursor
+            if not reverse:
+                if low is None or _key_cmp(at, low) > 0 or (lo_inc and _key_cmp(at, low) == 0):
+                    low, lo_inc = at, True
+                else:
+                    at = None
+            elif high is None or _key_cmp(at, high) < 0 or (hi_inc and _key_cmp(at, high) == 0):
+                high, hi_inc = at, True
+            else:
+                at = None
+        if not reverse:
+            if low is None:
+                ci = j = 0
+            else:
+                values.locate(low, not lo_inc, &ci, &j)
+            while ci < len(values.keys):
+                chunk = values.keys[ci]
+                payloads = values.items[ci]
+                while j < len(chunk):
+                    key = chunk[j]
+                    if high is not None:
+                        c = _key_cmp(key, high)
+                        if c > 0 or (c == 0 and not hi_inc):
+                            return out
+                    # Only the first key can be the cursor's: the scan starts there.
+                    if at is not None and _key_cmp(key, at) == 0:
+                        self._take(out, payloads[j], after_pk, False, need)
+                    else:
+                        self._take(out, payloads[j], None, False, need)
+                    at = None
+                    if need >= 0 and len(out) >= need:
+                        return out
+                    j += 1
+                ci += 1
+                j = 0
+            return out
+        if high is None:
+            ci = len(values.keys)
+            j = 0
+        else:
+            values.locate(high, hi_inc, &ci, &j)
+        while True:
+            if j == 0:
+                ci -= 1
+                if ci < 0:
+                    return out
+                j = len(<list>values.keys[ci])
+            chunk = values.keys[ci]
+            payloads = values.items[ci]
+            j -= 1
+            key = chunk[j]
+            if low is not None:
+                c = _key_cmp(key, low)
+                if c < 0 or (c == 0 and not lo_inc):
+                    return out
+            if at is not None and _key_cmp(key, at) == 0:
+                self._take(out, payloads[j], after_pk, True, need)
+            else:
+                self._take(out, payloads[j], None, True, need)
+            at = None
+            if need >= 0 and len(out) >= need:
+                return out
+
+
+@cython.boundscheck(True)
+cdef class SortedIndex(_OrderedIndex):
+    """A secondary index on one field: value -> the pks of the records holding it, ordered.
+
+    Same API and behaviour as natskv._core_py.SortedIndex. Not thread-safe: the owner
+    serializes writers against readers.
+    """
+
+    cdef Py_ssize_t _len
+
+    def __len__(self):
+        return self._len
+
+    def __repr__(self):
+        return f"SortedIndex(entries={self._len}, distinct={len(self._map)})"
+
+    cdef object _value_key(self, object value):
+        return _index_key(value)
+
+    cdef list _pks(self, object group):
+        if type(group) is list:
+            return (<list>group)[:]
+        return (<_Chunks>group).all_keys()
+
+    cdef Py_ssize_t _count(self, object group) except -1:
+        if type(group) is list:
+            return len(<list>group)
+        return (<_Chunks>group).size
+
+    cdef int _take(
+        self, list out, object group, object after, bint reverse, Py_ssize_t need
+    ) except -1:
+        cdef list pks
+        cdef _Chunks chunks
+        cdef Py_ssize_t start, stop, i, ci, j
+        if type(group) is list:
+            pks = group
+            if not reverse:
+                start = 0 if after is None else _bisect(pks, after, True, True)
+                stop = len(pks)
+                if need >= 0 and stop - start > need - len(out):
+                    stop = start + need - len(out)
+                for i in range(start, stop):
+                    out.append(pks[i])
+            else:
+                stop = len(pks) if after is None else _bisect(pks, after, False, True)
+                start = 0
+                if need >= 0 and stop - start > need - len(out):
+                    start = stop - (need - len(out))
+                for i in range(stop - 1, start - 1, -1):
+                    out.append(pks[i])
+            return 0
+        chunks = group
+        if after is not None:
+            chunks.locate(after, not reverse, &ci, &j)
+        elif reverse:
+            ci = len(chunks.keys)
+            j = 0
+        else:
+            ci = j = 0
+        return chunks.emit(out, ci, j, reverse, need)
+
+    def add(self, value, pk):
+        """Index pk under value. False if the entry exists or the value is not indexed."""
+        return self._add(value, pk)
+
+    cdef bint _add(self, object value, object pk) except -1:
+        cdef list pks
+        cdef _Chunks chunks
+        cdef Py_ssize_t j
+        _check_pk(pk)
+        key = _index_key(value)
+        if key is None:
+            return False
+        group = self._map.get(key)
+        if group is None:
+            pks = [pk]
+            self._map[key] = pks
+            self._values.insert(key, pks)
+        elif type(group) is list:
+            pks = group
+            j = _bisect(pks, pk, False, True)
+            if j < len(pks) and _pk_cmp(pks[j], pk) == 0:
+                return False
+            pks.insert(j, pk)
+            if len(pks) > _GROUP_LIST_MAX:
+                chunks = _new_chunks(True, False)
+                chunks.fill(pks)
+                self._map[key] = chunks
+                self._values.set_item(key, chunks)
+        elif not (<_Chunks>group).insert(pk, None):
+            return False
+        self._len += 1
+        return True
+
+    def remove(self, value, pk):
+        """Drop the entry (value, pk). False (no error) if it is not there."""
+        return self._remove(value, pk)
+
+    cdef bint _remove(self, object value, object pk) except -1:
+        cdef list pks
+        cdef Py_ssize_t j
+        cdef bint empty
+        _check_pk(pk)
+        key = _index_key(value)
+        if key is None:
+            return False
+        group = self._map.get(key)
+        if group is None:
+            return False
+        if type(group) is list:
+            pks = group
+            j = _bisect(pks, pk, False, True)
+            if j == len(pks) or _pk_cmp(pks[j], pk) != 0:
+                return False
+            del pks[j]
+            empty = not pks
+        else:
+            if (<_Chunks>group).pop(pk, _MISSING) is _MISSING:
+                return False
+            empty = (<_Chunks>group).size == 0
+        self._len -= 1
+        if empty:
+            del self._map[key]
+            self._values.pop(key, _MISSING)
+        return True
+
+    def replace(self, old_value, new_value, pk):
+        """Move pk from old_value to new_value (either may be unindexed)."""
+        _check_pk(pk)
+        old = _index_key(old_value)
+        new = _index_key(new_value)
+        if old is None or new is None or _key_cmp(old, new) != 0:
+            self._remove(old_value, pk)
+        self._add(new_value, pk)
+
+    def clear(self):
+        """Drop every entry."""
+        self._map.clear()
+        self._values = _new_chunks(False, True)
+        self._len = 0
+
+
+@cython.boundscheck(True)
+cdef class UniqueIndex(_OrderedIndex):
+    """A unique index: value -> the one pk holding it, with SortedIndex's ordered scans.
+
+    Same API and behaviour as natskv._core_py.UniqueIndex (pk_order=True: the values are
+    primary keys, in pk order). Not thread-safe: the owner serializes access.
+    """
+
+    cdef readonly bint pk_order
+
+    def __init__(self, pk_order=False):
+        self.pk_order = bool(pk_order)
+
+    cdef tuple _args(self):
+        return (bool(self.pk_order),)
+
+    def __len__(self):
+        return len(self._map)
+
+    def __repr__(self):
+        return f"UniqueIndex(entries={len(self._map)}, pk_order={bool(self.pk_order)})"
+
+    cdef object _value_key(self, object value):
+        if not self.pk_order:
+            return _index_key(value)
+        return None if value is None else _pk_key(value)
+
+    cdef object _lookup_key(self, object value):
+        try:
+            return self._value_key(value)
+        except (TypeError, ValueError):
+            return None
+
+    cdef list _pks(self, object pk):
+        return [pk]
+
+    cdef Py_ssize_t _count(self, object pk) except -1:
+        return 1
+
+    cdef int _take(
+        self, list out, object pk, object after, bint reverse, Py_ssize_t need
+    ) except -1:
+        cdef int c
+        if after is not None:
+            c = _pk_cmp(pk, after)
+            if (c <= 0) if not reverse else (c >= 0):
+                return 0
+        out.append(pk)
+        return 0
+
+    def get(self, value):
+        """The pk holding value, or None (also for a value that cannot be indexed)."""
+        key = self._lookup_key(value)
+        return None if key is None else self._map.get(key)
+
+    def add(self, value, pk):
+        """Map value to pk: False if already so or not indexed, ValueError if another pk has it."""
+        _check_pk(pk)
+        key = self._value_key(value)
+        if key is None:
+            return False
+        held = self._map.get(key, _MISSING)
+        if held is not _MISSING:
+            if _pk_cmp(held, pk) == 0:
+                return False
+            raise ValueError(f"value {value!r} is already held by pk {held!r}, not {pk!r}")
+        self._map[key] = pk
+        self._values.insert(key, pk)
+        return True
+
+    def remove(self, value):
+        """Unmap value; returns the pk that held it, or None (no error) if none did."""
+        key = self._lookup_key(value)
+        if key is None:
+            return None
+        pk = self._map.pop(key, _MISSING)
+        if pk is _MISSING:
+            return None
+        self._values.pop(key, _MISSING)
+        return pk
+
+    def replace(self, old_value, new_value, pk):
+        """Move pk from old_value to new_value atomically. See natskv._core_py.UniqueIndex."""
+        _check_pk(pk)
+        new = self._value_key(new_value)
+        if new is not None:
+            held = self._map.get(new, _MISSING)
+            if held is not _MISSING and _pk_cmp(held, pk) != 0:
+                raise ValueError(f"value {new_value!r} is already held by pk {held!r}, not {pk!r}")
+        old = self._lookup_key(old_value)
+        if old is not None and (new is None or _key_cmp(old, new) != 0):
+            held = self._map.get(old, _MISSING)
+            if held is not _MISSING and _pk_cmp(held, pk) == 0:
+                del self._map[old]
+                self._values.pop(old, _MISSING)
+        if new is not None:
+            self.add(new_value, pk)
+
+    def clear(self):
+        """Drop every entry."""
+        self._map.clear()
+        self._values = _new_chunks(False, True)

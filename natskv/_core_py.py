@@ -1,10 +1,10 @@
 """The pure-Python core of natskv: the readable reference for ``natskv._core``.
 
 Everything here is a pure function or an immutable object (the indexes excepted, see below): no
-I/O, no NATS, no asyncio, safe to call from any thread. ``natskv._core`` (Cython) exposes the same names with the same behaviour,
-including the exact exception types and messages; ``tests/test_core.py`` checks both against each
-other. The rest of natskv imports whichever one ``natskv._speedups`` picked, never either
-module directly.
+I/O, no NATS, no asyncio, safe to call from any thread. ``natskv._core`` (Cython) exposes the
+same names with the same behaviour, including the exact exception types and messages;
+``tests/test_core.py`` and ``tests/test_core_index.py`` check both against each other. The rest
+of natskv imports whichever one ``natskv._speedups`` picked, never either module directly.
 
 Five groups of names live here:
 
@@ -1011,6 +1011,8 @@ _RANK_BOOL, _RANK_NUM, _RANK_STR = 0, 1, 2
 # A group of primary keys is a plain list until it outgrows this, then a SortedKeyList: inserting
 # into a long list costs a memmove per add, and most groups (unique-ish fields) hold one pk.
 _GROUP_LIST_MAX = 1024
+# Tuple pks nested deeper are refused (the compiled core builds their keys by C recursion).
+_MAX_PK_DEPTH = 64
 
 
 def index_key(value: Any) -> tuple[Any, ...] | None:
@@ -1053,17 +1055,17 @@ def _pk_key(pk: Any) -> tuple[Any, ...]:
 
     Ranks: bool < numbers < str < bytes < uuid.UUID < tuple (item by item) < any other hashable
     type, grouped by qualified type name and ordered by the type's own ``<``. Raises ValueError
-    for None or NaN, TypeError for an unhashable pk.
+    for None, NaN or tuples nested more than 64 levels deep, TypeError for an unhashable pk.
     """
     kind = type(pk)
     if kind is int:
         return (_RANK_NUM, pk)
     if kind is str:
         return (_RANK_STR, pk)
-    return _pk_key_slow(pk)
+    return _pk_key_slow(pk, 0)
 
 
-def _pk_key_slow(pk: Any) -> tuple[Any, ...]:
+def _pk_key_slow(pk: Any, depth: int) -> tuple[Any, ...]:
     if pk is None:
         raise ValueError("a primary key cannot be None")
     if isinstance(pk, bool):
@@ -1079,7 +1081,9 @@ def _pk_key_slow(pk: Any) -> tuple[Any, ...]:
     if isinstance(pk, uuid.UUID):
         return (4, pk)
     if isinstance(pk, tuple):
-        return (5, tuple([_pk_key(item) for item in pk]), pk)
+        if depth >= _MAX_PK_DEPTH:
+            raise ValueError("a primary key cannot nest tuples more than 64 levels deep")
+        return (5, tuple([_pk_key_slow(item, depth + 1) for item in pk]), pk)
     hash(pk)
     kind = type(pk)
     return (6, f"{kind.__module__}.{kind.__qualname__}", pk)
@@ -1117,6 +1121,14 @@ def _prefix_end(prefix: str) -> str | None:
 _Bounds = tuple[Any, bool, Any, bool]
 
 
+def _restore_index(cls: type[Any], args: tuple[Any, ...], entries: list[tuple[Any, Any]]) -> Any:
+    """Unpickle an index: a new ``cls(*args)`` holding ``entries`` (value, pk)."""
+    index = cls(*args)
+    for value, pk in entries:
+        index.add(value, pk)
+    return index
+
+
 class _OrderedIndex:
     """What SortedIndex and UniqueIndex share: distinct value keys kept sorted, and the scans.
 
@@ -1132,6 +1144,16 @@ class _OrderedIndex:
 
     def _value_key(self, value: Any) -> tuple[Any, ...] | None:
         raise NotImplementedError
+
+    def _args(self) -> tuple[Any, ...]:
+        return ()
+
+    def _entries(self) -> list[tuple[Any, Any]]:
+        """Every entry as (value, pk), in index order."""
+        raise NotImplementedError
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restore_index, (type(self), self._args(), self._entries())
 
     def _lookup_key(self, value: Any) -> tuple[Any, ...] | None:
         return self._value_key(value)
@@ -1371,6 +1393,9 @@ class SortedIndex(_OrderedIndex):
     def _pks(self, key: tuple[Any, ...]) -> list[Any]:
         return list(self._map[key])
 
+    def _entries(self) -> list[tuple[Any, Any]]:
+        return [(key[-1], pk) for key in self._values for pk in self._map[key]]
+
     def _count(self, key: tuple[Any, ...]) -> int:
         return len(self._map[key])
 
@@ -1486,6 +1511,12 @@ class UniqueIndex(_OrderedIndex):
 
     def _pks(self, key: tuple[Any, ...]) -> list[Any]:
         return [self._map[key]]
+
+    def _args(self) -> tuple[Any, ...]:
+        return (self._pk_order,)
+
+    def _entries(self) -> list[tuple[Any, Any]]:
+        return [(key[-1], self._map[key]) for key in self._values]
 
     def _count(self, key: tuple[Any, ...]) -> int:
         return 1

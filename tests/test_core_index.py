@@ -1,0 +1,916 @@
+"""Tests of the core's indexes (index_key, SortedIndex, UniqueIndex), run against both cores.
+
+``core`` is parametrized over the compiled ``natskv._core`` and the pure ``natskv._core_py``,
+imported directly so that a missing extension is an error, never a silent second run of the pure
+code. The Hypothesis tests drive both implementations and a naive reference (a dict of entries
+sorted on demand) with the same random operations and demand identical answers, or the same
+exception with the same message.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import math
+import random
+import uuid
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+IMPLS = {"c": "natskv._core", "python": "natskv._core_py"}
+
+
+@pytest.fixture(scope="session", params=sorted(IMPLS))
+def core(request: pytest.FixtureRequest) -> ModuleType:
+    return importlib.import_module(IMPLS[request.param])
+
+
+@pytest.fixture(scope="session")
+def c_core() -> ModuleType:
+    return importlib.import_module("natskv._core")
+
+
+@pytest.fixture(scope="session")
+def py_core() -> ModuleType:
+    return importlib.import_module("natskv._core_py")
+
+
+def outcome(func: Any, *args: Any, **kwargs: Any) -> tuple[str, Any]:
+    """The result of a call, or its exception type and message, for parity comparisons."""
+    try:
+        return "ok", func(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Fruit(str, enum.Enum):
+    APPLE = "apple"
+
+
+class Ratio(float):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# index_key
+# ---------------------------------------------------------------------------------------------
+
+
+def test_index_key_order_is_bool_then_numbers_then_strings(core: ModuleType) -> None:
+    ordered = [False, True, -math.inf, -3, -2.5, 0, 1, 1.5, 10**30, math.inf, "", "A", "a", "ab"]
+    keys = [core.index_key(value) for value in ordered]
+    assert keys == sorted(keys)
+    assert len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("value", [None, math.nan, {}, {"a": 1}, [], [1], (1,), b"x", object()])
+def test_index_key_of_unindexed_values(core: ModuleType, value: Any) -> None:
+    assert core.index_key(value) is None
+
+
+def test_index_key_equality(core: ModuleType) -> None:
+    key = core.index_key
+    assert key(1) == key(1.0) == key(Color.RED)
+    assert hash(key(1)) == hash(key(1.0))
+    assert key(True) != key(1)
+    assert key(False) != key(0)
+    assert key(0.0) == key(-0.0)
+    assert key("1") != key(1)
+
+
+def test_index_key_normalizes_subclasses(core: ModuleType) -> None:
+    assert type(core.index_key(Color.RED)[-1]) is int
+    assert core.index_key(Fruit.APPLE) == core.index_key("apple")
+    assert type(core.index_key(Fruit.APPLE)[-1]) is str
+    assert type(core.index_key(Ratio(0.5))[-1]) is float
+    assert core.index_key(Ratio("nan")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# SortedIndex
+# ---------------------------------------------------------------------------------------------
+
+
+def make(core: ModuleType, pairs: list[tuple[Any, Any]]) -> Any:
+    index = core.SortedIndex()
+    for value, pk in pairs:
+        index.add(value, pk)
+    return index
+
+
+def test_add_remove_len_and_idempotence(core: ModuleType) -> None:
+    index = core.SortedIndex()
+    assert index.add(5, 1) is True
+    assert index.add(5, 1) is False
+    assert index.add(5.0, 1) is False
+    assert index.add(5, 2) is True
+    assert len(index) == 2
+    assert index.remove(5, 3) is False
+    assert index.remove(6, 1) is False
+    assert index.remove(None, 1) is False
+    assert index.remove(5.0, 1) is True
+    assert index.remove(5, 1) is False
+    assert len(index) == 1 and index.distinct() == 1
+    assert index.remove(5, 2) is True
+    assert len(index) == 0 and index.distinct() == 0
+    assert index.ordered() == [] and index.min_value() is None and index.max_value() is None
+    assert repr(index) == "SortedIndex(entries=0, distinct=0)"
+
+
+@pytest.mark.parametrize("value", [None, math.nan, {"a": 1}, [1, 2]])
+def test_unindexed_values_are_skipped(core: ModuleType, value: Any) -> None:
+    index = core.SortedIndex()
+    assert index.add(value, 1) is False
+    assert len(index) == 0
+    assert index.eq(value) == [] and index.count_eq(value) == 0
+    assert index.remove(value, 1) is False
+
+
+def test_bool_never_equals_one(core: ModuleType) -> None:
+    index = make(core, [(True, "t"), (1, "one"), (1.0, "one-float"), (False, "f"), (0, "zero")])
+    assert index.eq(True) == ["t"]
+    assert index.eq(1) == ["one", "one-float"]
+    assert index.eq(1.0) == ["one", "one-float"]
+    assert index.eq(False) == ["f"]
+    assert index.eq(0) == ["zero"]
+    assert index.ordered() == ["f", "t", "zero", "one", "one-float"]
+    assert index.distinct() == 4
+
+
+def test_mixed_pk_types_are_ordered_and_distinct(core: ModuleType) -> None:
+    u1, u2 = uuid.UUID(int=1), uuid.UUID(int=2)
+    pks: list[Any] = ["1", 1, u2, (2, "a"), b"b", u1, 0.5, (1, "z"), "a", False, Color.RED]
+    index = make(core, [("v", pk) for pk in pks])
+    assert index.eq("v") == [False, 0.5, 1, "1", "a", b"b", u1, u2, (1, "z"), (2, "a")]
+    assert len(index) == 10  # Color.RED == 1: the same pk
+    assert index.remove("v", "1") is True
+    assert index.eq("v") == [False, 0.5, 1, "a", b"b", u1, u2, (1, "z"), (2, "a")]
+
+
+def test_pks_of_other_types_are_grouped_by_type(core: ModuleType) -> None:
+    from decimal import Decimal
+    from fractions import Fraction
+
+    index = make(core, [("v", Fraction(1, 2)), ("v", Decimal(3)), ("v", Decimal(1)), ("v", 7)])
+    assert index.eq("v") == [7, Decimal(1), Decimal(3), Fraction(1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("pk", "error", "message"),
+    [
+        (None, ValueError, "a primary key cannot be None"),
+        (math.nan, ValueError, "a primary key cannot be NaN"),
+        ((1, None), ValueError, "a primary key cannot be None"),
+        ([1], TypeError, "unhashable type: 'list'"),
+        ((1, {}), TypeError, "unhashable type: 'dict'"),
+    ],
+)
+def test_invalid_pks(core: ModuleType, pk: Any, error: type[Exception], message: str) -> None:
+    index = core.SortedIndex()
+    for call in (index.add, index.remove):
+        with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+            call("v", pk)
+    with pytest.raises(error):
+        index.position("v", pk)
+    assert len(index) == 0
+
+
+def test_deeply_nested_tuple_pk_is_refused(core: ModuleType) -> None:
+    pk: Any = 1
+    for _ in range(70):
+        pk = (pk,)
+    with pytest.raises(ValueError, match="more than 64 levels deep"):
+        core.SortedIndex().add("v", pk)
+
+
+def test_eq_in_and_count(core: ModuleType) -> None:
+    index = make(core, [(v % 3, v) for v in range(9, 0, -1)] + [("a", "x"), (True, "t")])
+    assert index.eq(0) == [3, 6, 9]
+    assert index.eq(7) == [] and index.eq("zz") == []
+    assert index.count_eq(1) == 3 and index.count_eq(7) == 0
+    assert index.in_([2, 0, "a", None, [1], 2.0, math.nan]) == [3, 6, 9, 2, 5, 8, "x"]
+    assert index.in_(iter([True])) == ["t"]
+    assert index.in_([]) == []
+    with pytest.raises(TypeError, match="in_ needs an iterable of values, not str"):
+        index.in_("a")
+
+
+def test_range(core: ModuleType) -> None:
+    pairs = [(v, v) for v in range(10)] + [(False, "f"), (True, "t"), ("5", "s5"), ("a", "sa")]
+    index = make(core, pairs + [(2.5, "2.5")])
+    assert index.range(2, 5) == [2, "2.5", 3, 4, 5]
+    assert index.range(2, 5, lo_inclusive=False, hi_inclusive=False) == ["2.5", 3, 4]
+    assert index.range(2.5, 4) == ["2.5", 3, 4]
+    assert index.range(7) == [7, 8, 9]  # numbers only: never the strings above
+    assert index.range(hi=1) == [0, 1]  # nor the bools below
+    assert index.range(hi=1, hi_inclusive=False) == [0]
+    assert index.range(7, reverse=True) == [9, 8, 7]
+    assert index.range(2, 5, reverse=True, limit=2) == [5, 4]
+    assert index.range(0, 9, limit=3) == [0, 1, 2]
+    assert index.range(0, 9, limit=0) == []
+    assert index.range(5, 2) == []
+    assert index.range(3, 3) == [3] and index.range(3, 3, lo_inclusive=False) == []
+    assert index.range("0") == ["s5", "sa"]
+    assert index.range(hi="5") == ["s5"]
+    assert index.range(False, True) == ["f", "t"]
+    assert index.range(True) == ["t"]
+    assert index.range(1, "z") == []  # bounds of two kinds
+    assert index.range(True, 3) == []
+    assert index.range(math.nan) == [] and index.range(1, math.nan) == []
+    assert index.range(Color.RED, 2) == [1, 2]
+    assert index.range() == index.ordered()
+    assert index.range(reverse=True) == index.ordered(reverse=True)
+
+
+@pytest.mark.parametrize("bound", [[1], {"a": 1}, b"x", object()])
+def test_range_bound_types(core: ModuleType, bound: Any) -> None:
+    index = make(core, [(1, 1)])
+    message = f"range bounds must be bool, int, float or str, not {type(bound).__name__}"
+    with pytest.raises(TypeError, match=message):
+        index.range(bound)
+    with pytest.raises(TypeError, match=message):
+        index.range(hi=bound)
+
+
+@pytest.mark.parametrize(
+    ("limit", "error", "message"),
+    [
+        (-1, ValueError, "limit must be >= 0, not -1"),
+        (1.0, TypeError, "limit must be an int or None, not float"),
+        (True, TypeError, "limit must be an int or None, not bool"),
+        ("3", TypeError, "limit must be an int or None, not str"),
+    ],
+)
+def test_limit_validation(
+    core: ModuleType, limit: Any, error: type[Exception], message: str
+) -> None:
+    index = make(core, [(1, 1)])
+    for call in (
+        lambda: index.range(limit=limit),
+        lambda: index.prefix("", limit=limit),
+        lambda: index.ordered(limit=limit),
+    ):
+        with pytest.raises(error, match=message):
+            call()
+    assert index.ordered(limit=10**30) == [1]
+
+
+def test_prefix(core: ModuleType) -> None:
+    words = ["app", "apple", "apply", "apq", "ap", "b", "", "a\U0010ffff", "a\U0010ffff\U0010ffff"]
+    index = make(core, [(w, i) for i, w in enumerate(words)] + [(1, "n"), (True, "t")])
+    assert index.prefix("app") == [0, 1, 2]
+    assert index.prefix("app", reverse=True) == [2, 1, 0]
+    assert index.prefix("app", limit=2) == [0, 1]
+    assert index.prefix("ap") == [4, 0, 1, 2, 3]
+    assert index.prefix("") == [6, 4, 0, 1, 2, 3, 7, 8, 5]
+    assert index.prefix("a\U0010ffff") == [7, 8]
+    assert index.prefix("a\U0010ffff\U0010ffff", reverse=True) == [8]
+    assert index.prefix("zz") == []
+    assert index.prefix(Fruit.APPLE) == [1]
+    with pytest.raises(TypeError, match="prefix must be str, not int"):
+        index.prefix(1)
+
+
+def test_min_max_distinct(core: ModuleType) -> None:
+    index = make(core, [(3, "a"), (1.0, "b"), (1, "c"), ("x", "d"), (False, "e")])
+    assert index.min_value() is False
+    assert index.max_value() == "x"
+    assert index.distinct() == 4
+    index.remove(False, "e")
+    index.remove("x", "d")
+    assert index.min_value() == 1 and index.max_value() == 3
+
+
+def test_replace(core: ModuleType) -> None:
+    index = make(core, [(1, "a"), (1, "b")])
+    index.replace(1, 2, "a")
+    assert index.eq(1) == ["b"] and index.eq(2) == ["a"]
+    index.replace(2, 2.0, "a")
+    assert index.eq(2) == ["a"] and len(index) == 2
+    index.replace(2, None, "a")
+    assert index.eq(2) == [] and len(index) == 1
+    index.replace(None, "z", "a")
+    assert index.eq("z") == ["a"]
+    index.replace(7, 8, "new")  # the old entry was never there
+    assert index.eq(8) == ["new"] and len(index) == 3
+    with pytest.raises(ValueError, match="cannot be None"):
+        index.replace(1, 2, None)
+
+
+def test_clear(core: ModuleType) -> None:
+    index = make(core, [(v, v) for v in range(50)])
+    index.clear()
+    assert len(index) == 0 and index.ordered() == [] and index.eq(1) == []
+    assert index.add(1, 1) is True and index.ordered() == [1]
+
+
+def test_pickle_and_deepcopy(core: ModuleType) -> None:
+    import copy
+    import pickle
+
+    index = make(core, [(i % 3, i) for i in range(1500)] + [("s", "x"), (True, (1, "t"))])
+    unique = core.UniqueIndex(pk_order=True)
+    for pk in [uuid.UUID(int=1), 5, "five"]:
+        unique.add(pk, pk)
+    for original in (index, unique):
+        for clone in (pickle.loads(pickle.dumps(original)), copy.deepcopy(original)):
+            assert type(clone) is type(original)
+            assert len(clone) == len(original) and clone.ordered() == original.ordered()
+            assert clone.distinct() == original.distinct()
+            clone.clear()
+            assert len(original) > 0
+    assert pickle.loads(pickle.dumps(unique)).pk_order is True
+
+
+def test_position(core: ModuleType) -> None:
+    index = core.SortedIndex()
+    assert index.position(Color.RED, "a") == (1, "a")
+    assert type(index.position(Color.RED, "a")[0]) is int
+    assert index.position("x", 5) == ("x", 5)
+    with pytest.raises(ValueError, match="cursor value None is not indexed"):
+        index.position(None, 1)
+    with pytest.raises(ValueError, match="cursor value nan is not indexed"):
+        index.position(math.nan, 1)
+
+
+@pytest.mark.parametrize("cursor", [5, (1,), (1, 2, 3), "ab", None])
+def test_malformed_cursors(core: ModuleType, cursor: Any) -> None:
+    index = make(core, [(1, 1)])
+    if cursor is None:
+        assert index.ordered(after=cursor) == [1]
+        return
+    with pytest.raises(ValueError, match=r"after must be a \(value, pk\) cursor"):
+        index.ordered(after=cursor)
+    with pytest.raises(ValueError, match=r"after must be a \(value, pk\) cursor"):
+        index.range(0, 5, after=cursor)
+
+
+def test_cursor_from_a_json_round_trip_is_a_list(core: ModuleType) -> None:
+    index = make(core, [(v, v) for v in range(5)])
+    assert index.ordered(after=[2, 2]) == [3, 4]
+    with pytest.raises(ValueError, match="cursor value None is not indexed"):
+        index.ordered(after=[None, 2])
+
+
+def test_cursors_within_and_across_values(core: ModuleType) -> None:
+    index = make(core, [(v // 3, v) for v in range(9)] + [("s", "s")])
+    assert index.ordered(after=(1, 4)) == [5, 6, 7, 8, "s"]
+    assert index.ordered(after=(1, 4), reverse=True) == [3, 2, 1, 0]
+    assert index.ordered(after=(1, 4.5)) == [5, 6, 7, 8, "s"]  # the entry need not exist
+    assert index.ordered(after=(1, "x")) == [6, 7, 8, "s"]  # str pks sort after int pks
+    assert index.ordered(after=(1.5, 0)) == [6, 7, 8, "s"]
+    assert index.ordered(after=(True, 0)) == list(range(9)) + ["s"]
+    assert index.ordered(after=(True, 0), reverse=True) == []
+    assert index.ordered(after=("s", "s")) == []
+    assert index.ordered(after=("a", 1), limit=2) == ["s"]
+    assert index.range(0, 2, after=(1, 4)) == [5, 6, 7, 8]
+    assert index.range(0, 2, after=(1, 4), reverse=True) == [3, 2, 1, 0]
+    assert index.range(2, 5, after=(0, 1)) == [6, 7, 8]  # a cursor before the range
+    assert index.range(0, 1, after=(2, 0)) == []  # a cursor past the range
+    assert index.range(0, 1, after=(2, 0), reverse=True) == [0, 1, 2, 3, 4, 5][::-1]
+    assert index.range(1, 2, lo_inclusive=False, after=(1, 3)) == [6, 7, 8]
+    assert index.range(0, 2, after=("s", "s")) == []
+    assert index.prefix("", after=("a", 0)) == ["s"]
+    assert index.prefix("", after=("s", "s"), reverse=True) == []
+
+
+def test_pagination_is_stable_under_inserts_before_the_cursor(core: ModuleType) -> None:
+    index = make(core, [(100 + i, f"r{i}") for i in range(10)])
+    pages: list[list[Any]] = []
+    after = None
+    extra = 0
+    while True:
+        page = index.ordered(after=after, limit=3)
+        if not page:
+            break
+        pages.append(page)
+        last = page[-1]
+        after = index.position(100 + int(last[1:]), last)
+        # Concurrent inserts landing before the cursor: below every value, and in the same
+        # value as the cursor with a smaller pk.
+        index.add(extra, f"new{extra}")
+        index.add(100 + int(last[1:]), "a-sorts-first")
+        extra += 1
+    assert [len(page) for page in pages] == [3, 3, 3, 1]
+    flat = [pk for page in pages for pk in page]
+    assert flat == [f"r{i}" for i in range(10)]
+
+
+def test_pagination_sees_inserts_after_the_cursor_once(core: ModuleType) -> None:
+    index = make(core, [(i, i) for i in range(0, 20, 2)])
+    seen: list[Any] = []
+    after = None
+    while True:
+        page = index.ordered(after=after, limit=3)
+        if not page:
+            break
+        seen.extend(page)
+        after = index.position(page[-1], page[-1])
+        if page[-1] < 10:
+            index.add(page[-1] + 1, page[-1] + 1)  # just after the cursor: must show up once
+        index.remove(page[-1], page[-1])  # the cursor's own entry going away changes nothing
+    assert seen == sorted(set(seen))
+    assert set(range(0, 20, 2)) <= set(seen)
+
+
+def test_reverse_pagination(core: ModuleType) -> None:
+    index = make(core, [(i % 4, i) for i in range(10)])
+    pages = []
+    after = None
+    while page := index.ordered(reverse=True, after=after, limit=3):
+        pages.append(page)
+        after = index.position(page[-1] % 4, page[-1])
+        index.add(99, "late")  # after everything: never reached going down
+    assert [len(page) for page in pages] == [3, 3, 3, 1]
+    assert [pk for page in pages for pk in page] == [7, 3, 6, 2, 9, 5, 1, 8, 4, 0]
+
+
+def test_large_groups_and_many_values(core: ModuleType) -> None:
+    rng = random.Random(3)
+    pks = list(range(3000))
+    rng.shuffle(pks)
+    index = core.SortedIndex()
+    for pk in pks:
+        index.add(pk % 2, pk)  # two groups of 1500: past the plain-list size
+        index.add(pk, pk)  # 3000 distinct values: several chunks
+    assert len(index) == 5998 and index.distinct() == 3000  # (0, 0) and (1, 1) were added twice
+    assert index.count_eq(0) == 1500 and index.count_eq(1) == 1500
+    assert index.eq(0) == list(range(0, 3000, 2))
+    assert index.ordered(limit=5) == [0, 2, 4, 6, 8]
+    assert index.ordered(after=(0, 1000), limit=3) == [1002, 1004, 1006]
+    assert index.ordered(after=(0, 1000), reverse=True, limit=3) == [998, 996, 994]
+    assert index.ordered(after=(1, 2001), limit=4) == [2003, 2005, 2007, 2009]
+    assert index.ordered(after=(1, 2999), limit=4) == [2, 3, 4, 5]
+    assert index.range(2, 2999, limit=3, reverse=True) == [2999, 2998, 2997]
+    assert index.range(1500, 1510) == list(range(1500, 1511))
+    assert index.add(0, 10) is False
+    for pk in pks:
+        assert index.remove(pk % 2, pk) is True
+        assert index.remove(pk, pk) is (pk > 1)
+    assert len(index) == 0 and index.distinct() == 0 and index.ordered() == []
+    assert index.add(0, 0) is True and index.eq(0) == [0]
+
+
+# ---------------------------------------------------------------------------------------------
+# UniqueIndex
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unique_add_get_remove(core: ModuleType) -> None:
+    index = core.UniqueIndex()
+    assert index.pk_order is False
+    assert index.add("ann@example.com", 1) is True
+    assert index.add("ann@example.com", 1) is False
+    assert index.add("ann@example.com", 1.0) is False
+    with pytest.raises(ValueError, match="value 'ann@example.com' is already held by pk 1, not 2"):
+        index.add("ann@example.com", 2)
+    with pytest.raises(ValueError, match="already held by pk 1, not '1'"):
+        index.add("ann@example.com", "1")
+    assert index.get("ann@example.com") == 1
+    assert index.get("bob@example.com") is None
+    assert index.get([1]) is None and index.get(None) is None
+    assert index.add(None, 2) is False and index.add(None, 3) is False  # many nulls
+    assert index.add({"a": 1}, 4) is False
+    assert len(index) == 1
+    assert index.remove("bob@example.com") is None
+    assert index.remove(None) is None
+    assert index.remove("ann@example.com") == 1
+    assert index.remove("ann@example.com") is None
+    assert len(index) == 0 and index.get("ann@example.com") is None
+    assert repr(index) == "UniqueIndex(entries=0, pk_order=False)"
+
+
+def test_unique_values_follow_index_key(core: ModuleType) -> None:
+    index = core.UniqueIndex()
+    index.add(1, "one")
+    index.add(True, "true")
+    assert index.get(1.0) == "one" and index.get(True) == "true"
+    with pytest.raises(ValueError, match="value 1.0 is already held by pk 'one', not 'x'"):
+        index.add(1.0, "x")
+    assert index.eq(1) == ["one"] and index.eq(2) == [] and index.count_eq(1) == 1
+    assert index.in_([True, 1, 5]) == ["true", "one"]
+
+
+def test_unique_scans_and_cursors(core: ModuleType) -> None:
+    index = core.UniqueIndex()
+    for i, name in enumerate(["dan", "ann", "cid", "bob", "eve"]):
+        index.add(name, i)
+    index.add(7, "n7")
+    assert index.ordered() == ["n7", 1, 3, 2, 0, 4]
+    assert index.range("b", "d") == [3, 2]
+    assert index.range("b", "dan", reverse=True) == [0, 2, 3]
+    assert index.range(0) == ["n7"]
+    assert index.prefix("", limit=2) == [1, 3]
+    assert index.ordered(after=index.position("bob", 3), limit=2) == [2, 0]
+    assert index.ordered(after=("bob", 3), reverse=True) == [1, "n7"]
+    assert index.ordered(after=("bob", 2)) == [3, 2, 0, 4]  # same value, smaller pk: bob follows
+    assert index.ordered(after=("bob", 4)) == [2, 0, 4]
+    assert index.min_value() == 7 and index.max_value() == "eve" and index.distinct() == 6
+
+
+def test_unique_pagination_under_inserts(core: ModuleType) -> None:
+    index = core.UniqueIndex()
+    for i in range(10):
+        index.add(f"m{i}", i)
+    pages = []
+    after = None
+    while page := index.ordered(after=after, limit=3):
+        pages.append(page)
+        after = index.position(f"m{page[-1]}", page[-1])
+        index.add(f"a{len(pages)}", 100 + len(pages))  # sorts before every "m..."
+    assert [len(page) for page in pages] == [3, 3, 3, 1]
+    assert [pk for page in pages for pk in page] == list(range(10))
+
+
+def test_unique_replace(core: ModuleType) -> None:
+    index = core.UniqueIndex()
+    index.add("a@x", 1)
+    index.add("b@x", 2)
+    with pytest.raises(ValueError, match="value 'b@x' is already held by pk 2, not 1"):
+        index.replace("a@x", "b@x", 1)
+    assert index.get("a@x") == 1 and index.get("b@x") == 2  # nothing changed
+    index.replace("a@x", "c@x", 1)
+    assert index.get("a@x") is None and index.get("c@x") == 1
+    index.replace("b@x", "b@x", 2)
+    assert index.get("b@x") == 2
+    index.replace("b@x", None, 1)  # "b@x" is not held by 1: left alone
+    assert index.get("b@x") == 2
+    index.replace("b@x", None, 2)
+    assert index.get("b@x") is None and len(index) == 1
+    index.replace(None, "d@x", 2)
+    assert index.ordered() == [1, 2]
+    index.clear()
+    assert len(index) == 0 and index.ordered() == []
+
+
+def test_unique_pk_order(core: ModuleType) -> None:
+    index = core.UniqueIndex(pk_order=True)
+    assert index.pk_order is True
+    u = uuid.UUID(int=9)
+    pks: list[Any] = [3, "3", u, (1, "a"), b"z", 1.5, False]
+    for pk in pks:
+        assert index.add(pk, pk) is True
+    assert index.add(None, 1) is False
+    assert index.ordered() == [False, 1.5, 3, "3", b"z", u, (1, "a")]
+    assert index.get(u) == u and index.get(3.0) == 3 and index.get("3") == "3"
+    assert index.get([1]) is None and index.get(math.nan) is None
+    assert index.range(1, 3) == [1.5, 3]
+    assert index.prefix("") == ["3"]
+    assert index.ordered(after=index.position(b"z", b"z")) == [u, (1, "a")]
+    assert index.ordered(after=(u, u), reverse=True, limit=2) == [b"z", "3"]
+    assert index.remove(u) == u and index.get(u) is None
+    with pytest.raises(TypeError, match="unhashable type: 'list'"):
+        index.add([1], 1)
+    with pytest.raises(ValueError, match="a primary key cannot be NaN"):
+        index.add(math.nan, 1)
+    assert repr(index) == "UniqueIndex(entries=6, pk_order=True)"
+
+
+def test_unique_many_values(core: ModuleType) -> None:
+    index = core.UniqueIndex()
+    keys = list(range(5000))
+    random.Random(5).shuffle(keys)
+    for k in keys:
+        index.add(f"k{k:05d}", k)
+    assert index.ordered(limit=3) == [0, 1, 2]
+    assert index.ordered(after=("k02500", 2500), limit=2) == [2501, 2502]
+    assert index.ordered(after=("k02500", 2500), reverse=True, limit=2) == [2499, 2498]
+    assert index.prefix("k0499") == list(range(4990, 5000))
+    for k in keys[:4990]:
+        assert index.remove(f"k{k:05d}") == k
+    assert index.ordered() == sorted(keys[4990:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity: both cores and a naive reference, driven by the same random operations
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_key(value: Any) -> tuple[Any, ...] | None:
+    """The documented value order, written independently of the cores."""
+    if isinstance(value, bool):
+        return (0, value)
+    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+        return (1, value)
+    if isinstance(value, str):
+        return (2, value)
+    return None
+
+
+def ref_pk(pk: Any) -> tuple[Any, ...]:
+    return (1, pk) if isinstance(pk, int) else (2, pk)
+
+
+class Reference:
+    """A SortedIndex as a dict of entries, sorted on every query."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[Any, Any], Any] = {}
+
+    def add(self, value: Any, pk: Any) -> bool:
+        key = ref_key(value)
+        if key is None or (key, ref_pk(pk)) in self.entries:
+            return False
+        self.entries[(key, ref_pk(pk))] = pk
+        return True
+
+    def remove(self, value: Any, pk: Any) -> bool:
+        key = ref_key(value)
+        return key is not None and self.entries.pop((key, ref_pk(pk)), None) is not None
+
+    def replace(self, old: Any, new: Any, pk: Any) -> None:
+        self.remove(old, pk)
+        self.add(new, pk)
+
+    def scan(
+        self,
+        keep: Any = lambda key: True,
+        reverse: bool = False,
+        after: tuple[Any, Any] | None = None,
+        limit: int | None = None,
+    ) -> list[Any]:
+        items = sorted(self.entries.items(), key=lambda item: item[0], reverse=reverse)
+        out = []
+        for (key, pk_key), pk in items:
+            if not keep(key):
+                continue
+            if after is not None:
+                place = (ref_key(after[0]), ref_pk(after[1]))
+                if ((key, pk_key) <= place) if not reverse else ((key, pk_key) >= place):
+                    continue
+            out.append(pk)
+        return out if limit is None else out[:limit]
+
+    def eq(self, value: Any) -> list[Any]:
+        key = ref_key(value)
+        return self.scan(lambda k: k == key)
+
+    def in_(self, values: list[Any]) -> list[Any]:
+        keys = [ref_key(v) for v in values]
+        return self.scan(lambda k: k in keys)
+
+    def range(self, lo: Any, hi: Any, lo_inc: bool, hi_inc: bool, **kw: Any) -> list[Any]:
+        low, high = ref_key(lo), ref_key(hi)
+        if (lo is not None and low is None) or (hi is not None and high is None):
+            return []
+        if low is not None and high is not None and low[0] != high[0]:
+            return []
+        rank = (low or high or (None,))[0]
+
+        def keep(key: tuple[Any, ...]) -> bool:
+            if rank is not None and key[0] != rank:
+                return False
+            if low is not None and (key < low or (key == low and not lo_inc)):
+                return False
+            return high is None or not (key > high or (key == high and not hi_inc))
+
+        return self.scan(keep, **kw)
+
+    def prefix(self, p: str, **kw: Any) -> list[Any]:
+        return self.scan(lambda key: key[0] == 2 and key[1].startswith(p), **kw)
+
+
+VALUES = st.one_of(
+    st.integers(-3, 6),
+    st.sampled_from([0.5, 1.0, 2.0, -0.0, math.inf, -math.inf, math.nan, 10**20]),
+    st.booleans(),
+    st.text(alphabet="ab\U0010ffff", max_size=3),
+    st.sampled_from([None, [1], {"a": 1}]),
+)
+BOUNDS = st.one_of(st.none(), st.integers(-4, 7), st.sampled_from([1.5, math.nan, True, False]),
+                   st.text(alphabet="ab", max_size=2))  # fmt: skip
+PKS = st.one_of(st.integers(0, 8), st.sampled_from(["0", "1", "a", "b"]))
+LIMITS = st.one_of(st.none(), st.integers(0, 5))
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), VALUES, PKS),
+        st.tuples(st.just("remove"), VALUES, PKS),
+        st.tuples(st.just("replace"), VALUES, VALUES, PKS),
+    ),
+    max_size=40,
+)
+QUERIES = st.lists(
+    st.one_of(
+        st.tuples(st.just("eq"), VALUES),
+        st.tuples(st.just("in_"), st.lists(VALUES, max_size=4)),
+        st.tuples(
+            st.just("range"), BOUNDS, BOUNDS, st.booleans(), st.booleans(), st.booleans(), LIMITS
+        ),
+        st.tuples(
+            st.just("prefix"), st.text(alphabet="ab\U0010ffff", max_size=2), st.booleans(), LIMITS
+        ),
+        st.tuples(st.just("ordered"), st.booleans(), LIMITS),
+        st.tuples(st.just("cursor"), VALUES, PKS, st.booleans(), LIMITS),
+    ),
+    max_size=12,
+)
+
+
+def run_query(index: Any, query: tuple[Any, ...]) -> tuple[str, Any]:
+    kind = query[0]
+    if kind == "eq":
+        return outcome(index.eq, query[1])
+    if kind == "in_":
+        return outcome(index.in_, query[1])
+    if kind == "range":
+        _, lo, hi, lo_inc, hi_inc, reverse, limit = query
+        return outcome(index.range, lo, hi, lo_inc, hi_inc, reverse, limit)
+    if kind == "prefix":
+        return outcome(index.prefix, query[1], reverse=query[2], limit=query[3])
+    if kind == "ordered":
+        return outcome(index.ordered, reverse=query[1], limit=query[2])
+    _, value, pk, reverse, limit = query
+    return outcome(index.ordered, reverse=reverse, after=(value, pk), limit=limit)
+
+
+def reference_answer(ref: Reference, query: tuple[Any, ...]) -> Any:
+    kind = query[0]
+    if kind == "eq":
+        return ref.eq(query[1])
+    if kind == "in_":
+        return ref.in_(query[1])
+    if kind == "range":
+        _, lo, hi, lo_inc, hi_inc, reverse, limit = query
+        return ref.range(lo, hi, lo_inc, hi_inc, reverse=reverse, limit=limit)
+    if kind == "prefix":
+        return ref.prefix(query[1], reverse=query[2], limit=query[3])
+    if kind == "ordered":
+        return ref.scan(reverse=query[1], limit=query[2])
+    _, value, pk, reverse, limit = query
+    return ref.scan(reverse=reverse, after=(value, pk), limit=limit)
+
+
+def check_pagination(index: Any, ref: Reference, size: int, reverse: bool) -> None:
+    """Page through the whole index with cursors of the last entry of each page."""
+    items = sorted(ref.entries.items(), key=lambda item: item[0], reverse=reverse)
+    seen: list[Any] = []
+    after = None
+    while True:
+        page = index.ordered(reverse, after, size)
+        seen.extend(page)
+        if len(page) < size:
+            break
+        assert len(seen) <= len(items)
+        (key, _), pk = items[len(seen) - 1]
+        after = index.position(key[1], pk)
+    assert seen == [pk for _, pk in items]
+
+
+@settings(max_examples=250, deadline=None)
+@given(ops=OPS, queries=QUERIES, page_size=st.integers(1, 4), reverse=st.booleans())
+def test_sorted_index_parity(
+    c_core: ModuleType,
+    py_core: ModuleType,
+    ops: list[tuple[Any, ...]],
+    queries: list[tuple[Any, ...]],
+    page_size: int,
+    reverse: bool,
+) -> None:
+    c_index, py_index, ref = c_core.SortedIndex(), py_core.SortedIndex(), Reference()
+    for op in ops:
+        results = [outcome(getattr(index, op[0]), *op[1:]) for index in (c_index, py_index)]
+        expected = getattr(ref, op[0])(*op[1:])
+        assert results[0] == results[1] == ("ok", expected)
+        assert len(c_index) == len(py_index) == len(ref.entries)
+    for query in queries:
+        c_answer, py_answer = run_query(c_index, query), run_query(py_index, query)
+        assert c_answer == py_answer, query
+        if c_answer[0] == "ok":
+            assert c_answer[1] == reference_answer(ref, query), query
+        else:
+            # Only a cursor on an unindexed value may be refused here.
+            assert query[0] == "cursor" and ref_key(query[1]) is None, query
+    check_pagination(c_index, ref, page_size, reverse)
+    check_pagination(py_index, ref, page_size, reverse)
+    assert c_index.distinct() == py_index.distinct() == len({k for k, _ in ref.entries})
+    assert c_index.min_value() == py_index.min_value()
+    assert c_index.max_value() == py_index.max_value()
+
+
+class UniqueReference:
+    """A UniqueIndex (values ordered like index_key) as a plain dict."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+    def add(self, value: Any, pk: Any) -> bool:
+        key = ref_key(value)
+        if key is None:
+            return False
+        if key in self.held:
+            if ref_pk(self.held[key][1]) == ref_pk(pk):
+                return False
+            raise ValueError("duplicate")
+        self.held[key] = (value, pk)
+        return True
+
+    def remove(self, value: Any) -> Any:
+        key = ref_key(value)
+        return None if key is None else self.held.pop(key, (None, None))[1]
+
+    def replace(self, old: Any, new: Any, pk: Any) -> None:
+        new_key, old_key = ref_key(new), ref_key(old)
+        if new_key in self.held and ref_pk(self.held[new_key][1]) != ref_pk(pk):
+            raise ValueError("duplicate")
+        held = self.held.get(old_key) if old_key != new_key else None
+        if held is not None and ref_pk(held[1]) == ref_pk(pk):
+            del self.held[old_key]
+        self.add(new, pk)
+
+    def get(self, value: Any) -> Any:
+        return self.held.get(ref_key(value), (None, None))[1]
+
+    def as_sorted(self) -> Reference:
+        ref = Reference()
+        for value, pk in self.held.values():
+            ref.add(value, pk)
+        return ref
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), VALUES, PKS),
+            st.tuples(st.just("remove"), VALUES),
+            st.tuples(st.just("replace"), VALUES, VALUES, PKS),
+            st.tuples(st.just("get"), VALUES),
+        ),
+        max_size=40,
+    ),
+    queries=QUERIES,
+    pk_order=st.booleans(),
+)
+def test_unique_index_parity(
+    c_core: ModuleType,
+    py_core: ModuleType,
+    ops: list[tuple[Any, ...]],
+    queries: list[tuple[Any, ...]],
+    pk_order: bool,
+) -> None:
+    c_index, py_index = c_core.UniqueIndex(pk_order), py_core.UniqueIndex(pk_order)
+    ref = UniqueReference()
+    for op in ops:
+        c_result = outcome(getattr(c_index, op[0]), *op[1:])
+        assert c_result == outcome(getattr(py_index, op[0]), *op[1:]), op
+        assert len(c_index) == len(py_index)
+        if not pk_order:
+            try:
+                expected = ("ok", getattr(ref, op[0])(*op[1:]))
+            except ValueError:
+                expected = ("ValueError", c_result[1])
+            assert c_result == expected, op
+    for query in queries:
+        answer = run_query(c_index, query)
+        assert answer == run_query(py_index, query), query
+        if not pk_order and answer[0] == "ok":
+            # A unique index answers like a sorted index holding the same entries.
+            assert answer[1] == reference_answer(ref.as_sorted(), query), query
+    assert c_index.min_value() == py_index.min_value()
+    assert c_index.max_value() == py_index.max_value()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    value=st.one_of(VALUES, st.floats(), st.integers(), st.text(max_size=4)),
+    pk=st.one_of(PKS, st.floats(), st.none(), st.tuples(st.integers(), st.text(max_size=2))),
+)
+def test_position_and_key_parity(
+    c_core: ModuleType, py_core: ModuleType, value: Any, pk: Any
+) -> None:
+    assert c_core.index_key(value) == py_core.index_key(value)
+    c_index, py_index = c_core.SortedIndex(), py_core.SortedIndex()
+    assert outcome(c_index.position, value, pk) == outcome(py_index.position, value, pk)
+    assert outcome(c_index.add, value, pk) == outcome(py_index.add, value, pk)
+
+
+def test_large_random_parity(c_core: ModuleType, py_core: ModuleType) -> None:
+    """Thousands of operations on few values: big groups, chunk splits, deletes down to empty."""
+    rng = random.Random(11)
+    c_index, py_index, ref = c_core.SortedIndex(), py_core.SortedIndex(), Reference()
+    for step in range(12000):
+        value = rng.choice([0, 1, "x"]) if step % 3 else rng.randrange(2500)
+        pk = rng.randrange(3000)
+        op = "add" if step < 8000 or rng.random() < 0.3 else "remove"
+        assert getattr(c_index, op)(value, pk) == getattr(py_index, op)(value, pk)
+        getattr(ref, op)(value, pk)
+        if step % 1000 == 999:
+            assert len(c_index) == len(py_index) == len(ref.entries)
+            for reverse in (False, True):
+                after = (rng.choice([0, 1, 5, "x"]), rng.randrange(3000))
+                expected = ref.scan(reverse=reverse, after=after, limit=50)
+                assert c_index.ordered(reverse, after, 50) == expected
+                assert py_index.ordered(reverse, after, 50) == expected
+            assert c_index.eq(1) == py_index.eq(1) == ref.eq(1)
+            expected = ref.range(3, 700, True, True, reverse=True)
+            assert c_index.range(3, 700, reverse=True) == py_index.range(3, 700, reverse=True)
+            assert c_index.range(3, 700, reverse=True) == expected
+    assert c_index.ordered() == py_index.ordered() == ref.scan()
