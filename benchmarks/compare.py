@@ -15,7 +15,7 @@ rounds so that drift and neighbours' noise hit both alike:
 4. compiled core (``natskv._core``) vs its pure-Python twin (``natskv._core_py``), imported
    directly, over 10,000 keys / dicts.
 
-It measures the natskv of this checkout (build it first: ``python setup.py build_ext --inplace``).
+It measures the natskv of this checkout (build it first: ``pip install -e .``).
 It is a report, not a test: it exits 0 when a target is missed.
 """
 
