@@ -33,6 +33,7 @@ from natskv.errors import (
     RevisionMismatchError,
     SerializationError,
     ServerError,
+    UniqueConstraintError,
     ValidationError,
 )
 from natskv.server import EmbeddedServer
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from natskv.client import Client, connect
     from natskv.codec import BytesCodec, Codec, JSONCodec, StrCodec
     from natskv.kv import Bucket, BucketStatus, Entry
+    from natskv.models.fields import Field
+    from natskv.models.model import Model
     from natskv.replica import LocalReplica
     from natskv.watch import Change, Watcher
 
@@ -58,6 +61,8 @@ _LAZY = {
     "Entry": "natskv.kv",
     "Change": "natskv.watch",
     "LocalReplica": "natskv.replica",
+    "Model": "natskv.models.model",
+    "Field": "natskv.models.fields",
     "Watcher": "natskv.watch",
 }
 
@@ -102,6 +107,8 @@ __all__ = [
     "KeyExistsError",
     "KeyNotFoundError",
     "LocalReplica",
+    "Model",
+    "Field",
     "NatsKVError",
     "NatsKVTimeoutError",
     "NotConnectedError",
@@ -111,6 +118,7 @@ __all__ = [
     "SerializationError",
     "ServerError",
     "StrCodec",
+    "UniqueConstraintError",
     "ValidationError",
     "Watcher",
     "__impl__",

@@ -12,11 +12,11 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from natskv._runner import check_timeout, loop_name, runner
-from natskv.aio.connection import Connection
+from natskv.aio.connection import API_LEVEL_ATOMIC, Connection, check_api_reply
 from natskv.aio.kv import KVProtocol, validate_bucket_name
 from natskv.codec import Codec, get_codec
 from natskv.config import ConnectOptions
@@ -24,6 +24,7 @@ from natskv.errors import BucketNotFoundError, InvalidArgumentError, NotConnecte
 from natskv.kv import Bucket
 
 if TYPE_CHECKING:
+    from natskv.models.model import Model
     from natskv.server import EmbeddedServer
     from natskv.watch import Watcher
 
@@ -43,6 +44,8 @@ class Client:
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str, int], Bucket] = {}
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
+        self._models: dict[str, type[Model]] = {}
+        self._counters: set[str] = set()
         self._closed = False
         self._pid = os.getpid()
         self._conn = self._open()
@@ -140,6 +143,74 @@ class Client:
             offset += len(batch)
             if not batch or offset >= reply.get("total", 0):
                 return sorted(names)
+
+    # -- models --------------------------------------------------------------------------------
+
+    def register(self, model: type[Model], *, bucket: str | None = None, timeout: float | None = None) -> type[Model]:
+        """Bind ``model`` to this client: create its bucket if needed, load its records into a
+        live in-memory replica with its indexes, and return the model class.
+
+        The bucket is ``model.__bucket__`` or the class name in lower case.
+        """
+        from natskv.models.model import Model, ModelStore
+
+        if not (isinstance(model, type) and issubclass(model, Model)) or model.__dict__.get("__abstract__"):
+            raise InvalidArgumentError(f"register() takes a natskv.Model subclass, not {model!r}")
+        check_timeout(timeout)
+        name = bucket or model.__dict__.get("__bucket__") or model.__name__.lower()
+        kv = self.bucket(name, timeout=timeout)
+        store = ModelStore(model, self, kv)
+        from natskv.replica import LocalReplica
+
+        store.replica = LocalReplica(kv, "r:*", on_apply=store.apply)
+        store.replica.start(timeout if timeout is not None else max(self.options.request_timeout, 30.0))
+        model._store = store
+        self._models[model.__name__] = model
+        return model
+
+    def define(self, name: str, attributes: Mapping[str, Any], *, bucket: str | None = None,
+               timeout: float | None = None) -> type[Model]:
+        """Define and register a model from Sequelize-style attribute dicts, e.g.
+        ``db.define("User", {"id": {"type": "INTEGER", "primaryKey": True, "autoIncrement": True},
+        "email": {"type": "STRING", "unique": True, "validate": {"isEmail": True}}})``."""
+        from natskv.models.fields import schema_from_spec
+        from natskv.models.model import Model
+
+        if not isinstance(name, str) or not name.isidentifier():
+            raise InvalidArgumentError(f"a model name is a Python identifier, not {name!r}")
+        namespace: dict[str, Any] = dict(schema_from_spec(attributes))
+        namespace["__module__"] = __name__
+        model = type(name, (Model,), namespace)
+        return self.register(model, bucket=bucket, timeout=timeout)
+
+    def get_model(self, name: str) -> type[Model]:
+        """A model registered with this client, by class name."""
+        try:
+            return self._models[name]
+        except KeyError:
+            raise InvalidArgumentError(
+                f"no model {name!r} is registered; registered: {sorted(self._models) or 'none'}"
+            ) from None
+
+    def _next_counter(self, bucket: str, field: str, timeout: float | None) -> int:
+        """Next value of an autoincrement counter, kept in a counter stream beside the bucket."""
+        self._check()
+        t = timeout if timeout is not None else self.options.request_timeout
+        self._conn.require(API_LEVEL_ATOMIC, "autoincrement fields (counter streams)")
+        stream = f"KVC_{bucket}"
+        if stream not in self._counters:
+            config = {
+                "name": stream, "subjects": [f"$KVC.{bucket}.>"], "allow_msg_counter": True,
+                "allow_direct": True, "storage": "file", "num_replicas": 1,
+            }
+            try:
+                self._conn.js_api_blocking(f"STREAM.INFO.{stream}", None, t)
+            except BucketNotFoundError:
+                self._conn.js_api_blocking(f"STREAM.CREATE.{stream}", config, t)
+            self._counters.add(stream)
+        assert self._conn.mux is not None
+        data, headers, _ = self._conn.mux.request(f"$KVC.{bucket}.{field}", b"", {"Nats-Incr": "+1"}, t)
+        return int(check_api_reply("counter", data)["val"])
 
     # -- plain NATS ------------------------------------------------------------------------------
 

@@ -79,6 +79,23 @@ class KeyExistsError(NatsKVError, ValueError):
         )
 
 
+class UniqueConstraintError(KeyExistsError):
+    """A record would share the value of a unique field (or its primary key) with another record.
+
+    ``field`` and ``value`` name the clash. The server rejected the whole write: nothing was stored.
+    """
+
+    def __init__(self, model: str, field: str, value: Any) -> None:
+        self.model = model
+        self.field = field
+        self.value = value
+        NatsKVError.__init__(
+            self, f"{model}.{field} must be unique: another record already has {field}={value!r}"
+        )
+        self.key = f"{model}.{field}"
+        self.current_revision = None
+
+
 class RevisionMismatchError(NatsKVError, ValueError):
     """A compare-and-set write found another revision than the one expected.
 
@@ -170,5 +187,6 @@ __all__ = [
     "RevisionMismatchError",
     "SerializationError",
     "ServerError",
+    "UniqueConstraintError",
     "ValidationError",
 ]

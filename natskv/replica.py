@@ -25,9 +25,9 @@ from natskv.errors import InvalidKeyError, NatsKVTimeoutError
 if TYPE_CHECKING:
     from natskv.kv import Bucket
 
-ApplyHook = Callable[[str, Any, Any], None]
-"""``hook(key, old_value, new_value)`` after each change (None for absent); loop thread, under the
-replica's lock: it must be quick and must not call natskv."""
+ApplyHook = Callable[[str, Any, Any, int], None]
+"""``hook(key, old_value, new_value, revision)`` after each change (None for absent); loop thread,
+under the replica's lock: it must be quick and must not call natskv."""
 
 
 class LocalReplica:
@@ -105,7 +105,7 @@ class LocalReplica:
                 else:
                     old = new = None
                 if self._on_apply is not None and (old is not None or new is not None):
-                    self._on_apply(key, old, new)
+                    self._on_apply(key, old, new, raw.revision)
             self._changed.notify_all()
 
     # -- reading (any thread) ------------------------------------------------------------------

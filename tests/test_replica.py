@@ -66,7 +66,7 @@ def test_read_your_writes_from_many_threads(kv: natskv.Bucket) -> None:
 
 def test_apply_hook_sees_old_and_new_values(kv: natskv.Bucket) -> None:
     seen: list[tuple[str, Any, Any]] = []
-    rep = natskv.LocalReplica(kv, "*", on_apply=lambda k, old, new: seen.append((k, old, new))).start(5)
+    rep = natskv.LocalReplica(kv, "*", on_apply=lambda k, old, new, rev: seen.append((k, old, new))).start(5)
     try:
         rep.wait_for(kv.set("a", 1))
         rep.wait_for(kv.set("a", 2))

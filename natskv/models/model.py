@@ -1,0 +1,601 @@
+"""Model: schema-validated records, one per key in a bucket, read from a live in-memory replica.
+
+Storage layout in the model's bucket (keys use natskv's ``:`` hierarchy):
+
+- ``r:<type>:<pk>`` holds a record as JSON (``<type>`` is ``i``, ``s`` or ``u`` for int, str and
+  UUID primary keys, so ``1`` and ``"1"`` are different records);
+- ``u:<field>:<json value>`` marks a value of a unique field as taken (its value is the record key).
+
+A record and its unique markers are written in one atomic batch with compare-and-set, so two
+processes racing for the same unique value can never both win: the server decides. Autoincrement
+values come from a counter stream next to the bucket. Reads and queries run on a
+:class:`~natskv.replica.LocalReplica` of the ``r:`` keys, whose indexes (``_core.SortedIndex`` /
+``UniqueIndex``) are kept current by the replica's apply hook; a write waits until the replica has
+applied it before returning, so the writing client reads its own writes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+import orjson
+
+from natskv._speedups import core
+from natskv.errors import (
+    InvalidArgumentError,
+    KeyExistsError,
+    RevisionMismatchError,
+    UniqueConstraintError,
+    ValidationError,
+)
+from natskv.models import query
+from natskv.models.fields import MISSING, Field, check_schema, primary_key_name, validate_record
+
+if TYPE_CHECKING:
+    from natskv.client import Client
+    from natskv.kv import Bucket
+    from natskv.replica import LocalReplica
+
+M = TypeVar("M", bound="Model")
+
+RECORD, UNIQUE = "r", "u"
+META_FIELDS = ("_version", "_created_at", "_updated_at")
+_CAS_RETRIES = 20
+
+
+def record_key(pk: Any) -> str:
+    """The bucket key of the record with primary key ``pk`` (int, str or UUID)."""
+    if isinstance(pk, bool):
+        raise InvalidArgumentError(f"a primary key is an int, str or UUID, not {pk!r}")
+    if isinstance(pk, int):
+        return f"{RECORD}:i:{pk}"
+    if isinstance(pk, str):
+        return f"{RECORD}:s:{pk}"
+    if isinstance(pk, uuid.UUID):
+        return f"{RECORD}:u:{pk}"
+    raise InvalidArgumentError(f"a primary key is an int, str or UUID, not {type(pk).__name__} ({pk!r})")
+
+
+def unique_key(field: str, json_value: Any) -> str:
+    return f"{UNIQUE}:{field}:{orjson.dumps(json_value).decode()}"
+
+
+class ModelStore:
+    """What a registered model holds at run time: its bucket, replica and indexes."""
+
+    def __init__(self, model: type[Model], client: Client, bucket: Bucket) -> None:
+        self.model = model
+        self.client = client
+        self.bucket = bucket
+        fields = model._fields
+        self.pk = model._pk
+        # Unique values (and the primary key) map to one record; indexed fields to many.
+        self.unique: dict[str, Any] = {
+            name: core.UniqueIndex(pk_order=name == self.pk)
+            for name, field in fields.items()
+            if name == self.pk or field.unique
+        }
+        self.sorted: dict[str, Any] = {
+            name: core.SortedIndex() for name, field in fields.items() if field.index and name not in self.unique
+        }
+        self.indexes: dict[str, Any] = {**self.unique, **self.sorted}
+        self.records: dict[Any, dict[str, Any]] = {}  # stored form, by primary key (stored form)
+        self.revisions: dict[Any, int] = {}
+        self.replica: LocalReplica | None = None
+
+    # -- replica hook (loop thread, under the replica's lock) -------------------------------------
+
+    def apply(self, key: str, old: Any, new: Any, revision: int) -> None:
+        """Keep records and indexes in step with one change of a record key."""
+        if isinstance(old, dict):
+            old_pk = old.get(self.pk)
+            for name, index in self.unique.items():
+                value = old.get(name)
+                if value is not None and index.get(value) == old_pk:
+                    index.remove(value)
+            for name, index in self.sorted.items():
+                value = old.get(name)
+                if value is not None:
+                    index.remove(value, old_pk)
+            self.records.pop(old_pk, None)
+            self.revisions.pop(old_pk, None)
+        if isinstance(new, dict):
+            new_pk = new.get(self.pk)
+            self.records[new_pk] = new
+            self.revisions[new_pk] = revision
+            for name, index in self.unique.items():
+                value = new.get(name)
+                if value is None or core.index_key(value) is None:
+                    continue
+                holder = index.get(value)
+                if holder is not None and holder != new_pk:
+                    # The server guarantees uniqueness; a stale holder is a record whose change
+                    # freeing the value is still on its way. The newest write wins here.
+                    index.remove(value)
+                if holder != new_pk:
+                    index.add(value, new_pk)
+            for name, index in self.sorted.items():
+                value = new.get(name)
+                if value is not None and core.index_key(value) is not None:
+                    index.add(value, new_pk)
+
+
+class ModelMeta(type):
+    """Collects a model class's :class:`Field` attributes into ``_fields`` and checks the schema."""
+
+    def __new__(mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any) -> ModelMeta:
+        cls = super().__new__(mcls, name, bases, namespace, **kwargs)
+        fields: dict[str, Field] = {}
+        for base in reversed(cls.__mro__[1:]):
+            fields.update(getattr(base, "_fields", {}))
+        for attr, value in namespace.items():
+            if isinstance(value, Field):
+                fields[attr] = value
+        if namespace.get("__abstract__") or (name == "Model" and not fields):
+            cls._fields = fields  # type: ignore[attr-defined]
+            return cls
+        if primary_key_name(fields) is None:
+            auto = Field(str, primary_key=True, generated="uuid", name="id")
+            fields = {"id": auto, **fields}
+            cls.id = auto  # type: ignore[attr-defined]
+        check_schema(fields)
+        cls._fields = fields  # type: ignore[attr-defined]
+        cls._pk = primary_key_name(fields)  # type: ignore[attr-defined]
+        cls._store = None  # type: ignore[attr-defined]
+        return cls
+
+
+class Model(metaclass=ModelMeta):
+    """Base class of natskv models. Declare fields as class attributes, then ``db.register(Cls)``.
+
+    Class methods (``create``, ``get``, ``find`` ...) need the model registered with a client.
+    Every record carries ``_version`` (its revision), ``_created_at`` and ``_updated_at``.
+    """
+
+    __abstract__: ClassVar[bool] = True
+    __bucket__: ClassVar[str | None] = None
+    _fields: ClassVar[dict[str, Field]]
+    _pk: ClassVar[str]
+    _store: ClassVar[ModelStore | None]
+
+    def __init__(self, **values: Any) -> None:
+        for name in self._fields:
+            object.__setattr__(self, name, values.pop(name, None))
+        self._extra = values  # fields not in the schema are kept
+        self._version = 0
+        self._created_at: dt.datetime | None = None
+        self._updated_at: dt.datetime | None = None
+        self._stored: dict[str, Any] | None = None  # what the server holds, stored form
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @classmethod
+    def _s(cls) -> ModelStore:
+        store = cls.__dict__.get("_store")
+        if store is None:
+            raise InvalidArgumentError(f"model {cls.__name__} is not registered: call db.register({cls.__name__}) first")
+        return store
+
+    def _values(self) -> dict[str, Any]:
+        """The record's values; unset fields (None) are left out, so defaults and generated values
+        apply and a required field is reported missing."""
+        values = dict(self._extra)
+        for name in self._fields:
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = value
+        return values
+
+    @classmethod
+    def _from_stored(cls: type[M], stored: dict[str, Any], revision: int) -> M:
+        values = {}
+        extra = {}
+        for key, raw in stored.items():
+            field = cls._fields.get(key)
+            if field is not None:
+                values[key] = field.from_json(raw)
+            elif key not in META_FIELDS:
+                extra[key] = raw
+        obj = cls(**values, **extra)
+        obj._version = revision
+        obj._created_at = _parse_dt(stored.get("_created_at"))
+        obj._updated_at = _parse_dt(stored.get("_updated_at"))
+        obj._stored = stored
+        return obj
+
+    @classmethod
+    def _to_stored(cls, clean: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in clean.items():
+            field = cls._fields.get(key)
+            out[key] = field.to_json(value) if field is not None and value is not None else value
+        return out
+
+    @property
+    def pk(self) -> Any:
+        """The primary key value."""
+        return getattr(self, self._pk)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._fields)
+        return f"{type(self).__name__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values() and self._version == other._version  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's values (Python form), fields not in the schema included."""
+        return self._values()
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls: type[M], _timeout: float | None = None, **values: Any) -> M:
+        """Validate and store a new record; return it. Raises ValidationError (every issue at once)
+        or UniqueConstraintError; nothing is written (and no autoincrement value spent) when
+        validation fails."""
+        obj = cls(**values)
+        obj._insert(_timeout)
+        return obj
+
+    @classmethod
+    def bulk_create(cls: type[M], rows: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> list[M]:
+        """Create several records; each is validated first, then written (one atomic batch each)."""
+        objs = [cls(**dict(row)) for row in rows]
+        problems = []
+        for i, obj in enumerate(objs):
+            _, issues = cls._validate(obj._values(), partial=False)
+            problems.extend((f"[{i}].{f}", m, c) for f, m, c in issues)
+        if problems:
+            raise ValidationError(problems)
+        for obj in objs:
+            obj._insert(timeout)
+        return objs
+
+    @classmethod
+    def _validate(cls, values: dict[str, Any], partial: bool) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+        return validate_record(cls._fields, values, partial=partial)
+
+    def _insert(self, timeout: float | None) -> None:
+        cls = type(self)
+        cls._s()  # registered? (fails before validating)
+        clean, issues = cls._validate(self._values(), partial=False)
+        if issues:
+            raise ValidationError(issues)
+        for name, field in cls._fields.items():
+            if clean.get(name) is None and field.generated in ("uuid", "timestamp"):
+                clean[name] = field.generate_value()
+        for name, field in cls._fields.items():
+            if clean.get(name) is None and field.generated == "autoincrement":
+                clean[name] = cls._next_value(name, timeout)
+        now = dt.datetime.now(dt.timezone.utc)
+        stored = cls._to_stored(clean)
+        stored["_created_at"] = stored["_updated_at"] = now.isoformat()
+        key = record_key(clean[cls._pk])
+        ops: list[tuple[Any, ...]] = [
+            ("create", unique_key(name, stored[name]), key)
+            for name, field in cls._fields.items()
+            if field.unique and stored.get(name) is not None
+        ]
+        ops.append(("create", key, stored))  # last: the commit's revision is the record's
+        revision = cls._write(ops, timeout)
+        for name in cls._fields:
+            object.__setattr__(self, name, clean.get(name))
+        self._version, self._created_at, self._updated_at, self._stored = revision, now, now, stored
+
+    @classmethod
+    def _write(cls, ops: list[tuple[Any, ...]], timeout: float | None) -> int:
+        store = cls._s()
+        try:
+            if len(ops) == 1:
+                kind, key, value, *rest = ops[0]
+                if kind == "create":
+                    revision = store.bucket.create(key, value, timeout=timeout)
+                else:
+                    revision = store.bucket.update(key, value, rest[0], timeout=timeout)
+            else:
+                revision = store.bucket.commit(ops, timeout=timeout)
+        except KeyExistsError as exc:
+            raise cls._unique_error(exc.key) from exc
+        assert store.replica is not None
+        store.replica.wait_for(revision, timeout or 5.0)
+        return revision
+
+    @classmethod
+    def _unique_error(cls, key: str) -> Exception:
+        kind, _, rest = key.partition(":")
+        if kind == UNIQUE:
+            name, _, raw = rest.partition(":")
+            return UniqueConstraintError(cls.__name__, name, orjson.loads(raw))
+        return UniqueConstraintError(cls.__name__, cls._pk, rest.partition(":")[2])
+
+    @classmethod
+    def _next_value(cls, field: str, timeout: float | None) -> int:
+        """The next value of an autoincrement field, from the model's counter stream."""
+        store = cls._s()
+        return store.client._next_counter(store.bucket.name, field, timeout)
+
+    def save(self, *, timeout: float | None = None) -> M:  # type: ignore[type-var]
+        """Store this record: create it if new, else update it with compare-and-set on
+        ``_version`` (RevisionMismatchError if someone else changed it since it was read)."""
+        if self._stored is None:
+            self._insert(timeout)
+            return self  # type: ignore[return-value]
+        cls = type(self)
+        clean, issues = cls._validate(self._values(), partial=False)
+        if issues:
+            raise ValidationError(issues)
+        stored = cls._to_stored(clean)
+        if stored.get(cls._pk) != self._stored.get(cls._pk):
+            raise InvalidArgumentError("the primary key of a stored record cannot change; create a new record")
+        stored["_created_at"] = self._stored.get("_created_at")
+        now = dt.datetime.now(dt.timezone.utc)
+        stored["_updated_at"] = now.isoformat()
+        self._version = cls._replace_stored(self._stored, stored, self._version, timeout)
+        self._stored, self._updated_at = stored, now
+        return self  # type: ignore[return-value]
+
+    @classmethod
+    def _replace_stored(cls, old: dict[str, Any], new: dict[str, Any], revision: int, timeout: float | None) -> int:
+        key = record_key(cls._fields[cls._pk].from_json(new[cls._pk]))
+        ops: list[tuple[Any, ...]] = []
+        for name, field in cls._fields.items():
+            if field.unique and old.get(name) != new.get(name):
+                if old.get(name) is not None:
+                    ops.append(("delete", unique_key(name, old[name])))
+                if new.get(name) is not None:
+                    ops.append(("create", unique_key(name, new[name]), key))
+        ops.append(("update", key, new, revision))
+        return cls._write(ops, timeout)
+
+    def delete(self, *, timeout: float | None = None) -> None:
+        """Delete this record (compare-and-set on ``_version``) and free its unique values."""
+        cls = type(self)
+        if self._stored is None:
+            raise InvalidArgumentError("this record was never stored")
+        cls._delete_stored(self._stored, self._version, timeout)
+        self._stored = None
+
+    @classmethod
+    def _delete_stored(cls, stored: dict[str, Any], revision: int, timeout: float | None) -> None:
+        key = record_key(cls._fields[cls._pk].from_json(stored[cls._pk]))
+        ops: list[tuple[Any, ...]] = [
+            ("delete", unique_key(name, stored[name]))
+            for name, field in cls._fields.items()
+            if field.unique and stored.get(name) is not None
+        ]
+        ops.append(("delete", key, revision))
+        store = cls._s()
+        if len(ops) == 1:
+            rev = store.bucket.delete(key, revision=revision, timeout=timeout)
+        else:
+            rev = store.bucket.commit(ops, timeout=timeout)
+        assert store.replica is not None
+        store.replica.wait_for(rev, timeout or 5.0)
+
+    def refresh(self, *, timeout: float | None = None) -> M:  # type: ignore[type-var]
+        """Reload this record from the replica (KeyError-like error if it was deleted)."""
+        fresh = type(self).get(self.pk)
+        if fresh is None:
+            raise InvalidArgumentError(f"{type(self).__name__} {self.pk!r} no longer exists")
+        self.__dict__.update(fresh.__dict__)
+        return self  # type: ignore[return-value]
+
+    @classmethod
+    def update(cls, values: Mapping[str, Any], *, where: Mapping[str, Any] | None = None,
+               timeout: float | None = None, **lookups: Any) -> int:
+        """Set ``values`` on every matching record (CAS per record, retried on conflict).
+        Returns how many records changed (0 when none matched)."""
+        if not values:
+            raise InvalidArgumentError("update() needs values to set")
+        _, issues = cls._validate(dict(values), partial=True)
+        if issues:
+            raise ValidationError(issues)
+        changed = 0
+        for obj in cls.find(where=where, **lookups):
+            for _ in range(_CAS_RETRIES):
+                for name, value in values.items():
+                    setattr(obj, name, value)
+                try:
+                    obj.save(timeout=timeout)
+                    changed += 1
+                    break
+                except RevisionMismatchError:
+                    fresh = cls.get(obj.pk)
+                    if fresh is None:
+                        break
+                    obj = fresh
+        return changed
+
+    @classmethod
+    def destroy(cls, *, where: Mapping[str, Any] | None = None, timeout: float | None = None, **lookups: Any) -> int:
+        """Delete every matching record; return how many were deleted."""
+        deleted = 0
+        for obj in cls.find(where=where, **lookups):
+            for _ in range(_CAS_RETRIES):
+                try:
+                    obj.delete(timeout=timeout)
+                    deleted += 1
+                    break
+                except RevisionMismatchError:
+                    fresh = cls.get(obj.pk)
+                    if fresh is None:
+                        break
+                    obj = fresh
+        return deleted
+
+    # -- reads (in-memory replica) -----------------------------------------------------------------
+
+    @classmethod
+    def get(cls: type[M], pk: Any, default: Any = None) -> M | Any:
+        """The record with primary key ``pk``, or ``default``."""
+        store = cls._s()
+        field = cls._fields[cls._pk]
+        try:
+            stored_pk = field.to_json(field.coerce(pk))
+        except InvalidArgumentError:
+            return default
+        assert store.replica is not None
+        with store.replica.lock:
+            stored = store.records.get(stored_pk)
+            revision = store.revisions.get(stored_pk, 0)
+        if stored is None:
+            return default
+        return cls._from_stored(stored, revision)
+
+    @classmethod
+    def _select(cls, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> list[tuple[dict[str, Any], int]]:
+        store = cls._s()
+        compiled_where = query.compile_where(cls._fields, where, lookups)
+        flt = query.compile_filter(compiled_where)
+        assert store.replica is not None
+        with store.replica.lock:
+            pks = query.candidate_pks(compiled_where, store.indexes)
+            if pks is None:
+                rows = list(store.records.values())
+            else:
+                rows = [store.records[pk] for pk in pks if pk in store.records]
+            hits = [rows[i] for i in flt.filter(rows)]
+            return [(r, store.revisions.get(r.get(cls._pk), 0)) for r in hits]
+
+    @classmethod
+    def find(cls: type[M], *, where: Mapping[str, Any] | None = None, order_by: Any = None,
+             limit: int | None = None, offset: int = 0, **lookups: Any) -> list[M]:
+        """Matching records. Filters: ``where=`` dict ($eq $ne $gt $gte $lt $lte $in $nin
+        $contains $startswith $endswith $regex $exists $and $or $not) and/or Django-style lookups
+        (``age__gte=18``). ``order_by`` takes field names, ``-`` for descending."""
+        order = query.parse_order_by(order_by, cls._fields)
+        rows = cls._select(where, lookups)
+        by_id = {id(r): rev for r, rev in rows}
+        records = query.sort_records([r for r, _ in rows], order, cls._pk)
+        if offset:
+            records = records[offset:]
+        if limit is not None:
+            records = records[:limit]
+        return [cls._from_stored(r, by_id[id(r)]) for r in records]
+
+    @classmethod
+    def find_one(cls: type[M], *, where: Mapping[str, Any] | None = None, **lookups: Any) -> M | None:
+        """The first matching record (by primary key), or None."""
+        found = cls.find(where=where, limit=1, **lookups)
+        return found[0] if found else None
+
+    @classmethod
+    def count(cls, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> int:
+        return len(cls._select(where, lookups))
+
+    @classmethod
+    def exists(cls, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> bool:
+        return bool(cls._select(where, lookups))
+
+    @classmethod
+    def first(cls: type[M], n: int = 1, *, order_by: Any = None) -> list[M]:
+        return cls.find(order_by=order_by or cls._pk, limit=n)
+
+    @classmethod
+    def last(cls: type[M], n: int = 1, *, order_by: Any = None) -> list[M]:
+        order = order_by or cls._pk
+        flipped = [o[1:] if o.startswith("-") else "-" + o for o in ([order] if isinstance(order, str) else order)]
+        return list(reversed(cls.find(order_by=flipped, limit=n)))
+
+    @classmethod
+    def paginate(cls: type[M], limit: int = 20, after: str | None = None, *, order_by: str | None = None,
+                 where: Mapping[str, Any] | None = None, **lookups: Any) -> Page[M]:
+        """One page of matching records in ``order_by`` order (default: primary key).
+
+        ``after`` is the ``next_cursor`` of the previous page. The cursor names a position (the
+        last record's sort value and primary key), so records inserted or deleted elsewhere never
+        make a page repeat or skip the records around it.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidArgumentError(f"limit must be a positive int, not {limit!r}")
+        field = (order_by or cls._pk).lstrip("-")
+        descending = bool(order_by and order_by.startswith("-"))
+        order = query.parse_order_by(order_by or cls._pk, cls._fields)
+        rows = cls._select(where, lookups)
+        by_id = {id(r): rev for r, rev in rows}
+        records = query.sort_records([r for r, _ in rows], order, cls._pk)
+        if after is not None:
+            try:
+                value, pk = orjson.loads(after)
+            except (orjson.JSONDecodeError, ValueError, TypeError):
+                raise InvalidArgumentError(f"invalid pagination cursor {after!r}") from None
+            mark = (query.order_key(value), query.order_key(pk))
+
+            def beyond(r: dict[str, Any]) -> bool:
+                here = (query.order_key(r.get(field)), query.order_key(r.get(cls._pk)))
+                if descending:
+                    return here[0] < mark[0] or (here[0] == mark[0] and here[1] > mark[1])
+                return here > mark
+
+            records = [r for r in records if beyond(r)]
+        page, more = records[:limit], len(records) > limit
+        cursor = orjson.dumps([page[-1].get(field), page[-1].get(cls._pk)]).decode() if page and more else None
+        return Page([cls._from_stored(r, by_id[id(r)]) for r in page], more, cursor)
+
+    # -- aggregates ----------------------------------------------------------------------------------
+
+    @classmethod
+    def _numbers(cls, field: str, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> list[float]:
+        if field not in cls._fields:
+            raise InvalidArgumentError(f"{cls.__name__} has no field {field!r}")
+        values = (r.get(field) for r, _ in cls._select(where, lookups))
+        return [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+    @classmethod
+    def sum(cls, field: str, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> float:
+        """Sum of the numeric values of ``field`` (non-numbers skipped; 0 on no rows)."""
+        return sum(cls._numbers(field, where, lookups))
+
+    @classmethod
+    def avg(cls, field: str, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> float:
+        """Mean of the numeric values of ``field`` (0 on no rows)."""
+        values = cls._numbers(field, where, lookups)
+        return sum(values) / len(values) if values else 0
+
+    @classmethod
+    def min(cls, field: str, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> float | None:
+        values = cls._numbers(field, where, lookups)
+        return min(values) if values else None
+
+    @classmethod
+    def max(cls, field: str, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> float | None:
+        values = cls._numbers(field, where, lookups)
+        return max(values) if values else None
+
+
+class Page(Generic[M]):
+    """One page of :meth:`Model.paginate`: ``records``, ``has_more`` and ``next_cursor``."""
+
+    __slots__ = ("records", "has_more", "next_cursor")
+
+    def __init__(self, records: list[M], has_more: bool, next_cursor: str | None) -> None:
+        self.records = records
+        self.has_more = has_more
+        self.next_cursor = next_cursor
+
+    def __iter__(self) -> Iterator[M]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"Page({len(self.records)} records, has_more={self.has_more}, next_cursor={self.next_cursor!r})"
+
+
+def _parse_dt(raw: Any) -> dt.datetime | None:
+    if not isinstance(raw, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+
+
+__all__ = ["MISSING", "Model", "ModelStore", "Page", "record_key", "unique_key"]

@@ -1,0 +1,168 @@
+"""Queries over a model's in-memory replica: lookups, the plan, ordering.
+
+Django-style keyword lookups (``age__gte=18``) and ``where=`` dicts (``{"age": {"$gte": 18}}``)
+compile to one ``where`` dict over the records' stored (JSON) form. The planner picks the most
+selective indexed condition to produce candidate primary keys; the compiled ``_core`` filter then
+checks every condition on each candidate (or on every record when no index applies).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from natskv._speedups import core
+from natskv.errors import InvalidArgumentError
+from natskv.models.fields import Field
+
+LOOKUPS = {
+    "exact": "$eq", "ne": "$ne", "gt": "$gt", "gte": "$gte", "lt": "$lt", "lte": "$lte",
+    "in": "$in", "nin": "$nin", "contains": "$contains", "startswith": "$startswith",
+    "endswith": "$endswith", "regex": "$regex",
+}
+_RANGE_OPS = ("$gt", "$gte", "$lt", "$lte")
+
+
+def _json_operand(field: Field | None, op: str, value: Any) -> Any:
+    """A filter operand in the stored form (datetimes as ISO strings, UUIDs as str ...)."""
+    if field is None or value is None:
+        return value
+    if op in ("$in", "$nin"):
+        return [field.to_json(field.coerce(v)) if v is not None else None for v in value]
+    if op in ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte"):
+        try:
+            return field.to_json(field.coerce(value))
+        except InvalidArgumentError:
+            return value  # compared as given: a wrong type simply matches nothing
+    return value
+
+
+def compile_where(fields: Mapping[str, Field], where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> dict[str, Any]:
+    """One ``where`` dict from a ``where=`` mapping and keyword lookups (ANDed)."""
+    clauses: list[dict[str, Any]] = []
+    if where:
+        clauses.append(_to_json_form(fields, dict(where)))
+    for name, value in lookups.items():
+        # Field names never contain "__" (check_schema refuses them), so the last "__" splits.
+        field_name, sep, lookup = name.rpartition("__")
+        if not sep:
+            field_name, lookup = name, "exact"
+        field = fields.get(field_name)
+        if lookup == "isnull":
+            clauses.append({field_name: {"$eq": None} if value else {"$ne": None}})
+        elif lookup == "icontains":
+            if not isinstance(value, str):
+                raise InvalidArgumentError(f"{name}= needs a string, not {value!r}")
+            clauses.append({field_name: {"$regex": "(?i)" + re.escape(value)}})
+        elif lookup in LOOKUPS:
+            op = LOOKUPS[lookup]
+            clauses.append({field_name: {op: _json_operand(field, op, value)}})
+        else:
+            raise InvalidArgumentError(
+                f"unknown lookup {name!r}: use one of {', '.join(sorted([*LOOKUPS, 'isnull', 'icontains']))}"
+            )
+    if not clauses:
+        return {}
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def _to_json_form(fields: Mapping[str, Field], where: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, cond in where.items():
+        if key in ("$and", "$or"):
+            out[key] = [_to_json_form(fields, c) for c in cond] if isinstance(cond, list) else cond
+        elif key == "$not":
+            out[key] = _to_json_form(fields, cond) if isinstance(cond, dict) else cond
+        elif isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):
+            field = fields.get(key)
+            out[key] = {op: _json_operand(field, op, v) for op, v in cond.items()}
+        else:
+            out[key] = _json_operand(fields.get(key), "$eq", cond)
+    return out
+
+
+def compile_filter(where: dict[str, Any]) -> Any:
+    try:
+        return core.compile_filter(where)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgumentError(f"invalid query: {exc}") from exc
+
+
+def candidate_pks(where: dict[str, Any], indexes: Mapping[str, Any]) -> list[Any] | None:
+    """Primary keys that may match, from the most selective indexed top-level condition.
+
+    None means "no index applies: scan every record". The caller still checks the whole filter.
+    """
+    conditions: list[tuple[str, Any]] = []
+    for key, cond in where.items():
+        if key == "$and" and isinstance(cond, list):
+            for sub in cond:
+                if isinstance(sub, dict):
+                    conditions.extend((k, v) for k, v in sub.items() if not k.startswith("$"))
+        elif not key.startswith("$"):
+            conditions.append((key, cond))
+    best: list[Any] | None = None
+    for name, cond in conditions:
+        index = indexes.get(name)
+        if index is None:
+            continue
+        pks = _lookup(index, cond)
+        if pks is not None and (best is None or len(pks) < len(best)):
+            best = pks
+            if not best:
+                break
+    return best
+
+
+def _lookup(index: Any, cond: Any) -> list[Any] | None:
+    if not isinstance(cond, dict) or not cond or not all(isinstance(k, str) and k.startswith("$") for k in cond):
+        return None if cond is None else index.eq(cond)
+    if "$eq" in cond and cond["$eq"] is not None:
+        return index.eq(cond["$eq"])
+    if "$in" in cond and isinstance(cond["$in"], list) and None not in cond["$in"]:
+        return index.in_(cond["$in"])
+    if "$startswith" in cond and isinstance(cond["$startswith"], str):
+        return index.prefix(cond["$startswith"])
+    if any(op in cond for op in _RANGE_OPS):
+        lo = cond.get("$gte", cond.get("$gt"))
+        hi = cond.get("$lte", cond.get("$lt"))
+        return index.range(lo, hi, lo_inclusive="$gt" not in cond, hi_inclusive="$lt" not in cond)
+    return None
+
+
+def order_key(value: Any) -> tuple[Any, ...]:
+    """A total order over stored values for sorting: numbers, then strings, then others; null last."""
+    if value is None:
+        return (4,)
+    if isinstance(value, bool):
+        return (0, value)
+    if isinstance(value, (int, float)):
+        return (1, value)
+    if isinstance(value, str):
+        return (2, value)
+    return (3, repr(value))
+
+
+def parse_order_by(order_by: str | list[str] | tuple[str, ...] | None, fields: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """``"-age"`` or ``["role", "-age"]`` -> [(field, descending)]."""
+    if order_by is None:
+        return []
+    items = [order_by] if isinstance(order_by, str) else list(order_by)
+    out = []
+    for item in items:
+        if not isinstance(item, str) or not item.lstrip("-"):
+            raise InvalidArgumentError(f"order_by takes field names, optionally with '-', not {item!r}")
+        name = item.lstrip("-")
+        if name not in fields and name not in ("_version", "_created_at", "_updated_at"):
+            raise InvalidArgumentError(f"cannot order by unknown field {name!r}")
+        out.append((name, item.startswith("-")))
+    return out
+
+
+def sort_records(records: list[dict[str, Any]], order: list[tuple[str, bool]], pk: str) -> list[dict[str, Any]]:
+    """Stable multi-key sort of stored records; ties broken by primary key."""
+    records = sorted(records, key=lambda r: order_key(r.get(pk)))
+    for name, descending in reversed(order):
+        records.sort(key=lambda r: order_key(r.get(name)), reverse=descending)
+    return records

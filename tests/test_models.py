@@ -1,0 +1,266 @@
+"""Models against a real nats-server: schema, server-enforced uniqueness, replica reads, queries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import natskv
+from natskv import Field, InvalidArgumentError, Model, UniqueConstraintError, ValidationError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def User(db: natskv.Client, name: str) -> Iterator[type[Model]]:
+    class User(Model):
+        __bucket__ = name
+        id = Field(int, primary_key=True, generated="autoincrement")
+        nick = Field(str, required=True, max_length=200)
+        email = Field(str, unique=True, format="email")
+        age = Field(int, index=True, min=0)
+        role = Field(str, choices=["admin", "user"], default="user", index=True)
+        city = Field(str)
+
+    db.register(User)
+    try:
+        yield User
+    finally:
+        db.delete_bucket(name)
+        try:
+            db._conn.js_api_blocking(f"STREAM.DELETE.KVC_{name}", None, 5)
+        except natskv.NatsKVError:
+            pass
+
+
+def test_create_get_and_read_back(User: Any) -> None:
+    u = User.create(nick="Ann", email="ann@example.com", age=30)
+    assert isinstance(u.id, int) and u.role == "user"
+    assert u._version > 0 and u._created_at is not None and u._updated_at == u._created_at
+    got = User.get(u.id)
+    assert got is not None and got.to_dict() == u.to_dict() and got._version == u._version
+    assert User.get(12345) is None and User.get("1") is None
+
+
+def test_validation_reports_every_issue_and_writes_nothing(db: natskv.Client, User: Any) -> None:
+    before = db.bucket(User.__bucket__).status().last_revision
+    with pytest.raises(ValidationError) as info:
+        User.create(email="not-an-email", age=-1, role="root")
+    codes = {(f, c) for f, _, c in info.value.issues}
+    assert codes == {("nick", "required"), ("email", "format"), ("age", "min"), ("role", "choices")}
+    assert db.bucket(User.__bucket__).status().last_revision == before
+    first = User.create(nick="A", age=1)
+    assert User.create(nick="B", age=2).id == first.id + 1  # no autoincrement value was spent
+
+
+def test_unique_values_are_enforced_moved_and_freed(User: Any) -> None:
+    a = User.create(nick="A", email="a@example.com", age=1)
+    with pytest.raises(UniqueConstraintError) as info:
+        User.create(nick="B", email="a@example.com", age=2)
+    assert info.value.field == "email" and info.value.value == "a@example.com"
+    assert User.count() == 1
+    a.email = "a2@example.com"
+    a.save()
+    b = User.create(nick="B", email="a@example.com", age=2)  # the old value was freed
+    with pytest.raises(UniqueConstraintError):
+        b.email = "a2@example.com"
+        b.save()
+    a.delete()
+    b.refresh()
+    b.email = "a2@example.com"
+    b.save()  # freed by the delete
+    assert User.find_one(email="a2@example.com").id == b.id
+    # null is not indexed: many records may leave a unique field empty
+    User.create(nick="C", age=3)
+    User.create(nick="D", age=4)
+    assert User.count(email__isnull=True) == 2
+
+
+def test_queries_with_lookups_where_and_indexes(User: Any) -> None:
+    people = [("Ann", 30, "admin", "Oslo"), ("Bob", 15, "user", "Rome"), ("Cid", 45, "user", "Oslo"),
+              ("Dee", 30, "user", "Rome"), ("Eve", 22, "admin", None)]
+    for n, age, role, city in people:
+        User.create(nick=n, email=f"{n.lower()}@example.com", age=age, role=role, city=city)
+    names = lambda rows: [r.nick for r in rows]  # noqa: E731
+    assert names(User.find(age=30)) == ["Ann", "Dee"]  # a non-indexed-unique field returns every match
+    assert names(User.find(city="Oslo")) == ["Ann", "Cid"]  # equality on a field with no index
+    assert names(User.find(role="user", age__gte=30)) == ["Cid", "Dee"]  # ANDed
+    assert names(User.find(age__in=[15, 22], order_by="-age")) == ["Eve", "Bob"]
+    assert names(User.find(nick__startswith="D", nick__endswith="e")) == ["Dee"]
+    assert names(User.find(where={"$or": [{"role": "admin"}, {"nick": {"$startswith": "C"}}]}, order_by="nick")) == ["Ann", "Cid", "Eve"]
+    assert names(User.find(email__endswith="@example.com", order_by=["role", "-age"], limit=2, offset=1)) == ["Eve", "Cid"]
+    assert names(User.find(city__isnull=True)) == ["Eve"]
+    assert names(User.find(email__regex="^(bob|eve)@")) == ["Bob", "Eve"]
+    assert names(User.find(nick__icontains="E", order_by="nick")) == ["Dee", "Eve"]
+    assert User.count(role="admin") == 2 and User.exists(age__gt=40) and not User.exists(age__gt=45)
+    assert names(User.first(2)) == ["Ann", "Bob"] and names(User.last(1)) == ["Eve"]
+    with pytest.raises(InvalidArgumentError):
+        User.find(age__between=3)
+    with pytest.raises(InvalidArgumentError):
+        User.find(order_by="height")
+
+
+def test_aggregates_over_0_to_90(User: Any) -> None:
+    for age in range(0, 100, 10):
+        User.create(nick=f"n{age}", age=age)
+    assert (User.sum("age"), User.avg("age"), User.min("age"), User.max("age")) == (450, 45, 0, 90)
+    assert (User.sum("age", age__gt=1000), User.avg("age", age__gt=1000)) == (0, 0)
+    assert (User.min("age", age__gt=1000), User.max("age", age__gt=1000)) == (None, None)
+
+
+def test_update_and_destroy_by_any_field_keep_indexes_right(User: Any) -> None:
+    for i in range(6):
+        User.create(nick=f"u{i}", age=i, role="admin" if i % 2 else "user")
+    assert User.update({"role": "admin"}, where={"age": {"$lt": 2}}) == 2
+    assert User.count(role="admin") == 4
+    assert User.update({"age": 99}, nick="nobody") == 0
+    assert User.destroy(role="admin") == 4
+    assert [u.nick for u in User.find()] == ["u2", "u4"]
+    assert User.count(role="admin") == 0 and User.find(age=1) == []
+    with pytest.raises(ValidationError):
+        User.update({"age": -5}, role="user")
+
+
+def test_pagination_is_stable_under_inserts(User: Any) -> None:
+    for i in range(10):
+        User.create(nick=f"p{i}", age=i)
+    seen: list[int] = []
+    sizes = []
+    cursor = None
+    while True:
+        page = User.paginate(limit=3, after=cursor, order_by="age")
+        sizes.append(len(page))
+        seen.extend(u.age for u in page)
+        User.create(nick="early", age=0)  # lands before the cursor: never shown
+        if not page.has_more:
+            break
+        cursor = page.next_cursor
+    assert sizes == [3, 3, 3, 1]
+    assert seen == list(range(10))  # no duplicates, nothing skipped, inserts behind the cursor unseen
+
+
+def test_concurrent_creates_updates_destroys_leave_exact_counts(User: Any) -> None:
+    n_threads, per_thread = 8, 25
+    errors: list[BaseException] = []
+
+    def run(fn: Any) -> None:
+        threads = [threading.Thread(target=fn, args=(t,)) for t in range(n_threads)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+
+    def create(t: int) -> None:
+        try:
+            for i in range(per_thread):
+                User.create(nick=f"t{t}-{i}", email=f"t{t}-{i}@example.com", age=0)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def bump(t: int) -> None:
+        try:
+            for u in User.find(nick__startswith=f"t{t}-"):
+                User.update({"age": u.age + 1}, id=u.id)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    run(create)
+    assert errors == [] and User.count() == n_threads * per_thread
+    assert len({u.id for u in User.find()}) == n_threads * per_thread
+    run(bump)
+    assert errors == [] and User.count(age=1) == n_threads * per_thread
+    run(lambda t: User.destroy(where={"nick": {"$startswith": f"t{t}-"}}))
+    assert User.count() == 0 and User.find(age=1) == []
+
+
+RACE = r"""
+import sys
+import natskv
+from natskv import Field, Model
+
+url, bucket = sys.argv[1], sys.argv[2]
+db = natskv.connect(url)
+
+class Racer(Model):
+    __bucket__ = bucket
+    id = Field(str, primary_key=True, generated="uuid")
+    email = Field(str, unique=True)
+
+db.register(Racer)
+sys.stdout.write("ready\n"); sys.stdout.flush()
+sys.stdin.readline()
+try:
+    Racer.create(email="same@example.com")
+    print("won")
+except natskv.UniqueConstraintError:
+    print("lost")
+db.close()
+"""
+
+
+def test_two_processes_racing_for_a_unique_value(nats_url: str, db: natskv.Client, name: str) -> None:
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACE, nats_url, name], cwd=REPO, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert results == ["lost", "won"]
+    finally:
+        for p in procs:
+            p.kill()
+        db.delete_bucket(name)
+
+
+def test_a_second_client_sees_the_first_clients_writes(nats_url: str, User: Any) -> None:
+    with natskv.connect(nats_url) as other:
+        class Mirror(Model):
+            __bucket__ = User.__bucket__
+            id = Field(int, primary_key=True)
+            nick = Field(str)
+            email = Field(str, unique=True)
+            age = Field(int, index=True)
+            role = Field(str, index=True)
+            city = Field(str)
+
+        other.register(Mirror)
+        u = User.create(nick="seen", age=7)
+        replica = Mirror._store.replica
+        replica.wait_for(u._version, 5)
+        assert Mirror.get(u.id).nick == "seen" and Mirror.find(age=7)[0].id == u.id
+
+
+def test_define_dynamic_models(db: natskv.Client, name: str) -> None:
+    Thing = db.define(f"Thing_{name}"[:60].replace("-", "_"), {
+        "code": {"type": "STRING", "primaryKey": True},
+        "qty": {"type": "INTEGER", "validate": {"min": 0}, "index": True},
+    }, bucket=name)
+    try:
+        Thing.create(code="a", qty=1)
+        Thing.create(code="b", qty=5)
+        assert [t.code for t in Thing.find(qty__gte=2)] == ["b"]
+        assert db.get_model(Thing.__name__) is Thing
+        with pytest.raises(ValidationError):
+            Thing.create(code="c", qty=-1)
+    finally:
+        db.delete_bucket(name)
+
+
+def test_unregistered_model_says_what_to_do() -> None:
+    class Loose(Model):
+        id = Field(int, primary_key=True)
+
+    with pytest.raises(InvalidArgumentError, match="register"):
+        Loose.create(id=1)
