@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from natskv._runner import check_timeout, loop_name, runner
@@ -22,8 +22,10 @@ from natskv.codec import Codec, get_codec
 from natskv.config import ConnectOptions
 from natskv.errors import BucketNotFoundError, InvalidArgumentError, NotConnectedError
 from natskv.kv import Bucket
+from natskv.models.live import EventBus
 
 if TYPE_CHECKING:
+    from natskv.models.live import ModelEvent
     from natskv.models.model import Model
     from natskv.server import EmbeddedServer
     from natskv.watch import Watcher
@@ -45,6 +47,7 @@ class Client:
         self._buckets: dict[tuple[str, str, int], Bucket] = {}
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         self._models: dict[str, type[Model]] = {}
+        self._events = EventBus()
         self._counters: set[str] = set()
         self._closed = False
         self._pid = os.getpid()
@@ -166,7 +169,18 @@ class Client:
         store.replica.start(timeout if timeout is not None else max(self.options.request_timeout, 30.0))
         model._store = store
         self._models[model.__name__] = model
+        self._events.attach(model)
         return model
+
+    def on(self, pattern: str, callback: Callable[[ModelEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for model events whose name matches ``pattern``.
+
+        Names are ``"<bucket>.inserted"``, ``"<bucket>.updated"`` and ``"<bucket>.deleted"`` (a
+        model's bucket is its lower-case class name unless set); wildcards as in fnmatch:
+        ``"*.deleted"``, ``"user.*"``. Callbacks run on one dispatcher thread, in order; the
+        event carries ``old`` and ``new`` records. Returns a function that removes the handler.
+        """
+        return self._events.on(pattern, callback)
 
     def define(self, name: str, attributes: Mapping[str, Any], *, bucket: str | None = None,
                timeout: float | None = None) -> type[Model]:
@@ -270,6 +284,7 @@ class Client:
             self._conn.mux.close()  # wake threads blocked in calls on this client
         for w in list(self._watchers):
             w.stop()
+        self._events.stop()
         try:
             runner.call(self._conn.close(), timeout if timeout is not None else self.options.drain_timeout)
         except Exception:  # noqa: BLE001 - closing must not raise

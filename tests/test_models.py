@@ -264,3 +264,111 @@ def test_unregistered_model_says_what_to_do() -> None:
 
     with pytest.raises(InvalidArgumentError, match="register"):
         Loose.create(id=1)
+
+
+def wait_until(cond: Any, timeout: float = 5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def test_watch_reports_inserts_updates_deletes_off_the_loop_thread(User: Any) -> None:
+    events: list[Any] = []
+    threads: set[str] = set()
+
+    def cb(ev: Any) -> None:
+        threads.add(threading.current_thread().name)
+        events.append((ev.type, ev.old and ev.old.nick, ev.new and ev.new.nick))
+        User.count()  # callbacks may call natskv
+
+    w = User.watch(cb, role="admin")
+    try:
+        a = User.create(nick="a", age=1, role="admin")
+        User.create(nick="b", age=2, role="user")  # does not match
+        a.nick = "a2"
+        a.save()
+        a.delete()
+        assert wait_until(lambda: len(events) == 3)
+    finally:
+        w.stop()
+    assert events == [("inserted", None, "a"), ("updated", "a", "a2"), ("deleted", "a2", None)]
+    assert "natskv-loop" not in threads
+
+
+def test_watch_with_columns_fires_only_for_those_columns(User: Any) -> None:
+    seen: list[tuple[Any, Any]] = []
+    u = User.create(nick="c", age=1, city="Oslo")
+    w = User.watch(lambda ev: seen.append((ev.type, ev.new.age if ev.new else None)), columns=["age"])
+    try:
+        u.city = "Rome"
+        u.save()  # not a watched column
+        u.age = 2
+        u.save()
+        marker = User.create(nick="m", age=9)  # an insert always counts
+        assert wait_until(lambda: len(seen) == 2)
+    finally:
+        w.stop()
+    assert seen == [("updated", 2), ("inserted", 9)] and marker.age == 9
+
+
+def test_a_failing_callback_is_reported_and_the_watch_goes_on(User: Any) -> None:
+    errors: list[BaseException] = []
+    calls: list[str] = []
+
+    def cb(ev: Any) -> None:
+        calls.append(ev.new.nick)
+        if ev.new.nick == "boom":
+            raise RuntimeError("boom")
+
+    w = User.watch(cb, on_error=errors.append)
+    try:
+        User.create(nick="boom", age=1)
+        User.create(nick="after", age=2)
+        assert wait_until(lambda: calls == ["boom", "after"])
+    finally:
+        w.stop()
+    assert [str(e) for e in errors] == ["boom"]
+
+
+def test_live_query_fires_only_on_real_result_changes(User: Any) -> None:
+    User.create(nick="x", age=50, role="admin")
+    results: list[list[str]] = []
+    with User.live(role="admin", order_by="nick") as live:
+        live.subscribe(lambda rows: results.append([r.nick for r in rows]))
+        assert [r.nick for r in live.result] == ["x"]
+        User.create(nick="y", age=5, role="user")  # not in the result: no call
+        User.create(nick="a", age=7, role="admin")
+        assert wait_until(lambda: results == [["a", "x"]])
+        before = len(results)
+        User.update({"city": "Oslo"}, nick="y")  # still not in the result
+        import time
+
+        time.sleep(0.3)
+        assert len(results) == before
+        User.destroy(nick="x")
+        assert wait_until(lambda: results[-1] == ["a"])
+        assert [r.nick for r in live.result] == ["a"]
+
+
+def test_db_on_model_events_with_wildcards(db: natskv.Client, User: Any) -> None:
+    bucket = User.__bucket__
+    deleted: list[Any] = []
+    everything: list[str] = []
+    off1 = db.on("*.deleted", lambda ev: deleted.append((ev.name, ev.old.nick, ev.new)))
+    off2 = db.on(f"{bucket}.*", lambda ev: everything.append(ev.type))
+    try:
+        u = User.create(nick="e", age=1)
+        u.age = 2
+        u.save()
+        u.delete()
+        assert wait_until(lambda: len(everything) == 3 and len(deleted) == 1)
+    finally:
+        off1()
+        off2()
+    assert everything == ["inserted", "updated", "deleted"]
+    assert deleted == [(f"{bucket}.deleted", "e", None)]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import orjson
@@ -36,8 +37,11 @@ from natskv.models.fields import MISSING, Field, check_schema, primary_key_name,
 
 if TYPE_CHECKING:
     from natskv.client import Client
+    from natskv.models.live import LiveQuery, ModelEvent, ModelWatcher
     from natskv.kv import Bucket
     from natskv.replica import LocalReplica
+
+log = logging.getLogger("natskv")
 
 M = TypeVar("M", bound="Model")
 
@@ -85,13 +89,18 @@ class ModelStore:
         self.records: dict[Any, dict[str, Any]] = {}  # stored form, by primary key (stored form)
         self.revisions: dict[Any, int] = {}
         self.replica: LocalReplica | None = None
+        # Model watches, live queries and db.on(): called as listener(old, new, revision,
+        # old_revision) on the loop thread under the replica's lock; they only match and queue.
+        self.listeners: list[Callable[[Any, Any, int, int], None]] = []
 
     # -- replica hook (loop thread, under the replica's lock) -------------------------------------
 
     def apply(self, key: str, old: Any, new: Any, revision: int) -> None:
         """Keep records and indexes in step with one change of a record key."""
+        old_revision = 0
         if isinstance(old, dict):
             old_pk = old.get(self.pk)
+            old_revision = self.revisions.get(old_pk, 0)
             for name, index in self.unique.items():
                 value = old.get(name)
                 if value is not None and index.get(value) == old_pk:
@@ -121,6 +130,11 @@ class ModelStore:
                 value = new.get(name)
                 if value is not None and core.index_key(value) is not None:
                     index.add(value, new_pk)
+        for listener in list(self.listeners):
+            try:
+                listener(old if isinstance(old, dict) else None, new if isinstance(new, dict) else None, revision, old_revision)
+            except Exception:  # noqa: BLE001 - one broken listener must not stop the replica
+                log.exception("natskv: error in a model listener")
 
 
 class ModelMeta(type):
@@ -537,6 +551,28 @@ class Model(metaclass=ModelMeta):
         page, more = records[:limit], len(records) > limit
         cursor = orjson.dumps([page[-1].get(field), page[-1].get(cls._pk)]).decode() if page and more else None
         return Page([cls._from_stored(r, by_id[id(r)]) for r in page], more, cursor)
+
+    # -- watching --------------------------------------------------------------------------------
+
+    @classmethod
+    def watch(cls, callback: Callable[[ModelEvent], None], *, where: Mapping[str, Any] | None = None,
+              columns: Iterable[str] | None = None, on_error: Callable[[BaseException], None] | None = None,
+              **lookups: Any) -> ModelWatcher:
+        """Call ``callback(event)`` (on a dispatcher thread) for each insert, update and delete of
+        a matching record, with ``event.old`` and ``event.new``; with ``columns``, updates only
+        when one of them changed. Returns a watcher with ``stop()``."""
+        from natskv.models.live import ModelWatcher
+
+        return ModelWatcher(cls, callback, where=where, columns=columns, on_error=on_error, **lookups)
+
+    @classmethod
+    def live(cls, *, where: Mapping[str, Any] | None = None, order_by: Any = None, limit: int | None = None,
+             on_error: Callable[[BaseException], None] | None = None, **lookups: Any) -> LiveQuery:
+        """A query kept current: ``.result``, ``.subscribe(cb)`` (called only when the result
+        really changes), ``.stop()``."""
+        from natskv.models.live import LiveQuery
+
+        return LiveQuery(cls, where=where, order_by=order_by, limit=limit, on_error=on_error, **lookups)
 
     # -- aggregates ----------------------------------------------------------------------------------
 

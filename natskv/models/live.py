@@ -1,0 +1,271 @@
+"""Model watches, live queries and client-wide model events.
+
+Changes reach these from the model's replica, on natskv's loop thread, where they are only
+matched and queued. Each watcher, live query and event handler has a dispatcher thread that runs
+the user's callback, so callbacks never run on the loop thread, may block, and may call natskv.
+An exception in a callback is logged and handed to ``on_error``; the watch goes on.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from natskv.errors import InvalidArgumentError
+from natskv.models import query
+
+if TYPE_CHECKING:
+    from natskv.models.model import Model, ModelStore
+
+log = logging.getLogger("natskv")
+
+_STOP = object()
+
+INSERTED, UPDATED, DELETED = "inserted", "updated", "deleted"
+
+
+class ModelEvent:
+    """One change to a record: ``type`` is ``"inserted"``, ``"updated"`` or ``"deleted"``;
+    ``old`` / ``new`` are the record before and after (None where there is none); ``name`` is
+    ``"<bucket>.<type>"``, as matched by ``db.on()``."""
+
+    __slots__ = ("type", "model", "old", "new", "revision")
+
+    def __init__(self, type: str, model: type[Model], old: Model | None, new: Model | None, revision: int) -> None:
+        self.type = type
+        self.model = model
+        self.old = old
+        self.new = new
+        self.revision = revision
+
+    @property
+    def name(self) -> str:
+        return f"{self.model._s().bucket.name}.{self.type}"
+
+    @property
+    def record(self) -> Model | None:
+        """The record as it is now (``old`` for a delete)."""
+        return self.new if self.new is not None else self.old
+
+    def __repr__(self) -> str:
+        return f"ModelEvent({self.name!r}, old={self.old!r}, new={self.new!r})"
+
+
+def _event(model: type[Model], old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_rev: int) -> ModelEvent:
+    kind = INSERTED if old is None else DELETED if new is None else UPDATED
+    return ModelEvent(
+        kind,
+        model,
+        model._from_stored(old, old_rev) if old is not None else None,
+        model._from_stored(new, revision) if new is not None else None,
+        revision,
+    )
+
+
+class _Dispatcher:
+    """A queue and the thread that runs callbacks from it."""
+
+    def __init__(self, name: str, on_error: Callable[[BaseException], None] | None) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._on_error = on_error
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, job: Callable[[], None]) -> None:
+        self._queue.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            try:
+                job()
+            except Exception as exc:  # noqa: BLE001 - a user error must not end the watch
+                log.exception("natskv: error in a model callback")
+                if self._on_error is not None:
+                    try:
+                        self._on_error(exc)
+                    except Exception:  # noqa: BLE001
+                        log.exception("natskv: error in the on_error hook")
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        self._queue.put(_STOP)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+
+class ModelWatcher:
+    """Calls ``callback(event)`` for inserts, updates and deletes of matching records.
+
+    A change matches when the record matched ``where`` before or after it. With ``columns``, an
+    update is reported only when one of those fields changed. Stop it with :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        model: type[Model],
+        callback: Callable[[ModelEvent], None],
+        where: Mapping[str, Any] | None = None,
+        columns: Iterable[str] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        **lookups: Any,
+    ) -> None:
+        if not callable(callback):
+            raise InvalidArgumentError("watch() needs a callback function")
+        self.model = model
+        self._store: ModelStore = model._s()
+        self._filter = query.compile_filter(query.compile_where(model._fields, where, lookups))
+        self._columns = tuple(columns) if columns is not None else None
+        for column in self._columns or ():
+            if column not in model._fields:
+                raise InvalidArgumentError(f"{model.__name__} has no field {column!r} to watch")
+        self._callback = callback
+        self._dispatcher = _Dispatcher(f"natskv-model-watch-{model.__name__}", on_error)
+        self._store.listeners.append(self._on_change)
+
+    def _on_change(self, old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_rev: int) -> None:
+        # Loop thread, under the replica's lock: match and queue only.
+        match = self._filter.match
+        if not ((old is not None and match(old)) or (new is not None and match(new))):
+            return
+        if self._columns is not None and old is not None and new is not None:
+            if all(old.get(c) == new.get(c) for c in self._columns):
+                return
+        model, callback = self.model, self._callback
+        self._dispatcher.put(lambda: callback(_event(model, old, new, revision, old_rev)))
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop calling the callback. Safe to call twice, and from the callback."""
+        if self._on_change in self._store.listeners:
+            self._store.listeners.remove(self._on_change)
+        self._dispatcher.stop(timeout)
+
+    def __enter__(self) -> ModelWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LiveQuery:
+    """A query kept current: ``result`` always holds the latest answer.
+
+    Subscribers (``subscribe(cb)``) are called with the new result only when it really changed:
+    other records, or the same records at new versions, in a different order or number.
+    """
+
+    def __init__(
+        self,
+        model: type[Model],
+        where: Mapping[str, Any] | None = None,
+        order_by: Any = None,
+        limit: int | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        **lookups: Any,
+    ) -> None:
+        self.model = model
+        self._args = dict(where=where, order_by=order_by, limit=limit, **lookups)
+        self._lock = threading.Lock()
+        self._subscribers: list[Callable[[list[Model]], None]] = []
+        self.result: list[Model] = model.find(**self._args)
+        self._signature = self._sign(self.result)
+        self._pending = threading.Event()
+        self._dispatcher = _Dispatcher(f"natskv-live-{model.__name__}", on_error)
+        # Any change may move a record into or out of a limited, ordered result: recompute on each.
+        self._store: ModelStore = model._s()
+        self._store.listeners.append(self._on_change)
+
+    @staticmethod
+    def _sign(records: list[Model]) -> list[tuple[Any, int]]:
+        return [(r.pk, r._version) for r in records]
+
+    def _on_change(self, old: Any, new: Any, revision: int, old_rev: int) -> None:
+        if not self._pending.is_set():  # coalesce a burst of changes into one recomputation
+            self._pending.set()
+            self._dispatcher.put(self._refresh)
+
+    def _refresh(self) -> None:
+        self._pending.clear()
+        result = self.model.find(**self._args)
+        signature = self._sign(result)
+        with self._lock:
+            if signature == self._signature:
+                return
+            self.result, self._signature = result, signature
+            subscribers = list(self._subscribers)
+        for cb in subscribers:
+            cb(result)
+
+    def subscribe(self, callback: Callable[[list[Model]], None]) -> Callable[[], None]:
+        """Call ``callback(result)`` on every real change; returns a function that unsubscribes."""
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop following changes (``result`` stays as it was)."""
+        if self._on_change in self._store.listeners:
+            self._store.listeners.remove(self._on_change)
+        self._dispatcher.stop(timeout)
+
+    def __enter__(self) -> LiveQuery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EventBus:
+    """``db.on(pattern, callback)``: model events by name (``"<bucket>.inserted"`` ...)."""
+
+    def __init__(self) -> None:
+        self._handlers: list[tuple[str, Callable[[ModelEvent], None]]] = []
+        self._lock = threading.Lock()
+        self._dispatcher: _Dispatcher | None = None
+
+    def on(self, pattern: str, callback: Callable[[ModelEvent], None]) -> Callable[[], None]:
+        if not isinstance(pattern, str) or not pattern:
+            raise InvalidArgumentError(f"an event pattern is a string like 'users.*' or '*.deleted', not {pattern!r}")
+        if not callable(callback):
+            raise InvalidArgumentError("on() needs a callback function")
+        with self._lock:
+            self._handlers.append((pattern, callback))
+            if self._dispatcher is None:
+                self._dispatcher = _Dispatcher("natskv-events", None)
+
+        def off() -> None:
+            with self._lock:
+                if (pattern, callback) in self._handlers:
+                    self._handlers.remove((pattern, callback))
+
+        return off
+
+    def attach(self, model: type[Model]) -> None:
+        store = model._s()
+
+        def on_change(old: Any, new: Any, revision: int, old_rev: int) -> None:
+            if not self._handlers or self._dispatcher is None:
+                return
+            kind = INSERTED if old is None else DELETED if new is None else UPDATED
+            name = f"{store.bucket.name}.{kind}"
+            with self._lock:
+                targets = [cb for pattern, cb in self._handlers if fnmatch.fnmatchcase(name, pattern)]
+            for cb in targets:
+                self._dispatcher.put(lambda cb=cb: cb(_event(model, old, new, revision, old_rev)))
+
+        store.listeners.append(on_change)
+
+    def stop(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.stop()
