@@ -10,6 +10,7 @@ batch publish. The methods that block run in the caller's thread through the mul
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -225,6 +226,35 @@ class KVProtocol:
             raise self._status_error(status, desc)
         entry = entry_from_headers(hdrs, data)
         return entry if entry.subject == self.subject_prefix + encoded_key else None
+
+    async def last_many_async(self, filter_subject: str, timeout: float) -> list[RawEntry] | None:
+        """Loop-thread form of a batch direct get of the latest message per subject under
+        ``filter_subject``. None when it matches too many subjects for one batch get (413) or
+        the server has no batch get."""
+        if self.conn.api_level < API_LEVEL_TTL:
+            return None
+        mux = self.conn.mux
+        assert mux is not None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        replies: list[RawReply] = []
+
+        def collect(data: bytes, headers: Any, reply: str) -> bool:
+            replies.append((data, headers, reply))
+            if not data and status_of(headers):
+                if not done.done():
+                    done.set_result(None)
+                return True
+            return False
+
+        token = mux.new_token()
+        mux.add_route(token, collect)
+        body = orjson.dumps({"multi_last": [self.subject_prefix + filter_subject]})
+        mux.write_now(core.pub_command(self._direct_batch, mux.prefix + token, body, None))
+        try:
+            await asyncio.wait_for(done, timeout)
+        finally:
+            mux.remove_route(token)
+        return self._batch_entries(replies)
 
     def get_last_many(self, subjects: list[str], timeout: float | None) -> list[RawEntry] | None:
         """Latest message of each subject (wildcards allowed) in batch direct gets.
