@@ -162,7 +162,17 @@ class Runner:
         loop, thread = self._loop, self._thread
         self._loop = self._thread = None
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(loop.stop)
+            # Cancel what is still running (watch recoveries, timers) and let it finish, so the
+            # loop closes with no pending task.
+            async def finish() -> None:
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    await asyncio.wait(tasks, timeout=1.0)
+                loop.stop()
+
+            asyncio.run_coroutine_threadsafe(finish(), loop)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from natskv._runner import check_timeout, loop_name, runner
 from natskv.aio.connection import API_LEVEL_ATOMIC, Connection, check_api_reply
 from natskv.aio.kv import KVProtocol, validate_bucket_name
+from natskv.aio.watch import stop_feeds_of
 from natskv.codec import Codec, get_codec
 from natskv.config import ConnectOptions
 from natskv.errors import BucketNotFoundError, InvalidArgumentError, NotConnectedError
@@ -124,6 +125,12 @@ class Client:
         validate_bucket_name(name)
         self._check()
         proto = KVProtocol(self._conn, name)
+        # This client's watches and model replicas on the bucket end with it.
+        runner.call(stop_feeds_of(self._conn, proto.stream), self.options.request_timeout)
+        for model_name, model in list(self._models.items()):
+            if model._store is not None and model._store.bucket.name == name:
+                model._store = None
+                del self._models[model_name]
         try:
             proto.destroy(timeout if timeout is not None else self.options.request_timeout)
         except BucketNotFoundError:
@@ -206,8 +213,9 @@ class Client:
                 f"no model {name!r} is registered; registered: {sorted(self._models) or 'none'}"
             ) from None
 
-    def _next_counter(self, bucket: str, field: str, timeout: float | None) -> int:
-        """Next value of an autoincrement counter, kept in a counter stream beside the bucket."""
+    def _next_counter(self, bucket: str, field: str, timeout: float | None, count: int = 1) -> int:
+        """Add ``count`` to an autoincrement counter (a counter stream beside the bucket) and
+        return its new value."""
         self._check()
         t = timeout if timeout is not None else self.options.request_timeout
         self._conn.require(API_LEVEL_ATOMIC, "autoincrement fields (counter streams)")
@@ -223,7 +231,7 @@ class Client:
                 self._conn.js_api_blocking(f"STREAM.CREATE.{stream}", config, t)
             self._counters.add(stream)
         assert self._conn.mux is not None
-        data, headers, _ = self._conn.mux.request(f"$KVC.{bucket}.{field}", b"", {"Nats-Incr": "+1"}, t)
+        data, headers, _ = self._conn.mux.request(f"$KVC.{bucket}.{field}", b"", {"Nats-Incr": f"+{count}"}, t)
         return int(check_api_reply("counter", data)["val"])
 
     # -- plain NATS ------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def test_pagination_is_stable_under_inserts(User: Any) -> None:
 
 
 def test_concurrent_creates_updates_destroys_leave_exact_counts(User: Any) -> None:
-    n_threads, per_thread = 8, 25
+    n_threads, per_thread = 8, 125  # 1000 records
     errors: list[BaseException] = []
 
     def run(fn: Any) -> None:
@@ -372,3 +372,30 @@ def test_db_on_model_events_with_wildcards(db: natskv.Client, User: Any) -> None
         off2()
     assert everything == ["inserted", "updated", "deleted"]
     assert deleted == [(f"{bucket}.deleted", "e", None)]
+
+
+def test_bulk_create_writes_atomic_batches(db: natskv.Client, User: Any) -> None:
+    rows = [{"nick": f"b{i}", "email": f"b{i}@example.com", "age": i % 90} for i in range(1200)]
+    created = User.bulk_create(rows)
+    assert User.count() == 1200 and len({u.id for u in created}) == 1200
+    assert all(u._version > 0 for u in created) and User.get(created[-1].id).nick == "b1199"
+    # a clash inside one batch rejects that whole batch: nothing of it is stored
+    with pytest.raises(UniqueConstraintError):
+        User.bulk_create([{"nick": "new1", "email": "n1@example.com", "age": 1},
+                          {"nick": "dup", "email": "b5@example.com", "age": 1}])
+    assert User.count(nick="new1") == 0
+    with pytest.raises(ValidationError) as info:
+        User.bulk_create([{"nick": "ok", "age": 1}, {"age": -1}])
+    assert {f for f, _, _ in info.value.issues} == {"[1].nick", "[1].age"}
+
+
+def test_consistency_server_reads_the_server(db: natskv.Client, User: Any) -> None:
+    u = User.create(nick="s", age=3)
+    # written behind the replica's back, straight into the bucket: only the server has it yet
+    kv = db.bucket(User.__bucket__)
+    stored = dict(kv.get(f"r:i:{u.id}"), age=4)
+    kv.set(f"r:i:{u.id}", stored)
+    assert User.get(u.id, consistency="server").age == 4
+    assert [x.age for x in User.find(nick="s", consistency="server")] == [4]
+    with pytest.raises(InvalidArgumentError):
+        User.get(u.id, consistency="eventual")

@@ -18,7 +18,7 @@ from natskv._speedups import core
 from natskv.aio.connection import Connection
 from natskv.aio.kv import NANOS, KVProtocol, RawEntry, entry_from_headers
 from natskv.aio.mux import parse_reply_headers, status_of
-from natskv.errors import NatsKVError
+from natskv.errors import BucketNotFoundError, NatsKVError
 
 log = logging.getLogger("natskv")
 
@@ -219,6 +219,10 @@ class ConsumerFeed:
                     await self._delete_consumer(old)
                     await self._create_consumer()
                     return
+                except BucketNotFoundError:
+                    log.warning("natskv: bucket %r was deleted; its watch stops", self.proto.bucket)
+                    await self.stop()
+                    return
                 except NatsKVError as exc:
                     log.info("natskv: could not recreate watch consumer yet: %s", exc)
                     await asyncio.sleep(delay)
@@ -385,3 +389,12 @@ async def unsubscribe_feed(shared: SharedFeed, sub: FeedSubscriber) -> None:
         if conn.feeds.get(shared.key) is shared:
             del conn.feeds[shared.key]
         await shared.feed.stop()
+
+
+async def stop_feeds_of(conn: Connection, stream: str) -> None:
+    """Stop every shared feed of ``stream`` (its bucket is being deleted)."""
+    for key, shared in list(conn.feeds.items()):
+        if key[0] == stream:
+            del conn.feeds[key]
+            shared.subscribers.clear()
+            await shared.feed.stop()

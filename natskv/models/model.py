@@ -48,6 +48,7 @@ M = TypeVar("M", bound="Model")
 RECORD, UNIQUE = "r", "u"
 META_FIELDS = ("_version", "_created_at", "_updated_at")
 _CAS_RETRIES = 20
+MAX_BATCH = 1000  # writes in one atomic batch (the server's limit)
 
 
 def record_key(pk: Any) -> str:
@@ -259,16 +260,50 @@ class Model(metaclass=ModelMeta):
 
     @classmethod
     def bulk_create(cls: type[M], rows: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> list[M]:
-        """Create several records; each is validated first, then written (one atomic batch each)."""
+        """Create many records in atomic batches (up to 1000 writes each, a record's unique
+        markers always in its record's batch). Every row is validated before anything is written
+        (ValidationError names rows as ``[i].field``); a UniqueConstraintError rejects the batch
+        it occurs in, and batches before it stay written."""
         objs = [cls(**dict(row)) for row in rows]
+        if not objs:
+            return []
+        cls._s()
+        prepared = []
         problems = []
         for i, obj in enumerate(objs):
-            _, issues = cls._validate(obj._values(), partial=False)
+            clean, issues = cls._validate(obj._values(), partial=False)
             problems.extend((f"[{i}].{f}", m, c) for f, m, c in issues)
+            prepared.append(clean)
         if problems:
             raise ValidationError(problems)
-        for obj in objs:
-            obj._insert(timeout)
+        for name, field in cls._fields.items():
+            if field.generated == "autoincrement":
+                missing = [c for c in prepared if c.get(name) is None]
+                if missing:
+                    last = cls._next_value(name, timeout, len(missing))
+                    for offset, clean in enumerate(missing):
+                        clean[name] = last - len(missing) + 1 + offset
+        batch: list[tuple[Any, ...]] = []
+        done: list[tuple[M, dict[str, Any], dict[str, Any]]] = []
+        pending: list[tuple[M, dict[str, Any], dict[str, Any]]] = []
+        now = dt.datetime.now(dt.timezone.utc)
+        for obj, clean in zip(objs, prepared):
+            stored, ops = cls._insert_ops(clean, now)
+            if len(batch) + len(ops) > MAX_BATCH:
+                cls._write(batch, timeout)
+                done.extend(pending)
+                batch, pending = [], []
+            batch.extend(ops)
+            pending.append((obj, clean, stored))
+        revision = cls._write(batch, timeout)
+        done.extend(pending)
+        for obj, clean, stored in done:
+            obj._stored_as(clean, stored, now)
+        store = cls._s()
+        assert store.replica is not None
+        with store.replica.lock:
+            for obj, clean, stored in done:
+                obj._version = store.revisions.get(stored[cls._pk], revision)
         return objs
 
     @classmethod
@@ -282,12 +317,20 @@ class Model(metaclass=ModelMeta):
         if issues:
             raise ValidationError(issues)
         for name, field in cls._fields.items():
-            if clean.get(name) is None and field.generated in ("uuid", "timestamp"):
-                clean[name] = field.generate_value()
-        for name, field in cls._fields.items():
             if clean.get(name) is None and field.generated == "autoincrement":
                 clean[name] = cls._next_value(name, timeout)
         now = dt.datetime.now(dt.timezone.utc)
+        stored, ops = cls._insert_ops(clean, now)
+        revision = cls._write(ops, timeout)
+        self._stored_as(clean, stored, now)
+        self._version = revision
+
+    @classmethod
+    def _insert_ops(cls, clean: dict[str, Any], now: dt.datetime) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
+        """The stored form of a validated new record and the writes that create it."""
+        for name, field in cls._fields.items():
+            if clean.get(name) is None and field.generated in ("uuid", "timestamp"):
+                clean[name] = field.generate_value()
         stored = cls._to_stored(clean)
         stored["_created_at"] = stored["_updated_at"] = now.isoformat()
         key = record_key(clean[cls._pk])
@@ -296,11 +339,14 @@ class Model(metaclass=ModelMeta):
             for name, field in cls._fields.items()
             if field.unique and stored.get(name) is not None
         ]
-        ops.append(("create", key, stored))  # last: the commit's revision is the record's
-        revision = cls._write(ops, timeout)
-        for name in cls._fields:
+        ops.append(("create", key, stored))  # last: a commit's revision is its record's
+        return stored, ops
+
+    def _stored_as(self, clean: dict[str, Any], stored: dict[str, Any], now: dt.datetime) -> None:
+        for name in self._fields:
             object.__setattr__(self, name, clean.get(name))
-        self._version, self._created_at, self._updated_at, self._stored = revision, now, now, stored
+        self._created_at = self._updated_at = now
+        self._stored = stored
 
     @classmethod
     def _write(cls, ops: list[tuple[Any, ...]], timeout: float | None) -> int:
@@ -329,10 +375,11 @@ class Model(metaclass=ModelMeta):
         return UniqueConstraintError(cls.__name__, cls._pk, rest.partition(":")[2])
 
     @classmethod
-    def _next_value(cls, field: str, timeout: float | None) -> int:
-        """The next value of an autoincrement field, from the model's counter stream."""
+    def _next_value(cls, field: str, timeout: float | None, count: int = 1) -> int:
+        """Reserve ``count`` values of an autoincrement field from the model's counter stream;
+        return the last one."""
         store = cls._s()
-        return store.client._next_counter(store.bucket.name, field, timeout)
+        return store.client._next_counter(store.bucket.name, field, timeout, count)
 
     def save(self, *, timeout: float | None = None) -> M:  # type: ignore[type-var]
         """Store this record: create it if new, else update it with compare-and-set on
@@ -446,14 +493,23 @@ class Model(metaclass=ModelMeta):
     # -- reads (in-memory replica) -----------------------------------------------------------------
 
     @classmethod
-    def get(cls: type[M], pk: Any, default: Any = None) -> M | Any:
-        """The record with primary key ``pk``, or ``default``."""
+    def get(cls: type[M], pk: Any, default: Any = None, *, consistency: str = "replica",
+            timeout: float | None = None) -> M | Any:
+        """The record with primary key ``pk``, or ``default``.
+
+        ``consistency="replica"`` (default) reads this client's in-memory replica: it has every
+        write made through this client and others' writes as the watch delivers them
+        (milliseconds). ``consistency="server"`` asks the server instead.
+        """
         store = cls._s()
         field = cls._fields[cls._pk]
         try:
             stored_pk = field.to_json(field.coerce(pk))
         except InvalidArgumentError:
             return default
+        if _server_read(consistency):
+            entry = store.bucket.entry(record_key(field.coerce(pk)), timeout=timeout)
+            return cls._from_stored(entry.value, entry.revision) if entry is not None else default
         assert store.replica is not None
         with store.replica.lock:
             stored = store.records.get(stored_pk)
@@ -465,8 +521,15 @@ class Model(metaclass=ModelMeta):
     @classmethod
     def _select(cls, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> list[tuple[dict[str, Any], int]]:
         store = cls._s()
+        lookups = dict(lookups)
+        server = _server_read(lookups.pop("consistency", "replica"))
         compiled_where = query.compile_where(cls._fields, where, lookups)
         flt = query.compile_filter(compiled_where)
+        if server:  # every record from the server (one batch read), filtered here
+            entries = [e for _, e in store.bucket._latest(f"{RECORD}:*", False, None)]
+            rows = [store.bucket._decode(e).value for e in entries]
+            revisions = [e.revision for e in entries]
+            return [(rows[i], revisions[i]) for i in flt.filter(rows)]
         assert store.replica is not None
         with store.replica.lock:
             pks = query.candidate_pks(compiled_where, store.indexes)
@@ -482,7 +545,8 @@ class Model(metaclass=ModelMeta):
              limit: int | None = None, offset: int = 0, **lookups: Any) -> list[M]:
         """Matching records. Filters: ``where=`` dict ($eq $ne $gt $gte $lt $lte $in $nin
         $contains $startswith $endswith $regex $exists $and $or $not) and/or Django-style lookups
-        (``age__gte=18``). ``order_by`` takes field names, ``-`` for descending."""
+        (``age__gte=18``). ``order_by`` takes field names, ``-`` for descending. Reads run on the
+        replica; pass ``consistency="server"`` to read every record from the server instead."""
         order = query.parse_order_by(order_by, cls._fields)
         rows = cls._select(where, lookups)
         by_id = {id(r): rev for r, rev in rows}
@@ -603,6 +667,12 @@ class Model(metaclass=ModelMeta):
     def max(cls, field: str, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> float | None:
         values = cls._numbers(field, where, lookups)
         return max(values) if values else None
+
+
+def _server_read(consistency: str) -> bool:
+    if consistency not in ("replica", "server"):
+        raise InvalidArgumentError(f"consistency is 'replica' or 'server', not {consistency!r}")
+    return consistency == "server"
 
 
 class Page(Generic[M]):
