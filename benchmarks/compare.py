@@ -1,7 +1,8 @@
 """natskv side by side: one run, one table of medians and ratios.
 
-    python benchmarks/compare.py            # full run, about 1-2 minutes
-    python benchmarks/compare.py --quick    # fewer rounds, under ~40 s
+    python benchmarks/compare.py                 # full run (kv + models), about 3-5 minutes
+    python benchmarks/compare.py --quick         # fewer rounds, under ~90 s
+    python benchmarks/compare.py --only models   # or --only kv; combines with --quick
 
 Starts its own nats-server (``natskv.EmbeddedServer``, loopback, temporary store; or uses
 ``NATSKV_BENCH_URL``) and measures, interleaving the two sides of every comparison in alternating
@@ -13,7 +14,16 @@ rounds so that drift and neighbours' noise hit both alike:
 2. 16 threads issuing gets on one natskv client: aggregate throughput vs one thread;
 3. ``get_many`` of 1000 keys vs 1000 sequential natskv gets;
 4. compiled core (``natskv._core``) vs its pure-Python twin (``natskv._core_py``), imported
-   directly, over 10,000 keys / dicts.
+   directly, over 10,000 keys / dicts;
+5. models (``M*`` rows), on 100,000 records of a 6-field model (explicit int primary key ``id``,
+   unique ``email``, indexed ``age`` and ``role``, plain ``name`` and ``score``), written straight
+   into the bucket in the model's stored layout with pipelined ``set_many`` (``r:i:<pk>`` -> record
+   JSON, ``u:email:"<email>"`` -> record key), much faster than 100,000 ``Model.create``:
+   M1 ``get(pk)`` / ``find_one`` p50 on the replica vs a ``kv.get`` round trip (interleaved);
+   M2 ``find`` on an indexed age range of exactly 100 rows; M3 full-scan filters, compiled core vs
+   the pure core measured in a subprocess with ``NATSKV_IMPL=python`` (natskv picks its core at
+   import); M4 ``register()`` warm-up of the 100,000-record replica on a fresh client; M5
+   ``Model.create`` (one unique field) vs ``kv.set`` of the same JSON, one thread.
 
 It measures the natskv of this checkout (build it first: ``pip install -e .``).
 It is a report, not a test: it exits 0 when a target is missed.
@@ -62,12 +72,20 @@ class Settings:
     many_rounds: int
     core_rounds: int
     core_min_sample: float  # seconds per timing sample of a core operation
+    model_rounds: int  # interleaved rounds per replica-read comparison
+    model_calls: int  # replica reads per round
+    model_scan_rounds: int  # timing samples per full scan (per impl)
+    model_warm_rounds: int  # register() warm-ups of the 100k replica
+    create_rounds: int
+    create_batch: int  # creates (and kv.sets) per round
 
 
 FULL = Settings(rounds=40, calls=400, thread_rounds=4, thread_seconds=2.0, many_rounds=9, core_rounds=7,
-                core_min_sample=0.05)
+                core_min_sample=0.05, model_rounds=12, model_calls=2000, model_scan_rounds=6, model_warm_rounds=3,
+                create_rounds=8, create_batch=250)
 QUICK = Settings(rounds=16, calls=250, thread_rounds=3, thread_seconds=0.75, many_rounds=5, core_rounds=3,
-                 core_min_sample=0.02)
+                 core_min_sample=0.02, model_rounds=6, model_calls=1000, model_scan_rounds=4, model_warm_rounds=1,
+                 create_rounds=4, create_batch=150)
 
 
 @dataclass
@@ -476,6 +494,340 @@ def compare_core(s: Settings) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. models: 100,000 records of a 6-field model, read from the in-memory replica
+# ---------------------------------------------------------------------------------------------
+
+MODEL_N = 100_000
+MODEL_BUCKET = "cmp_models"
+CREATED = "2026-01-01T00:00:00+00:00"
+RANGE_LO, RANGE_HI = 2500, 2505  # age = i % 5000: 20 records per age, so [2500, 2505) is 100 rows
+SCORE_GT = 990.0  # score spread over 0..999.99: about 1% of the rows
+NAME_PREFIX = "user 0999"  # names "user 000001".."user 100000": 100 rows
+
+
+def make_model(bucket: str) -> type[Any]:
+    """A fresh model class (one per registration): explicit int pk, unique email, indexed age and
+    role, plain name and score."""
+    from natskv import Field, Model
+
+    namespace = {
+        "__module__": __name__,
+        "__bucket__": bucket,
+        "id": Field(int, primary_key=True),
+        "email": Field(str, unique=True),
+        "age": Field(int, index=True),
+        "role": Field(str, index=True),
+        "name": Field(str),
+        "score": Field(float),
+    }
+    return type("BenchUser", (Model,), namespace)
+
+
+def model_row(i: int) -> dict[str, Any]:
+    """Record ``i`` (1-based) in the model's stored form (what Model.create would write)."""
+    return {
+        "id": i,
+        "email": f"user{i}@example.com",
+        "age": i % 5000,
+        "role": "admin" if i % 100 == 0 else "editor" if i % 10 == 0 else "viewer",
+        "name": f"user {i:06d}",
+        "score": (i * 7919 % 100_000) / 100.0,
+        "_created_at": CREATED,
+        "_updated_at": CREATED,
+    }
+
+
+def populate_models(kv: natskv.Bucket, n: int, chunk: int = 2000) -> None:
+    """The records (``r:i:<pk>``) and their unique-email markers (``u:email:"<email>"`` -> record
+    key), pipelined with set_many: the layout natskv.models.model writes, without the per-record
+    atomic commit."""
+    for start in range(1, n + 1, chunk):
+        batch: dict[str, Any] = {}
+        for i in range(start, min(start + chunk, n + 1)):
+            row = model_row(i)
+            key = f"r:i:{i}"
+            batch[key] = row
+            batch[f'u:email:"{row["email"]}"'] = key
+        kv.set_many(batch, timeout=60.0)
+
+
+def local_samples(fn: Callable[[Any], object], args: list[Any], calls: int, budget: float | None = None) -> list[float]:
+    """Per-call timings of ``fn(arg)``, cycling through ``args``; at most ``budget`` seconds when given."""
+    clock = time.perf_counter
+    samples = []
+    n = len(args)
+    stop = clock() + budget if budget is not None else None
+    for i in range(calls):
+        arg = args[i % n]
+        t0 = clock()
+        fn(arg)
+        t1 = clock()
+        samples.append(t1 - t0)
+        if stop is not None and t1 > stop:
+            break
+    return samples
+
+
+def model_lookups(model: type[Any], n: int) -> dict[str, tuple[Callable[[Any], object], list[Any]]]:
+    """The timed replica reads: name -> (fn(arg), args cycled through)."""
+    step = max(1, n // 997)
+    expected_range = (RANGE_HI - RANGE_LO) * (n // 5000)  # age = i % 5000
+    pks = list(range(1, n + 1, step))[:997]
+
+    def check(found: object) -> object:
+        if found is None:
+            raise RuntimeError("a benchmark lookup found nothing")
+        return found
+
+    def range_find(lo: int) -> object:
+        got = model.find(age__gte=lo, age__lt=lo + RANGE_HI - RANGE_LO)
+        if len(got) != expected_range:
+            raise RuntimeError(f"range find returned {len(got)} rows, not {expected_range}")
+        return got
+
+    return {
+        "get": (lambda pk: check(model.get(pk)), pks),
+        "email": (lambda pk: check(model.find_one(email=f"user{pk}@example.com")), pks),
+        "age": (lambda pk: check(model.find_one(age=pk % 5000)), pks),
+        "role_age": (lambda pk: check(model.find_one(role="viewer", age=pk % 5000)), [p for p in pks if p % 10]),
+        "role": (lambda _: check(model.find_one(role="admin")), [None]),
+        "range": (range_find, [RANGE_LO + k * 5 for k in range(8)]),
+    }
+
+
+def model_scans(model: type[Any]) -> dict[str, Callable[[], object]]:
+    return {
+        "count": lambda: model.count(where={"score": {"$gt": SCORE_GT}}),
+        "startswith": lambda: model.find(name__startswith=NAME_PREFIX),
+    }
+
+
+def time_register(url: str, bucket: str, n: int) -> float:
+    """Seconds for ``register`` of a fresh model class on a fresh client (the replica warm-up)."""
+    client = natskv.connect(url, name="natskv-compare-warm")
+    try:
+        model = make_model(bucket)
+        gc.collect()
+        t0 = time.perf_counter()
+        client.register(model, timeout=120.0)
+        elapsed = time.perf_counter() - t0
+        if model.count() != n:
+            raise RuntimeError(f"replica holds {model.count()} records, not {n}")
+        return elapsed
+    finally:
+        client.close()
+
+
+def scan_times(model: type[Any], rounds: int, min_sample: float) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for name, fn in model_scans(model).items():
+        number = calibrate(fn, min_sample)
+        out[name] = []
+        for _ in range(rounds):
+            gc.collect()
+            out[name].append(per_call(fn, number))
+    return out
+
+
+def models_worker(url: str, bucket: str, n: int, rounds: int, warm_rounds: int, calls: int) -> dict[str, Any]:
+    """The measurement run in a subprocess (NATSKV_IMPL=python): warm, reads, scans; JSON out."""
+    warm = [time_register(url, bucket, n) for _ in range(warm_rounds)]
+    client = natskv.connect(url, name="natskv-compare-worker")
+    try:
+        model = client.register(make_model(bucket), timeout=120.0)
+        reads = {}
+        for name, (fn, args) in model_lookups(model, n).items():
+            local_samples(fn, args, 50, budget=0.2)
+            reads[name] = statistics.median(local_samples(fn, args, calls, budget=0.75))
+        scans = scan_times(model, rounds, 0.2)
+    finally:
+        client.close()
+    return {"impl": natskv.__impl__, "warm": warm, "reads": reads,
+            "scans": {k: statistics.median(v) for k, v in scans.items()}}
+
+
+def run_pure_worker(url: str, s: Settings) -> dict[str, Any] | None:
+    """``models_worker`` in a subprocess with NATSKV_IMPL=python (the core is picked at import)."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, NATSKV_IMPL="python")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--models-worker", url, MODEL_BUCKET, str(MODEL_N),
+           str(s.model_scan_rounds), "1", str(s.model_calls // 4)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr)
+        raise RuntimeError(f"the pure-core worker failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare_models(url: str, client: natskv.Client, s: Settings) -> list[Row]:
+    rows: list[Row] = []
+    client.delete_bucket(MODEL_BUCKET)
+    client.delete_bucket("cmp_create")
+    client.delete_bucket("cmp_create_kv")
+    try:
+        kv = client.bucket(MODEL_BUCKET)
+        progress(f"models: populating {MODEL_N:,} records + unique markers with set_many")
+        t0 = time.perf_counter()
+        populate_models(kv, MODEL_N)
+        progress(f"models: populated in {time.perf_counter() - t0:.1f} s")
+
+        # M4 warm-up: register a fresh model class on a fresh client against the populated bucket.
+        progress(f"models: warming a replica of {MODEL_N:,} records ({s.model_warm_rounds} rounds)")
+        warm = [time_register(url, MODEL_BUCKET, MODEL_N) for _ in range(s.model_warm_rounds)]
+
+        model = client.register(make_model(MODEL_BUCKET), timeout=120.0)
+        compiled = natskv.__impl__ == "c"
+
+        # M1 point reads vs one server round trip (kv.get of one record key, JSON), interleaved.
+        lookups = model_lookups(model, MODEL_N)
+        rt_keys = [f"r:i:{pk}" for pk in lookups["get"][1][:100]]
+        kv_get = kv.get
+
+        def round_trips() -> list[float]:
+            return local_samples(kv_get, rt_keys, s.calls)
+
+        round_trips()
+        labels = {
+            "get": "M1a Model.get(pk) p50 vs kv.get round trip",
+            "email": "M1b find_one(email=) unique p50 vs kv.get",
+            "age": "M1c find_one(age=) indexed, 20 match p50 vs kv.get",
+            "role_age": "M1d find_one(role=, age=) indexed p50 vs kv.get",
+            "role": "M1e find_one(role='admin') indexed, 1,000 match p50",
+        }
+        compiled_reads: dict[str, float] = {}
+        for name, label in labels.items():
+            fn, args = lookups[name]
+            local_samples(fn, args, 200)
+            progress(f"{label} ({s.model_rounds} rounds)")
+            sa, sb, ratios = interleave(lambda: local_samples(fn, args, s.model_calls, budget=0.5), round_trips,
+                                       s.model_rounds)
+            pa, pb = statistics.median(sa), statistics.median(sb)
+            compiled_reads[name] = pa
+            ratio = pb / pa
+            ok = pa <= 10e-6 and ratio >= 20.0
+            rows.append(Row(label, fmt_time_us(pa), fmt_time_us(pb), ratio, "<= 10 µs, >= 20x", ok,
+                            f"round trip / local; {spread([1 / r for r in ratios])}"))
+
+        # M2 indexed range of exactly 100 rows.
+        fn, args = lookups["range"]
+        local_samples(fn, args, 20)
+        progress(f"M2 find(age range) -> 100 rows ({s.model_rounds} rounds)")
+        samples: list[float] = []
+        for _ in range(s.model_rounds):
+            gc.collect()
+            samples += local_samples(fn, args, max(20, s.model_calls // 20), budget=0.5)
+        p_range = statistics.median(samples)
+        compiled_reads["range"] = p_range
+        rows.append(Row("M2  find(age__gte, age__lt) -> 100 rows p50", fmt_time_us(p_range), "", None, "<= 200 µs",
+                        p_range <= 200e-6, f"range [{RANGE_LO}, {RANGE_HI}) over 5,000 ages"))
+
+        # M3 full scans: compiled here (half the rounds before the pure worker, half after), pure in a subprocess.
+        half = max(1, s.model_scan_rounds // 2)
+        progress(f"M3 full scans, compiled ({half} rounds)")
+        c_scans = scan_times(model, half, s.core_min_sample * 2)
+        progress("M3/M4 same measurements in a subprocess with NATSKV_IMPL=python (warm-up, reads, scans)")
+        pure = run_pure_worker(url, s)
+        progress(f"M3 full scans, compiled ({half} more rounds)")
+        for name, more in scan_times(model, half, s.core_min_sample * 2).items():
+            c_scans[name] += more
+        scan_labels = {
+            "count": f"M3a count(score > {SCORE_GT:g}) full scan 100k (c vs python)",
+            "startswith": "M3b find(name__startswith) full scan 100k (c vs python)",
+        }
+        for name, label in scan_labels.items():
+            mc = statistics.median(c_scans[name])
+            if not compiled or pure is None or pure.get("impl") != "python":
+                rows.append(Row(label, fmt_time(mc), "n/a", None, ">= 5.0", None, f"natskv.__impl__={natskv.__impl__}"))
+                continue
+            mp = pure["scans"][name]
+            ratio = mp / mc
+            rows.append(Row(label, fmt_time(mc), fmt_time(mp), ratio, ">= 5.0", ratio >= 5.0,
+                            "median per scan; pure measured in a subprocess"))
+        for name, label in labels.items():
+            if pure is not None and compiled:
+                rows[[r.name for r in rows].index(label)].note += (
+                    f"; pure core {fmt_time_us(pure['reads'][name])}"
+                )
+        if pure is not None and compiled:
+            rows[[r.name for r in rows].index("M2  find(age__gte, age__lt) -> 100 rows p50")].note += (
+                f"; pure core {fmt_time_us(pure['reads']['range'])}"
+            )
+
+        mw = statistics.median(warm)
+        rate = MODEL_N / mw
+        note = f"register() {fmt_time(mw)} median of {len(warm)}"
+        if pure is not None:
+            note += f"; pure core {MODEL_N / statistics.median(pure['warm']):,.0f}/s"
+        rows.append(Row(f"M4  warm replica of {MODEL_N:,} records", f"{rate:,.0f}/s", "", None, ">= 50,000/s",
+                        rate >= 50_000, note))
+
+        rows += compare_create(client, s)
+    finally:
+        for name in (MODEL_BUCKET, "cmp_create", "cmp_create_kv"):
+            try:
+                client.delete_bucket(name)
+            except Exception:  # noqa: BLE001 - clean-up
+                pass
+    return rows
+
+
+def fmt_time_us(seconds: float) -> str:
+    if seconds < 100e-6:
+        return f"{seconds * 1e6:.1f} µs"
+    return fmt_time(seconds)
+
+
+def compare_create(client: natskv.Client, s: Settings) -> list[Row]:
+    """M5: Model.create (one unique field: a CAS commit of record + marker, then read-your-write)
+    vs kv.set of the same stored JSON, one thread, interleaved rounds."""
+    model = client.register(make_model("cmp_create"), timeout=60.0)
+    kv = client.bucket("cmp_create_kv")
+    next_id = [1]
+    clock = time.perf_counter
+
+    def creates() -> float:
+        start = next_id[0]
+        rows = [model_row(i) for i in range(start, start + s.create_batch)]
+        for r in rows:
+            del r["_created_at"], r["_updated_at"]
+        next_id[0] += s.create_batch
+        create = model.create
+        t0 = clock()
+        for r in rows:
+            create(**r)
+        return s.create_batch / (clock() - t0)
+
+    def sets() -> float:
+        start = next_id[0]
+        items = [(f"r:i:{i}", model_row(i)) for i in range(start, start + s.create_batch)]
+        next_id[0] += s.create_batch
+        put = kv.set
+        t0 = clock()
+        for key, value in items:
+            put(key, value)
+        return s.create_batch / (clock() - t0)
+
+    progress(f"M5 create vs kv.set ({s.create_rounds} rounds x {s.create_batch} records each)")
+    creates()
+    sets()
+    c_rates: list[float] = []
+    s_rates: list[float] = []
+    for r in range(s.create_rounds):
+        gc.collect()
+        if r % 2 == 0:
+            c_rates.append(creates())
+            s_rates.append(sets())
+        else:
+            s_rates.append(sets())
+            c_rates.append(creates())
+    mc, ms = statistics.median(c_rates), statistics.median(s_rates)
+    return [Row("M5  Model.create (1 unique) vs kv.set, 1 thread", f"{mc:,.0f}/s", f"{ms:,.0f}/s", mc / ms,
+                "report", None, f"create/set rate; {spread([a / b for a, b in zip(c_rates, s_rates)])}")]
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
@@ -484,7 +836,7 @@ def print_table(rows: list[Row]) -> None:
     headers = ("comparison", "measured", "baseline", "ratio", "target", "result", "note")
     body = []
     for row in rows:
-        result = "n/a" if row.ok is None else "PASS" if row.ok else "MISS"
+        result = ("-" if row.target == "report" else "n/a") if row.ok is None else "PASS" if row.ok else "MISS"
         ratio = "n/a" if row.ratio is None else f"{row.ratio:.3f}" if row.ratio < 2 else f"{row.ratio:.2f}"
         body.append((row.name, row.measured, row.baseline, ratio, row.target, result, row.note))
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
@@ -501,14 +853,26 @@ def print_table(rows: list[Row]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (under ~40 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (under ~90 s with models)")
+    parser.add_argument("--only", choices=("kv", "models"), help="run one section (default: both)")
+    parser.add_argument("--models-worker", nargs=6, metavar=("URL", "BUCKET", "N", "ROUNDS", "WARM", "CALLS"),
+                        help=argparse.SUPPRESS)  # internal: the pure-core subprocess of the models section
     args = parser.parse_args(argv)
+    if args.models_worker:
+        import json
+
+        url, bucket, n, rounds, warm, calls = args.models_worker
+        print(json.dumps(models_worker(url, bucket, int(n), int(rounds), int(warm), int(calls))))
+        return 0
+    run_kv = args.only in (None, "kv")
+    run_models = args.only in (None, "models")
     s = QUICK if args.quick else FULL
     began = time.perf_counter()
 
     import nats  # noqa: F401 - fail early when nats-py is missing
 
     rows: list[Row] = []
+    model_rows: list[Row] = []
     with _server.running_server() as url:
         client = natskv.connect(url, name="natskv-compare")
         try:
@@ -523,17 +887,24 @@ def main(argv: list[str] | None = None) -> int:
             stats = client.stats()
             print(f"server {url}  natskv parser hook: {stats.get('parser_hook')}  natskv event loop: {stats.get('event_loop')}")
             print(flush=True)
-            rows += compare_single(url, client, s)
-            rows += compare_threads(client, s)
-            rows += compare_get_many(client, s)
+            if run_kv:
+                rows += compare_single(url, client, s)
+                rows += compare_threads(client, s)
+                rows += compare_get_many(client, s)
+            if run_models:
+                model_rows = compare_models(url, client, s)
         finally:
             client.close()
-    rows += compare_core(s)
+    if run_kv:
+        rows += compare_core(s)
+    if run_models:
+        rows += model_rows
     print_table(rows)
     print()
     print(
         "ratio: 1a/1b natskv p50 / nats-py p50 (lower is better); 2 16 threads / 1 thread;\n"
-        "       3 sequential / get_many; 4a-4d pure / compiled (higher is better).\n"
+        "       3 sequential / get_many; 4a-4d, M3 pure / compiled; M1 kv.get round trip / replica read\n"
+        "       (higher is better); M5 create rate / kv.set rate.\n"
         f"Medians over interleaved rounds (alternating order); total {time.perf_counter() - began:.0f} s; at the end: {load()}."
     )
     return 0

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from natskv._runner import check_timeout, loop_name, runner
@@ -189,17 +189,27 @@ class Client:
         """
         return self._events.on(pattern, callback)
 
-    def define(self, name: str, attributes: Mapping[str, Any], *, bucket: str | None = None,
-               timeout: float | None = None) -> type[Model]:
+    def define(self, name: str, attributes: Mapping[str, Any], *, indexes: Iterable[str | Mapping[str, Any]] = (),
+               bucket: str | None = None, timeout: float | None = None) -> type[Model]:
         """Define and register a model from Sequelize-style attribute dicts, e.g.
         ``db.define("User", {"id": {"type": "INTEGER", "primaryKey": True, "autoIncrement": True},
-        "email": {"type": "STRING", "unique": True, "validate": {"isEmail": True}}})``."""
-        from natskv.models.fields import schema_from_spec
+        "email": {"type": "STRING", "unique": True, "validate": {"isEmail": True}}},
+        indexes=["age"])``. ``indexes`` names fields to index (or Sequelize index dicts with
+        ``fields`` and optional ``unique``)."""
+        from natskv.models.fields import Field, schema_from_spec
         from natskv.models.model import Model
 
         if not isinstance(name, str) or not name.isidentifier():
             raise InvalidArgumentError(f"a model name is a Python identifier, not {name!r}")
-        namespace: dict[str, Any] = dict(schema_from_spec(attributes))
+        schema = dict(schema_from_spec(attributes))
+        for spec in indexes:
+            names, unique = ([spec], False) if isinstance(spec, str) else (list(spec.get("fields", [])), bool(spec.get("unique")))
+            if len(names) != 1 or names[0] not in schema:
+                raise InvalidArgumentError(f"index {spec!r} must name one field of {sorted(schema)}")
+            old = schema[names[0]]
+            options = {k: v for k, v in vars(old).items() if k in Field.__init__.__code__.co_varnames}
+            schema[names[0]] = Field(**{**options, "unique" if unique else "index": True})
+        namespace: dict[str, Any] = dict(schema)
         namespace["__module__"] = __name__
         model = type(name, (Model,), namespace)
         return self.register(model, bucket=bucket, timeout=timeout)

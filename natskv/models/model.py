@@ -17,6 +17,7 @@ applied it before returning, so the writing client reads its own writes.
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import uuid
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -87,12 +88,26 @@ class ModelStore:
             name: core.SortedIndex() for name, field in fields.items() if field.index and name not in self.unique
         }
         self.indexes: dict[str, Any] = {**self.unique, **self.sorted}
-        self.records: dict[Any, dict[str, Any]] = {}  # stored form, by primary key (stored form)
-        self.revisions: dict[Any, int] = {}
+        # By primary key (stored form): (stored record, revision), replaced whole on each change
+        # so a reader always gets a record and its own revision together.
+        self.records: dict[Any, tuple[dict[str, Any], int]] = {}
         self.replica: LocalReplica | None = None
         # Model watches, live queries and db.on(): called as listener(old, new, revision,
         # old_revision) on the loop thread under the replica's lock; they only match and queue.
         self.listeners: list[Callable[[Any, Any, int, int], None]] = []
+        self._plans: dict[str, tuple[dict[str, Any], Any]] = {}
+
+    def compiled(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The compiled plan input and filter of a query, cached by its text (queries repeat)."""
+        cache_key = repr((where, sorted(lookups.items())))
+        hit = self._plans.get(cache_key)
+        if hit is None:
+            compiled_where = query.compile_where(self.model._fields, where, lookups)
+            hit = (compiled_where, query.compile_filter(compiled_where))
+            if len(self._plans) >= 512:
+                self._plans.clear()
+            self._plans[cache_key] = hit
+        return hit
 
     # -- replica hook (loop thread, under the replica's lock) -------------------------------------
 
@@ -101,7 +116,7 @@ class ModelStore:
         old_revision = 0
         if isinstance(old, dict):
             old_pk = old.get(self.pk)
-            old_revision = self.revisions.get(old_pk, 0)
+            old_revision = self.records.get(old_pk, (None, 0))[1]
             for name, index in self.unique.items():
                 value = old.get(name)
                 if value is not None and index.get(value) == old_pk:
@@ -111,11 +126,9 @@ class ModelStore:
                 if value is not None:
                     index.remove(value, old_pk)
             self.records.pop(old_pk, None)
-            self.revisions.pop(old_pk, None)
         if isinstance(new, dict):
             new_pk = new.get(self.pk)
-            self.records[new_pk] = new
-            self.revisions[new_pk] = revision
+            self.records[new_pk] = (new, revision)
             for name, index in self.unique.items():
                 value = new.get(name)
                 if value is None or core.index_key(value) is None:
@@ -158,6 +171,9 @@ class ModelMeta(type):
             cls.id = auto  # type: ignore[attr-defined]
         check_schema(fields)
         cls._fields = fields  # type: ignore[attr-defined]
+        cls._converters = [  # type: ignore[attr-defined]
+            (n, f.from_json) for n, f in fields.items() if f.type in (dt.datetime, dt.date, uuid.UUID, float)
+        ]
         cls._pk = primary_key_name(fields)  # type: ignore[attr-defined]
         cls._store = None  # type: ignore[attr-defined]
         return cls
@@ -181,8 +197,6 @@ class Model(metaclass=ModelMeta):
             object.__setattr__(self, name, values.pop(name, None))
         self._extra = values  # fields not in the schema are kept
         self._version = 0
-        self._created_at: dt.datetime | None = None
-        self._updated_at: dt.datetime | None = None
         self._stored: dict[str, Any] | None = None  # what the server holds, stored form
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -206,20 +220,38 @@ class Model(metaclass=ModelMeta):
 
     @classmethod
     def _from_stored(cls: type[M], stored: dict[str, Any], revision: int) -> M:
-        values = {}
+        # The hot path of every read: fill the instance directly, converting only the fields
+        # whose stored form differs (datetime, date, UUID, float).
+        obj = cls.__new__(cls)
+        values = obj.__dict__
+        fields = cls._fields
         extra = {}
         for key, raw in stored.items():
-            field = cls._fields.get(key)
-            if field is not None:
-                values[key] = field.from_json(raw)
+            if key in fields:
+                values[key] = raw
             elif key not in META_FIELDS:
                 extra[key] = raw
-        obj = cls(**values, **extra)
-        obj._version = revision
-        obj._created_at = _parse_dt(stored.get("_created_at"))
-        obj._updated_at = _parse_dt(stored.get("_updated_at"))
-        obj._stored = stored
+        for name in fields:
+            if name not in values:
+                values[name] = None
+        for name, from_json in cls._converters:
+            raw = values[name]
+            if raw is not None:
+                values[name] = from_json(raw)
+        values["_extra"] = extra
+        values["_version"] = revision
+        values["_stored"] = stored
         return obj
+
+    @property
+    def _created_at(self) -> dt.datetime | None:
+        """When the record was first stored (UTC), None before."""
+        return _parse_dt(self._stored.get("_created_at")) if self._stored else None
+
+    @property
+    def _updated_at(self) -> dt.datetime | None:
+        """When the record was last stored (UTC), None before."""
+        return _parse_dt(self._stored.get("_updated_at")) if self._stored else None
 
     @classmethod
     def _to_stored(cls, clean: dict[str, Any]) -> dict[str, Any]:
@@ -298,12 +330,12 @@ class Model(metaclass=ModelMeta):
         revision = cls._write(batch, timeout)
         done.extend(pending)
         for obj, clean, stored in done:
-            obj._stored_as(clean, stored, now)
+            obj._stored_as(clean, stored)
         store = cls._s()
         assert store.replica is not None
         with store.replica.lock:
             for obj, clean, stored in done:
-                obj._version = store.revisions.get(stored[cls._pk], revision)
+                obj._version = store.records.get(stored[cls._pk], (None, revision))[1]
         return objs
 
     @classmethod
@@ -322,7 +354,7 @@ class Model(metaclass=ModelMeta):
         now = dt.datetime.now(dt.timezone.utc)
         stored, ops = cls._insert_ops(clean, now)
         revision = cls._write(ops, timeout)
-        self._stored_as(clean, stored, now)
+        self._stored_as(clean, stored)
         self._version = revision
 
     @classmethod
@@ -342,10 +374,9 @@ class Model(metaclass=ModelMeta):
         ops.append(("create", key, stored))  # last: a commit's revision is its record's
         return stored, ops
 
-    def _stored_as(self, clean: dict[str, Any], stored: dict[str, Any], now: dt.datetime) -> None:
+    def _stored_as(self, clean: dict[str, Any], stored: dict[str, Any]) -> None:
         for name in self._fields:
             object.__setattr__(self, name, clean.get(name))
-        self._created_at = self._updated_at = now
         self._stored = stored
 
     @classmethod
@@ -398,7 +429,7 @@ class Model(metaclass=ModelMeta):
         now = dt.datetime.now(dt.timezone.utc)
         stored["_updated_at"] = now.isoformat()
         self._version = cls._replace_stored(self._stored, stored, self._version, timeout)
-        self._stored, self._updated_at = stored, now
+        self._stored = stored
         return self  # type: ignore[return-value]
 
     @classmethod
@@ -512,10 +543,10 @@ class Model(metaclass=ModelMeta):
             return cls._from_stored(entry.value, entry.revision) if entry is not None else default
         assert store.replica is not None
         with store.replica.lock:
-            stored = store.records.get(stored_pk)
-            revision = store.revisions.get(stored_pk, 0)
-        if stored is None:
+            hit = store.records.get(stored_pk)
+        if hit is None:
             return default
+        stored, revision = hit
         return cls._from_stored(stored, revision)
 
     @classmethod
@@ -523,22 +554,19 @@ class Model(metaclass=ModelMeta):
         store = cls._s()
         lookups = dict(lookups)
         server = _server_read(lookups.pop("consistency", "replica"))
-        compiled_where = query.compile_where(cls._fields, where, lookups)
-        flt = query.compile_filter(compiled_where)
+        compiled_where, flt = store.compiled(where, lookups)
         if server:  # every record from the server (one batch read), filtered here
             entries = [e for _, e in store.bucket._latest(f"{RECORD}:*", False, None)]
-            rows = [store.bucket._decode(e).value for e in entries]
-            revisions = [e.revision for e in entries]
-            return [(rows[i], revisions[i]) for i in flt.filter(rows)]
-        assert store.replica is not None
-        with store.replica.lock:
-            pks = query.candidate_pks(compiled_where, store.indexes)
-            if pks is None:
-                rows = list(store.records.values())
-            else:
-                rows = [store.records[pk] for pk in pks if pk in store.records]
-            hits = [rows[i] for i in flt.filter(rows)]
-            return [(r, store.revisions.get(r.get(cls._pk), 0)) for r in hits]
+            pairs = [(store.bucket._decode(e).value, e.revision) for e in entries]
+        else:
+            assert store.replica is not None
+            with store.replica.lock:
+                pks = query.candidate_pks(compiled_where, store.indexes)
+                records = store.records
+                pairs = list(records.values()) if pks is None else [records[pk] for pk in pks if pk in records]
+        if not compiled_where:
+            return pairs
+        return [pairs[i] for i in flt.filter([p[0] for p in pairs])]
 
     @classmethod
     def find(cls: type[M], *, where: Mapping[str, Any] | None = None, order_by: Any = None,
@@ -548,14 +576,18 @@ class Model(metaclass=ModelMeta):
         (``age__gte=18``). ``order_by`` takes field names, ``-`` for descending. Reads run on the
         replica; pass ``consistency="server"`` to read every record from the server instead."""
         order = query.parse_order_by(order_by, cls._fields)
-        rows = cls._select(where, lookups)
-        by_id = {id(r): rev for r, rev in rows}
-        records = query.sort_records([r for r, _ in rows], order, cls._pk)
+        pairs = cls._select(where, lookups)
+        if not order and limit is not None and len(pairs) > limit + offset:
+            # Default order (primary key, one type per model) with a limit: select, don't sort.
+            pk = cls._pk
+            pairs = heapq.nsmallest(limit + offset, pairs, key=lambda p: p[0][pk])
+        elif len(pairs) > 1:
+            pairs = query.sort_records(pairs, order, cls._pk)
         if offset:
-            records = records[offset:]
+            pairs = pairs[offset:]
         if limit is not None:
-            records = records[:limit]
-        return [cls._from_stored(r, by_id[id(r)]) for r in records]
+            pairs = pairs[:limit]
+        return [cls._from_stored(stored, revision) for stored, revision in pairs]
 
     @classmethod
     def find_one(cls: type[M], *, where: Mapping[str, Any] | None = None, **lookups: Any) -> M | None:
@@ -595,9 +627,7 @@ class Model(metaclass=ModelMeta):
         field = (order_by or cls._pk).lstrip("-")
         descending = bool(order_by and order_by.startswith("-"))
         order = query.parse_order_by(order_by or cls._pk, cls._fields)
-        rows = cls._select(where, lookups)
-        by_id = {id(r): rev for r, rev in rows}
-        records = query.sort_records([r for r, _ in rows], order, cls._pk)
+        pairs = query.sort_records(cls._select(where, lookups), order, cls._pk)
         if after is not None:
             try:
                 value, pk = orjson.loads(after)
@@ -611,10 +641,11 @@ class Model(metaclass=ModelMeta):
                     return here[0] < mark[0] or (here[0] == mark[0] and here[1] > mark[1])
                 return here > mark
 
-            records = [r for r in records if beyond(r)]
-        page, more = records[:limit], len(records) > limit
-        cursor = orjson.dumps([page[-1].get(field), page[-1].get(cls._pk)]).decode() if page and more else None
-        return Page([cls._from_stored(r, by_id[id(r)]) for r in page], more, cursor)
+            pairs = [p for p in pairs if beyond(p[0])]
+        page, more = pairs[:limit], len(pairs) > limit
+        last = page[-1][0] if page else None
+        cursor = orjson.dumps([last.get(field), last.get(cls._pk)]).decode() if last is not None and more else None
+        return Page([cls._from_stored(stored, revision) for stored, revision in page], more, cursor)
 
     # -- watching --------------------------------------------------------------------------------
 
@@ -644,7 +675,7 @@ class Model(metaclass=ModelMeta):
     def _numbers(cls, field: str, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> list[float]:
         if field not in cls._fields:
             raise InvalidArgumentError(f"{cls.__name__} has no field {field!r}")
-        values = (r.get(field) for r, _ in cls._select(where, lookups))
+        values = (stored.get(field) for stored, _ in cls._select(where, lookups))
         return [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
     @classmethod

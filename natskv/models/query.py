@@ -39,8 +39,13 @@ def _json_operand(field: Field | None, op: str, value: Any) -> Any:
 
 
 def compile_where(fields: Mapping[str, Field], where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> dict[str, Any]:
-    """One ``where`` dict from a ``where=`` mapping and keyword lookups (ANDed)."""
+    """One ``where`` dict from a ``where=`` mapping and keyword lookups (ANDed).
+
+    Lookups on the same field merge into one operator dict (``age__gte=1, age__lt=9`` becomes
+    ``{"age": {"$gte": 1, "$lt": 9}}``), so the planner sees one range, not two half-open ones.
+    """
     clauses: list[dict[str, Any]] = []
+    merged: dict[str, dict[str, Any]] = {}
     if where:
         clauses.append(_to_json_form(fields, dict(where)))
     for name, value in lookups.items():
@@ -57,11 +62,17 @@ def compile_where(fields: Mapping[str, Field], where: Mapping[str, Any] | None, 
             clauses.append({field_name: {"$regex": "(?i)" + re.escape(value)}})
         elif lookup in LOOKUPS:
             op = LOOKUPS[lookup]
-            clauses.append({field_name: {op: _json_operand(field, op, value)}})
+            ops = merged.setdefault(field_name, {})
+            if op in ops:  # the same operator twice on one field: keep both, ANDed
+                clauses.append({field_name: {op: _json_operand(field, op, value)}})
+            else:
+                ops[op] = _json_operand(field, op, value)
         else:
             raise InvalidArgumentError(
                 f"unknown lookup {name!r}: use one of {', '.join(sorted([*LOOKUPS, 'isnull', 'icontains']))}"
             )
+    if merged:
+        clauses.insert(0, merged)
     if not clauses:
         return {}
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}
@@ -102,12 +113,22 @@ def candidate_pks(where: dict[str, Any], indexes: Mapping[str, Any]) -> list[Any
                     conditions.extend((k, v) for k, v in sub.items() if not k.startswith("$"))
         elif not key.startswith("$"):
             conditions.append((key, cond))
-    best: list[Any] | None = None
+    # Estimate each usable condition cheaply, then build only the smallest candidate list
+    # (ranges and prefixes have no cheap estimate: they are read last, capped by the best).
+    ranked: list[tuple[float, str, Any]] = []
     for name, cond in conditions:
         index = indexes.get(name)
-        if index is None:
-            continue
-        pks = _lookup(index, cond)
+        if index is not None:
+            estimate = _estimate(index, cond)
+            if estimate is not None:
+                ranked.append((estimate, name, cond))
+    ranked.sort(key=lambda r: r[0])
+    best: list[Any] | None = None
+    for estimate, name, cond in ranked:
+        if best is not None and estimate >= len(best):
+            break
+        cap = None if best is None else len(best) + 1
+        pks = _lookup(indexes[name], cond, cap)
         if pks is not None and (best is None or len(pks) < len(best)):
             best = pks
             if not best:
@@ -115,7 +136,20 @@ def candidate_pks(where: dict[str, Any], indexes: Mapping[str, Any]) -> list[Any
     return best
 
 
-def _lookup(index: Any, cond: Any) -> list[Any] | None:
+def _estimate(index: Any, cond: Any) -> float | None:
+    """How many keys a condition selects (inf: unknown but usable; None: the index cannot help)."""
+    if not isinstance(cond, dict) or not cond or not all(isinstance(k, str) and k.startswith("$") for k in cond):
+        return None if cond is None else index.count_eq(cond)
+    if "$eq" in cond and cond["$eq"] is not None:
+        return index.count_eq(cond["$eq"])
+    if "$in" in cond and isinstance(cond["$in"], list) and None not in cond["$in"]:
+        return sum(index.count_eq(v) for v in cond["$in"])
+    if ("$startswith" in cond and isinstance(cond["$startswith"], str)) or any(op in cond for op in _RANGE_OPS):
+        return float("inf")
+    return None
+
+
+def _lookup(index: Any, cond: Any, cap: int | None) -> list[Any] | None:
     if not isinstance(cond, dict) or not cond or not all(isinstance(k, str) and k.startswith("$") for k in cond):
         return None if cond is None else index.eq(cond)
     if "$eq" in cond and cond["$eq"] is not None:
@@ -123,11 +157,11 @@ def _lookup(index: Any, cond: Any) -> list[Any] | None:
     if "$in" in cond and isinstance(cond["$in"], list) and None not in cond["$in"]:
         return index.in_(cond["$in"])
     if "$startswith" in cond and isinstance(cond["$startswith"], str):
-        return index.prefix(cond["$startswith"])
+        return index.prefix(cond["$startswith"], limit=cap)
     if any(op in cond for op in _RANGE_OPS):
         lo = cond.get("$gte", cond.get("$gt"))
         hi = cond.get("$lte", cond.get("$lt"))
-        return index.range(lo, hi, lo_inclusive="$gt" not in cond, hi_inclusive="$lt" not in cond)
+        return index.range(lo, hi, lo_inclusive="$gt" not in cond, hi_inclusive="$lt" not in cond, limit=cap)
     return None
 
 
@@ -160,9 +194,9 @@ def parse_order_by(order_by: str | list[str] | tuple[str, ...] | None, fields: M
     return out
 
 
-def sort_records(records: list[dict[str, Any]], order: list[tuple[str, bool]], pk: str) -> list[dict[str, Any]]:
-    """Stable multi-key sort of stored records; ties broken by primary key."""
-    records = sorted(records, key=lambda r: order_key(r.get(pk)))
+def sort_records(pairs: list[tuple[dict[str, Any], int]], order: list[tuple[str, bool]], pk: str) -> list[tuple[dict[str, Any], int]]:
+    """Stable multi-key sort of (stored record, revision) pairs; ties broken by primary key."""
+    pairs = sorted(pairs, key=lambda p: p[0][pk])
     for name, descending in reversed(order):
-        records.sort(key=lambda r: order_key(r.get(name)), reverse=descending)
-    return records
+        pairs.sort(key=lambda p: order_key(p[0].get(name)), reverse=descending)
+    return pairs
