@@ -560,6 +560,15 @@ class Model(metaclass=ModelMeta):
             pairs = [(store.bucket._decode(e).value, e.revision) for e in entries]
         else:
             assert store.replica is not None
+            if len(compiled_where) == 1:
+                # find_one(email=...): one equality on a unique field is one index probe.
+                name, value = next(iter(compiled_where.items()))
+                index = store.unique.get(name)
+                if index is not None and type(value) in (str, int):
+                    with store.replica.lock:
+                        pk = index.get(value)
+                        hit = store.records.get(pk) if pk is not None else None
+                    return [hit] if hit is not None and hit[0].get(name) == value else []
             with store.replica.lock:
                 pks = query.candidate_pks(compiled_where, store.indexes)
                 records = store.records
