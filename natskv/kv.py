@@ -158,15 +158,14 @@ class Bucket:
         except ValueError:
             return encoded
 
+    def _value(self, raw: RawEntry) -> Any:
+        """The decoded value of a PUT message (no Entry built: the replica's hot path)."""
+        return raw.data if raw.raw_bytes else self.codec.decode(raw.data)
+
     def _decode(self, raw: RawEntry, key: str | None = None) -> Entry:
         if key is None:
             key = self._key_of(raw.subject[len(self._proto.subject_prefix) :])
-        if raw.operation != "PUT":
-            value = None
-        elif raw.raw_bytes:
-            value = raw.data
-        else:
-            value = self.codec.decode(raw.data)
+        value = self._value(raw) if raw.operation == "PUT" else None
         return Entry(key, value, raw.revision, raw.timestamp, raw.operation, self.name)
 
     def _cas_error(self, exc: JetStreamError, key: str, expected: int) -> Exception:

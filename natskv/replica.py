@@ -89,7 +89,7 @@ class LocalReplica:
         key = bucket._key_of(raw.subject[len(bucket._proto.subject_prefix) :])
         wanted = self._pattern.exact or self._pattern.match(key)
         put = raw.operation == "PUT"
-        new = bucket._decode(raw, key).value if wanted and put else None
+        new = bucket._value(raw) if wanted and put else None
         with self._changed:
             # The stream position moves for every event, matched or not: wait_for() relies on it.
             if raw.revision > self.revision:
