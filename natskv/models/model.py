@@ -488,38 +488,37 @@ class Model(metaclass=ModelMeta):
         _, issues = cls._validate(dict(values), partial=True)
         if issues:
             raise ValidationError(issues)
-        changed = 0
-        for obj in cls.find(where=where, **lookups):
-            for _ in range(_CAS_RETRIES):
-                for name, value in values.items():
-                    setattr(obj, name, value)
-                try:
-                    obj.save(timeout=timeout)
-                    changed += 1
-                    break
-                except RevisionMismatchError:
-                    fresh = cls.get(obj.pk)
-                    if fresh is None:
-                        break
-                    obj = fresh
-        return changed
+        def apply(obj: Model) -> None:
+            for name, value in values.items():
+                setattr(obj, name, value)
+            obj.save(timeout=timeout)
+
+        return cls._for_each_match(where, lookups, apply)
 
     @classmethod
     def destroy(cls, *, where: Mapping[str, Any] | None = None, timeout: float | None = None, **lookups: Any) -> int:
         """Delete every matching record; return how many were deleted."""
-        deleted = 0
+        return cls._for_each_match(where, lookups, lambda obj: obj.delete(timeout=timeout))
+
+    @classmethod
+    def _for_each_match(cls, where: Mapping[str, Any] | None, lookups: Mapping[str, Any],
+                        action: Callable[[Model], None]) -> int:
+        """Run ``action`` on every matching record with compare-and-set; on a conflict, re-read
+        the record and retry while it still matches. Returns how many records it was applied to."""
+        _, flt = cls._s().compiled(where, {k: v for k, v in lookups.items() if k != "consistency"})
+        done = 0
         for obj in cls.find(where=where, **lookups):
             for _ in range(_CAS_RETRIES):
                 try:
-                    obj.delete(timeout=timeout)
-                    deleted += 1
+                    action(obj)
+                    done += 1
                     break
                 except RevisionMismatchError:
                     fresh = cls.get(obj.pk)
-                    if fresh is None:
-                        break
+                    if fresh is None or fresh._stored is None or not flt.match(fresh._stored):
+                        break  # deleted, or changed so that it no longer matches
                     obj = fresh
-        return deleted
+        return done
 
     # -- reads (in-memory replica) -----------------------------------------------------------------
 
