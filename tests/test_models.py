@@ -87,7 +87,9 @@ def test_queries_with_lookups_where_and_indexes(User: Any) -> None:
     for n, age, role, city in people:
         User.create(nick=n, email=f"{n.lower()}@example.com", age=age, role=role, city=city)
     names = lambda rows: [r.nick for r in rows]  # noqa: E731
-    assert names(User.find(age=30)) == ["Ann", "Dee"]  # a non-indexed-unique field returns every match
+    assert names(User.find(age=30)) == ["Ann", "Dee"]  # a non-unique indexed field returns every match
+    assert User.find_one(age=30).nick == "Ann" and names(User.find(age=30, limit=1, offset=1)) == ["Dee"]
+    assert User.find_one(email="dee@example.com").nick == "Dee" and User.find_one(email="zed@example.com") is None
     assert names(User.find(city="Oslo")) == ["Ann", "Cid"]  # equality on a field with no index
     assert names(User.find(role="user", age__gte=30)) == ["Cid", "Dee"]  # ANDed
     assert names(User.find(age__in=[15, 22], order_by="-age")) == ["Eve", "Bob"]

@@ -549,7 +549,10 @@ class Model(metaclass=ModelMeta):
         return cls._from_stored(stored, revision)
 
     @classmethod
-    def _select(cls, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> list[tuple[dict[str, Any], int]]:
+    def _select(cls, where: Mapping[str, Any] | None, lookups: Mapping[str, Any],
+                first: int | None = None) -> list[tuple[dict[str, Any], int]]:
+        """Matching (stored record, revision) pairs. With ``first``, the caller wants only the
+        first ``first`` matches in primary-key order (it still sorts what it gets)."""
         store = cls._s()
         lookups = dict(lookups)
         server = _server_read(lookups.pop("consistency", "replica"))
@@ -559,15 +562,26 @@ class Model(metaclass=ModelMeta):
             pairs = [(store.bucket._decode(e).value, e.revision) for e in entries]
         else:
             assert store.replica is not None
-            if len(compiled_where) == 1:
-                # find_one(email=...): one equality on a unique field is one index probe.
-                name, value = next(iter(compiled_where.items()))
-                index = store.unique.get(name)
-                if index is not None and type(value) in (str, int):
+            equality = query.single_equality(compiled_where)
+            if equality is not None:
+                name, value = equality
+                if name in store.unique:  # find_one(email=...): one index probe
                     with store.replica.lock:
-                        pk = index.get(value)
+                        pk = store.unique[name].get(value)
                         hit = store.records.get(pk) if pk is not None else None
                     return [hit] if hit is not None and hit[0].get(name) == value else []
+                if first is not None and name in store.sorted:
+                    # eq() lists primary keys in order: stop at the first matches.
+                    with store.replica.lock:
+                        records = store.records
+                        out = []
+                        for pk in store.sorted[name].eq(value):
+                            hit = records.get(pk)
+                            if hit is not None and hit[0].get(name) == value:
+                                out.append(hit)
+                                if len(out) == first:
+                                    break
+                    return out
             with store.replica.lock:
                 pks = query.candidate_pks(compiled_where, store.indexes)
                 records = store.records
@@ -584,7 +598,7 @@ class Model(metaclass=ModelMeta):
         (``age__gte=18``). ``order_by`` takes field names, ``-`` for descending. Reads run on the
         replica; pass ``consistency="server"`` to read every record from the server instead."""
         order = query.parse_order_by(order_by, cls._fields)
-        pairs = cls._select(where, lookups)
+        pairs = cls._select(where, lookups, first=limit + offset if limit is not None and not order else None)
         if not order and limit is not None and len(pairs) > limit + offset:
             # Default order (primary key, one type per model) with a limit: select, don't sort.
             pk = cls._pk

@@ -100,6 +100,20 @@ def compile_filter(where: dict[str, Any]) -> Any:
         raise InvalidArgumentError(f"invalid query: {exc}") from exc
 
 
+def single_equality(where: dict[str, Any]) -> tuple[str, Any] | None:
+    """``(field, value)`` when the whole query is one equality on a str or int value."""
+    if len(where) != 1:
+        return None
+    name, cond = next(iter(where.items()))
+    if name.startswith("$"):
+        return None
+    if isinstance(cond, dict):
+        if len(cond) != 1 or "$eq" not in cond:
+            return None
+        cond = cond["$eq"]
+    return (name, cond) if type(cond) in (str, int) else None
+
+
 def candidate_pks(where: dict[str, Any], indexes: Mapping[str, Any]) -> list[Any] | None:
     """Primary keys that may match, from the most selective indexed top-level condition.
 
