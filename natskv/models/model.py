@@ -556,6 +556,15 @@ class Model(metaclass=ModelMeta):
         store = cls._s()
         lookups = dict(lookups)
         server = _server_read(lookups.pop("consistency", "replica"))
+        if not server and where is None and len(lookups) == 1:
+            # The commonest query, find_one(email=...): no plan to compile or cache.
+            (name, value), = lookups.items()
+            field = cls._fields.get(name.removesuffix("__exact"))
+            if (
+                field is not None and field.type in (str, int) and type(value) is field.type
+                and (field.name in store.unique or field.name in store.sorted)
+            ):
+                return cls._select_equal(store, field.name, value, first)  # type: ignore[arg-type]
         compiled_where, flt = store.compiled(where, lookups)
         if server:  # every record from the server (one batch read), filtered here
             entries = [e for _, e in store.bucket._latest(f"{RECORD}:*", False, None)]
@@ -563,25 +572,8 @@ class Model(metaclass=ModelMeta):
         else:
             assert store.replica is not None
             equality = query.single_equality(compiled_where)
-            if equality is not None:
-                name, value = equality
-                if name in store.unique:  # find_one(email=...): one index probe
-                    with store.replica.lock:
-                        pk = store.unique[name].get(value)
-                        hit = store.records.get(pk) if pk is not None else None
-                    return [hit] if hit is not None and hit[0].get(name) == value else []
-                if first is not None and name in store.sorted:
-                    # eq() lists primary keys in order: stop at the first matches.
-                    with store.replica.lock:
-                        records = store.records
-                        out = []
-                        for pk in store.sorted[name].eq(value):
-                            hit = records.get(pk)
-                            if hit is not None and hit[0].get(name) == value:
-                                out.append(hit)
-                                if len(out) == first:
-                                    break
-                    return out
+            if equality is not None and (equality[0] in store.unique or equality[0] in store.sorted):
+                return cls._select_equal(store, equality[0], equality[1], first)
             with store.replica.lock:
                 pks = query.candidate_pks(compiled_where, store.indexes)
                 records = store.records
@@ -589,6 +581,25 @@ class Model(metaclass=ModelMeta):
         if not compiled_where:
             return pairs
         return [pairs[i] for i in flt.filter([p[0] for p in pairs])]
+
+    @classmethod
+    def _select_equal(cls, store: ModelStore, name: str, value: Any, first: int | None) -> list[tuple[dict[str, Any], int]]:
+        """Records whose indexed field ``name`` equals ``value`` (a str or int)."""
+        assert store.replica is not None
+        with store.replica.lock:
+            records = store.records
+            if name in store.unique:  # one index probe
+                pk = store.unique[name].get(value)
+                hit = records.get(pk) if pk is not None else None
+                return [hit] if hit is not None and hit[0].get(name) == value else []
+            out = []
+            for pk in store.sorted[name].eq(value):  # primary-key order: stop when enough
+                hit = records.get(pk)
+                if hit is not None and hit[0].get(name) == value:
+                    out.append(hit)
+                    if len(out) == first:
+                        break
+            return out
 
     @classmethod
     def find(cls: type[M], *, where: Mapping[str, Any] | None = None, order_by: Any = None,
