@@ -90,6 +90,9 @@ def test_queries_with_lookups_where_and_indexes(User: Any) -> None:
     assert names(User.find(age=30)) == ["Ann", "Dee"]  # a non-unique indexed field returns every match
     assert User.find_one(age=30).nick == "Ann" and names(User.find(age=30, limit=1, offset=1)) == ["Dee"]
     assert User.find_one(email="dee@example.com").nick == "Dee" and User.find_one(email="zed@example.com") is None
+    assert names(User.find(role="user", age=30)) == ["Dee"] and names(User.find(role="admin", age=45)) == []
+    assert User.find_one(email="dee@example.com", role="admin") is None
+    assert names(User.find(role="user", age=30, city="Rome")) == ["Dee"]  # a non-indexed field too
     assert names(User.find(city="Oslo")) == ["Ann", "Cid"]  # equality on a field with no index
     assert names(User.find(role="user", age__gte=30)) == ["Cid", "Dee"]  # ANDed
     assert names(User.find(age__in=[15, 22], order_by="-age")) == ["Eve", "Bob"]

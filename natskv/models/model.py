@@ -556,15 +556,13 @@ class Model(metaclass=ModelMeta):
         store = cls._s()
         lookups = dict(lookups)
         server = _server_read(lookups.pop("consistency", "replica"))
-        if not server and where is None and len(lookups) == 1:
-            # The commonest query, find_one(email=...): no plan to compile or cache.
-            (name, value), = lookups.items()
-            field = cls._fields.get(name.removesuffix("__exact"))
-            if (
-                field is not None and field.type in (str, int) and type(value) is field.type
-                and (field.name in store.unique or field.name in store.sorted)
-            ):
-                return cls._select_equal(store, field.name, value, first)  # type: ignore[arg-type]
+        if not server and where is None and lookups:
+            # The commonest queries, find_one(email=...) or find(role=..., age=...): equalities
+            # on indexed str/int fields need no plan: probe the most selective index, then
+            # compare the other fields directly.
+            equalities = cls._indexed_equalities(store, lookups)
+            if equalities is not None:
+                return cls._select_equal(store, equalities, first)
         compiled_where, flt = store.compiled(where, lookups)
         if server:  # every record from the server (one batch read), filtered here
             entries = [e for _, e in store.bucket._latest(f"{RECORD}:*", False, None)]
@@ -573,7 +571,7 @@ class Model(metaclass=ModelMeta):
             assert store.replica is not None
             equality = query.single_equality(compiled_where)
             if equality is not None and (equality[0] in store.unique or equality[0] in store.sorted):
-                return cls._select_equal(store, equality[0], equality[1], first)
+                return cls._select_equal(store, {equality[0]: equality[1]}, first)
             with store.replica.lock:
                 pks = query.candidate_pks(compiled_where, store.indexes)
                 records = store.records
@@ -583,19 +581,37 @@ class Model(metaclass=ModelMeta):
         return [pairs[i] for i in flt.filter([p[0] for p in pairs])]
 
     @classmethod
-    def _select_equal(cls, store: ModelStore, name: str, value: Any, first: int | None) -> list[tuple[dict[str, Any], int]]:
-        """Records whose indexed field ``name`` equals ``value`` (a str or int)."""
+    def _indexed_equalities(cls, store: ModelStore, lookups: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``{field: value}`` when every lookup is an equality on an indexed str/int field."""
+        out = {}
+        for key, value in lookups.items():
+            field = cls._fields.get(key.removesuffix("__exact"))
+            if (
+                field is None or field.type not in (str, int) or type(value) is not field.type
+                or not (field.name in store.unique or field.name in store.sorted)
+            ):
+                return None
+            out[field.name] = value
+        return out  # type: ignore[return-value]
+
+    @classmethod
+    def _select_equal(cls, store: ModelStore, equal: dict[str, Any], first: int | None) -> list[tuple[dict[str, Any], int]]:
+        """Records whose indexed fields equal the given str/int values (all of them)."""
         assert store.replica is not None
         with store.replica.lock:
             records = store.records
-            if name in store.unique:  # one index probe
-                pk = store.unique[name].get(value)
+            unique = next((n for n in equal if n in store.unique), None)
+            if unique is not None:  # one index probe
+                pk = store.unique[unique].get(equal[unique])
                 hit = records.get(pk) if pk is not None else None
-                return [hit] if hit is not None and hit[0].get(name) == value else []
+                candidates = [pk] if hit is not None else []
+            else:  # the rarest value; eq() lists primary keys in order
+                name = min(equal, key=lambda n: store.sorted[n].count_eq(equal[n]))
+                candidates = store.sorted[name].eq(equal[name])
             out = []
-            for pk in store.sorted[name].eq(value):  # primary-key order: stop when enough
+            for pk in candidates:
                 hit = records.get(pk)
-                if hit is not None and hit[0].get(name) == value:
+                if hit is not None and all(hit[0].get(n) == v for n, v in equal.items()):
                     out.append(hit)
                     if len(out) == first:
                         break
