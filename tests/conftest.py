@@ -6,8 +6,10 @@ install it: the suite never skips for lack of a server.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import re
+from types import ModuleType
 from pathlib import Path
 from typing import Iterator
 
@@ -100,3 +102,32 @@ def name(request: pytest.FixtureRequest) -> str:
     """A bucket name unique to this test (valid: letters, digits, '_' and '-')."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:48] + f"_{next(_bucket_seq)}"
 
+
+
+IMPLS = {"c": "natskv._core", "python": "natskv._core_py"}
+
+
+@pytest.fixture(scope="session", params=sorted(IMPLS))
+def core(request: pytest.FixtureRequest) -> ModuleType:
+    """Each core in turn. The compiled one is imported directly: missing, it errors, never skips."""
+    return importlib.import_module(IMPLS[request.param])
+
+
+@pytest.fixture(scope="session")
+def c_core() -> ModuleType:
+    return importlib.import_module("natskv._core")
+
+
+@pytest.fixture(scope="session")
+def py_core() -> ModuleType:
+    return importlib.import_module("natskv._core_py")
+
+
+@pytest.fixture
+def kv(db: natskv.Client, name: str) -> Iterator[natskv.Bucket]:
+    """A bucket (history 10) unique to this test, deleted afterwards."""
+    bucket = db.bucket(name, history=10)
+    try:
+        yield bucket
+    finally:
+        db.delete_bucket(name)

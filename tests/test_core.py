@@ -9,7 +9,6 @@ with the same message.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import subprocess
@@ -23,23 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
-IMPLS = {"c": "natskv._core", "python": "natskv._core_py"}
 ENCODED_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
-
-
-@pytest.fixture(scope="session", params=sorted(IMPLS))
-def core(request: pytest.FixtureRequest) -> ModuleType:
-    return importlib.import_module(IMPLS[request.param])
-
-
-@pytest.fixture(scope="session")
-def c_core() -> ModuleType:
-    return importlib.import_module("natskv._core")
-
-
-@pytest.fixture(scope="session")
-def py_core() -> ModuleType:
-    return importlib.import_module("natskv._core_py")
 
 
 def outcome(func: Any, *args: Any) -> tuple[str, Any]:

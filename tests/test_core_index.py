@@ -10,7 +10,6 @@ exception with the same message.
 from __future__ import annotations
 
 import enum
-import importlib
 import math
 import random
 import uuid
@@ -21,22 +20,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-IMPLS = {"c": "natskv._core", "python": "natskv._core_py"}
-
-
-@pytest.fixture(scope="session", params=sorted(IMPLS))
-def core(request: pytest.FixtureRequest) -> ModuleType:
-    return importlib.import_module(IMPLS[request.param])
-
-
-@pytest.fixture(scope="session")
-def c_core() -> ModuleType:
-    return importlib.import_module("natskv._core")
-
-
-@pytest.fixture(scope="session")
-def py_core() -> ModuleType:
-    return importlib.import_module("natskv._core_py")
 
 
 def outcome(func: Any, *args: Any, **kwargs: Any) -> tuple[str, Any]:

@@ -30,15 +30,6 @@ from natskv import (
     SerializationError,
 )
 
-@pytest.fixture
-def kv(db: natskv.Client, name: str) -> Iterator[natskv.Bucket]:
-    bucket = db.bucket(name, history=10)
-    try:
-        yield bucket
-    finally:
-        db.delete_bucket(name)
-
-
 def stream_state(db: natskv.Client, bucket: str) -> dict[str, Any]:
     return db._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, 5.0)["state"]
 

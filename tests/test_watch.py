@@ -7,21 +7,12 @@ import re
 import threading
 import time
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
 import natskv
 from natskv import Change, InvalidKeyError, NatsKVError
-
-@pytest.fixture
-def kv(db: natskv.Client, name: str) -> Iterator[natskv.Bucket]:
-    bucket = db.bucket(name, history=10)
-    try:
-        yield bucket
-    finally:
-        db.delete_bucket(name)
-
 
 def consumer_count(db: natskv.Client, bucket: str) -> int:
     return int(db._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, 5.0)["state"]["consumer_count"])
