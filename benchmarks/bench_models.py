@@ -35,6 +35,8 @@ def stored_row(i: int) -> dict:
 
 
 def make_model(bucket: str) -> type:
+    """A fresh model class (one per registration): explicit int pk, unique email, indexed age and
+    role, plain name and score. compare.py uses the same one."""
     from natskv import Field, Model
 
     return type("BenchUser", (Model,), {

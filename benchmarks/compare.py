@@ -59,6 +59,7 @@ _server.ensure_natskv(prefer_checkout=_AS_SCRIPT)
 
 import natskv  # noqa: E402
 from benchmarks import bench_core  # noqa: E402
+from benchmarks.bench_models import make_model  # noqa: E402
 
 N_KEYS = 100  # keys cycled through by the single-call benchmarks
 
@@ -503,24 +504,6 @@ CREATED = "2026-01-01T00:00:00+00:00"
 RANGE_LO, RANGE_HI = 2500, 2505  # age = i % 5000: 20 records per age, so [2500, 2505) is 100 rows
 SCORE_GT = 990.0  # score spread over 0..999.99: about 1% of the rows
 NAME_PREFIX = "user 0999"  # names "user 000001".."user 100000": 100 rows
-
-
-def make_model(bucket: str) -> type[Any]:
-    """A fresh model class (one per registration): explicit int pk, unique email, indexed age and
-    role, plain name and score."""
-    from natskv import Field, Model
-
-    namespace = {
-        "__module__": __name__,
-        "__bucket__": bucket,
-        "id": Field(int, primary_key=True),
-        "email": Field(str, unique=True),
-        "age": Field(int, index=True),
-        "role": Field(str, index=True),
-        "name": Field(str),
-        "score": Field(float),
-    }
-    return type("BenchUser", (Model,), namespace)
 
 
 def model_row(i: int) -> dict[str, Any]:
