@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from natskv._runner import check_timeout, runner
 from natskv._speedups import core
-from natskv.aio.kv import KVProtocol, RawEntry, ttl_header
-from natskv.aio.kv import CAS_ERROR_CODES
+from natskv.aio.kv import CAS_ERROR_CODES, KVProtocol, RawEntry, ttl_header
 from natskv.aio.watch import snapshot
 from natskv.codec import RAW_HEADER, Codec, JSONCodec, get_codec
 from natskv.errors import (
