@@ -16,9 +16,10 @@ import uuid
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Copy, PyDict_Next, PyDict_SetItem
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.object cimport Py_EQ, Py_GE, Py_GT, Py_LE, Py_LT, PyObject_RichCompareBool
+from cpython.object cimport Py_EQ, Py_GE, Py_GT, Py_LE, Py_LT, PyObject, PyObject_RichCompareBool
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport (
     Py_UCS1,
@@ -40,6 +41,7 @@ from libc.string cimport memchr, memcmp, memcpy
 __all__ = [
     "Filter",
     "Pattern",
+    "RecordBuilder",
     "SortedIndex",
     "UniqueIndex",
     "compile_filter",
@@ -2394,3 +2396,87 @@ cdef class UniqueIndex(_OrderedIndex):
         """Drop every entry."""
         self._map.clear()
         self._values = _new_chunks(False, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> instances
+# ---------------------------------------------------------------------------------------------
+
+cdef extern from "Python.h":
+    int PyObject_GenericSetDict(object obj, object value, void* context) except -1
+
+cdef object _object_new = object.__new__
+
+
+@cython.final
+cdef class RecordBuilder:
+    """Turns stored records (JSON-decoded dicts) into instances of a plain Python class.
+
+    Each instance's ``__dict__`` gets every name of ``fields`` (None when the record lacks it),
+    ``_extra`` (a dict of the record's other keys, except those in ``skip``), ``_version`` (the
+    revision) and ``_stored`` (the record itself, shared, never modified). ``converters`` are
+    ``(field, function)`` pairs applied to non-None values of those fields; the fields named in
+    ``floats`` get ints (not bools) turned into floats, as JSON writes 1.0 as 1. ``__init__`` is
+    not called. Immutable once built: safe to share between threads.
+    """
+
+    cdef object _cls
+    cdef tuple _floats
+    cdef dict _blank
+    cdef frozenset _fields
+    cdef frozenset _skip
+    cdef tuple _converters
+
+    def __init__(self, cls, fields, skip=(), converters=(), floats=()):
+        if not isinstance(cls, type):
+            raise TypeError(f"cls must be a class, not {type(cls).__name__}")
+        self._cls = cls
+        self._blank = dict.fromkeys(fields)
+        self._fields = frozenset(self._blank)
+        self._skip = frozenset(skip)
+        self._converters = tuple((name, convert) for name, convert in converters)
+        for name, convert in self._converters:
+            if name not in self._fields or not callable(convert):
+                raise ValueError(f"a converter needs a field name and a function, not ({name!r}, {convert!r})")
+        self._floats = tuple(floats)
+        for name in self._floats:
+            if name not in self._fields:
+                raise ValueError(f"floats names fields; {name!r} is not one")
+
+    def build(self, pairs):
+        """One instance per ``(stored record, revision)`` pair, in order."""
+        cdef list out = []
+        cdef dict values, extra, stored
+        cdef Py_ssize_t pos
+        cdef PyObject* key
+        cdef PyObject* raw
+        cdef object cls = self._cls, obj, revision, value
+        for pair in pairs:
+            stored_obj, revision = pair
+            if type(stored_obj) is not dict:
+                if not isinstance(stored_obj, dict):
+                    raise TypeError(f"a stored record is a dict, not {type(stored_obj).__name__}")
+            stored = <dict>stored_obj
+            values = PyDict_Copy(self._blank)
+            extra = {}
+            pos = 0
+            while PyDict_Next(stored, &pos, &key, &raw):
+                if <object>key in self._fields:
+                    PyDict_SetItem(values, <object>key, <object>raw)
+                elif <object>key not in self._skip:
+                    PyDict_SetItem(extra, <object>key, <object>raw)
+            for name, convert in self._converters:
+                value = values[name]
+                if value is not None:
+                    values[name] = convert(value)
+            for name in self._floats:
+                value = values[name]
+                if type(value) is int:
+                    values[name] = float(value)
+            values["_extra"] = extra
+            values["_version"] = revision
+            values["_stored"] = stored
+            obj = _object_new(cls)
+            PyObject_GenericSetDict(obj, values, NULL)
+            out.append(obj)
+        return out

@@ -33,6 +33,7 @@ from sortedcontainers import SortedKeyList, SortedList
 __all__ = [
     "Filter",
     "Pattern",
+    "RecordBuilder",
     "SortedIndex",
     "UniqueIndex",
     "compile_filter",
@@ -1589,3 +1590,71 @@ class UniqueIndex(_OrderedIndex):
         """Drop every entry."""
         self._map.clear()
         self._values.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> instances
+# ---------------------------------------------------------------------------------------------
+
+
+class RecordBuilder:
+    """Turns stored records (JSON-decoded dicts) into instances of a plain Python class.
+
+    Each instance's ``__dict__`` gets every name of ``fields`` (None when the record lacks it),
+    ``_extra`` (a dict of the record's other keys, except those in ``skip``), ``_version`` (the
+    revision) and ``_stored`` (the record itself, shared, never modified). ``converters`` are
+    ``(field, function)`` pairs applied to non-None values of those fields; the fields named in
+    ``floats`` get ints (not bools) turned into floats, as JSON writes 1.0 as 1. ``__init__`` is
+    not called. Immutable once built: safe to share between threads.
+    """
+
+    __slots__ = ("_cls", "_blank", "_fields", "_skip", "_converters", "_floats")
+
+    def __init__(self, cls: type, fields: Iterable[str], skip: Iterable[str] = (),
+                 converters: Iterable[tuple[str, Callable[[Any], Any]]] = (), floats: Iterable[str] = ()) -> None:
+        if not isinstance(cls, type):
+            raise TypeError(f"cls must be a class, not {type(cls).__name__}")
+        self._cls = cls
+        self._blank = dict.fromkeys(fields)
+        self._fields = frozenset(self._blank)
+        self._skip = frozenset(skip)
+        self._converters = tuple((name, convert) for name, convert in converters)
+        for name, convert in self._converters:
+            if name not in self._fields or not callable(convert):
+                raise ValueError(f"a converter needs a field name and a function, not ({name!r}, {convert!r})")
+        self._floats = tuple(floats)
+        for name in self._floats:
+            if name not in self._fields:
+                raise ValueError(f"floats names fields; {name!r} is not one")
+
+    def build(self, pairs: Iterable[tuple[dict[str, Any], int]]) -> list[Any]:
+        """One instance per ``(stored record, revision)`` pair, in order."""
+        cls, blank, fields, skip, converters = self._cls, self._blank, self._fields, self._skip, self._converters
+        floats = self._floats
+        new = object.__new__
+        out = []
+        for stored, revision in pairs:
+            if not isinstance(stored, dict):
+                raise TypeError(f"a stored record is a dict, not {type(stored).__name__}")
+            values = dict(blank)
+            extra = {}
+            for key, raw in stored.items():
+                if key in fields:
+                    values[key] = raw
+                elif key not in skip:
+                    extra[key] = raw
+            for name, convert in converters:
+                raw = values[name]
+                if raw is not None:
+                    values[name] = convert(raw)
+            for name in floats:
+                raw = values[name]
+                if type(raw) is int:
+                    values[name] = float(raw)
+            values["_extra"] = extra
+            values["_version"] = revision
+            values["_stored"] = stored
+            obj = new(cls)
+            obj.__dict__ = values
+            out.append(obj)
+        return out

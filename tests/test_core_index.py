@@ -897,3 +897,73 @@ def test_large_random_parity(c_core: ModuleType, py_core: ModuleType) -> None:
             assert c_index.range(3, 700, reverse=True) == py_index.range(3, 700, reverse=True)
             assert c_index.range(3, 700, reverse=True) == expected
     assert c_index.ordered() == py_index.ordered() == ref.scan()
+
+
+# ---------------------------------------------------------------------------------------------
+# RecordBuilder
+# ---------------------------------------------------------------------------------------------
+
+
+class Plain:
+    def __init__(self) -> None:  # never called by the builder
+        raise AssertionError("RecordBuilder must not call __init__")
+
+
+def test_record_builder_fills_fields_extra_version_and_stored(core: ModuleType) -> None:
+    builder = core.RecordBuilder(Plain, ["id", "name", "score"], skip=["_created_at"])
+    stored = {"id": 7, "name": "ann", "color": "red", "_created_at": "2026-01-01"}
+    (obj,) = builder.build([(stored, 42)])
+    assert type(obj) is Plain
+    assert vars(obj) == {
+        "id": 7, "name": "ann", "score": None,  # a field the record lacks is None
+        "_extra": {"color": "red"},  # other keys kept aside; skipped keys dropped
+        "_version": 42,
+        "_stored": stored,
+    }
+    assert obj._stored is stored and stored == {"id": 7, "name": "ann", "color": "red", "_created_at": "2026-01-01"}
+
+
+def test_record_builder_converters_and_floats(core: ModuleType) -> None:
+    builder = core.RecordBuilder(Plain, ["id", "tag", "score"], converters=[("tag", str.upper)], floats=["score"])
+    built = builder.build([
+        ({"id": 1, "tag": "a", "score": 3}, 1),
+        ({"id": 2, "tag": None, "score": 2.5}, 2),
+        ({"id": 3, "score": True}, 3),  # a bool is not a number stored for a float: left alone
+        ({"id": 4, "score": "x"}, 4),
+        ({"id": 5, "score": 10**20}, 5),
+    ])
+    assert [(o.tag, o.score) for o in built] == [("A", 3.0), (None, 2.5), (None, True), (None, "x"), (None, 1e20)]
+    assert type(built[0].score) is float
+
+
+def test_record_builder_keeps_order_and_accepts_any_iterable(core: ModuleType) -> None:
+    builder = core.RecordBuilder(Plain, ["id"])
+    built = builder.build(({"id": i}, i * 10) for i in range(50))
+    assert [(o.id, o._version) for o in built] == [(i, i * 10) for i in range(50)]
+    assert builder.build([]) == []
+
+
+def test_record_builder_refuses_bad_input(core: ModuleType) -> None:
+    with pytest.raises(TypeError, match="must be a class"):
+        core.RecordBuilder("Plain", ["id"])
+    with pytest.raises(ValueError, match="converter needs a field name"):
+        core.RecordBuilder(Plain, ["id"], converters=[("other", str)])
+    with pytest.raises(ValueError, match="converter needs a field name"):
+        core.RecordBuilder(Plain, ["id"], converters=[("id", 3)])
+    with pytest.raises(ValueError, match="floats names fields"):
+        core.RecordBuilder(Plain, ["id"], floats=["score"])
+    builder = core.RecordBuilder(Plain, ["id"])
+    with pytest.raises(TypeError, match="a stored record is a dict, not list"):
+        builder.build([([1], 1)])
+
+
+@given(st.lists(st.tuples(
+    st.dictionaries(st.sampled_from(["id", "a", "b", "x", "_skip"]), st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.text(max_size=3), st.booleans())),
+    st.integers(min_value=0, max_value=2**63),
+), max_size=20))
+@settings(max_examples=200, deadline=None)
+def test_record_builder_cores_agree(c_core: ModuleType, py_core: ModuleType, pairs: list[tuple[dict[str, Any], int]]) -> None:
+    args = (Plain, ["id", "a", "b"], ["_skip"], [("a", repr)], ["b"])
+    built_c = c_core.RecordBuilder(*args).build(pairs)
+    built_py = py_core.RecordBuilder(*args).build(pairs)
+    assert [vars(o) for o in built_c] == [vars(o) for o in built_py]

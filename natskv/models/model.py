@@ -171,9 +171,13 @@ class ModelMeta(type):
             cls.id = auto  # type: ignore[attr-defined]
         check_schema(fields)
         cls._fields = fields  # type: ignore[attr-defined]
-        cls._converters = [  # type: ignore[attr-defined]
-            (n, f.from_json) for n, f in fields.items() if f.type in (dt.datetime, dt.date, uuid.UUID, float)
-        ]
+        # Stored dict -> instance (Model._build): fields, other keys in _extra, _version, _stored;
+        # converted only where the stored form differs (datetime, date, UUID; ints of floats).
+        cls._builder = core.RecordBuilder(  # type: ignore[attr-defined]
+            cls, fields, META_FIELDS,
+            converters=[(n, f.from_json) for n, f in fields.items() if f.type in (dt.datetime, dt.date, uuid.UUID)],
+            floats=[n for n, f in fields.items() if f.type is float],
+        )
         cls._pk = primary_key_name(fields)  # type: ignore[attr-defined]
         cls._store = None  # type: ignore[attr-defined]
         return cls
@@ -220,28 +224,13 @@ class Model(metaclass=ModelMeta):
 
     @classmethod
     def _from_stored(cls: type[M], stored: dict[str, Any], revision: int) -> M:
-        # The hot path of every read: fill the instance directly, converting only the fields
-        # whose stored form differs (datetime, date, UUID, float).
-        obj = cls.__new__(cls)
-        values = obj.__dict__
-        fields = cls._fields
-        extra = {}
-        for key, raw in stored.items():
-            if key in fields:
-                values[key] = raw
-            elif key not in META_FIELDS:
-                extra[key] = raw
-        for name in fields:
-            if name not in values:
-                values[name] = None
-        for name, from_json in cls._converters:
-            raw = values[name]
-            if raw is not None:
-                values[name] = from_json(raw)
-        values["_extra"] = extra
-        values["_version"] = revision
-        values["_stored"] = stored
-        return obj
+        """An instance of a stored record (the hot path of every read)."""
+        return cls._build([(stored, revision)])[0]
+
+    @classmethod
+    def _build(cls: type[M], pairs: Iterable[tuple[dict[str, Any], int]]) -> list[M]:
+        """Instances of (stored record, revision) pairs, built by ``_core``."""
+        return cls._builder.build(pairs)  # type: ignore[attr-defined, no-any-return]
 
     @property
     def _created_at(self) -> dt.datetime | None:
@@ -636,7 +625,7 @@ class Model(metaclass=ModelMeta):
             pairs = pairs[offset:]
         if limit is not None:
             pairs = pairs[:limit]
-        return [cls._from_stored(stored, revision) for stored, revision in pairs]
+        return cls._build(pairs)
 
     @classmethod
     def find_one(cls: type[M], *, where: Mapping[str, Any] | None = None, **lookups: Any) -> M | None:
@@ -694,7 +683,7 @@ class Model(metaclass=ModelMeta):
         page, more = pairs[:limit], len(pairs) > limit
         last = page[-1][0] if page else None
         cursor = orjson.dumps([last.get(field), last.get(cls._pk)]).decode() if last is not None and more else None
-        return Page([cls._from_stored(stored, revision) for stored, revision in page], more, cursor)
+        return Page(cls._build(page), more, cursor)
 
     # -- watching --------------------------------------------------------------------------------
 
