@@ -11,6 +11,7 @@ and watchers of the same keys cost one server consumer.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -50,6 +51,7 @@ class LocalReplica:
         self._ready = threading.Event()
         self.revision = 0  # highest stream revision applied
         self._subscription: tuple[SharedFeed, FeedSubscriber] | None = None
+        self._pending: list[Any] = []  # events delivered, not yet applied (loop thread only)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -81,32 +83,51 @@ class LocalReplica:
     # -- applying (loop thread) ------------------------------------------------------------------
 
     def _apply(self, event: Any) -> None:
-        if event is INITIAL_DONE:
-            self._ready.set()
-            return
-        raw: RawEntry = event
+        # The feed's sink. Events are applied in batches, one loop step later: a burst of
+        # deliveries (the initial values, a busy bucket) takes the lock and wakes waiters once.
+        self._pending.append(event)
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self._apply_pending)
+
+    def _apply_pending(self) -> None:
+        batch, self._pending = self._pending, []
         bucket = self.bucket
-        key = bucket._key_of(raw.subject[len(bucket._proto.subject_prefix) :])
-        wanted = self._pattern.exact or self._pattern.match(key)
-        put = raw.operation == "PUT"
-        new = bucket._value(raw) if wanted and put else None
+        cut = len(bucket._proto.subject_prefix)
+        key_of, value_of = bucket._key_of, bucket._value
+        pattern = self._pattern
+        # Keys and values decoded outside the lock, so readers wait only for the dict updates.
+        changes = []
+        loaded = False
+        for raw in batch:
+            if raw is INITIAL_DONE:
+                loaded = True
+                continue
+            key = key_of(raw.subject[cut:])
+            wanted = pattern.exact or pattern.match(key)
+            put = raw.operation == "PUT"
+            changes.append((raw.revision, key, wanted, put, value_of(raw) if wanted and put else None))
+        values, revisions, on_apply = self._values, self._revisions, self._on_apply
         with self._changed:
-            # The stream position moves for every event, matched or not: wait_for() relies on it.
-            if raw.revision > self.revision:
-                self.revision = raw.revision
-            if wanted and raw.revision > self._revisions.get(key, 0):
-                old = self._values.get(key)
+            for revision, key, wanted, put, new in changes:
+                # The stream position moves for every event, matched or not: wait_for() relies on it.
+                if revision > self.revision:
+                    self.revision = revision
+                if not wanted or revision <= revisions.get(key, 0):
+                    continue
+                old = values.get(key)
                 if put:
-                    self._values[key] = new
-                    self._revisions[key] = raw.revision
-                elif key in self._values:
-                    del self._values[key]
-                    del self._revisions[key]
+                    values[key] = new
+                    revisions[key] = revision
+                elif old is not None or key in values:
+                    del values[key]
+                    del revisions[key]
                 else:
-                    old = new = None
-                if self._on_apply is not None and (old is not None or new is not None):
-                    self._on_apply(key, old, new, raw.revision)
+                    continue
+                if on_apply is not None and (old is not None or new is not None):
+                    on_apply(key, old, new, revision)
             self._changed.notify_all()
+        if loaded:
+            self._ready.set()
 
     # -- reading (any thread) ------------------------------------------------------------------
 

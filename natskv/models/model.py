@@ -114,7 +114,7 @@ class ModelStore:
     def apply(self, key: str, old: Any, new: Any, revision: int) -> None:
         """Keep records and indexes in step with one change of a record key."""
         old_revision = 0
-        if isinstance(old, dict):
+        if type(old) is dict:
             old_pk = old.get(self.pk)
             old_revision = self.records.get(old_pk, (None, 0))[1]
             for name, index in self.unique.items():
@@ -126,29 +126,35 @@ class ModelStore:
                 if value is not None:
                     index.remove(value, old_pk)
             self.records.pop(old_pk, None)
-        if isinstance(new, dict):
+        else:
+            old = None
+        if type(new) is dict:
             new_pk = new.get(self.pk)
             self.records[new_pk] = (new, revision)
+            # Values an index cannot hold (NaN, dicts, lists) are skipped by get() and add().
             for name, index in self.unique.items():
                 value = new.get(name)
-                if value is None or core.index_key(value) is None:
+                if value is None:
                     continue
                 holder = index.get(value)
-                if holder is not None and holder != new_pk:
-                    # The server guarantees uniqueness; a stale holder is a record whose change
-                    # freeing the value is still on its way. The newest write wins here.
-                    index.remove(value)
                 if holder != new_pk:
+                    if holder is not None:
+                        # The server guarantees uniqueness; a stale holder is a record whose
+                        # change freeing the value is still on its way. The newest write wins.
+                        index.remove(value)
                     index.add(value, new_pk)
             for name, index in self.sorted.items():
                 value = new.get(name)
-                if value is not None and core.index_key(value) is not None:
+                if value is not None:
                     index.add(value, new_pk)
-        for listener in list(self.listeners):
-            try:
-                listener(old if isinstance(old, dict) else None, new if isinstance(new, dict) else None, revision, old_revision)
-            except Exception:  # noqa: BLE001 - one broken listener must not stop the replica
-                log.exception("natskv: error in a model listener")
+        else:
+            new = None
+        if self.listeners:
+            for listener in list(self.listeners):
+                try:
+                    listener(old, new, revision, old_revision)
+                except Exception:  # noqa: BLE001 - one broken listener must not stop the replica
+                    log.exception("natskv: error in a model listener")
 
 
 class ModelMeta(type):
