@@ -404,3 +404,82 @@ def test_consistency_server_reads_the_server(db: natskv.Client, User: Any) -> No
     assert [x.age for x in User.find(nick="s", consistency="server")] == [4]
     with pytest.raises(InvalidArgumentError):
         User.get(u.id, consistency="eventual")
+
+
+@pytest.fixture
+def Paged(db: natskv.Client, name: str) -> Iterator[type[Model]]:
+    """250 records with nulls, ties and a unique nullable field, for pagination."""
+
+    class Paged(Model):
+        __bucket__ = name
+        id = Field(int, primary_key=True)
+        age = Field(int, index=True)
+        nick = Field(str, unique=True)
+        score = Field(float)
+
+    db.register(Paged)
+    Paged.bulk_create([
+        {"id": i, "age": None if i % 11 == 0 else i % 7, "nick": None if i % 13 == 0 else f"n{(i * 37) % 1000:03d}",
+         "score": float(i % 5)}
+        for i in range(1, 251)
+    ])
+    try:
+        yield Paged
+    finally:
+        db.delete_bucket(name)
+
+
+def collect_pages(model: Any, limit: int, **query: Any) -> list[Any]:
+    got: list[Any] = []
+    cursor = None
+    while True:
+        page = model.paginate(limit=limit, after=cursor, **query)
+        got.extend(u.id for u in page)
+        if not page.has_more:
+            assert page.next_cursor is None and len(page) <= limit
+            return got
+        assert len(page) == limit and page.next_cursor
+        cursor = page.next_cursor
+
+
+@pytest.mark.parametrize("walk", ["when it pays", "always"])
+@pytest.mark.parametrize("order_by", [None, "-id", "age", "-age", "nick", "-nick", "score", "-score"])
+def test_pages_concatenate_to_the_sorted_find(Paged: Any, order_by: Any, walk: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Index walks (id, age, nick), sorts (score), nulls after values (before them descending),
+    ties by primary key in the order's direction: pages of any size add up to find()."""
+    if walk == "always":  # walk the order's index even when a filter selects few records
+        monkeypatch.setattr("natskv.models.model._PAGE_SORT_MAX", -1)
+    for query in ({}, {"score__lt": 3}, {"age": 3}, {"where": {"$or": [{"age": None}, {"score": 4.0}]}}):
+        expected = [u.id for u in Paged.find(order_by=order_by or "id", **query)]
+        assert expected, query
+        for limit in (4, 60, 1000):
+            assert collect_pages(Paged, limit, order_by=order_by, **query) == expected, (query, limit)
+
+
+def test_descending_pages_stay_stable_while_records_come_and_go(Paged: Any) -> None:
+    seen: list[int] = []
+    cursor = None
+    while True:
+        page = Paged.paginate(limit=40, after=cursor, order_by="-age")
+        seen.extend(u.id for u in page)
+        if page.records:
+            Paged.destroy(id=page.records[0].id)  # already seen: its deletion moves nothing
+            Paged.create(id=1000 + len(seen), age=6)  # sorts before the cursor: never shown
+        if not page.has_more:
+            break
+        cursor = page.next_cursor
+    assert len(seen) == len(set(seen)) == 250
+
+
+def test_paginate_refuses_bad_arguments(Paged: Any) -> None:
+    for bad in ("garbage", "[1]", '{"a": 1}'):
+        with pytest.raises(InvalidArgumentError, match="invalid pagination cursor"):
+            Paged.paginate(after=bad, order_by="age")
+    with pytest.raises(InvalidArgumentError, match="invalid pagination cursor"):
+        Paged.paginate(after="[3, null]", order_by="age")  # a cursor with no primary key
+    with pytest.raises(InvalidArgumentError, match="one field"):
+        Paged.paginate(order_by=["age", "id"])
+    with pytest.raises(InvalidArgumentError, match="positive int"):
+        Paged.paginate(limit=0)
+    with pytest.raises(InvalidArgumentError, match="unknown field"):
+        Paged.paginate(order_by="height")

@@ -48,6 +48,9 @@ M = TypeVar("M", bound="Model")
 
 RECORD, UNIQUE = "r", "u"
 META_FIELDS = ("_version", "_created_at", "_updated_at")
+# Model.paginate sorts a filtered selection of up to this many records rather than walk the
+# order field's index past every non-matching record.
+_PAGE_SORT_MAX = 2000
 _CAS_RETRIES = 20
 MAX_BATCH = 1000  # writes in one atomic batch (the server's limit)
 
@@ -660,36 +663,101 @@ class Model(metaclass=ModelMeta):
     @classmethod
     def paginate(cls: type[M], limit: int = 20, after: str | None = None, *, order_by: str | None = None,
                  where: Mapping[str, Any] | None = None, **lookups: Any) -> Page[M]:
-        """One page of matching records in ``order_by`` order (default: primary key).
+        """One page of matching records in ``order_by`` order (one field, ``-`` for descending;
+        default: primary key). Ties are broken by primary key in the same direction.
 
         ``after`` is the ``next_cursor`` of the previous page. The cursor names a position (the
         last record's sort value and primary key), so records inserted or deleted elsewhere never
-        make a page repeat or skip the records around it.
+        make a page repeat or skip the records around it. On an indexed field (or the primary
+        key) a page walks the index from the cursor: its cost follows the page, not the table.
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidArgumentError(f"limit must be a positive int, not {limit!r}")
-        field = (order_by or cls._pk).lstrip("-")
-        descending = bool(order_by and order_by.startswith("-"))
-        order = query.parse_order_by(order_by or cls._pk, cls._fields)
-        pairs = query.sort_records(cls._select(where, lookups), order, cls._pk)
+        if order_by is not None and not isinstance(order_by, str):
+            raise InvalidArgumentError(f"paginate orders by one field name (optionally '-name'), not {order_by!r}")
+        ((field, descending),) = query.parse_order_by(order_by or cls._pk, cls._fields)
+        mark = None
         if after is not None:
             try:
-                value, pk = orjson.loads(after)
+                mark = tuple(orjson.loads(after))
+                if len(mark) != 2:
+                    raise ValueError
             except (orjson.JSONDecodeError, ValueError, TypeError):
-                raise InvalidArgumentError(f"invalid pagination cursor {after!r}") from None
-            mark = (query.order_key(value), query.order_key(pk))
+                raise InvalidArgumentError(f"invalid pagination cursor {after!r}: pass a next_cursor unchanged") from None
+        store = cls._s()
+        if not _server_read(lookups.get("consistency", "replica")):
+            index = store.indexes.get(field)
+            if index is not None:
+                page = cls._page_by_index(store, index, field, descending, mark, limit, where, lookups)
+                if page is not None:
+                    return cls._page(page, limit, field)
+        pairs = query.sort_records(cls._select(where, lookups), [(field, descending)], cls._pk)
+        return cls._page(_after(pairs, mark, field, cls._pk, descending)[: limit + 1], limit, field)
 
-            def beyond(r: dict[str, Any]) -> bool:
-                here = (query.order_key(r.get(field)), query.order_key(r.get(cls._pk)))
-                if descending:
-                    return here[0] < mark[0] or (here[0] == mark[0] and here[1] > mark[1])
-                return here > mark
+    @classmethod
+    def _page(cls: type[M], pairs: list[tuple[dict[str, Any], int]], limit: int, field: str) -> Page[M]:
+        """A Page of the first ``limit`` of ``pairs`` (``limit + 1`` of them means there is more)."""
+        more = len(pairs) > limit
+        pairs = pairs[:limit]
+        cursor = None
+        if more:
+            last = pairs[-1][0]
+            cursor = orjson.dumps([last.get(field), last.get(cls._pk)]).decode()
+        return Page(cls._build(pairs), more, cursor)
 
-            pairs = [p for p in pairs if beyond(p[0])]
-        page, more = pairs[:limit], len(pairs) > limit
-        last = page[-1][0] if page else None
-        cursor = orjson.dumps([last.get(field), last.get(cls._pk)]).decode() if last is not None and more else None
-        return Page(cls._build(page), more, cursor)
+    @classmethod
+    def _page_by_index(cls, store: ModelStore, index: Any, field: str, descending: bool, mark: tuple[Any, Any] | None,
+                       limit: int, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> list[tuple[dict[str, Any], int]] | None:
+        """Up to ``limit + 1`` matches after ``mark``, walking ``index`` in order; None when the
+        filter selects so few records through another index that sorting them is cheaper."""
+        lookups = {k: v for k, v in lookups.items() if k != "consistency"}
+        compiled_where, flt = store.compiled(where, lookups)
+        pk_name = cls._pk
+        records = store.records
+        want = limit + 1
+        out: list[tuple[dict[str, Any], int]] = []
+
+        def keep(pairs: list[tuple[dict[str, Any], int]]) -> None:
+            out.extend(pairs if not compiled_where else [pairs[i] for i in flt.filter([p[0] for p in pairs])])
+
+        assert store.replica is not None
+        with store.replica.lock:
+            if compiled_where:
+                pks = query.candidate_pks(compiled_where, store.indexes)
+                if pks is not None and len(pks) <= _PAGE_SORT_MAX:
+                    return None
+            # Records whose value the index cannot hold (null, missing, dicts, lists) sort after
+            # every indexed value: a tail, sorted here, read after (descending: before) the walk.
+            has_tail = len(records) > len(index)
+            in_tail = mark is not None and core.index_key(mark[0]) is None
+            segments = ["index", "tail"] if not descending else ["tail", "index"]
+            if mark is not None:  # start in the segment that holds the cursor
+                segments = segments[segments.index("tail" if in_tail else "index"):]
+            for segment in segments:
+                if len(out) >= want:
+                    break
+                if segment == "tail":
+                    if has_tail:
+                        tail = query.sort_records(
+                            [p for p in records.values() if core.index_key(p[0].get(field)) is None],
+                            [(field, descending)], pk_name,
+                        )
+                        keep(_after(tail, mark if in_tail else None, field, pk_name, descending))
+                    continue
+                cursor = None if mark is None or in_tail else mark
+                chunk = want
+                while len(out) < want:
+                    try:
+                        pks = index.ordered(reverse=descending, after=cursor, limit=chunk)
+                    except (ValueError, TypeError):  # a cursor no page of this order gives
+                        raise InvalidArgumentError(f"invalid pagination cursor {list(mark or ())!r} for order {field!r}") from None
+                    keep([records[pk] for pk in pks if pk in records])
+                    if len(pks) < chunk:
+                        break
+                    last = pks[-1]
+                    cursor = (records[last][0].get(field), last)
+                    chunk = min(chunk * 2, 4096)
+        return out[:want]
 
     # -- watching --------------------------------------------------------------------------------
 
@@ -742,6 +810,17 @@ class Model(metaclass=ModelMeta):
     def max(cls, field: str, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> float | None:
         values = cls._numbers(field, where, lookups)
         return max(values) if values else None
+
+
+def _after(pairs: list[tuple[dict[str, Any], int]], mark: tuple[Any, Any] | None, field: str, pk: str,
+           descending: bool) -> list[tuple[dict[str, Any], int]]:
+    """The pairs (sorted by ``field``, ties by primary key) strictly after the cursor ``mark``."""
+    if mark is None:
+        return pairs
+    at = (query.order_key(mark[0]), query.order_key(mark[1]))
+    if descending:
+        return [p for p in pairs if query.position(p[0], field, pk) < at]
+    return [p for p in pairs if query.position(p[0], field, pk) > at]
 
 
 def _server_read(consistency: str) -> bool:

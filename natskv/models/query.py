@@ -209,8 +209,21 @@ def parse_order_by(order_by: str | list[str] | tuple[str, ...] | None, fields: M
 
 
 def sort_records(pairs: list[tuple[dict[str, Any], int]], order: list[tuple[str, bool]], pk: str) -> list[tuple[dict[str, Any], int]]:
-    """Stable multi-key sort of (stored record, revision) pairs; ties broken by primary key."""
-    pairs = sorted(pairs, key=lambda p: p[0][pk])
+    """Stable multi-key sort of (stored record, revision) pairs.
+
+    Ties are broken by primary key, in the direction of the last order field: ``"-age"`` is
+    exactly the reverse of ``"age"``, the order an index walks in (see ``Model.paginate``).
+    """
+    reverse = bool(order) and order[-1][1]
+    try:  # one primary key type per model: compared directly, the fast way
+        pairs = sorted(pairs, key=lambda p: p[0][pk], reverse=reverse)
+    except (KeyError, TypeError):  # records written by other clients: the total order instead
+        pairs = sorted(pairs, key=lambda p: order_key(p[0].get(pk)), reverse=reverse)
     for name, descending in reversed(order):
         pairs.sort(key=lambda p: order_key(p[0].get(name)), reverse=descending)
     return pairs
+
+
+def position(record: dict[str, Any], field: str, pk: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Where a record sorts when ordered by ``field`` (ties by primary key): comparable tuples."""
+    return order_key(record.get(field)), order_key(record.get(pk))
