@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from natskv.codec import BytesCodec, Codec, JSONCodec, StrCodec
     from natskv.kv import Bucket, BucketStatus, Entry
     from natskv.models.fields import Field
-    from natskv.models.model import Model
+    from natskv.models.model import Model, Page
+    from natskv.models.transaction import Transaction
     from natskv.replica import LocalReplica
     from natskv.watch import Change, Watcher
 
@@ -62,6 +63,8 @@ _LAZY = {
     "Change": "natskv.watch",
     "LocalReplica": "natskv.replica",
     "Model": "natskv.models.model",
+    "Page": "natskv.models.model",
+    "Transaction": "natskv.models.transaction",
     "Field": "natskv.models.fields",
     "Watcher": "natskv.watch",
 }
@@ -112,12 +115,14 @@ __all__ = [
     "NatsKVError",
     "NatsKVTimeoutError",
     "NotConnectedError",
+    "Page",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "RevisionMismatchError",
     "SerializationError",
     "ServerError",
     "StrCodec",
+    "Transaction",
     "UniqueConstraintError",
     "ValidationError",
     "Watcher",

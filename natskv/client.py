@@ -28,6 +28,7 @@ from natskv.models.live import EventBus
 if TYPE_CHECKING:
     from natskv.models.live import ModelEvent
     from natskv.models.model import Model
+    from natskv.models.transaction import Transaction
     from natskv.server import EmbeddedServer
     from natskv.watch import Watcher
 
@@ -178,6 +179,16 @@ class Client:
         self._models[model.__name__] = model
         self._events.attach(model)
         return model
+
+    def transaction(self, *, timeout: float | None = None) -> Transaction:
+        """``with db.transaction() as tx:`` -- record changes (``tx.create``, ``tx.save``,
+        ``tx.delete``) committed as one atomic batch when the block ends, each changed record
+        checked against the version it was read at. Optimistic: on a conflict the commit raises
+        RevisionMismatchError (or UniqueConstraintError) and stores nothing; run the block again.
+        The records must share one bucket (a JetStream batch covers one stream)."""
+        from natskv.models.transaction import Transaction
+
+        return Transaction(self, timeout)
 
     def on(self, pattern: str, callback: Callable[[ModelEvent], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for model events whose name matches ``pattern``.

@@ -342,6 +342,15 @@ class Model(metaclass=ModelMeta):
 
     def _insert(self, timeout: float | None) -> None:
         cls = type(self)
+        clean, stored, ops = self._new_ops(timeout)
+        revision = cls._write(ops, timeout)
+        self._stored_as(clean, stored)
+        self._version = revision
+
+    def _new_ops(self, timeout: float | None) -> tuple[dict[str, Any], dict[str, Any], list[tuple[Any, ...]]]:
+        """Validate this new record, draw its autoincrement values; return its clean values, stored
+        form and the writes that create it."""
+        cls = type(self)
         cls._s()  # registered? (fails before validating)
         clean, issues = cls._validate(self._values(), partial=False)
         if issues:
@@ -349,11 +358,8 @@ class Model(metaclass=ModelMeta):
         for name, field in cls._fields.items():
             if clean.get(name) is None and field.generated == "autoincrement":
                 clean[name] = cls._next_value(name, timeout)
-        now = dt.datetime.now(dt.timezone.utc)
-        stored, ops = cls._insert_ops(clean, now)
-        revision = cls._write(ops, timeout)
-        self._stored_as(clean, stored)
-        self._version = revision
+        stored, ops = cls._insert_ops(clean, dt.datetime.now(dt.timezone.utc))
+        return clean, stored, ops
 
     @classmethod
     def _insert_ops(cls, clean: dict[str, Any], now: dt.datetime) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
@@ -417,6 +423,16 @@ class Model(metaclass=ModelMeta):
             self._insert(timeout)
             return self  # type: ignore[return-value]
         cls = type(self)
+        stored, ops = self._update_ops()
+        self._version = cls._write(ops, timeout)
+        self._stored = stored
+        return self  # type: ignore[return-value]
+
+    def _update_ops(self) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
+        """This stored record's new stored form and the writes that store it (validated; CAS on
+        ``_version``; unique markers moved)."""
+        cls = type(self)
+        assert self._stored is not None
         clean, issues = cls._validate(self._values(), partial=False)
         if issues:
             raise ValidationError(issues)
@@ -424,14 +440,15 @@ class Model(metaclass=ModelMeta):
         if stored.get(cls._pk) != self._stored.get(cls._pk):
             raise InvalidArgumentError("the primary key of a stored record cannot change; create a new record")
         stored["_created_at"] = self._stored.get("_created_at")
-        now = dt.datetime.now(dt.timezone.utc)
-        stored["_updated_at"] = now.isoformat()
-        self._version = cls._replace_stored(self._stored, stored, self._version, timeout)
-        self._stored = stored
-        return self  # type: ignore[return-value]
+        stored["_updated_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        return stored, cls._replace_ops(self._stored, stored, self._version)
 
     @classmethod
     def _replace_stored(cls, old: dict[str, Any], new: dict[str, Any], revision: int, timeout: float | None) -> int:
+        return cls._write(cls._replace_ops(old, new, revision), timeout)
+
+    @classmethod
+    def _replace_ops(cls, old: dict[str, Any], new: dict[str, Any], revision: int) -> list[tuple[Any, ...]]:
         key = record_key(cls._fields[cls._pk].from_json(new[cls._pk]))
         ops: list[tuple[Any, ...]] = []
         for name, field in cls._fields.items():
@@ -441,7 +458,7 @@ class Model(metaclass=ModelMeta):
                 if new.get(name) is not None:
                     ops.append(("create", unique_key(name, new[name]), key))
         ops.append(("update", key, new, revision))
-        return cls._write(ops, timeout)
+        return ops
 
     def delete(self, *, timeout: float | None = None) -> None:
         """Delete this record (compare-and-set on ``_version``) and free its unique values."""
@@ -452,7 +469,8 @@ class Model(metaclass=ModelMeta):
         self._stored = None
 
     @classmethod
-    def _delete_stored(cls, stored: dict[str, Any], revision: int, timeout: float | None) -> None:
+    def _delete_ops(cls, stored: dict[str, Any], revision: int) -> list[tuple[Any, ...]]:
+        """The writes that delete a stored record (CAS on ``revision``) and free its unique values."""
         key = record_key(cls._fields[cls._pk].from_json(stored[cls._pk]))
         ops: list[tuple[Any, ...]] = [
             ("delete", unique_key(name, stored[name]))
@@ -460,8 +478,14 @@ class Model(metaclass=ModelMeta):
             if field.unique and stored.get(name) is not None
         ]
         ops.append(("delete", key, revision))
+        return ops
+
+    @classmethod
+    def _delete_stored(cls, stored: dict[str, Any], revision: int, timeout: float | None) -> None:
+        ops = cls._delete_ops(stored, revision)
         store = cls._s()
         if len(ops) == 1:
+            _, key, revision = ops[0]
             rev = store.bucket.delete(key, revision=revision, timeout=timeout)
         else:
             rev = store.bucket.commit(ops, timeout=timeout)
