@@ -92,6 +92,9 @@ def test_queries_with_lookups_where_and_indexes(User: Any) -> None:
     assert User.find_one(email="dee@example.com").nick == "Dee" and User.find_one(email="zed@example.com") is None
     assert names(User.find(role="user", age=30)) == ["Dee"] and names(User.find(role="admin", age=45)) == []
     assert User.find_one(email="dee@example.com", role="admin") is None
+    assert User.find_one(email="dee@example.com", role="user", age=30).nick == "Dee"
+    assert User.find_one(role="admin", age=22).nick == "Eve" and User.find_one(role="admin", age=15) is None
+    assert User.find_one(role="user").nick == "Bob" and User.find_one(age=99) is None
     assert names(User.find(role="user", age=30, city="Rome")) == ["Dee"]  # a non-indexed field too
     assert names(User.find(city="Oslo")) == ["Ann", "Cid"]  # equality on a field with no index
     assert names(User.find(role="user", age__gte=30)) == ["Cid", "Dee"]  # ANDed

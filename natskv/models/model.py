@@ -99,6 +99,9 @@ class ModelStore:
         # old_revision) on the loop thread under the replica's lock; they only match and queue.
         self.listeners: list[Callable[[Any, Any, int, int], None]] = []
         self._plans: dict[str, tuple[dict[str, Any], Any]] = {}
+        # Model._indexed_equalities: lookup names -> ((field, type), ...), () when not all are
+        # equalities on indexed str/int fields.
+        self.equality_shapes: dict[tuple[str, ...], tuple[tuple[str, type], ...]] = {}
 
     def compiled(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
         """The compiled plan input and filter of a query, cached by its text (queries repeat)."""
@@ -605,31 +608,54 @@ class Model(metaclass=ModelMeta):
     @classmethod
     def _indexed_equalities(cls, store: ModelStore, lookups: Mapping[str, Any]) -> dict[str, Any] | None:
         """``{field: value}`` when every lookup is an equality on an indexed str/int field."""
+        shape = tuple(lookups)
+        fields = store.equality_shapes.get(shape)
+        if fields is None:  # first query of this shape: which fields, of which types (or none)
+            fields = []
+            for key in shape:
+                field = cls._fields.get(key.removesuffix("__exact"))
+                if field is None or field.type not in (str, int) or field.name not in store.indexes:
+                    fields = ()
+                    break
+                fields.append((field.name, field.type))
+            fields = tuple(fields)
+            if len(store.equality_shapes) >= 512:
+                store.equality_shapes.clear()
+            store.equality_shapes[shape] = fields
+        if not fields:
+            return None
         out = {}
-        for key, value in lookups.items():
-            field = cls._fields.get(key.removesuffix("__exact"))
-            if (
-                field is None or field.type not in (str, int) or type(value) is not field.type
-                or not (field.name in store.unique or field.name in store.sorted)
-            ):
+        for (name, kind), value in zip(fields, lookups.values()):
+            if type(value) is not kind:
                 return None
-            out[field.name] = value
-        return out  # type: ignore[return-value]
+            out[name] = value
+        return out
 
     @classmethod
     def _select_equal(cls, store: ModelStore, equal: dict[str, Any], first: int | None) -> list[tuple[dict[str, Any], int]]:
         """Records whose indexed fields equal the given str/int values (all of them)."""
         assert store.replica is not None
+        unique, sorted_ = store.unique, store.sorted
         with store.replica.lock:
             records = store.records
-            unique = next((n for n in equal if n in store.unique), None)
-            if unique is not None:  # one index probe
-                pk = store.unique[unique].get(equal[unique])
-                hit = records.get(pk) if pk is not None else None
-                candidates = [pk] if hit is not None else []
+            for name in equal:
+                if name in unique:  # one index probe, then the other fields compared
+                    pk = unique[name].get(equal[name])
+                    hit = records.get(pk) if pk is not None else None
+                    if hit is None:
+                        return []
+                    stored = hit[0]
+                    for other, value in equal.items():
+                        if stored.get(other) != value:
+                            return []
+                    return [hit]
+            if len(equal) == 1:  # primary keys in order; only as many as wanted
+                ((name, value),) = equal.items()
+                index = sorted_[name]
+                candidates = index.eq(value) if first is None else index.range(value, value, limit=first)
             else:  # the rarest value; eq() lists primary keys in order
-                name = min(equal, key=lambda n: store.sorted[n].count_eq(equal[n]))
-                candidates = store.sorted[name].eq(equal[name])
+                name = min(equal, key=lambda n: sorted_[n].count_eq(equal[n]))
+                candidates = sorted_[name].eq(equal[name])
             out = []
             for pk in candidates:
                 hit = records.get(pk)
@@ -663,6 +689,11 @@ class Model(metaclass=ModelMeta):
     @classmethod
     def find_one(cls: type[M], *, where: Mapping[str, Any] | None = None, **lookups: Any) -> M | None:
         """The first matching record (by primary key), or None."""
+        if where is None and lookups:  # the commonest query: equalities on indexed fields
+            store = cls._s()
+            equal = cls._indexed_equalities(store, lookups)
+            if equal is not None:
+                return next(iter(cls._build(cls._select_equal(store, equal, 1))), None)
         found = cls.find(where=where, limit=1, **lookups)
         return found[0] if found else None
 
