@@ -40,6 +40,7 @@ from libc.string cimport memchr, memcmp, memcpy
 
 __all__ = [
     "Filter",
+    "IndexSet",
     "Pattern",
     "RecordBuilder",
     "SortedIndex",
@@ -2396,6 +2397,86 @@ cdef class UniqueIndex(_OrderedIndex):
         """Drop every entry."""
         self._map.clear()
         self._values = _new_chunks(False, True)
+
+
+@cython.final
+cdef class IndexSet:
+    """The records of one model by primary key and the indexes over their fields, kept in step
+    one change at a time. Same API and behaviour as natskv._core_py.IndexSet. Not thread-safe:
+    the owner serializes access.
+    """
+
+    cdef object _pk
+    cdef dict _unique
+    cdef dict _sorted
+    cdef dict _records
+
+    def __init__(self, pk_field, unique, sorted, records):
+        if not isinstance(unique, dict) or not isinstance(sorted, dict) or not isinstance(records, dict):
+            raise TypeError("unique, sorted and records must be dicts")
+        for name, index in unique.items():
+            if not isinstance(index, UniqueIndex):
+                raise TypeError(f"unique[{name!r}] must be a UniqueIndex, not {type(index).__name__}")
+        for name, index in sorted.items():
+            if not isinstance(index, SortedIndex):
+                raise TypeError(f"sorted[{name!r}] must be a SortedIndex, not {type(index).__name__}")
+        self._pk = pk_field
+        self._unique = unique
+        self._sorted = sorted
+        self._records = records
+
+    def apply(self, old, new, revision):
+        """Replace the record old by new (either may be None) as of revision; return the
+        revision old was held at, 0 if it was not held. See natskv._core_py.IndexSet.apply."""
+        cdef object old_revision = 0, held, value, holder, old_pk, new_pk
+        cdef dict record
+        cdef UniqueIndex unique
+        cdef SortedIndex ordered
+        if type(old) is dict:
+            record = <dict>old
+            old_pk = record.get(self._pk)
+            held = self._records.pop(old_pk, None) if _valid_pk(old_pk) else None
+            if held is not None:
+                old_revision = held[1]
+                for name, index in self._unique.items():
+                    unique = <UniqueIndex>index
+                    value = record.get(name)
+                    if value is not None and unique.get(value) == old_pk:
+                        unique.remove(value)
+                for name, index in self._sorted.items():
+                    ordered = <SortedIndex>index
+                    value = record.get(name)
+                    if value is not None:
+                        ordered._remove(value, old_pk)
+        if type(new) is dict:
+            record = <dict>new
+            new_pk = record.get(self._pk)
+            if _valid_pk(new_pk):
+                self._records[new_pk] = (new, revision)
+                for name, index in self._unique.items():
+                    unique = <UniqueIndex>index
+                    value = record.get(name)
+                    if value is None:
+                        continue
+                    holder = unique.get(value)
+                    if holder != new_pk:
+                        if holder is not None:
+                            unique.remove(value)
+                        unique.add(value, new_pk)
+                for name, index in self._sorted.items():
+                    ordered = <SortedIndex>index
+                    value = record.get(name)
+                    if value is not None:
+                        ordered._add(value, new_pk)
+        return old_revision
+
+
+cdef bint _valid_pk(object pk):
+    try:
+        _check_pk(pk)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

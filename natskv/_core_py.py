@@ -32,6 +32,7 @@ from sortedcontainers import SortedKeyList, SortedList
 
 __all__ = [
     "Filter",
+    "IndexSet",
     "Pattern",
     "RecordBuilder",
     "SortedIndex",
@@ -1590,6 +1591,84 @@ class UniqueIndex(_OrderedIndex):
         """Drop every entry."""
         self._map.clear()
         self._values.clear()
+
+
+class IndexSet:
+    """The records of one model by primary key and the indexes over their fields, kept in step
+    one change at a time (the hot path of a model replica).
+
+    ``records`` maps pk -> ``(record, revision)``; ``unique`` and ``sorted`` map field names to
+    the UniqueIndex / SortedIndex of that field (a UniqueIndex with ``pk_order`` for the primary
+    key). All three are the caller's objects, updated in place. A record is a dict whose pk is
+    ``record[pk_field]``; a record without a valid pk (missing, None, NaN, unhashable) is not
+    held. Values an index cannot hold are left out of it. Not thread-safe: the owner serializes
+    access.
+    """
+
+    __slots__ = ("_pk", "_unique", "_sorted", "_records")
+
+    def __init__(self, pk_field: str, unique: dict[str, UniqueIndex], sorted: dict[str, SortedIndex],
+                 records: dict[Any, tuple[dict[str, Any], int]]) -> None:
+        if not isinstance(unique, dict) or not isinstance(sorted, dict) or not isinstance(records, dict):
+            raise TypeError("unique, sorted and records must be dicts")
+        for name, index in unique.items():
+            if not isinstance(index, UniqueIndex):
+                raise TypeError(f"unique[{name!r}] must be a UniqueIndex, not {type(index).__name__}")
+        for name, index in sorted.items():
+            if not isinstance(index, SortedIndex):
+                raise TypeError(f"sorted[{name!r}] must be a SortedIndex, not {type(index).__name__}")
+        self._pk = pk_field
+        self._unique = unique
+        self._sorted = sorted
+        self._records = records
+
+    def apply(self, old: Any, new: Any, revision: int) -> int:
+        """Replace the record ``old`` by ``new`` (either may be None: an insert, a delete) as of
+        ``revision``. Returns the revision ``old`` was held at, 0 if it was not held.
+
+        Of two records claiming one unique value, the newer change holds it: the server
+        guarantees uniqueness, so the older holder's change is on its way.
+        """
+        old_revision = 0
+        if type(old) is dict:
+            old_pk = old.get(self._pk)
+            held = self._records.pop(old_pk, None) if _valid_pk(old_pk) else None
+            if held is not None:
+                old_revision = held[1]
+                for name, index in self._unique.items():
+                    value = old.get(name)
+                    if value is not None and index.get(value) == old_pk:
+                        index.remove(value)
+                for name, index in self._sorted.items():
+                    value = old.get(name)
+                    if value is not None:
+                        index.remove(value, old_pk)
+        if type(new) is dict:
+            new_pk = new.get(self._pk)
+            if _valid_pk(new_pk):
+                self._records[new_pk] = (new, revision)
+                for name, index in self._unique.items():
+                    value = new.get(name)
+                    if value is None:
+                        continue
+                    holder = index.get(value)
+                    if holder != new_pk:
+                        if holder is not None:
+                            index.remove(value)
+                        index.add(value, new_pk)
+                for name, index in self._sorted.items():
+                    value = new.get(name)
+                    if value is not None:
+                        index.add(value, new_pk)
+        return old_revision
+
+
+def _valid_pk(pk: Any) -> bool:
+    try:
+        _pk_key(pk)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ and watchers of the same keys cost one server consumer.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -19,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from natskv._runner import check_timeout, runner
 from natskv._speedups import core
-from natskv.aio.kv import RawEntry
 from natskv.aio.watch import INITIAL_DONE, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
 from natskv.errors import InvalidKeyError, NatsKVTimeoutError
 
 if TYPE_CHECKING:
     from natskv.kv import Bucket
+
+log = logging.getLogger("natskv")
 
 ApplyHook = Callable[[str, Any, Any, int], None]
 """``hook(key, old_value, new_value, revision)`` after each change (None for absent); loop thread,
@@ -124,7 +126,10 @@ class LocalReplica:
                 else:
                     continue
                 if on_apply is not None and (old is not None or new is not None):
-                    on_apply(key, old, new, revision)
+                    try:
+                        on_apply(key, old, new, revision)
+                    except Exception:  # noqa: BLE001 - one bad hook call must not lose the batch
+                        log.exception("natskv: error applying %r to a replica hook", key)
             self._changed.notify_all()
         if loaded:
             self._ready.set()

@@ -967,3 +967,86 @@ def test_record_builder_cores_agree(c_core: ModuleType, py_core: ModuleType, pai
     built_c = c_core.RecordBuilder(*args).build(pairs)
     built_py = py_core.RecordBuilder(*args).build(pairs)
     assert [vars(o) for o in built_c] == [vars(o) for o in built_py]
+
+
+# ---------------------------------------------------------------------------------------------
+# IndexSet
+# ---------------------------------------------------------------------------------------------
+
+
+def make_index_set(core: ModuleType) -> tuple[Any, dict[str, Any], dict[str, Any], dict[Any, Any]]:
+    unique = {"id": core.UniqueIndex(pk_order=True), "email": core.UniqueIndex()}
+    ordered = {"age": core.SortedIndex()}
+    records: dict[Any, Any] = {}
+    return core.IndexSet("id", unique, ordered, records), unique, ordered, records
+
+
+def test_index_set_insert_update_delete(core: ModuleType) -> None:
+    index_set, unique, ordered, records = make_index_set(core)
+    ann = {"id": 1, "email": "ann@x", "age": 30}
+    bob = {"id": 2, "email": "bob@x", "age": 30}
+    assert index_set.apply(None, ann, 5) == 0
+    assert index_set.apply(None, bob, 6) == 0
+    assert records == {1: (ann, 5), 2: (bob, 6)}
+    assert ordered["age"].eq(30) == [1, 2] and unique["email"].get("bob@x") == 2
+    ann2 = {"id": 1, "email": "ann@y", "age": 31}
+    assert index_set.apply(ann, ann2, 7) == 5  # an update returns the old revision
+    assert unique["email"].get("ann@x") is None and unique["email"].get("ann@y") == 1
+    assert ordered["age"].eq(30) == [2] and ordered["age"].eq(31) == [1]
+    assert index_set.apply(bob, None, 8) == 6  # a delete
+    assert records == {1: (ann2, 7)} and len(unique["id"]) == 1 and ordered["age"].eq(30) == []
+    assert index_set.apply(bob, None, 9) == 0  # deleting what is not held changes nothing
+
+
+def test_index_set_skips_what_it_cannot_hold(core: ModuleType) -> None:
+    index_set, unique, ordered, records = make_index_set(core)
+    index_set.apply(None, {"id": None, "email": "a@x"}, 1)  # no valid primary key
+    index_set.apply(None, {"id": [1], "email": "b@x"}, 2)  # unhashable
+    index_set.apply(None, {"email": "c@x"}, 3)  # missing
+    index_set.apply(None, "not a record", 4)
+    assert records == {} and len(unique["email"]) == 0
+    index_set.apply(None, {"id": 1, "email": {"not": "indexable"}, "age": [1]}, 5)
+    assert list(records) == [1] and len(unique["email"]) == 0 and len(ordered["age"]) == 0
+
+
+def test_index_set_newest_claim_of_a_unique_value_wins(core: ModuleType) -> None:
+    index_set, unique, _, _ = make_index_set(core)
+    old = {"id": 1, "email": "x@x"}
+    index_set.apply(None, old, 1)
+    index_set.apply(None, {"id": 2, "email": "x@x"}, 2)  # the change freeing it from 1 is late
+    assert unique["email"].get("x@x") == 2
+    index_set.apply(old, {"id": 1, "email": "y@x"}, 3)  # ...and does not take it back from 2
+    assert unique["email"].get("x@x") == 2 and unique["email"].get("y@x") == 1
+
+
+def test_index_set_refuses_wrong_containers(core: ModuleType) -> None:
+    with pytest.raises(TypeError, match="must be dicts"):
+        core.IndexSet("id", [], {}, {})
+    with pytest.raises(TypeError, match="must be a UniqueIndex"):
+        core.IndexSet("id", {"id": core.SortedIndex()}, {}, {})
+    with pytest.raises(TypeError, match="must be a SortedIndex"):
+        core.IndexSet("id", {}, {"age": core.UniqueIndex()}, {})
+
+
+@given(st.lists(st.tuples(
+    st.integers(min_value=0, max_value=6),  # which record
+    st.one_of(st.none(), st.fixed_dictionaries({
+        "email": st.one_of(st.none(), st.sampled_from(["a", "b", "c", 1, 2.5])),
+        "age": st.one_of(st.none(), st.integers(-2, 2), st.floats(allow_nan=False, width=16), st.text(max_size=1), st.lists(st.integers(), max_size=1)),
+    })),
+), max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_index_set_cores_agree(c_core: ModuleType, py_core: ModuleType, changes: list[tuple[int, Any]]) -> None:
+    sets = [make_index_set(c_core), make_index_set(py_core)]
+    current: dict[int, Any] = {}
+    for revision, (pk, fields) in enumerate(changes, 1):
+        new = None if fields is None else {"id": pk, **fields}
+        answers = [s[0].apply(current.get(pk), new, revision) for s in sets]
+        assert answers[0] == answers[1]
+        current[pk] = new
+    (_, u1, o1, r1), (_, u2, o2, r2) = sets
+    assert r1 == r2
+    for name in u1:
+        assert u1[name].ordered() == u2[name].ordered()
+    assert o1["age"].ordered() == o2["age"].ordered()
+    assert [o1["age"].count_eq(v) for v in range(-2, 3)] == [o2["age"].count_eq(v) for v in range(-2, 3)]

@@ -94,6 +94,7 @@ class ModelStore:
         # By primary key (stored form): (stored record, revision), replaced whole on each change
         # so a reader always gets a record and its own revision together.
         self.records: dict[Any, tuple[dict[str, Any], int]] = {}
+        self.index_set = core.IndexSet(self.pk, self.unique, self.sorted, self.records)  # keeps both in step
         self.replica: LocalReplica | None = None
         # Model watches, live queries and db.on(): called as listener(old, new, revision,
         # old_revision) on the loop thread under the replica's lock; they only match and queue.
@@ -119,43 +120,10 @@ class ModelStore:
 
     def apply(self, key: str, old: Any, new: Any, revision: int) -> None:
         """Keep records and indexes in step with one change of a record key."""
-        old_revision = 0
-        if type(old) is dict:
-            old_pk = old.get(self.pk)
-            old_revision = self.records.get(old_pk, (None, 0))[1]
-            for name, index in self.unique.items():
-                value = old.get(name)
-                if value is not None and index.get(value) == old_pk:
-                    index.remove(value)
-            for name, index in self.sorted.items():
-                value = old.get(name)
-                if value is not None:
-                    index.remove(value, old_pk)
-            self.records.pop(old_pk, None)
-        else:
-            old = None
-        if type(new) is dict:
-            new_pk = new.get(self.pk)
-            self.records[new_pk] = (new, revision)
-            # Values an index cannot hold (NaN, dicts, lists) are skipped by get() and add().
-            for name, index in self.unique.items():
-                value = new.get(name)
-                if value is None:
-                    continue
-                holder = index.get(value)
-                if holder != new_pk:
-                    if holder is not None:
-                        # The server guarantees uniqueness; a stale holder is a record whose
-                        # change freeing the value is still on its way. The newest write wins.
-                        index.remove(value)
-                    index.add(value, new_pk)
-            for name, index in self.sorted.items():
-                value = new.get(name)
-                if value is not None:
-                    index.add(value, new_pk)
-        else:
-            new = None
+        old_revision = self.index_set.apply(old, new, revision)
         if self.listeners:
+            old = old if type(old) is dict else None
+            new = new if type(new) is dict else None
             for listener in list(self.listeners):
                 try:
                     listener(old, new, revision, old_revision)
