@@ -80,6 +80,7 @@ class Models:
                     batch[f'u:email:"{row["email"]}"'] = f"r:i:{i}"
                 kv.set_many(batch, timeout=60.0)
             self.model = client.register(make_model("bench_models_json"), timeout=120.0)
+            self.client = client
             self.i = 0
         except BaseException:
             self.bench.close()
@@ -106,3 +107,15 @@ class Models:
 
     def time_count_full_scan(self, impl: str) -> None:
         self.model.count(where={"score": {"$gt": 990.0}})
+
+    def time_paginate_indexed_20(self, impl: str) -> None:
+        # A page of 20 in age order from a cursor in the middle: walks the age index from there.
+        self.model.paginate(limit=20, after=f"[{RANGE_LO}, {self._next()}]", order_by="age")
+
+    def time_transaction_two_records(self, impl: str) -> None:
+        # Read two records, change both, commit them as one atomic batch (a server round trip).
+        with self.client.transaction() as tx:
+            a, b = tx.get(self.model, 1), tx.get(self.model, 2)
+            a.score, b.score = b.score, a.score
+            tx.save(a)
+            tx.save(b)
