@@ -15,6 +15,7 @@ import re
 import uuid
 
 cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Copy, PyDict_Next, PyDict_SetItem
 from cpython.long cimport PyLong_AsLongLongAndOverflow
@@ -54,6 +55,7 @@ __all__ = [
     "encode_keys",
     "index_key",
     "parse_ack_subject",
+    "parse_frames",
     "parse_headers",
     "pub_command",
 ]
@@ -983,6 +985,118 @@ def parse_ack_subject(reply):
         _ack_number(reply, tokens[base + 5]),
         _ack_number(reply, tokens[base + 6]),
     )
+
+
+cdef inline bint _is_space(unsigned char c) noexcept nogil:
+    return c == 32 or c == 9 or c == 11 or c == 12 or c == 13 or c == 10
+
+
+cdef long long _frame_number(const unsigned char* p, Py_ssize_t start, Py_ssize_t stop,
+                             Py_ssize_t line_start, Py_ssize_t line_end) except -1:
+    cdef long long value = 0
+    cdef Py_ssize_t i
+    cdef bint valid = 0 < stop - start <= 18
+    if valid:
+        for i in range(start, stop):
+            if p[i] < 48 or p[i] > 57:
+                valid = False
+                break
+            value = value * 10 + (p[i] - 48)
+    if not valid:
+        line = PyBytes_FromStringAndSize(<const char*>p + line_start, min(line_end - line_start, 80))
+        token = PyBytes_FromStringAndSize(<const char*>p + start, min(stop - start, 20))
+        raise ValueError(f"malformed message line {line!r} (bad number {token!r})")
+    return value
+
+
+cdef Py_ssize_t _find_crlf(const unsigned char* p, Py_ssize_t pos, Py_ssize_t size) noexcept nogil:
+    cdef const unsigned char* hit
+    while pos < size - 1:
+        hit = <const unsigned char*>memchr(p + pos, 13, size - 1 - pos)
+        if hit == NULL:
+            return -1
+        pos = hit - p
+        if p[pos + 1] == 10:
+            return pos
+        pos += 1
+    return -1
+
+
+def parse_frames(buf):
+    """Split the complete MSG / HMSG frames at the front of a NATS protocol buffer.
+
+    See natskv._core_py.parse_frames: the same results and errors.
+    """
+    cdef const unsigned char* p
+    cdef Py_ssize_t size
+    if type(buf) is bytearray:
+        p = <const unsigned char*>PyByteArray_AS_STRING(buf)
+        size = PyByteArray_GET_SIZE(buf)
+    elif type(buf) is bytes:
+        p = <const unsigned char*>PyBytes_AS_STRING(buf)
+        size = PyBytes_GET_SIZE(buf)
+    elif isinstance(buf, (bytes, bytearray)):
+        return parse_frames(bytes(buf))
+    else:
+        raise TypeError(f"buf must be bytes or bytearray, not {type(buf).__name__}")
+    cdef list frames = []
+    cdef Py_ssize_t pos = 0, end, i, count, start, op_len
+    cdef Py_ssize_t tok_start[6]
+    cdef Py_ssize_t tok_stop[6]
+    cdef bint headed
+    cdef long long sid, total, header_size
+    while pos < size:
+        if size - pos >= 4 and p[pos] == 77 and p[pos + 1] == 83 and p[pos + 2] == 71 and (p[pos + 3] == 32 or p[pos + 3] == 9):
+            headed, op_len = False, 3  # "MSG"
+        elif (size - pos >= 5 and p[pos] == 72 and p[pos + 1] == 77 and p[pos + 2] == 83 and p[pos + 3] == 71
+              and (p[pos + 4] == 32 or p[pos + 4] == 9)):
+            headed, op_len = True, 4  # "HMSG"
+        else:  # another operation, or the start of one not yet received
+            return frames, pos, _find_crlf(p, pos, size) >= 0
+        end = _find_crlf(p, pos, size)
+        if end < 0:
+            return frames, pos, False
+        # Tokens after the operation, split on whitespace (at most 5 are valid).
+        count = 0
+        i = pos + op_len
+        while i < end:
+            while i < end and _is_space(p[i]):
+                i += 1
+            if i >= end:
+                break
+            if count == 6:
+                count += 1
+                break
+            tok_start[count] = i
+            while i < end and not _is_space(p[i]):
+                i += 1
+            tok_stop[count] = i
+            count += 1
+        if count != (4 if not headed else 5) and count != (3 if not headed else 4):
+            line = PyBytes_FromStringAndSize(<const char*>p + pos, min(end - pos, 80))
+            raise ValueError(f"malformed message line {line!r}")
+        sid = _frame_number(p, tok_start[1], tok_stop[1], pos, end)
+        total = _frame_number(p, tok_start[count - 1], tok_stop[count - 1], pos, end)
+        header_size = _frame_number(p, tok_start[count - 2], tok_stop[count - 2], pos, end) if headed else 0
+        if header_size > total:
+            line = PyBytes_FromStringAndSize(<const char*>p + pos, min(end - pos, 80))
+            raise ValueError(f"malformed message line {line!r} (header larger than message)")
+        start = end + 2
+        if start + total + 2 > size:
+            return frames, pos, False
+        if p[start + total] != 13 or p[start + total + 1] != 10:
+            line = PyBytes_FromStringAndSize(<const char*>p + pos, min(end - pos, 80))
+            raise ValueError(f"message of {total} bytes not followed by CRLF after {line!r}")
+        subject = PyUnicode_DecodeUTF8(<const char*>p + tok_start[0], tok_stop[0] - tok_start[0], NULL)
+        if count == (5 if headed else 4):
+            reply = PyUnicode_DecodeUTF8(<const char*>p + tok_start[2], tok_stop[2] - tok_start[2], NULL)
+        else:
+            reply = ""
+        headers = PyBytes_FromStringAndSize(<const char*>p + start, header_size) if header_size else None
+        payload = PyBytes_FromStringAndSize(<const char*>p + start + header_size, total - header_size)
+        frames.append((sid, subject, reply, headers, payload))
+        pos = start + total + 2
+    return frames, pos, False
 
 
 # ---------------------------------------------------------------------------------------------

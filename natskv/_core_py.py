@@ -46,6 +46,7 @@ __all__ = [
     "encode_keys",
     "index_key",
     "parse_ack_subject",
+    "parse_frames",
     "parse_headers",
     "pub_command",
 ]
@@ -578,6 +579,63 @@ def parse_ack_subject(reply: str) -> tuple[str, str, int, int, int, int, int]:
         numbers[3],
         numbers[4],
     )
+
+
+Frame = tuple[int, str, str, "bytes | None", bytes]
+"""A message delivered by the server: (sid, subject, reply or "", header block or None, payload)."""
+
+
+def _frame_number(line: bytes, token: bytes) -> int:
+    if not token.isdigit() or len(token) > 18:
+        raise ValueError(f"malformed message line {line[:80]!r} (bad number {token[:20]!r})")
+    return int(token)
+
+
+def parse_frames(buf: bytes | bytearray) -> tuple[list[Frame], int, bool]:
+    """Split the complete ``MSG`` / ``HMSG`` frames at the front of a NATS protocol buffer.
+
+    Returns ``(frames, used, control)``: the frames in order, the number of bytes they took from
+    the start of ``buf``, and whether ``buf`` continues there with a complete line that is not a
+    message (``PING``, ``PONG``, ``+OK``, ``-ERR``, ``INFO``: the caller reads one line and calls
+    again). ``control`` is False when the rest is empty or an incomplete frame (wait for more
+    bytes). Subjects are decoded as UTF-8; a ``HMSG`` with an empty header block gives None, as
+    a ``MSG`` does. Raises ValueError for a malformed message line or a payload not followed by
+    CRLF, TypeError unless ``buf`` is bytes or bytearray. ``buf`` is not modified.
+    """
+    if not isinstance(buf, (bytes, bytearray)):
+        raise TypeError(f"buf must be bytes or bytearray, not {type(buf).__name__}")
+    frames: list[Frame] = []
+    pos, size = 0, len(buf)
+    while pos < size:
+        if buf.startswith((b"MSG ", b"MSG\t"), pos):
+            headed = False
+        elif buf.startswith((b"HMSG ", b"HMSG\t"), pos):
+            headed = True
+        else:  # another operation, or the start of one not yet received
+            return frames, pos, buf.find(b"\r\n", pos) >= 0
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return frames, pos, False
+        line = bytes(buf[pos:end])
+        args = line.split(None)[1:]
+        if len(args) not in ((4, 5) if headed else (3, 4)):
+            raise ValueError(f"malformed message line {line[:80]!r}")
+        subject, sid = args[0], _frame_number(line, args[1])
+        reply = args[2] if len(args) == (5 if headed else 4) else b""
+        total = _frame_number(line, args[-1])
+        header_size = _frame_number(line, args[-2]) if headed else 0
+        if header_size > total:
+            raise ValueError(f"malformed message line {line[:80]!r} (header larger than message)")
+        start = end + 2
+        if start + total + 2 > size:
+            return frames, pos, False
+        if buf[start + total : start + total + 2] != b"\r\n":
+            raise ValueError(f"message of {total} bytes not followed by CRLF after {line[:80]!r}")
+        headers = bytes(buf[start : start + header_size]) if header_size else None
+        payload = bytes(buf[start + header_size : start + total])
+        frames.append((sid, subject.decode(), reply.decode(), headers, payload))
+        pos = start + total + 2
+    return frames, pos, False
 
 
 # ---------------------------------------------------------------------------------------------

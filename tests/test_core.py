@@ -668,6 +668,86 @@ def test_parse_ack_subject_parity(c_core: ModuleType, py_core: ModuleType, token
     assert outcome(c_core.parse_ack_subject, shaped) == outcome(py_core.parse_ack_subject, shaped)
 
 
+def frame_bytes(sid: int, subject: str, reply: str, headers: bytes | None, payload: bytes) -> bytes:
+    """A MSG or HMSG frame as nats-server sends it."""
+    target = f"{subject} {sid} {reply + ' ' if reply else ''}".encode()
+    if headers is None:
+        return b"MSG " + target + str(len(payload)).encode() + b"\r\n" + payload + b"\r\n"
+    sizes = f"{len(headers)} {len(headers) + len(payload)}".encode()
+    return b"HMSG " + target + sizes + b"\r\n" + headers + payload + b"\r\n"
+
+
+def test_parse_frames_splits_messages_and_stops_at_other_operations(core: ModuleType) -> None:
+    hdr = b"NATS/1.0\r\nKV-Operation: DEL\r\n\r\n"
+    wire = (frame_bytes(1, "$KV.b.k", "", None, b"hello") + frame_bytes(22, "a.\u00e9", "_INBOX.x.1", hdr, b"")
+            + frame_bytes(3, "s", "r", None, b"MSG 1 2 3\r\n") + b"PING\r\n" + frame_bytes(4, "t", "", None, b"x"))
+    frames, used, control = core.parse_frames(bytearray(wire))
+    assert frames == [(1, "$KV.b.k", "", None, b"hello"), (22, "a.\u00e9", "_INBOX.x.1", hdr, b""),
+                      (3, "s", "r", None, b"MSG 1 2 3\r\n")]  # a payload is never read as protocol
+    assert wire[used:].startswith(b"PING\r\n") and control
+    assert core.parse_frames(wire[used + 6:]) == ([(4, "t", "", None, b"x")], len(wire) - used - 6, False)
+    # Tabs and repeated spaces separate arguments too; an empty HMSG header block reads as None.
+    spaced = b"MSG\ta  7\t\t2\r\nab\r\nHMSG a 8 0 1\r\nz\r\n"
+    assert core.parse_frames(spaced) == ([(7, "a", "", None, b"ab"), (8, "a", "", None, b"z")], len(spaced), False)
+
+
+@pytest.mark.parametrize("rest", [b"", b"PI", b"MSG", b"MSG a 1 5", b"MSG a 1 5\r\nhel", b"MSG a 1 5\r\nhello\r",
+                                  b"HMSG a 1 r 2 5\r\n"])
+def test_parse_frames_waits_for_the_rest_of_a_frame(core: ModuleType, rest: bytes) -> None:
+    first = frame_bytes(9, "s", "", None, b"v")
+    assert core.parse_frames(first + rest) == ([(9, "s", "", None, b"v")], len(first), False)
+
+
+@pytest.mark.parametrize("line", [b"PING\r\n", b"PONG\r\n", b"+OK\r\n", b"-ERR 'x'\r\n", b"INFO {}\r\n", b"BOGUS\r\n"])
+def test_parse_frames_hands_other_lines_back(core: ModuleType, line: bytes) -> None:
+    assert core.parse_frames(bytearray(line)) == ([], 0, True)
+
+
+@pytest.mark.parametrize(("wire", "message"), [
+    (b"MSG a 1\r\n", "malformed message line b'MSG a 1'"),
+    (b"MSG a 1 r x 2\r\n", "malformed message line"),
+    (b"MSG a x 1\r\nx\r\n", "bad number b'x'"),
+    (b"MSG a 1 -1\r\n", "bad number b'-1'"),
+    (b"MSG a 1 1_0\r\n", "bad number b'1_0'"),
+    (b"MSG a 1 9999999999999999999\r\n", "bad number"),
+    (b"HMSG a 1 5 2\r\nxx\r\n", "header larger than message"),
+    (b"MSG a 1 1\r\nxyz", "not followed by CRLF"),
+    (b"MSG \xff 1 1\r\nx\r\n", "utf-8"),
+])
+def test_parse_frames_errors(core: ModuleType, wire: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        core.parse_frames(wire)
+
+
+def test_parse_frames_type_error(core: ModuleType) -> None:
+    with pytest.raises(TypeError, match="bytes or bytearray"):
+        core.parse_frames("MSG a 1 0\r\n\r\n")
+
+
+@given(
+    frames=st.lists(st.tuples(
+        st.integers(min_value=0, max_value=10**12),
+        st.text(st.characters(blacklist_categories=("Z", "C")), min_size=1, max_size=8),
+        st.sampled_from(["", "r", "_INBOX.a.b"]),
+        st.one_of(st.none(), st.binary(min_size=1, max_size=20)),
+        st.binary(max_size=30),
+    ), max_size=6),
+    cut=st.integers(min_value=0, max_value=400),
+    junk=st.binary(max_size=12),
+)
+@settings(max_examples=300, deadline=None)
+def test_parse_frames_parity_and_chunking(c_core: ModuleType, py_core: ModuleType, frames: list[Any], cut: int,
+                                          junk: bytes) -> None:
+    wire = b"".join(frame_bytes(*f) for f in frames)
+    # Any prefix of the stream: the complete frames are returned, the rest waits.
+    assert outcome(c_core.parse_frames, wire[:cut]) == outcome(py_core.parse_frames, wire[:cut])
+    got, used, control = c_core.parse_frames(bytearray(wire))
+    assert (got, used, control) == (frames, len(wire), False)
+    # Arbitrary bytes after the frames (or instead of them): both cores agree.
+    assert outcome(c_core.parse_frames, wire + junk) == outcome(py_core.parse_frames, wire + junk)
+    assert outcome(c_core.parse_frames, junk + wire) == outcome(py_core.parse_frames, junk + wire)
+
+
 # ---------------------------------------------------------------------------------------------
 # Query filters
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ little as possible per request:
 * commands from many threads are coalesced: callers append to an outbox and only the first one
   since the last drain schedules the loop, which writes the whole batch in one system call;
 * replies arrive on one wildcard inbox subscription (``<inbox>.*``). When the installed nats-py is
-  the version natskv was built against, replies are taken straight from nats-py's protocol parser,
-  before it builds a ``Msg`` or parses headers; otherwise the subscription's documented ``future=``
-  hook receives them. Either way the loop thread only stores the raw reply and releases the
-  waiter; the caller thread parses headers and decodes the value.
+  the version natskv was built against, natskv reads the protocol itself: its frame reader takes
+  the place of nats-py's parser (``_core.parse_frames`` splits each chunk read from the socket)
+  and hands natskv's messages straight to their handlers, before any ``Msg`` is built or header
+  parsed, and everything else to nats-py as its parser would. Otherwise the subscription's
+  documented ``future=`` hook receives them. Either way the loop thread only stores the raw
+  reply and releases the waiter; the caller thread parses headers and decodes the value.
 * a waiter is a ``threading.Lock`` acquired twice: the cheapest wait primitive in CPython.
 
 Watch consumers deliver to tokens under the same inbox, routed to their handler on the loop thread.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import threading
@@ -246,6 +249,66 @@ class Multiplexer:
 
         nc._process_msg = process_msg  # type: ignore[method-assign]
         self.hooked = True
+        self._install_frame_reader(original)
+
+    def _install_frame_reader(self, process_msg: Callable[..., Any]) -> None:
+        # nats-py's read loop hands every chunk read from the socket to nc._ps.parse(), which
+        # matches each protocol line with a regex and awaits nc._process_msg per message. This
+        # replacement splits the chunk's MSG/HMSG frames in _core and calls natskv's handlers
+        # directly; other subscriptions' messages go to nats-py's own process_msg, and the other
+        # operations (PING, PONG, +OK, -ERR, INFO) to the same nats-py methods its parser calls.
+        from nats.errors import ProtocolError
+
+        nc = self._nc
+        ps = nc._ps
+        handlers = self._handlers
+        parse_frames = core.parse_frames
+
+        async def parse(data: bytes = b"") -> None:
+            buf = ps.buf  # replaced by ps.reset() on reconnect: looked up on each call
+            buf.extend(data)
+            while buf:
+                try:
+                    frames, used, control = parse_frames(buf)
+                except ValueError as exc:
+                    log.error("natskv: %s", exc)
+                    raise ProtocolError() from exc
+                if used:
+                    del buf[:used]
+                for sid, subject, reply, headers, payload in frames:
+                    handler = handlers.get(sid)
+                    if handler is None:
+                        await process_msg(sid, subject.encode(), reply.encode(), payload, headers)
+                        continue
+                    try:
+                        handler(subject, payload, headers, reply)
+                    except Exception:  # noqa: BLE001 - never let one message stop nats-py's reader
+                        log.exception("natskv: error handling a message on %r", subject)
+                if not control:
+                    return
+                end = buf.find(b"\r\n")
+                line = bytes(buf[:end])
+                del buf[: end + 2]
+                await _control_line(line)
+
+        async def _control_line(line: bytes) -> None:
+            op, _, rest = line.partition(b" ")
+            op = op.strip()
+            if op == b"PING":
+                await nc._process_ping()
+            elif op == b"PONG":
+                await nc._process_pong()
+            elif op == b"+OK":
+                pass
+            elif op == b"-ERR":
+                await nc._process_err(rest.strip().decode(errors="replace").lower())
+            elif op == b"INFO":
+                await nc._process_info(json.loads(rest))
+            else:
+                log.error("natskv: unknown protocol line from the server: %r", line[:80])
+                raise ProtocolError()
+
+        ps.parse = parse  # type: ignore[method-assign]
 
     # -- loop thread: delivery -------------------------------------------------------------
 
