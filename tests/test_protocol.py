@@ -33,14 +33,13 @@ def nats_client(db: natskv.Client) -> Any:
     return nc
 
 
-def test_the_frame_reader_is_installed(db: natskv.Client) -> None:
+def test_the_frame_reader_is_installed_on_the_known_nats_py(db: natskv.Client) -> None:
     from nats.aio.client import __version__ as nats_version
 
     nc = nats_client(db)
-    if os.environ.get("NATSKV_NO_PARSER_HOOK") == "1" or not nats_version.startswith("2.16."):
-        pytest.fail(f"this suite expects natskv's parser hook on nats-py {nats_version}")
-    assert db._conn.mux.hooked
-    assert "natskv" in nc._ps.parse.__qualname__ or nc._ps.parse.__module__ == "natskv.aio.mux"
+    expected = nats_version.startswith("2.16.") and os.environ.get("NATSKV_NO_PARSER_HOOK") != "1"
+    assert db._conn.mux.hooked == expected
+    assert (getattr(nc._ps.parse, "__module__", None) == "natskv.aio.mux") == expected
 
 
 def test_nats_py_subscriptions_flush_and_large_values_pass_through(db: natskv.Client, kv: natskv.Bucket, name: str) -> None:
