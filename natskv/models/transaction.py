@@ -12,7 +12,9 @@ to the server in one atomic batch in which each changed record carries a compare
 the version it was read at (new records and unique values: on being absent). Either the whole
 batch is stored, or, if any check fails because another client got there first, none of it is,
 and the commit raises (RevisionMismatchError, UniqueConstraintError): run the block again on
-fresh reads. An exception inside the block discards the changes.
+fresh reads. An exception inside the block discards the changes. A record only read (``tx.get``
+without ``tx.save`` or ``tx.delete``) is not checked: JetStream checks a version only on a write,
+so save a record back unchanged if the commit must depend on it.
 
 A JetStream atomic batch covers one stream, so the records of a transaction belong to models
 that share one bucket (most often one model); at most 1,000 writes.
