@@ -53,7 +53,8 @@ def _trim_traceback(exc: BaseException) -> BaseException:
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A new loop: uvloop when it is installed (``pip install natskv[uvloop]``), else asyncio's.
+    """A new loop: uvloop when it is installed (a dependency of natskv except on Windows), else
+    asyncio's.
 
     ``NATSKV_LOOP=asyncio`` forces asyncio's loop; ``NATSKV_LOOP=uvloop`` requires uvloop.
     """
@@ -66,7 +67,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         except ImportError as exc:
             if choice == "uvloop":
                 raise ConfigurationError(
-                    "NATSKV_LOOP=uvloop but uvloop is not installed: pip install 'natskv[uvloop]'"
+                    "NATSKV_LOOP=uvloop but uvloop is not installed: pip install uvloop"
                 ) from exc
         else:
             return uvloop.new_event_loop()

@@ -582,3 +582,39 @@ def test_ctrl_c_interrupts_a_blocked_call(nats_url: str, db: natskv.Client, name
             proc.kill()
             proc.communicate()
         db.delete_bucket(name)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("choice", "expected"), [
+    ("", "uvloop" if sys.platform != "win32" else "asyncio"),  # uvloop is a dependency outside Windows
+    ("asyncio", "asyncio"),
+    ("uvloop", "uvloop"),
+])
+def test_the_loop_thread_runs_the_chosen_loop(nats_url: str, choice: str, expected: str) -> None:
+    script = """
+        import sys, natskv
+        db = natskv.connect(sys.argv[1])
+        print(db.stats()["event_loop"])
+        db.close()
+    """
+    env_choice = {} if not choice else {"NATSKV_LOOP": choice}
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("NATSKV_LOOP", None)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script), nats_url], cwd=REPO,
+                            env={**env, **env_choice}, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def test_an_unknown_loop_choice_is_refused(nats_url: str) -> None:
+    result = run_script("""
+        import os, sys, natskv
+        os.environ["NATSKV_LOOP"] = "tokio"
+        try:
+            natskv.connect(sys.argv[1])
+        except natskv.ConfigurationError as exc:
+            print("refused:", exc)
+    """, nats_url)
+    assert "refused: NATSKV_LOOP='tokio' is not valid" in result.stdout, result.stderr
