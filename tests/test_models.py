@@ -457,6 +457,12 @@ def test_pages_concatenate_to_the_sorted_find(Paged: Any, order_by: Any, walk: s
         assert expected, query
         for limit in (4, 60, 1000):
             assert collect_pages(Paged, limit, order_by=order_by, **query) == expected, (query, limit)
+            # find() with one order field and a limit walks the same index
+            limited = Paged.find(order_by=order_by or "id", limit=limit, offset=3, **query)
+            assert [u.id for u in limited] == expected[3 : 3 + limit], (query, limit)
+    ids = sorted(range(1, 251))
+    assert [u.id for u in Paged.first(3)] == ids[:3] and [u.id for u in Paged.last(2)] == ids[-2:]
+    assert Paged.find(order_by="age", limit=0) == []
 
 
 def test_descending_pages_stay_stable_while_records_come_and_go(Paged: Any) -> None:
@@ -486,3 +492,6 @@ def test_paginate_refuses_bad_arguments(Paged: Any) -> None:
         Paged.paginate(limit=0)
     with pytest.raises(InvalidArgumentError, match="unknown field"):
         Paged.paginate(order_by="height")
+    for bad in ({"limit": -1}, {"limit": 1.5}, {"offset": -2}, {"offset": None}):
+        with pytest.raises(InvalidArgumentError, match="limit|offset"):
+            Paged.find(order_by="age", **bad)

@@ -640,7 +640,20 @@ class Model(metaclass=ModelMeta):
         $contains $startswith $endswith $regex $exists $and $or $not) and/or Django-style lookups
         (``age__gte=18``). ``order_by`` takes field names, ``-`` for descending. Reads run on the
         replica; pass ``consistency="server"`` to read every record from the server instead."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidArgumentError(f"limit must be None or an int >= 0, not {limit!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidArgumentError(f"offset must be an int >= 0, not {offset!r}")
         order = query.parse_order_by(order_by, cls._fields)
+        if limit is not None and len(order) == 1 and not _server_read(lookups.get("consistency", "replica")):
+            # One indexed order field and a limit: walk the index, as paginate does.
+            store = cls._s()
+            field, descending = order[0]
+            index = store.indexes.get(field)
+            if index is not None:
+                walked = cls._page_by_index(store, index, field, descending, None, limit + offset, where, lookups)
+                if walked is not None:
+                    return cls._build(walked[offset : offset + limit])
         pairs = cls._select(where, lookups, first=limit + offset if limit is not None and not order else None)
         if not order and limit is not None and len(pairs) > limit + offset:
             # Default order (primary key, one type per model) with a limit: select, don't sort.
@@ -711,7 +724,7 @@ class Model(metaclass=ModelMeta):
         if not _server_read(lookups.get("consistency", "replica")):
             index = store.indexes.get(field)
             if index is not None:
-                page = cls._page_by_index(store, index, field, descending, mark, limit, where, lookups)
+                page = cls._page_by_index(store, index, field, descending, mark, limit + 1, where, lookups)
                 if page is not None:
                     return cls._page(page, limit, field)
         pairs = query.sort_records(cls._select(where, lookups), [(field, descending)], cls._pk)
@@ -730,15 +743,16 @@ class Model(metaclass=ModelMeta):
 
     @classmethod
     def _page_by_index(cls, store: ModelStore, index: Any, field: str, descending: bool, mark: tuple[Any, Any] | None,
-                       limit: int, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> list[tuple[dict[str, Any], int]] | None:
-        """Up to ``limit + 1`` matches after ``mark``, walking ``index`` in order; None when the
+                       want: int, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> list[tuple[dict[str, Any], int]] | None:
+        """Up to ``want`` matches after ``mark``, walking ``index`` in order; None when the
         filter selects so few records through another index that sorting them is cheaper."""
         lookups = {k: v for k, v in lookups.items() if k != "consistency"}
         compiled_where, flt = store.compiled(where, lookups)
         pk_name = cls._pk
         records = store.records
-        want = limit + 1
         out: list[tuple[dict[str, Any], int]] = []
+        if want <= 0:
+            return out
 
         def keep(pairs: list[tuple[dict[str, Any], int]]) -> None:
             out.extend(pairs if not compiled_where else [pairs[i] for i in flt.filter([p[0] for p in pairs])])
