@@ -173,7 +173,7 @@ class Client:
         store = ModelStore(model, self, kv)
         from natskv.replica import LocalReplica
 
-        store.replica = LocalReplica(kv, "r:*", on_apply=store.apply)
+        store.replica = LocalReplica(kv, "r:*", on_apply=store.apply, on_reset=store.reset)
         store.replica.start(timeout if timeout is not None else max(self.options.request_timeout, 30.0))
         model._store = store
         self._models[model.__name__] = model

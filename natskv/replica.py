@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("natskv")
 
+# Started replicas of this process: a forked child marks them stale (see LocalReplica._after_fork).
+_STARTED: weakref.WeakSet[LocalReplica] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for replica in list(_STARTED):
+        replica._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 ApplyHook = Callable[[str, Any, Any, int], None]
 """``hook(key, old_value, new_value, revision)`` after each change (None for absent); loop thread,
 under the replica's lock: it must be quick and must not call natskv."""
@@ -39,13 +52,17 @@ class LocalReplica:
     Create it with :meth:`natskv.Bucket.replica` (or directly), then :meth:`start`. Thread-safe.
     """
 
-    def __init__(self, bucket: Bucket, pattern: str | re.Pattern[str] = "*", on_apply: ApplyHook | None = None) -> None:
+    def __init__(self, bucket: Bucket, pattern: str | re.Pattern[str] = "*", on_apply: ApplyHook | None = None,
+                 on_reset: Callable[[], None] | None = None) -> None:
         try:
             self._pattern = core.compile_pattern(pattern, bucket.sep)
         except (ValueError, TypeError) as exc:
             raise InvalidKeyError(f"invalid key pattern {pattern!r}: {exc}") from exc
         self.bucket = bucket
         self._on_apply = on_apply
+        self._on_reset = on_reset  # called when a forked child drops what it inherited
+        self._stale = False  # in a forked child: reload before the next read
+        self._revive_lock = threading.Lock()
         self._values: dict[str, Any] = {}
         self._revisions: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -66,6 +83,7 @@ class LocalReplica:
                 subscribe_feed(client._conn, self.bucket._proto, self._pattern.filter, "last_per_subject", self._apply),
                 timeout,
             )
+        _STARTED.add(self)
         if not self._ready.wait(timeout):
             raise NatsKVTimeoutError(f"replica of bucket {self.bucket.name!r} not loaded within {timeout} s")
         return self
@@ -73,6 +91,7 @@ class LocalReplica:
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop following the bucket (the values stay readable, frozen)."""
         subscription, self._subscription = self._subscription, None
+        _STARTED.discard(self)
         if subscription is not None and not runner.in_loop_thread():
             runner.call(unsubscribe_feed(*subscription), timeout)
 
@@ -81,6 +100,36 @@ class LocalReplica:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # -- fork ----------------------------------------------------------------------------------
+
+    def _after_fork(self) -> None:
+        # In a forked child, right after fork(), with one thread: the parent's watch does not
+        # follow, and its locks may be held by threads that do not exist here.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._ready = threading.Event()
+        self._revive_lock = threading.Lock()
+        self._pending = []
+        self._subscription = None
+        self._stale = True
+
+    def revive(self, timeout: float | None = None) -> None:
+        """In a forked child, reload the replica through the child's own connection. Reads call
+        this on their own; it is public for a worker that wants to load before serving."""
+        with self._revive_lock:
+            if not self._stale:
+                return
+            with self._lock:
+                self._values.clear()
+                self._revisions.clear()
+                self.revision = 0
+                if self._on_reset is not None:
+                    self._on_reset()
+            self.bucket._client._check()  # the child's own connection
+            client = self.bucket._client
+            self.start(timeout if timeout is not None else max(client.options.request_timeout, 30.0))
+            self._stale = False
 
     # -- applying (loop thread) ------------------------------------------------------------------
 
@@ -142,6 +191,8 @@ class LocalReplica:
         ``revision`` must be that of a write to a key under the replica's pattern: writes to
         other keys are never delivered to it, so their revisions are only passed, not reached.
         """
+        if self._stale:
+            self.revive()
         runner.check_not_loop_thread("LocalReplica.wait_for()")
         with self._changed:
             if not self._changed.wait_for(lambda: self.revision >= revision, timeout):
@@ -152,24 +203,34 @@ class LocalReplica:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` as of the last applied change, or ``default``."""
+        if self._stale:
+            self.revive()
         with self._lock:
             return self._values.get(key, default)
 
     def revision_of(self, key: str) -> int | None:
         """The revision of ``key``'s current value, None when absent."""
+        if self._stale:
+            self.revive()
         with self._lock:
             return self._revisions.get(key)
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of every key and value."""
+        if self._stale:
+            self.revive()
         with self._lock:
             return dict(self._values)
 
     def __contains__(self, key: object) -> bool:
+        if self._stale:
+            self.revive()
         with self._lock:
             return key in self._values
 
     def __len__(self) -> int:
+        if self._stale:
+            self.revive()
         with self._lock:
             return len(self._values)
 
@@ -179,4 +240,6 @@ class LocalReplica:
     @property
     def lock(self) -> threading.Lock:
         """Hold this to read several values (or an index kept by ``on_apply``) consistently."""
+        if self._stale:
+            self.revive()
         return self._lock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -495,3 +496,93 @@ def test_paginate_refuses_bad_arguments(Paged: Any) -> None:
     for bad in ({"limit": -1}, {"limit": 1.5}, {"offset": -2}, {"offset": None}):
         with pytest.raises(InvalidArgumentError, match="limit|offset"):
             Paged.find(order_by="age", **bad)
+
+
+MODEL_FORK_SCRIPT = r"""
+import os, signal, sys, threading, time
+import natskv
+from natskv import Field, Model
+
+url, bucket = sys.argv[1], sys.argv[2]
+db = natskv.connect(url, timeout=5)
+
+class Item(Model):
+    __bucket__ = bucket
+    id = Field(int, primary_key=True)
+    sku = Field(str, unique=True)
+    n = Field(int, index=True)
+
+db.register(Item)
+Item.bulk_create([{"id": i, "sku": f"s{i}", "n": i % 3} for i in range(1, 51)])
+events = []
+db.on(f"{bucket}.*", lambda ev: events.append((ev.type, ev.record.id)))  # before the fork, as at import time
+watched = []
+Item.watch(lambda ev: watched.append(ev.record.id))  # stays with the parent
+
+def wait(predicate, what):
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+busy = threading.Event()
+def reader():  # the parent keeps reading while it forks
+    while not busy.is_set():
+        assert Item.get(7).sku == "s7"
+threading.Thread(target=reader, daemon=True).start()
+time.sleep(0.1)
+
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        os.close(w)
+        assert Item.get(7).sku == "s7" and Item.count() == 50  # reloaded through the child's connection
+        made = Item.create(id=100, sku="child", n=1)
+        assert Item.get(100)._version == made._version  # read-your-writes in the child
+        assert os.read(r, 1) == b"x"  # the parent has written id 200
+        wait(lambda: Item.get(200) is not None, "the parent's write never reached the child")
+        assert [i.id for i in Item.find(n=2, order_by="id", limit=2)] == [2, 5]
+        try:
+            Item.create(id=101, sku="s1", n=0)
+            raise AssertionError("a duplicate sku was accepted")
+        except natskv.UniqueConstraintError:
+            pass
+        wait(lambda: ("inserted", 200) in events and ("inserted", 100) in events, f"db.on in the child: {events}")
+        assert watched == [], "a model watch followed the fork"
+        print("child ok", flush=True)
+        code = 0
+    except BaseException:
+        import traceback; traceback.print_exc()
+    finally:
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+
+os.close(r)
+try:
+    wait(lambda: Item.get(100) is not None, "the child's write never reached the parent")
+    Item.create(id=200, sku="parent", n=0)
+    os.write(w, b"x")
+    _, status = os.waitpid(pid, 0)
+except BaseException:
+    os.kill(pid, signal.SIGKILL)
+    raise
+busy.set()
+assert os.waitstatus_to_exitcode(status) == 0, status
+wait(lambda: sorted(watched) == [100, 200], f"parent watch: {watched}")
+assert Item.count() == 52
+db.delete_bucket(bucket)
+db.close()
+print("parent ok")
+"""
+
+
+def test_models_keep_working_in_a_forked_child(nats_url: str, name: str) -> None:
+    """A pre-fork server (gunicorn) registers models at import, then forks workers: each worker's
+    replica reloads through its own connection; db.on handlers follow, model watches do not."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", MODEL_FORK_SCRIPT, nats_url, name], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+    assert proc.stdout.split() == ["child", "ok", "parent", "ok"], proc.stdout

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -227,12 +229,23 @@ class LiveQuery:
 
 
 class EventBus:
-    """``db.on(pattern, callback)``: model events by name (``"<bucket>.inserted"`` ...)."""
+    """``db.on(pattern, callback)``: model events by name (``"<bucket>.inserted"`` ...).
+
+    Handlers follow a client into a forked child (they are usually registered at import time,
+    before a pre-fork server starts its workers): the child gets its own dispatcher thread.
+    """
 
     def __init__(self) -> None:
         self._handlers: list[tuple[str, Callable[[ModelEvent], None]]] = []
         self._lock = threading.Lock()
         self._dispatcher: _Dispatcher | None = None
+        _BUSES.add(self)
+
+    def _after_fork(self) -> None:
+        # In the child, right after fork(): the parent's thread and lock holders are gone.
+        self._lock = threading.Lock()
+        if self._dispatcher is not None:
+            self._dispatcher = _Dispatcher("natskv-events", None)
 
     def on(self, pattern: str, callback: Callable[[ModelEvent], None]) -> Callable[[], None]:
         if not isinstance(pattern, str) or not pattern:
@@ -264,8 +277,20 @@ class EventBus:
             for cb in targets:
                 self._dispatcher.put(lambda cb=cb: cb(_event(model, old, new, revision, old_rev)))
 
+        on_change.carry_over_fork = True  # type: ignore[attr-defined]  # see ModelStore.reset
         store.listeners.append(on_change)
 
     def stop(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.stop()
+
+
+_BUSES: weakref.WeakSet[EventBus] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for bus in list(_BUSES):
+        bus._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

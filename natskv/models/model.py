@@ -116,6 +116,17 @@ class ModelStore:
             self._plans[cache_key] = hit
         return hit
 
+    def reset(self) -> None:
+        """Forget every record (the replica calls this in a forked child before it reloads).
+
+        Model watches and live queries stay with the process that started them; db.on() handlers
+        (marked ``carry_over_fork``) follow the client into the child.
+        """
+        self.records.clear()
+        for index in self.indexes.values():
+            index.clear()
+        self.listeners[:] = [f for f in self.listeners if getattr(f, "carry_over_fork", False)]
+
     # -- replica hook (loop thread, under the replica's lock) -------------------------------------
 
     def apply(self, key: str, old: Any, new: Any, revision: int) -> None:
