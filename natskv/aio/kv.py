@@ -313,6 +313,8 @@ class KVProtocol:
         """Every stored revision of one key, oldest first."""
         assert self.conn.mux is not None
         subject = self.subject_prefix + encoded_key
+        if self.conn.api_level < API_LEVEL_TTL:  # no batch get before nats-server 2.11
+            return self._history_each(subject, timeout)
         out: list[RawEntry] = []
         seq = 1
         while True:
@@ -329,6 +331,25 @@ class KVProtocol:
                 out.append(entry_from_headers(hdrs, data))
             if not pending or not out:
                 return out
+            seq = out[-1].revision + 1
+
+    def _history_each(self, subject: str, timeout: float | None) -> list[RawEntry]:
+        """History by single direct gets, one revision per request (an older server answers
+        a batch get with one message and no end-of-batch status). At most ``history`` (64)
+        round trips, all within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: list[RawEntry] = []
+        seq = 1
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            body = orjson.dumps({"seq": seq, "next_by_subj": subject})
+            data, headers, _ = self._request(self._direct_batch, body, None, left)
+            status, desc, hdrs = parse_reply_headers(headers)
+            if status == 404:
+                return out
+            if status:
+                raise self._status_error(status, desc)
+            out.append(entry_from_headers(hdrs, data))
             seq = out[-1].revision + 1
 
     # -- writes (any thread) ----------------------------------------------------------------
