@@ -453,8 +453,16 @@ def test_pages_concatenate_to_the_sorted_find(Paged: Any, order_by: Any, walk: s
     ties by primary key in the order's direction: pages of any size add up to find()."""
     if walk == "always":  # walk the order's index even when a filter selects few records
         monkeypatch.setattr("natskv.models.model._PAGE_SORT_MAX", -1)
-    for query in ({}, {"score__lt": 3}, {"age": 3}, {"where": {"$or": [{"age": None}, {"score": 4.0}]}}):
-        expected = [u.id for u in Paged.find(order_by=order_by or "id", **query)]
+    queries: list[dict[str, Any]] = [
+        {}, {"score__lt": 3}, {"age": 3}, {"where": {"$or": [{"age": None}, {"score": 4.0}]}},
+        # bounds on the order field itself: the walk starts and ends at them
+        {"age__gte": 2}, {"age__gt": 1, "age__lt": 4}, {"nick__startswith": "n0"}, {"id__lte": 40},
+        {"where": {"age": {"$gte": 3, "$gt": 1}}}, {"where": {"age": {"$gt": 3, "$gte": 1}, "score": {"$ne": 0.0}}},
+        {"where": {"$and": [{"age": {"$lte": 5}}, {"nick": {"$startswith": "n1"}}]}},
+    ]
+    for query in queries:
+        # The reference reads every record from the server and filters it: no index involved.
+        expected = [u.id for u in Paged.find(order_by=order_by or "id", consistency="server", **query)]
         assert expected, query
         for limit in (4, 60, 1000):
             assert collect_pages(Paged, limit, order_by=order_by, **query) == expected, (query, limit)

@@ -770,13 +770,13 @@ class Model(metaclass=ModelMeta):
 
         assert store.replica is not None
         with store.replica.lock:
-            if compiled_where:
-                pks = query.candidate_pks(compiled_where, store.indexes)
-                if pks is not None and len(pks) <= _PAGE_SORT_MAX:
-                    return None
+            if compiled_where and query.candidate_pks(compiled_where, store.indexes, at_most=_PAGE_SORT_MAX) is not None:
+                return None
+            # The walk covers only the order field's values the query allows, if it bounds them.
+            scan, bounded = query.ordered_scan(compiled_where, field, index, descending)
             # Records whose value the index cannot hold (null, missing, dicts, lists) sort after
             # every indexed value: a tail, sorted here, read after (descending: before) the walk.
-            has_tail = len(records) > len(index)
+            has_tail = not bounded and len(records) > len(index)
             in_tail = mark is not None and core.index_key(mark[0]) is None
             segments = ["index", "tail"] if not descending else ["tail", "index"]
             if mark is not None:  # start in the segment that holds the cursor
@@ -796,7 +796,7 @@ class Model(metaclass=ModelMeta):
                 chunk = want
                 while len(out) < want:
                     try:
-                        pks = index.ordered(reverse=descending, after=cursor, limit=chunk)
+                        pks = scan(cursor, chunk)
                     except (ValueError, TypeError):  # a cursor no page of this order gives
                         raise InvalidArgumentError(f"invalid pagination cursor {list(mark or ())!r} for order {field!r}") from None
                     keep([records[pk] for pk in pks if pk in records])
