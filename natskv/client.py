@@ -177,6 +177,15 @@ class Client:
         store.replica.start(timeout if timeout is not None else max(self.options.request_timeout, 30.0))
         model._store = store
         self._models[model.__name__] = model
+        if self._conn.api_level < API_LEVEL_ATOMIC:
+            needs = [f"unique field {n!r}" for n, f in model._fields.items() if f.unique and n != model._pk]
+            needs += [f"autoincrement field {n!r}" for n, f in model._fields.items() if f.generated == "autoincrement"]
+            if needs:
+                log.warning(
+                    "natskv: model %s has %s, which need nats-server 2.12 (atomic batches); this server "
+                    "has no atomic batch, so writing such values raises FeatureNotSupportedError (reads work)",
+                    model.__name__, ", ".join(needs),
+                )
         self._events.attach(model)
         return model
 

@@ -254,7 +254,7 @@ def test_commit_not_supported(old: tuple[str, natskv.Client], okv: natskv.Bucket
     assert okv.status().last_revision == before and okv.get_many(["a", "b", "c"]) == {"a": 1}
 
 
-def test_model_without_unique_fields(old: tuple[str, natskv.Client], name: str) -> None:
+def test_model_without_unique_fields(old: tuple[str, natskv.Client], name: str, caplog: pytest.LogCaptureFixture) -> None:
     db = old[1]
 
     class Task(Model):
@@ -264,7 +264,9 @@ def test_model_without_unique_fields(old: tuple[str, natskv.Client], name: str) 
         prio = Field(int, index=True, min=0)
         ref = Field(str, generated="uuid")
 
-    db.register(Task)
+    with caplog.at_level("WARNING", logger="natskv"):
+        db.register(Task)
+    assert not [r for r in caplog.records if "2.12" in r.getMessage()]  # nothing this model needs is missing
     try:
         a = Task.create(id="a", title="first", prio=1)
         for pk, title, prio in (("b", "second", 5), ("c", "third", 9)):
@@ -286,7 +288,7 @@ def test_model_without_unique_fields(old: tuple[str, natskv.Client], name: str) 
         db.delete_bucket(name)
 
 
-def test_model_features_that_need_2_12(old: tuple[str, natskv.Client], name: str) -> None:
+def test_model_features_that_need_2_12(old: tuple[str, natskv.Client], name: str, caplog: pytest.LogCaptureFixture) -> None:
     version, db = old
 
     class Member(Model):
@@ -299,8 +301,11 @@ def test_model_features_that_need_2_12(old: tuple[str, natskv.Client], name: str
         id = Field(int, primary_key=True, generated="autoincrement")
         title = Field(str)
 
-    db.register(Member)
-    db.register(Counted)
+    with caplog.at_level("WARNING", logger="natskv"):
+        db.register(Member)
+        db.register(Counted)
+    warned = [r.getMessage() for r in caplog.records if "need nats-server 2.12" in r.getMessage()]
+    assert len(warned) == 2 and "unique field 'email'" in warned[0] and "autoincrement field 'id'" in warned[1]
     try:
         kv = db.bucket(name)
         before = kv.status().last_revision
