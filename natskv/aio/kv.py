@@ -66,7 +66,7 @@ def ttl_header(ttl: float | None) -> str | None:
     return f"{max(seconds, 1)}s"
 
 
-@dataclass
+@dataclass(slots=True)  # one per key in a shared watch feed's state: keep it small
 class RawEntry:
     """A stored message as read from the server, before key decoding and value decoding."""
 
