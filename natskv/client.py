@@ -291,6 +291,7 @@ class Client:
 
     @property
     def connected(self) -> bool:
+        """Whether this process's connection is up now (False while reconnecting or after close)."""
         nc = self._conn.nc
         return bool(nc is not None and nc.is_connected) and not self._closed and self._pid == os.getpid()
 

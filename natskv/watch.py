@@ -201,6 +201,7 @@ class Watcher:
 
     @property
     def stopped(self) -> bool:
+        """Whether the watch has stopped (stop(), or the client was closed)."""
         return self._stopped
 
     def __enter__(self) -> Watcher:

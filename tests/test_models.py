@@ -594,3 +594,33 @@ def test_models_keep_working_in_a_forked_child(nats_url: str, name: str) -> None
                           capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
     assert proc.stdout.split() == ["child", "ok", "parent", "ok"], proc.stdout
+
+
+def test_get_or_create_count_and_exists(User: Any) -> None:
+    ann, created = User.get_or_create(email="ann@example.com", defaults={"nick": "Ann", "age": 30})
+    assert created and ann.nick == "Ann" and User.count() == 1
+    again, created = User.get_or_create(email="ann@example.com", defaults={"nick": "Other"})
+    assert not created and again.id == ann.id and again.nick == "Ann"
+    with pytest.raises(InvalidArgumentError, match="equality lookups"):
+        User.get_or_create(age__gte=3)
+    with pytest.raises(ValidationError):  # defaults are validated like create()
+        User.get_or_create(email="bo@example.com", defaults={"age": -1})
+    assert User.count() == 1 and User.exists(nick="Ann") and not User.exists(nick="Zed")
+
+
+def test_get_or_create_races_have_one_winner(User: Any) -> None:
+    results: list[tuple[int, bool]] = []
+    barrier = threading.Barrier(8)
+
+    def racer() -> None:
+        barrier.wait(10)
+        obj, created = User.get_or_create(email="race@example.com", defaults={"nick": "r"})
+        results.append((obj.id, created))
+
+    threads = [threading.Thread(target=racer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 8 and len({pk for pk, _ in results}) == 1
+    assert sum(created for _, created in results) == 1 and User.count() == 1

@@ -46,6 +46,7 @@ class ModelEvent:
 
     @property
     def name(self) -> str:
+        """``"<bucket>.<type>"``, the name db.on() patterns match."""
         return f"{self.model._s().bucket.name}.{self.type}"
 
     @property

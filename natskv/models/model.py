@@ -679,6 +679,42 @@ class Model(metaclass=ModelMeta):
         return cls._build(pairs)
 
     @classmethod
+    def get_or_create(cls: type[M], defaults: Mapping[str, Any] | None = None, *, timeout: float | None = None,
+                      **lookups: Any) -> tuple[M, bool]:
+        """``(record, created)``: the first record matching the equality ``lookups``, or a new one
+        made from them and ``defaults``. When another client creates the same record at the same
+        moment, the server refuses one of the two creates (a primary key or unique value taken)
+        and this returns the winner's record with ``created`` False; lookups on fields that are
+        neither the primary key nor unique cannot be protected that way."""
+        values = {k: v for k, v in lookups.items() if "__" not in k}
+        if len(values) != len(lookups) or not values:
+            raise InvalidArgumentError("get_or_create() takes equality lookups (field=value) only")
+        found = cls.find_one(**lookups)
+        if found is not None:
+            return found, False
+        try:
+            return cls.create(_timeout=timeout, **{**(defaults or {}), **values}), True
+        except UniqueConstraintError as exc:
+            cls._await_holder(exc, timeout)
+            found = cls.find_one(**lookups)
+            if found is None:  # the conflict was on another unique value: not the record asked for
+                raise
+            return found, False
+
+    @classmethod
+    def _await_holder(cls, exc: UniqueConstraintError, timeout: float | None) -> None:
+        """Wait until this client's replica has the record that holds the value a create lost
+        on (the winner's write may still be on its way to this replica)."""
+        store = cls._s()
+        key = getattr(exc.__cause__, "key", None)  # the record key, or the unique marker's
+        if isinstance(key, str) and key.startswith(f"{UNIQUE}:"):
+            key = store.bucket.get(key, timeout=timeout)  # a marker holds its record's key
+        entry = store.bucket.entry(key, timeout=timeout) if isinstance(key, str) else None
+        if entry is not None:
+            assert store.replica is not None
+            store.replica.wait_for(entry.revision, timeout or 5.0)
+
+    @classmethod
     def find_one(cls: type[M], *, where: Mapping[str, Any] | None = None, **lookups: Any) -> M | None:
         """The first matching record (by primary key), or None."""
         if where is None and lookups:  # the commonest query: equalities on indexed fields
@@ -691,18 +727,26 @@ class Model(metaclass=ModelMeta):
 
     @classmethod
     def count(cls, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> int:
+        """The number of matching records (every record without filters)."""
+        if where is None and not lookups:
+            store = cls._s()
+            with store.replica.lock:  # type: ignore[union-attr]
+                return len(store.records)
         return len(cls._select(where, lookups))
 
     @classmethod
     def exists(cls, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> bool:
-        return bool(cls._select(where, lookups))
+        """Whether any record matches."""
+        return bool(cls._select(where, lookups, first=1))
 
     @classmethod
     def first(cls: type[M], n: int = 1, *, order_by: Any = None) -> list[M]:
+        """The first ``n`` records in ``order_by`` order (default: primary key)."""
         return cls.find(order_by=order_by or cls._pk, limit=n)
 
     @classmethod
     def last(cls: type[M], n: int = 1, *, order_by: Any = None) -> list[M]:
+        """The last ``n`` records in ``order_by`` order (default: primary key), in that order."""
         order = order_by or cls._pk
         flipped = [o[1:] if o.startswith("-") else "-" + o for o in ([order] if isinstance(order, str) else order)]
         return list(reversed(cls.find(order_by=flipped, limit=n)))
@@ -851,11 +895,13 @@ class Model(metaclass=ModelMeta):
 
     @classmethod
     def min(cls, field: str, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> float | None:
+        """Smallest numeric value of ``field`` (non-numbers skipped; None on no rows)."""
         values = cls._numbers(field, where, lookups)
         return min(values) if values else None
 
     @classmethod
     def max(cls, field: str, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> float | None:
+        """Largest numeric value of ``field`` (non-numbers skipped; None on no rows)."""
         values = cls._numbers(field, where, lookups)
         return max(values) if values else None
 
