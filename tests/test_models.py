@@ -546,6 +546,8 @@ if pid == 0:
     code = 1
     try:
         os.close(w)
+        Item.ensure_loaded(timeout=10)  # what a post_fork hook would call
+        assert Item._s().replica._stale is False
         assert Item.get(7).sku == "s7" and Item.count() == 50  # reloaded through the child's connection
         made = Item.create(id=100, sku="child", n=1)
         assert Item.get(100)._version == made._version  # read-your-writes in the child

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import orjson
 
+from natskv._runner import check_timeout
 from natskv._speedups import core
 from natskv.errors import (
     InvalidArgumentError,
@@ -525,6 +526,16 @@ class Model(metaclass=ModelMeta):
         return done
 
     # -- reads (in-memory replica) -----------------------------------------------------------------
+
+    @classmethod
+    def ensure_loaded(cls, *, timeout: float | None = None) -> None:
+        """Return once this model's replica holds the bucket's records. Only a forked worker
+        waits here (its replica reloads through its own connection, which reads otherwise do on
+        first use): call it in a post-fork hook to load before serving."""
+        store = cls._s()
+        assert store.replica is not None
+        check_timeout(timeout)
+        store.replica.revive(timeout)
 
     @classmethod
     def get(cls: type[M], pk: Any, default: Any = None, *, consistency: str = "replica",
