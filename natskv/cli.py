@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 PROG = "natskv"
 DEFAULT_BUCKET = "default"
 DEMO_BUCKET = "natskv_demo"
+DEMO_MODEL_BUCKET = "natskv_demo_users"
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -289,8 +291,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ok = _tour(kv)
         finally:
             db.delete_bucket(DEMO_BUCKET, timeout=args.timeout)
+        db.delete_bucket(DEMO_MODEL_BUCKET, timeout=args.timeout)
+        try:
+            ok = _model_tour(db) and ok
+        finally:
+            db.delete_bucket(DEMO_MODEL_BUCKET, timeout=args.timeout)
         _out()
-        _out(f"done: bucket {DEMO_BUCKET!r} deleted")
+        _out(f"done: buckets {DEMO_BUCKET!r} and {DEMO_MODEL_BUCKET!r} deleted")
         if db.server is not None:
             _out(
                 f"the embedded server keeps running in the background (data in {db.server.data_dir});\n"
@@ -396,6 +403,73 @@ def _tour(kv: Bucket) -> bool:
     except natskv.FeatureNotSupportedError as exc:
         _out(f"   skipped: {exc}")
 
+    return ok
+
+
+def _model_tour(db: Client) -> bool:
+    """The demo's model steps; False when natskv did not behave as the tour says it should."""
+    import natskv
+    from natskv import Field, Model
+
+    ok = True
+    _step("8. models: a schema, uniqueness enforced by the server, queries in memory")
+
+    class User(Model):
+        __bucket__ = DEMO_MODEL_BUCKET
+        id = Field(int, primary_key=True)
+        name = Field(str, required=True, max_length=50)
+        email = Field(str, unique=True, format="email")
+        age = Field(int, index=True, min=0)
+
+    _out("   class User(Model): id (primary key), name (required), email (unique), age (indexed)")
+    db.register(User)
+    _out(f"   db.register(User)  ->  bucket {DEMO_MODEL_BUCKET!r}, records mirrored into memory")
+    try:
+        User.bulk_create([
+            {"id": 1, "name": "Ann", "email": "ann@example.com", "age": 34},
+            {"id": 2, "name": "Bob", "email": "bob@example.com", "age": 17},
+            {"id": 3, "name": "Cleo", "email": "cleo@example.com", "age": 52},
+        ])
+    except natskv.FeatureNotSupportedError as exc:
+        _out(f"   skipped: {exc}")
+        return ok
+    _out("   User.bulk_create([...Ann 34, Bob 17, Cleo 52])")
+    adults = User.find(age__gte=18, order_by="-age")
+    _show('[u.name for u in User.find(age__gte=18, order_by="-age")]', [u.name for u in adults])
+    started = time.perf_counter()
+    for _ in range(1000):
+        found = User.find_one(email="bob@example.com")
+    per_call = (time.perf_counter() - started) / 1000
+    _show('User.find_one(email="bob@example.com").name', found.name if found else None)
+    _out(f"   (a replica read: {per_call * 1e6:.1f} us per find_one, no round trip)")
+    try:
+        User.create(id=4, name="Eve", email="ann@example.com", age=29)
+        _out("   a second ann@example.com was stored: that should not happen")
+        ok = False
+    except natskv.UniqueConstraintError as exc:
+        _out('   User.create(id=4, name="Eve", email="ann@example.com", ...) raised UniqueConstraintError:')
+        _out(f"      {exc}")
+    try:
+        User.create(id=5, email="not-an-email", age=-1)
+        _out("   an invalid record was stored: that should not happen")
+        ok = False
+    except natskv.ValidationError as exc:
+        _out('   User.create(id=5, email="not-an-email", age=-1) raised ValidationError, every issue at once:')
+        for field, message, code in exc.issues:
+            _out(f"      {field}: {message} ({code})")
+
+    _step("9. a transaction: changes to several records, one atomic commit")
+    with db.transaction() as tx:
+        ann, bob = tx.get(User, 1), tx.get(User, 2)
+        assert ann is not None and bob is not None
+        ann.email, bob.email = bob.email, ann.email
+        tx.save(ann)
+        tx.save(bob)
+    _out("   with db.transaction() as tx: swap Ann's and Bob's emails; tx.save(ann); tx.save(bob)")
+    _show('User.find_one(email="ann@example.com").name', getattr(User.find_one(email="ann@example.com"), "name", None))
+    page = User.paginate(limit=2, order_by="age")
+    _show('[u.name for u in User.paginate(limit=2, order_by="age")]', [u.name for u in page])
+    _show('User.count(), round(User.avg("age"), 1)', (User.count(), round(User.avg("age"), 1)))
     return ok
 
 

@@ -250,15 +250,20 @@ def test_demo_runs_the_tour_and_cleans_up(nats_url: str) -> None:
         "== 5. a watch with a callback",
         "== 6. get_many",
         "== 7. an atomic commit",
+        "== 8. models",
+        "== 9. a transaction",
     ):
         assert section in out
     assert "raised RevisionMismatchError" in out  # the CAS conflict, caught and explained
     assert "['user:1', 'user:2', 'user:3']" in out  # keys("user:*")
     assert "on_change saw: PUT user:4" in out
     assert "bug" not in out and "should not happen" not in out
-    assert "bucket 'natskv_demo' deleted" in out
+    assert "['Cleo', 'Ann']" in out  # find(age__gte=18, order_by="-age")
+    assert "raised UniqueConstraintError" in out and "name: " in out and "age: must be >= 0" in out
+    assert "(3, 34.3)" in out  # count and average after the transaction
+    assert "buckets 'natskv_demo' and 'natskv_demo_users' deleted" in out
     with natskv.connect(nats_url) as db:
-        assert "natskv_demo" not in db.buckets()
+        assert "natskv_demo" not in db.buckets() and "natskv_demo_users" not in db.buckets()
 
 
 # -- watch ------------------------------------------------------------------------------------------
