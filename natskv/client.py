@@ -13,7 +13,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._runner import check_timeout, loop_name, runner
 from natskv.aio.connection import API_LEVEL_ATOMIC, Connection, check_api_reply
@@ -21,7 +21,7 @@ from natskv.aio.kv import KVProtocol, validate_bucket_name
 from natskv.aio.watch import stop_feeds_of
 from natskv.codec import Codec, get_codec
 from natskv.config import ConnectOptions
-from natskv.errors import BucketNotFoundError, InvalidArgumentError, NotConnectedError
+from natskv.errors import BucketNotFoundError, InvalidArgumentError, NotConnectedError, RevisionMismatchError
 from natskv.kv import Bucket
 from natskv.models.live import EventBus
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from natskv.watch import Watcher
 
 log = logging.getLogger("natskv")
+T = TypeVar("T")
 
 
 class Client:
@@ -198,6 +199,23 @@ class Client:
         from natskv.models.transaction import Transaction
 
         return Transaction(self, timeout)
+
+    def run_transaction(self, fn: Callable[[Transaction], T], *, retries: int = 5, timeout: float | None = None) -> T:
+        """Call ``fn(tx)`` in a transaction and commit it; on a conflict (another client changed a
+        record ``fn`` read, RevisionMismatchError) run ``fn`` again in a fresh one, up to
+        ``retries`` more times. Returns what ``fn`` returned. ``fn`` must read what it changes
+        through ``tx.get`` (so each run sees fresh records) and have no other side effects."""
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise InvalidArgumentError(f"retries must be an int >= 0, not {retries!r}")
+        for attempt in range(retries + 1):
+            try:
+                with self.transaction(timeout=timeout) as tx:
+                    result = fn(tx)
+                return result
+            except RevisionMismatchError:
+                if attempt == retries:
+                    raise
+        raise AssertionError("unreachable")
 
     def on(self, pattern: str, callback: Callable[[ModelEvent], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for model events whose name matches ``pattern``.
