@@ -196,3 +196,23 @@ def test_run_transaction_retries_conflicts(db: natskv.Client, Account: Any) -> N
         db.run_transaction(transfer, retries=-1)
     with pytest.raises(ZeroDivisionError):  # other errors are not retried
         db.run_transaction(lambda tx: 1 / 0)
+
+
+def test_update_and_destroy_by_query_in_a_transaction(db: natskv.Client, Account: Any) -> None:
+    Account.bulk_create([{"id": i, "owner": f"o{i}", "balance": i * 10} for i in range(1, 7)])
+    with db.transaction() as tx:
+        assert tx.update(Account, {"balance": 0}, balance__gte=40) == 3  # ids 4, 5, 6
+        assert tx.destroy(Account, id__in=[1, 2]) == 2
+        assert balances(Account) == {1: 10, 2: 20, 3: 30, 4: 40, 5: 50, 6: 60}  # nothing sent yet
+    assert balances(Account) == {3: 30, 4: 0, 5: 0, 6: 0}
+    with pytest.raises(ValidationError):  # validated when queued, like save()
+        with db.transaction() as tx:
+            tx.update(Account, {"balance": -5}, id=3)
+    with pytest.raises(RevisionMismatchError):  # one record changed meanwhile: none of it stored
+        with db.transaction() as tx:
+            tx.update(Account, {"balance": 1}, id__gte=3)
+            Account.update({"balance": 99}, id=6)
+    assert balances(Account) == {3: 30, 4: 0, 5: 0, 6: 99}
+    with pytest.raises(InvalidArgumentError, match="needs values"):
+        with db.transaction() as tx:
+            tx.update(Account, {}, id=3)

@@ -22,6 +22,7 @@ that share one bucket (most often one model); at most 1,000 writes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._runner import check_timeout
@@ -108,6 +109,31 @@ class Transaction:
         self._join(model)
         self._add(model, model._delete_ops(obj._stored, obj._version))
         self._done.append((obj, None, None))
+
+    def update(self, model: type[Model], values: Mapping[str, Any], *, where: Mapping[str, Any] | None = None,
+               **lookups: Any) -> int:
+        """Set ``values`` on every record of ``model`` that matches now (as ``Model.update``),
+        each checked at the commit against the version read here. Returns how many records."""
+        self._check_open()
+        if not values:
+            raise InvalidArgumentError("update() needs values to set")
+        self._join(model)
+        matches = model.find(where=where, **lookups)
+        for obj in matches:
+            for name, value in values.items():
+                setattr(obj, name, value)
+            self.save(obj)
+        return len(matches)
+
+    def destroy(self, model: type[Model], *, where: Mapping[str, Any] | None = None, **lookups: Any) -> int:
+        """Delete every record of ``model`` that matches now, each at the commit if it is still
+        at the version read here. Returns how many records."""
+        self._check_open()
+        self._join(model)
+        matches = model.find(where=where, **lookups)
+        for obj in matches:
+            self.delete(obj)
+        return len(matches)
 
     # -- ending ------------------------------------------------------------------------------------
 
