@@ -626,3 +626,19 @@ def test_get_or_create_races_have_one_winner(User: Any) -> None:
         t.join(30)
     assert len(results) == 8 and len({pk for pk, _ in results}) == 1
     assert sum(created for _, created in results) == 1 and User.count() == 1
+
+
+def test_server_reads_take_a_timeout(User: Any) -> None:
+    for i in range(5):
+        User.create(nick=f"n{i}", age=i)
+    on_replica = [u.to_dict() for u in User.find(order_by="age")]
+    assert [u.to_dict() for u in User.find(order_by="age", consistency="server", timeout=5)] == on_replica
+    assert User.count(age__gte=2, consistency="server", timeout=5) == 3
+    assert User.sum("age", consistency="server", timeout=5) == 10
+    assert len(User.paginate(limit=2, order_by="nick", consistency="server", timeout=5)) == 2
+    assert User.find(age=1, timeout=5)[0].nick == "n1"  # a read option on the replica too, not a field
+    for bad in (-1, 0, "5", True):
+        with pytest.raises(InvalidArgumentError, match="timeout"):
+            User.find(consistency="server", timeout=bad)
+        with pytest.raises(InvalidArgumentError, match="timeout"):
+            User.find(order_by="age", limit=2, timeout=bad)  # the index-walk path checks it too

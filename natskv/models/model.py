@@ -510,7 +510,7 @@ class Model(metaclass=ModelMeta):
                         action: Callable[[Model], None]) -> int:
         """Run ``action`` on every matching record with compare-and-set; on a conflict, re-read
         the record and retry while it still matches. Returns how many records it was applied to."""
-        _, flt = cls._s().compiled(where, {k: v for k, v in lookups.items() if k != "consistency"})
+        _, flt = cls._s().compiled(where, _without_options(lookups))
         done = 0
         for obj in cls.find(where=where, **lookups):
             for _ in range(_CAS_RETRIES):
@@ -571,6 +571,8 @@ class Model(metaclass=ModelMeta):
         store = cls._s()
         lookups = dict(lookups)
         server = _server_read(lookups.pop("consistency", "replica"))
+        timeout = lookups.pop("timeout", None)
+        check_timeout(timeout)
         if not server and where is None and lookups:
             # The commonest queries, find_one(email=...) or find(role=..., age=...): equalities
             # on indexed str/int fields need no plan: probe the most selective index, then
@@ -580,7 +582,7 @@ class Model(metaclass=ModelMeta):
                 return cls._select_equal(store, equalities, first)
         compiled_where, flt = store.compiled(where, lookups)
         if server:  # every record from the server (one batch read), filtered here
-            entries = [e for _, e in store.bucket._latest(f"{RECORD}:*", False, None)]
+            entries = [e for _, e in store.bucket._latest(f"{RECORD}:*", False, timeout)]
             pairs = [(store.bucket._decode(e).value, e.revision) for e in entries]
         else:
             assert store.replica is not None
@@ -661,7 +663,9 @@ class Model(metaclass=ModelMeta):
         """Matching records. Filters: ``where=`` dict ($eq $ne $gt $gte $lt $lte $in $nin
         $contains $startswith $endswith $regex $exists $and $or $not) and/or Django-style lookups
         (``age__gte=18``). ``order_by`` takes field names, ``-`` for descending. Reads run on the
-        replica; pass ``consistency="server"`` to read every record from the server instead."""
+        replica; pass ``consistency="server"`` (with an optional ``timeout=``) to read every record
+        from the server instead. ``consistency`` and ``timeout`` are read options in every read
+        call (count, exists, paginate, aggregates too): query fields so named with ``where=``."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise InvalidArgumentError(f"limit must be None or an int >= 0, not {limit!r}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
@@ -812,7 +816,7 @@ class Model(metaclass=ModelMeta):
                        want: int, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> list[tuple[dict[str, Any], int]] | None:
         """Up to ``want`` matches after ``mark``, walking ``index`` in order; None when the
         filter selects so few records through another index that sorting them is cheaper."""
-        lookups = {k: v for k, v in lookups.items() if k != "consistency"}
+        lookups = _without_options(lookups)
         compiled_where, flt = store.compiled(where, lookups)
         pk_name = cls._pk
         records = store.records
@@ -926,6 +930,19 @@ def _after(pairs: list[tuple[dict[str, Any], int]], mark: tuple[Any, Any] | None
     if descending:
         return [p for p in pairs if query.position(p[0], field, pk) < at]
     return [p for p in pairs if query.position(p[0], field, pk) > at]
+
+
+# Keywords that the read calls take among their lookups: how to read, not what to match.
+_READ_OPTIONS = frozenset({"consistency", "timeout"})
+
+
+def _without_options(lookups: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The lookups without the read options (checked here, so a bad one fails on every path)."""
+    if _READ_OPTIONS.isdisjoint(lookups):
+        return lookups
+    check_timeout(lookups.get("timeout"))
+    _server_read(lookups.get("consistency", "replica"))
+    return {k: v for k, v in lookups.items() if k not in _READ_OPTIONS}
 
 
 def _server_read(consistency: str) -> bool:
