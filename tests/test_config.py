@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-import shutil
 import socket
 import ssl
 import subprocess
@@ -45,19 +44,12 @@ def a_file(tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A self-signed certificate for 127.0.0.1 and its key (made with the openssl CLI)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )
-    return {"cert": str(cert), "key": str(key)}
+def tls_files() -> dict[str, str]:
+    """A self-signed certificate for 127.0.0.1 / localhost and its key, valid until 2126, kept in
+    tests/data (made once with: openssl req -x509 -newkey rsa:2048 -nodes -days 36500
+    -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1,DNS:localhost)."""
+    data = Path(__file__).resolve().parent / "data"
+    return {"cert": str(data / "tls-cert.pem"), "key": str(data / "tls-key.pem")}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""natskv.server against the real nats-server binary: lifecycle, binary lookup, sharing, clusters."""
+"""natskv.server against the real nats-server binary: lifecycle, binary lookup, sharing, clusters.
+
+Like the rest of the real-server suite this runs on Linux and macOS (fake binaries are shell
+scripts, forks are forks); wheels for Windows run the core's tests (see cibuildwheel.toml).
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,6 @@ from natskv.server import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="uses a shell script as a fake binary")
 
 
 def _alive(pid: int) -> bool:
@@ -236,7 +239,6 @@ def test_an_unusable_data_dir_is_a_server_error(tmp_path: Path) -> None:
         EmbeddedServer.shared(blocker / "shared")
 
 
-@POSIX_ONLY
 def test_a_server_that_never_answers_times_out_and_is_killed(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     fake = _fake_binary(tmp_path, f'echo $$ > "{pid_file}"\necho "pretending to start"\nexec sleep 60')
@@ -250,7 +252,6 @@ def test_a_server_that_never_answers_times_out_and_is_killed(tmp_path: Path) -> 
     assert not _alive(int(pid_file.read_text()))
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
 def test_a_forked_child_sees_the_server_and_cannot_stop_it(
     fresh_server: EmbeddedServer, shared_dir: Path
 ) -> None:
@@ -303,7 +304,6 @@ def test_binary_is_found_in_this_environment() -> None:
     assert server_version(path) == (major, minor, patch)  # cached
 
 
-@POSIX_ONLY
 def test_lookup_order_scripts_dir_then_python_dir_then_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,7 +327,6 @@ def test_lookup_order_scripts_dir_then_python_dir_then_path(
     assert isinstance(caught.value, NatsKVError) and isinstance(caught.value, RuntimeError)
 
 
-@POSIX_ONLY
 def test_env_override_wins_over_everything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -342,7 +341,6 @@ def test_env_override_wins_over_everything(
         EmbeddedServer(data_dir=tmp_path / "data").start()
 
 
-@POSIX_ONLY
 def test_unparsable_version_is_a_server_error(tmp_path: Path) -> None:
     fake = _fake_binary(tmp_path, 'echo "hello"')
     with pytest.raises(ServerError, match="no version"):
