@@ -232,5 +232,27 @@ class Runner:
 
 
 runner = Runner()
-os.register_at_fork(after_in_child=runner._after_fork_in_child)
+
+# Objects holding threads or locks that a forked child must replace: see follow_fork().
+_FORK_FOLLOWERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def follow_fork(obj: Any) -> None:
+    """Call ``obj._after_fork()`` in a forked child, right after fork() while it has one thread
+    (after the runner has forgotten the parent's loop). ``obj`` is held weakly."""
+    _FORK_FOLLOWERS.add(obj)
+
+
+def unfollow_fork(obj: Any) -> None:
+    """Undo :func:`follow_fork`."""
+    _FORK_FOLLOWERS.discard(obj)
+
+
+def _after_fork_in_child() -> None:
+    runner._after_fork_in_child()
+    for obj in list(_FORK_FOLLOWERS):
+        obj._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(runner.shutdown)

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from natskv._runner import check_timeout, runner
+from natskv._runner import check_timeout, follow_fork, runner, unfollow_fork
 from natskv._speedups import core
 from natskv.aio.watch import INITIAL_DONE, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
 from natskv.errors import InvalidKeyError, NatsKVTimeoutError
@@ -29,17 +27,6 @@ if TYPE_CHECKING:
     from natskv.kv import Bucket
 
 log = logging.getLogger("natskv")
-
-# Started replicas of this process: a forked child marks them stale (see LocalReplica._after_fork).
-_STARTED: weakref.WeakSet[LocalReplica] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for replica in list(_STARTED):
-        replica._after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 ApplyHook = Callable[[str, Any, Any, int], None]
 """``hook(key, old_value, new_value, revision)`` after each change (None for absent); loop thread,
@@ -83,7 +70,7 @@ class LocalReplica:
                 subscribe_feed(client._conn, self.bucket._proto, self._pattern.filter, "last_per_subject", self._apply),
                 timeout,
             )
-        _STARTED.add(self)
+        follow_fork(self)  # a forked child reloads it (see _after_fork)
         if not self._ready.wait(timeout):
             raise NatsKVTimeoutError(f"replica of bucket {self.bucket.name!r} not loaded within {timeout} s")
         return self
@@ -91,7 +78,7 @@ class LocalReplica:
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop following the bucket (the values stay readable, frozen)."""
         subscription, self._subscription = self._subscription, None
-        _STARTED.discard(self)
+        unfollow_fork(self)
         if subscription is not None and not runner.in_loop_thread():
             runner.call(unsubscribe_feed(*subscription), timeout)
 
@@ -113,6 +100,10 @@ class LocalReplica:
         self._pending = []
         self._subscription = None
         self._stale = True
+
+    def _ensure_live(self) -> None:
+        if self._stale:  # a forked child's first read
+            self.revive()
 
     def revive(self, timeout: float | None = None) -> None:
         """In a forked child, reload the replica through the child's own connection. Reads call
@@ -191,9 +182,8 @@ class LocalReplica:
         ``revision`` must be that of a write to a key under the replica's pattern: writes to
         other keys are never delivered to it, so their revisions are only passed, not reached.
         """
-        if self._stale:
-            self.revive()
         runner.check_not_loop_thread("LocalReplica.wait_for()")
+        self._ensure_live()
         with self._changed:
             if not self._changed.wait_for(lambda: self.revision >= revision, timeout):
                 raise NatsKVTimeoutError(
@@ -203,35 +193,25 @@ class LocalReplica:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` as of the last applied change, or ``default``."""
-        if self._stale:
-            self.revive()
-        with self._lock:
+        with self.lock:
             return self._values.get(key, default)
 
     def revision_of(self, key: str) -> int | None:
         """The revision of ``key``'s current value, None when absent."""
-        if self._stale:
-            self.revive()
-        with self._lock:
+        with self.lock:
             return self._revisions.get(key)
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of every key and value."""
-        if self._stale:
-            self.revive()
-        with self._lock:
+        with self.lock:
             return dict(self._values)
 
     def __contains__(self, key: object) -> bool:
-        if self._stale:
-            self.revive()
-        with self._lock:
+        with self.lock:
             return key in self._values
 
     def __len__(self) -> int:
-        if self._stale:
-            self.revive()
-        with self._lock:
+        with self.lock:
             return len(self._values)
 
     def __iter__(self) -> Iterator[str]:
@@ -240,6 +220,5 @@ class LocalReplica:
     @property
     def lock(self) -> threading.Lock:
         """Hold this to read several values (or an index kept by ``on_apply``) consistently."""
-        if self._stale:
-            self.revive()
+        self._ensure_live()
         return self._lock

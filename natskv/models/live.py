@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import os
 import queue
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from natskv._runner import follow_fork
 from natskv.errors import InvalidArgumentError
 from natskv.models import query
 
@@ -240,7 +239,7 @@ class EventBus:
         self._handlers: list[tuple[str, Callable[[ModelEvent], None]]] = []
         self._lock = threading.Lock()
         self._dispatcher: _Dispatcher | None = None
-        _BUSES.add(self)
+        follow_fork(self)
 
     def _after_fork(self) -> None:
         # In the child, right after fork(): the parent's thread and lock holders are gone.
@@ -284,14 +283,3 @@ class EventBus:
     def stop(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.stop()
-
-
-_BUSES: weakref.WeakSet[EventBus] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for bus in list(_BUSES):
-        bus._after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
