@@ -227,40 +227,20 @@ class Multiplexer:
             await sub.unsubscribe()
 
     def _install_parser_hook(self) -> None:
-        # Below nats-py's per-message work: its parser awaits nc._process_msg(sid, subject, reply,
-        # data, headers) for every MSG; natskv's subscriptions are answered right there.
+        # nats-py's read loop hands every chunk read from the socket to nc._ps.parse(), which
+        # matches each protocol line with a regex and awaits nc._process_msg per message. On the
+        # nats-py versions natskv knows, this replacement splits the chunk's MSG/HMSG frames in
+        # _core and calls natskv's handlers directly; other subscriptions' messages go to
+        # nats-py's own _process_msg, and the other operations (PING, PONG, +OK, -ERR, INFO) to
+        # the same nats-py methods its parser calls.
         from nats.aio.client import __version__ as nats_version
+        from nats.errors import ProtocolError
 
         if not nats_version.startswith(_HOOKED_NATS_VERSIONS):
             return
         nc = self._nc
-        original = nc._process_msg
-        handlers = self._handlers
-
-        async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> None:
-            handler = handlers.get(sid)
-            if handler is not None:
-                try:
-                    handler(subject.decode(), data, headers, reply.decode() if reply else "")
-                except Exception:  # noqa: BLE001 - never let one message stop nats-py's reader
-                    log.exception("natskv: error handling a message on %r", subject)
-                return
-            await original(sid, subject, reply, data, headers)
-
-        nc._process_msg = process_msg  # type: ignore[method-assign]
-        self.hooked = True
-        self._install_frame_reader(original)
-
-    def _install_frame_reader(self, process_msg: Callable[..., Any]) -> None:
-        # nats-py's read loop hands every chunk read from the socket to nc._ps.parse(), which
-        # matches each protocol line with a regex and awaits nc._process_msg per message. This
-        # replacement splits the chunk's MSG/HMSG frames in _core and calls natskv's handlers
-        # directly; other subscriptions' messages go to nats-py's own process_msg, and the other
-        # operations (PING, PONG, +OK, -ERR, INFO) to the same nats-py methods its parser calls.
-        from nats.errors import ProtocolError
-
-        nc = self._nc
         ps = nc._ps
+        process_msg = nc._process_msg
         handlers = self._handlers
         parse_frames = core.parse_frames
 
@@ -309,6 +289,7 @@ class Multiplexer:
                 raise ProtocolError()
 
         ps.parse = parse  # type: ignore[method-assign]
+        self.hooked = True
 
     # -- loop thread: delivery -------------------------------------------------------------
 
