@@ -206,26 +206,24 @@ class KVProtocol:
     def get(self, encoded_key: str, timeout: float | None) -> RawEntry | None:
         """The latest message of one key (None when it has none; deletes come back as entries)."""
         assert self.conn.mux is not None
-        data, headers, _ = self._request(self._direct_prefix + encoded_key, b"", None, timeout)
+        return self._entry_of(self._request(self._direct_prefix + encoded_key, b"", None, timeout))
+
+    def get_revision(self, encoded_key: str, revision: int, timeout: float | None) -> RawEntry | None:
+        """The message at ``revision`` if it belongs to this key."""
+        assert self.conn.mux is not None
+        body = orjson.dumps({"seq": revision})
+        entry = self._entry_of(self._request(self._direct_batch, body, None, timeout))
+        return entry if entry is not None and entry.subject == self.subject_prefix + encoded_key else None
+
+    def _entry_of(self, reply: RawReply) -> RawEntry | None:
+        """The message of a direct get's reply; None when there is none (404)."""
+        data, headers, _ = reply
         status, desc, hdrs = parse_reply_headers(headers)
         if status:
             if status == 404:
                 return None
             raise self._status_error(status, desc)
         return entry_from_headers(hdrs, data)
-
-    def get_revision(self, encoded_key: str, revision: int, timeout: float | None) -> RawEntry | None:
-        """The message at ``revision`` if it belongs to this key."""
-        assert self.conn.mux is not None
-        body = orjson.dumps({"seq": revision})
-        data, headers, _ = self._request(self._direct_batch, body, None, timeout)
-        status, desc, hdrs = parse_reply_headers(headers)
-        if status:
-            if status == 404:
-                return None
-            raise self._status_error(status, desc)
-        entry = entry_from_headers(hdrs, data)
-        return entry if entry.subject == self.subject_prefix + encoded_key else None
 
     async def last_many_async(self, filter_subject: str, timeout: float) -> list[RawEntry] | None:
         """Loop-thread form of a batch direct get of the latest message per subject under
@@ -287,12 +285,9 @@ class KVProtocol:
         for reply in self.conn.mux.request_many(commands, timeout):
             if reply is None:
                 raise self.conn.mux.timeout_error(self._direct_batch, timeout)
-            status, desc, hdrs = parse_reply_headers(reply[1])
-            if status == 404:
-                continue
-            if status:
-                raise self._status_error(status, desc)
-            out.append(entry_from_headers(hdrs, reply[0]))
+            entry = self._entry_of(reply)
+            if entry is not None:
+                out.append(entry)
         return out
 
     def _batch_entries(self, replies: list[RawReply]) -> list[RawEntry] | None:
@@ -343,14 +338,11 @@ class KVProtocol:
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             body = orjson.dumps({"seq": seq, "next_by_subj": subject})
-            data, headers, _ = self._request(self._direct_batch, body, None, left)
-            status, desc, hdrs = parse_reply_headers(headers)
-            if status == 404:
+            entry = self._entry_of(self._request(self._direct_batch, body, None, left))
+            if entry is None:
                 return out
-            if status:
-                raise self._status_error(status, desc)
-            out.append(entry_from_headers(hdrs, data))
-            seq = out[-1].revision + 1
+            out.append(entry)
+            seq = entry.revision + 1
 
     # -- writes (any thread) ----------------------------------------------------------------
 
