@@ -207,15 +207,14 @@ class Client:
         through ``tx.get`` (so each run sees fresh records) and have no other side effects."""
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise InvalidArgumentError(f"retries must be an int >= 0, not {retries!r}")
-        for attempt in range(retries + 1):
+        for _ in range(retries):
             try:
                 with self.transaction(timeout=timeout) as tx:
-                    result = fn(tx)
-                return result
+                    return fn(tx)
             except RevisionMismatchError:
-                if attempt == retries:
-                    raise
-        raise AssertionError("unreachable")
+                continue
+        with self.transaction(timeout=timeout) as tx:  # the last try: its conflict is raised
+            return fn(tx)
 
     def on(self, pattern: str, callback: Callable[[ModelEvent], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for model events whose name matches ``pattern``.

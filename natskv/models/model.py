@@ -49,8 +49,8 @@ M = TypeVar("M", bound="Model")
 
 RECORD, UNIQUE = "r", "u"
 META_FIELDS = ("_version", "_created_at", "_updated_at")
-# Model.paginate sorts a filtered selection of up to this many records rather than walk the
-# order field's index past every non-matching record.
+# paginate() and find(order_by=<indexed field>, limit=) sort a filtered selection of up to this
+# many records rather than walk the order field's index past every non-matching record.
 _PAGE_SORT_MAX = 2000
 _CAS_RETRIES = 20
 MAX_BATCH = 1000  # writes in one atomic batch (the server's limit)
