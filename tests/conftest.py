@@ -124,9 +124,11 @@ def py_core() -> ModuleType:
 
 
 @pytest.fixture
-def kv(db: natskv.Client, name: str) -> Iterator[natskv.Bucket]:
-    """A bucket (history 10) unique to this test, deleted afterwards."""
-    bucket = db.bucket(name, history=10)
+def kv(db: natskv.Client, name: str, request: pytest.FixtureRequest) -> Iterator[natskv.Bucket]:
+    """A bucket unique to this test, deleted afterwards: history 10, or the options of a
+    ``@pytest.mark.bucket(...)`` mark on the test or its module."""
+    mark = request.node.get_closest_marker("bucket")
+    bucket = db.bucket(name, **(mark.kwargs if mark is not None else {"history": 10}))
     try:
         yield bucket
     finally:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 
 def default_sigint() -> None:
     """``preexec_fn`` for children a test interrupts with SIGINT.
@@ -12,3 +15,19 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; natskv errors (a server
+    restarting, a client reconnecting) count as "not yet". Returns the last answer."""
+    import natskv
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except natskv.NatsKVError:
+            pass
+        time.sleep(interval)
+    return predicate()

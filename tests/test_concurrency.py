@@ -21,13 +21,8 @@ from natskv import DeadlockError, NatsKVError, NotConnectedError, RevisionMismat
 from natskv._runner import runner
 
 REPO = Path(__file__).resolve().parent.parent
-@pytest.fixture
-def kv(db: natskv.Client, name: str) -> Iterator[natskv.Bucket]:
-    bucket = db.bucket(name)
-    try:
-        yield bucket
-    finally:
-        db.delete_bucket(name)
+# history 1, db.bucket()'s default (the kv fixture lives in conftest.py)
+pytestmark = pytest.mark.bucket()
 
 
 def run_threads(n: int, target: Callable[[int], None], timeout: float = 60.0) -> list[BaseException]:

@@ -4,13 +4,13 @@ replicas, indexes and model watches all carry on where they were."""
 from __future__ import annotations
 
 import threading
-import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
 import natskv
 from natskv import Field, Model, UniqueConstraintError
+from helpers import wait_until
 from natskv.server import EmbeddedServer
 
 
@@ -38,18 +38,6 @@ def item_model(client: natskv.Client) -> Any:
         n = Field(int)
 
     return client.register(Item, timeout=10)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except natskv.NatsKVError:
-            pass
-        time.sleep(interval)
-    return predicate()
 
 
 def restart(server: EmbeddedServer, *clients: natskv.Client) -> None:

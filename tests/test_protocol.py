@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -18,13 +18,8 @@ import natskv
 from natskv._runner import runner
 
 
-@pytest.fixture
-def kv(db: natskv.Client, name: str) -> Iterator[natskv.Bucket]:
-    bucket = db.bucket(name)
-    try:
-        yield bucket
-    finally:
-        db.delete_bucket(name)
+# history 1, db.bucket()'s default (the kv fixture lives in conftest.py)
+pytestmark = pytest.mark.bucket()
 
 
 def nats_client(db: natskv.Client) -> Any:

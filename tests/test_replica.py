@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -12,13 +12,8 @@ import natskv
 from natskv import InvalidKeyError, NatsKVTimeoutError
 
 
-@pytest.fixture
-def kv(db: natskv.Client, name: str) -> Iterator[natskv.Bucket]:
-    bucket = db.bucket(name)
-    try:
-        yield bucket
-    finally:
-        db.delete_bucket(name)
+# history 1, db.bucket()'s default (the kv fixture lives in conftest.py)
+pytestmark = pytest.mark.bucket()
 
 
 def consumer_count(db: natskv.Client, bucket: str) -> int:

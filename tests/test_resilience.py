@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
 import natskv
 from natskv import Change, NatsKVTimeoutError
+from helpers import wait_until
 from natskv.server import EmbeddedServer
 
 
@@ -21,18 +22,6 @@ def db(fresh_server: EmbeddedServer) -> Iterator[natskv.Client]:
         yield client
     finally:
         client.close(timeout=5)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except natskv.NatsKVError:
-            pass
-        time.sleep(interval)
-    return predicate()
 
 
 class Collector:
