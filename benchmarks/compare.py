@@ -183,23 +183,13 @@ class NatsPy:
         self.run(go())
 
     def gets(self, keys: list[str], calls: int) -> list[float]:
-        kv = self.kv
-        clock = time.perf_counter
-
-        async def go() -> list[float]:
-            samples = []
-            n = len(keys)
-            for i in range(calls):
-                key = keys[i % n]
-                t0 = clock()
-                await kv.get(key)
-                samples.append(clock() - t0)
-            return samples
-
-        return self.run(go())
+        return self._timed(self.kv.get, keys, (), calls)
 
     def puts(self, keys: list[str], value: bytes, calls: int) -> list[float]:
-        kv = self.kv
+        return self._timed(self.kv.put, keys, (value,), calls)
+
+    def _timed(self, op: Callable[..., Any], keys: list[str], args: tuple[Any, ...], calls: int) -> list[float]:
+        """Per-call seconds of ``await op(key, *args)``, cycling through ``keys``."""
         clock = time.perf_counter
 
         async def go() -> list[float]:
@@ -208,7 +198,7 @@ class NatsPy:
             for i in range(calls):
                 key = keys[i % n]
                 t0 = clock()
-                await kv.put(key, value)
+                await op(key, *args)
                 samples.append(clock() - t0)
             return samples
 
@@ -228,27 +218,23 @@ class NatsPy:
 
 
 def natskv_gets(kv: natskv.Bucket, keys: list[str], calls: int) -> list[float]:
-    get = kv.get
-    clock = time.perf_counter
-    samples = []
-    n = len(keys)
-    for i in range(calls):
-        key = keys[i % n]
-        t0 = clock()
-        get(key)
-        samples.append(clock() - t0)
-    return samples
+    return natskv_timed(kv.get, keys, (), calls)
 
 
 def natskv_sets(kv: natskv.Bucket, keys: list[str], value: bytes, calls: int) -> list[float]:
-    put = kv.set
+    return natskv_timed(kv.set, keys, (value,), calls)
+
+
+def natskv_timed(op: Callable[..., Any], keys: list[str], args: tuple[Any, ...], calls: int) -> list[float]:
+    """Per-call seconds of ``op(key, *args)``, cycling through ``keys`` (the same loop as
+    ``NatsPy._timed``, so both sides pay the same bookkeeping)."""
     clock = time.perf_counter
     samples = []
     n = len(keys)
     for i in range(calls):
         key = keys[i % n]
         t0 = clock()
-        put(key, value)
+        op(key, *args)
         samples.append(clock() - t0)
     return samples
 
