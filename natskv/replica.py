@@ -101,10 +101,6 @@ class LocalReplica:
         self._subscription = None
         self._stale = True
 
-    def _ensure_live(self) -> None:
-        if self._stale:  # a forked child's first read
-            self.revive()
-
     def revive(self, timeout: float | None = None) -> None:
         """In a forked child, reload the replica through the child's own connection. Reads call
         this on their own; it is public for a worker that wants to load before serving."""
@@ -183,7 +179,8 @@ class LocalReplica:
         other keys are never delivered to it, so their revisions are only passed, not reached.
         """
         runner.check_not_loop_thread("LocalReplica.wait_for()")
-        self._ensure_live()
+        if self._stale:  # a forked child's first read
+            self.revive()
         with self._changed:
             if not self._changed.wait_for(lambda: self.revision >= revision, timeout):
                 raise NatsKVTimeoutError(
@@ -220,5 +217,6 @@ class LocalReplica:
     @property
     def lock(self) -> threading.Lock:
         """Hold this to read several values (or an index kept by ``on_apply``) consistently."""
-        self._ensure_live()
+        if self._stale:  # a forked child's first read (every read comes through here)
+            self.revive()
         return self._lock
