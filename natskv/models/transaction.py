@@ -48,7 +48,6 @@ class Transaction:
         self._store: ModelStore | None = None
         self._ops: dict[str, tuple[Any, ...]] = {}  # by key, in order
         self._owners: dict[str, type[Model]] = {}  # key -> the model that wrote it (for errors)
-        self._changed: set[str] = set()  # record keys changed so far
         # After the commit: (instance, clean values, stored form); stored None for a delete.
         self._done: list[tuple[Model, dict[str, Any] | None, dict[str, Any] | None]] = []
         self._state = "open"
@@ -194,8 +193,8 @@ class Transaction:
     def _add(self, model: type[Model], ops: list[tuple[Any, ...]]) -> None:
         """Queue one record's writes. A unique value freed by one record and taken by another in
         the same transaction becomes one write; any other key written twice is refused."""
-        record = ops[-1][1]
-        if record in self._changed:
+        record = ops[-1][1]  # a record's own write comes last, after its unique markers
+        if record in self._ops:
             raise InvalidArgumentError(f"{model.__name__} record {record!r} is already changed in this transaction")
         merged = dict(self._ops)
         for op in ops:
@@ -212,7 +211,6 @@ class Transaction:
         if len(merged) > MAX_BATCH:
             raise InvalidArgumentError(f"a transaction holds at most {MAX_BATCH} writes; commit in smaller transactions")
         self._ops = merged
-        self._changed.add(record)
         for op in ops:
             self._owners[op[1]] = model
 
