@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from natskv._speedups import __impl__
 from natskv.config import ConnectOptions
 from natskv.errors import (
+    AuthenticationError,
     BatchError,
     BucketNotFoundError,
     ConfigurationError,
@@ -88,6 +89,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
     "BatchError",
     "Bucket",
     "BucketNotFoundError",

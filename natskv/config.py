@@ -172,7 +172,10 @@ class ConnectOptions:
     ``servers`` holds full URLs without credentials; empty means "no URL given", and the client
     then uses the embedded server. Credentials written in a URL are moved into ``user`` /
     ``password`` (or ``token`` for ``token@host``); giving different ones as keywords is an error.
-    ``request_timeout`` is natskv's own default for every blocking call; the other durations
+    Any TLS option, or a ``tls://`` / ``wss://`` URL, makes TLS mandatory: a server that does not
+    offer it is refused before anything is sent. ``tls_handshake_first=True`` starts the TLS
+    handshake before the server's INFO (for servers with ``handshake_first`` in their ``tls``
+    block). ``request_timeout`` is natskv's own default for every blocking call; the other durations
     (seconds) go to nats-py. ``max_reconnect=-1`` means reconnect forever. ``repr()`` and
     ``redacted()`` never show passwords or tokens.
 
@@ -189,6 +192,7 @@ class ConnectOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_hostname: str | None = None
+    tls_handshake_first: bool = False
     name: str | None = "natskv"
     connect_timeout: float = 5.0
     request_timeout: float = 5.0
@@ -337,6 +341,14 @@ class ConnectOptions:
                 f"inbox_prefix must be a non-empty subject without spaces or wildcards, "
                 f"got {self.inbox_prefix!r}"
             )
+        if not isinstance(self.tls_handshake_first, bool):
+            raise ConfigurationError(
+                f"tls_handshake_first must be True or False, got {self.tls_handshake_first!r}"
+            )
+        if self.uses_tls and any(urlsplit(url).scheme == "ws" for url in self.servers):
+            raise ConfigurationError(
+                "TLS options are given with a ws:// URL, which never uses TLS: write wss:// instead"
+            )
         if self.user is not None and self.password is None:
             raise ConfigurationError(
                 "user is set but password is not: pass password= too (or use token= alone)"
@@ -374,8 +386,8 @@ class ConnectOptions:
 
     @property
     def uses_tls(self) -> bool:
-        """True when a TLS context will be passed to nats-py (a TLS option or a tls:// URL)."""
-        return bool(self.tls_ca or self.tls_cert) or any(
+        """True when the connection must be TLS (a TLS option or a tls:// / wss:// URL)."""
+        return bool(self.tls_ca or self.tls_cert or self.tls_hostname or self.tls_handshake_first) or any(
             urlsplit(url).scheme in ("tls", "wss") for url in self.servers
         )
 
@@ -438,6 +450,8 @@ class ConnectOptions:
             kwargs["tls"] = context
         if self.tls_hostname is not None:
             kwargs["tls_hostname"] = self.tls_hostname
+        if self.tls_handshake_first:
+            kwargs["tls_handshake_first"] = True
         return kwargs
 
     def redacted(self) -> str:

@@ -132,6 +132,15 @@ class PermissionDeniedError(NatsKVError, PermissionError):
     """The NATS user is not allowed to publish or subscribe where the call needed to."""
 
 
+class AuthenticationError(PermissionDeniedError, NotConnectedError):
+    """The server refused the client's credentials (user/password, token, nkey, creds or JWT).
+
+    Raised by ``natskv.connect()`` and, when the credentials expire or are revoked on a live
+    connection, by the next call. The message carries the server's reason (e.g. "Authorization
+    Violation"). Fix the credentials (or the server's authorization settings) and connect again.
+    """
+
+
 class FeatureNotSupportedError(NatsKVError, NotImplementedError):
     """The connected nats-server is too old for the call. The message names the version it needs."""
 
@@ -168,6 +177,7 @@ class ValidationError(NatsKVError, ValueError):
 
 
 __all__ = [
+    "AuthenticationError",
     "BatchError",
     "BucketNotFoundError",
     "ConfigurationError",

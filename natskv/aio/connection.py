@@ -9,23 +9,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
+import ssl
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import ParseResult
 
 import nats
 import orjson
 from nats.aio.client import Client as NatsClient
+from nats.aio.transport import TcpTransport
 
-from natskv.aio.mux import Multiplexer, parse_reply_headers
+from natskv.aio.mux import Multiplexer, RawReply, status_of
 from natskv.config import ConnectOptions
 from natskv.errors import (
+    AuthenticationError,
     BucketNotFoundError,
     ConfigurationError,
     FeatureNotSupportedError,
     JetStreamError,
     NatsKVError,
-    NatsKVTimeoutError,
     NotConnectedError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -39,9 +41,114 @@ API_LEVEL_ATOMIC = 2  # atomic batch publish, counters (2.12)
 LEVEL_VERSIONS = {API_LEVEL_TTL: "2.11", API_LEVEL_ATOMIC: "2.12"}
 
 ERR_STREAM_NOT_FOUND = 10059
-_DENIED_SUBJECT = re.compile(r'publish to "([^"]+)"', re.IGNORECASE)
 ERR_MESSAGE_TOO_LARGE = 10054
 ERR_JETSTREAM_NOT_ENABLED = (10039, 10076)
+
+# 'Permissions Violation for Publish to "<subject>"' / '... for Subscription to "<subject>"'
+_DENIED = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.IGNORECASE)
+# What nats-server says when it refuses or withdraws a client's credentials.
+_AUTH_REASONS = ("authorization violation", "authentication expired", "authentication revoked")
+
+
+class _TLSUnavailable(nats.errors.Error):
+    """The server's INFO offers no TLS although TLS was asked for. Raised before CONNECT, so the
+    credentials are never sent in plaintext."""
+
+    def __str__(self) -> str:
+        return "the server does not offer TLS"
+
+
+class _ConnectFailed(Exception):
+    """Ends nats-py's first-connection retry loop once every server was tried (see
+    Connection._on_error); deliberately not a nats error, so nats-py does not catch it."""
+
+
+class _TLSTransport(TcpTransport):
+    """nats-py's TCP transport with a correct TLS upgrade.
+
+    ``loop.start_tls()`` never calls ``connection_made()`` on the protocol it is given, so
+    nats-py's ``StreamReaderProtocol`` does not know it runs over TLS: at every EOF it returns True
+    from ``eof_received()`` and asyncio logs "returning true from eof_received() has no effect when
+    using ssl" (nats-io/nats.py#574), and its reader never gets the transport for flow control.
+    Calling ``connection_made()`` with the TLS transport, as asyncio's own
+    ``StreamWriter.start_tls()`` does, fixes both.
+    """
+
+    async def connect_tls(
+        self, uri: str | ParseResult, ssl_context: ssl.SSLContext, buffer_size: int, connect_timeout: int
+    ) -> None:
+        assert self._io_writer is not None, "connect() must come first"
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=buffer_size)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        hostname = uri if isinstance(uri, str) else uri.hostname
+        transport = await asyncio.wait_for(
+            loop.start_tls(self._io_writer.transport, protocol, ssl_context, server_hostname=hostname),
+            connect_timeout,
+        )
+        protocol.connection_made(transport)
+        self._io_reader, self._io_writer = reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+class _NatsClient(NatsClient):
+    """nats-py's client with two safety fixes natskv relies on (nats-py 2.16 internals).
+
+    * ``require_tls``: nats-py upgrades to TLS only when the server's INFO says ``tls_required``,
+      so a ``tls://`` URL would send the credentials in plaintext to a server without TLS. Here
+      the INFO is checked before CONNECT is written: a server offering TLS (required or
+      available) is upgraded to, one without it is refused.
+    * the TLS upgrade goes through :class:`_TLSTransport`.
+    """
+
+    require_tls = False
+
+    async def _connect_to_server(self, s: Any) -> None:
+        await super()._connect_to_server(s)
+        if type(self._transport) is TcpTransport:
+            # nats-py builds its transport itself and keeps it for every reconnect; same fields.
+            self._transport.__class__ = _TLSTransport
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        if initial_connection and self.require_tls and not self.options["tls_handshake_first"]:
+            if not (info.get("tls_required") or info.get("tls_available")):
+                raise _TLSUnavailable()
+            info["tls_required"] = True  # nats-py's signal to upgrade before CONNECT
+        await super()._process_info(info, initial_connection)
+
+
+def _is_auth_error(exc: BaseException | None) -> bool:
+    if isinstance(exc, nats.errors.AuthorizationError):
+        return True
+    text = str(exc).lower() if exc is not None else ""
+    return any(reason in text for reason in _AUTH_REASONS)
+
+
+def _server_reason(exc: BaseException) -> str:
+    """The server's own words for an error nats-py raised ("Authorization Violation", ...)."""
+    if isinstance(exc, nats.errors.AuthorizationError):
+        return "Authorization Violation"  # nats-py replaces the server's text with its own
+    text = str(exc)
+    if text.startswith("nats: "):
+        text = text[len("nats: ") :]
+    return text.strip().strip("'") or type(exc).__name__
+
+
+def _connect_reason(exc: BaseException, timeout: float) -> str:
+    """Why one attempt to reach a server failed, in words a user can act on."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is nats-server running, and on this port?)"
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer within connect_timeout={timeout:g} s"
+    if isinstance(exc, _TLSUnavailable):
+        return (
+            "the server does not offer TLS, but TLS was asked for (a tls:// URL or a tls_* option); "
+            "nothing was sent. Enable TLS on the server, or use a nats:// URL without TLS options"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc}"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return _server_reason(exc)
 
 
 class Connection:
@@ -56,7 +163,10 @@ class Connection:
         self.server_version = ""
         self.max_payload = 1 << 20
         self.reconnects = 0
-        self._permission_errors: list[tuple[float, str]] = []
+        # Errors of the attempts of the first connection (None once it is made).
+        self._connect_errors: list[Exception] | None = None
+        # Subscriptions the server refused (exact, or lower-cased when nats-py lower-cased them).
+        self.denied_subscriptions: set[str] = set()
         # Called on the loop thread after every reconnect (watch consumers resume through this).
         self.on_reconnect: list[Callable[[], Any]] = []
         self.on_disconnect: list[Callable[[], Any]] = []
@@ -66,32 +176,70 @@ class Connection:
     # -- lifecycle (loop thread) -------------------------------------------------------------
 
     async def connect(self) -> None:
+        """Connect, trying each server once; raise a natskv error naming why each one failed.
+
+        nats-py retries a first connection as often as a reconnect (forever by default), so a
+        wrong password or a closed port would only show as a timeout. Here its error callback
+        counts the failed attempts and ends the connect once every server was tried.
+        """
         kwargs = self.options.to_nats_kwargs()
         kwargs["servers"] = self.servers
         kwargs.update(
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            closed_cb=self._on_closed,
         )
-        # nats-py retries an initial connection as often as a reconnect (forever by default);
-        # a first connection either works within the connect timeout per server or fails.
+        nc = _NatsClient()
+        nc.require_tls = self.options.uses_tls
+        self.nc = nc
+        attempts: list[Exception] = []
+        self._connect_errors = attempts
         budget = self.options.connect_timeout * max(1, len(self.servers)) + 1.0
         try:
-            self.nc = await asyncio.wait_for(nats.connect(**kwargs), budget)
-        except Exception as exc:
-            why = f"no connection within {budget:g} s" if isinstance(exc, asyncio.TimeoutError) else str(exc)
-            raise NotConnectedError(
-                f"could not connect to NATS at {', '.join(self.servers)}: {why or type(exc).__name__}; "
-                "check the URL, credentials and that nats-server is running"
-            ) from exc
+            await asyncio.wait_for(nc.connect(**kwargs), budget)
+        except BaseException as exc:
+            self._connect_errors = None
+            await self._discard(nc)
+            if not isinstance(exc, Exception):
+                raise
+            raise self._connect_error(exc, attempts) from (exc.__cause__ if isinstance(exc, _ConnectFailed) else exc)
+        self._connect_errors = None
         loop = asyncio.get_running_loop()
         self.mux = Multiplexer(self.nc, loop, self.options.inbox_prefix)
+        self.mux.on_permission_violation = self._permission_violation
         try:
             await self.mux.start()
             await self._read_server_info()
-        except BaseException:
-            await self.nc.close()
-            raise
+        except BaseException as exc:
+            await self._discard(nc)
+            if isinstance(exc, NatsKVError) or not isinstance(exc, Exception):
+                raise
+            # The server closed the new connection at once (e.g. credentials it accepted, then
+            # found expired): nats-py says "connection closed".
+            raise self._closed_error() from exc
+
+    def _connect_error(self, exc: Exception, attempts: list[Exception]) -> NatsKVError:
+        where = ", ".join(self.servers)
+        causes = attempts or [exc]
+        auth = [c for c in causes if _is_auth_error(c)]
+        if auth:
+            return AuthenticationError(
+                f"NATS at {where} refused the credentials: {_server_reason(auth[-1])}; check the "
+                "user/password, token, nkey or creds file and the server's authorization settings"
+            )
+        if isinstance(exc, asyncio.TimeoutError) and not attempts:
+            why = f"no connection within {self.options.connect_timeout * max(1, len(self.servers)) + 1.0:g} s"
+        else:
+            why = "; ".join(dict.fromkeys(_connect_reason(c, self.options.connect_timeout) for c in causes))
+        return NotConnectedError(f"could not connect to NATS at {where}: {why}")
+
+    @staticmethod
+    async def _discard(nc: NatsClient) -> None:
+        try:
+            await nc.close()
+        except Exception:  # noqa: BLE001 - a half-open connection may fail to close cleanly
+            log.debug("natskv: error while discarding a failed connection", exc_info=True)
 
     async def _read_server_info(self) -> None:
         assert self.nc is not None
@@ -118,22 +266,73 @@ class Connection:
             await nc.close()
 
     async def _on_error(self, exc: Exception) -> None:
+        attempts = self._connect_errors
+        if attempts is not None:
+            # First connection (see connect()): stop once every server has failed once.
+            attempts.append(exc)
+            if len(attempts) >= max(1, len(self.servers)):
+                raise _ConnectFailed() from exc
+            return
         text = str(exc)
         if "permissions violation" in text.lower():
-            self._permission_errors.append((time.monotonic(), text))
-            del self._permission_errors[:-20]
-            # 'permissions violation for publish to "<subject>"': fail the calls waiting on it now
-            # instead of letting them time out.
-            match = _DENIED_SUBJECT.search(text)
-            if match and self.mux is not None:
-                subject = match.group(1)
-                self.mux.fail_subject(
-                    subject,
-                    PermissionDeniedError(
-                        f"the NATS user may not publish to {subject!r}; grant it in the server's authorization settings"
-                    ),
-                )
+            self._permission_violation(text)
+        elif _is_auth_error(exc):
+            log.warning("natskv: NATS refused the credentials while reconnecting: %s", _server_reason(exc))
         log.debug("natskv: nats error: %s", text)
+
+    def _permission_violation(self, text: str) -> None:
+        """Fail the calls the server just refused, at once instead of at their timeout.
+
+        ``text`` is the server's error; nats-py's own parser lower-cases it, natskv's frame reader
+        does not. NATS subjects are case-sensitive, so a lower-cased subject matches without case
+        only when it came lower-cased. Loop thread only.
+        """
+        match = _DENIED.search(text)
+        if match is None or self.mux is None:
+            return
+        kind, subject = match.group(1).lower(), match.group(2)
+        exact = text != text.lower()
+        if kind == "subscription":
+            self.denied_subscriptions.add(subject if exact else subject.lower())
+            error = PermissionDeniedError(
+                f"the NATS user may not subscribe to {subject!r} ({text}); grant it in the server's "
+                "authorization settings (natskv needs its inbox prefix and its watch inboxes)"
+            )
+            self.mux.fail_replies_to(subject, error, exact)
+            return
+        error = PermissionDeniedError(
+            f"the NATS user may not publish to {subject!r} ({text}); grant it in the server's "
+            "authorization settings; nothing was sent there"
+        )
+        self.mux.fail_subject(subject, error, exact)
+
+    def subscription_denied(self, subject: str) -> PermissionDeniedError | None:
+        """The error for a subscription to ``subject`` the server refused, if it did."""
+        if subject in self.denied_subscriptions or subject.lower() in self.denied_subscriptions:
+            return PermissionDeniedError(
+                f"the NATS user may not subscribe to {subject!r}; grant it in the server's authorization settings"
+            )
+        return None
+
+    async def _on_closed(self) -> None:
+        # nats-py closes for good (no reconnect) when the server withdraws the credentials, on
+        # some other server errors, and when reconnect attempts run out.
+        if self.mux is not None and not self.mux.closed:
+            self.mux.close(self._closed_error())
+
+    def _closed_error(self) -> NatsKVError:
+        nc = self.nc
+        cause = nc.last_error if nc is not None else None
+        if _is_auth_error(cause):
+            assert cause is not None
+            return AuthenticationError(
+                f"NATS closed the connection because it no longer accepts the credentials: "
+                f"{_server_reason(cause)}; renew the credentials and create a new client with natskv.connect()"
+            )
+        why = f" ({_server_reason(cause)})" if cause is not None else ""
+        return NotConnectedError(
+            f"the connection to NATS was closed{why} and will not reconnect; create a new client with natskv.connect()"
+        )
 
     async def _on_disconnected(self) -> None:
         if self.nc is not None and not (self.nc.is_closed or self.nc.is_draining):
@@ -162,48 +361,27 @@ class Connection:
         if self.api_level < level:
             raise FeatureNotSupportedError(feature, LEVEL_VERSIONS.get(level, "a newer version"), self.server_version)
 
-    # -- errors --------------------------------------------------------------------------------
-
-    def permission_error(self, subject: str) -> PermissionDeniedError | None:
-        """A recent permissions violation that names ``subject``, if the server reported one."""
-        now = time.monotonic()
-        for at, text in reversed(self._permission_errors):
-            if now - at < 30 and subject in text:
-                return PermissionDeniedError(
-                    f"the NATS user may not use {subject!r} ({text}); grant it in the server's authorization settings"
-                )
-        return None
-
     # -- JetStream API -----------------------------------------------------------------------
 
     async def js_api(self, api: str, payload: dict[str, Any] | None, timeout: float | None = None) -> dict[str, Any]:
-        """Call ``$JS.API.<api>`` from the loop thread and return the decoded answer."""
-        assert self.nc is not None
-        subject = "$JS.API." + api
+        """Call ``$JS.API.<api>`` from the loop thread and return the decoded answer.
+
+        Goes through the multiplexer like every other request, so a permissions violation fails
+        it at once."""
+        assert self.mux is not None
         body = orjson.dumps(payload) if payload is not None else b""
-        try:
-            msg = await self.nc.request(subject, body, timeout=timeout or self.options.request_timeout)
-        except nats.errors.NoRespondersError as exc:
-            raise FeatureNotSupportedError("JetStream (no JetStream responders)", "2.2", self.server_version) from exc
-        except nats.errors.TimeoutError as exc:
-            raise self.permission_error(subject) or NatsKVTimeoutError(
-                f"JetStream did not answer {subject} within {timeout} s; is the server up and JetStream enabled?"
-            ) from exc
-        except nats.errors.ConnectionClosedError as exc:
-            raise NotConnectedError("the connection is closed; create a new client with natskv.connect()") from exc
-        return check_api_reply(api, msg.data)
+        reply = await self.mux.request_async("$JS.API." + api, body, None, timeout or self.options.request_timeout)
+        return self._api_reply(api, reply)
 
     def js_api_blocking(self, api: str, payload: dict[str, Any] | None, timeout: float | None) -> dict[str, Any]:
         """Call ``$JS.API.<api>`` from any thread but the loop thread (through the multiplexer)."""
         assert self.mux is not None
-        subject = "$JS.API." + api
         body = orjson.dumps(payload) if payload is not None else b""
-        try:
-            data, headers, _ = self.mux.request(subject, body, None, timeout)
-        except NatsKVTimeoutError as exc:
-            raise self.permission_error(subject) or exc from None
-        status, desc, _ = parse_reply_headers(headers)
-        if status == 503:
+        return self._api_reply(api, self.mux.request("$JS.API." + api, body, None, timeout))
+
+    def _api_reply(self, api: str, reply: RawReply) -> dict[str, Any]:
+        data, headers, _ = reply
+        if not data and status_of(headers) == 503:
             raise FeatureNotSupportedError("JetStream (no JetStream responders)", "2.2", self.server_version)
         return check_api_reply(api, data)
 

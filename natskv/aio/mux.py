@@ -140,14 +140,15 @@ class StreamWaiter:
 class CountWaiter:
     """Waits for ``n`` single replies sent under tokens ``base+0 .. base+n-1`` (pipelined writes)."""
 
-    __slots__ = ("_lock", "replies", "_left", "error")
+    __slots__ = ("_lock", "replies", "_left", "error", "subjects")
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, subjects: frozenset[str] = frozenset()) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.replies: list[RawReply | None] = [None] * n
         self._left = n
         self.error: BaseException | None = None
+        self.subjects = subjects
 
     fail = Waiter.fail
 
@@ -164,6 +165,25 @@ class CountWaiter:
 
     def wait(self, timeout: float | None) -> bool:
         return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))
+
+
+class AsyncWaiter:
+    """Waits for one reply on the loop thread itself (``Multiplexer.request_async``)."""
+
+    __slots__ = ("future", "subject")
+
+    def __init__(self, future: asyncio.Future[RawReply], subject: str) -> None:
+        self.future = future
+        self.subject = subject
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def deliver(self, data: bytes, headers: Any, reply: str) -> bool:
+        if not self.future.done():
+            self.future.set_result((data, headers, reply))
+        return True
 
 
 class _HookFuture:
@@ -201,9 +221,13 @@ class Multiplexer:
         self._scheduled = False
         self._handlers: dict[int, Callable[[str, bytes, Any, str], None]] = {}
         # Threads blocked in a request, woken with NotConnectedError by close().
-        self._waiting: set[Waiter | StreamWaiter | CountWaiter] = set()
+        self._waiting: set[Waiter | StreamWaiter | CountWaiter | AsyncWaiter] = set()
         self.hooked = False
         self.closed = False
+        self._closed_error: BaseException | None = None
+        # Called on the loop thread with the server's "Permissions Violation ..." text, in its
+        # original case, by natskv's frame reader (nats-py's parser lower-cases it).
+        self.on_permission_violation: Callable[[str], None] | None = None
 
     async def start(self) -> None:
         await self.subscribe(self.prefix + "*", self._on_inbox)
@@ -281,7 +305,11 @@ class Multiplexer:
             elif op == b"+OK":
                 pass
             elif op == b"-ERR":
-                await nc._process_err(rest.strip().decode(errors="replace").lower())
+                text = rest.strip().decode(errors="replace")
+                if self.on_permission_violation is not None and "permissions violation" in text.lower():
+                    self.on_permission_violation(text.strip("'"))  # all nats-py does with it is report it
+                else:
+                    await nc._process_err(text.lower())
             elif op == b"INFO":
                 await nc._process_info(json.loads(rest))
             else:
@@ -311,10 +339,14 @@ class Multiplexer:
     def remove_route(self, token: str) -> None:
         self._routes.pop(token, None)
 
-    def close(self) -> None:
-        """Refuse new requests and wake every thread still waiting for a reply (any thread)."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Refuse new requests and wake every thread still waiting for a reply (any thread).
+
+        ``error`` (default: "the client was closed") is raised by the waiting calls and the
+        later ones: why the connection ended."""
         self.closed = True
-        error = NotConnectedError("the client was closed while this call waited for its reply")
+        self._closed_error = error
+        error = error or NotConnectedError("the client was closed while this call waited for its reply")
 
         def fail_all() -> None:
             for waiter in list(self._waiting):
@@ -324,12 +356,23 @@ class Multiplexer:
             return
         self._loop.call_soon_threadsafe(fail_all)
 
-    def fail_subject(self, subject: str, error: BaseException) -> None:
-        """Wake the threads waiting on requests sent to ``subject`` (compared case-insensitively:
-        nats-py lowercases server errors) with ``error``. Loop thread only."""
-        subject = subject.lower()
+    def fail_subject(self, subject: str, error: BaseException, exact: bool = True) -> None:
+        """Fail the requests waiting on a reply to a message sent to ``subject`` with ``error``
+        (the server refused it). ``exact=False`` compares without case, for a subject nats-py
+        lower-cased. Loop thread only."""
+        if not exact:
+            subject = subject.lower()
         for waiter in list(self._waiting):
-            if getattr(waiter, "subject", "").lower() == subject:
+            sent = waiter.subjects if type(waiter) is CountWaiter else (waiter.subject,)
+            if any((s if exact else s.lower()) == subject for s in sent):
+                waiter.fail(error)
+
+    def fail_replies_to(self, subscription: str, error: BaseException, exact: bool = True) -> None:
+        """The server refused the subscription ``subscription``: when it is this multiplexer's
+        inbox no reply can arrive, so fail every waiting request. Loop thread only."""
+        inbox = self.prefix + "*"
+        if subscription == inbox or (not exact and subscription == inbox.lower()):
+            for waiter in list(self._waiting):
                 waiter.fail(error)
 
     def _wait(self, waiter: Any, timeout: float | None) -> bool:
@@ -345,7 +388,7 @@ class Multiplexer:
     def send(self, command: bytes) -> None:
         """Queue an encoded protocol command for the loop thread to write; never blocks."""
         if self.closed:
-            raise NotConnectedError("the client is closed; create a new one with natskv.connect()")
+            raise self._closed_error or NotConnectedError("the client is closed; create a new one with natskv.connect()")
         with self._out_lock:
             self._outbox.append(command)
             if self._scheduled:
@@ -429,7 +472,7 @@ class Multiplexer:
         """
         if not commands:
             return []
-        waiter = CountWaiter(len(commands))
+        waiter = CountWaiter(len(commands), frozenset(subject for subject, _, _ in commands))
         tokens = [self.new_token() for _ in commands]
         encoded = []
         for i, ((subject, payload, headers), token) in enumerate(zip(commands, tokens)):
@@ -447,13 +490,35 @@ class Multiplexer:
                     self._routes.pop(token, None)
         return waiter.replies
 
+    async def request_async(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None
+    ) -> RawReply:
+        """The loop thread's form of :meth:`request` (JetStream API calls of watches, connect).
+
+        Works after a client's ``close()`` began (watches delete their consumers then), but not
+        once the connection itself was closed for good."""
+        if self._closed_error is not None:
+            raise self._closed_error
+        token = self.new_token()
+        waiter = AsyncWaiter(self._loop.create_future(), subject)
+        self._routes[token] = waiter.deliver
+        self._waiting.add(waiter)
+        try:
+            self.write_now(core.pub_command(subject, self.prefix + token, payload, headers))
+            return await asyncio.wait_for(waiter.future, timeout)
+        except asyncio.TimeoutError:
+            raise self.timeout_error(subject, timeout) from None
+        finally:
+            self._routes.pop(token, None)
+            self._waiting.discard(waiter)
+
     def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Fire-and-forget publish from any thread."""
         self.send(core.pub_command(subject, "", payload, headers))
 
     def timeout_error(self, subject: str, timeout: float | None) -> Exception:
         if self.closed:
-            return NotConnectedError("the client was closed while this call waited for its reply")
+            return self._closed_error or NotConnectedError("the client was closed while this call waited for its reply")
         if not self._nc.is_connected:
             return NatsKVTimeoutError(
                 f"no reply within {timeout} s: the connection to NATS is down and reconnecting; "

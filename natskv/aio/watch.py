@@ -80,6 +80,11 @@ class ConsumerFeed:
         self._sid = await self.conn.mux.subscribe(self._inbox, self._on_message)
         self.conn.on_reconnect.append(self._on_reconnect)
         await self._create_consumer()
+        # A refused SUB is answered (with -ERR) before the consumer's create request.
+        denied = self.conn.subscription_denied(self._inbox)
+        if denied is not None:
+            await self.stop()
+            raise denied
         self._arm_watchdog()
 
     async def stop(self) -> None:
