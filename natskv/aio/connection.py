@@ -71,7 +71,9 @@ class _TLSTransport(TcpTransport):
     from ``eof_received()`` and asyncio logs "returning true from eof_received() has no effect when
     using ssl" (nats-io/nats.py#574), and its reader never gets the transport for flow control.
     Calling ``connection_made()`` with the TLS transport, as asyncio's own
-    ``StreamWriter.start_tls()`` does, fixes both.
+    ``StreamWriter.start_tls()`` does, fixes both. A failed handshake (an untrusted certificate)
+    closes the TCP connection but tells only the TLS layer, so nats-py would wait forever for
+    the plain stream to close: the new protocol is told instead, and nats-py's close returns.
     """
 
     async def connect_tls(
@@ -82,10 +84,15 @@ class _TLSTransport(TcpTransport):
         reader = asyncio.StreamReader(limit=buffer_size)
         protocol = asyncio.StreamReaderProtocol(reader)
         hostname = uri if isinstance(uri, str) else uri.hostname
-        transport = await asyncio.wait_for(
-            loop.start_tls(self._io_writer.transport, protocol, ssl_context, server_hostname=hostname),
-            connect_timeout,
-        )
+        plain = self._io_writer.transport
+        try:
+            transport = await asyncio.wait_for(
+                loop.start_tls(plain, protocol, ssl_context, server_hostname=hostname), connect_timeout
+            )
+        except BaseException:
+            protocol.connection_lost(None)
+            self._io_reader, self._io_writer = reader, asyncio.StreamWriter(plain, protocol, reader, loop)
+            raise
         protocol.connection_made(transport)
         self._io_reader, self._io_writer = reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
@@ -276,8 +283,15 @@ class Connection:
         text = str(exc)
         if "permissions violation" in text.lower():
             self._permission_violation(text)
-        elif _is_auth_error(exc):
-            log.warning("natskv: NATS refused the credentials while reconnecting: %s", _server_reason(exc))
+        elif _is_auth_error(exc) and self.mux is not None:
+            if self.mux.refused is None:
+                log.warning("natskv: NATS refuses the credentials while reconnecting: %s", _server_reason(exc))
+            self.mux.refuse(
+                AuthenticationError(
+                    f"NATS no longer accepts the credentials: {_server_reason(exc)} (natskv keeps "
+                    "reconnecting); fix the credentials or the server's authorization settings"
+                )
+            )
         log.debug("natskv: nats error: %s", text)
 
     def _permission_violation(self, text: str) -> None:
@@ -342,7 +356,8 @@ class Connection:
 
     async def _on_reconnected(self) -> None:
         self.reconnects += 1
-        assert self.nc is not None
+        assert self.nc is not None and self.mux is not None
+        self.mux.refused = None
         log.info("natskv: reconnected to %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
         try:
             await self._read_server_info()

@@ -225,6 +225,9 @@ class Multiplexer:
         self.hooked = False
         self.closed = False
         self._closed_error: BaseException | None = None
+        # Set while the server refuses to take the connection back (credentials withdrawn):
+        # calls fail with it at once instead of waiting for a reconnect. Cleared on reconnect.
+        self.refused: BaseException | None = None
         # Called on the loop thread with the server's "Permissions Violation ..." text, in its
         # original case, by natskv's frame reader (nats-py's parser lower-cases it).
         self.on_permission_violation: Callable[[str], None] | None = None
@@ -356,6 +359,13 @@ class Multiplexer:
             return
         self._loop.call_soon_threadsafe(fail_all)
 
+    def refuse(self, error: BaseException) -> None:
+        """Fail the waiting calls and every new one with ``error`` until ``refused`` is reset.
+        Loop thread only."""
+        self.refused = error
+        for waiter in list(self._waiting):
+            waiter.fail(error)
+
     def fail_subject(self, subject: str, error: BaseException, exact: bool = True) -> None:
         """Fail the requests waiting on a reply to a message sent to ``subject`` with ``error``
         (the server refused it). ``exact=False`` compares without case, for a subject nats-py
@@ -387,8 +397,10 @@ class Multiplexer:
 
     def send(self, command: bytes) -> None:
         """Queue an encoded protocol command for the loop thread to write; never blocks."""
-        if self.closed:
-            raise self._closed_error or NotConnectedError("the client is closed; create a new one with natskv.connect()")
+        if self.closed or self.refused is not None:
+            raise self.refused or self._closed_error or NotConnectedError(
+                "the client is closed; create a new one with natskv.connect()"
+            )
         with self._out_lock:
             self._outbox.append(command)
             if self._scheduled:
@@ -497,8 +509,8 @@ class Multiplexer:
 
         Works after a client's ``close()`` began (watches delete their consumers then), but not
         once the connection itself was closed for good."""
-        if self._closed_error is not None:
-            raise self._closed_error
+        if self._closed_error is not None or self.refused is not None:
+            raise self.refused or self._closed_error  # type: ignore[misc]
         token = self.new_token()
         waiter = AsyncWaiter(self._loop.create_future(), subject)
         self._routes[token] = waiter.deliver
