@@ -293,6 +293,67 @@ def test_revoked_user_surfaces_on_next_call(tmp_path: Path) -> None:
         server.stop()
 
 
+INFO = b'INFO {"server_id":"FAKE","version":"2.15.1","proto":1,"headers":true,"max_payload":1048576,"jetstream":true}\r\n'
+
+
+def _after_pong(extra: bytes):  # type: ignore[no-untyped-def]
+    def behave(conn: socket.socket) -> None:
+        conn.sendall(INFO)
+        received = b""
+        while b"PING\r\n" not in received:
+            received += conn.recv(65536) or b"PING\r\n"
+        conn.sendall(b"PONG\r\n" + extra)
+        time.sleep(0.2)
+
+    return behave
+
+
+def _send(data: bytes):  # type: ignore[no-untyped-def]
+    def behave(conn: socket.socket) -> None:
+        conn.sendall(data)
+        time.sleep(0.2)
+
+    return behave
+
+
+@pytest.mark.parametrize(
+    "behave",
+    [
+        _after_pong(b"-ERR 'Some Server Error'\r\n"),  # was nats.errors.ConnectionClosedError
+        _after_pong(b""),  # then hangs up
+        _send(b"HELLO\r\n"),  # not NATS
+        _send(b"INFO {broken\r\n"),
+        _send(INFO.replace(b'"jetstream":true', b'"tls_required":true')),  # then no TLS
+    ],
+    ids=["err-after-connect", "closed-after-connect", "not-nats", "bad-info", "tls-then-nothing"],
+)
+@pytest.mark.parametrize("max_reconnect", [-1, 0])
+def test_connect_raises_only_natskv_errors(behave, max_reconnect: int) -> None:  # type: ignore[no-untyped-def]
+    sock = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    behave(conn)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        error, took = timed(
+            natskv.connect, f"nats://127.0.0.1:{sock.getsockname()[1]}", connect_timeout=1, timeout=1,
+            max_reconnect=max_reconnect,
+        )
+    finally:
+        sock.close()
+    assert isinstance(error, NatsKVError) and took < 5  # timed() fails on anything else
+
+
 # --------------------------------------------------------------------------------------------
 # Operator mode: JWT creds
 # --------------------------------------------------------------------------------------------

@@ -151,6 +151,8 @@ def _connect_reason(exc: BaseException, timeout: float) -> str:
             "the server does not offer TLS, but TLS was asked for (a tls:// URL or a tls_* option); "
             "nothing was sent. Enable TLS on the server, or use a nats:// URL without TLS options"
         )
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return "the server closed the connection while connecting"
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed: {exc}"
     if isinstance(exc, OSError):
