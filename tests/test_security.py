@@ -196,6 +196,7 @@ def bucket_permissions(bucket: str, write: bool = True) -> list[str]:
         f"$KV.{bucket}.>",
         f"$JS.API.STREAM.CREATE.{stream}",
         f"$JS.API.STREAM.UPDATE.{stream}",
+        f"$JS.API.STREAM.DELETE.{stream}",
         f"$JS.API.STREAM.INFO.KVC_{bucket}",
         f"$JS.API.STREAM.CREATE.KVC_{bucket}",
         f"$KVC.{bucket}.>",
@@ -212,7 +213,7 @@ authorization {{
   users: [
     {{ user: admin, password: {PASSWORD} }}
     {{ user: limited, password: {PASSWORD}, permissions: {{
-        publish: {{ allow: [ "$JS.API.INFO", "$JS.API.STREAM.INFO.*",
+        publish: {{ allow: [ "$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.STREAM.NAMES",
                              {_quoted(bucket_permissions("mine") + bucket_permissions("shared", write=False))} ] }}
         subscribe: {{ allow: [ "_INBOX.>" ] }}
     }} }}
@@ -288,6 +289,10 @@ def test_revoked_user_surfaces_on_next_call(tmp_path: Path) -> None:
         for call in (lambda: kv.get("k"), lambda: kv.set("k", 2), lambda: kv.watch()):
             error, took = timed(call)
             assert isinstance(error, AuthenticationError) and "Authorization Violation" in str(error) and took < FAST
+        # natskv kept reconnecting: with the user back, the same client works again.
+        conf.write_text(f"server_name: reload\nauthorization {{ users: [ {users.format(p=PASSWORD)} ] }}\n")
+        os.kill(server.pid, signal.SIGHUP)
+        assert wait_until(lambda: kv.get("k") == 1, 5)
         db.close()
     finally:
         server.stop()
@@ -462,6 +467,8 @@ def test_limited_user_can_use_its_bucket(limited: natskv.Client) -> None:
     limited.register(Mine)
     made = Mine.create(name="x")
     assert Mine.get(made.id).name == "x"
+    assert "mine" in limited.buckets()
+    assert limited.delete_bucket("mine")
 
 
 def _denied_calls(kv: natskv.Bucket) -> dict[str, object]:

@@ -310,16 +310,19 @@ class Connection:
         exact = text != text.lower()
         if kind == "subscription":
             self.denied_subscriptions.add(subject if exact else subject.lower())
-            error = PermissionDeniedError(
-                f"the NATS user may not subscribe to {subject!r} ({text}); grant it in the server's "
-                "authorization settings (natskv needs its inbox prefix and its watch inboxes)"
+            denied = PermissionDeniedError(
+                f"the NATS user may not subscribe to {subject!r}; grant it in the server's "
+                "authorization settings (natskv subscribes to its inbox prefix, _INBOX by default)"
             )
-            self.mux.fail_replies_to(subject, error, exact)
+            self.mux.fail_replies_to(subject, denied, exact)
             return
-        error = PermissionDeniedError(
-            f"the NATS user may not publish to {subject!r} ({text}); grant it in the server's "
-            "authorization settings; nothing was sent there"
-        )
+
+        def error(sent: str) -> PermissionDeniedError:
+            return PermissionDeniedError(
+                f"the NATS user may not publish to {sent!r}: the server dropped the message; grant "
+                "it in the server's authorization settings"
+            )
+
         self.mux.fail_subject(subject, error, exact)
 
     def subscription_denied(self, subject: str) -> PermissionDeniedError | None:

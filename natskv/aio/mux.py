@@ -366,16 +366,17 @@ class Multiplexer:
         for waiter in list(self._waiting):
             waiter.fail(error)
 
-    def fail_subject(self, subject: str, error: BaseException, exact: bool = True) -> None:
-        """Fail the requests waiting on a reply to a message sent to ``subject`` with ``error``
-        (the server refused it). ``exact=False`` compares without case, for a subject nats-py
-        lower-cased. Loop thread only."""
+    def fail_subject(self, subject: str, error: Callable[[str], BaseException], exact: bool = True) -> None:
+        """Fail the requests waiting on a reply to a message sent to ``subject`` (the server
+        refused it) with ``error(<the subject as sent>)``. ``exact=False`` compares without case,
+        for a subject nats-py lower-cased. Loop thread only."""
         if not exact:
             subject = subject.lower()
         for waiter in list(self._waiting):
-            sent = waiter.subjects if type(waiter) is CountWaiter else (waiter.subject,)
-            if any((s if exact else s.lower()) == subject for s in sent):
-                waiter.fail(error)
+            for sent in waiter.subjects if type(waiter) is CountWaiter else (waiter.subject,):
+                if (sent if exact else sent.lower()) == subject:
+                    waiter.fail(error(sent))
+                    break
 
     def fail_replies_to(self, subscription: str, error: BaseException, exact: bool = True) -> None:
         """The server refused the subscription ``subscription``: when it is this multiplexer's
@@ -385,9 +386,12 @@ class Multiplexer:
             for waiter in list(self._waiting):
                 waiter.fail(error)
 
-    def _wait(self, waiter: Any, timeout: float | None) -> bool:
+    def _send_and_wait(self, waiter: Any, command: bytes, timeout: float | None) -> bool:
+        # Known as waiting before the command leaves: the server's refusal of it, or close(),
+        # can arrive before this thread gets to wait.
         self._waiting.add(waiter)
         try:
+            self.send(command)
             completed = waiter.wait(timeout)
         finally:
             self._waiting.discard(waiter)
@@ -443,8 +447,7 @@ class Multiplexer:
         waiter = Waiter(subject)
         self._routes[token] = waiter.deliver
         try:
-            self.send(core.pub_command(subject, self.prefix + token, payload, headers))
-            completed = self._wait(waiter, timeout)
+            completed = self._send_and_wait(waiter, core.pub_command(subject, self.prefix + token, payload, headers), timeout)
         except BaseException:  # Ctrl-C while waiting, or a bad command: forget the request
             self._routes.pop(token, None)
             raise
@@ -464,8 +467,7 @@ class Multiplexer:
         waiter = StreamWaiter(subject)
         self._routes[token] = waiter.deliver
         try:
-            self.send(core.pub_command(subject, self.prefix + token, payload, None))
-            completed = self._wait(waiter, timeout)
+            completed = self._send_and_wait(waiter, core.pub_command(subject, self.prefix + token, payload, None), timeout)
         except BaseException:
             self._routes.pop(token, None)
             raise
@@ -491,8 +493,7 @@ class Multiplexer:
             self._routes[token] = waiter.slot(i)
             encoded.append(core.pub_command(subject, self.prefix + token, payload, headers))
         try:
-            self.send(b"".join(encoded))
-            completed = self._wait(waiter, timeout)
+            completed = self._send_and_wait(waiter, b"".join(encoded), timeout)
         except BaseException:
             completed = False
             raise
