@@ -372,12 +372,16 @@ def connect(
     URL). Without it, ``NATS_URL`` is used; without that, natskv starts (or reuses) an embedded
     nats-server on loopback that keeps its data in ``data_dir`` (default: a per-user data
     directory, or ``NATSKV_DATA_DIR``). Options: user, password, token, creds, nkey_seed, tls_ca,
-    tls_cert, tls_key, tls_hostname, name, connect_timeout, request_timeout (alias timeout: the
-    default of every blocking call), max_reconnect (default -1: forever), reconnect_wait,
-    drain_timeout, ping_interval, inbox_prefix.
+    tls_cert, tls_key, tls_hostname, tls_handshake_first, name, connect_timeout, request_timeout
+    (alias timeout: the default of every blocking call), max_reconnect (default -1: forever),
+    reconnect_wait, drain_timeout, ping_interval, inbox_prefix.
 
-    Raises :class:`ConfigurationError` for bad options (before connecting) and
-    :class:`NotConnectedError` when no server could be reached.
+    Any TLS option or a ``tls://`` URL makes TLS mandatory (a server without TLS is refused before
+    the credentials are sent). Each server is tried once.
+
+    Raises :class:`ConfigurationError` for bad options (before connecting),
+    :class:`AuthenticationError` when the server refuses the credentials, and
+    :class:`NotConnectedError` naming each server's failure when none could be reached.
     """
     opts = ConnectOptions.from_args(url_or_servers, **options)
     server = None

@@ -163,6 +163,21 @@ def test_tls_handshake_first(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_tls_options_are_checked_before_connecting() -> None:
+    import inspect
+
+    from nats.aio.client import Client as NatsPy
+
+    options = natskv.ConnectOptions.from_args("n1", tls_ca=CERT, tls_handshake_first=True)
+    assert options.uses_tls and set(options.to_nats_kwargs()) <= set(inspect.signature(NatsPy.connect).parameters)
+    assert options.to_nats_kwargs()["tls_handshake_first"] is True
+    assert natskv.ConnectOptions.from_args("n1", tls_hostname="n1").uses_tls  # any TLS option
+    with pytest.raises(natskv.ConfigurationError, match="wss://"):
+        natskv.ConnectOptions.from_args("ws://n1:80", tls_ca=CERT)
+    with pytest.raises(natskv.ConfigurationError, match="True or False"):
+        natskv.ConnectOptions.from_args("n1", tls_handshake_first="yes")
+
+
 # --------------------------------------------------------------------------------------------
 # Authentication
 # --------------------------------------------------------------------------------------------
