@@ -81,7 +81,7 @@ class _TLSTransport(TcpTransport):
     ) -> None:
         assert self._io_writer is not None, "connect() must come first"
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=buffer_size)
+        reader = asyncio.StreamReader()
         protocol = asyncio.StreamReaderProtocol(reader)
         hostname = uri if isinstance(uri, str) else uri.hostname
         plain = self._io_writer.transport
@@ -116,7 +116,11 @@ class _NatsClient(NatsClient):
             self._transport.__class__ = _TLSTransport
 
     async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
-        if initial_connection and self.require_tls and not self.options["tls_handshake_first"]:
+        # wss:// and handshake-first connections are TLS before the INFO arrives.
+        already_tls = self.options["tls_handshake_first"] or (
+            self._current_server is not None and self._current_server.uri.scheme == "wss"
+        )
+        if initial_connection and self.require_tls and not already_tls:
             if not (info.get("tls_required") or info.get("tls_available")):
                 raise _TLSUnavailable()
             info["tls_required"] = True  # nats-py's signal to upgrade before CONNECT
