@@ -233,6 +233,7 @@ authorization {{
         subscribe: {{ allow: [ "_INBOX.>" ] }}
     }} }}
     {{ user: noinbox, password: {PASSWORD}, permissions: {{ subscribe: {{ deny: [ "_INBOX.>" ] }} }} }}
+    {{ user: nowatch, password: {PASSWORD}, permissions: {{ subscribe: {{ allow: [ "_INBOX.*.*" ] }} }} }}
     {{ nkey: {NKEY_USER.public} }}
   ]
 }}
@@ -542,9 +543,16 @@ def test_read_only_bucket_refuses_model_writes(limited: natskv.Client, admin: na
     assert admin.bucket("shared").status().last_revision == before
 
 
-def test_denied_inbox_subscription_fails_fast(auth_server: EmbeddedServer) -> None:
+def test_denied_inbox_subscription_fails_fast(auth_server: EmbeddedServer, admin: natskv.Client) -> None:
     error, took = timed(natskv.connect, auth_server.url, user="noinbox", password=PASSWORD, timeout=5)
     assert isinstance(error, PermissionDeniedError) and "subscribe" in str(error) and took < FAST
+    # Replies (_INBOX.<id>.<token>) allowed, a watch's own inbox (_INBOX.<id>) not.
+    with natskv.connect(auth_server.url, user="nowatch", password=PASSWORD, timeout=5) as db:
+        kv = db.bucket("shared")
+        assert kv.get("s:1") == "hello"
+        error, took = timed(kv.watch)
+        assert isinstance(error, PermissionDeniedError) and "subscribe" in str(error) and took < FAST
+        assert kv.get("s:1") == "hello"  # the client keeps working
 
 
 # --------------------------------------------------------------------------------------------

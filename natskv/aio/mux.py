@@ -220,7 +220,8 @@ class Multiplexer:
         self._out_lock = threading.Lock()
         self._scheduled = False
         self._handlers: dict[int, Callable[[str, bytes, Any, str], None]] = {}
-        # Threads blocked in a request, woken with NotConnectedError by close().
+        # Requests waiting for a reply (caller threads, and the loop's own): close(), refuse()
+        # and the server's refusals fail them.
         self._waiting: set[Waiter | StreamWaiter | CountWaiter | AsyncWaiter] = set()
         self.hooked = False
         self.closed = False
