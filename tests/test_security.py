@@ -580,6 +580,10 @@ def test_credentials_stay_out_of_errors_repr_logs_and_cli(
             seen.append(_chain(error))
         error, _ = timed(natskv.connect, f"nats://admin:{wrong}@127.0.0.1:{auth_server.port}")
         seen.append(_chain(error))
+        seed = tmp_path / "stranger.nk"
+        seed.write_bytes(NKEY_STRANGER.seed)
+        error, _ = timed(natskv.connect, auth_server.url, nkey_seed=str(seed))
+        seen.append(_chain(error))
         opts = natskv.ConnectOptions.from_args(f"nats://admin:{PASSWORD}@127.0.0.1:{auth_server.port}")
         seen += [repr(opts), str(opts)]
         db = natskv.connect(f"nats://admin:{PASSWORD}@127.0.0.1:{auth_server.port}")
@@ -598,3 +602,4 @@ def test_credentials_stay_out_of_errors_repr_logs_and_cli(
     text = "\n".join(seen)
     assert "Authorization Violation" in text  # the checks saw the errors ...
     assert wrong not in text and PASSWORD not in text  # ... and no secret
+    assert NKEY_STRANGER.seed.decode() not in text
