@@ -70,8 +70,8 @@ def timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 class PlaintextServer:
     """Accepts connections, sends an INFO without TLS (asking for auth), records every byte."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, port: int = 0) -> None:
+        self.sock = socket.create_server(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.received = bytearray()
         self.connections = 0
@@ -128,10 +128,22 @@ def test_tls_connection_and_no_eof_warning(server_factory, caplog: pytest.LogCap
     )
     url = server.url.replace("nats://", "tls://")
     with caplog.at_level(logging.DEBUG):
-        with natskv.connect(url, user="app", password=PASSWORD, tls_ca=CERT) as db:
+        with natskv.connect(url, user="app", password=PASSWORD, tls_ca=CERT, reconnect_wait=0.1) as db:
             kv = db.bucket("tls")
             kv.set("k", "v")
             assert kv.get("k") == "v"
+            server.restart()  # reconnects upgrade to TLS too
+            assert wait_until(lambda: kv.get("k", timeout=1) == "v", 10)
+            # A plaintext impostor on the same port never sees the password on reconnect.
+            server.stop()
+            fake = PlaintextServer(server.port)
+            try:
+                assert wait_until(lambda: fake.connections >= 2, 10)
+            finally:
+                fake.close()
+            assert PASSWORD.encode() not in fake.received and b"CONNECT" not in fake.received
+            server.start()
+            assert wait_until(lambda: kv.get("k", timeout=1) == "v", 10)
         # The server closing its side after our close is the EOF that used to log the warning.
         time.sleep(0.3)
     assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
