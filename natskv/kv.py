@@ -146,7 +146,10 @@ class Bucket:
         if ttl is not None:
             tth = ttl_header(ttl)
             self._proto.require_ttl()
-            headers = dict(headers or {}, **{"Nats-TTL": tth})
+            # The server removes an expiring message quietly when its subject has older ones (it
+            # places a delete marker only when the last message of a subject expires): the older
+            # value would come back. Rolling the key's history up leaves nothing behind the TTL.
+            headers = dict(headers or {}, **{"Nats-TTL": tth, "Nats-Rollup": "sub"})
         return payload, headers
 
     def _key_of(self, encoded: str) -> str:
@@ -276,7 +279,12 @@ class Bucket:
     # -- writes ----------------------------------------------------------------------------------
 
     def set(self, key: str, value: Any, *, ttl: float | None = None, timeout: float | None = None) -> int:
-        """Store ``value`` under ``key``; return the new revision. ``ttl`` (seconds) expires the key."""
+        """Store ``value`` under ``key``; return the new revision.
+
+        ``ttl`` (seconds) expires the key: once it passes the key is absent, whatever the bucket's
+        history. A write with a ``ttl`` therefore drops the key's earlier revisions (the same
+        holds for the ``ttl`` of create, update, replace and set_many).
+        """
         enc = self._key(key)
         payload, headers = self._encode(value, ttl)
         return self._proto.put(enc, payload, headers, self._t(timeout))
