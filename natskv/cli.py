@@ -185,14 +185,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     def body(kv: Bucket) -> int:
+        def watching() -> None:
+            where = f"{args.pattern!r} in bucket {kv.name!r}"
+            print(f"{PROG}: watching {where}; press Ctrl-C to stop", file=sys.stderr, flush=True)
+
         with kv.watch(args.pattern, updates_only=args.updates_only, timeout=args.timeout) as watcher:
+            if args.updates_only:  # no initial values, so no marker: live from here on
+                watching()
             for change in watcher:
                 if change.initial_done:
-                    print(
-                        f"{PROG}: watching {args.pattern!r} in bucket {kv.name!r}; press Ctrl-C to stop",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    watching()
                     continue
                 _out(_describe_change(change))
         return 0
@@ -358,8 +360,6 @@ def _tour(kv: Bucket) -> bool:
     arrived = threading.Event()
 
     def on_change(change: Any) -> None:  # runs on natskv's dispatcher thread
-        if change.initial_done:
-            return
         seen.append(change)
         arrived.set()
 

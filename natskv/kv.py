@@ -481,21 +481,24 @@ class Bucket:
         updates_only: bool = False,
         ignore_deletes: bool = False,
         on_error: Callable[[BaseException], None] | None = None,
+        on_initial_done: Callable[[], None] | None = None,
         timeout: float | None = None,
     ) -> Watcher:
         """Watch keys matching ``pattern``; see :class:`natskv.Watcher`.
 
         Iterate the watcher for :class:`natskv.Change` events (the special change with
         ``initial_done=True`` marks the end of the initial values), or pass ``callback``, which
-        natskv calls on its dispatcher thread (never the loop thread). Call ``stop()`` (or use
-        ``with``) to end it and delete its server consumer.
+        natskv calls on its dispatcher thread (never the loop thread) with key changes only;
+        ``on_initial_done()`` runs on that thread once the initial values have been passed to
+        ``callback``. ``updates_only=True`` has no initial values and no marker. Call ``stop()``
+        (or use ``with``) to end it and delete its server consumer.
         """
         from natskv.watch import Watcher
 
         return Watcher(
             self, pattern, callback,
             include_history=include_history, updates_only=updates_only, ignore_deletes=ignore_deletes,
-            on_error=on_error, timeout=self._t(timeout),
+            on_error=on_error, timeout=self._t(timeout), on_initial_done=on_initial_done,
         )
 
     def replica(self, pattern: str | re.Pattern[str] = "*", *, timeout: float | None = None) -> LocalReplica:

@@ -4,6 +4,9 @@ Events travel from the loop thread (where the consumer receives them) over a que
 that consumes them: the thread iterating the watcher, or the watcher's dispatcher thread, which runs
 the callback. Callbacks therefore never run on the loop thread, may block, and may call natskv. An
 exception in a callback is logged and passed to ``on_error``; the watch goes on.
+
+The end of the initial values is a marker ``Change`` for iterators, and a call of
+``on_initial_done()`` for callback watchers: ``callback`` only ever receives real key changes.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class Change:
 
     ``operation`` is ``"PUT"``, ``"DEL"`` or ``"PURGE"`` (value None for the last two). ``delta`` is
     how many more messages the server had queued for the watch when this one was sent.
-    ``initial_done`` is True on the single marker event that ends the initial values; its other
+    ``initial_done`` is True on the single marker event that ends the initial values of an
+    iterated watcher (never with ``updates_only=True``, never passed to a callback); its other
     fields are empty.
     """
 
@@ -75,6 +79,11 @@ class Watcher:
 
     Iterate it (``for change in watcher``) or pass ``callback``; stop it with :meth:`stop` or by
     leaving its ``with`` block. Iteration ends when the watcher is stopped.
+
+    An iterator receives one marker ``Change`` (``initial_done=True``) after the initial values;
+    ``callback`` receives key changes only, and ``on_initial_done()`` (on the same dispatcher
+    thread, after the callbacks for every initial value) marks the end of the initial values.
+    ``updates_only=True`` has no initial values and so no marker.
     """
 
     def __init__(
@@ -88,15 +97,27 @@ class Watcher:
         ignore_deletes: bool,
         on_error: Callable[[BaseException], None] | None,
         timeout: float | None,
+        on_initial_done: Callable[[], None] | None = None,
     ) -> None:
         if include_history and updates_only:
             raise InvalidArgumentError("include_history and updates_only cannot both be set")
+        if on_initial_done is not None:
+            if not callable(on_initial_done):
+                raise InvalidArgumentError(f"on_initial_done must be a function, not {on_initial_done!r}")
+            if callback is None:
+                raise InvalidArgumentError(
+                    "on_initial_done needs callback=; an iterated watcher gets the end of the initial "
+                    "values as a Change with initial_done=True"
+                )
+            if updates_only:
+                raise InvalidArgumentError("updates_only=True has no initial values: drop on_initial_done")
         try:
             self._pattern = core.compile_pattern(pattern, bucket.sep)
         except (ValueError, TypeError) as exc:
             raise InvalidKeyError(f"invalid key pattern {pattern!r}: {exc}") from exc
         self.bucket = bucket
         self._callback = callback
+        self._on_initial_done = on_initial_done
         self._on_error = on_error
         self._ignore_deletes = ignore_deletes
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -112,7 +133,7 @@ class Watcher:
             timeout,
         )
         if updates_only:
-            self._queue.put(INITIAL_DONE)
+            self._initial_done.set()
         client._watchers.add(self)
         if callback is not None:
             self._dispatcher = threading.Thread(target=self._dispatch, name=f"natskv-watch-{bucket.name}", daemon=True)
@@ -159,7 +180,9 @@ class Watcher:
             yield change
 
     def wait_initial(self, timeout: float | None = None) -> bool:
-        """Block until the initial values have been delivered (callback mode) or queued."""
+        """Block until the initial values have been delivered: to the callback (and
+        ``on_initial_done`` has returned), or to the iterator (its marker was read). True at once
+        with ``updates_only=True``; False when ``timeout`` passed first."""
         return self._initial_done.wait(timeout)
 
     def _dispatch(self) -> None:
@@ -170,6 +193,13 @@ class Watcher:
             if event is _STOP:
                 return
             try:
+                if event is INITIAL_DONE:
+                    try:
+                        if self._on_initial_done is not None:
+                            self._on_initial_done()
+                    finally:
+                        self._initial_done.set()
+                    continue
                 change = self._convert(event)
                 if change is not None:
                     callback(change)

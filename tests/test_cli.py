@@ -292,6 +292,24 @@ def test_watch_prints_changes_from_another_process_until_sigint(nats_url: str, b
     assert "Traceback" not in "".join(err.seen)
 
 
+def test_watch_updates_only_says_it_is_live_and_prints_new_changes_only(nats_url: str, bucket: str) -> None:
+    common = ("--url", nats_url, "--bucket", bucket)
+    assert run("set", "user:1", "old", *common).returncode == 0
+    proc = start("watch", "user:*", "--updates-only", *common)
+    try:
+        out, err = Lines(proc.stdout), Lines(proc.stderr)
+        err.wait_for("press Ctrl-C to stop")  # no initial values, no marker: live at once
+        assert run("set", "user:2", "new", *common).returncode == 0
+        assert out.wait_for("user:2") == 'PUT user:2 = "new"  (revision 2)\n'
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not any("user:1" in line for line in out.seen)
+
+
 # -- server -----------------------------------------------------------------------------------------
 
 

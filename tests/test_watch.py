@@ -134,9 +134,8 @@ def test_include_history(db: natskv.Client, name: str) -> None:
 def test_updates_only(kv: natskv.Bucket) -> None:
     kv.set("old", 1)
     with kv.watch(updates_only=True) as w:
-        first = w.get(timeout=5)
-        assert first is not None and first.initial_done
-        nothing_more(w, 0.2)
+        assert w.wait_initial(0)  # no initial values to wait for
+        nothing_more(w, 0.2)  # and no marker
         kv.set("new", 2)
         kv.set("old", 3)
         assert summary(take(w, 2)) == [("new", 2, "PUT"), ("old", 3, "PUT")]
@@ -367,7 +366,7 @@ def test_callback_runs_off_the_loop_thread_and_may_call_natskv(kv: natskv.Bucket
 
     def callback(ch: Change) -> None:
         # a blocking natskv call from the callback: must not deadlock
-        current = kv.get(ch.key) if not ch.initial_done else None
+        current = kv.get(ch.key)
         seen.append((threading.current_thread().name, ch.key, ch.value, current))
         if ch.key == "stop":
             done.set()
@@ -384,7 +383,97 @@ def test_callback_runs_off_the_loop_thread_and_may_call_natskv(kv: natskv.Bucket
     threads = {t for t, *_ in seen}
     assert "natskv-loop" not in threads
     assert threading.current_thread().name not in threads
-    assert [(k, v, cur) for _, k, v, cur in seen] == [("a", 1, 1), ("", None, None), ("b", 2, 2), ("stop", True, True)]
+    assert [(k, v, cur) for _, k, v, cur in seen] == [("a", 1, 1), ("b", 2, 2), ("stop", True, True)]
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["own feed", "joins a shared feed"])
+def test_callback_gets_key_changes_only_and_on_initial_done_marks_the_end(kv: natskv.Bucket, late: bool) -> None:
+    """The pattern a callback is written for, ``mirror[ch.key] = ch.value``, sees real keys only."""
+    kv.set_many({"a": 1, "b": 2})
+    mirror: dict[str, Any] = {}
+    events: list[tuple[str, str]] = []  # (what, thread)
+    done = threading.Event()
+
+    def callback(ch: Change) -> None:
+        assert not ch.initial_done
+        mirror[ch.key] = ch.value
+        events.append((ch.key, threading.current_thread().name))
+        if ch.key == "c":
+            done.set()
+
+    def on_initial_done() -> None:
+        events.append(("<initial done>", threading.current_thread().name))
+
+    keeper = kv.watch() if late else None  # a running feed the watcher below joins
+    try:
+        if keeper is not None:
+            initial(keeper)
+        w = kv.watch(callback=callback, on_initial_done=on_initial_done)
+        try:
+            assert w.wait_initial(5)
+            assert mirror == {"a": 1, "b": 2}
+            assert [e for e, _ in events] == ["a", "b", "<initial done>"]  # after the initial values
+            kv.set("c", 3)
+            assert done.wait(5)
+        finally:
+            w.stop()
+    finally:
+        if keeper is not None:
+            keeper.stop()
+    assert mirror == {"a": 1, "b": 2, "c": 3} and "" not in mirror
+    assert [e for e, _ in events] == ["a", "b", "<initial done>", "c"]
+    assert len({t for _, t in events}) == 1 and events[0][1].startswith("natskv-watch")
+
+
+def test_callback_with_updates_only_gets_no_marker(kv: natskv.Bucket) -> None:
+    kv.set("old", 1)
+    seen: list[Change] = []
+    arrived = threading.Event()
+
+    def callback(ch: Change) -> None:
+        seen.append(ch)
+        arrived.set()
+
+    with kv.watch(callback=callback, updates_only=True) as w:
+        assert w.wait_initial(0)
+        kv.set("new", 2)
+        assert arrived.wait(5)
+        time.sleep(0.2)
+    assert summary(seen) == [("new", 2, "PUT")]
+
+
+def test_on_initial_done_errors_go_to_on_error_and_the_watch_goes_on(kv: natskv.Bucket) -> None:
+    errors: list[BaseException] = []
+    seen: list[str] = []
+    arrived = threading.Event()
+
+    def on_initial_done() -> None:
+        raise RuntimeError("initial hook failed")
+
+    def callback(ch: Change) -> None:
+        seen.append(ch.key)
+        arrived.set()
+
+    with kv.watch(callback=callback, on_initial_done=on_initial_done, on_error=errors.append) as w:
+        assert w.wait_initial(5)
+        kv.set("k", 1)
+        assert arrived.wait(5)
+    assert seen == ["k"]
+    assert [str(e) for e in errors] == ["initial hook failed"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"on_initial_done": lambda: None}, "needs callback"),
+        ({"callback": print, "on_initial_done": lambda: None, "updates_only": True}, "updates_only"),
+        ({"callback": print, "on_initial_done": "yes"}, "function"),
+    ],
+)
+def test_on_initial_done_bad_combinations(db: natskv.Client, kv: natskv.Bucket, kwargs: dict[str, Any], words: str) -> None:
+    with pytest.raises(natskv.InvalidArgumentError, match=words):
+        kv.watch(**kwargs)
+    assert consumer_count(db, kv.name) == 0
 
 
 def test_callback_watch_cannot_be_iterated(kv: natskv.Bucket) -> None:
@@ -400,8 +489,6 @@ def test_callback_exception_is_logged_and_reported(kv: natskv.Bucket, caplog: py
     done = threading.Event()
 
     def callback(ch: Change) -> None:
-        if ch.initial_done:
-            return
         seen.append(ch.key)
         if ch.key.startswith("bad"):
             raise RuntimeError(f"boom on {ch.key}")
@@ -431,8 +518,6 @@ def test_failing_on_error_hook_does_not_stop_the_watch(kv: natskv.Bucket) -> Non
     done = threading.Event()
 
     def callback(ch: Change) -> None:
-        if ch.initial_done:
-            return
         seen.append(ch.key)
         if ch.key == "last":
             done.set()
@@ -456,8 +541,6 @@ def test_stop_from_inside_the_callback(db: natskv.Client, kv: natskv.Bucket) -> 
     holder: list[natskv.Watcher] = []
 
     def callback(ch: Change) -> None:
-        if ch.initial_done:
-            return
         seen.append(ch.key)
         if ch.key == "stop":
             holder[0].stop()
