@@ -174,7 +174,7 @@ class Client:
         store = ModelStore(model, self, kv)
         from natskv.replica import LocalReplica
 
-        store.replica = LocalReplica(kv, "r:*", on_apply=store.apply, on_reset=store.reset)
+        store.replica = LocalReplica(kv, "r:*", on_apply=store.apply, on_reset=store.reset, on_loaded=store.loaded)
         store.replica.start(timeout if timeout is not None else max(self.options.request_timeout, 30.0))
         model._store = store
         self._models[model.__name__] = model

@@ -30,7 +30,8 @@ log = logging.getLogger("natskv")
 
 ApplyHook = Callable[[str, Any, Any, int], None]
 """``hook(key, old_value, new_value, revision)`` after each change (None for absent); loop thread,
-under the replica's lock: it must be quick and must not call natskv."""
+under the replica's lock: it must be quick and must not call natskv. ``on_loaded()`` (same rules)
+runs where the initial values end, before the changes that follow them."""
 
 
 class LocalReplica:
@@ -40,7 +41,7 @@ class LocalReplica:
     """
 
     def __init__(self, bucket: Bucket, pattern: str | re.Pattern[str] = "*", on_apply: ApplyHook | None = None,
-                 on_reset: Callable[[], None] | None = None) -> None:
+                 on_reset: Callable[[], None] | None = None, on_loaded: Callable[[], None] | None = None) -> None:
         try:
             self._pattern = core.compile_pattern(pattern, bucket.sep)
         except (ValueError, TypeError) as exc:
@@ -48,6 +49,7 @@ class LocalReplica:
         self.bucket = bucket
         self._on_apply = on_apply
         self._on_reset = on_reset  # called when a forked child drops what it inherited
+        self._on_loaded = on_loaded
         self._stale = False  # in a forked child: reload before the next read
         self._revive_lock = threading.Lock()
         self._values: dict[str, Any] = {}
@@ -134,11 +136,12 @@ class LocalReplica:
         key_of, value_of = bucket._key_of, bucket._value
         pattern = self._pattern
         # Keys and values decoded outside the lock, so readers wait only for the dict updates.
-        changes = []
+        changes: list[Any] = []
         loaded = False
         for raw in batch:
             if raw is INITIAL_DONE:
                 loaded = True
+                changes.append(None)  # where the initial values end, for on_loaded
                 continue
             key = key_of(raw.subject[cut:])
             wanted = pattern.exact or pattern.match(key)
@@ -146,7 +149,15 @@ class LocalReplica:
             changes.append((raw.revision, key, wanted, put, value_of(raw) if wanted and put else None))
         values, revisions, on_apply = self._values, self._revisions, self._on_apply
         with self._changed:
-            for revision, key, wanted, put, new in changes:
+            for change in changes:
+                if change is None:
+                    if self._on_loaded is not None:
+                        try:
+                            self._on_loaded()
+                        except Exception:  # noqa: BLE001 - the replica must still become ready
+                            log.exception("natskv: error in a replica's on_loaded hook")
+                    continue
+                revision, key, wanted, put, new = change
                 # The stream position moves for every event, matched or not: wait_for() relies on it.
                 if revision > self.revision:
                     self.revision = revision

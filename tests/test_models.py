@@ -588,6 +588,69 @@ print("parent ok")
 """
 
 
+FORK_EVENTS_SCRIPT = r"""
+import os, sys, time
+import natskv
+from natskv import Field, Model
+
+url, bucket = sys.argv[1], sys.argv[2]
+db = natskv.connect(url, timeout=5)
+
+class Rec(Model):
+    __bucket__ = bucket
+    id = Field(int, primary_key=True)
+    v = Field(int)
+
+db.register(Rec)
+Rec.bulk_create([{"id": i, "v": 0} for i in range(1, 21)])
+events = []
+db.on(f"{bucket}.*", lambda ev: events.append((ev.type, ev.record.id)))
+
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        os.close(w)
+        assert os.read(r, 1) == b"x"  # the parent changed records 1 and 2 and added 21
+        Rec.ensure_loaded(timeout=10)  # the child reloads what it inherited
+        assert Rec.count() == 20 and Rec.get(1).v == 1 and Rec.get(2) is None
+        Rec.create(id=22, v=0)
+        deadline = time.monotonic() + 10
+        while ("inserted", 22) not in events and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print(sorted(events), flush=True)
+        code = 0
+    except BaseException:
+        import traceback; traceback.print_exc()
+    finally:
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+
+os.close(r)
+try:
+    obj = Rec.get(1); obj.v = 1; obj.save()
+    Rec.get(2).delete()
+    Rec.create(id=21, v=0)
+    os.write(w, b"x")
+    _, status = os.waitpid(pid, 0)
+finally:
+    db.delete_bucket(bucket)
+    db.close()
+assert os.waitstatus_to_exitcode(status) == 0, status
+"""
+
+
+def test_forked_child_reload_reports_only_what_changed_since_the_fork(nats_url: str, name: str) -> None:
+    """db.on() handlers follow a client into a forked child; its replica's reload must not report
+    the 20 records that were already there as inserted, only what changed after the fork."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", FORK_EVENTS_SCRIPT, nats_url, name], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+    assert proc.stdout.strip() == str([("deleted", 2), ("inserted", 21), ("inserted", 22), ("updated", 1)])
+
+
 def test_models_keep_working_in_a_forked_child(nats_url: str, name: str) -> None:
     """A pre-fork server (gunicorn) registers models at import, then forks workers: each worker's
     replica reloads through its own connection; db.on handlers follow, model watches do not."""

@@ -100,6 +100,9 @@ class ModelStore:
         # Model watches, live queries and db.on(): called as listener(old, new, revision,
         # old_revision) on the loop thread under the replica's lock; they only match and queue.
         self.listeners: list[Callable[[Any, Any, int, int], None]] = []
+        # In a forked child reloading its replica: the records inherited from the parent, by
+        # primary key, so the reload tells listeners only what changed since the fork.
+        self.inherited: dict[Any, tuple[dict[str, Any], int]] | None = None
         self._plans: dict[str, tuple[dict[str, Any], Any]] = {}
         # Model._indexed_equalities: lookup names -> ((field, type), ...), () when not all are
         # equalities on indexed str/int fields.
@@ -121,8 +124,10 @@ class ModelStore:
         """Forget every record (the replica calls this in a forked child before it reloads).
 
         Model watches and live queries stay with the process that started them; db.on() handlers
-        (marked ``carry_over_fork``) follow the client into the child.
+        (marked ``carry_over_fork``) follow the client into the child, and hear of the reload
+        only what changed since the fork (see :meth:`loaded`).
         """
+        self.inherited = dict(self.records)
         self.records.clear()
         for index in self.indexes.values():
             index.clear()
@@ -136,11 +141,28 @@ class ModelStore:
         if self.listeners:
             old = old if type(old) is dict else None
             new = new if type(new) is dict else None
-            for listener in list(self.listeners):
-                try:
-                    listener(old, new, revision, old_revision)
-                except Exception:  # noqa: BLE001 - one broken listener must not stop the replica
-                    log.exception("natskv: error in a model listener")
+            if self.inherited is not None and old is None and new is not None:
+                hit = self.inherited.pop(new.get(self.pk), None)
+                if hit is not None:
+                    if hit[1] == revision:
+                        return  # reloaded as it was at the fork: not news
+                    old, old_revision = hit
+            self._tell(old, new, revision, old_revision)
+
+    def loaded(self) -> None:
+        """The replica's initial values are in: after a fork's reload, the inherited records
+        that did not come back were deleted meanwhile."""
+        gone, self.inherited = self.inherited, None
+        if gone and self.listeners and self.replica is not None:
+            for stored, revision in gone.values():
+                self._tell(stored, None, self.replica.revision, revision)
+
+    def _tell(self, old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_revision: int) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(old, new, revision, old_revision)
+            except Exception:  # noqa: BLE001 - one broken listener must not stop the replica
+                log.exception("natskv: error in a model listener")
 
 
 class ModelMeta(type):
