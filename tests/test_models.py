@@ -449,8 +449,8 @@ def collect_pages(model: Any, limit: int, **query: Any) -> list[Any]:
 @pytest.mark.parametrize("walk", ["when it pays", "always"])
 @pytest.mark.parametrize("order_by", [None, "-id", "age", "-age", "nick", "-nick", "score", "-score"])
 def test_pages_concatenate_to_the_sorted_find(Paged: Any, order_by: Any, walk: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Index walks (id, age, nick), sorts (score), nulls after values (before them descending),
-    ties by primary key in the order's direction: pages of any size add up to find()."""
+    """Index walks (id, age, nick), sorts (score), nulls after values in both directions, ties
+    by primary key in the order's direction: pages of any size add up to find()."""
     if walk == "always":  # walk the order's index even when a filter selects few records
         monkeypatch.setattr("natskv.models.model._PAGE_SORT_MAX", -1)
     queries: list[dict[str, Any]] = [
@@ -472,6 +472,31 @@ def test_pages_concatenate_to_the_sorted_find(Paged: Any, order_by: Any, walk: s
     ids = sorted(range(1, 251))
     assert [u.id for u in Paged.first(3)] == ids[:3] and [u.id for u in Paged.last(2)] == ids[-2:]
     assert Paged.find(order_by="age", limit=0) == []
+
+
+@pytest.mark.parametrize("field", ["age", "nick", "score"], ids=["sorted index", "unique index", "no index"])
+def test_records_without_a_value_come_last_in_both_directions(Paged: Any, field: str) -> None:
+    Paged.create(id=900)  # no value for any field
+    for pk in (3, 6, 9):  # score has no nulls yet
+        obj = Paged.get(pk)
+        obj.score = None
+        obj.save()
+    nulls = sorted(u.id for u in Paged.find(where={field: None}))
+    assert 900 in nulls and len(nulls) >= 4
+    for order_by in (field, "-" + field):
+        descending = order_by.startswith("-")
+        every = Paged.find(order_by=order_by)
+        ids = [u.id for u in every]
+        head, tail = ids[: len(ids) - len(nulls)], ids[len(ids) - len(nulls) :]
+        assert tail == sorted(nulls, reverse=descending), order_by  # ties by primary key, same direction
+        values = [getattr(u, field) for u in every[: len(head)]]
+        assert None not in values and values == sorted(values, reverse=descending), order_by
+        assert [u.id for u in Paged.find(order_by=order_by, limit=len(ids))] == ids  # the index walk
+        assert [u.id for u in Paged.find(order_by=order_by, limit=5, offset=len(head) - 2)] == ids[len(head) - 2 : len(head) + 3]
+        assert collect_pages(Paged, 7, order_by=order_by) == ids  # cursors cross into the nulls
+        assert [u.id for u in Paged.first(3, order_by=order_by)] == ids[:3]
+        assert [u.id for u in Paged.last(3, order_by=order_by)] == ids[-3:]
+    assert [u.id for u in Paged.find(order_by=[field, "-id"])][-len(nulls):] == sorted(nulls, reverse=True)
 
 
 def test_descending_pages_stay_stable_while_records_come_and_go(Paged: Any) -> None:

@@ -684,7 +684,8 @@ class Model(metaclass=ModelMeta):
              limit: int | None = None, offset: int = 0, **lookups: Any) -> list[M]:
         """Matching records. Filters: ``where=`` dict ($eq $ne $gt $gte $lt $lte $in $nin
         $contains $startswith $endswith $regex $exists $and $or $not) and/or Django-style lookups
-        (``age__gte=18``). ``order_by`` takes field names, ``-`` for descending. Reads run on the
+        (``age__gte=18``). ``order_by`` takes field names, ``-`` for descending; records without a
+        value come last either way. Reads run on the
         replica; pass ``consistency="server"`` (with an optional ``timeout=``) to read every record
         from the server instead. ``consistency`` and ``timeout`` are read options in every read
         call (count, exists, paginate, aggregates too): query fields so named with ``where=``."""
@@ -785,8 +786,13 @@ class Model(metaclass=ModelMeta):
     def last(cls: type[M], n: int = 1, *, order_by: Any = None) -> list[M]:
         """The last ``n`` records in ``order_by`` order (default: primary key), in that order."""
         order = order_by or cls._pk
-        flipped = [o[1:] if o.startswith("-") else "-" + o for o in ([order] if isinstance(order, str) else order)]
-        return list(reversed(cls.find(order_by=flipped, limit=n)))
+        if order in (cls._pk, "-" + cls._pk):  # never null: the flipped order is the exact reverse
+            flipped = order[1:] if order.startswith("-") else "-" + order
+            return list(reversed(cls.find(order_by=flipped, limit=n)))
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidArgumentError(f"n must be an int >= 0, not {n!r}")
+        # Nulls come last in both directions, so no flipped order ends where this one does.
+        return cls.find(order_by=order)[-n:] if n else []
 
     @classmethod
     def paginate(cls: type[M], limit: int = 20, after: str | None = None, *, order_by: str | None = None,
@@ -855,25 +861,29 @@ class Model(metaclass=ModelMeta):
                 return None
             # The walk covers only the order field's values the query allows, if it bounds them.
             scan, bounded = query.ordered_scan(compiled_where, field, index, descending)
-            # Records whose value the index cannot hold (null, missing, dicts, lists) sort after
-            # every indexed value: a tail, sorted here, read after (descending: before) the walk.
+            # Records whose value the index cannot hold are sorted here: "others" (dicts, lists)
+            # sort after every indexed value (descending: before), nulls last in both directions.
             has_tail = not bounded and len(records) > len(index)
-            in_tail = mark is not None and core.index_key(mark[0]) is None
-            segments = ["index", "tail"] if not descending else ["tail", "index"]
-            if mark is not None:  # start in the segment that holds the cursor
-                segments = segments[segments.index("tail" if in_tail else "index"):]
+            tails: dict[str, list[tuple[dict[str, Any], int]]] = {}
+            at = None
+            if mark is not None:
+                at = "nulls" if mark[0] is None else "others" if core.index_key(mark[0]) is None else "index"
+            segments = ["index", "others", "nulls"] if not descending else ["others", "index", "nulls"]
+            if at is not None:  # start in the segment that holds the cursor
+                segments = segments[segments.index(at):]
             for segment in segments:
                 if len(out) >= want:
                     break
-                if segment == "tail":
-                    if has_tail:
-                        tail = query.sort_records(
+                if segment != "index":
+                    if has_tail and not tails:
+                        for p in query.sort_records(
                             [p for p in records.values() if core.index_key(p[0].get(field)) is None],
                             [(field, descending)], pk_name,
-                        )
-                        keep(_after(tail, mark if in_tail else None, field, pk_name, descending))
+                        ):
+                            tails.setdefault("nulls" if p[0].get(field) is None else "others", []).append(p)
+                    keep(_after(tails.get(segment, []), mark if segment == at else None, field, pk_name, descending))
                     continue
-                cursor = None if mark is None or in_tail else mark
+                cursor = None if at != "index" else mark
                 chunk = want
                 while len(out) < want:
                     try:
@@ -948,10 +958,7 @@ def _after(pairs: list[tuple[dict[str, Any], int]], mark: tuple[Any, Any] | None
     """The pairs (sorted by ``field``, ties by primary key) strictly after the cursor ``mark``."""
     if mark is None:
         return pairs
-    at = (query.order_key(mark[0]), query.order_key(mark[1]))
-    if descending:
-        return [p for p in pairs if query.position(p[0], field, pk) < at]
-    return [p for p in pairs if query.position(p[0], field, pk) > at]
+    return [p for p in pairs if query.follows(p[0], mark, field, pk, descending)]
 
 
 # Keywords that the read calls take among their lookups: how to read, not what to match.

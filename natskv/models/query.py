@@ -284,8 +284,9 @@ def parse_order_by(order_by: str | list[str] | tuple[str, ...] | None, fields: M
 def sort_records(pairs: list[tuple[dict[str, Any], int]], order: list[tuple[str, bool]], pk: str) -> list[tuple[dict[str, Any], int]]:
     """Stable multi-key sort of (stored record, revision) pairs.
 
-    Ties are broken by primary key, in the direction of the last order field: ``"-age"`` is
-    exactly the reverse of ``"age"``, the order an index walks in (see ``Model.paginate``).
+    Records without a value (null or missing) come after the others in both directions; among
+    the others ``"-age"`` is exactly the reverse of ``"age"``, the order an index walks in (see
+    ``Model.paginate``). Ties are broken by primary key, in the direction of the last order field.
     """
     reverse = bool(order) and order[-1][1]
     try:  # one primary key type per model: compared directly, the fast way
@@ -293,8 +294,27 @@ def sort_records(pairs: list[tuple[dict[str, Any], int]], order: list[tuple[str,
     except (KeyError, TypeError):  # records written by other clients: the total order instead
         pairs = sorted(pairs, key=lambda p: order_key(p[0].get(pk)), reverse=reverse)
     for name, descending in reversed(order):
-        pairs.sort(key=lambda p: order_key(p[0].get(name)), reverse=descending)
+        if descending:  # reversed, nulls (False) after the values (True)
+            pairs.sort(key=lambda p: _valued_key(p[0].get(name)), reverse=True)
+        else:  # order_key puts nulls last already
+            pairs.sort(key=lambda p: order_key(p[0].get(name)))
     return pairs
+
+
+def _valued_key(value: Any) -> tuple[bool, tuple[Any, ...]]:
+    return value is not None, order_key(value)
+
+
+def follows(record: dict[str, Any], mark: tuple[Any, Any], field: str, pk: str, descending: bool) -> bool:
+    """Whether ``record`` sorts after the cursor ``mark`` (a sort value and a primary key) in
+    the order :func:`sort_records` gives by ``field``."""
+    at = (order_key(mark[0]), order_key(mark[1]))
+    if not descending:
+        return position(record, field, pk) > at
+    null, mark_null = record.get(field) is None, mark[0] is None
+    if null != mark_null:  # nulls come after the values, descending too
+        return null
+    return position(record, field, pk) < at
 
 
 def position(record: dict[str, Any], field: str, pk: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
