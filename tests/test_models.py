@@ -59,6 +59,54 @@ def test_validation_reports_every_issue_and_writes_nothing(db: natskv.Client, Us
     assert User.create(nick="B", age=2).id == first.id + 1  # no autoincrement value was spent
 
 
+def test_timeout_keyword_of_create_is_the_write_timeout_not_a_field(db: natskv.Client, User: Any) -> None:
+    u = User.create(nick="Ann", timeout=2)
+    assert "timeout" not in u.to_dict() and "timeout" not in db.bucket(User.__bucket__).get(f"r:i:{u.id}")
+    assert User.create({"nick": "Bob", "age": 3}, timeout=2).age == 3
+    before = db.bucket(User.__bucket__).status().last_revision
+    for bad in (-1, "2"):
+        with pytest.raises(InvalidArgumentError, match="timeout"):
+            User.create(nick="Cid", timeout=bad)
+    with pytest.raises(InvalidArgumentError, match="mapping"):
+        User.create([("nick", "Dee")])
+    assert db.bucket(User.__bucket__).status().last_revision == before
+
+
+def test_a_model_with_fields_named_like_write_options(db: natskv.Client, name: str) -> None:
+    """Fields called timeout, values, model or defaults: set through a values mapping, queried
+    with where=, as read options are."""
+
+    class Job(Model):
+        __bucket__ = name
+        id = Field(int, primary_key=True)
+        timeout = Field(int, index=True)
+        values = Field(int)
+        model = Field(str)
+
+    db.register(Job)
+    try:
+        a = Job.create({"id": 1, "timeout": 30, "values": 1, "model": "m"}, timeout=5)
+        assert (a.timeout, a.values, a.model) == (30, 1, "m")
+        before = db.bucket(name).status().last_revision
+        with pytest.raises(InvalidArgumentError, match="field named 'timeout'"):
+            Job.create(id=2, timeout=30)  # ambiguous: refused, nothing written
+        assert db.bucket(name).status().last_revision == before
+        Job(id=2, timeout=40).save(timeout=5)
+        assert [j.id for j in Job.find(where={"timeout": {"$gte": 30}}, order_by="-timeout", timeout=5)] == [2, 1]
+        assert Job.update({"timeout": 50, "values": 2}, where={"id": 1}, timeout=5) == 1
+        assert (Job.get(1).timeout, Job.get(1).values) == (50, 2)
+        got, created = Job.get_or_create(defaults={"timeout": 60}, id=3, timeout=5)
+        assert created and got.timeout == 60
+        with db.transaction() as tx:
+            tx.create(Job, {"timeout": 70}, id=4, model="tx")
+        assert (Job.get(4).timeout, Job.get(4).model) == (70, "tx")
+        assert Job.bulk_create([{"id": 5, "timeout": 80}], timeout=5)[0].timeout == 80
+        assert Job.destroy(where={"timeout": 80}, timeout=5) == 1
+        assert sorted(j.id for j in Job.find()) == [1, 2, 3, 4]
+    finally:
+        db.delete_bucket(name)
+
+
 def test_unique_values_are_enforced_moved_and_freed(User: Any) -> None:
     a = User.create(nick="A", email="a@example.com", age=1)
     with pytest.raises(UniqueConstraintError) as info:

@@ -285,12 +285,25 @@ class Model(metaclass=ModelMeta):
     # -- writes ----------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls: type[M], _timeout: float | None = None, **values: Any) -> M:
-        """Validate and store a new record; return it. Raises ValidationError (every issue at once)
-        or UniqueConstraintError; nothing is written (and no autoincrement value spent) when
-        validation fails."""
-        obj = cls(**values)
-        obj._insert(_timeout)
+    def create(cls: type[M], values: Mapping[str, Any] | None = None, /, *, timeout: float | None = None,
+               **fields: Any) -> M:
+        """Validate and store a new record made of ``values`` and the keyword ``fields``; return
+        it. Raises ValidationError (every issue at once) or UniqueConstraintError; nothing is
+        written (and no autoincrement value spent) when validation fails.
+
+        ``timeout=`` is the write's timeout, as in every write call: a field named ``timeout``
+        goes in the ``values`` mapping, ``Job.create({"timeout": 30}, name="x")``.
+        """
+        check_timeout(timeout)
+        if values is not None and not isinstance(values, Mapping):
+            raise InvalidArgumentError(f"create() takes a mapping of field values, not {type(values).__name__}")
+        if timeout is not None and "timeout" in cls._fields and "timeout" not in (values or {}):
+            raise InvalidArgumentError(
+                f"{cls.__name__} has a field named 'timeout', but timeout= is the write's timeout: pass the "
+                f"field in the values mapping, {cls.__name__}.create({{'timeout': ...}}, ...)"
+            )
+        obj = cls(**{**values, **fields}) if values else cls(**fields)
+        obj._insert(timeout)
         return obj
 
     @classmethod
@@ -506,7 +519,7 @@ class Model(metaclass=ModelMeta):
         return self  # type: ignore[return-value]
 
     @classmethod
-    def update(cls, values: Mapping[str, Any], *, where: Mapping[str, Any] | None = None,
+    def update(cls, values: Mapping[str, Any], /, *, where: Mapping[str, Any] | None = None,
                timeout: float | None = None, **lookups: Any) -> int:
         """Set ``values`` on every matching record (CAS per record, retried on conflict).
         Returns how many records changed (0 when none matched)."""
@@ -730,7 +743,9 @@ class Model(metaclass=ModelMeta):
         if found is not None:
             return found, False
         try:
-            return cls.create(_timeout=timeout, **{**(defaults or {}), **values}), True
+            created = cls(**{**(defaults or {}), **values})
+            created._insert(timeout)
+            return created, True
         except UniqueConstraintError as exc:
             cls._await_holder(exc, timeout)
             found = cls.find_one(**lookups)

@@ -75,10 +75,13 @@ class Transaction:
         self._join(model)
         return model.get(pk)
 
-    def create(self, model: type[M], **values: Any) -> M:
-        """A new record, validated now (ValidationError at once) and stored at the commit; its
-        autoincrement values are drawn now (and spent if the transaction does not commit)."""
-        return self.save(model(**values))
+    def create(self, model: type[M], values: Mapping[str, Any] | None = None, /, **fields: Any) -> M:
+        """A new record of ``values`` and the keyword ``fields``, validated now (ValidationError
+        at once) and stored at the commit; its autoincrement values are drawn now (and spent if
+        the transaction does not commit)."""
+        if values is not None and not isinstance(values, Mapping):
+            raise InvalidArgumentError(f"create() takes a mapping of field values, not {type(values).__name__}")
+        return self.save(model(**{**values, **fields}) if values else model(**fields))
 
     def save(self, obj: M) -> M:
         """Store ``obj`` at the commit: create it if new, else update it from the version it was
