@@ -313,11 +313,15 @@ class Client:
         return bool(nc is not None and nc.is_connected) and not self._closed and self._pid == os.getpid()
 
     def stats(self) -> dict[str, Any]:
-        """Connection statistics: messages and bytes in and out, reconnects, server, fast path."""
+        """Connection statistics: messages and payload bytes in and out (natskv's own requests and
+        replies included), reconnects, server, fast path."""
         nc = self._conn.nc
         assert nc is not None
+        mux = self._conn.mux
         return {
             **nc.stats,
+            "out_msgs": nc.stats["out_msgs"] + (mux.out_msgs if mux else 0),
+            "out_bytes": nc.stats["out_bytes"] + (mux.out_bytes if mux else 0),
             "reconnects": self._conn.reconnects,
             "server_version": self._conn.server_version,
             "api_level": self._conn.api_level,

@@ -625,6 +625,38 @@ def test_status(db: natskv.Client, name: str) -> None:
         db.delete_bucket(name)
 
 
+@pytest.mark.parametrize("hook", [True, False], ids=["frame reader", "nats-py parser"])
+def test_stats_count_natskv_own_traffic(nats_url: str, name: str, hook: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """get/set/get_many/set_many/commit go past nats-py's publish and (with natskv's frame reader)
+    past its parser: db.stats() counts them all the same, once each, whichever path reads."""
+    if not hook:
+        monkeypatch.setenv("NATSKV_NO_PARSER_HOOK", "1")
+    with natskv.connect(nats_url, timeout=5) as client:
+        assert hook or client.stats()["parser_hook"] is False
+        kv = client.bucket(name, history=5)
+        try:
+            value = "x" * 100
+            payload = len(kv._encode(value)[0])
+            before = client.stats()
+            for i in range(10):
+                kv.set(f"k{i}", value)
+                assert kv.get(f"k{i}") == value
+            kv.set_many({"a": value, "b": value})
+            assert kv.get_many(["a", "b"]) == {"a": value, "b": value}
+            kv.commit([("set", "c", value), ("set", "d", value), ("set", "e", value)])
+            after = client.stats()
+        finally:
+            client.delete_bucket(name)
+    sent, received = after["out_msgs"] - before["out_msgs"], after["in_msgs"] - before["in_msgs"]
+    # 10 sets + 10 gets + 2 pipelined sets + 1 batch get + a 3-message atomic batch
+    assert sent == 10 + 10 + 2 + 1 + 3, sent
+    # a reply to each set, get and pipelined set; 2 values and the end of the batch get; the
+    # empty answer to the batch's first message and the commit's ack
+    assert received == 10 + 10 + 2 + 3 + 2, received
+    assert after["out_bytes"] - before["out_bytes"] >= 15 * payload
+    assert after["in_bytes"] - before["in_bytes"] >= 12 * payload
+
+
 def test_status_with_bucket_ttl(db: natskv.Client, name: str) -> None:
     kv = db.bucket(name, ttl=90)
     try:

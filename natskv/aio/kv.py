@@ -247,7 +247,7 @@ class KVProtocol:
         token = mux.new_token()
         mux.add_route(token, collect)
         body = orjson.dumps({"multi_last": [self.subject_prefix + filter_subject]})
-        mux.write_now(core.pub_command(self._direct_batch, mux.prefix + token, body, None))
+        mux.write_now(core.pub_command(self._direct_batch, mux.prefix + token, body, None), 1, len(body))
         try:
             await asyncio.wait_for(done, timeout)
         finally:
@@ -417,7 +417,7 @@ class KVProtocol:
         for subject, payload, headers in commands[1:-1]:
             parts.append(core.pub_command(subject, "", payload, headers))
         try:
-            mux.send(b"".join(parts))
+            mux.send(b"".join(parts), len(parts), sum(len(c[1]) for c in commands[:-1]))
             last = commands[-1]
             data, hdrs, _ = mux.request(last[0], last[1], last[2], timeout)
         finally:

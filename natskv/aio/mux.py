@@ -223,6 +223,11 @@ class Multiplexer:
         # Requests waiting for a reply (caller threads, and the loop's own): close(), refuse()
         # and the server's refusals fail them.
         self._waiting: set[Waiter | StreamWaiter | CountWaiter | AsyncWaiter] = set()
+        # Messages and payload bytes natskv wrote itself, past nats-py's publish() and so its
+        # counters (under _out_lock: caller threads add to them). What natskv's frame reader
+        # receives it adds to nats-py's own in_msgs/in_bytes (loop thread, as nats-py does).
+        self.out_msgs = 0
+        self.out_bytes = 0
         self.hooked = False
         self.closed = False
         self._closed_error: BaseException | None = None
@@ -271,6 +276,7 @@ class Multiplexer:
         process_msg = nc._process_msg
         handlers = self._handlers
         parse_frames = core.parse_frames
+        stats = nc.stats
 
         async def parse(data: bytes = b"") -> None:
             buf = ps.buf  # replaced by ps.reset() on reconnect: looked up on each call
@@ -283,15 +289,21 @@ class Multiplexer:
                     raise ProtocolError() from exc
                 if used:
                     del buf[:used]
+                mine = size = 0
                 for sid, subject, reply, headers, payload in frames:
                     handler = handlers.get(sid)
-                    if handler is None:
+                    if handler is None:  # nats-py counts these itself
                         await process_msg(sid, subject.encode(), reply.encode(), payload, headers)
                         continue
+                    mine += 1
+                    size += len(payload)
                     try:
                         handler(subject, payload, headers, reply)
                     except Exception:  # noqa: BLE001 - never let one message stop nats-py's reader
                         log.exception("natskv: error handling a message on %r", subject)
+                if mine:
+                    stats["in_msgs"] += mine
+                    stats["in_bytes"] += size
                 if not control:
                     return
                 end = buf.find(b"\r\n")
@@ -387,12 +399,12 @@ class Multiplexer:
             for waiter in list(self._waiting):
                 waiter.fail(error)
 
-    def _send_and_wait(self, waiter: Any, command: bytes, timeout: float | None) -> bool:
+    def _send_and_wait(self, waiter: Any, command: bytes, timeout: float | None, msgs: int, payload_bytes: int) -> bool:
         # Known as waiting before the command leaves: the server's refusal of it, or close(),
         # can arrive before this thread gets to wait.
         self._waiting.add(waiter)
         try:
-            self.send(command)
+            self.send(command, msgs, payload_bytes)
             completed = waiter.wait(timeout)
         finally:
             self._waiting.discard(waiter)
@@ -400,14 +412,17 @@ class Multiplexer:
             raise waiter.error
         return completed
 
-    def send(self, command: bytes) -> None:
-        """Queue an encoded protocol command for the loop thread to write; never blocks."""
+    def send(self, command: bytes, msgs: int = 1, payload_bytes: int = 0) -> None:
+        """Queue an encoded protocol command (``msgs`` messages carrying ``payload_bytes`` of
+        payload, for the statistics) for the loop thread to write; never blocks."""
         if self.closed or self.refused is not None:
             raise self.refused or self._closed_error or NotConnectedError(
                 "the client is closed; create a new one with natskv.connect()"
             )
         with self._out_lock:
             self._outbox.append(command)
+            self.out_msgs += msgs
+            self.out_bytes += payload_bytes
             if self._scheduled:
                 return
             self._scheduled = True
@@ -420,8 +435,13 @@ class Multiplexer:
         if commands:
             self.write_now(b"".join(commands))
 
-    def write_now(self, data: bytes) -> None:
-        """Write protocol bytes from the loop thread, keeping order with nats-py's own writes."""
+    def write_now(self, data: bytes, msgs: int = 0, payload_bytes: int = 0) -> None:
+        """Write protocol bytes from the loop thread, keeping order with nats-py's own writes;
+        ``msgs`` and ``payload_bytes`` count them (commands queued by :meth:`send` are counted)."""
+        if msgs:
+            with self._out_lock:
+                self.out_msgs += msgs
+                self.out_bytes += payload_bytes
         nc = self._nc
         transport = nc._transport
         if (
@@ -448,7 +468,8 @@ class Multiplexer:
         waiter = Waiter(subject)
         self._routes[token] = waiter.deliver
         try:
-            completed = self._send_and_wait(waiter, core.pub_command(subject, self.prefix + token, payload, headers), timeout)
+            command = core.pub_command(subject, self.prefix + token, payload, headers)
+            completed = self._send_and_wait(waiter, command, timeout, 1, len(payload))
         except BaseException:  # Ctrl-C while waiting, or a bad command: forget the request
             self._routes.pop(token, None)
             raise
@@ -468,7 +489,8 @@ class Multiplexer:
         waiter = StreamWaiter(subject)
         self._routes[token] = waiter.deliver
         try:
-            completed = self._send_and_wait(waiter, core.pub_command(subject, self.prefix + token, payload, None), timeout)
+            command = core.pub_command(subject, self.prefix + token, payload, None)
+            completed = self._send_and_wait(waiter, command, timeout, 1, len(payload))
         except BaseException:
             self._routes.pop(token, None)
             raise
@@ -494,7 +516,8 @@ class Multiplexer:
             self._routes[token] = waiter.slot(i)
             encoded.append(core.pub_command(subject, self.prefix + token, payload, headers))
         try:
-            completed = self._send_and_wait(waiter, b"".join(encoded), timeout)
+            size = sum(len(payload) for _, payload, _ in commands)
+            completed = self._send_and_wait(waiter, b"".join(encoded), timeout, len(encoded), size)
         except BaseException:
             completed = False
             raise
@@ -518,7 +541,7 @@ class Multiplexer:
         self._routes[token] = waiter.deliver
         self._waiting.add(waiter)
         try:
-            self.write_now(core.pub_command(subject, self.prefix + token, payload, headers))
+            self.write_now(core.pub_command(subject, self.prefix + token, payload, headers), 1, len(payload))
             return await asyncio.wait_for(waiter.future, timeout)
         except asyncio.TimeoutError:
             raise self.timeout_error(subject, timeout) from None
@@ -528,7 +551,7 @@ class Multiplexer:
 
     def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Fire-and-forget publish from any thread."""
-        self.send(core.pub_command(subject, "", payload, headers))
+        self.send(core.pub_command(subject, "", payload, headers), 1, len(payload))
 
     def timeout_error(self, subject: str, timeout: float | None) -> Exception:
         if self.closed:
