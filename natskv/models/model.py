@@ -699,8 +699,9 @@ class Model(metaclass=ModelMeta):
         $contains $startswith $endswith $regex $exists $and $or $not) and/or Django-style lookups
         (``age__gte=18``). ``order_by`` takes field names, ``-`` for descending; records without a
         value come last either way. Reads run on the replica; pass ``consistency="server"`` (with
-        an optional ``timeout=``) to read every record from the server instead. ``consistency`` and ``timeout`` are read options in every read
-        call (count, exists, paginate, aggregates too): query fields so named with ``where=``."""
+        an optional ``timeout=``) to read every record from the server instead. ``consistency``
+        and ``timeout`` are read options in every read call (count, exists, paginate, aggregates
+        too): query fields so named with ``where=``."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise InvalidArgumentError(f"limit must be None or an int >= 0, not {limit!r}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
