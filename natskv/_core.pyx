@@ -42,6 +42,7 @@ from libc.string cimport memchr, memcmp, memcpy
 __all__ = [
     "Filter",
     "IndexSet",
+    "MAX_CONTROL_LINE",
     "Pattern",
     "RecordBuilder",
     "SortedIndex",
@@ -877,6 +878,18 @@ cdef inline Py_ssize_t _put_int(char* buf, Py_ssize_t o, Py_ssize_t v) noexcept 
     return o + d
 
 
+# See natskv._core_py.MAX_CONTROL_LINE.
+MAX_CONTROL_LINE = 4096
+cdef Py_ssize_t _MAX_LINE = MAX_CONTROL_LINE
+
+
+def _line_too_long(Py_ssize_t length):
+    return (
+        f"subject and reply subject too long: the protocol line would be {length} bytes and nats-server "
+        f"closes the connection beyond {MAX_CONTROL_LINE} (its max_control_line); use a shorter subject"
+    )
+
+
 def pub_command(subject, reply, payload, headers):
     """Build a PUB or HPUB client protocol command. See natskv._core_py.pub_command."""
     cdef bytes subject_b = _check_token("subject", subject, False)
@@ -909,6 +922,13 @@ def pub_command(subject, reply, payload, headers):
             parts.append(value_b)
             hdr_len += len(<bytes>name_b) + len(<bytes>value_b) + 4
     cdef Py_ssize_t ns = len(subject_b), nr = len(reply_b), np = len(payload_b)
+    cdef Py_ssize_t args = ns + (nr + 1 if nr else 0) + 1
+    if hdr_len:
+        args += _digits(hdr_len) + 1 + _digits(hdr_len + np)
+    else:
+        args += _digits(np)
+    if args > _MAX_LINE:
+        raise ValueError(_line_too_long(args))
     cdef Py_ssize_t total = ns + np + 2 + 2 + 1  # subject, payload, two CRLFs, one space
     if nr:
         total += nr + 1

@@ -33,6 +33,7 @@ from sortedcontainers import SortedKeyList, SortedList
 __all__ = [
     "Filter",
     "IndexSet",
+    "MAX_CONTROL_LINE",
     "Pattern",
     "RecordBuilder",
     "SortedIndex",
@@ -487,6 +488,19 @@ def parse_headers(raw: bytes) -> tuple[int, str, dict[str, str]]:
     return status, description, headers
 
 
+# nats-server closes the connection of a client whose protocol line (the arguments after PUB or
+# HPUB: subject, reply and sizes) is longer than its max_control_line, 4096 bytes by default.
+# Its INFO does not announce the setting, so natskv keeps within the default.
+MAX_CONTROL_LINE = 4096
+
+
+def _line_too_long(length: int) -> str:
+    return (
+        f"subject and reply subject too long: the protocol line would be {length} bytes and nats-server "
+        f"closes the connection beyond {MAX_CONTROL_LINE} (its max_control_line); use a shorter subject"
+    )
+
+
 def _check_token(what: str, value: object, allow_empty: bool) -> bytes:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be str, not {type(value).__name__}")
@@ -523,8 +537,9 @@ def pub_command(
     """Build a ``PUB`` (no or empty headers) or ``HPUB`` client protocol command.
 
     ``reply`` ``""`` means no reply subject. Raises ValueError for an empty subject, whitespace in
-    the subject or reply, a header name that is empty or holds a space, tab, colon, CR or LF, or a
-    header value holding CR or LF; TypeError for wrongly typed arguments.
+    the subject or reply, a header name that is empty or holds a space, tab, colon, CR or LF, a
+    header value holding CR or LF, or a command line (subject, reply and sizes) longer than
+    ``MAX_CONTROL_LINE`` bytes; TypeError for wrongly typed arguments.
     """
     subject_bytes = _check_token("subject", subject, allow_empty=False)
     reply_bytes = _check_token("reply", reply, allow_empty=True)
@@ -533,18 +548,14 @@ def pub_command(
     payload = bytes(payload)
     if headers is not None and not isinstance(headers, dict):
         raise TypeError(f"headers must be a dict or None, not {type(headers).__name__}")
+    block = _header_block(headers) if headers else b""
+    sizes = b"%d %d" % (len(block), len(block) + len(payload)) if block else b"%d" % len(payload)
     reply_part = b" " + reply_bytes if reply_bytes else b""
-    if not headers:
-        return b"PUB %s%s %d\r\n%s\r\n" % (subject_bytes, reply_part, len(payload), payload)
-    block = _header_block(headers)
-    return b"HPUB %s%s %d %d\r\n%s%s\r\n" % (
-        subject_bytes,
-        reply_part,
-        len(block),
-        len(block) + len(payload),
-        block,
-        payload,
-    )
+    line = len(subject_bytes) + len(reply_part) + 1 + len(sizes)
+    if line > MAX_CONTROL_LINE:
+        raise ValueError(_line_too_long(line))
+    op = b"HPUB" if block else b"PUB"
+    return b"%s %s%s %s\r\n%s%s\r\n" % (op, subject_bytes, reply_part, sizes, block, payload)
 
 
 def _ack_number(reply: str, token: str) -> int:

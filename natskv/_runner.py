@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from natskv.errors import ConfigurationError, DeadlockError, InvalidArgumentError, NatsKVTimeoutError
+from natskv.errors import ConfigurationError, DeadlockError, InvalidArgumentError, NatsKVError, NatsKVTimeoutError
 
 log = logging.getLogger("natskv")
 
@@ -99,6 +99,8 @@ class Runner:
         self._pid = os.getpid()
         # Objects with a ``_close_at_exit()`` method (clients), closed before the loop stops.
         self._closeables: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Tasks started by start_soon(): the loop itself keeps only weak references to tasks.
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -143,6 +145,7 @@ class Runner:
         self._thread = None
         self._pid = os.getpid()
         self._closeables = weakref.WeakSet()
+        self._tasks = set()
 
     def register(self, obj: Any) -> None:
         """Close ``obj`` (via ``obj._close_at_exit()``) when the interpreter exits."""
@@ -191,16 +194,19 @@ class Runner:
                 "run it from another thread (natskv callbacks already run on a dispatcher thread)"
             )
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None, what: str | None = None) -> T:
         """Run ``coro`` on the loop and wait for its result in the calling thread.
 
-        Raises :class:`NatsKVTimeoutError` after ``timeout`` seconds (the coroutine is cancelled),
-        :class:`DeadlockError` from the loop thread, and whatever the coroutine raised, with the
+        Raises :class:`NatsKVTimeoutError` naming the operation (``what``, by default the
+        coroutine's name) and ``timeout`` when the coroutine has not finished within ``timeout``
+        seconds (the coroutine is then cancelled); :class:`DeadlockError` from the loop thread;
+        and whatever the coroutine raised, a timeout of its own included, as it is, with the
         thread plumbing trimmed from its traceback.
         """
         if self.in_loop_thread():
             coro.close()
             self.check_not_loop_thread()
+        operation = what or getattr(coro, "__qualname__", "the operation")
         finished = threading.Event()
 
         async def tracked() -> T:
@@ -211,24 +217,55 @@ class Runner:
 
         future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
         try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            finished.wait(1.0)  # let the cancelled work clean up before the caller moves on
-            raise NatsKVTimeoutError(
-                f"the operation did not complete within {timeout} s; "
-                "check the server is reachable or pass a larger timeout="
-            ) from None
+            done, _ = concurrent.futures.wait((future,), timeout)
         except KeyboardInterrupt:
             future.cancel()
             finished.wait(1.0)  # give the cancelled work a moment to clean up (consumers, etc.)
             raise
+        # cancel() fails when the coroutine finished in the meantime: its outcome counts then.
+        if not done and future.cancel():
+            finished.wait(1.0)  # let the cancelled work clean up before the caller moves on
+            raise NatsKVTimeoutError(
+                f"{operation} did not complete within timeout={timeout} s; "
+                "check the server is reachable or pass a larger timeout="
+            )
+        try:
+            return future.result()
+        except TimeoutError as exc:
+            if isinstance(exc, NatsKVError):
+                raise _trim_traceback(exc) from exc.__cause__
+            # A bare asyncio/OS timeout from inside: keep it as the cause, say which call it ended.
+            raise NatsKVTimeoutError(
+                f"{operation} (timeout={timeout} s) gave up on an inner timeout: "
+                f"{str(exc) or type(exc).__name__}; check the server is reachable or pass a larger timeout="
+            ) from _trim_traceback(exc)
         except BaseException as exc:
             raise _trim_traceback(exc) from exc.__cause__
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Schedule a plain function on the loop thread, from any thread."""
         self.loop.call_soon_threadsafe(fn, *args)
+
+    def start_soon(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
+        """Run ``fn(*args)`` as a task on this process's loop if the loop runs; never starts one.
+
+        Callable from any thread, a finalizer on the loop thread included; does not wait. The task
+        is referenced until it ends. Returns whether it was scheduled.
+        """
+        loop = self._loop
+        if loop is None or self._pid != os.getpid() or loop.is_closed():
+            return False
+
+        def start() -> None:
+            task = loop.create_task(fn(*args))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        try:
+            loop.call_soon_threadsafe(start)
+        except RuntimeError:  # closed between the check and the call (interpreter exit)
+            return False
+        return True
 
 
 runner = Runner()

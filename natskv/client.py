@@ -21,7 +21,13 @@ from natskv.aio.kv import KVProtocol, validate_bucket_name
 from natskv.aio.watch import stop_feeds_of
 from natskv.codec import Codec, get_codec
 from natskv.config import ConnectOptions
-from natskv.errors import BucketNotFoundError, InvalidArgumentError, NotConnectedError, RevisionMismatchError
+from natskv.errors import (
+    BucketNotFoundError,
+    InvalidArgumentError,
+    NotConnectedError,
+    PayloadTooLargeError,
+    RevisionMismatchError,
+)
 from natskv.kv import Bucket
 from natskv.models.live import EventBus
 
@@ -55,6 +61,7 @@ class Client:
         self._closed = False
         self._pid = os.getpid()
         self._conn = self._open()
+        self._finalizer = self._close_when_dropped()
         runner.register(self)
 
     def _open(self) -> Connection:
@@ -62,8 +69,17 @@ class Client:
         # Connection.connect() bounds the TCP/TLS connect itself (and raises NotConnectedError);
         # this outer limit only adds room for reading the server's JetStream info.
         budget = self.options.connect_timeout * max(1, len(self._servers)) + 1.0 + self.options.request_timeout
-        runner.call(conn.connect(), budget + 1.0)
+        runner.call(conn.connect(), budget + 1.0, what=f"connecting to {', '.join(self._servers)}")
         return conn
+
+    def _close_when_dropped(self) -> weakref.finalize:
+        # A client that is garbage-collected without close() must not keep its socket (and the
+        # server's resources) until the process exits. The finalizer holds the connection, never
+        # the client, so it does not keep the client alive. At interpreter exit the runner
+        # closes open clients in order (with a drain), so the finalizer stays out of that.
+        finalizer = weakref.finalize(self, _close_dropped, self._conn, self._pid)
+        finalizer.atexit = False
+        return finalizer
 
     def _check(self) -> None:
         """Reconnect in a forked child; refuse use after close()."""
@@ -72,11 +88,13 @@ class Client:
         if self._pid != os.getpid():
             with self._lock:
                 if self._pid != os.getpid():
+                    self._finalizer.detach()  # the parent's connection: not this process's to close
                     self._conn = self._open()
                     for bucket in self._buckets.values():
                         bucket._proto.conn = self._conn
                     self._watchers = weakref.WeakSet()
                     self._pid = os.getpid()
+                    self._finalizer = self._close_when_dropped()
                     runner.register(self)
 
     # -- buckets -------------------------------------------------------------------------------
@@ -128,7 +146,10 @@ class Client:
         self._check()
         proto = KVProtocol(self._conn, name)
         # This client's watches and model replicas on the bucket end with it.
-        runner.call(stop_feeds_of(self._conn, proto.stream), self.options.request_timeout)
+        runner.call(
+            stop_feeds_of(self._conn, proto.stream), self.options.request_timeout,
+            what=f"delete_bucket({name!r}) stopping the bucket's watches",
+        )
         for model_name, model in list(self._models.items()):
             if model._store is not None and model._store.bucket.name == name:
                 model._store = None
@@ -284,20 +305,42 @@ class Client:
     # -- plain NATS ------------------------------------------------------------------------------
 
     def publish(self, subject: str, data: bytes = b"", *, headers: dict[str, str] | None = None) -> None:
-        """Publish a plain NATS message (fire and forget)."""
+        """Publish a plain NATS message (fire and forget).
+
+        Raises :class:`InvalidArgumentError` for a subject or headers NATS cannot carry (a
+        subject longer than the server's 4096-byte protocol line, whitespace) and
+        :class:`PayloadTooLargeError` above the server's max payload, before sending: the
+        server would close the connection.
+        """
         self._check()
         assert self._conn.mux is not None
-        self._conn.mux.publish(subject, bytes(data), headers)
+        data = bytes(data)
+        self._check_size(data, headers)
+        self._conn.mux.publish(subject, data, headers)
 
     def request(
         self, subject: str, data: bytes = b"", *, headers: dict[str, str] | None = None, timeout: float | None = None
     ) -> bytes:
-        """Send a plain NATS request and return the reply's payload."""
+        """Send a plain NATS request and return the reply's payload. Checks its arguments as
+        :meth:`publish` does."""
         self._check()
         runner.check_not_loop_thread()
         assert self._conn.mux is not None
-        reply = self._conn.mux.request(subject, bytes(data), headers, timeout if timeout is not None else self.options.request_timeout)
+        data = bytes(data)
+        self._check_size(data, headers)
+        reply = self._conn.mux.request(subject, data, headers, timeout if timeout is not None else self.options.request_timeout)
         return reply[0]
+
+    def _check_size(self, data: bytes, headers: dict[str, str] | None) -> None:
+        size = len(data)
+        if headers and isinstance(headers, dict):  # other types: refused by the encoder
+            # The header block counts: "NATS/1.0\r\n", "name: value\r\n" each, "\r\n".
+            size += 12 + sum(len(f"{k}: {v}\r\n".encode(errors="replace")) for k, v in headers.items())
+        if size > self._conn.max_payload:
+            raise PayloadTooLargeError(
+                f"a message of {size} bytes (headers included) exceeds the server's max payload of "
+                f"{self._conn.max_payload} bytes; send less or raise max_payload in the server config"
+            )
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -337,6 +380,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        self._finalizer.detach()
         runner.unregister(self)
         if self._pid != os.getpid():
             return  # the connection belongs to the parent process
@@ -346,7 +390,10 @@ class Client:
             w.stop()
         self._events.stop()
         try:
-            runner.call(self._conn.close(), timeout if timeout is not None else self.options.drain_timeout)
+            runner.call(
+                self._conn.close(), timeout if timeout is not None else self.options.drain_timeout,
+                what="close() draining the connection",
+            )
         except Exception:  # noqa: BLE001 - closing must not raise
             log.debug("natskv: error while closing", exc_info=True)
 
@@ -360,8 +407,20 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        mux = self._conn.mux
+        state = "closed" if self._closed or (mux is not None and mux.closed) else "open"
         return f"<natskv.Client {', '.join(self._servers)} {state}>"
+
+
+def _close_dropped(conn: Connection, pid: int) -> None:
+    """Close the connection of a client collected without close(). Runs in whichever thread the
+    garbage collector ran (the loop thread included), so it only schedules the close."""
+    if pid != os.getpid():
+        return
+    log.debug("natskv: a Client was garbage-collected without close(); closing its connection")
+    if conn.mux is not None:
+        conn.mux.close()
+    runner.start_soon(conn.close, False)
 
 
 def connect(

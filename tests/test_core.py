@@ -621,6 +621,49 @@ def test_pub_command_parity_and_round_trip(
     assert parsed == {name.strip(): value.strip(" \t") for name, value in headers.items()}
 
 
+@settings(max_examples=200)
+@given(
+    subject_len=st.integers(4070, 4100),
+    reply_len=st.integers(0, 30),
+    payload_len=st.sampled_from([0, 9, 10, 99_999, 100_000]),
+    headers=st.sampled_from([None, {}, {"A": "b"}, {"Nats-TTL": "5s" * 50}]),
+    char=st.sampled_from(["s", "é"]),
+)
+def test_pub_command_line_limit_parity(
+    c_core: ModuleType,
+    py_core: ModuleType,
+    subject_len: int,
+    reply_len: int,
+    payload_len: int,
+    headers: dict[str, str] | None,
+    char: str,
+) -> None:
+    """Both cores refuse the same commands: those whose line after PUB/HPUB (subject, reply,
+    sizes) is longer than nats-server's default max_control_line, which would close the
+    connection; the accepted ones fit it exactly."""
+    subject = char * (subject_len // len(char.encode()))
+    args = (subject, "r" * reply_len, b"p" * payload_len, headers)
+    result = outcome(c_core.pub_command, *args)
+    assert result == outcome(py_core.pub_command, *args)
+    assert c_core.MAX_CONTROL_LINE == py_core.MAX_CONTROL_LINE == 4096
+    if result[0] == "ok":
+        first = result[1].partition(b"\r\n")[0]
+        assert len(first.partition(b" ")[2]) <= 4096
+    else:
+        assert result[0] == "ValueError" and "max_control_line" in result[1]
+
+
+def test_pub_command_line_limit(core: ModuleType) -> None:
+    assert core.pub_command("s" * 4094, "", b"x", None).startswith(b"PUB " + b"s" * 4094 + b" 1\r\n")
+    with pytest.raises(ValueError, match="would be 4097 bytes.*beyond 4096"):
+        core.pub_command("s" * 4095, "", b"x", None)
+    with pytest.raises(ValueError, match="would be 4097 bytes"):
+        core.pub_command("s" * 4000, "r" * 93, b"x" * 10, None)  # "s... r... 10"
+    with pytest.raises(ValueError, match="would be 4097 bytes"):
+        core.pub_command("s" * 4091, "", b"x", {"A": "b"})  # "s... 18 19"
+    assert core.pub_command("s" * 4090, "", b"x", {"A": "b"}).startswith(b"HPUB ")
+
+
 def test_parse_ack_subject(core: ModuleType) -> None:
     v1 = "$JS.ACK.KV_users.dur.1.22.3.1700000000123456789.0"
     assert core.parse_ack_subject(v1) == ("KV_users", "dur", 1, 22, 3, 1700000000123456789, 0)

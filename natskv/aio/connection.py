@@ -180,6 +180,8 @@ class Connection:
         self._connect_errors: list[Exception] | None = None
         # Subscriptions the server refused (exact, or lower-cased when nats-py lower-cased them).
         self.denied_subscriptions: set[str] = set()
+        # The last few distinct errors nats-py reported: why reconnecting failed, if it gives up.
+        self._recent_errors: list[BaseException] = []
         # Called on the loop thread after every reconnect (watch consumers resume through this).
         self.on_reconnect: list[Callable[[], Any]] = []
         self.on_disconnect: list[Callable[[], Any]] = []
@@ -287,6 +289,7 @@ class Connection:
                 raise _ConnectFailed() from exc
             return
         text = str(exc)
+        self._note_error(exc)
         if "permissions violation" in text.lower():
             self._permission_violation(text)
         elif _is_auth_error(exc) and self.mux is not None:
@@ -337,24 +340,40 @@ class Connection:
             )
         return None
 
+    def _note_error(self, exc: BaseException) -> None:
+        recent = [e for e in self._recent_errors if str(e) != str(exc)]
+        self._recent_errors = [*recent[-2:], exc]
+
     async def _on_closed(self) -> None:
         # nats-py closes for good (no reconnect) when the server withdraws the credentials, on
         # some other server errors, and when reconnect attempts run out.
         if self.mux is not None and not self.mux.closed:
-            self.mux.close(self._closed_error())
+            error = self._closed_error()
+            log.error("natskv: %s", error)
+            self.mux.refused = None  # "natskv keeps reconnecting" is over: the closed error says why
+            self.mux.close(error)
 
     def _closed_error(self) -> NatsKVError:
         nc = self.nc
         cause = nc.last_error if nc is not None else None
+        gave_up = ""
+        if isinstance(cause, nats.errors.NoServersError):
+            # nats-py gave up reconnecting; the attempts' own errors say why they failed.
+            gave_up = f"no server could be reached in max_reconnect={self.options.max_reconnect} attempts; last errors: "
+            gave_up += ", ".join(_server_reason(e) for e in self._recent_errors) or "none"
+            cause = next((e for e in reversed(self._recent_errors) if _is_auth_error(e)), cause)
         if _is_auth_error(cause):
             assert cause is not None
             return AuthenticationError(
                 f"NATS closed the connection because it no longer accepts the credentials: "
-                f"{_server_reason(cause)}; renew the credentials and create a new client with natskv.connect()"
+                f"{gave_up or _server_reason(cause)}; renew the credentials and create a new client with natskv.connect()"
             )
-        why = f" ({_server_reason(cause)})" if cause is not None else ""
+        why = gave_up or (_server_reason(cause) if cause is not None else "")
+        if self.options.max_reconnect == 0:
+            why = f"{why}; max_reconnect=0 allows no reconnect" if why else "max_reconnect=0 allows no reconnect"
         return NotConnectedError(
-            f"the connection to NATS was closed{why} and will not reconnect; create a new client with natskv.connect()"
+            f"the connection to NATS was closed{f' ({why})' if why else ''} and will not reconnect; "
+            "create a new client with natskv.connect()"
         )
 
     async def _on_disconnected(self) -> None:

@@ -20,9 +20,8 @@ from typing import Any
 
 import orjson
 
-from natskv._speedups import core
 from natskv.aio.connection import API_LEVEL_ATOMIC, API_LEVEL_TTL, Connection, check_api_reply
-from natskv.aio.mux import RawReply, parse_reply_headers, status_of
+from natskv.aio.mux import RawReply, encode_command, parse_reply_headers, status_of
 from natskv.codec import RAW_HEADER
 from natskv.errors import (
     BatchError,
@@ -37,6 +36,8 @@ from natskv.errors import (
 )
 
 BUCKET_NAME_RE = re.compile(r"\A[A-Za-z0-9_-]+\Z")
+MAX_STREAM_NAME = 255  # nats-server's JSMaxNameLen
+MAX_BUCKET_NAME = MAX_STREAM_NAME - len("KV_")
 
 # Error codes of a PubAck whose CAS check failed ("wrong last sequence" and its newer variant).
 CAS_ERROR_CODES = (10071, 10164)
@@ -53,6 +54,11 @@ def validate_bucket_name(name: str) -> None:
     if not isinstance(name, str) or not BUCKET_NAME_RE.match(name):
         raise InvalidBucketNameError(
             f"invalid bucket name {name!r}: use letters, digits, '_' and '-' only (e.g. 'user_sessions')"
+        )
+    if len(name) > MAX_BUCKET_NAME:
+        raise InvalidBucketNameError(
+            f"bucket name of {len(name)} characters is too long: at most {MAX_BUCKET_NAME} "
+            f"(nats-server limits stream names, here 'KV_<bucket>', to {MAX_STREAM_NAME})"
         )
 
 
@@ -247,7 +253,7 @@ class KVProtocol:
         token = mux.new_token()
         mux.add_route(token, collect)
         body = orjson.dumps({"multi_last": [self.subject_prefix + filter_subject]})
-        mux.write_now(core.pub_command(self._direct_batch, mux.prefix + token, body, None), 1, len(body))
+        mux.write_now(encode_command(self._direct_batch, mux.prefix + token, body, None), 1, len(body))
         try:
             await asyncio.wait_for(done, timeout)
         finally:
@@ -413,9 +419,9 @@ class KVProtocol:
             return True
 
         mux.add_route(first_token, on_first)
-        parts = [core.pub_command(commands[0][0], mux.prefix + first_token, commands[0][1], commands[0][2])]
+        parts = [encode_command(commands[0][0], mux.prefix + first_token, commands[0][1], commands[0][2])]
         for subject, payload, headers in commands[1:-1]:
-            parts.append(core.pub_command(subject, "", payload, headers))
+            parts.append(encode_command(subject, "", payload, headers))
         try:
             mux.send(b"".join(parts), len(parts), sum(len(c[1]) for c in commands[:-1]))
             last = commands[-1]

@@ -22,6 +22,7 @@ Watch consumers deliver to tokens under the same inbox, routed to their handler 
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import json
 import logging
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from natskv._speedups import core
-from natskv.errors import NatsKVTimeoutError, NotConnectedError
+from natskv.errors import InvalidArgumentError, NatsKVTimeoutError, NotConnectedError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -249,6 +250,8 @@ class Multiplexer:
         ``headers`` is the raw header block (bytes) or, on nats-py's own path, a parsed dict; use
         :func:`parse_reply_headers` to read either.
         """
+        if self.closed or self.refused is not None:
+            raise self._refusal()
         sub = await self._nc.subscribe(subject, future=_HookFuture(handler))  # type: ignore[arg-type]
         self._handlers[sub._id] = handler
         return sub._id
@@ -409,16 +412,21 @@ class Multiplexer:
         finally:
             self._waiting.discard(waiter)
         if waiter.error is not None:
-            raise waiter.error
+            raise _fresh(waiter.error)
         return completed
+
+    def _refusal(self) -> BaseException:
+        """The error for a call made while the connection is refused or closed."""
+        error = self.refused or self._closed_error
+        if error is None:
+            return NotConnectedError("the client is closed; create a new one with natskv.connect()")
+        return _fresh(error)
 
     def send(self, command: bytes, msgs: int = 1, payload_bytes: int = 0) -> None:
         """Queue an encoded protocol command (``msgs`` messages carrying ``payload_bytes`` of
         payload, for the statistics) for the loop thread to write; never blocks."""
         if self.closed or self.refused is not None:
-            raise self.refused or self._closed_error or NotConnectedError(
-                "the client is closed; create a new one with natskv.connect()"
-            )
+            raise self._refusal()
         with self._out_lock:
             self._outbox.append(command)
             self.out_msgs += msgs
@@ -468,7 +476,7 @@ class Multiplexer:
         waiter = Waiter(subject)
         self._routes[token] = waiter.deliver
         try:
-            command = core.pub_command(subject, self.prefix + token, payload, headers)
+            command = encode_command(subject, self.prefix + token, payload, headers)
             completed = self._send_and_wait(waiter, command, timeout, 1, len(payload))
         except BaseException:  # Ctrl-C while waiting, or a bad command: forget the request
             self._routes.pop(token, None)
@@ -489,7 +497,7 @@ class Multiplexer:
         waiter = StreamWaiter(subject)
         self._routes[token] = waiter.deliver
         try:
-            command = core.pub_command(subject, self.prefix + token, payload, None)
+            command = encode_command(subject, self.prefix + token, payload, None)
             completed = self._send_and_wait(waiter, command, timeout, 1, len(payload))
         except BaseException:
             self._routes.pop(token, None)
@@ -511,10 +519,12 @@ class Multiplexer:
             return []
         waiter = CountWaiter(len(commands), frozenset(subject for subject, _, _ in commands))
         tokens = [self.new_token() for _ in commands]
-        encoded = []
-        for i, ((subject, payload, headers), token) in enumerate(zip(commands, tokens)):
+        encoded = [
+            encode_command(subject, self.prefix + token, payload, headers)
+            for (subject, payload, headers), token in zip(commands, tokens)
+        ]
+        for i, token in enumerate(tokens):
             self._routes[token] = waiter.slot(i)
-            encoded.append(core.pub_command(subject, self.prefix + token, payload, headers))
         try:
             size = sum(len(payload) for _, payload, _ in commands)
             completed = self._send_and_wait(waiter, b"".join(encoded), timeout, len(encoded), size)
@@ -535,13 +545,13 @@ class Multiplexer:
         Works after a client's ``close()`` began (watches delete their consumers then), but not
         once the connection itself was closed for good."""
         if self._closed_error is not None or self.refused is not None:
-            raise self.refused or self._closed_error  # type: ignore[misc]
+            raise self._refusal()
         token = self.new_token()
         waiter = AsyncWaiter(self._loop.create_future(), subject)
         self._routes[token] = waiter.deliver
         self._waiting.add(waiter)
         try:
-            self.write_now(core.pub_command(subject, self.prefix + token, payload, headers), 1, len(payload))
+            self.write_now(encode_command(subject, self.prefix + token, payload, headers), 1, len(payload))
             return await asyncio.wait_for(waiter.future, timeout)
         except asyncio.TimeoutError:
             raise self.timeout_error(subject, timeout) from None
@@ -551,17 +561,46 @@ class Multiplexer:
 
     def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Fire-and-forget publish from any thread."""
-        self.send(core.pub_command(subject, "", payload, headers), 1, len(payload))
+        self.send(encode_command(subject, "", payload, headers), 1, len(payload))
 
     def timeout_error(self, subject: str, timeout: float | None) -> Exception:
+        """The error of a request on ``subject`` that got no reply within ``timeout`` seconds,
+        naming why when natskv knows (the client closed, the connection down)."""
         if self.closed:
-            return self._closed_error or NotConnectedError("the client was closed while this call waited for its reply")
+            return _fresh(self._closed_error) if self._closed_error else NotConnectedError(
+                "the client was closed while this call waited for its reply"
+            )
         if not self._nc.is_connected:
             return NatsKVTimeoutError(
-                f"no reply within {timeout} s: the connection to NATS is down and reconnecting; "
-                "a write that timed out may still be applied once the connection is back"
+                f"no reply to a request on {_short(subject)} within timeout={timeout} s: the connection to "
+                "NATS is down and reconnecting; a write that timed out may still be applied once it is back"
             )
         return NatsKVTimeoutError(
-            f"no reply to a request on {subject!r} within {timeout} s; "
+            f"no reply to a request on {_short(subject)} within timeout={timeout} s; "
             "the server may be overloaded or the stream may have no leader; pass a larger timeout="
         )
+
+
+def encode_command(subject: str, reply: str, payload: bytes, headers: dict[str, str] | None) -> bytes:
+    """``_core.pub_command`` with its refusals as natskv errors: a subject or header NATS cannot
+    carry, or a protocol line the server would answer by closing the connection (over its
+    default max_control_line), fails here, before anything is sent."""
+    try:
+        return core.pub_command(subject, reply, payload, headers)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgumentError(f"cannot send a message to {_short(subject)}: {exc}") from exc
+
+
+def _fresh(error: BaseException) -> BaseException:
+    """A copy of a stored error to raise: one instance raised by call after call would collect
+    every call's traceback (and be shared between threads). The errors stored here
+    (NotConnectedError, AuthenticationError, PermissionDeniedError) are made of one message."""
+    copied = copy.copy(error)
+    copied.__cause__ = error.__cause__
+    return copied.with_traceback(None)
+
+
+def _short(subject: object) -> str:
+    """A subject for an error message: repr()'d and cut to a readable length."""
+    text = repr(subject)
+    return text if len(text) <= 100 else f"{text[:80]}... ({len(str(subject))} characters)"

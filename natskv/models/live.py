@@ -12,6 +12,7 @@ import fnmatch
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -245,7 +246,13 @@ class EventBus:
         # In the child, right after fork(): the parent's thread and lock holders are gone.
         self._lock = threading.Lock()
         if self._dispatcher is not None:
-            self._dispatcher = _Dispatcher("natskv-events", None)
+            self._start_dispatcher()
+
+    def _start_dispatcher(self) -> None:
+        self._dispatcher = _Dispatcher("natskv-events", None)
+        # The thread ends with the bus (its client dropped without close()); the finalizer
+        # holds the queue only, so it keeps neither the bus nor the client alive.
+        weakref.finalize(self, self._dispatcher._queue.put, _STOP).atexit = False
 
     def on(self, pattern: str, callback: Callable[[ModelEvent], None]) -> Callable[[], None]:
         if not isinstance(pattern, str) or not pattern:
@@ -255,7 +262,7 @@ class EventBus:
         with self._lock:
             self._handlers.append((pattern, callback))
             if self._dispatcher is None:
-                self._dispatcher = _Dispatcher("natskv-events", None)
+                self._start_dispatcher()
 
         def off() -> None:
             with self._lock:
