@@ -21,7 +21,7 @@ from natskv.server import EmbeddedServer
 from helpers import wait_until
 
 MAX_CONTROL_LINE = 4096  # nats-server's default max_control_line
-MAX_BUCKET_NAME = 255 - len("KV_")  # nats-server's stream name limit, less natskv's prefix
+MAX_BUCKET_NAME = 255 - len("KVC_")  # nats-server's stream name limit, less the counter stream's prefix
 
 
 def healthy(db: natskv.Client, kv: natskv.Bucket) -> None:
@@ -58,6 +58,10 @@ def test_overlong_bucket_names_are_refused_and_the_limit_is_the_servers(db: nats
             assert change is not None and change.key == key and change.value == 2
         assert longest.delete(key)
         assert longest.get(key) is None
+        # The autoincrement counter stream beside it (KVC_<bucket>) fits the limit too.
+        Thing = db.define("LongBucketThing", {"id": {"type": "INTEGER", "primaryKey": True, "autoIncrement": True}},
+                          bucket=name)
+        assert [Thing.create().id for _ in range(2)] == [1, 2]
     finally:
         db.delete_bucket(name)
     healthy(db, kv)

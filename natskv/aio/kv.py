@@ -37,7 +37,8 @@ from natskv.errors import (
 
 BUCKET_NAME_RE = re.compile(r"\A[A-Za-z0-9_-]+\Z")
 MAX_STREAM_NAME = 255  # nats-server's JSMaxNameLen
-MAX_BUCKET_NAME = MAX_STREAM_NAME - len("KV_")
+# A bucket's streams are KV_<bucket> and, for autoincrement fields, KVC_<bucket>: both must fit.
+MAX_BUCKET_NAME = MAX_STREAM_NAME - len("KVC_")
 
 # Error codes of a PubAck whose CAS check failed ("wrong last sequence" and its newer variant).
 CAS_ERROR_CODES = (10071, 10164)
@@ -58,7 +59,7 @@ def validate_bucket_name(name: str) -> None:
     if len(name) > MAX_BUCKET_NAME:
         raise InvalidBucketNameError(
             f"bucket name of {len(name)} characters is too long: at most {MAX_BUCKET_NAME} "
-            f"(nats-server limits stream names, here 'KV_<bucket>', to {MAX_STREAM_NAME})"
+            f"(nats-server limits stream names, here 'KV_<bucket>' and 'KVC_<bucket>', to {MAX_STREAM_NAME})"
         )
 
 
