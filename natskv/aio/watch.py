@@ -22,7 +22,13 @@ from natskv.errors import BucketNotFoundError, NatsKVError
 
 log = logging.getLogger("natskv")
 
-HEARTBEAT = 5.0  # seconds between idle heartbeats from the server
+# The server sends an idle heartbeat when a consumer has delivered nothing for HEARTBEAT seconds.
+# A consumer dies silently with its node (the client stays connected to another one), so the
+# feed counts silence: MISSED_HEARTBEATS beats without a message mean the consumer is gone and
+# is recreated (about 1 s of detection; the cost is 1 / HEARTBEAT messages a second per idle
+# feed, and a feed is shared by every watcher of a bucket and filter on a connection).
+HEARTBEAT = 0.5
+MISSED_HEARTBEATS = 2
 INACTIVE_THRESHOLD = 120.0  # the server removes a consumer nobody listens to after this long
 
 
@@ -221,8 +227,10 @@ class ConsumerFeed:
         try:
             while not self._stopped:
                 try:
-                    await self._delete_consumer(old)
                     await self._create_consumer()
+                    # Deleted after the new one is up: a consumer on a dead node makes the delete
+                    # wait for its timeout, which must not delay the resumed deliveries.
+                    self._loop.create_task(self._delete_consumer(old))
                     return
                 except BucketNotFoundError:
                     log.warning("natskv: bucket %r was deleted; its watch stops", self.proto.bucket)
@@ -231,19 +239,28 @@ class ConsumerFeed:
                 except NatsKVError as exc:
                     log.info("natskv: could not recreate watch consumer yet: %s", exc)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    delay = min(delay * 2, 0.5)
         finally:
             self._resetting = False
 
     def _arm_watchdog(self) -> None:
+        # One timer per feed, due when the silence would reach the limit; a message in between
+        # only moves the due time (the timer does not fire per message).
+        limit = MISSED_HEARTBEATS * HEARTBEAT
+
         def check() -> None:
             if self._stopped:
                 return
-            if self._loop.time() - self._last_activity > 3 * HEARTBEAT and self.conn.nc and self.conn.nc.is_connected:
-                self._reset("no heartbeat")
-            self._watchdog = self._loop.call_later(HEARTBEAT, check)
+            silent = self._loop.time() - self._last_activity
+            if silent < limit:
+                self._watchdog = self._loop.call_later(limit - silent, check)
+                return
+            if not self._resetting and self.conn.nc is not None and self.conn.nc.is_connected:
+                self._reset(f"no message or heartbeat for {silent:.1f} s (consumer lost with its server?)")
+                self._last_activity = self._loop.time()  # give the new consumer a full period
+            self._watchdog = self._loop.call_later(limit, check)
 
-        self._watchdog = self._loop.call_later(HEARTBEAT, check)
+        self._watchdog = self._loop.call_later(limit, check)
 
 
 async def snapshot(

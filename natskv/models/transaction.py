@@ -154,7 +154,9 @@ class Transaction:
             except KeyExistsError as exc:
                 owner = self._owners.get(exc.key, store.model)
                 raise owner._unique_error(exc.key) from exc
-            store.replica.wait_for(revision, self._timeout or 5.0)
+            ops = list(self._ops.values())
+            for written_to in {id(m._s()): m._s() for m in self._owners.values()}.values():
+                written_to.written(ops, revision)  # every model of the bucket reads it back at once
             with store.replica.lock:
                 for obj, clean, stored in self._done:
                     if stored is None:
