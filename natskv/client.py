@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._runner import check_timeout, loop_name, runner
 from natskv.aio.connection import API_LEVEL_ATOMIC, Connection, check_api_reply
-from natskv.aio.kv import KVProtocol, validate_bucket_name
+from natskv.aio.kv import KVProtocol, request_retrying_on_503, validate_bucket_name
 from natskv.aio.watch import stop_feeds_of
 from natskv.codec import Codec, get_codec
 from natskv.config import ConnectOptions
 from natskv.errors import (
     BucketNotFoundError,
     InvalidArgumentError,
+    JetStreamError,
     NotConnectedError,
     PayloadTooLargeError,
     RevisionMismatchError,
@@ -154,13 +155,19 @@ class Client:
             if model._store is not None and model._store.bucket.name == name:
                 model._store = None
                 del self._models[model_name]
+        t = timeout if timeout is not None else self.options.request_timeout
         try:
-            proto.destroy(timeout if timeout is not None else self.options.request_timeout)
+            proto.destroy(t)
         except BucketNotFoundError:
             return False
         finally:
             for key in [k for k in self._buckets if k[0] == name]:
                 del self._buckets[key]
+            self._counters.discard(f"KVC_{name}")
+        try:  # the bucket's autoincrement counters go with it
+            self._conn.js_api_blocking(f"STREAM.DELETE.KVC_{name}", None, t)
+        except BucketNotFoundError:
+            pass
         return True
 
     def buckets(self, *, timeout: float | None = None) -> list[str]:
@@ -289,18 +296,38 @@ class Client:
         self._conn.require(API_LEVEL_ATOMIC, "autoincrement fields (counter streams)")
         stream = f"KVC_{bucket}"
         if stream not in self._counters:
+            self._ensure_counter_stream(bucket, stream, t)
+            self._counters.add(stream)
+        reply = request_retrying_on_503(
+            self._conn, f"$KVC.{bucket}.{field}", b"", {"Nats-Incr": f"+{count}"}, t, f"counter stream {stream!r}"
+        )
+        return int(check_api_reply("counter", reply[0])["val"])
+
+    def _ensure_counter_stream(self, bucket: str, stream: str, timeout: float) -> None:
+        """Create the counter stream with its bucket's replicas and storage, or scale an
+        existing one up to the bucket's replicas (its storage cannot change on the server)."""
+        kv = self._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, timeout)["config"]
+        replicas, storage = kv.get("num_replicas", 1), kv.get("storage", "file")
+        try:
+            config = self._conn.js_api_blocking(f"STREAM.INFO.{stream}", None, timeout)["config"]
+        except BucketNotFoundError:
             config = {
                 "name": stream, "subjects": [f"$KVC.{bucket}.>"], "allow_msg_counter": True,
-                "allow_direct": True, "storage": "file", "num_replicas": 1,
+                "allow_direct": True, "storage": storage, "num_replicas": replicas,
             }
             try:
-                self._conn.js_api_blocking(f"STREAM.INFO.{stream}", None, t)
-            except BucketNotFoundError:
-                self._conn.js_api_blocking(f"STREAM.CREATE.{stream}", config, t)
-            self._counters.add(stream)
-        assert self._conn.mux is not None
-        data, headers, _ = self._conn.mux.request(f"$KVC.{bucket}.{field}", b"", {"Nats-Incr": f"+{count}"}, t)
-        return int(check_api_reply("counter", data)["val"])
+                self._conn.js_api_blocking(f"STREAM.CREATE.{stream}", config, timeout)
+            except JetStreamError as exc:
+                if exc.err_code != 10058:  # created concurrently by another client
+                    raise
+            return
+        if config.get("num_replicas", 1) < replicas:
+            # Made before counters followed their bucket (always R1): one node down stopped
+            # every create. Scaling up keeps the counts.
+            self._conn.js_api_blocking(f"STREAM.UPDATE.{stream}", dict(config, num_replicas=replicas), timeout)
+        if config.get("storage", "file") != storage:
+            log.warning("natskv: counter stream %s is %s storage, its bucket %s; the server cannot change it",
+                        stream, config.get("storage"), storage)
 
     # -- plain NATS ------------------------------------------------------------------------------
 

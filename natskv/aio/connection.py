@@ -187,6 +187,9 @@ class Connection:
         self.on_disconnect: list[Callable[[], Any]] = []
         # Watch feeds shared by the watchers of this connection, by (stream, filter, policy).
         self.feeds: dict[tuple[str, str, str], Any] = {}
+        # By stream: the highest revision this connection wrote, which its direct gets then ask
+        # every replica to have (read-your-writes; see KVProtocol._after_writes).
+        self.written: dict[str, int] = {}
 
     # -- lifecycle (loop thread) -------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,9 +104,61 @@ def entry_from_headers(hdrs: dict[str, str], data: bytes, subject: str = "") -> 
     )
 
 
+def _is_ack(data: bytes) -> bool:
+    """Whether a reply is a successful PubAck."""
+    if not data:
+        return False
+    try:
+        check_pub_ack(data)
+    except NatsKVError:
+        return False
+    return True
+
+
 def check_pub_ack(data: bytes) -> dict[str, Any]:
     """Decode a PubAck. CAS failures raise :class:`JetStreamError` with ``err_code`` set."""
     return check_api_reply("publish", data)
+
+
+def request_retrying_on_503(
+    conn: Connection,
+    subject: str,
+    payload: bytes,
+    headers: dict[str, str] | None,
+    timeout: float | None,
+    what: str,
+    check: Callable[[float], None] | None = None,
+    first: RawReply | None = None,
+) -> RawReply:
+    """A request sent again while it is answered "no responders" (503), until ``timeout``.
+
+    A 503 means no stream took the message (JetStream still starting after a restart, or a
+    stream without a leader during an election): nothing was stored, so sending again is safe.
+    ``check(timeout)`` runs once, at the first 503, to raise a better error than waiting;
+    ``first`` is the reply of a first attempt the caller already made.
+    """
+    mux = conn.mux
+    assert mux is not None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reply = first if first is not None else mux.request(subject, payload, headers, timeout)
+    delay = 0.02
+    if reply[0] or status_of(reply[1]) != 503:
+        return reply
+    if check is not None:
+        check(min(timeout or 1.0, 1.0))
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= delay:
+            raise NatsKVTimeoutError(
+                f"{what} had no JetStream responder for {timeout} s: "
+                "is JetStream enabled and does the stream have a leader? Nothing was stored."
+            )
+        time.sleep(delay)
+        # Backoff capped low: a write should follow a new stream leader within a fraction of a second.
+        delay = min(delay * 2, 0.25)
+        reply = mux.request(subject, payload, headers, None if deadline is None else deadline - time.monotonic())
+        if reply[0] or status_of(reply[1]) != 503:
+            return reply
 
 
 class KVProtocol:
@@ -120,6 +173,7 @@ class KVProtocol:
         self._direct_prefix = f"$JS.API.DIRECT.GET.{self.stream}.{self.subject_prefix}"
         self._direct_batch = f"$JS.API.DIRECT.GET.{self.stream}"
         self._config: dict[str, Any] = {}
+        self._replicated = False  # more than one replica: reads ask for this client's writes
         self._max_value: int | None = None
 
     # -- bucket management (any thread) -------------------------------------------------------
@@ -212,12 +266,14 @@ class KVProtocol:
     def get(self, encoded_key: str, timeout: float | None) -> RawEntry | None:
         """The latest message of one key (None when it has none; deletes come back as entries)."""
         assert self.conn.mux is not None
-        return self._entry_of(self._request(self._direct_prefix + encoded_key, b"", None, timeout))
+        mark = self.conn.written.get(self.stream)
+        body = b'{"min_last_seq":%d}' % mark if mark else b""
+        return self._entry_of(self._request(self._direct_prefix + encoded_key, body, None, timeout))
 
     def get_revision(self, encoded_key: str, revision: int, timeout: float | None) -> RawEntry | None:
         """The message at ``revision`` if it belongs to this key."""
         assert self.conn.mux is not None
-        body = orjson.dumps({"seq": revision})
+        body = orjson.dumps(self._after_writes({"seq": revision}))
         entry = self._entry_of(self._request(self._direct_batch, body, None, timeout))
         return entry if entry is not None and entry.subject == self.subject_prefix + encoded_key else None
 
@@ -273,7 +329,7 @@ class KVProtocol:
             return self._get_each(subjects, timeout)
         out: list[RawEntry] = []
         for i in range(0, len(subjects), MAX_SUBJECTS_PER_BATCH_GET):
-            body = orjson.dumps({"multi_last": subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]})
+            body = orjson.dumps(self._after_writes({"multi_last": subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]}))
             replies = self.conn.mux.request_stream(self._direct_batch, body, timeout)
             entries = self._batch_entries(replies)
             if entries is None:
@@ -319,7 +375,7 @@ class KVProtocol:
         out: list[RawEntry] = []
         seq = 1
         while True:
-            body = orjson.dumps({"batch": 256, "seq": seq, "next_by_subj": subject})
+            body = orjson.dumps(self._after_writes({"batch": 256, "seq": seq, "next_by_subj": subject}))
             replies = self.conn.mux.request_stream(self._direct_batch, body, timeout)
             pending = 0
             for data, headers, _ in replies:
@@ -359,7 +415,7 @@ class KVProtocol:
         if not data:
             status, desc, _ = parse_reply_headers(hdrs)
             raise self._status_error(status, desc)
-        return int(check_pub_ack(data)["seq"])
+        return self._written(int(check_pub_ack(data)["seq"]))
 
     def put_many(
         self, items: list[tuple[str, bytes, dict[str, str] | None]], timeout: float | None
@@ -376,7 +432,7 @@ class KVProtocol:
                 if not reply[0]:
                     status, desc, _ = parse_reply_headers(reply[1])
                     raise self._status_error(status, desc)
-                results.append(int(check_pub_ack(reply[0])["seq"]))
+                results.append(self._written(int(check_pub_ack(reply[0])["seq"])))
             except Exception as exc:  # noqa: BLE001 - returned to the caller per item
                 results.append(exc)
         return results
@@ -393,6 +449,33 @@ class KVProtocol:
             raise BatchError(f"an atomic commit holds at most {MAX_ATOMIC_BATCH} operations, not {len(items)}")
         if not self.config.get("allow_atomic"):
             self.update_config({"allow_atomic": True}, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            data, hdrs, first_status = self._send_batch(items, left)
+            # A batch is stored only when a stream leader receives its commit message. A commit
+            # answered 503 reached no leader (no stream leader during an election); one answered
+            # with an error after its first message got 503 reached a leader that never saw the
+            # start of the batch and rejected it. Either way nothing was stored: send the whole
+            # batch again, under a new id so it cannot join messages staged for the old one.
+            status = status_of(hdrs) if not data else 0
+            if status != 503 and not (first_status == 503 and not _is_ack(data)):
+                return self._batch_ack(data, hdrs)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= delay:
+                raise NatsKVTimeoutError(
+                    f"bucket {self.bucket!r} had no stream leader to commit to for {timeout} s "
+                    "(an election that did not end?). Nothing was stored."
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    def _send_batch(
+        self, items: list[tuple[str, bytes, dict[str, str]]], timeout: float | None
+    ) -> tuple[bytes, Any, int]:
+        """Send one atomic batch; return the commit's reply and the status the first message
+        got (0 when it got none: the server answers the first message only when it fails)."""
         assert self.conn.mux is not None
         batch_id = uuid.uuid4().hex
         n = len(items)
@@ -405,17 +488,16 @@ class KVProtocol:
                 h["Nats-Batch-Commit"] = "1"
             commands.append((self.subject_prefix + key, payload, h))
         # The first message and the commit are requests (errors come back on them); the middle
-        # ones are plain publishes. The server answers the first only if it fails, so wait for
-        # the commit's answer alone.
+        # ones are plain publishes. Wait for the commit's answer alone.
         mux = self.conn.mux
         if n == 1:
             data, hdrs, _ = mux.request(commands[0][0], commands[0][1], commands[0][2], timeout)
-            return self._batch_ack(data, hdrs)
+            return data, hdrs, 0
         first_token = mux.new_token()
-        first_error: list[RawReply] = []
+        first_reply: list[RawReply] = []
 
         def on_first(data: bytes, headers: Any, reply: str) -> bool:
-            first_error.append((data, headers, reply))
+            first_reply.append((data, headers, reply))
             return True
 
         mux.add_route(first_token, on_first)
@@ -428,56 +510,65 @@ class KVProtocol:
             data, hdrs, _ = mux.request(last[0], last[1], last[2], timeout)
         finally:
             mux.remove_route(first_token)
-        if first_error and first_error[0][0]:
-            check_pub_ack(first_error[0][0])
-        return self._batch_ack(data, hdrs)
+        if not first_reply:
+            return data, hdrs, 0
+        first_data, first_headers, _ = first_reply[0]
+        if first_data:
+            check_pub_ack(first_data)  # the first message's own error (a failed CAS check...)
+            return data, hdrs, 0
+        return data, hdrs, status_of(first_headers)
 
     def _batch_ack(self, data: bytes, headers: Any) -> int:
         if not data:
             status, desc, _ = parse_reply_headers(headers)
             raise self._status_error(status, desc)
-        return int(check_pub_ack(data)["seq"])
+        return self._written(int(check_pub_ack(data)["seq"]))
+
+    # -- read-your-writes --------------------------------------------------------------------
+
+    def _written(self, revision: int) -> int:
+        """Note a revision this client wrote, so its later reads are at least that recent."""
+        if self._replicated and revision > self.conn.written.get(self.stream, 0):
+            self.conn.written[self.stream] = revision
+        return revision
+
+    def _after_writes(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A direct get request that only a server holding this client's writes may answer.
+
+        Direct gets are answered by any replica of the stream, and a follower may lag the
+        leader that acknowledged a write. With ``min_last_seq`` (nats-server 2.12) a follower
+        whose stream is behind that sequence hands the request to the leader instead of
+        answering with an older value; the leader and an up-to-date follower answer at once.
+        Only replicated buckets carry it: on one server the extra request body costs ~5% of a
+        get and buys nothing.
+        """
+        mark = self.conn.written.get(self.stream)
+        if mark:
+            request["min_last_seq"] = mark
+        return request
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _request(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> RawReply:
-        """One request; "no responders" (503) is retried until the timeout.
-
-        A 503 means no stream took the message (JetStream still starting after a restart, or a
-        stream without a leader for a moment): nothing was stored, so sending again is safe.
-        """
-        mux = self.conn.mux
-        assert mux is not None
-        reply = mux.request(subject, payload, headers, timeout)
+        """One request; "no responders" (503) is retried until the timeout (see request_retrying_on_503)."""
+        assert self.conn.mux is not None
+        reply = self.conn.mux.request(subject, payload, headers, timeout)
         if reply[0] or status_of(reply[1]) != 503:
             return reply
-        total = timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.02
-        checked = False
-        while True:
-            if not checked:  # deleted by someone else? Say so instead of retrying until the timeout
-                checked = True
-                try:
-                    self.info(min(timeout or 1.0, 1.0))
-                except BucketNotFoundError:
-                    raise BucketNotFoundError(
-                        f"bucket {self.bucket!r} does not exist (deleted?); create it again with client.bucket({self.bucket!r})"
-                    ) from None
-                except NatsKVError:
-                    pass  # JetStream not answering yet (restarting): keep retrying
-            if deadline is not None:
-                timeout = deadline - time.monotonic()
-                if timeout <= delay:
-                    raise NatsKVTimeoutError(
-                        f"bucket {self.bucket!r} had no JetStream responder for {total} s: "
-                        "is JetStream enabled and does the stream have a leader? Nothing was stored."
-                    )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-            reply = mux.request(subject, payload, headers, timeout)
-            if reply[0] or status_of(reply[1]) != 503:
-                return reply
+        return request_retrying_on_503(
+            self.conn, subject, payload, headers, timeout, f"bucket {self.bucket!r}", self._exists, reply
+        )
+
+    def _exists(self, timeout: float) -> None:
+        # Deleted by someone else? Say so instead of retrying until the timeout.
+        try:
+            self.info(timeout)
+        except BucketNotFoundError:
+            raise BucketNotFoundError(
+                f"bucket {self.bucket!r} does not exist (deleted?); create it again with client.bucket({self.bucket!r})"
+            ) from None
+        except NatsKVError:
+            pass  # JetStream not answering yet (restarting): keep retrying
 
     @property
     def config(self) -> dict[str, Any]:
@@ -487,6 +578,7 @@ class KVProtocol:
     @config.setter
     def config(self, config: dict[str, Any]) -> None:
         self._config = config
+        self._replicated = config.get("num_replicas", 1) > 1 and self.conn.api_level >= API_LEVEL_ATOMIC
         meta = config.get("metadata") or {}
         limit = int(meta.get("natskv.max_value_size", 0) or 0) or config.get("max_msg_size", -1)
         self._max_value = limit if limit and limit > 0 else None
@@ -527,4 +619,4 @@ class KVProtocol:
         return JetStreamError(desc or f"unexpected status {status}", code=status)
 
 
-__all__ = ["KVProtocol", "RawEntry", "status_of", "validate_bucket_name", "ttl_header"]
+__all__ = ["KVProtocol", "RawEntry", "request_retrying_on_503", "status_of", "validate_bucket_name", "ttl_header"]
