@@ -187,8 +187,8 @@ class Connection:
         self.on_disconnect: list[Callable[[], Any]] = []
         # Watch feeds shared by the watchers of this connection, by (stream, filter, policy).
         self.feeds: dict[tuple[str, str, str], Any] = {}
-        # By stream: the highest revision this connection wrote, which its direct gets then ask
-        # every replica to have (read-your-writes; see KVProtocol._after_writes).
+        # By replicated stream: the highest revision this connection wrote; a read answered by a
+        # replica behind it is asked again (read-your-writes; see KVProtocol._get_after_write).
         self.written: dict[str, int] = {}
 
     # -- lifecycle (loop thread) -------------------------------------------------------------

@@ -11,6 +11,7 @@ batch publish. The methods that block run in the caller's thread through the mul
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import re
 import time
@@ -42,6 +43,7 @@ MAX_BUCKET_NAME = MAX_STREAM_NAME - len("KV_")
 
 # Error codes of a PubAck whose CAS check failed ("wrong last sequence" and its newer variant).
 CAS_ERROR_CODES = (10071, 10164)
+ERR_NO_MESSAGE = 10037  # STREAM.MSG.GET: no message found
 MAX_SUBJECTS_PER_BATCH_GET = 1024
 MAX_ATOMIC_BATCH = 1000
 DEFAULT_MAX_CONSUMERS = 10_000
@@ -173,7 +175,7 @@ class KVProtocol:
         self._direct_prefix = f"$JS.API.DIRECT.GET.{self.stream}.{self.subject_prefix}"
         self._direct_batch = f"$JS.API.DIRECT.GET.{self.stream}"
         self._config: dict[str, Any] = {}
-        self._replicated = False  # more than one replica: reads ask for this client's writes
+        self._replicated = False  # more than one replica: reads check they see this client's writes
         self._max_value: int | None = None
 
     # -- bucket management (any thread) -------------------------------------------------------
@@ -259,6 +261,7 @@ class KVProtocol:
         return self.conn.js_api_blocking(f"STREAM.INFO.{self.stream}", None, timeout)
 
     def destroy(self, timeout: float | None) -> None:
+        self.conn.written.pop(self.stream, None)
         self.conn.js_api_blocking(f"STREAM.DELETE.{self.stream}", None, timeout)
 
     # -- reads (any thread) -----------------------------------------------------------------
@@ -267,14 +270,17 @@ class KVProtocol:
         """The latest message of one key (None when it has none; deletes come back as entries)."""
         assert self.conn.mux is not None
         mark = self.conn.written.get(self.stream)
-        body = b'{"min_last_seq":%d}' % mark if mark else b""
-        return self._entry_of(self._request(self._direct_prefix + encoded_key, body, None, timeout))
+        if mark:
+            return self._get_after_write(encoded_key, mark, timeout)
+        return self._entry_of(self._request(self._direct_prefix + encoded_key, b"", None, timeout))
 
     def get_revision(self, encoded_key: str, revision: int, timeout: float | None) -> RawEntry | None:
         """The message at ``revision`` if it belongs to this key."""
         assert self.conn.mux is not None
-        body = orjson.dumps(self._after_writes({"seq": revision}))
+        body = orjson.dumps({"seq": revision})
         entry = self._entry_of(self._request(self._direct_batch, body, None, timeout))
+        if entry is None and revision <= self.conn.written.get(self.stream, 0):
+            entry = self._leader_get({"seq": revision}, timeout)  # answered by a replica behind us
         return entry if entry is not None and entry.subject == self.subject_prefix + encoded_key else None
 
     def _entry_of(self, reply: RawReply) -> RawEntry | None:
@@ -328,9 +334,18 @@ class KVProtocol:
                 return None
             return self._get_each(subjects, timeout)
         out: list[RawEntry] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
         for i in range(0, len(subjects), MAX_SUBJECTS_PER_BATCH_GET):
-            body = orjson.dumps(self._after_writes({"multi_last": subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]}))
-            replies = self.conn.mux.request_stream(self._direct_batch, body, timeout)
+            body = orjson.dumps({"multi_last": subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]})
+            while True:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+                replies = self.conn.mux.request_stream(self._direct_batch, body, left)
+                if not self._behind_writes(replies):
+                    break
+                # A replica behind this client's writes answered: ask again (another replica, or
+                # this one caught up), after making sure the stream was not recreated since.
+                self._check_mark(left)
+                time.sleep(0.002)
             entries = self._batch_entries(replies)
             if entries is None:
                 return None
@@ -375,7 +390,7 @@ class KVProtocol:
         out: list[RawEntry] = []
         seq = 1
         while True:
-            body = orjson.dumps(self._after_writes({"batch": 256, "seq": seq, "next_by_subj": subject}))
+            body = orjson.dumps({"batch": 256, "seq": seq, "next_by_subj": subject})
             replies = self.conn.mux.request_stream(self._direct_batch, body, timeout)
             pending = 0
             for data, headers, _ in replies:
@@ -532,20 +547,51 @@ class KVProtocol:
             self.conn.written[self.stream] = revision
         return revision
 
-    def _after_writes(self, request: dict[str, Any]) -> dict[str, Any]:
-        """A direct get request that only a server holding this client's writes may answer.
+    def _get_after_write(self, encoded_key: str, mark: int, timeout: float | None) -> RawEntry | None:
+        """A single-key read that shows nothing older than this client's writes (``mark``).
 
-        Direct gets are answered by any replica of the stream, and a follower may lag the
-        leader that acknowledged a write. With ``min_last_seq`` (nats-server 2.12) a follower
-        whose stream is behind that sequence hands the request to the leader instead of
-        answering with an older value; the leader and an up-to-date follower answer at once.
-        Only replicated buckets carry it: on one server the extra request body costs ~5% of a
-        get and buys nothing.
+        Direct gets are answered by any replica, and a follower may lag the leader that
+        acknowledged a write (nats-server 2.12 dropped its ``min_last_seq`` request field before
+        release). A one-subject batch get ends with ``Nats-UpTo-Sequence``, the answering
+        replica's last sequence: when that is behind ``mark`` the answer may be stale, and the
+        stream leader answers instead (``STREAM.MSG.GET``, which only the leader serves).
         """
-        mark = self.conn.written.get(self.stream)
-        if mark:
-            request["min_last_seq"] = mark
-        return request
+        assert self.conn.mux is not None
+        subject = self.subject_prefix + encoded_key
+        replies = self.conn.mux.request_stream(self._direct_batch, orjson.dumps({"multi_last": [subject]}), timeout)
+        if self._behind_writes(replies, mark):
+            return self._leader_get({"last_by_subj": subject}, timeout)
+        entries = self._batch_entries(replies)
+        return entries[0] if entries else None
+
+    def _behind_writes(self, replies: list[RawReply], mark: int | None = None) -> bool:
+        """Whether a batch get was answered by a replica behind this client's last write."""
+        mark = self.conn.written.get(self.stream, 0) if mark is None else mark
+        if not mark or not replies:
+            return False
+        data, headers, _ = replies[-1]
+        status, _, hdrs = parse_reply_headers(headers)
+        return status == 204 and int(hdrs.get("Nats-UpTo-Sequence", mark)) < mark
+
+    def _check_mark(self, timeout: float | None) -> None:
+        """Lower this client's write mark to the stream's last sequence when the stream was
+        deleted and created again (by another client) after this client wrote to it."""
+        last = int(self.info(timeout).get("state", {}).get("last_seq", 0))
+        if last < self.conn.written.get(self.stream, 0):
+            self.conn.written[self.stream] = last
+
+    def _leader_get(self, request: dict[str, Any], timeout: float | None) -> RawEntry | None:
+        """One message read through the stream leader (consistent; about twice a direct get)."""
+        try:
+            reply = self.conn.js_api_blocking(f"STREAM.MSG.GET.{self.stream}", request, timeout)
+        except JetStreamError as exc:
+            if exc.err_code == ERR_NO_MESSAGE:
+                return None
+            raise
+        msg = reply["message"]
+        _, _, hdrs = parse_reply_headers(base64.b64decode(msg["hdrs"])) if msg.get("hdrs") else (0, "", {})
+        hdrs.update({"Nats-Subject": msg["subject"], "Nats-Sequence": str(msg["seq"]), "Nats-Time-Stamp": msg["time"]})
+        return entry_from_headers(hdrs, base64.b64decode(msg.get("data") or b""))
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -578,7 +624,7 @@ class KVProtocol:
     @config.setter
     def config(self, config: dict[str, Any]) -> None:
         self._config = config
-        self._replicated = config.get("num_replicas", 1) > 1 and self.conn.api_level >= API_LEVEL_ATOMIC
+        self._replicated = config.get("num_replicas", 1) > 1 and self.conn.api_level >= API_LEVEL_TTL
         meta = config.get("metadata") or {}
         limit = int(meta.get("natskv.max_value_size", 0) or 0) or config.get("max_msg_size", -1)
         self._max_value = limit if limit and limit > 0 else None
