@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._runner import check_timeout, loop_name, runner
 from natskv.aio.connection import API_LEVEL_ATOMIC, Connection, check_api_reply
-from natskv.aio.kv import KVProtocol, request_retrying_on_503, validate_bucket_name
+from natskv.aio.kv import KVProtocol, counter_add, validate_bucket_name
 from natskv.aio.watch import stop_feeds_of
 from natskv.codec import Codec, get_codec
 from natskv.config import ConnectOptions
@@ -58,7 +58,7 @@ class Client:
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         self._models: dict[str, type[Model]] = {}
         self._events = EventBus()
-        self._counters: set[str] = set()
+        self._counters: dict[str, int] = {}  # counter streams known to exist: their replicas
         self._closed = False
         self._pid = os.getpid()
         self._conn = self._open()
@@ -163,7 +163,7 @@ class Client:
         finally:
             for key in [k for k in self._buckets if k[0] == name]:
                 del self._buckets[key]
-            self._counters.discard(f"KVC_{name}")
+            self._counters.pop(f"KVC_{name}", None)
         try:  # the bucket's autoincrement counters go with it
             self._conn.js_api_blocking(f"STREAM.DELETE.KVC_{name}", None, t)
         except BucketNotFoundError:
@@ -295,17 +295,15 @@ class Client:
         t = timeout if timeout is not None else self.options.request_timeout
         self._conn.require(API_LEVEL_ATOMIC, "autoincrement fields (counter streams)")
         stream = f"KVC_{bucket}"
-        if stream not in self._counters:
-            self._ensure_counter_stream(bucket, stream, t)
-            self._counters.add(stream)
-        reply = request_retrying_on_503(
-            self._conn, f"$KVC.{bucket}.{field}", b"", {"Nats-Incr": f"+{count}"}, t, f"counter stream {stream!r}"
-        )
-        return int(check_api_reply("counter", reply[0])["val"])
+        replicas = self._counters.get(stream)
+        if replicas is None:
+            replicas = self._counters[stream] = self._ensure_counter_stream(bucket, stream, t)
+        return counter_add(self._conn, stream, f"$KVC.{bucket}.{field}", count, replicas, t)
 
-    def _ensure_counter_stream(self, bucket: str, stream: str, timeout: float) -> None:
+    def _ensure_counter_stream(self, bucket: str, stream: str, timeout: float) -> int:
         """Create the counter stream with its bucket's replicas and storage, or scale an
-        existing one up to the bucket's replicas (its storage cannot change on the server)."""
+        existing one up to the bucket's replicas (its storage cannot change on the server);
+        return its replicas."""
         kv = self._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, timeout)["config"]
         replicas, storage = kv.get("num_replicas", 1), kv.get("storage", "file")
         try:
@@ -320,14 +318,16 @@ class Client:
             except JetStreamError as exc:
                 if exc.err_code != 10058:  # created concurrently by another client
                     raise
-            return
+            return replicas
+        if config.get("storage", "file") != storage:
+            log.warning("natskv: counter stream %s is %s storage, its bucket %s; the server cannot change it",
+                        stream, config.get("storage"), storage)
         if config.get("num_replicas", 1) < replicas:
             # Made before counters followed their bucket (always R1): one node down stopped
             # every create. Scaling up keeps the counts.
             self._conn.js_api_blocking(f"STREAM.UPDATE.{stream}", dict(config, num_replicas=replicas), timeout)
-        if config.get("storage", "file") != storage:
-            log.warning("natskv: counter stream %s is %s storage, its bucket %s; the server cannot change it",
-                        stream, config.get("storage"), storage)
+            return replicas
+        return int(config.get("num_replicas", 1))
 
     # -- plain NATS ------------------------------------------------------------------------------
 

@@ -1137,6 +1137,16 @@ class EmbeddedCluster:
             return {}
         return report if isinstance(report, dict) else {}
 
+    def meta_leader(self) -> int | None:
+        """Index of the JetStream meta leader (None while there is none)."""
+        names = {node.name: i for i, node in enumerate(self.nodes)}
+        for i, node in enumerate(self.nodes):
+            if node.running:
+                leader = names.get((self._meta_cluster(i) or {}).get("leader", ""))
+                if leader is not None and self.nodes[leader].running:
+                    return leader
+        return None
+
     def stream_leader(self, stream: str) -> int | None:
         """Index of the node leading ``stream`` (None while it has no leader)."""
         return self._leader_of(stream, None)

@@ -44,6 +44,11 @@ MAX_BUCKET_NAME = MAX_STREAM_NAME - len("KV_")
 # Error codes of a PubAck whose CAS check failed ("wrong last sequence" and its newer variant).
 CAS_ERROR_CODES = (10071, 10164)
 ERR_NO_MESSAGE = 10037  # STREAM.MSG.GET: no message found
+ERR_DUPLICATE_IN_PROCESS = 10158  # a resent Nats-Msg-Id whose first copy is not stored yet
+# A write to a replicated bucket unanswered this long is sent again (deduplicated by its message
+# id): well above a healthy acknowledgement, and short enough that a write follows a newly
+# elected leader within about this long (during an election, writes go unanswered).
+RESEND_AFTER = 0.5
 MAX_SUBJECTS_PER_BATCH_GET = 1024
 MAX_ATOMIC_BATCH = 1000
 DEFAULT_MAX_CONSUMERS = 10_000
@@ -161,6 +166,84 @@ def request_retrying_on_503(
         reply = mux.request(subject, payload, headers, None if deadline is None else deadline - time.monotonic())
         if reply[0] or status_of(reply[1]) != 503:
             return reply
+
+
+def publish_resending(
+    conn: Connection,
+    subject: str,
+    payload: bytes,
+    headers: dict[str, str] | None,
+    timeout: float | None,
+    what: str,
+    check: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Publish to a replicated stream and return its PubAck, sending again while no stream
+    leader answers, until ``timeout``.
+
+    A stream leader that dies with a write in flight never answers it, and the write may or
+    may not have been stored. The message carries a ``Nats-Msg-Id``: the stream's duplicate
+    window recognises a resend of a stored message and answers with the original sequence and
+    ``"duplicate": true`` (a new leader rebuilds that window from the stored messages), so
+    sending it again is safe. Without that, the caller would wait out its whole timeout and
+    learn nothing; with it, the write lands soon after a new leader is elected. "No responders"
+    (503, no leader during an election) is retried as in request_retrying_on_503; ``check``
+    runs at the first one.
+    """
+    headers = dict(headers or {}, **{"Nats-Msg-Id": uuid.uuid4().hex})
+    mux = conn.mux
+    assert mux is not None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    unanswered = checked = False
+    delay = 0.02
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            if unanswered:
+                raise NatsKVTimeoutError(
+                    f"a write to {what} was not acknowledged within {timeout} s (its stream leader did not "
+                    "answer, and no new one took over in time); it may or may not be stored"
+                )
+            raise NatsKVTimeoutError(
+                f"{what} had no stream leader for {timeout} s (an election that did not end? is JetStream "
+                "enabled?). Nothing was stored."
+            )
+        try:
+            data, hdrs, _ = mux.request(subject, payload, headers, RESEND_AFTER if left is None else min(left, RESEND_AFTER))
+        except NatsKVTimeoutError:
+            unanswered = True
+            continue
+        if not data:
+            status, desc, _ = parse_reply_headers(hdrs)
+            if status != 503:
+                raise JetStreamError(desc or f"unexpected status {status} from {what}", code=status)
+            if not checked and check is not None:
+                checked = True
+                check(min(left or 1.0, 1.0))
+        else:
+            try:
+                return check_pub_ack(data)
+            except JetStreamError as exc:
+                # The first copy is still being replicated: its outcome comes with a later answer.
+                if exc.err_code != ERR_DUPLICATE_IN_PROCESS:
+                    raise
+        left = None if deadline is None else deadline - time.monotonic()
+        time.sleep(delay if left is None else max(min(delay, left), 0))
+        delay = min(delay * 2, 0.25)
+
+
+def counter_add(conn: Connection, stream: str, subject: str, count: int, replicas: int, timeout: float | None) -> int:
+    """Add ``count`` to the counter ``subject`` of counter stream ``stream``; return its new value."""
+    what = f"counter stream {stream!r}"
+    if replicas == 1:
+        data, _, _ = request_retrying_on_503(conn, subject, b"", {"Nats-Incr": f"+{count}"}, timeout, what)
+        return int(check_api_reply("counter", data)["val"])
+    # Replicated: an increment in flight when its leader dies is sent again (deduplicated).
+    ack = publish_resending(conn, subject, b"", {"Nats-Incr": f"+{count}"}, timeout, what)
+    if "val" in ack:
+        return int(ack["val"])
+    # A duplicate's answer has no value: the first copy was stored, and its value with it.
+    stored = conn.js_api_blocking(f"STREAM.MSG.GET.{stream}", {"seq": ack["seq"]}, timeout)
+    return int(orjson.loads(base64.b64decode(stored["message"]["data"]))["val"])
 
 
 class KVProtocol:
@@ -426,11 +509,19 @@ class KVProtocol:
     def put(self, encoded_key: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> int:
         """Publish one message and return its revision. CAS failures raise JetStreamError."""
         assert self.conn.mux is not None
+        if self._replicated:
+            return self._put_resending(self.subject_prefix + encoded_key, payload, headers, timeout)
         data, hdrs, _ = self._request(self.subject_prefix + encoded_key, payload, headers, timeout)
         if not data:
             status, desc, _ = parse_reply_headers(hdrs)
             raise self._status_error(status, desc)
         return self._written(int(check_pub_ack(data)["seq"]))
+
+    def _put_resending(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> int:
+        """A write to a replicated bucket, sent again while its stream leader does not answer
+        (see publish_resending)."""
+        ack = publish_resending(self.conn, subject, payload, headers, timeout, f"bucket {self.bucket!r}", self._exists)
+        return self._written(int(ack["seq"]))
 
     def put_many(
         self, items: list[tuple[str, bytes, dict[str, str] | None]], timeout: float | None
@@ -665,4 +756,4 @@ class KVProtocol:
         return JetStreamError(desc or f"unexpected status {status}", code=status)
 
 
-__all__ = ["KVProtocol", "RawEntry", "request_retrying_on_503", "status_of", "validate_bucket_name", "ttl_header"]
+__all__ = ["KVProtocol", "RawEntry", "counter_add", "publish_resending", "request_retrying_on_503", "status_of", "validate_bucket_name", "ttl_header"]

@@ -18,7 +18,7 @@ from natskv._speedups import core
 from natskv.aio.connection import Connection
 from natskv.aio.kv import NANOS, KVProtocol, RawEntry, entry_from_headers
 from natskv.aio.mux import parse_reply_headers, status_of
-from natskv.errors import BucketNotFoundError, NatsKVError
+from natskv.errors import BucketNotFoundError, NatsKVError, NatsKVTimeoutError
 
 log = logging.getLogger("natskv")
 
@@ -116,7 +116,7 @@ class ConsumerFeed:
             # Already gone (server restart) or unreachable: the inactive threshold removes it.
             log.debug("natskv: could not delete consumer %s", name, exc_info=True)
 
-    async def _create_consumer(self) -> None:
+    async def _create_consumer(self, timeout: float | None = None) -> None:
         config: dict[str, Any] = {
             "deliver_subject": self._inbox,
             "ack_policy": "none",
@@ -144,9 +144,14 @@ class ConsumerFeed:
             info = await self.conn.js_api(
                 f"CONSUMER.CREATE.{self.proto.stream}.{name}",
                 {"stream_name": self.proto.stream, "config": config},
+                timeout,
             )
-        except BaseException:
+        except BaseException as exc:
             self.consumer_name = ""
+            if isinstance(exc, NatsKVTimeoutError):
+                # Placed on a server that died and is not yet known as offline (only that server
+                # answers a create): remove the assignment; the next try is placed again.
+                self._loop.create_task(self._delete_consumer(name))
             raise
         self._last_activity = self._loop.time()
         if info.get("num_pending", 0) == 0 and not self._positioned:
@@ -224,10 +229,13 @@ class ConsumerFeed:
         old = self.consumer_name
         self.consumer_name = ""  # drop whatever the old consumer still delivers
         delay = 0.05
+        # A create answers in milliseconds, unless the server it was placed on is dead: then try
+        # again soon (a new random placement) rather than after the whole request timeout.
+        create_timeout = 0.5
         try:
             while not self._stopped:
                 try:
-                    await self._create_consumer()
+                    await self._create_consumer(create_timeout)
                     # Deleted after the new one is up: a consumer on a dead node makes the delete
                     # wait for its timeout, which must not delay the resumed deliveries.
                     self._loop.create_task(self._delete_consumer(old))
@@ -236,6 +244,9 @@ class ConsumerFeed:
                     log.warning("natskv: bucket %r was deleted; its watch stops", self.proto.bucket)
                     await self.stop()
                     return
+                except NatsKVTimeoutError as exc:
+                    log.info("natskv: could not recreate watch consumer yet: %s", exc)
+                    create_timeout = min(create_timeout * 2, self.conn.options.request_timeout)
                 except NatsKVError as exc:
                     log.info("natskv: could not recreate watch consumer yet: %s", exc)
                     await asyncio.sleep(delay)
