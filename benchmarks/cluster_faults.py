@@ -28,6 +28,7 @@ It is a report, not a test (tests/test_cluster.py asserts the limits): it exits 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import threading
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
+    logging.basicConfig()
+    logging.getLogger("natskv").setLevel(logging.ERROR)  # reconnects and resumed watches are expected here
     runs = []
     for i in range(args.runs):
         print(f"run {i + 1}/{args.runs}")

@@ -102,14 +102,18 @@ class Seen:
     """A watch callback recording when each key was delivered."""
 
     def __init__(self) -> None:
-        self.times: dict[str, list[float]] = {}
+        self.times: dict[str, list[float]] = {}  # key -> when each of its changes arrived
+        self.revisions: list[int] = []
 
     def __call__(self, change: natskv.Change) -> None:
         if change.key:
             self.times.setdefault(change.key, []).append(time.monotonic())
+            self.revisions.append(change.revision)
 
-    def repeated(self) -> list[str]:
-        return [key for key, times in list(self.times.items()) if len(times) > 1]
+    def repeated(self) -> list[int]:
+        """Revisions delivered more than once."""
+        revisions = list(self.revisions)
+        return sorted({r for r in revisions if revisions.count(r) > 1}) if len(set(revisions)) != len(revisions) else []
 
 
 def move_leader(cluster: EmbeddedCluster, db: natskv.Client, stream: str, wanted: Callable[[int], bool]) -> int:
@@ -172,32 +176,48 @@ def test_watch_and_replica_resume_within_2s_and_model_writes_succeed_when_their_
             assert wait_until(lambda: feed.consumer_name not in ("", name), 5)
         else:
             raise AssertionError("could not place the watch's consumer on a third node")
-        Item.create(n=-1)  # makes the counter stream, whose leader must not be lost either
+        first = Item.create(n=-1)  # makes the counter stream, whose leader must not be lost either
+        doomed = Item.create(n=-2)
         move_leader(cluster, db, "KVC_consumer_loss", lambda leader: leader != killed)
+        events: list[tuple[str, int]] = []
+        db.on("consumer_loss.*", lambda event: events.append((event.type, event.record.id)))
 
         with Load(lambda i: Item.create(n=i)) as load:
             time.sleep(0.5)
             t_kill = time.monotonic()
             cluster.kill_node(killed)
-            time.sleep(3.0)
+            # While the watch is stalled: this client's own changes read back at once.
+            time.sleep(0.2)
+            first.n = 100
+            first.save()
+            doomed.delete()
+            assert Item.get(first.id).n == 100 and Item.get(doomed.id) is None
+            time.sleep(2.8)
         assert node_of(cluster, db) != killed  # the client stayed connected elsewhere
 
         # A model write that was stored reports success: none failed, none waited for the stalled
         # replica, and each reads back at once through the writer's replica.
         assert load.failed == []
         assert max(seconds for started, seconds in load.durations if started > t_kill) < 0.5
-        pks = [1] + [obj.id for _, obj in load.acked.values()]
+        pks = [first.id] + [obj.id for _, obj in load.acked.values()]
         assert all(Item.get(pk) is not None for pk in pks)
 
         keys = {record_key(pk): when for when, obj in load.acked.values() for pk in [obj.id]}
         assert wait_until(lambda: all(k in seen.times for k in keys), 5), "the watch missed writes"
         gaps = [seen.times[k][0] - when for k, when in keys.items() if t_kill - 0.2 <= when <= t_kill + 2.0]
         assert gaps and max(gaps) < 2.0, f"watch gap {max(gaps):.2f} s"
-        assert seen.repeated() == []
+        assert seen.repeated() == [] and seen.revisions == sorted(seen.revisions)
         # The writer's replica (same consumer) and the other client's replica are complete.
         assert Item.count() == len(pks)
         assert wait_until(lambda: ItemSeen.count() == len(pks), 5)
         assert sorted(obj.id for obj in ItemSeen.find()) == sorted(pks)
+        assert ItemSeen.get(first.id).n == 100 and Item.get(first.id).n == 100 and Item.get(doomed.id) is None
+        # The watch's later delivery of this client's own writes changed nothing and fired nothing.
+        assert wait_until(lambda: len(events) >= len(load.acked) + 2, 5)
+        time.sleep(0.2)
+        assert sorted(events) == sorted(
+            [("inserted", obj.id) for _, obj in load.acked.values()] + [("updated", first.id), ("deleted", doomed.id)]
+        )
         watcher.stop()
     finally:
         other.close()
@@ -266,7 +286,7 @@ def test_stream_leader_killed_under_write_load_loses_no_acked_write(whole: Embed
         assert sorted(obj.id for obj in Item.find()) == sorted(pks)
         # The watch saw every acknowledged write once.
         assert wait_until(lambda: all(f"w:{i:06d}" in seen.times for i in sets.acked), 10)
-        assert seen.repeated() == []
+        assert seen.repeated() == [] and seen.revisions == sorted(seen.revisions)
         watcher.stop()
     finally:
         db.close()
@@ -297,7 +317,7 @@ def test_rolling_restart_of_all_nodes_keeps_every_acked_write(whole: EmbeddedClu
         assert sorted(obj.id for obj in Item.find(consistency="server")) == pks
         assert sorted(obj.id for obj in Item.find()) == pks
         assert wait_until(lambda: all(f"w:{i:06d}" in seen.times for i in sets.acked), 10)
-        assert seen.repeated() == []
+        assert seen.repeated() == [] and seen.revisions == sorted(seen.revisions)
         watcher.stop()
     finally:
         db.close()
