@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
+import os
 import re
 import time
 import uuid
@@ -189,7 +190,8 @@ def publish_resending(
     (503, no leader during an election) is retried as in request_retrying_on_503; ``check``
     runs at the first one.
     """
-    headers = dict(headers or {}, **{"Nats-Msg-Id": uuid.uuid4().hex})
+    # 64 random bits: unique within a duplicate window, and small in the servers' memory of it.
+    headers = dict(headers or {}, **{"Nats-Msg-Id": os.urandom(8).hex()})
     mux = conn.mux
     assert mux is not None
     deadline = None if timeout is None else time.monotonic() + timeout
