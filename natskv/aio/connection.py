@@ -189,7 +189,7 @@ class Connection:
         self.feeds: dict[tuple[str, str, str], Any] = {}
         # By replicated stream: the highest revision this connection wrote; a read answered by a
         # replica behind it is asked again (read-your-writes; see KVProtocol._get_after_write).
-        self.written: dict[str, int] = {}
+        self.written: dict[str, tuple[int, str]] = {}  # (revision, subject) of the last write
 
     # -- lifecycle (loop thread) -------------------------------------------------------------
 

@@ -112,6 +112,17 @@ def entry_from_headers(hdrs: dict[str, str], data: bytes, subject: str = "") -> 
     )
 
 
+def _subject_matches(pattern: str, subject: str) -> bool:
+    """Whether NATS subject ``subject`` matches ``pattern`` (``*`` one token, ``>`` the rest)."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
 def _is_ack(data: bytes) -> bool:
     """Whether a reply is a successful PubAck."""
     if not data:
@@ -354,9 +365,8 @@ class KVProtocol:
     def get(self, encoded_key: str, timeout: float | None) -> RawEntry | None:
         """The latest message of one key (None when it has none; deletes come back as entries)."""
         assert self.conn.mux is not None
-        mark = self.conn.written.get(self.stream)
-        if mark:
-            return self._get_after_write(encoded_key, mark, timeout)
+        if self.stream in self.conn.written:
+            return self._get_after_write(encoded_key, timeout)
         return self._entry_of(self._request(self._direct_prefix + encoded_key, b"", None, timeout))
 
     def get_revision(self, encoded_key: str, revision: int, timeout: float | None) -> RawEntry | None:
@@ -364,7 +374,7 @@ class KVProtocol:
         assert self.conn.mux is not None
         body = orjson.dumps({"seq": revision})
         entry = self._entry_of(self._request(self._direct_batch, body, None, timeout))
-        if entry is None and revision <= self.conn.written.get(self.stream, 0):
+        if entry is None and revision <= self.conn.written.get(self.stream, (0, ""))[0]:
             entry = self._leader_get({"seq": revision}, timeout)  # answered by a replica behind us
         return entry if entry is not None and entry.subject == self.subject_prefix + encoded_key else None
 
@@ -421,17 +431,12 @@ class KVProtocol:
         out: list[RawEntry] = []
         deadline = None if timeout is None else time.monotonic() + timeout
         for i in range(0, len(subjects), MAX_SUBJECTS_PER_BATCH_GET):
-            body = orjson.dumps({"multi_last": subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]})
-            while True:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-                replies = self.conn.mux.request_stream(self._direct_batch, body, left)
-                if not self._behind_writes(replies):
-                    break
-                # A replica behind this client's writes answered: ask again (another replica, or
-                # this one caught up), after making sure the stream was not recreated since.
-                self._check_mark(left)
-                time.sleep(0.002)
-            entries = self._batch_entries(replies)
+            chunk = subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]
+            if self.stream in self.conn.written:
+                entries = self._batch_after_write(chunk, deadline)
+            else:
+                body = orjson.dumps({"multi_last": chunk})
+                entries = self._batch_entries(self.conn.mux.request_stream(self._direct_batch, body, timeout))
             if entries is None:
                 return None
             out.extend(entries)
@@ -517,13 +522,13 @@ class KVProtocol:
         if not data:
             status, desc, _ = parse_reply_headers(hdrs)
             raise self._status_error(status, desc)
-        return self._written(int(check_pub_ack(data)["seq"]))
+        return self._written(int(check_pub_ack(data)["seq"]), self.subject_prefix + encoded_key)
 
     def _put_resending(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> int:
         """A write to a replicated bucket, sent again while its stream leader does not answer
         (see publish_resending)."""
         ack = publish_resending(self.conn, subject, payload, headers, timeout, f"bucket {self.bucket!r}", self._exists)
-        return self._written(int(ack["seq"]))
+        return self._written(int(ack["seq"]), subject)
 
     def put_many(
         self, items: list[tuple[str, bytes, dict[str, str] | None]], timeout: float | None
@@ -540,7 +545,7 @@ class KVProtocol:
                 if not reply[0]:
                     status, desc, _ = parse_reply_headers(reply[1])
                     raise self._status_error(status, desc)
-                results.append(self._written(int(check_pub_ack(reply[0])["seq"])))
+                results.append(self._written(int(check_pub_ack(reply[0])["seq"]), commands[len(results)][0]))
             except Exception as exc:  # noqa: BLE001 - returned to the caller per item
                 results.append(exc)
         return results
@@ -569,7 +574,7 @@ class KVProtocol:
             # batch again, under a new id so it cannot join messages staged for the old one.
             status = status_of(hdrs) if not data else 0
             if status != 503 and not (first_status == 503 and not _is_ack(data)):
-                return self._batch_ack(data, hdrs)
+                return self._written(self._batch_ack(data, hdrs), self.subject_prefix + items[-1][0])
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= delay:
                 raise NatsKVTimeoutError(
@@ -630,48 +635,86 @@ class KVProtocol:
         if not data:
             status, desc, _ = parse_reply_headers(headers)
             raise self._status_error(status, desc)
-        return self._written(int(check_pub_ack(data)["seq"]))
+        return int(check_pub_ack(data)["seq"])
 
     # -- read-your-writes --------------------------------------------------------------------
 
-    def _written(self, revision: int) -> int:
-        """Note a revision this client wrote, so its later reads are at least that recent."""
-        if self._replicated and revision > self.conn.written.get(self.stream, 0):
-            self.conn.written[self.stream] = revision
+    def _written(self, revision: int, subject: str) -> int:
+        """Note a write of this client, so its later reads show nothing older."""
+        if self._replicated and revision > self.conn.written.get(self.stream, (0, ""))[0]:
+            self.conn.written[self.stream] = (revision, subject)
         return revision
 
-    def _get_after_write(self, encoded_key: str, mark: int, timeout: float | None) -> RawEntry | None:
-        """A single-key read that shows nothing older than this client's writes (``mark``).
+    def _get_after_write(self, encoded_key: str, timeout: float | None) -> RawEntry | None:
+        """A single-key read that shows nothing older than this client's writes.
 
         Direct gets are answered by any replica, and a follower may lag the leader that
         acknowledged a write (nats-server 2.12 dropped its ``min_last_seq`` request field before
         release). A one-subject batch get ends with ``Nats-UpTo-Sequence``, the answering
-        replica's last sequence: when that is behind ``mark`` the answer may be stale, and the
-        stream leader answers instead (``STREAM.MSG.GET``, which only the leader serves).
+        replica's last sequence: when that is behind this client's last write, or the replica
+        found nothing (which says nothing of its position), the stream leader answers instead
+        (``STREAM.MSG.GET``, which only the leader serves).
         """
         assert self.conn.mux is not None
         subject = self.subject_prefix + encoded_key
         replies = self.conn.mux.request_stream(self._direct_batch, orjson.dumps({"multi_last": [subject]}), timeout)
-        if self._behind_writes(replies, mark):
+        fresh = self._fresh(replies)
+        if fresh is not True:
+            if fresh is False:
+                self._check_mark(timeout)
             return self._leader_get({"last_by_subj": subject}, timeout)
         entries = self._batch_entries(replies)
         return entries[0] if entries else None
 
-    def _behind_writes(self, replies: list[RawReply], mark: int | None = None) -> bool:
-        """Whether a batch get was answered by a replica behind this client's last write."""
-        mark = self.conn.written.get(self.stream, 0) if mark is None else mark
+    def _batch_after_write(self, subjects: list[str], deadline: float | None) -> list[RawEntry] | None:
+        """A batch get of the latest message of ``subjects`` that shows nothing older than this
+        client's writes: asked again while a replica behind them answers. A "no results" answer
+        carries no position, so it is checked by asking again with the subject of this client's
+        last write added, which a replica that is not behind has."""
+        assert self.conn.mux is not None
+        anchor = ""
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            asked = subjects + [anchor] if anchor else subjects
+            replies = self.conn.mux.request_stream(self._direct_batch, orjson.dumps({"multi_last": asked}), left)
+            fresh = self._fresh(replies)
+            if fresh is None and not anchor and self.stream in self.conn.written:
+                anchor = self.conn.written[self.stream][1]
+                continue
+            if fresh is not False and not (fresh is None and anchor):
+                break
+            if fresh is None and self._leader_get({"last_by_subj": anchor}, left) is None:
+                # The leader lacks this client's last write too: the stream was deleted and
+                # created again, or purged. Nothing newer to wait for.
+                self.conn.written.pop(self.stream, None)
+                anchor = ""
+                continue
+            # A replica behind this client's writes answered: ask again (another replica, or this
+            # one caught up), after making sure the stream was not recreated since.
+            self._check_mark(left)
+            time.sleep(0.002)
+        entries = self._batch_entries(replies)
+        if entries is not None and anchor and not any(_subject_matches(s, anchor) for s in subjects):
+            entries = [e for e in entries if e.subject != anchor]
+        return entries
+
+    def _fresh(self, replies: list[RawReply]) -> bool | None:
+        """Whether a batch get's answering replica had this client's last write (None: it
+        cannot tell, having found no message; True when this client wrote nothing)."""
+        mark = self.conn.written.get(self.stream, (0, ""))[0]
         if not mark or not replies:
-            return False
-        data, headers, _ = replies[-1]
-        status, _, hdrs = parse_reply_headers(headers)
-        return status == 204 and int(hdrs.get("Nats-UpTo-Sequence", mark)) < mark
+            return True
+        status, _, hdrs = parse_reply_headers(replies[-1][1])
+        if status == 204:
+            return int(hdrs.get("Nats-UpTo-Sequence", mark)) >= mark
+        return None if status == 404 else True
 
     def _check_mark(self, timeout: float | None) -> None:
-        """Lower this client's write mark to the stream's last sequence when the stream was
-        deleted and created again (by another client) after this client wrote to it."""
+        """Forget this client's write mark when the stream is behind it: it was deleted and
+        created again (by another client) after this client wrote to it."""
         last = int(self.info(timeout).get("state", {}).get("last_seq", 0))
-        if last < self.conn.written.get(self.stream, 0):
-            self.conn.written[self.stream] = last
+        if last < self.conn.written.get(self.stream, (0, ""))[0]:
+            self.conn.written.pop(self.stream, None)
 
     def _leader_get(self, request: dict[str, Any], timeout: float | None) -> RawEntry | None:
         """One message read through the stream leader (consistent; about twice a direct get)."""
