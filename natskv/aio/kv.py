@@ -46,6 +46,7 @@ MAX_BUCKET_NAME = MAX_STREAM_NAME - len("KV_")
 CAS_ERROR_CODES = (10071, 10164)
 ERR_NO_MESSAGE = 10037  # STREAM.MSG.GET: no message found
 ERR_DUPLICATE_IN_PROCESS = 10158  # a resent Nats-Msg-Id whose first copy is not stored yet
+ERR_BATCH_DUPLICATE = 10201  # a resent atomic batch whose first copy was stored
 # A write to a replicated bucket unanswered this long is sent again (deduplicated by its message
 # id): well above a healthy acknowledgement, and short enough that a write follows a newly
 # elected leader within about this long (during an election, writes go unanswered).
@@ -563,10 +564,43 @@ class KVProtocol:
         if not self.config.get("allow_atomic"):
             self.update_config({"allow_atomic": True}, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
+        resend_after: float | None = None
+        if self._replicated:
+            # As single writes (see publish_resending): a batch in flight when its leader dies is
+            # sent again, each message under its first message id. If the first copy was stored,
+            # the server rejects the copy as a duplicate (all or nothing: then all was stored).
+            ids = os.urandom(8).hex()
+            items = [(k, p, dict(h, **{"Nats-Msg-Id": f"{ids}-{i}"})) for i, (k, p, h) in enumerate(items)]
+            resend_after = RESEND_AFTER + 0.002 * len(items)  # a big batch takes longer to store
         delay = 0.02
+        unanswered = False
         while True:
             left = None if deadline is None else deadline - time.monotonic()
-            data, hdrs, first_status = self._send_batch(items, left)
+            if left is not None and left <= 0:
+                raise NatsKVTimeoutError(
+                    f"a commit to bucket {self.bucket!r} was not acknowledged within {timeout} s (its stream "
+                    "leader did not answer, and no new one took over in time); all of it or none of it is stored"
+                    if unanswered else
+                    f"bucket {self.bucket!r} had no stream leader to commit to for {timeout} s "
+                    "(an election that did not end?). Nothing was stored."
+                )
+            attempt = left if resend_after is None else (resend_after if left is None else min(left, resend_after))
+            try:
+                data, hdrs, first_status = self._send_batch(items, attempt)
+                if resend_after is not None and data and not _is_ack(data):
+                    check_pub_ack(data)  # a duplicate or in-process answer to a resent batch
+            except NatsKVTimeoutError:
+                if resend_after is None:
+                    raise
+                unanswered = True
+                continue
+            except JetStreamError as exc:
+                if resend_after is None or exc.err_code not in (ERR_BATCH_DUPLICATE, ERR_DUPLICATE_IN_PROCESS):
+                    raise
+                if exc.err_code == ERR_BATCH_DUPLICATE:
+                    return self._written(self._stored_batch(items, timeout), self.subject_prefix + items[-1][0])
+                first_status = 0
+                data, hdrs = b"", b"NATS/1.0 503\r\n\r\n"  # the first copy is being stored: ask again
             # A batch is stored only when a stream leader receives its commit message. A commit
             # answered 503 reached no leader (no stream leader during an election); one answered
             # with an error after its first message got 503 reached a leader that never saw the
@@ -576,13 +610,20 @@ class KVProtocol:
             if status != 503 and not (first_status == 503 and not _is_ack(data)):
                 return self._written(self._batch_ack(data, hdrs), self.subject_prefix + items[-1][0])
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= delay:
-                raise NatsKVTimeoutError(
-                    f"bucket {self.bucket!r} had no stream leader to commit to for {timeout} s "
-                    "(an election that did not end?). Nothing was stored."
-                )
-            time.sleep(delay)
+            time.sleep(delay if left is None else max(min(delay, left), 0))
             delay = min(delay * 2, 0.25)
+
+    def _stored_batch(self, items: list[tuple[str, bytes, dict[str, str]]], timeout: float | None) -> int:
+        """The revision of a resent batch whose first copy was stored: that of its last message,
+        read through the leader."""
+        key, _, headers = items[-1]
+        found = self._leader_message({"last_by_subj": self.subject_prefix + key}, timeout)
+        if found is None or found[1].get("Nats-Msg-Id") != headers["Nats-Msg-Id"]:
+            raise JetStreamError(
+                f"the commit to bucket {self.bucket!r} was stored, but its key {key!r} changed again before "
+                "its revision could be read back; read the keys to see the current values"
+            )
+        return found[0].revision
 
     def _send_batch(
         self, items: list[tuple[str, bytes, dict[str, str]]], timeout: float | None
@@ -718,6 +759,11 @@ class KVProtocol:
 
     def _leader_get(self, request: dict[str, Any], timeout: float | None) -> RawEntry | None:
         """One message read through the stream leader (consistent; about twice a direct get)."""
+        found = self._leader_message(request, timeout)
+        return None if found is None else found[0]
+
+    def _leader_message(self, request: dict[str, Any], timeout: float | None) -> tuple[RawEntry, dict[str, str]] | None:
+        """``STREAM.MSG.GET``: a message and its headers, from the stream leader."""
         try:
             reply = self.conn.js_api_blocking(f"STREAM.MSG.GET.{self.stream}", request, timeout)
         except JetStreamError as exc:
@@ -727,7 +773,7 @@ class KVProtocol:
         msg = reply["message"]
         _, _, hdrs = parse_reply_headers(base64.b64decode(msg["hdrs"])) if msg.get("hdrs") else (0, "", {})
         hdrs.update({"Nats-Subject": msg["subject"], "Nats-Sequence": str(msg["seq"]), "Nats-Time-Stamp": msg["time"]})
-        return entry_from_headers(hdrs, base64.b64decode(msg.get("data") or b""))
+        return entry_from_headers(hdrs, base64.b64decode(msg.get("data") or b"")), hdrs
 
     # -- helpers ------------------------------------------------------------------------------
 
