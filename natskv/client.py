@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._runner import check_timeout, loop_name, runner
-from natskv.aio.connection import API_LEVEL_ATOMIC, Connection, check_api_reply
+from natskv.aio.connection import API_LEVEL_ATOMIC, Connection
 from natskv.aio.kv import KVProtocol, counter_add, validate_bucket_name
 from natskv.aio.watch import stop_feeds_of
 from natskv.codec import Codec, get_codec

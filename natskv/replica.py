@@ -212,7 +212,6 @@ class LocalReplica:
         """
         if self._stale:  # a forked child's first write
             self.revive()
-        bucket = self.bucket
         pattern = self._pattern
         first = last_revision - len(writes) + 1
         changes = []

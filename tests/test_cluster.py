@@ -174,7 +174,7 @@ def test_watch_and_replica_resume_within_2s_and_model_writes_succeed_when_their_
             if killed in candidates and killed != cluster.stream_leader(stream):
                 break
             feed._loop.call_soon_threadsafe(feed._reset, "placing the consumer for a test")
-            assert wait_until(lambda: feed.consumer_name not in ("", name), 5)
+            assert wait_until(lambda name=name: feed.consumer_name not in ("", name), 5)
         else:
             raise AssertionError("could not place the watch's consumer on a third node")
         first = Item.create(n=-1)  # makes the counter stream, whose leader must not be lost either
