@@ -5,7 +5,8 @@
 
 Each run starts a 3-node ``EmbeddedCluster`` (loopback, temporary stores), an R3 bucket with a
 watch and an R3 model bucket, and keeps two writer threads busy (``kv.set`` of new keys and
-``Model.create`` with an autoincrement key, each call with ``timeout=5``) while it
+``Model.create`` with an autoincrement key, each call with ``timeout=15``, longer than an election)
+while it
 
 1. SIGKILLs the node holding the watch's consumer (neither the node the client is connected to,
    nor the meta leader, nor the bucket's stream leader), then starts it again;
@@ -75,7 +76,7 @@ class Load:
         while not self._stop.is_set():
             key = f"w:{i:07d}"
             try:
-                self.kv.set(key, i, timeout=5)
+                self.kv.set(key, i, timeout=15)
                 self.acked[key] = time.monotonic()
                 i += 1
             except natskv.NatsKVError as exc:
@@ -164,8 +165,8 @@ def watch_away(cluster: EmbeddedCluster, db: natskv.Client, kv: natskv.Bucket, l
 def run_once(quiet: bool = False) -> dict[str, float]:
     out: dict[str, float] = {}
     with EmbeddedCluster(3) as cluster:
-        db = natskv.connect(cluster.url, name="writer")
-        observer = natskv.connect(cluster.url, name="observer")
+        db = natskv.connect(cluster.url, name="writer", timeout=15.0)  # Model.create's default timeout
+        observer = natskv.connect(cluster.url, name="observer", timeout=15.0)
         kv = db.bucket("faults", replicas=3)
         db.bucket("items", replicas=3)
 

@@ -1083,10 +1083,11 @@ class EmbeddedCluster:
         leader = leaders.pop() if len(leaders) == 1 else None
         if leader not in names:
             return running  # no leader yet, or the nodes disagree on it
-        # Only the leader tracks whether its followers are current.
+        # Only the leader tracks whether its followers are current. A peer it still counts as
+        # offline (no server stats from it yet) is refused for placement: "peer offline".
         view = self._meta_cluster(names[leader]) or {}
         current = {leader} | {
-            peer.get("name") for peer in view.get("replicas") or () if peer.get("current")
+            peer.get("name") for peer in view.get("replicas") or () if peer.get("current") and not peer.get("offline")
         }
         return [i for i in running if self.nodes[i].name not in current]
 

@@ -48,9 +48,10 @@ ERR_NO_MESSAGE = 10037  # STREAM.MSG.GET: no message found
 ERR_DUPLICATE_IN_PROCESS = 10158  # a resent Nats-Msg-Id whose first copy is not stored yet
 ERR_BATCH_DUPLICATE = 10201  # a resent atomic batch whose first copy was stored
 # A write to a replicated bucket unanswered this long is sent again (deduplicated by its message
-# id): well above a healthy acknowledgement, and short enough that a write follows a newly
-# elected leader within about this long (during an election, writes go unanswered).
-RESEND_AFTER = 0.5
+# id): far above a healthy acknowledgement (about 1 ms on loopback), and short enough that a
+# write follows a newly elected leader within about this long (during an election, writes go
+# unanswered). A resend that meets its first copy still being stored just waits for it.
+RESEND_AFTER = 0.25
 MAX_SUBJECTS_PER_BATCH_GET = 1024
 MAX_ATOMIC_BATCH = 1000
 DEFAULT_MAX_CONSUMERS = 10_000

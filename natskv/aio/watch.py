@@ -229,9 +229,12 @@ class ConsumerFeed:
         old = self.consumer_name
         self.consumer_name = ""  # drop whatever the old consumer still delivers
         delay = 0.05
-        # A create answers in milliseconds, unless the server it was placed on is dead: then try
-        # again soon (a new random placement) rather than after the whole request timeout.
-        create_timeout = 0.5
+        # A create answers in milliseconds, unless the server it was placed on is dead (the meta
+        # leader places it at random, and learns of a death only seconds later): then try again
+        # soon, a new placement, rather than after the whole request timeout; a few times, then
+        # with longer waits in case the servers are just slow.
+        create_timeout = 0.25
+        timeouts = 0
         try:
             while not self._stopped:
                 try:
@@ -246,7 +249,9 @@ class ConsumerFeed:
                     return
                 except NatsKVTimeoutError as exc:
                     log.info("natskv: could not recreate watch consumer yet: %s", exc)
-                    create_timeout = min(create_timeout * 2, self.conn.options.request_timeout)
+                    timeouts += 1
+                    if timeouts >= 3:
+                        create_timeout = min(create_timeout * 2, self.conn.options.request_timeout)
                 except NatsKVError as exc:
                     log.info("natskv: could not recreate watch consumer yet: %s", exc)
                     await asyncio.sleep(delay)
