@@ -16,14 +16,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._runner import check_timeout, loop_name, runner
-from natskv.aio.connection import API_LEVEL_ATOMIC, Connection, check_api_reply
-from natskv.aio.kv import KVProtocol, validate_bucket_name
+from natskv.aio.connection import API_LEVEL_ATOMIC, Connection
+from natskv.aio.kv import KVProtocol, counter_add, validate_bucket_name
 from natskv.aio.watch import stop_feeds_of
 from natskv.codec import Codec, get_codec
 from natskv.config import ConnectOptions
 from natskv.errors import (
     BucketNotFoundError,
     InvalidArgumentError,
+    JetStreamError,
     NotConnectedError,
     PayloadTooLargeError,
     RevisionMismatchError,
@@ -57,7 +58,7 @@ class Client:
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         self._models: dict[str, type[Model]] = {}
         self._events = EventBus()
-        self._counters: set[str] = set()
+        self._counters: dict[str, int] = {}  # counter streams known to exist: their replicas
         self._closed = False
         self._pid = os.getpid()
         self._conn = self._open()
@@ -154,13 +155,19 @@ class Client:
             if model._store is not None and model._store.bucket.name == name:
                 model._store = None
                 del self._models[model_name]
+        t = timeout if timeout is not None else self.options.request_timeout
         try:
-            proto.destroy(timeout if timeout is not None else self.options.request_timeout)
+            proto.destroy(t)
         except BucketNotFoundError:
             return False
         finally:
             for key in [k for k in self._buckets if k[0] == name]:
                 del self._buckets[key]
+            self._counters.pop(f"KVC_{name}", None)
+        try:  # the bucket's autoincrement counters go with it
+            self._conn.js_api_blocking(f"STREAM.DELETE.KVC_{name}", None, t)
+        except BucketNotFoundError:
+            pass
         return True
 
     def buckets(self, *, timeout: float | None = None) -> list[str]:
@@ -288,19 +295,39 @@ class Client:
         t = timeout if timeout is not None else self.options.request_timeout
         self._conn.require(API_LEVEL_ATOMIC, "autoincrement fields (counter streams)")
         stream = f"KVC_{bucket}"
-        if stream not in self._counters:
+        replicas = self._counters.get(stream)
+        if replicas is None:
+            replicas = self._counters[stream] = self._ensure_counter_stream(bucket, stream, t)
+        return counter_add(self._conn, stream, f"$KVC.{bucket}.{field}", count, replicas, t)
+
+    def _ensure_counter_stream(self, bucket: str, stream: str, timeout: float) -> int:
+        """Create the counter stream with its bucket's replicas and storage, or scale an
+        existing one up to the bucket's replicas (its storage cannot change on the server);
+        return its replicas."""
+        kv = self._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, timeout)["config"]
+        replicas, storage = kv.get("num_replicas", 1), kv.get("storage", "file")
+        try:
+            config = self._conn.js_api_blocking(f"STREAM.INFO.{stream}", None, timeout)["config"]
+        except BucketNotFoundError:
             config = {
                 "name": stream, "subjects": [f"$KVC.{bucket}.>"], "allow_msg_counter": True,
-                "allow_direct": True, "storage": "file", "num_replicas": 1,
+                "allow_direct": True, "storage": storage, "num_replicas": replicas,
             }
             try:
-                self._conn.js_api_blocking(f"STREAM.INFO.{stream}", None, t)
-            except BucketNotFoundError:
-                self._conn.js_api_blocking(f"STREAM.CREATE.{stream}", config, t)
-            self._counters.add(stream)
-        assert self._conn.mux is not None
-        data, headers, _ = self._conn.mux.request(f"$KVC.{bucket}.{field}", b"", {"Nats-Incr": f"+{count}"}, t)
-        return int(check_api_reply("counter", data)["val"])
+                self._conn.js_api_blocking(f"STREAM.CREATE.{stream}", config, timeout)
+            except JetStreamError as exc:
+                if exc.err_code != 10058:  # created concurrently by another client
+                    raise
+            return replicas
+        if config.get("storage", "file") != storage:
+            log.warning("natskv: counter stream %s is %s storage, its bucket %s; the server cannot change it",
+                        stream, config.get("storage"), storage)
+        if config.get("num_replicas", 1) < replicas:
+            # Made before counters followed their bucket (always R1): one node down stopped
+            # every create. Scaling up keeps the counts.
+            self._conn.js_api_blocking(f"STREAM.UPDATE.{stream}", dict(config, num_replicas=replicas), timeout)
+            return replicas
+        return int(config.get("num_replicas", 1))
 
     # -- plain NATS ------------------------------------------------------------------------------
 

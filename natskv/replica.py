@@ -2,8 +2,14 @@
 
 Reads from a replica are dictionary lookups (microseconds, no network). The watch's events are
 applied on natskv's loop thread as they arrive, under a lock that readers take too, so a reader
-never sees half an update. Read-your-writes: :meth:`LocalReplica.wait_for` blocks until the
-replica has applied a given revision, which is what a writer calls after its write returned.
+never sees half an update.
+
+Read-your-writes: a writer hands its acknowledged writes to :meth:`LocalReplica.apply_written`,
+which applies them at once, so a write that was stored is readable here even while the watch is
+stalled (its consumer lost with a server, say). Every key keeps the revision of its value (and of
+its deletion, until the watch passes it): the watch's later delivery of the same revision, or of
+an older one, is skipped, so nothing is applied or reported twice. :meth:`LocalReplica.wait_for`
+waits for the watch itself to reach a revision (someone else's write).
 
 The replica subscribes to the client's shared feed for its bucket and filter, so several replicas
 and watchers of the same keys cost one server consumer.
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from natskv._runner import check_timeout, follow_fork, runner, unfollow_fork
 from natskv._speedups import core
 from natskv.aio.watch import INITIAL_DONE, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
+from natskv.codec import RAW_HEADER
 from natskv.errors import InvalidKeyError, NatsKVTimeoutError
 
 if TYPE_CHECKING:
@@ -54,6 +61,9 @@ class LocalReplica:
         self._revive_lock = threading.Lock()
         self._values: dict[str, Any] = {}
         self._revisions: dict[str, int] = {}
+        # Keys deleted by apply_written() ahead of the watch: the deleting revision, dropped once
+        # the watch has passed it (until then an older PUT from the watch must not revive them).
+        self._deleted: dict[str, int] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._ready = threading.Event()
@@ -112,6 +122,7 @@ class LocalReplica:
             with self._lock:
                 self._values.clear()
                 self._revisions.clear()
+                self._deleted.clear()
                 self.revision = 0
                 if self._on_reset is not None:
                     self._on_reset()
@@ -147,7 +158,6 @@ class LocalReplica:
             wanted = pattern.exact or pattern.match(key)
             put = raw.operation == "PUT"
             changes.append((raw.revision, key, wanted, put, value_of(raw) if wanted and put else None))
-        values, revisions, on_apply = self._values, self._revisions, self._on_apply
         with self._changed:
             for change in changes:
                 if change is None:
@@ -161,25 +171,66 @@ class LocalReplica:
                 # The stream position moves for every event, matched or not: wait_for() relies on it.
                 if revision > self.revision:
                     self.revision = revision
-                if not wanted or revision <= revisions.get(key, 0):
-                    continue
-                old = values.get(key)
-                if put:
-                    values[key] = new
-                    revisions[key] = revision
-                elif old is not None or key in values:
-                    del values[key]
-                    del revisions[key]
-                else:
-                    continue
-                if on_apply is not None and (old is not None or new is not None):
-                    try:
-                        on_apply(key, old, new, revision)
-                    except Exception:  # noqa: BLE001 - one bad hook call must not lose the batch
-                        log.exception("natskv: error applying %r to a replica hook", key)
+                if wanted:
+                    self._change(key, put, new, revision)
+            deleted = self._deleted
+            if deleted:
+                for key in [k for k, r in deleted.items() if r <= self.revision]:
+                    del deleted[key]
             self._changed.notify_all()
         if loaded:
             self._ready.set()
+
+    def _change(self, key: str, put: bool, new: Any, revision: int) -> None:
+        # Under the lock. A revision at or below the key's own is one already applied.
+        values, revisions = self._values, self._revisions
+        if revision <= revisions.get(key, 0) or revision <= self._deleted.get(key, 0):
+            return
+        old = values.get(key)
+        if put:
+            values[key] = new
+            revisions[key] = revision
+        elif old is not None or key in values:
+            del values[key]
+            del revisions[key]
+        else:
+            return
+        on_apply = self._on_apply
+        if on_apply is not None and (old is not None or new is not None):
+            try:
+                on_apply(key, old, new, revision)
+            except Exception:  # noqa: BLE001 - one bad hook call must not lose the batch
+                log.exception("natskv: error applying %r to a replica hook", key)
+
+    def apply_written(self, writes: list[tuple[str, bool, Any]], last_revision: int) -> None:
+        """Apply this client's own acknowledged writes now (read-your-writes without the watch).
+
+        ``writes`` are ``(key, is_put, value)`` in the order they were stored, ``last_revision``
+        the revision of the last one: one write, or an atomic batch (stored at consecutive
+        revisions). Values go through the bucket's codec, so they read back exactly as the
+        watch would deliver them. Any thread; the apply hook runs here, under the lock.
+        """
+        if self._stale:  # a forked child's first write
+            self.revive()
+        pattern = self._pattern
+        first = last_revision - len(writes) + 1
+        changes = []
+        for offset, (key, put, value) in enumerate(writes):
+            if pattern.exact or pattern.match(key):
+                changes.append((key, put, self._as_delivered(value) if put else None, first + offset))
+        if not changes:
+            return
+        with self._changed:
+            for key, put, new, revision in changes:
+                self._change(key, put, new, revision)
+                if not put and revision > self.revision:
+                    self._deleted[key] = revision
+            self._changed.notify_all()
+
+    def _as_delivered(self, value: Any) -> Any:
+        # Encoded and decoded, as the watch would deliver it (a tuple comes back a list, ...).
+        payload, headers = self.bucket._encode(value)
+        return payload if headers and RAW_HEADER in headers else self.bucket.codec.decode(payload)
 
     # -- reading (any thread) ------------------------------------------------------------------
 

@@ -1083,10 +1083,11 @@ class EmbeddedCluster:
         leader = leaders.pop() if len(leaders) == 1 else None
         if leader not in names:
             return running  # no leader yet, or the nodes disagree on it
-        # Only the leader tracks whether its followers are current.
+        # Only the leader tracks whether its followers are current. A peer it still counts as
+        # offline (no server stats from it yet) is refused for placement: "peer offline".
         view = self._meta_cluster(names[leader]) or {}
         current = {leader} | {
-            peer.get("name") for peer in view.get("replicas") or () if peer.get("current")
+            peer.get("name") for peer in view.get("replicas") or () if peer.get("current") and not peer.get("offline")
         }
         return [i for i in running if self.nodes[i].name not in current]
 
@@ -1111,6 +1112,72 @@ class EmbeddedCluster:
     def stop_node(self, index: int, timeout: float = 5.0) -> None:
         """Stop node ``index`` (SIGTERM, then SIGKILL); its ports and store are kept."""
         self.nodes[index]._stop_process(timeout)
+
+    def kill_node(self, index: int) -> None:
+        """Kill node ``index`` with SIGKILL (a crash: no clean shutdown, no leader hand-off);
+        its ports and store are kept for ``start_node``."""
+        node = self.nodes[index]
+        proc = node._proc
+        if proc is None:
+            return
+        if node._spawned_by == os.getpid():
+            proc.kill()
+            proc.wait()
+        node._forget_process()
+
+    def jsz(self, index: int, query: str = "") -> dict[str, Any]:
+        """Node ``index``'s JetStream report (``/jsz?<query>`` on its monitor port); {} when
+        it does not answer."""
+        import urllib.request
+
+        url = f"http://{_url_host(self._host)}:{self._monitor_ports[index]}/jsz?{query}"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                report = json.load(response)
+        except (OSError, ValueError):
+            return {}
+        return report if isinstance(report, dict) else {}
+
+    def meta_leader(self) -> int | None:
+        """Index of the JetStream meta leader (None while there is none)."""
+        names = {node.name: i for i, node in enumerate(self.nodes)}
+        for i, node in enumerate(self.nodes):
+            if node.running:
+                leader = names.get((self._meta_cluster(i) or {}).get("leader", ""))
+                if leader is not None and self.nodes[leader].running:
+                    return leader
+        return None
+
+    def stream_leader(self, stream: str) -> int | None:
+        """Index of the node leading ``stream`` (None while it has no leader)."""
+        return self._leader_of(stream, None)
+
+    def consumer_leader(self, stream: str, consumer: str) -> int | None:
+        """Index of the node leading consumer ``consumer`` of ``stream`` (for an R1 consumer:
+        the node that holds it). None when no running node reports it as leader."""
+        return self._leader_of(stream, consumer)
+
+    def _leader_of(self, stream: str, consumer: str | None) -> int | None:
+        names = {node.name: i for i, node in enumerate(self.nodes)}
+        query = "streams=true&consumers=true" if consumer else "streams=true"
+        for i, node in enumerate(self.nodes):
+            if not node.running:
+                continue
+            for account in self.jsz(i, query).get("account_details") or ():
+                for info in account.get("stream_detail") or ():
+                    if info.get("name") != stream:
+                        continue
+                    if consumer is None:
+                        cluster = info.get("cluster") or {}
+                    else:
+                        found = [c for c in info.get("consumer_detail") or () if c.get("name") == consumer]
+                        if not found:
+                            continue
+                        cluster = found[0].get("cluster") or {}
+                    leader = names.get(cluster.get("leader", ""))
+                    if leader is not None and self.nodes[leader].running:
+                        return leader
+        return None
 
     def start_node(self, index: int, timeout: float = 30.0) -> None:
         """Start node ``index`` again on its ports and store; wait until the cluster is usable."""

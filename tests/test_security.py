@@ -215,6 +215,7 @@ def bucket_permissions(bucket: str, write: bool = True) -> list[str]:
         f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.DIRECT.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
         f"$JS.API.CONSUMER.CREATE.{stream}.*",
         f"$JS.API.CONSUMER.DELETE.{stream}.*",
         f"$JS.FC.{stream}.>",
@@ -226,6 +227,9 @@ def bucket_permissions(bucket: str, write: bool = True) -> list[str]:
         f"$JS.API.STREAM.DELETE.{stream}",
         f"$JS.API.STREAM.INFO.KVC_{bucket}",
         f"$JS.API.STREAM.CREATE.KVC_{bucket}",
+        f"$JS.API.STREAM.UPDATE.KVC_{bucket}",
+        f"$JS.API.STREAM.DELETE.KVC_{bucket}",
+        f"$JS.API.STREAM.MSG.GET.KVC_{bucket}",
         f"$KVC.{bucket}.>",
     ]
     return read + (writes if write else [])

@@ -187,6 +187,9 @@ class Connection:
         self.on_disconnect: list[Callable[[], Any]] = []
         # Watch feeds shared by the watchers of this connection, by (stream, filter, policy).
         self.feeds: dict[tuple[str, str, str], Any] = {}
+        # By replicated stream: the highest revision this connection wrote; a read answered by a
+        # replica behind it is asked again (read-your-writes; see KVProtocol._get_after_write).
+        self.written: dict[str, tuple[int, str]] = {}  # (revision, subject) of the last write
 
     # -- lifecycle (loop thread) -------------------------------------------------------------
 

@@ -11,10 +11,13 @@ batch publish. The methods that block run in the caller's thread through the mul
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
+import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +45,14 @@ MAX_BUCKET_NAME = MAX_STREAM_NAME - len("KVC_")
 
 # Error codes of a PubAck whose CAS check failed ("wrong last sequence" and its newer variant).
 CAS_ERROR_CODES = (10071, 10164)
+ERR_NO_MESSAGE = 10037  # STREAM.MSG.GET: no message found
+ERR_DUPLICATE_IN_PROCESS = 10158  # a resent Nats-Msg-Id whose first copy is not stored yet
+ERR_BATCH_DUPLICATE = 10201  # a resent atomic batch whose first copy was stored
+# A write to a replicated bucket unanswered this long is sent again (deduplicated by its message
+# id): far above a healthy acknowledgement (about 1 ms on loopback), and short enough that a
+# write follows a newly elected leader within about this long (during an election, writes go
+# unanswered). A resend that meets its first copy still being stored just waits for it.
+RESEND_AFTER = 0.25
 MAX_SUBJECTS_PER_BATCH_GET = 1024
 MAX_ATOMIC_BATCH = 1000
 DEFAULT_MAX_CONSUMERS = 10_000
@@ -104,9 +115,151 @@ def entry_from_headers(hdrs: dict[str, str], data: bytes, subject: str = "") -> 
     )
 
 
+def _subject_matches(pattern: str, subject: str) -> bool:
+    """Whether NATS subject ``subject`` matches ``pattern`` (``*`` one token, ``>`` the rest)."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+def _is_ack(data: bytes) -> bool:
+    """Whether a reply is a successful PubAck."""
+    if not data:
+        return False
+    try:
+        check_pub_ack(data)
+    except NatsKVError:
+        return False
+    return True
+
+
 def check_pub_ack(data: bytes) -> dict[str, Any]:
     """Decode a PubAck. CAS failures raise :class:`JetStreamError` with ``err_code`` set."""
     return check_api_reply("publish", data)
+
+
+def request_retrying_on_503(
+    conn: Connection,
+    subject: str,
+    payload: bytes,
+    headers: dict[str, str] | None,
+    timeout: float | None,
+    what: str,
+    check: Callable[[float], None] | None = None,
+    first: RawReply | None = None,
+) -> RawReply:
+    """A request sent again while it is answered "no responders" (503), until ``timeout``.
+
+    A 503 means no stream took the message (JetStream still starting after a restart, or a
+    stream without a leader during an election): nothing was stored, so sending again is safe.
+    ``check(timeout)`` runs once, at the first 503, to raise a better error than waiting;
+    ``first`` is the reply of a first attempt the caller already made.
+    """
+    mux = conn.mux
+    assert mux is not None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reply = first if first is not None else mux.request(subject, payload, headers, timeout)
+    delay = 0.02
+    if reply[0] or status_of(reply[1]) != 503:
+        return reply
+    if check is not None:
+        check(min(timeout or 1.0, 1.0))
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= delay:
+            raise NatsKVTimeoutError(
+                f"{what} had no JetStream responder for {timeout} s: "
+                "is JetStream enabled and does the stream have a leader? Nothing was stored."
+            )
+        time.sleep(delay)
+        # Backoff capped low: a write should follow a new stream leader within a fraction of a second.
+        delay = min(delay * 2, 0.25)
+        reply = mux.request(subject, payload, headers, None if deadline is None else deadline - time.monotonic())
+        if reply[0] or status_of(reply[1]) != 503:
+            return reply
+
+
+def publish_resending(
+    conn: Connection,
+    subject: str,
+    payload: bytes,
+    headers: dict[str, str] | None,
+    timeout: float | None,
+    what: str,
+    check: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Publish to a replicated stream and return its PubAck, sending again while no stream
+    leader answers, until ``timeout``.
+
+    A stream leader that dies with a write in flight never answers it, and the write may or
+    may not have been stored. The message carries a ``Nats-Msg-Id``: the stream's duplicate
+    window recognises a resend of a stored message and answers with the original sequence and
+    ``"duplicate": true`` (a new leader rebuilds that window from the stored messages), so
+    sending it again is safe. Without that, the caller would wait out its whole timeout and
+    learn nothing; with it, the write lands soon after a new leader is elected. "No responders"
+    (503, no leader during an election) is retried as in request_retrying_on_503; ``check``
+    runs at the first one.
+    """
+    # 64 random bits: unique within a duplicate window, and small in the servers' memory of it.
+    headers = dict(headers or {}, **{"Nats-Msg-Id": os.urandom(8).hex()})
+    mux = conn.mux
+    assert mux is not None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    unanswered = checked = False
+    delay = 0.02
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            if unanswered:
+                raise NatsKVTimeoutError(
+                    f"a write to {what} was not acknowledged within {timeout} s (its stream leader did not "
+                    "answer, and no new one took over in time); it may or may not be stored"
+                )
+            raise NatsKVTimeoutError(
+                f"{what} had no stream leader for {timeout} s (an election that did not end? is JetStream "
+                "enabled?). Nothing was stored."
+            )
+        try:
+            data, hdrs, _ = mux.request(subject, payload, headers, RESEND_AFTER if left is None else min(left, RESEND_AFTER))
+        except NatsKVTimeoutError:
+            unanswered = True
+            continue
+        if not data:
+            status, desc, _ = parse_reply_headers(hdrs)
+            if status != 503:
+                raise JetStreamError(desc or f"unexpected status {status} from {what}", code=status)
+            if not checked and check is not None:
+                checked = True
+                check(min(left or 1.0, 1.0))
+        else:
+            try:
+                return check_pub_ack(data)
+            except JetStreamError as exc:
+                # The first copy is still being replicated: its outcome comes with a later answer.
+                if exc.err_code != ERR_DUPLICATE_IN_PROCESS:
+                    raise
+        left = None if deadline is None else deadline - time.monotonic()
+        time.sleep(delay if left is None else max(min(delay, left), 0))
+        delay = min(delay * 2, 0.25)
+
+
+def counter_add(conn: Connection, stream: str, subject: str, count: int, replicas: int, timeout: float | None) -> int:
+    """Add ``count`` to the counter ``subject`` of counter stream ``stream``; return its new value."""
+    what = f"counter stream {stream!r}"
+    if replicas == 1:
+        data, _, _ = request_retrying_on_503(conn, subject, b"", {"Nats-Incr": f"+{count}"}, timeout, what)
+        return int(check_api_reply("counter", data)["val"])
+    # Replicated: an increment in flight when its leader dies is sent again (deduplicated).
+    ack = publish_resending(conn, subject, b"", {"Nats-Incr": f"+{count}"}, timeout, what)
+    if "val" in ack:
+        return int(ack["val"])
+    # A duplicate's answer has no value: the first copy was stored, and its value with it.
+    stored = conn.js_api_blocking(f"STREAM.MSG.GET.{stream}", {"seq": ack["seq"]}, timeout)
+    return int(orjson.loads(base64.b64decode(stored["message"]["data"]))["val"])
 
 
 class KVProtocol:
@@ -121,6 +274,7 @@ class KVProtocol:
         self._direct_prefix = f"$JS.API.DIRECT.GET.{self.stream}.{self.subject_prefix}"
         self._direct_batch = f"$JS.API.DIRECT.GET.{self.stream}"
         self._config: dict[str, Any] = {}
+        self._replicated = False  # more than one replica: reads check they see this client's writes
         self._max_value: int | None = None
 
     # -- bucket management (any thread) -------------------------------------------------------
@@ -206,6 +360,7 @@ class KVProtocol:
         return self.conn.js_api_blocking(f"STREAM.INFO.{self.stream}", None, timeout)
 
     def destroy(self, timeout: float | None) -> None:
+        self.conn.written.pop(self.stream, None)
         self.conn.js_api_blocking(f"STREAM.DELETE.{self.stream}", None, timeout)
 
     # -- reads (any thread) -----------------------------------------------------------------
@@ -213,6 +368,8 @@ class KVProtocol:
     def get(self, encoded_key: str, timeout: float | None) -> RawEntry | None:
         """The latest message of one key (None when it has none; deletes come back as entries)."""
         assert self.conn.mux is not None
+        if self.stream in self.conn.written:
+            return self._get_after_write(encoded_key, timeout)
         return self._entry_of(self._request(self._direct_prefix + encoded_key, b"", None, timeout))
 
     def get_revision(self, encoded_key: str, revision: int, timeout: float | None) -> RawEntry | None:
@@ -220,6 +377,8 @@ class KVProtocol:
         assert self.conn.mux is not None
         body = orjson.dumps({"seq": revision})
         entry = self._entry_of(self._request(self._direct_batch, body, None, timeout))
+        if entry is None and revision <= self.conn.written.get(self.stream, (0, ""))[0]:
+            entry = self._leader_get({"seq": revision}, timeout)  # answered by a replica behind us
         return entry if entry is not None and entry.subject == self.subject_prefix + encoded_key else None
 
     def _entry_of(self, reply: RawReply) -> RawEntry | None:
@@ -273,10 +432,14 @@ class KVProtocol:
                 return None
             return self._get_each(subjects, timeout)
         out: list[RawEntry] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
         for i in range(0, len(subjects), MAX_SUBJECTS_PER_BATCH_GET):
-            body = orjson.dumps({"multi_last": subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]})
-            replies = self.conn.mux.request_stream(self._direct_batch, body, timeout)
-            entries = self._batch_entries(replies)
+            chunk = subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]
+            if self.stream in self.conn.written:
+                entries = self._batch_after_write(chunk, deadline)
+            else:
+                body = orjson.dumps({"multi_last": chunk})
+                entries = self._batch_entries(self.conn.mux.request_stream(self._direct_batch, body, timeout))
             if entries is None:
                 return None
             out.extend(entries)
@@ -356,11 +519,19 @@ class KVProtocol:
     def put(self, encoded_key: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> int:
         """Publish one message and return its revision. CAS failures raise JetStreamError."""
         assert self.conn.mux is not None
+        if self._replicated:
+            return self._put_resending(self.subject_prefix + encoded_key, payload, headers, timeout)
         data, hdrs, _ = self._request(self.subject_prefix + encoded_key, payload, headers, timeout)
         if not data:
             status, desc, _ = parse_reply_headers(hdrs)
             raise self._status_error(status, desc)
-        return int(check_pub_ack(data)["seq"])
+        return self._written(int(check_pub_ack(data)["seq"]), self.subject_prefix + encoded_key)
+
+    def _put_resending(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> int:
+        """A write to a replicated bucket, sent again while its stream leader does not answer
+        (see publish_resending)."""
+        ack = publish_resending(self.conn, subject, payload, headers, timeout, f"bucket {self.bucket!r}", self._exists)
+        return self._written(int(ack["seq"]), subject)
 
     def put_many(
         self, items: list[tuple[str, bytes, dict[str, str] | None]], timeout: float | None
@@ -377,7 +548,7 @@ class KVProtocol:
                 if not reply[0]:
                     status, desc, _ = parse_reply_headers(reply[1])
                     raise self._status_error(status, desc)
-                results.append(int(check_pub_ack(reply[0])["seq"]))
+                results.append(self._written(int(check_pub_ack(reply[0])["seq"]), commands[len(results)][0]))
             except Exception as exc:  # noqa: BLE001 - returned to the caller per item
                 results.append(exc)
         return results
@@ -394,6 +565,73 @@ class KVProtocol:
             raise BatchError(f"an atomic commit holds at most {MAX_ATOMIC_BATCH} operations, not {len(items)}")
         if not self.config.get("allow_atomic"):
             self.update_config({"allow_atomic": True}, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        resend_after: float | None = None
+        if self._replicated:
+            # As single writes (see publish_resending): a batch in flight when its leader dies is
+            # sent again, each message under its first message id. If the first copy was stored,
+            # the server rejects the copy as a duplicate (all or nothing: then all was stored).
+            ids = os.urandom(8).hex()
+            items = [(k, p, dict(h, **{"Nats-Msg-Id": f"{ids}-{i}"})) for i, (k, p, h) in enumerate(items)]
+            resend_after = RESEND_AFTER + 0.002 * len(items)  # a big batch takes longer to store
+        delay = 0.02
+        unanswered = False
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise NatsKVTimeoutError(
+                    f"a commit to bucket {self.bucket!r} was not acknowledged within {timeout} s (its stream "
+                    "leader did not answer, and no new one took over in time); all of it or none of it is stored"
+                    if unanswered else
+                    f"bucket {self.bucket!r} had no stream leader to commit to for {timeout} s "
+                    "(an election that did not end?). Nothing was stored."
+                )
+            attempt = left if resend_after is None else (resend_after if left is None else min(left, resend_after))
+            try:
+                data, hdrs, first_status = self._send_batch(items, attempt)
+                if resend_after is not None and data and not _is_ack(data):
+                    check_pub_ack(data)  # a duplicate or in-process answer to a resent batch
+            except NatsKVTimeoutError:
+                if resend_after is None:
+                    raise
+                unanswered = True
+                continue
+            except JetStreamError as exc:
+                if resend_after is None or exc.err_code not in (ERR_BATCH_DUPLICATE, ERR_DUPLICATE_IN_PROCESS):
+                    raise
+                if exc.err_code == ERR_BATCH_DUPLICATE:
+                    return self._written(self._stored_batch(items, timeout), self.subject_prefix + items[-1][0])
+                first_status = 0
+                data, hdrs = b"", b"NATS/1.0 503\r\n\r\n"  # the first copy is being stored: ask again
+            # A batch is stored only when a stream leader receives its commit message. A commit
+            # answered 503 reached no leader (no stream leader during an election); one answered
+            # with an error after its first message got 503 reached a leader that never saw the
+            # start of the batch and rejected it. Either way nothing was stored: send the whole
+            # batch again, under a new id so it cannot join messages staged for the old one.
+            status = status_of(hdrs) if not data else 0
+            if status != 503 and not (first_status == 503 and not _is_ack(data)):
+                return self._written(self._batch_ack(data, hdrs), self.subject_prefix + items[-1][0])
+            left = None if deadline is None else deadline - time.monotonic()
+            time.sleep(delay if left is None else max(min(delay, left), 0))
+            delay = min(delay * 2, 0.25)
+
+    def _stored_batch(self, items: list[tuple[str, bytes, dict[str, str]]], timeout: float | None) -> int:
+        """The revision of a resent batch whose first copy was stored: that of its last message,
+        read through the leader."""
+        key, _, headers = items[-1]
+        found = self._leader_message({"last_by_subj": self.subject_prefix + key}, timeout)
+        if found is None or found[1].get("Nats-Msg-Id") != headers["Nats-Msg-Id"]:
+            raise JetStreamError(
+                f"the commit to bucket {self.bucket!r} was stored, but its key {key!r} changed again before "
+                "its revision could be read back; read the keys to see the current values"
+            )
+        return found[0].revision
+
+    def _send_batch(
+        self, items: list[tuple[str, bytes, dict[str, str]]], timeout: float | None
+    ) -> tuple[bytes, Any, int]:
+        """Send one atomic batch; return the commit's reply and the status the first message
+        got (0 when it got none: the server answers the first message only when it fails)."""
         assert self.conn.mux is not None
         batch_id = uuid.uuid4().hex
         n = len(items)
@@ -406,17 +644,16 @@ class KVProtocol:
                 h["Nats-Batch-Commit"] = "1"
             commands.append((self.subject_prefix + key, payload, h))
         # The first message and the commit are requests (errors come back on them); the middle
-        # ones are plain publishes. The server answers the first only if it fails, so wait for
-        # the commit's answer alone.
+        # ones are plain publishes. Wait for the commit's answer alone.
         mux = self.conn.mux
         if n == 1:
             data, hdrs, _ = mux.request(commands[0][0], commands[0][1], commands[0][2], timeout)
-            return self._batch_ack(data, hdrs)
+            return data, hdrs, 0
         first_token = mux.new_token()
-        first_error: list[RawReply] = []
+        first_reply: list[RawReply] = []
 
         def on_first(data: bytes, headers: Any, reply: str) -> bool:
-            first_error.append((data, headers, reply))
+            first_reply.append((data, headers, reply))
             return True
 
         mux.add_route(first_token, on_first)
@@ -429,9 +666,13 @@ class KVProtocol:
             data, hdrs, _ = mux.request(last[0], last[1], last[2], timeout)
         finally:
             mux.remove_route(first_token)
-        if first_error and first_error[0][0]:
-            check_pub_ack(first_error[0][0])
-        return self._batch_ack(data, hdrs)
+        if not first_reply:
+            return data, hdrs, 0
+        first_data, first_headers, _ = first_reply[0]
+        if first_data:
+            check_pub_ack(first_data)  # the first message's own error (a failed CAS check...)
+            return data, hdrs, 0
+        return data, hdrs, status_of(first_headers)
 
     def _batch_ack(self, data: bytes, headers: Any) -> int:
         if not data:
@@ -439,46 +680,125 @@ class KVProtocol:
             raise self._status_error(status, desc)
         return int(check_pub_ack(data)["seq"])
 
+    # -- read-your-writes --------------------------------------------------------------------
+
+    def _written(self, revision: int, subject: str) -> int:
+        """Note a write of this client, so its later reads show nothing older."""
+        if self._replicated and revision > self.conn.written.get(self.stream, (0, ""))[0]:
+            self.conn.written[self.stream] = (revision, subject)
+        return revision
+
+    def _get_after_write(self, encoded_key: str, timeout: float | None) -> RawEntry | None:
+        """A single-key read that shows nothing older than this client's writes.
+
+        Direct gets are answered by any replica, and a follower may lag the leader that
+        acknowledged a write (nats-server 2.12 dropped its ``min_last_seq`` request field before
+        release). A one-subject batch get ends with ``Nats-UpTo-Sequence``, the answering
+        replica's last sequence: when that is behind this client's last write, or the replica
+        found nothing (which says nothing of its position), the stream leader answers instead
+        (``STREAM.MSG.GET``, which only the leader serves).
+        """
+        assert self.conn.mux is not None
+        subject = self.subject_prefix + encoded_key
+        replies = self.conn.mux.request_stream(self._direct_batch, orjson.dumps({"multi_last": [subject]}), timeout)
+        fresh = self._fresh(replies)
+        if fresh is not True:
+            if fresh is False:
+                self._check_mark(timeout)
+            return self._leader_get({"last_by_subj": subject}, timeout)
+        entries = self._batch_entries(replies)
+        return entries[0] if entries else None
+
+    def _batch_after_write(self, subjects: list[str], deadline: float | None) -> list[RawEntry] | None:
+        """A batch get of the latest message of ``subjects`` that shows nothing older than this
+        client's writes: asked again while a replica behind them answers. A "no results" answer
+        carries no position, so it is checked by asking again with the subject of this client's
+        last write added, which a replica that is not behind has."""
+        assert self.conn.mux is not None
+        anchor = ""
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            asked = subjects + [anchor] if anchor else subjects
+            replies = self.conn.mux.request_stream(self._direct_batch, orjson.dumps({"multi_last": asked}), left)
+            fresh = self._fresh(replies)
+            if fresh is None and not anchor and self.stream in self.conn.written:
+                anchor = self.conn.written[self.stream][1]
+                continue
+            if fresh is not False and not (fresh is None and anchor):
+                break
+            if fresh is None and self._leader_get({"last_by_subj": anchor}, left) is None:
+                # The leader lacks this client's last write too: the stream was deleted and
+                # created again, or purged. Nothing newer to wait for.
+                self.conn.written.pop(self.stream, None)
+                anchor = ""
+                continue
+            # A replica behind this client's writes answered: ask again (another replica, or this
+            # one caught up), after making sure the stream was not recreated since.
+            self._check_mark(left)
+            time.sleep(0.002)
+        entries = self._batch_entries(replies)
+        if entries is not None and anchor and not any(_subject_matches(s, anchor) for s in subjects):
+            entries = [e for e in entries if e.subject != anchor]
+        return entries
+
+    def _fresh(self, replies: list[RawReply]) -> bool | None:
+        """Whether a batch get's answering replica had this client's last write (None: it
+        cannot tell, having found no message; True when this client wrote nothing)."""
+        mark = self.conn.written.get(self.stream, (0, ""))[0]
+        if not mark or not replies:
+            return True
+        status, _, hdrs = parse_reply_headers(replies[-1][1])
+        if status == 204:
+            return int(hdrs.get("Nats-UpTo-Sequence", mark)) >= mark
+        return None if status == 404 else True
+
+    def _check_mark(self, timeout: float | None) -> None:
+        """Forget this client's write mark when the stream is behind it: it was deleted and
+        created again (by another client) after this client wrote to it."""
+        last = int(self.info(timeout).get("state", {}).get("last_seq", 0))
+        if last < self.conn.written.get(self.stream, (0, ""))[0]:
+            self.conn.written.pop(self.stream, None)
+
+    def _leader_get(self, request: dict[str, Any], timeout: float | None) -> RawEntry | None:
+        """One message read through the stream leader (consistent; about twice a direct get)."""
+        found = self._leader_message(request, timeout)
+        return None if found is None else found[0]
+
+    def _leader_message(self, request: dict[str, Any], timeout: float | None) -> tuple[RawEntry, dict[str, str]] | None:
+        """``STREAM.MSG.GET``: a message and its headers, from the stream leader."""
+        try:
+            reply = self.conn.js_api_blocking(f"STREAM.MSG.GET.{self.stream}", request, timeout)
+        except JetStreamError as exc:
+            if exc.err_code == ERR_NO_MESSAGE:
+                return None
+            raise
+        msg = reply["message"]
+        _, _, hdrs = parse_reply_headers(base64.b64decode(msg["hdrs"])) if msg.get("hdrs") else (0, "", {})
+        hdrs.update({"Nats-Subject": msg["subject"], "Nats-Sequence": str(msg["seq"]), "Nats-Time-Stamp": msg["time"]})
+        return entry_from_headers(hdrs, base64.b64decode(msg.get("data") or b"")), hdrs
+
     # -- helpers ------------------------------------------------------------------------------
 
     def _request(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> RawReply:
-        """One request; "no responders" (503) is retried until the timeout.
-
-        A 503 means no stream took the message (JetStream still starting after a restart, or a
-        stream without a leader for a moment): nothing was stored, so sending again is safe.
-        """
-        mux = self.conn.mux
-        assert mux is not None
-        reply = mux.request(subject, payload, headers, timeout)
+        """One request; "no responders" (503) is retried until the timeout (see request_retrying_on_503)."""
+        assert self.conn.mux is not None
+        reply = self.conn.mux.request(subject, payload, headers, timeout)
         if reply[0] or status_of(reply[1]) != 503:
             return reply
-        total = timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.02
-        checked = False
-        while True:
-            if not checked:  # deleted by someone else? Say so instead of retrying until the timeout
-                checked = True
-                try:
-                    self.info(min(timeout or 1.0, 1.0))
-                except BucketNotFoundError:
-                    raise BucketNotFoundError(
-                        f"bucket {self.bucket!r} does not exist (deleted?); create it again with client.bucket({self.bucket!r})"
-                    ) from None
-                except NatsKVError:
-                    pass  # JetStream not answering yet (restarting): keep retrying
-            if deadline is not None:
-                timeout = deadline - time.monotonic()
-                if timeout <= delay:
-                    raise NatsKVTimeoutError(
-                        f"bucket {self.bucket!r} had no JetStream responder for {total} s: "
-                        "is JetStream enabled and does the stream have a leader? Nothing was stored."
-                    )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-            reply = mux.request(subject, payload, headers, timeout)
-            if reply[0] or status_of(reply[1]) != 503:
-                return reply
+        return request_retrying_on_503(
+            self.conn, subject, payload, headers, timeout, f"bucket {self.bucket!r}", self._exists, reply
+        )
+
+    def _exists(self, timeout: float) -> None:
+        # Deleted by someone else? Say so instead of retrying until the timeout.
+        try:
+            self.info(timeout)
+        except BucketNotFoundError:
+            raise BucketNotFoundError(
+                f"bucket {self.bucket!r} does not exist (deleted?); create it again with client.bucket({self.bucket!r})"
+            ) from None
+        except NatsKVError:
+            pass  # JetStream not answering yet (restarting): keep retrying
 
     @property
     def config(self) -> dict[str, Any]:
@@ -488,6 +808,7 @@ class KVProtocol:
     @config.setter
     def config(self, config: dict[str, Any]) -> None:
         self._config = config
+        self._replicated = config.get("num_replicas", 1) > 1 and self.conn.api_level >= API_LEVEL_TTL
         meta = config.get("metadata") or {}
         limit = int(meta.get("natskv.max_value_size", 0) or 0) or config.get("max_msg_size", -1)
         self._max_value = limit if limit and limit > 0 else None
@@ -528,4 +849,4 @@ class KVProtocol:
         return JetStreamError(desc or f"unexpected status {status}", code=status)
 
 
-__all__ = ["KVProtocol", "RawEntry", "status_of", "validate_bucket_name", "ttl_header"]
+__all__ = ["KVProtocol", "RawEntry", "counter_add", "publish_resending", "request_retrying_on_503", "status_of", "validate_bucket_name", "ttl_header"]

@@ -18,11 +18,17 @@ from natskv._speedups import core
 from natskv.aio.connection import Connection
 from natskv.aio.kv import NANOS, KVProtocol, RawEntry, entry_from_headers
 from natskv.aio.mux import parse_reply_headers, status_of
-from natskv.errors import BucketNotFoundError, NatsKVError
+from natskv.errors import BucketNotFoundError, NatsKVError, NatsKVTimeoutError
 
 log = logging.getLogger("natskv")
 
-HEARTBEAT = 5.0  # seconds between idle heartbeats from the server
+# The server sends an idle heartbeat when a consumer has delivered nothing for HEARTBEAT seconds.
+# A consumer dies silently with its node (the client stays connected to another one), so the
+# feed counts silence: MISSED_HEARTBEATS beats without a message mean the consumer is gone and
+# is recreated (about 1 s of detection; the cost is 1 / HEARTBEAT messages a second per idle
+# feed, and a feed is shared by every watcher of a bucket and filter on a connection).
+HEARTBEAT = 0.5
+MISSED_HEARTBEATS = 2
 INACTIVE_THRESHOLD = 120.0  # the server removes a consumer nobody listens to after this long
 
 
@@ -110,7 +116,7 @@ class ConsumerFeed:
             # Already gone (server restart) or unreachable: the inactive threshold removes it.
             log.debug("natskv: could not delete consumer %s", name, exc_info=True)
 
-    async def _create_consumer(self) -> None:
+    async def _create_consumer(self, timeout: float | None = None) -> None:
         config: dict[str, Any] = {
             "deliver_subject": self._inbox,
             "ack_policy": "none",
@@ -138,9 +144,14 @@ class ConsumerFeed:
             info = await self.conn.js_api(
                 f"CONSUMER.CREATE.{self.proto.stream}.{name}",
                 {"stream_name": self.proto.stream, "config": config},
+                timeout,
             )
-        except BaseException:
+        except BaseException as exc:
             self.consumer_name = ""
+            if isinstance(exc, NatsKVTimeoutError):
+                # Placed on a server that died and is not yet known as offline (only that server
+                # answers a create): remove the assignment; the next try is placed again.
+                self._loop.create_task(self._delete_consumer(name))
             raise
         self._last_activity = self._loop.time()
         if info.get("num_pending", 0) == 0 and not self._positioned:
@@ -218,32 +229,54 @@ class ConsumerFeed:
         old = self.consumer_name
         self.consumer_name = ""  # drop whatever the old consumer still delivers
         delay = 0.05
+        # A create answers in milliseconds, unless the server it was placed on is dead (the meta
+        # leader places it at random, and learns of a death only seconds later): then try again
+        # soon, a new placement, rather than after the whole request timeout; a few times, then
+        # with longer waits in case the servers are just slow.
+        create_timeout = 0.25
+        timeouts = 0
         try:
             while not self._stopped:
                 try:
-                    await self._delete_consumer(old)
-                    await self._create_consumer()
+                    await self._create_consumer(create_timeout)
+                    # Deleted after the new one is up: a consumer on a dead node makes the delete
+                    # wait for its timeout, which must not delay the resumed deliveries.
+                    self._loop.create_task(self._delete_consumer(old))
                     return
                 except BucketNotFoundError:
                     log.warning("natskv: bucket %r was deleted; its watch stops", self.proto.bucket)
                     await self.stop()
                     return
+                except NatsKVTimeoutError as exc:
+                    log.info("natskv: could not recreate watch consumer yet: %s", exc)
+                    timeouts += 1
+                    if timeouts >= 3:
+                        create_timeout = min(create_timeout * 2, self.conn.options.request_timeout)
                 except NatsKVError as exc:
                     log.info("natskv: could not recreate watch consumer yet: %s", exc)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    delay = min(delay * 2, 0.5)
         finally:
             self._resetting = False
 
     def _arm_watchdog(self) -> None:
+        # One timer per feed, due when the silence would reach the limit; a message in between
+        # only moves the due time (the timer does not fire per message).
+        limit = MISSED_HEARTBEATS * HEARTBEAT
+
         def check() -> None:
             if self._stopped:
                 return
-            if self._loop.time() - self._last_activity > 3 * HEARTBEAT and self.conn.nc and self.conn.nc.is_connected:
-                self._reset("no heartbeat")
-            self._watchdog = self._loop.call_later(HEARTBEAT, check)
+            silent = self._loop.time() - self._last_activity
+            if silent < limit:
+                self._watchdog = self._loop.call_later(limit - silent, check)
+                return
+            if not self._resetting and self.conn.nc is not None and self.conn.nc.is_connected:
+                self._reset(f"no message or heartbeat for {silent:.1f} s (consumer lost with its server?)")
+                self._last_activity = self._loop.time()  # give the new consumer a full period
+            self._watchdog = self._loop.call_later(limit, check)
 
-        self._watchdog = self._loop.call_later(HEARTBEAT, check)
+        self._watchdog = self._loop.call_later(limit, check)
 
 
 async def snapshot(

@@ -133,6 +133,14 @@ class ModelStore:
             index.clear()
         self.listeners[:] = [f for f in self.listeners if getattr(f, "carry_over_fork", False)]
 
+    def written(self, ops: list[tuple[Any, ...]], revision: int) -> None:
+        """Apply a write that the server acknowledged at ``revision`` (one op, or an atomic batch
+        whose last op got ``revision``) to the replica at once: this client reads its own write
+        back without waiting for the watch, whose later delivery of it is skipped."""
+        assert self.replica is not None
+        self.replica.apply_written([(op[1], op[0] != "delete", op[2] if op[0] != "delete" else None) for op in ops],
+                                   revision)
+
     # -- replica hook (loop thread, under the replica's lock) -------------------------------------
 
     def apply(self, key: str, old: Any, new: Any, revision: int) -> None:
@@ -415,8 +423,7 @@ class Model(metaclass=ModelMeta):
                 revision = store.bucket.commit(ops, timeout=timeout)
         except KeyExistsError as exc:
             raise cls._unique_error(exc.key) from exc
-        assert store.replica is not None
-        store.replica.wait_for(revision, timeout or 5.0)
+        store.written(ops, revision)
         return revision
 
     @classmethod
@@ -507,8 +514,7 @@ class Model(metaclass=ModelMeta):
             rev = store.bucket.delete(key, revision=revision, timeout=timeout)
         else:
             rev = store.bucket.commit(ops, timeout=timeout)
-        assert store.replica is not None
-        store.replica.wait_for(rev, timeout or 5.0)
+        store.written(ops, rev)
 
     def refresh(self, *, timeout: float | None = None) -> M:  # type: ignore[type-var]
         """Reload this record from the replica (KeyError-like error if it was deleted)."""

@@ -149,12 +149,14 @@ class Transaction:
                 return None
             store = self._store
             assert store is not None and store.replica is not None
+            ops = list(self._ops.values())
             try:
-                revision = store.bucket.commit(list(self._ops.values()), timeout=self._timeout)
+                revision = store.bucket.commit(ops, timeout=self._timeout)
             except KeyExistsError as exc:
                 owner = self._owners.get(exc.key, store.model)
                 raise owner._unique_error(exc.key) from exc
-            store.replica.wait_for(revision, self._timeout or 5.0)
+            for written_to in {id(m._s()): m._s() for m in self._owners.values()}.values():
+                written_to.written(ops, revision)  # every model of the bucket reads it back at once
             with store.replica.lock:
                 for obj, clean, stored in self._done:
                     if stored is None:
