@@ -491,7 +491,9 @@ class Bucket:
         natskv calls on its dispatcher thread (never the loop thread) with key changes only;
         ``on_initial_done()`` runs on that thread once the initial values have been passed to
         ``callback``. ``updates_only=True`` has no initial values and no marker. Call ``stop()``
-        (or use ``with``) to end it and delete its server consumer.
+        (or use ``with``) to end it and delete its server consumer. ``on_error(exc)`` receives
+        what ``callback`` raised, and the NotConnectedError that ends the watch if the connection
+        is closed for good (an iterator raises that one).
         """
         from natskv.watch import Watcher
 

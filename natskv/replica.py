@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from natskv._runner import check_timeout, follow_fork, runner, unfollow_fork
 from natskv._speedups import core
-from natskv.aio.watch import INITIAL_DONE, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
+from natskv.aio.mux import fresh_error
+from natskv.aio.watch import INITIAL_DONE, FeedClosed, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
 from natskv.codec import RAW_HEADER
 from natskv.errors import InvalidKeyError, NatsKVTimeoutError
 
@@ -58,6 +59,9 @@ class LocalReplica:
         self._on_reset = on_reset  # called when a forked child drops what it inherited
         self._on_loaded = on_loaded
         self._stale = False  # in a forked child: reload before the next read
+        # Why the feed ended when the connection was closed for good: reads then raise it (with
+        # _stale set, so the hot path still tests one flag), instead of serving frozen values.
+        self._dead: BaseException | None = None
         self._revive_lock = threading.Lock()
         self._values: dict[str, Any] = {}
         self._revisions: dict[str, int] = {}
@@ -111,6 +115,7 @@ class LocalReplica:
         self._revive_lock = threading.Lock()
         self._pending = []
         self._subscription = None
+        self._dead = None  # the child has a connection of its own
         self._stale = True
 
     def revive(self, timeout: float | None = None) -> None:
@@ -119,6 +124,8 @@ class LocalReplica:
         with self._revive_lock:
             if not self._stale:
                 return
+            if self._dead is not None:
+                raise fresh_error(self._dead)
             with self._lock:
                 self._values.clear()
                 self._revisions.clear()
@@ -136,6 +143,13 @@ class LocalReplica:
     def _apply(self, event: Any) -> None:
         # The feed's sink. Events are applied in batches, one loop step later: a burst of
         # deliveries (the initial values, a busy bucket) takes the lock and wakes waiters once.
+        if type(event) is FeedClosed:
+            self._subscription = None
+            self._dead = event.error
+            self._stale = True
+            with self._changed:
+                self._changed.notify_all()  # wait_for() raises it
+            return
         self._pending.append(event)
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self._apply_pending)
@@ -210,7 +224,7 @@ class LocalReplica:
         revisions). Values go through the bucket's codec, so they read back exactly as the
         watch would deliver them. Any thread; the apply hook runs here, under the lock.
         """
-        if self._stale:  # a forked child's first write
+        if self._stale and self._dead is None:  # a forked child's first write
             self.revive()
         pattern = self._pattern
         first = last_revision - len(writes) + 1
@@ -244,7 +258,10 @@ class LocalReplica:
         if self._stale:  # a forked child's first read
             self.revive()
         with self._changed:
-            if not self._changed.wait_for(lambda: self.revision >= revision, timeout):
+            reached = self._changed.wait_for(lambda: self.revision >= revision or self._dead is not None, timeout)
+            if self._dead is not None:
+                raise fresh_error(self._dead)
+            if not reached:
                 raise NatsKVTimeoutError(
                     f"replica of bucket {self.bucket.name!r} did not reach revision {revision} within {timeout} s "
                     f"(at {self.revision}); is the watch connected?"
@@ -279,6 +296,6 @@ class LocalReplica:
     @property
     def lock(self) -> threading.Lock:
         """Hold this to read several values (or an index kept by ``on_apply``) consistently."""
-        if self._stale:  # a forked child's first read (every read comes through here)
+        if self._stale:  # a forked child's first read, or a dead feed (every read comes through here)
             self.revive()
         return self._lock

@@ -7,6 +7,11 @@ exception in a callback is logged and passed to ``on_error``; the watch goes on.
 
 The end of the initial values is a marker ``Change`` for iterators, and a call of
 ``on_initial_done()`` for callback watchers: ``callback`` only ever receives real key changes.
+
+A watch follows reconnects and lost consumers on its own. Only when the connection is closed for
+good (nats-py gave up reconnecting, or the server withdrew the credentials) does it end: an
+iterator raises the :class:`~natskv.NotConnectedError` (or ``AuthenticationError``) saying why,
+and a callback watcher passes it to ``on_error`` and stops.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 from natskv._runner import runner
 from natskv._speedups import core
 from natskv.aio.kv import RawEntry
-from natskv.aio.watch import INITIAL_DONE, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
+from natskv.aio.mux import fresh_error
+from natskv.aio.watch import INITIAL_DONE, FeedClosed, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
 from natskv.errors import InvalidArgumentError, InvalidKeyError
 
 if TYPE_CHECKING:
@@ -156,7 +162,8 @@ class Watcher:
         return Change(key, entry.value, raw.revision, raw.operation, raw.timestamp, raw.delta, bucket.name)
 
     def get(self, timeout: float | None = None) -> Change | None:
-        """The next change, waiting up to ``timeout`` seconds (None: forever). None when stopped or timed out."""
+        """The next change, waiting up to ``timeout`` seconds (None: forever). None when stopped or
+        timed out. Raises NotConnectedError (saying why) once the connection is closed for good."""
         runner.check_not_loop_thread("Watcher.get()")
         while True:
             try:
@@ -166,6 +173,10 @@ class Watcher:
             if event is _STOP:
                 self._queue.put(_STOP)  # keep later calls returning at once
                 return None
+            if type(event) is FeedClosed:
+                self._queue.put(event)  # keep later calls raising at once
+                self._end()
+                raise fresh_error(event.error)
             change = self._convert(event)
             if change is not None:
                 return change
@@ -192,6 +203,15 @@ class Watcher:
             event = self._queue.get()
             if event is _STOP:
                 return
+            if type(event) is FeedClosed:
+                log.error("natskv: watch on bucket %r ended: %s", self.bucket.name, event.error)
+                self._end()
+                if self._on_error is not None:
+                    try:
+                        self._on_error(fresh_error(event.error))
+                    except Exception:  # noqa: BLE001
+                        log.exception("natskv: error in the on_error hook")
+                return
             try:
                 if event is INITIAL_DONE:
                     try:
@@ -212,6 +232,12 @@ class Watcher:
                         log.exception("natskv: error in the on_error hook")
 
     # -- stopping --------------------------------------------------------------------------
+
+    def _end(self) -> None:
+        # The connection was closed for good: the feed is gone already, nothing to unsubscribe.
+        self._stopped = True
+        self._subscription = None
+        self.bucket._client._watchers.discard(self)
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop watching and delete the server consumer. Safe to call twice and from the callback."""

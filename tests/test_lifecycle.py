@@ -143,6 +143,45 @@ def test_a_connection_the_server_closed_fails_every_call_with_the_reason(nats_ur
         other.delete_bucket("lifecycle_closed")
 
 
+def test_watches_and_replicas_hear_that_the_connection_closed_for_good(nats_url: str) -> None:
+    """A watch cannot resume without a connection: an iterator raises why, a callback watcher
+    hands it to on_error, and a replica (and the models on it) refuses reads instead of serving
+    values frozen at the close."""
+    db = natskv.connect(nats_url, timeout=5)
+    try:
+        kv = db.bucket("lifecycle_watch_closed")
+        kv.set("k", 1)
+        iterated = kv.watch("*", timeout=5)
+        assert iterated.get(timeout=5).key == "k" and iterated.get(timeout=5).initial_done
+        errors: list[BaseException] = []
+        reported = threading.Event()
+        called = kv.watch("*", lambda change: None, on_error=lambda exc: (errors.append(exc), reported.set()), timeout=5)
+        replica = kv.replica("*").start(timeout=5)
+        assert replica.get("k") == 1
+        Thing = db.define("ClosedThing", {"id": {"type": "INTEGER", "primaryKey": True}}, bucket="lifecycle_models")
+        Thing.create(id=1)
+
+        runner.call_soon(lambda: db._conn.nc._transport.write(b"BOGUS\r\n"))
+        reason = "closed.*unknown protocol operation"
+        with pytest.raises(natskv.NotConnectedError, match=reason):
+            iterated.get(timeout=5)  # at once, not after the 5 s
+        with pytest.raises(natskv.NotConnectedError, match=reason):
+            next(iter(iterated))  # and again: the iterator does not hang afterwards
+        assert iterated.stopped
+        assert reported.wait(5) and isinstance(errors[0], natskv.NotConnectedError)
+        assert wait_until(lambda: called.stopped, 5)
+        _fails_at_once(lambda: replica.get("k"), reason)
+        _fails_at_once(lambda: Thing.get(1), reason)
+        _fails_at_once(lambda: Thing.find(), reason)
+        iterated.stop()  # stopping an ended watch is harmless
+        called.stop()
+    finally:
+        db.close()
+    with natskv.connect(nats_url) as other:
+        other.delete_bucket("lifecycle_watch_closed")
+        other.delete_bucket("lifecycle_models")
+
+
 @pytest.mark.parametrize(
     ("max_reconnect", "reason"),
     [(0, "max_reconnect=0 allows no reconnect"), (2, "no server could be reached in max_reconnect=2 attempts")],

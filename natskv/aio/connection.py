@@ -185,6 +185,9 @@ class Connection:
         # Called on the loop thread after every reconnect (watch consumers resume through this).
         self.on_reconnect: list[Callable[[], Any]] = []
         self.on_disconnect: list[Callable[[], Any]] = []
+        # Called on the loop thread with the error once nats-py closed the connection for good
+        # (watch feeds hand it to their watchers and replicas).
+        self.on_closed: list[Callable[[NatsKVError], Any]] = []
         # Watch feeds shared by the watchers of this connection, by (stream, filter, policy).
         self.feeds: dict[tuple[str, str, str], Any] = {}
         # By replicated stream: the highest revision this connection wrote; a read answered by a
@@ -355,6 +358,11 @@ class Connection:
             log.error("natskv: %s", error)
             self.mux.refused = None  # "natskv keeps reconnecting" is over: the closed error says why
             self.mux.close(error)
+            for cb in list(self.on_closed):
+                try:
+                    cb(error)
+                except Exception:  # noqa: BLE001
+                    log.exception("natskv: error in a connection-closed handler")
 
     def _closed_error(self) -> NatsKVError:
         nc = self.nc

@@ -412,7 +412,7 @@ class Multiplexer:
         finally:
             self._waiting.discard(waiter)
         if waiter.error is not None:
-            raise _fresh(waiter.error)
+            raise fresh_error(waiter.error)
         return completed
 
     def _refusal(self) -> BaseException:
@@ -420,7 +420,7 @@ class Multiplexer:
         error = self.refused or self._closed_error
         if error is None:
             return NotConnectedError("the client is closed; create a new one with natskv.connect()")
-        return _fresh(error)
+        return fresh_error(error)
 
     def send(self, command: bytes, msgs: int = 1, payload_bytes: int = 0) -> None:
         """Queue an encoded protocol command (``msgs`` messages carrying ``payload_bytes`` of
@@ -567,7 +567,7 @@ class Multiplexer:
         """The error of a request on ``subject`` that got no reply within ``timeout`` seconds,
         naming why when natskv knows (the client closed, the connection down)."""
         if self.closed:
-            return _fresh(self._closed_error) if self._closed_error else NotConnectedError(
+            return fresh_error(self._closed_error) if self._closed_error else NotConnectedError(
                 "the client was closed while this call waited for its reply"
             )
         if not self._nc.is_connected:
@@ -591,7 +591,7 @@ def encode_command(subject: str, reply: str, payload: bytes, headers: dict[str, 
         raise InvalidArgumentError(f"cannot send a message to {_short(subject)}: {exc}") from exc
 
 
-def _fresh(error: BaseException) -> BaseException:
+def fresh_error(error: BaseException) -> BaseException:
     """A copy of a stored error to raise: one instance raised by call after call would collect
     every call's traceback (and be shared between threads). The errors stored here
     (NotConnectedError, AuthenticationError, PermissionDeniedError) are made of one message."""

@@ -17,7 +17,7 @@ from typing import Any
 from natskv._speedups import core
 from natskv.aio.connection import Connection
 from natskv.aio.kv import NANOS, KVProtocol, RawEntry, entry_from_headers
-from natskv.aio.mux import parse_reply_headers, status_of
+from natskv.aio.mux import fresh_error, parse_reply_headers, status_of
 from natskv.errors import BucketNotFoundError, NatsKVError, NatsKVTimeoutError
 
 log = logging.getLogger("natskv")
@@ -42,6 +42,21 @@ class InitialDone:
 
 
 INITIAL_DONE = InitialDone()
+
+
+class FeedClosed:
+    """Last event of a feed whose connection nats-py closed for good: ``error`` says why.
+
+    Nothing more will be delivered; watchers raise (or report) it, replicas refuse reads with it.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: NatsKVError) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"FeedClosed({self.error!r})"
 
 
 class ConsumerFeed:
@@ -85,6 +100,7 @@ class ConsumerFeed:
         self._inbox = self.conn.nc.new_inbox()
         self._sid = await self.conn.mux.subscribe(self._inbox, self._on_message)
         self.conn.on_reconnect.append(self._on_reconnect)
+        self.conn.on_closed.append(self._on_closed)
         await self._create_consumer()
         # A refused SUB is answered (with -ERR) before the consumer's create request.
         denied = self.conn.subscription_denied(self._inbox)
@@ -102,6 +118,8 @@ class ConsumerFeed:
             self._watchdog.cancel()
         if self._on_reconnect in self.conn.on_reconnect:
             self.conn.on_reconnect.remove(self._on_reconnect)
+        if self._on_closed in self.conn.on_closed:
+            self.conn.on_closed.remove(self._on_closed)
         assert self.conn.mux is not None
         if self._sid is not None:
             await self.conn.mux.unsubscribe(self._sid)
@@ -218,6 +236,18 @@ class ConsumerFeed:
     def _on_reconnect(self) -> None:
         self._reset("reconnected")
 
+    def _on_closed(self, error: NatsKVError) -> None:
+        # The connection will not come back: no consumer can be recreated, so say so once
+        # instead of leaving the subscribers waiting in silence.
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._on_reconnect in self.conn.on_reconnect:
+            self.conn.on_reconnect.remove(self._on_reconnect)
+        self.sink(FeedClosed(error))
+
     def _reset(self, why: str) -> None:
         if self._stopped or self._resetting:
             return
@@ -288,9 +318,13 @@ async def snapshot(
     """
     out: list[RawEntry] = []
     done = asyncio.Event()
+    closed: list[NatsKVError] = []
 
     def sink(event: Any) -> None:
         if event is INITIAL_DONE:
+            done.set()
+        elif type(event) is FeedClosed:
+            closed.append(event.error)
             done.set()
         else:
             out.append(event)
@@ -301,6 +335,8 @@ async def snapshot(
         await asyncio.wait_for(done.wait(), timeout)
     finally:
         await feed.stop()
+    if closed:
+        raise fresh_error(closed[0])
     return out
 
 
@@ -333,6 +369,13 @@ class SharedFeed:
         self.feed = ConsumerFeed(conn, proto, filter_subject, self._fan_out, deliver_policy=policy)
 
     def _fan_out(self, event: Any) -> None:
+        if type(event) is FeedClosed:
+            conn = self.feed.conn
+            if conn.feeds.get(self.key) is self:
+                del conn.feeds[self.key]
+            for sub in self.subscribers:
+                sub.sink(event)
+            return
         if event is INITIAL_DONE:
             if self.state is not None and not self.initial_done:
                 # Check the initial values against a snapshot before declaring them complete.
