@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._runner import check_timeout, loop_name, runner
 from natskv.aio.connection import API_LEVEL_ATOMIC, Connection
-from natskv.aio.kv import KVProtocol, counter_add, validate_bucket_name
+from natskv.aio.kv import KVProtocol, counter_add, status_of, validate_bucket_name
 from natskv.aio.watch import stop_feeds_of
 from natskv.codec import Codec, get_codec
 from natskv.config import ConnectOptions
@@ -25,6 +25,7 @@ from natskv.errors import (
     BucketNotFoundError,
     InvalidArgumentError,
     JetStreamError,
+    NoRespondersError,
     NotConnectedError,
     PayloadTooLargeError,
     RevisionMismatchError,
@@ -334,14 +335,14 @@ class Client:
     def publish(self, subject: str, data: bytes = b"", *, headers: dict[str, str] | None = None) -> None:
         """Publish a plain NATS message (fire and forget).
 
-        Raises :class:`InvalidArgumentError` for a subject or headers NATS cannot carry (a
-        subject longer than the server's 4096-byte protocol line, whitespace) and
-        :class:`PayloadTooLargeError` above the server's max payload, before sending: the
-        server would close the connection.
+        Raises :class:`InvalidArgumentError` for a subject or headers NATS cannot carry (empty,
+        whitespace, an empty token as in ``"a..b"``, a wildcard token, longer than the server's
+        4096-byte protocol line) or data that is not bytes, and :class:`PayloadTooLargeError`
+        above the server's max payload, before sending: the server would close the connection.
         """
         self._check()
         assert self._conn.mux is not None
-        data = bytes(data)
+        data = _outgoing(subject, data)
         self._check_size(data, headers)
         self._conn.mux.publish(subject, data, headers)
 
@@ -349,13 +350,16 @@ class Client:
         self, subject: str, data: bytes = b"", *, headers: dict[str, str] | None = None, timeout: float | None = None
     ) -> bytes:
         """Send a plain NATS request and return the reply's payload. Checks its arguments as
-        :meth:`publish` does."""
+        :meth:`publish` does; raises :class:`NoRespondersError` when nothing subscribes to
+        ``subject``."""
         self._check()
         runner.check_not_loop_thread()
         assert self._conn.mux is not None
-        data = bytes(data)
+        data = _outgoing(subject, data)
         self._check_size(data, headers)
         reply = self._conn.mux.request(subject, data, headers, timeout if timeout is not None else self.options.request_timeout)
+        if not reply[0] and status_of(reply[1]) == 503:
+            raise NoRespondersError(f"no subscriber answers requests on {subject!r}; start the responder or check the subject")
         return reply[0]
 
     def _check_size(self, data: bytes, headers: dict[str, str] | None) -> None:
@@ -448,6 +452,22 @@ def _close_dropped(conn: Connection, pid: int) -> None:
     if conn.mux is not None:
         conn.mux.close()
     runner.start_soon(conn.close, False)
+
+
+def _outgoing(subject: Any, data: Any) -> bytes:
+    """The payload of a plain publish or request, after the checks the protocol encoder does
+    not make: a message to a wildcard or an empty token would be refused or misrouted."""
+    if not isinstance(subject, str) or not subject:
+        raise InvalidArgumentError(f"a subject is a non-empty str, not {subject!r}")
+    tokens = subject.split(".")
+    if "" in tokens:
+        raise InvalidArgumentError(f"subject {subject!r} has an empty token: no leading, trailing or doubled '.'")
+    if "*" in tokens or ">" in tokens:
+        raise InvalidArgumentError(f"subject {subject!r} holds a wildcard: messages go to one literal subject")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        hint = " (encode a str with .encode())" if isinstance(data, str) else ""
+        raise InvalidArgumentError(f"data must be bytes, not {type(data).__name__}{hint}")
+    return bytes(data)
 
 
 def connect(

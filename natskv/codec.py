@@ -8,6 +8,7 @@ returned as ``bytes`` when they are not JSON.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import orjson
@@ -39,18 +40,60 @@ class JSONCodec:
 
     def encode(self, value: Any) -> bytes:
         try:
-            return orjson.dumps(value, option=self._options)
+            payload = orjson.dumps(value, option=self._options)
         except TypeError as exc:
             raise SerializationError(
                 f"cannot store a value of type {type(value).__name__} as JSON ({exc}); "
                 "convert it to JSON types, pass bytes, or give the bucket another codec"
             ) from exc
+        # orjson writes NaN and infinities as null, which would read back as None. Only a
+        # payload holding a null can hide one, so the common case pays for one byte search.
+        if b"null" in payload:
+            where = non_finite_path(value)
+            if where is not None:
+                raise SerializationError(
+                    f"cannot store {where[1]!r} at {where[0]} as JSON (it has no NaN or infinity); "
+                    "store None, a string, or a finite number instead"
+                )
+        return payload
 
     def decode(self, data: bytes) -> Any:
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
             return data  # not written as JSON (another client): hand back the bytes
+
+
+def non_finite_path(value: Any, path: str = "value", depth: int = 0) -> tuple[str, float] | None:
+    """``(where, number)`` of the first NaN or infinity inside a JSON-able value, or None.
+
+    Looks where orjson looks: dict keys and values, lists, tuples, dataclass fields and numpy
+    arrays or scalars (through ``tolist()``). Deeper than orjson's own nesting limit is left to it.
+    """
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if depth > 256 or isinstance(value, (str, int, bytes, type(None))):
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, float) and not math.isfinite(k):
+                return f"{path} (a key)", k
+            found = non_finite_path(v, f"{path}[{k!r}]", depth + 1)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = non_finite_path(v, f"{path}[{i}]", depth + 1)
+            if found is not None:
+                return found
+        return None
+    fields = getattr(type(value), "__dataclass_fields__", None)
+    if fields is not None:
+        return non_finite_path({name: getattr(value, name) for name in fields}, path, depth)
+    if hasattr(value, "dtype") and callable(getattr(value, "tolist", None)):
+        return non_finite_path(value.tolist(), path, depth)
+    return None
 
 
 class BytesCodec:

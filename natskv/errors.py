@@ -152,6 +152,13 @@ class FeatureNotSupportedError(NatsKVError, NotImplementedError):
         super().__init__(f"{feature} needs nats-server {needs} or newer{running}; upgrade the server")
 
 
+class NoRespondersError(NatsKVError, LookupError):
+    """A request reached no subscriber: nothing listens on its subject (the server said so at once).
+
+    Start the service that should answer, or check the subject's spelling.
+    """
+
+
 class BucketNotFoundError(NatsKVError, LookupError):
     """The bucket does not exist. ``Client.bucket(name)`` creates it unless ``create=False``."""
 
@@ -191,6 +198,7 @@ __all__ = [
     "KeyNotFoundError",
     "NatsKVError",
     "NatsKVTimeoutError",
+    "NoRespondersError",
     "NotConnectedError",
     "PayloadTooLargeError",
     "PermissionDeniedError",

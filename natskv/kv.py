@@ -18,7 +18,7 @@ from natskv._runner import check_timeout, runner
 from natskv._speedups import core
 from natskv.aio.kv import CAS_ERROR_CODES, KVProtocol, RawEntry, ttl_header
 from natskv.aio.watch import snapshot
-from natskv.codec import RAW_HEADER, Codec, JSONCodec, get_codec
+from natskv.codec import RAW_HEADER, Codec, JSONCodec, get_codec, non_finite_path
 from natskv.errors import (
     InvalidArgumentError,
     InvalidKeyError,
@@ -189,6 +189,8 @@ class Bucket:
     def entry(self, key: str, *, revision: int | None = None, timeout: float | None = None) -> Entry | None:
         """The latest :class:`Entry` of ``key`` (or the one at ``revision``), None when absent."""
         enc = self._key(key)
+        if revision is not None and _check_revision(revision) < 1:
+            raise InvalidArgumentError("revision must be at least 1 (revisions start at 1), not 0")
         t = self._t(timeout)
         raw = self._proto.get(enc, t) if revision is None else self._proto.get_revision(enc, revision, t)
         if raw is None or (revision is None and raw.operation != "PUT"):
@@ -197,7 +199,7 @@ class Bucket:
 
     def get_many(self, keys: Iterable[str], *, timeout: float | None = None) -> dict[str, Any]:
         """Values of many keys in batch requests (1024 keys per round trip). Absent keys are left out."""
-        keys = list(keys)
+        keys = _key_list(keys, "get_many")
         if not keys:
             return {}
         by_subject = {self._proto.subject_prefix + self._key(k): k for k in keys}
@@ -261,8 +263,18 @@ class Bucket:
         Example: ``kv.find(where={"age": {"$gte": 18}}, pattern="user:*")``. Supported operators:
         ``$eq $ne $gt $gte $lt $lte $in $nin $contains $startswith $endswith $regex $exists $and
         $or $not``; dotted names reach into nested objects. The filter is compiled (and checked)
-        before anything is read.
+        before anything is read. ``$regex`` uses RE2 syntax and runs in linear time (see
+        :meth:`keys`).
         """
+        if where is not None and not isinstance(where, Mapping):
+            raise InvalidArgumentError(
+                f"where= takes a dict such as {{'age': {{'$gte': 18}}}}, not {type(where).__name__} ({where!r})"
+            )
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidArgumentError(f"limit must be None or an int >= 0, not {limit!r}")
+        non_finite = non_finite_path(dict(where or {}), "where")
+        if non_finite is not None:
+            raise InvalidArgumentError(f"{non_finite[0]} is {non_finite[1]!r}: no stored value can equal or compare to it")
         try:
             flt = core.compile_filter(dict(where or {}))
         except ValueError as exc:
@@ -384,6 +396,10 @@ class Bucket:
         Not atomic (see :meth:`commit`): if some writes fail, the others are still stored and the
         first error is raised after all acknowledgements are in.
         """
+        if not isinstance(mapping, Mapping):
+            raise InvalidArgumentError(
+                f"set_many takes a mapping of key -> value (e.g. a dict), not {type(mapping).__name__}"
+            )
         items = [(k, self._key(k), *self._encode(v, ttl)) for k, v in mapping.items()]
         results = self._proto.put_many([(enc, p, h) for _, enc, p, h in items], self._t(timeout))
         out: dict[str, int] = {}
@@ -402,12 +418,13 @@ class Bucket:
         rejected with :class:`RevisionMismatchError` / :class:`KeyExistsError` and nothing is stored.
         Returns the revision of the last write. Keys must be distinct.
         """
+        if isinstance(ops, (str, bytes, Mapping)) or not isinstance(ops, Iterable):
+            raise InvalidArgumentError(f"commit takes a list of operation tuples, not {type(ops).__name__}")
         items: list[tuple[str, bytes, dict[str, str]]] = []
         seen: set[str] = set()
         checks: dict[str, tuple[str, int]] = {}
         for op in ops:
-            if not op or op[0] not in ("set", "create", "update", "delete"):
-                raise InvalidArgumentError(f"unknown commit operation {op!r}; use set, create, update or delete")
+            _check_op(op)
             kind, key = op[0], op[1]
             enc = self._key(key)
             if enc in seen:
@@ -562,7 +579,35 @@ class Bucket:
         return iter(self.keys())
 
 
+_OP_SHAPES = {
+    "set": ((3,), "('set', key, value)"),
+    "create": ((3,), "('create', key, value)"),
+    "update": ((4,), "('update', key, value, revision)"),
+    "delete": ((2, 3), "('delete', key) or ('delete', key, revision)"),
+}
+
+
+def _check_op(op: Any) -> None:
+    """A commit operation has a known kind and that kind's number of items."""
+    if not isinstance(op, (tuple, list)) or not op or not isinstance(op[0], str) or op[0] not in _OP_SHAPES:
+        raise InvalidArgumentError(
+            f"unknown commit operation {op!r}; use a tuple {', '.join(form for _, form in _OP_SHAPES.values())}"
+        )
+    sizes, form = _OP_SHAPES[op[0]]
+    if len(op) not in sizes:
+        raise InvalidArgumentError(f"commit operation {op!r} has {len(op)} items; write it as {form}")
+
+
+def _key_list(keys: Any, call: str) -> list[Any]:
+    """``keys`` as a list; a lone str (or bytes) is refused rather than read as its characters."""
+    if isinstance(keys, (str, bytes, bytearray)) or not isinstance(keys, Iterable):
+        raise InvalidArgumentError(
+            f"{call} takes a list of keys, not {type(keys).__name__} ({keys!r}); for one key write [{keys!r}]"
+        )
+    return list(keys)
+
+
 def _check_revision(revision: Any) -> int:
-    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
-        raise InvalidArgumentError(f"revision must be a non-negative int, not {revision!r}")
+    if isinstance(revision, bool) or not isinstance(revision, int) or not 0 <= revision < 2**64:
+        raise InvalidArgumentError(f"revision must be an int from 0 to 2**64-1 (a stream sequence), not {revision!r}")
     return revision

@@ -74,12 +74,23 @@ def validate_bucket_name(name: str) -> None:
         )
 
 
+# The server keeps expiry times as int64 nanoseconds since 1970: a Nats-TTL past the year 2262
+# overflows, and the server then stores the key and expires it at once (seen on 2.15 from about
+# 7.5e9 s). A bucket's max_age is an int64 of nanoseconds too. A century is far inside both.
+MAX_TTL = 100 * 365 * 86400
+
+
 def ttl_header(ttl: float | None) -> str | None:
     """The ``Nats-TTL`` value for a per-key TTL in seconds (whole seconds, at least 1)."""
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl <= 0:
         raise InvalidArgumentError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    if ttl > MAX_TTL:
+        raise InvalidArgumentError(
+            f"ttl={ttl!r} is longer than natskv's limit of {MAX_TTL} s (100 years), beyond which the "
+            "server's expiry time overflows; pass ttl=None for values that never expire"
+        )
     seconds = int(ttl) if float(ttl).is_integer() else int(ttl) + 1
     return f"{max(seconds, 1)}s"
 
@@ -849,4 +860,7 @@ class KVProtocol:
         return JetStreamError(desc or f"unexpected status {status}", code=status)
 
 
-__all__ = ["KVProtocol", "RawEntry", "counter_add", "publish_resending", "request_retrying_on_503", "status_of", "validate_bucket_name", "ttl_header"]
+__all__ = [
+    "MAX_TTL", "KVProtocol", "RawEntry", "counter_add", "publish_resending", "request_retrying_on_503", "status_of",
+    "validate_bucket_name", "ttl_header",
+]

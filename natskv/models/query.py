@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from natskv._speedups import core
+from natskv.codec import non_finite_path
 from natskv.errors import InvalidArgumentError
 from natskv.models.fields import Field
 
@@ -45,6 +46,13 @@ def compile_where(fields: Mapping[str, Field], where: Mapping[str, Any] | None, 
     Lookups on the same field merge into one operator dict (``age__gte=1, age__lt=9`` becomes
     ``{"age": {"$gte": 1, "$lt": 9}}``), so the planner sees one range, not two half-open ones.
     """
+    if where is not None and not isinstance(where, Mapping):
+        raise InvalidArgumentError(
+            f"where= takes a dict such as {{'age': {{'$gte': 18}}}}, not {type(where).__name__} ({where!r})"
+        )
+    non_finite = non_finite_path([dict(where or {}), dict(lookups)], "query")
+    if non_finite is not None:
+        raise InvalidArgumentError(f"{non_finite[0]} is {non_finite[1]!r}: no stored value can equal or compare to it")
     clauses: list[dict[str, Any]] = []
     merged: dict[str, dict[str, Any]] = {}
     if where:
