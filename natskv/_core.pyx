@@ -14,6 +14,8 @@ built, so it is safe to share between threads (also on free-threaded Python). Im
 import re
 import uuid
 
+from natskv._regex import compile_linear
+
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -620,7 +622,7 @@ cdef class Pattern:
     cdef readonly str sep
     cdef readonly str filter
     cdef readonly bint exact
-    cdef object _search         # re.Pattern.search for a regex pattern, else None
+    cdef object _search         # LinearRegex.matches for a regex pattern, else None
     cdef Py_UCS4 _sep
     cdef GOp* _ops
     cdef Py_ssize_t _nops
@@ -635,7 +637,7 @@ cdef class Pattern:
         if isinstance(pattern, re.Pattern):
             if not isinstance(pattern.pattern, str):
                 raise TypeError("a bytes regular expression cannot match str keys; use a str one")
-            self._search = pattern.search
+            self._search = compile_linear(pattern).matches
             self.filter = ">"
             self.exact = False
             return
@@ -702,7 +704,7 @@ cdef class Pattern:
         if not isinstance(key, str):
             raise TypeError(f"key must be str, not {type(key).__name__}")
         if self._search is not None:
-            return self._search(key) is not None
+            return self._search(key)
         return self._match_chars(PyUnicode_KIND(key), PyUnicode_DATA(key), len(<str>key))
 
     def match(self, key):
@@ -731,7 +733,7 @@ cdef class Pattern:
                 return False
             if self._search is not None:
                 key = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out, length)
-                return self._search(key) is not None
+                return self._search(key)
             return self._match_chars(PyUnicode_4BYTE_KIND, out, length)
         finally:
             if out != out_stack:
@@ -1372,10 +1374,10 @@ cdef class _Regex(_Cond):
     cdef object search
 
     def __init__(self, regex):
-        self.search = regex.search
+        self.search = regex.matches
 
     cdef bint test(self, object value, bint present) except -1:
-        return present and isinstance(value, str) and self.search(value) is not None
+        return present and isinstance(value, str) and self.search(value)
 
 
 cdef class _Exists(_Cond):
@@ -1535,13 +1537,12 @@ cdef object _compile_regex(object arg, str path):
     if isinstance(arg, re.Pattern):
         if not isinstance(arg.pattern, str):
             raise _filter_error(path, "$regex needs a str pattern, got a bytes pattern")
-        return arg
-    if not isinstance(arg, str):
+    elif not isinstance(arg, str):
         raise _filter_error(path, f"$regex needs a string, got {type(arg).__name__}")
     try:
-        return re.compile(arg)
-    except re.error as exc:
-        raise _filter_error(path, f"bad regular expression {arg!r}: {exc}") from None
+        return compile_linear(arg)
+    except ValueError as exc:
+        raise _filter_error(path, str(exc)) from None
 
 
 cdef list _compile_conds(object spec, str path, int depth):

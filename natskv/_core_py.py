@@ -30,6 +30,8 @@ from typing import Any
 
 from sortedcontainers import SortedKeyList, SortedList
 
+from natskv._regex import LinearRegex, compile_linear
+
 __all__ = [
     "Filter",
     "IndexSet",
@@ -303,6 +305,40 @@ def _parse_glob(pattern: str) -> list[_Element]:
     return elements
 
 
+def _glob_segments(elements: list[_Element]) -> list[tuple[re.Pattern[str], int]]:
+    """The glob cut at its stars: each star-free run as ``(regex, length)`` (a run may be empty).
+
+    Every element but a star matches exactly one character, so each run has a fixed length and
+    its regex has no repetition: searching for it is linear. ``_glob_match`` places the runs
+    leftmost first, which finds a match whenever there is one, in O(len(key) * len(glob)) like
+    the compiled core's matcher (a regex with ``.*`` per star can take exponential time).
+    """
+    runs: list[list[_Element]] = [[]]
+    for element in elements:
+        if element is _STAR:
+            runs.append([])
+        else:
+            runs[-1].append(element)
+    return [(_glob_regex(run), len(run)) for run in runs]
+
+
+def _glob_match(segments: list[tuple[re.Pattern[str], int]], key: str) -> bool:
+    first, first_len = segments[0]
+    if len(segments) == 1:
+        return first.fullmatch(key) is not None
+    last, last_len = segments[-1]
+    end = len(key) - last_len
+    if end < first_len or first.match(key) is None or last.match(key, end) is None:
+        return False
+    pos = first_len
+    for regex, _ in segments[1:-1]:
+        found = regex.search(key, pos, end)
+        if found is None:
+            return False
+        pos = found.end()
+    return True
+
+
 def _glob_regex(elements: list[_Element]) -> re.Pattern[str]:
     parts = []
     for element in elements:
@@ -358,24 +394,23 @@ class Pattern:
     thread-safe.
     """
 
-    __slots__ = ("_exact", "_filter", "_pattern", "_regex", "_search", "_sep")
+    __slots__ = ("_exact", "_filter", "_pattern", "_regex", "_segments", "_sep")
 
     def __init__(self, pattern: str | re.Pattern[str], sep: str = ":") -> None:
         _check_sep(sep)
         self._pattern = pattern
         self._sep = sep
+        self._regex: LinearRegex | None = None
         if isinstance(pattern, re.Pattern):
             if not isinstance(pattern.pattern, str):
                 raise TypeError("a bytes regular expression cannot match str keys; use a str one")
-            self._regex = pattern
+            self._regex = compile_linear(pattern)
             self._filter = ">"
             self._exact = False
-            self._search = True
         elif isinstance(pattern, str):
             elements = _parse_glob(pattern)
-            self._regex = _glob_regex(elements)
+            self._segments = _glob_segments(elements)
             self._filter, self._exact = _glob_filter(elements, sep)
-            self._search = False
         else:
             raise TypeError(f"pattern must be str or re.Pattern, not {type(pattern).__name__}")
 
@@ -405,9 +440,9 @@ class Pattern:
         """True if the decoded ``key`` matches. Raises TypeError for a non-str key."""
         if not isinstance(key, str):
             raise TypeError(f"key must be str, not {type(key).__name__}")
-        if self._search:
-            return self._regex.search(key) is not None
-        return self._regex.fullmatch(key) is not None
+        if self._regex is not None:
+            return self._regex.matches(key)
+        return _glob_match(self._segments, key)
 
     def match_encoded(self, encoded: str) -> bool:
         """True if the encoded key matches; False if ``encoded`` is not a valid encoded key."""
@@ -805,11 +840,11 @@ class _EndsWith(_Cond):
 class _Regex(_Cond):
     __slots__ = ("regex",)
 
-    def __init__(self, regex: re.Pattern[str]) -> None:
+    def __init__(self, regex: LinearRegex) -> None:
         self.regex = regex
 
     def test(self, value: Any, present: bool) -> bool:
-        return present and isinstance(value, str) and self.regex.search(value) is not None
+        return present and isinstance(value, str) and self.regex.matches(value)
 
 
 class _Exists(_Cond):
@@ -940,17 +975,16 @@ def _compile_op(op: object, arg: Any, path: str, depth: int) -> _Cond:
     raise _filter_error(path, f"unknown operator {op!r}")
 
 
-def _compile_regex(arg: object, path: str) -> re.Pattern[str]:
+def _compile_regex(arg: object, path: str) -> LinearRegex:
     if isinstance(arg, re.Pattern):
         if not isinstance(arg.pattern, str):
             raise _filter_error(path, "$regex needs a str pattern, got a bytes pattern")
-        return arg
-    if not isinstance(arg, str):
+    elif not isinstance(arg, str):
         raise _filter_error(path, f"$regex needs a string, got {type(arg).__name__}")
     try:
-        return re.compile(arg)
-    except re.error as exc:
-        raise _filter_error(path, f"bad regular expression {arg!r}: {exc}") from None
+        return compile_linear(arg)
+    except ValueError as exc:
+        raise _filter_error(path, str(exc)) from None
 
 
 def _compile_conds(spec: Any, path: str, depth: int) -> list[_Cond]:
