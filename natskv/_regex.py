@@ -23,6 +23,8 @@ except ImportError:  # no wheel for this platform: regexes are refused, never ru
 # default for str patterns; re.ASCII only narrows \w & co., which RE2 keeps ASCII anyway).
 _FLAGS = {re.IGNORECASE: "i", re.MULTILINE: "m", re.DOTALL: "s"}
 _IGNORED_FLAGS = re.UNICODE | re.ASCII
+# A lone surrogate has no UTF-8 form: it is matched as one U+FFFD, one character for one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class LinearRegex:
@@ -61,7 +63,7 @@ class LinearRegex:
         try:
             return self._match(text) is not None
         except UnicodeEncodeError:  # lone surrogates (keys may hold any str): RE2 reads UTF-8
-            return self._match(text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")) is not None
+            return self._match(_SURROGATE.sub("\ufffd", text)) is not None
 
     def __repr__(self) -> str:
         return f"LinearRegex({self.source!r})"

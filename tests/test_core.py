@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -461,6 +462,152 @@ def test_pattern_parity(c_core: ModuleType, py_core: ModuleType, case: tuple[str
         )
 
     assert outcome(describe, c_core) == outcome(describe, py_core)
+
+
+def _glob_oracle(py_core: ModuleType, pattern: str) -> re.Pattern[str]:
+    """The glob as one backtracking regex: right by construction, exponential on hostile input."""
+    return py_core._glob_regex(py_core._parse_glob(pattern))
+
+
+STAR_HEAVY = st.lists(st.sampled_from(["*", "a", "b", "?", "[ab]", "[^a]", "é", ":"]), max_size=12).map("".join)
+
+
+@settings(max_examples=400)
+@given(
+    pattern=st.one_of(STAR_HEAVY, PATTERNS),
+    key=st.text(alphabet="ab:é", max_size=24),
+    sep=st.sampled_from([":", ""]),
+)
+def test_glob_matchers_agree_with_the_regex_oracle(
+    c_core: ModuleType, py_core: ModuleType, pattern: str, key: str, sep: str
+) -> None:
+    expected = _glob_oracle(py_core, pattern).fullmatch(key) is not None
+    for module in (c_core, py_core):
+        compiled = module.compile_pattern(pattern, sep)
+        assert compiled.match(key) is expected, (module.__name__, pattern, key)
+        assert compiled.match_encoded(module.encode_key(key, sep)) is expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key"),
+    [
+        ("*a" * 30 + "*b", "a" * 3000),  # the classic: every star retried at every position
+        ("*a?" * 20 + "*[b]", "a" * 3000),
+        ("a*" * 25 + "b", "a" * 2999),
+        ("*" + "?" * 50 + "*b", "é" * 3000),
+    ],
+)
+def test_hostile_globs_are_linear(core: ModuleType, pattern: str, key: str) -> None:
+    compiled = core.compile_pattern(pattern)
+    started = time.perf_counter()
+    for _ in range(5):
+        assert compiled.match(key) is False
+        assert compiled.match(key + "b") is True
+    assert time.perf_counter() - started < 1.0  # the pure core took 5.2 s for one of these before
+
+
+HOSTILE_REGEXES = [r"(a+)+$", r"(a|aa)+$", r"(a*)*b", r"^(\w+\s?)*$"]
+
+
+@pytest.mark.parametrize("regex", HOSTILE_REGEXES)
+def test_hostile_regexes_are_linear(core: ModuleType, regex: str) -> None:
+    text = "a" * 20000 + "!"
+    pattern = core.compile_pattern(re.compile(regex))
+    flt = core.compile_filter({"s": {"$regex": regex}})
+    started = time.perf_counter()
+    assert pattern.match(text) is False
+    assert pattern.match_encoded(core.encode_key(text[-2500:])) is False
+    assert flt.filter([{"s": text}] * 10) == []
+    assert time.perf_counter() - started < 1.0  # Python's re: longer than the universe's age
+
+
+def test_regex_matching_releases_the_gil(core: ModuleType) -> None:
+    """Another thread keeps running while a long match is in progress."""
+    import threading
+
+    text = "ab" * 2_000_000 + "!"
+    flt = core.compile_filter({"s": {"$regex": r"(a|b|ab)+$"}})
+    ticks = [0]
+    stop = threading.Event()
+
+    def ticker() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        time.sleep(0.01)
+        before = ticks[0]
+        started = time.perf_counter()
+        matched = flt.filter([{"s": text}] * 20)
+        elapsed = time.perf_counter() - started
+        ran = ticks[0] - before
+    finally:
+        stop.set()
+        thread.join()
+    assert matched == []
+    assert elapsed < 10
+    assert ran >= elapsed / 0.0005 / 20, (ran, elapsed)  # the ticker was not starved meanwhile
+
+
+@pytest.mark.parametrize(
+    ("regex", "reason"),
+    [(r"(a)\1", "invalid escape sequence"), (r"(?<=a)b", "invalid perl operator"), (r"a(?!b)", "invalid perl operator")],
+)
+def test_regexes_re2_cannot_run_are_refused(core: ModuleType, regex: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=rf"invalid filter at 's.\$regex': bad regular expression .*{reason}.*RE2"):
+        core.compile_filter({"s": {"$regex": regex}})
+    with pytest.raises(ValueError, match=reason):
+        core.compile_pattern(re.compile(regex))
+
+
+def test_regex_pattern_flags(core: ModuleType) -> None:
+    assert core.compile_pattern(re.compile("^USER", re.IGNORECASE)).match("user:1")
+    assert core.compile_pattern(re.compile("^b", re.MULTILINE)).match("a\nb")
+    assert not core.compile_pattern(re.compile("a.b")).match("a\nb")
+    assert core.compile_pattern(re.compile("a.b", re.DOTALL)).match("a\nb")
+    assert core.compile_pattern(re.compile("\\d", re.ASCII)).match("x1")
+    with pytest.raises(ValueError, match="RE2 cannot honour"):
+        core.compile_pattern(re.compile("a  b", re.VERBOSE))
+    flt = core.compile_filter({"s": {"$regex": re.compile("^é", re.IGNORECASE)}})
+    assert flt.filter([{"s": "Été"}, {"s": "ete"}]) == [0]
+
+
+def test_regex_matches_text_with_lone_surrogates(core: ModuleType) -> None:
+    """RE2 reads UTF-8, which has no lone surrogates (a str-codec value may hold one): each is
+    matched as one U+FFFD."""
+    pattern = core.compile_pattern(re.compile("^a.b$"))
+    assert pattern.match("a\ud800b")
+    assert not pattern.match("a\ud800\ud800b")
+    flt = core.compile_filter({"s": {"$regex": "^a.b$"}})
+    assert flt.filter([{"s": "a\udfffb"}, {"s": "a\udfff"}]) == [0]
+
+
+REGEX_PIECES = st.sampled_from(["a", "b", ".", "*", "+", "?", "^", "$", "(a|b)", "[ab]", "[^a]", "\\d", "1", "(", ")", "|"])
+
+
+@settings(max_examples=300)
+@given(
+    regex=st.lists(REGEX_PIECES, max_size=7).map("".join),
+    texts=st.lists(st.text(alphabet="ab1.", max_size=10), max_size=4),
+)
+def test_regex_parity_and_python_agreement(c_core: ModuleType, py_core: ModuleType, regex: str, texts: list[str]) -> None:
+    """Both cores give the same answers and errors; where Python's re and RE2 both accept a
+    pattern, they agree on texts without newlines (the only place their ``$`` differs)."""
+    def describe(module: ModuleType) -> Any:
+        flt = module.compile_filter({"s": {"$regex": regex}})
+        return flt.filter([{"s": t} for t in texts])
+
+    result = outcome(describe, c_core)
+    assert result == outcome(describe, py_core)
+    if result[0] == "ok":
+        try:
+            python = re.compile(regex)
+        except re.error:
+            return
+        assert result[1] == [i for i, t in enumerate(texts) if python.search(t)]
 
 
 @given(pattern=st.text(alphabet="ab:[]^!-\\*?", max_size=8))
