@@ -64,35 +64,47 @@ class JSONCodec:
             return data  # not written as JSON (another client): hand back the bytes
 
 
-def non_finite_path(value: Any, path: str = "value", depth: int = 0) -> tuple[str, float] | None:
+def non_finite_path(value: Any, root: str = "value") -> tuple[str, float] | None:
     """``(where, number)`` of the first NaN or infinity inside a JSON-able value, or None.
 
     Looks where orjson looks: dict keys and values, lists, tuples, dataclass fields and numpy
-    arrays or scalars (through ``tolist()``). Deeper than orjson's own nesting limit is left to it.
+    arrays or scalars (through ``tolist()``). ``where`` reads like ``value['a'][0]``.
     """
-    if isinstance(value, float):
-        return None if math.isfinite(value) else (path, value)
-    if depth > 256 or isinstance(value, (str, int, bytes, type(None))):
+    found = _non_finite(value, 0)
+    if found is None:
         return None
+    number, steps = found
+    return root + "".join(reversed(steps)), number
+
+
+def _non_finite(value: Any, depth: int) -> tuple[float, list[str]] | None:
+    # The path is built only on the way out of a hit: a clean value costs no string work.
+    kind = type(value)
+    if kind is float or isinstance(value, float):
+        return None if math.isfinite(value) else (value, [])
+    if kind is str or kind is int or kind is bool or value is None or depth > 256:
+        return None  # deeper than orjson's own nesting limit: orjson refuses it
     if isinstance(value, dict):
         for k, v in value.items():
             if isinstance(k, float) and not math.isfinite(k):
-                return f"{path} (a key)", k
-            found = non_finite_path(v, f"{path}[{k!r}]", depth + 1)
+                return k, [" (a key)"]
+            found = _non_finite(v, depth + 1)
             if found is not None:
+                found[1].append(f"[{k!r}]")
                 return found
         return None
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            found = non_finite_path(v, f"{path}[{i}]", depth + 1)
+            found = _non_finite(v, depth + 1)
             if found is not None:
+                found[1].append(f"[{i}]")
                 return found
         return None
-    fields = getattr(type(value), "__dataclass_fields__", None)
+    fields = getattr(kind, "__dataclass_fields__", None)
     if fields is not None:
-        return non_finite_path({name: getattr(value, name) for name in fields}, path, depth)
+        return _non_finite({name: getattr(value, name) for name in fields}, depth)
     if hasattr(value, "dtype") and callable(getattr(value, "tolist", None)):
-        return non_finite_path(value.tolist(), path, depth)
+        return _non_finite(value.tolist(), depth)
     return None
 
 
