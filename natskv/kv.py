@@ -242,7 +242,9 @@ class Bucket:
         """Sorted keys matching a glob (``*``, ``?``, ``[abc]``, Redis KEYS rules) or compiled regex.
 
         The pattern's literal leading tokens become a server-side filter, so ``keys("user:*")``
-        reads only the ``user:`` keys.
+        reads only the ``user:`` keys. A ``re.Pattern`` is searched with RE2 (its IGNORECASE,
+        MULTILINE and DOTALL flags kept), in time linear in the key: no backreferences or
+        lookaround (:class:`InvalidKeyError` says so), and ``\\w \\d \\s`` are ASCII-only.
         """
         return [k for k, _ in self._latest(pattern, True, timeout)]
 
@@ -295,7 +297,10 @@ class Bucket:
 
         ``ttl`` (seconds) expires the key: once it passes the key is absent, whatever the bucket's
         history. A write with a ``ttl`` therefore drops the key's earlier revisions (the same
-        holds for the ``ttl`` of create, update, replace and set_many).
+        holds for the ``ttl`` of create, update, replace and set_many). ``ttl`` is 1 s to 100
+        years (rounded up to whole seconds). A value the codec cannot store (with the JSON codec:
+        NaN or an infinity anywhere in it, an unsupported type) raises :class:`SerializationError`
+        before anything is sent.
         """
         enc = self._key(key)
         payload, headers = self._encode(value, ttl)
