@@ -47,8 +47,9 @@ class JSONCodec:
                 "convert it to JSON types, pass bytes, or give the bucket another codec"
             ) from exc
         # orjson writes NaN and infinities as null, which would read back as None. Only a
-        # payload holding a null can hide one, so the common case pays for one byte search.
-        if b"null" in payload:
+        # payload holding a null can hide one, so the common case pays for one byte search
+        # (find, not `in`: on bytes, `in` first tries the needle as an int and pays for an error).
+        if payload.find(b"null") >= 0:
             where = non_finite_path(value)
             if where is not None:
                 raise SerializationError(
@@ -77,17 +78,23 @@ def non_finite_path(value: Any, root: str = "value") -> tuple[str, float] | None
     return root + "".join(reversed(steps)), number
 
 
+_PLAIN = frozenset({str, int, bool, type(None), bytes})  # types that can hold no float
+
+
 def _non_finite(value: Any, depth: int) -> tuple[float, list[str]] | None:
-    # The path is built only on the way out of a hit: a clean value costs no string work.
+    # The path is built only on the way out of a hit, and plain members are skipped without a
+    # call: a clean value costs one pass and no string work.
     kind = type(value)
     if kind is float or isinstance(value, float):
         return None if math.isfinite(value) else (value, [])
-    if kind is str or kind is int or kind is bool or value is None or depth > 256:
-        return None  # deeper than orjson's own nesting limit: orjson refuses it
+    if kind in _PLAIN or depth > 256:  # deeper than orjson's own nesting limit: orjson refuses it
+        return None
     if isinstance(value, dict):
         for k, v in value.items():
-            if isinstance(k, float) and not math.isfinite(k):
+            if type(k) is not str and isinstance(k, float) and not math.isfinite(k):
                 return k, [" (a key)"]
+            if type(v) in _PLAIN:
+                continue
             found = _non_finite(v, depth + 1)
             if found is not None:
                 found[1].append(f"[{k!r}]")
@@ -95,6 +102,8 @@ def _non_finite(value: Any, depth: int) -> tuple[float, list[str]] | None:
         return None
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
+            if type(v) in _PLAIN:
+                continue
             found = _non_finite(v, depth + 1)
             if found is not None:
                 found[1].append(f"[{i}]")
