@@ -50,9 +50,10 @@ def compile_where(fields: Mapping[str, Field], where: Mapping[str, Any] | None, 
         raise InvalidArgumentError(
             f"where= takes a dict such as {{'age': {{'$gte': 18}}}}, not {type(where).__name__} ({where!r})"
         )
-    non_finite = non_finite_path([dict(where or {}), dict(lookups)], "query")
-    if non_finite is not None:
-        raise InvalidArgumentError(f"{non_finite[0]} is {non_finite[1]!r}: no stored value can equal or compare to it")
+    for non_finite in (non_finite_path(dict(where or {}), "where"),
+                       *(non_finite_path(value, f"{name}=") for name, value in lookups.items())):
+        if non_finite is not None:
+            raise InvalidArgumentError(f"{non_finite[0]} is {non_finite[1]!r}: no stored value can equal or compare to it")
     clauses: list[dict[str, Any]] = []
     merged: dict[str, dict[str, Any]] = {}
     if where:
