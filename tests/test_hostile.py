@@ -21,7 +21,7 @@ from natskv.aio.kv import ttl_header
 from natskv.client import _outgoing
 
 SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 
 
@@ -201,3 +201,16 @@ def test_publish_and_request(db: natskv.Client, kv: natskv.Bucket, subject: Any,
             continue  # a valid message into the bucket: publishing there stores it, by design
         survives(kv, lambda: db.publish(target, data))
         survives(kv, lambda: db.request(target, data, timeout=0.5))
+
+
+@SETTINGS
+@given(pattern=PATTERNS)
+def test_watch_and_replica_patterns(kv: natskv.Bucket, pattern: Any) -> None:
+    def watch() -> None:
+        kv.watch(pattern, updates_only=True).stop()
+
+    def replica() -> None:
+        kv.replica(pattern).stop()
+
+    survives(kv, watch)
+    survives(kv, replica)
