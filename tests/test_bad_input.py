@@ -268,10 +268,10 @@ def test_key_patterns_must_be_str_or_regex(kv: natskv.Bucket, pattern: Any) -> N
 @pytest.mark.parametrize(
     ("subject", "message"),
     [
-        ("", "non-empty str without whitespace"),
-        ("a b", "without whitespace"),
-        ("a\tb", "without whitespace"),
-        ("a\r\nPUB x 1", "without whitespace"),
+        ("", "non-empty str"),
+        ("a b", "whitespace"),
+        ("a\tb", "whitespace"),
+        ("a\r\nPUB x 1", "whitespace"),
         (5, "non-empty str"),
         (None, "non-empty str"),
         ("a..b", "empty token"),
@@ -302,7 +302,7 @@ def test_publish_and_request_need_bytes(db: natskv.Client, kv: natskv.Bucket, da
 
 @pytest.mark.parametrize("headers", [{"a b": "x"}, {"": "x"}, {"a:": "x"}, {"a": "x\r\nB: y"}, {"a": 5}, [("a", "b")]])
 def test_publish_headers_are_checked(db: natskv.Client, kv: natskv.Bucket, headers: Any) -> None:
-    rejected(kv, lambda: db.publish(f"$KV.{kv.name}.k", b"x", headers=headers), InvalidArgumentError, "headers must be")
+    rejected(kv, lambda: db.publish(f"$KV.{kv.name}.k", b"x", headers=headers), InvalidArgumentError, "header")
 
 
 def test_publish_bytes_like_and_literal_tokens_still_work(db: natskv.Client, kv: natskv.Bucket) -> None:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import natskv
 from natskv.aio.kv import ttl_header
+from natskv.aio.mux import encode_command
 from natskv.client import _outgoing
 
 SETTINGS = settings(
@@ -89,7 +90,7 @@ FILTERS = st.recursive(
 BUCKET_NAMES = st.one_of(
     st.text(max_size=60),
     st.text(alphabet="aZ0_-", min_size=1, max_size=200),
-    st.sampled_from(["", "a.b", "a b", "*", ">", "KV_x", "a\x00"]),
+    st.sampled_from(["", "a.b", "a b", "*", ">", "KV_x", "a\x00", "x" * 251, "x" * 252, "x" * 5000]),
     NOT_STR,
 )
 
@@ -175,7 +176,8 @@ def _not_expiring_here(ttl: Any) -> Any:
 
 def _sendable(subject: Any, data: Any) -> bool:
     try:
-        _outgoing(subject, data, None)
+        _outgoing(subject, data)
+        encode_command(subject, "", b"", None)
     except natskv.NatsKVError:
         return False
     return True
