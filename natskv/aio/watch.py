@@ -109,17 +109,22 @@ class ConsumerFeed:
             raise denied
         self._arm_watchdog()
 
-    async def stop(self) -> None:
-        """Stop deliveries and delete the server consumer."""
+    def _halt(self) -> bool:
+        """Stop the watchdog and leave the connection's hooks; False when already stopped."""
         if self._stopped:
-            return
+            return False
         self._stopped = True
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._on_reconnect in self.conn.on_reconnect:
-            self.conn.on_reconnect.remove(self._on_reconnect)
-        if self._on_closed in self.conn.on_closed:
-            self.conn.on_closed.remove(self._on_closed)
+        for hooks, hook in ((self.conn.on_reconnect, self._on_reconnect), (self.conn.on_closed, self._on_closed)):
+            if hook in hooks:
+                hooks.remove(hook)
+        return True
+
+    async def stop(self) -> None:
+        """Stop deliveries and delete the server consumer."""
+        if not self._halt():
+            return
         assert self.conn.mux is not None
         if self._sid is not None:
             await self.conn.mux.unsubscribe(self._sid)
@@ -239,14 +244,8 @@ class ConsumerFeed:
     def _on_closed(self, error: NatsKVError) -> None:
         # The connection will not come back: no consumer can be recreated, so say so once
         # instead of leaving the subscribers waiting in silence.
-        if self._stopped:
-            return
-        self._stopped = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if self._on_reconnect in self.conn.on_reconnect:
-            self.conn.on_reconnect.remove(self._on_reconnect)
-        self.sink(FeedClosed(error))
+        if self._halt():
+            self.sink(FeedClosed(error))
 
     def _reset(self, why: str) -> None:
         if self._stopped or self._resetting:
