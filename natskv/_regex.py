@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 try:
-    import re2
+    import re2  # type: ignore[import-untyped]
 except ImportError:  # no wheel for this platform: regexes are refused, never run with backtracking
     re2 = None
 

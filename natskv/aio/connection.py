@@ -93,6 +93,8 @@ class _TLSTransport(TcpTransport):
             protocol.connection_lost(None)
             self._io_reader, self._io_writer = reader, asyncio.StreamWriter(plain, protocol, reader, loop)
             raise
+        if transport is None:  # the peer closed the connection during the handshake
+            raise ConnectionResetError("the server closed the connection during the TLS handshake")
         protocol.connection_made(transport)
         self._io_reader, self._io_writer = reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
@@ -366,7 +368,7 @@ class Connection:
 
     def _closed_error(self) -> NatsKVError:
         nc = self.nc
-        cause = nc.last_error if nc is not None else None
+        cause: BaseException | None = nc.last_error if nc is not None else None
         gave_up = ""
         if isinstance(cause, nats.errors.NoServersError):
             # nats-py gave up reconnecting; the attempts' own errors say why they failed.

@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._speedups import core
 from natskv.errors import InvalidArgumentError, NatsKVTimeoutError, NotConnectedError
@@ -46,6 +46,8 @@ _WRITE_BUFFER_HIGH = 1 << 20
 # nats-py versions whose private parser hook natskv knows (see Multiplexer._install_parser_hook).
 _HOOKED_NATS_VERSIONS = ("2.16.",)
 
+
+E = TypeVar("E", bound=BaseException)
 
 RawReply = tuple[bytes, "bytes | dict[str, str] | None", str]
 """(payload, headers, reply subject): headers are the raw header block, or a parsed dict when the
@@ -75,17 +77,16 @@ def parse_reply_headers(headers: bytes | dict[str, str] | None) -> tuple[int, st
     return core.parse_headers(headers)
 
 
-class Waiter:
-    """Waits for one reply. Delivered on the loop thread, waited on by a caller thread."""
+class _ThreadWaiter:
+    """What the waiters of caller threads share: a ``threading.Lock`` acquired twice (the
+    cheapest wait in CPython) and an error that wakes the thread instead of a reply."""
 
-    __slots__ = ("_lock", "reply", "error", "subject")
+    __slots__ = ("_lock", "error")
 
-    def __init__(self, subject: str = "") -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
-        self.reply: RawReply | None = None
         self.error: BaseException | None = None
-        self.subject = subject  # what the request was sent to (to match permission errors)
 
     def fail(self, error: BaseException) -> None:
         """Wake the waiting thread with ``error`` (the client was closed). Loop thread only, like
@@ -94,6 +95,20 @@ class Waiter:
             self.error = error
             self._lock.release()
 
+    def wait(self, timeout: float | None) -> bool:
+        return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))
+
+
+class Waiter(_ThreadWaiter):
+    """Waits for one reply. Delivered on the loop thread, waited on by a caller thread."""
+
+    __slots__ = ("reply", "subject")
+
+    def __init__(self, subject: str = "") -> None:
+        super().__init__()
+        self.reply: RawReply | None = None
+        self.subject = subject  # what the request was sent to (to match permission errors)
+
     def deliver(self, data: bytes, headers: Any, reply: str) -> bool:
         """Store the reply; return True when the waiter is complete (the route is then removed)."""
         if self.error is None:  # not already woken by close()
@@ -101,28 +116,21 @@ class Waiter:
             self._lock.release()
         return True
 
-    def wait(self, timeout: float | None) -> bool:
-        return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))
 
-
-class StreamWaiter:
+class StreamWaiter(_ThreadWaiter):
     """Collects a multi-message reply (batch direct get) until its end-of-batch status message.
 
     Any status reply ends the batch: 204 is the normal end; 404, 408, 413 and errors end it too
     and are kept as the last element for the caller to interpret.
     """
 
-    __slots__ = ("_lock", "replies", "done", "error", "subject")
+    __slots__ = ("replies", "done", "subject")
 
     def __init__(self, subject: str = "") -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
+        super().__init__()
         self.replies: list[RawReply] = []
         self.done = False
-        self.error: BaseException | None = None
         self.subject = subject
-
-    fail = Waiter.fail
 
     def deliver(self, data: bytes, headers: Any, reply: str) -> bool:
         if self.error is not None:
@@ -134,24 +142,17 @@ class StreamWaiter:
             return True
         return False
 
-    def wait(self, timeout: float | None) -> bool:
-        return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))
 
-
-class CountWaiter:
+class CountWaiter(_ThreadWaiter):
     """Waits for ``n`` single replies sent under tokens ``base+0 .. base+n-1`` (pipelined writes)."""
 
-    __slots__ = ("_lock", "replies", "_left", "error", "subjects")
+    __slots__ = ("replies", "_left", "subjects")
 
     def __init__(self, n: int, subjects: frozenset[str] = frozenset()) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
+        super().__init__()
         self.replies: list[RawReply | None] = [None] * n
         self._left = n
-        self.error: BaseException | None = None
         self.subjects = subjects
-
-    fail = Waiter.fail
 
     def slot(self, i: int) -> Callable[[bytes, Any, str], bool]:
         def deliver(data: bytes, headers: Any, reply: str) -> bool:
@@ -163,9 +164,6 @@ class CountWaiter:
             return True
 
         return deliver
-
-    def wait(self, timeout: float | None) -> bool:
-        return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))
 
 
 class AsyncWaiter:
@@ -389,7 +387,7 @@ class Multiplexer:
         if not exact:
             subject = subject.lower()
         for waiter in list(self._waiting):
-            for sent in waiter.subjects if type(waiter) is CountWaiter else (waiter.subject,):
+            for sent in waiter.subjects if isinstance(waiter, CountWaiter) else (waiter.subject,):
                 if (sent if exact else sent.lower()) == subject:
                     waiter.fail(error(sent))
                     break
@@ -563,7 +561,7 @@ class Multiplexer:
         """Fire-and-forget publish from any thread."""
         self.send(encode_command(subject, "", payload, headers), 1, len(payload))
 
-    def timeout_error(self, subject: str, timeout: float | None) -> Exception:
+    def timeout_error(self, subject: str, timeout: float | None) -> BaseException:
         """The error of a request on ``subject`` that got no reply within ``timeout`` seconds,
         naming why when natskv knows (the client closed, the connection down)."""
         if self.closed:
@@ -591,7 +589,7 @@ def encode_command(subject: str, reply: str, payload: bytes, headers: dict[str, 
         raise InvalidArgumentError(f"cannot send a message to {_short(subject)}: {exc}") from exc
 
 
-def fresh_error(error: BaseException) -> BaseException:
+def fresh_error(error: E) -> E:
     """A copy of a stored error to raise: one instance raised by call after call would collect
     every call's traceback (and be shared between threads). The errors stored here
     (NotConnectedError, AuthenticationError, PermissionDeniedError) are made of one message."""

@@ -116,9 +116,10 @@ class ConsumerFeed:
         self._stopped = True
         if self._watchdog is not None:
             self._watchdog.cancel()
-        for hooks, hook in ((self.conn.on_reconnect, self._on_reconnect), (self.conn.on_closed, self._on_closed)):
-            if hook in hooks:
-                hooks.remove(hook)
+        if self._on_reconnect in self.conn.on_reconnect:
+            self.conn.on_reconnect.remove(self._on_reconnect)
+        if self._on_closed in self.conn.on_closed:
+            self.conn.on_closed.remove(self._on_closed)
         return True
 
     async def stop(self) -> None:
