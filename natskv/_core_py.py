@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sortedcontainers import SortedKeyList, SortedList
+from sortedcontainers import SortedKeyList, SortedList  # type: ignore[import-untyped]
 
 from natskv._regex import LinearRegex, compile_linear
 
@@ -1413,9 +1413,9 @@ class _OrderedIndex:
         if (lo is not None and low is None) or (hi is not None and high is None):
             return None
         lo_inc, hi_inc = bool(lo_inclusive), bool(hi_inclusive)
-        if low is None and high is None:
-            return None, True, None, True
         if low is None:
+            if high is None:
+                return None, True, None, True
             return (high[0],), False, high, hi_inc
         if high is None:
             return low, lo_inc, (low[0] + 1,), False
@@ -1546,7 +1546,9 @@ class SortedIndex(_OrderedIndex):
         """Drop the entry ``(value, pk)``. False (no error) if it is not there."""
         pk_key = _pk_key(pk)
         key = index_key(value)
-        group = None if key is None else self._map.get(key)
+        if key is None:
+            return False
+        group = self._map.get(key)
         if group is None:
             return False
         i = _group_bisect(group, pk_key, False)
@@ -1717,9 +1719,9 @@ class IndexSet:
         for name, index in unique.items():
             if not isinstance(index, UniqueIndex):
                 raise TypeError(f"unique[{name!r}] must be a UniqueIndex, not {type(index).__name__}")
-        for name, index in sorted.items():
-            if not isinstance(index, SortedIndex):
-                raise TypeError(f"sorted[{name!r}] must be a SortedIndex, not {type(index).__name__}")
+        for name, ordered in sorted.items():
+            if not isinstance(ordered, SortedIndex):
+                raise TypeError(f"sorted[{name!r}] must be a SortedIndex, not {type(ordered).__name__}")
         self._pk = pk_field
         self._unique = unique
         self._sorted = sorted
@@ -1742,10 +1744,10 @@ class IndexSet:
                     value = old.get(name)
                     if value is not None and index.get(value) == old_pk:
                         index.remove(value)
-                for name, index in self._sorted.items():
+                for name, ordered in self._sorted.items():
                     value = old.get(name)
                     if value is not None:
-                        index.remove(value, old_pk)
+                        ordered.remove(value, old_pk)
         if type(new) is dict:
             new_pk = new.get(self._pk)
             if _valid_pk(new_pk):
@@ -1759,10 +1761,10 @@ class IndexSet:
                         if holder is not None:
                             index.remove(value)
                         index.add(value, new_pk)
-                for name, index in self._sorted.items():
+                for name, ordered in self._sorted.items():
                     value = new.get(name)
                     if value is not None:
-                        index.add(value, new_pk)
+                        ordered.add(value, new_pk)
         return old_revision
 
 
@@ -1836,7 +1838,7 @@ class RecordBuilder:
             values["_extra"] = extra
             values["_version"] = revision
             values["_stored"] = stored
-            obj = new(cls)
+            obj: object = new(cls)
             obj.__dict__ = values
             out.append(obj)
         return out

@@ -300,7 +300,8 @@ class ConnectOptions:
                     )
                 options[name] = env_value
         kwargs = {key: value for key, value in options.items() if value is not None}
-        return cls(servers=source if source is not None else (), **kwargs)
+        # __post_init__ takes a URL string or list too and turns it into the tuple the field holds.
+        return cls(servers=source if source is not None else (), **kwargs)  # type: ignore[arg-type]
 
     def replace(self, **changes: Any) -> ConnectOptions:
         """A validated copy with some options changed, e.g. ``opts.replace(servers=url)``."""

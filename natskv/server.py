@@ -486,7 +486,7 @@ class _FileLock:
         finally:
             os.close(fd)
 
-    if os.name == "nt":
+    if sys.platform == "win32":
 
         @staticmethod
         def _lock(fd: int) -> None:

@@ -669,8 +669,8 @@ class KVProtocol:
 
         mux.add_route(first_token, on_first)
         parts = [encode_command(commands[0][0], mux.prefix + first_token, commands[0][1], commands[0][2])]
-        for subject, payload, headers in commands[1:-1]:
-            parts.append(encode_command(subject, "", payload, headers))
+        for subject, payload, part_headers in commands[1:-1]:
+            parts.append(encode_command(subject, "", payload, part_headers))
         try:
             mux.send(b"".join(parts), len(parts), sum(len(c[1]) for c in commands[:-1]))
             last = commands[-1]

@@ -282,7 +282,10 @@ class EventBus:
             with self._lock:
                 targets = [cb for pattern, cb in self._handlers if fnmatch.fnmatchcase(name, pattern)]
             for cb in targets:
-                self._dispatcher.put(lambda cb=cb: cb(_event(model, old, new, revision, old_rev)))
+                def job(cb: Callable[[ModelEvent], None] = cb) -> None:
+                    cb(_event(model, old, new, revision, old_rev))
+
+                self._dispatcher.put(job)
 
         on_change.carry_over_fork = True  # type: ignore[attr-defined]  # see ModelStore.reset
         store.listeners.append(on_change)

@@ -325,7 +325,7 @@ class Model(metaclass=ModelMeta):
             return []
         cls._s()
         prepared = []
-        problems = []
+        problems: list[tuple[str, str, str]] = []
         for i, obj in enumerate(objs):
             clean, issues = cls._validate(obj._values(), partial=False)
             problems.extend((f"[{i}].{f}", m, c) for f, m, c in issues)
@@ -644,14 +644,14 @@ class Model(metaclass=ModelMeta):
         shape = tuple(lookups)
         fields = store.equality_shapes.get(shape)
         if fields is None:  # first query of this shape: which fields, of which types (or none)
-            fields = []
+            found: list[tuple[str, type]] = []
             for key in shape:
                 field = cls._fields.get(key.removesuffix("__exact"))
                 if field is None or field.type not in (str, int) or field.name not in store.indexes:
-                    fields = ()
+                    found = []
                     break
-                fields.append((field.name, field.type))
-            fields = tuple(fields)
+                found.append((field.name, field.type))
+            fields = tuple(found)
             if len(store.equality_shapes) >= 512:
                 store.equality_shapes.clear()
             store.equality_shapes[shape] = fields

@@ -183,7 +183,9 @@ def _range_bounds(cond: dict[str, Any]) -> tuple[Any, bool, Any, bool] | None:
     def tighter(a: str, b: str, pick_max: bool) -> tuple[Any, bool] | None:
         if a not in cond and b not in cond:
             return None, True
-        strict, loose = cond.get(a), cond.get(b)
+        # Any JSON values, None too: a comparison they do not support is caught below.
+        strict: Any = cond.get(a)
+        loose: Any = cond.get(b)
         for value in (strict, loose):
             if value is not None and not isinstance(value, _BOUND_TYPES):
                 return None
