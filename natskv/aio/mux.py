@@ -455,15 +455,16 @@ class Multiplexer:
                 self.out_bytes += payload_bytes
         nc = self._nc
         transport = nc._transport
+        # TcpTransport's private stream writer. A websocket transport has none: its writes
+        # always go through nats-py's flusher below.
+        writer = getattr(transport, "_io_writer", None)
         if (
             nc.is_connected
             and not nc._pending
-            and transport is not None
-            # TcpTransport's private writer; the abstract Transport declares none.
-            and transport._io_writer is not None  # type: ignore[attr-defined]
-            and transport._io_writer.transport.get_write_buffer_size()  # type: ignore[attr-defined]
-            < _WRITE_BUFFER_HIGH
+            and writer is not None
+            and writer.transport.get_write_buffer_size() < _WRITE_BUFFER_HIGH
         ):
+            assert transport is not None
             transport.write(data)
             return
         # Reconnecting, or back-pressure: nats-py buffers it and its flusher writes it in order
