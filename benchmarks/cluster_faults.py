@@ -106,16 +106,6 @@ def node_of_url(cluster: EmbeddedCluster, client: natskv.Client) -> int:
     return next(i for i, node in enumerate(cluster.nodes) if node.port == url.port)
 
 
-def wait_leader(cluster: EmbeddedCluster, stream: str, not_node: int, timeout: float = 30.0) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        leader = cluster.stream_leader(stream)
-        if leader is not None and leader != not_node:
-            return time.monotonic()
-        time.sleep(0.01)
-    raise RuntimeError(f"no new leader for {stream} within {timeout} s")
-
-
 def place_away(cluster: EmbeddedCluster, db: natskv.Client, stream: str) -> None:
     """Move the stream's leader off the node the client is connected to."""
     for _ in range(20):
@@ -203,7 +193,7 @@ def run_once(quiet: bool = False) -> dict[str, float]:
         assert leader is not None
         t_kill = time.monotonic()
         cluster.kill_node(leader)
-        t_leader = wait_leader(cluster, "KV_faults", leader)
+        t_leader = cluster.wait_new_stream_leader("KV_faults", leader)
         deadline = time.monotonic() + 10
         while load.first_ack_after(t_kill + 0.01) is None and time.monotonic() < deadline:
             time.sleep(0.01)

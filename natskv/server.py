@@ -1152,6 +1152,17 @@ class EmbeddedCluster:
         """Index of the node leading ``stream`` (None while it has no leader)."""
         return self._leader_of(stream, None)
 
+    def wait_new_stream_leader(self, stream: str, old: int, timeout: float = 30.0) -> float:
+        """Wait until a node other than ``old`` leads ``stream``; return ``time.monotonic()`` at
+        the moment it was seen. Raises ServerError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leader = self.stream_leader(stream)
+            if leader is not None and leader != old:
+                return time.monotonic()
+            time.sleep(0.01)
+        raise ServerError(f"no new leader for stream {stream!r} within {timeout} s")
+
     def consumer_leader(self, stream: str, consumer: str) -> int | None:
         """Index of the node leading consumer ``consumer`` of ``stream`` (for an R1 consumer:
         the node that holds it). None when no running node reports it as leader."""

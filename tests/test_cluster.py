@@ -132,16 +132,6 @@ def move_leader(cluster: EmbeddedCluster, db: natskv.Client, stream: str, wanted
     raise AssertionError(f"could not move the leader of {stream} where the test needs it")
 
 
-def wait_new_leader(cluster: EmbeddedCluster, stream: str, old: int) -> float:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        leader = cluster.stream_leader(stream)
-        if leader is not None and leader != old:
-            return time.monotonic()
-        time.sleep(0.01)
-    raise AssertionError(f"no new leader for {stream} within 30 s")
-
-
 # -- the node holding a watch's consumer dies ---------------------------------------------------
 
 
@@ -259,7 +249,7 @@ def test_stream_leader_killed_under_write_load_loses_no_acked_write(whole: Embed
             commit_revision = kv.commit([("create", "during:a", 1), ("create", "during:b", 2)], timeout=20)
             with db.transaction(timeout=20) as tx:
                 during = tx.create(Item, n=-1)
-            t_leader = wait_new_leader(cluster, "KV_leader_loss", leader)
+            t_leader = cluster.wait_new_stream_leader("KV_leader_loss", leader)
             assert wait_until(lambda: sets.first_ack_after(t_kill + 0.01) is not None, 15)
             time.sleep(0.5)
         t_next = sets.first_ack_after(t_kill + 0.01)
