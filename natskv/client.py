@@ -262,19 +262,12 @@ class Client:
         "email": {"type": "STRING", "unique": True, "validate": {"isEmail": True}}},
         indexes=["age"])``. ``indexes`` names fields to index (or Sequelize index dicts with
         ``fields`` and optional ``unique``)."""
-        from natskv.models.fields import Field, schema_from_spec
+        from natskv.models.attributes import define_schema
         from natskv.models.model import Model
 
         if not isinstance(name, str) or not name.isidentifier():
             raise InvalidArgumentError(f"a model name is a Python identifier, not {name!r}")
-        schema = dict(schema_from_spec(attributes))
-        for spec in indexes:
-            names, unique = ([spec], False) if isinstance(spec, str) else (list(spec.get("fields", [])), bool(spec.get("unique")))
-            if len(names) != 1 or names[0] not in schema:
-                raise InvalidArgumentError(f"index {spec!r} must name one field of {sorted(schema)}")
-            old = schema[names[0]]
-            options = {k: v for k, v in vars(old).items() if k in Field.__init__.__code__.co_varnames}
-            schema[names[0]] = Field(**{**options, "unique" if unique else "index": True})
+        schema = define_schema(attributes, indexes)
         namespace: dict[str, Any] = dict(schema)
         namespace["__module__"] = __name__
         model = type(name, (Model,), namespace)
