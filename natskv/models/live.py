@@ -47,7 +47,7 @@ class ModelEvent:
     @property
     def name(self) -> str:
         """``"<bucket>.<type>"``, the name db.on() patterns match."""
-        return f"{self.model._s().bucket.name}.{self.type}"
+        return f"{self.model._require_store().bucket.name}.{self.type}"
 
     @property
     def record(self) -> Model | None:
@@ -121,7 +121,7 @@ class ModelWatcher:
         if not callable(callback):
             raise InvalidArgumentError("watch() needs a callback function")
         self.model = model
-        self._store: ModelStore = model._s()
+        self._store: ModelStore = model._require_store()
         self._filter = query.compile_filter(query.compile_where(model._fields, where, lookups))
         self._columns = tuple(columns) if columns is not None else None
         for column in self._columns or ():
@@ -180,7 +180,7 @@ class LiveQuery:
         self._pending = threading.Event()
         self._dispatcher = _Dispatcher(f"natskv-live-{model.__name__}", on_error)
         # Any change may move a record into or out of a limited, ordered result: recompute on each.
-        self._store: ModelStore = model._s()
+        self._store: ModelStore = model._require_store()
         self._store.listeners.append(self._on_change)
 
     @staticmethod
@@ -272,7 +272,7 @@ class EventBus:
         return off
 
     def attach(self, model: type[Model]) -> None:
-        store = model._s()
+        store = model._require_store()
 
         def on_change(old: Any, new: Any, revision: int, old_rev: int) -> None:
             if not self._handlers or self._dispatcher is None:

@@ -155,7 +155,7 @@ class Transaction:
             except KeyExistsError as exc:
                 owner = self._owners.get(exc.key, store.model)
                 raise owner._unique_error(exc.key) from exc
-            for written_to in {id(m._s()): m._s() for m in self._owners.values()}.values():
+            for written_to in {id(m._require_store()): m._require_store() for m in self._owners.values()}.values():
                 written_to.written(ops, revision)  # every model of the bucket reads it back at once
             with store.replica.lock:
                 for obj, clean, stored in self._done:
@@ -184,7 +184,7 @@ class Transaction:
             raise InvalidArgumentError("this transaction has ended; start a new one with db.transaction()")
 
     def _join(self, model: type[Model]) -> None:
-        store = model._s()
+        store = model._require_store()
         if store.client is not self._client:
             raise InvalidArgumentError(f"model {model.__name__} is registered with another client than this transaction's")
         if self._store is None:
