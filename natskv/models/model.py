@@ -38,7 +38,7 @@ from natskv.models.fields import (
     validate_record,
 )
 from natskv.models.planner import read_options
-from natskv.models.store import UNIQUE, ModelStore, record_key, unique_key
+from natskv.models.store import UNIQUE, ModelStore, record_key, resolve_timeout, unique_key
 
 if TYPE_CHECKING:
     from natskv.models.live import LiveQuery, ModelEvent, ModelWatcher
@@ -201,6 +201,7 @@ class Model(metaclass=ModelMeta):
         markers always in its record's batch). Every row is validated before anything is written
         (ValidationError names rows as ``[i].field``); a UniqueConstraintError rejects the batch
         it occurs in, and batches before it stay written."""
+        check_timeout(timeout)
         objs = [cls(**dict(row)) for row in rows]
         if not objs:
             return []
@@ -317,6 +318,7 @@ class Model(metaclass=ModelMeta):
     def save(self, *, timeout: float | None = None) -> M:  # type: ignore[type-var]
         """Store this record: create it if new, else update it with compare-and-set on
         ``_version`` (RevisionMismatchError if someone else changed it since it was read)."""
+        check_timeout(timeout)
         if self._stored is None:
             self._insert(timeout)
             return self  # type: ignore[return-value]
@@ -356,6 +358,7 @@ class Model(metaclass=ModelMeta):
 
     def delete(self, *, timeout: float | None = None) -> None:
         """Delete this record (compare-and-set on ``_version``) and free its unique values."""
+        check_timeout(timeout)
         cls = type(self)
         if self._stored is None:
             raise InvalidArgumentError("this record was never stored")
@@ -386,7 +389,8 @@ class Model(metaclass=ModelMeta):
         store.written(ops, rev)
 
     def refresh(self, *, timeout: float | None = None) -> M:  # type: ignore[type-var]
-        """Reload this record from the replica (KeyError-like error if it was deleted)."""
+        """Reload this record from the replica (InvalidArgumentError if it was deleted)."""
+        check_timeout(timeout)
         fresh = type(self).get(self.pk)
         if fresh is None:
             raise InvalidArgumentError(f"{type(self).__name__} {self.pk!r} no longer exists")
@@ -398,6 +402,7 @@ class Model(metaclass=ModelMeta):
                timeout: float | None = None, **lookups: Any) -> int:
         """Set ``values`` on every matching record (CAS per record, retried on conflict).
         Returns how many records changed (0 when none matched)."""
+        check_timeout(timeout)
         if not values:
             raise InvalidArgumentError("update() needs values to set")
         _, issues = cls._validate(dict(values), partial=True)
@@ -413,6 +418,7 @@ class Model(metaclass=ModelMeta):
     @classmethod
     def destroy(cls, *, where: Mapping[str, Any] | None = None, timeout: float | None = None, **lookups: Any) -> int:
         """Delete every matching record; return how many were deleted."""
+        check_timeout(timeout)
         return cls._for_each_match(where, lookups, lambda obj: obj.delete(timeout=timeout))
 
     @classmethod
@@ -494,6 +500,7 @@ class Model(metaclass=ModelMeta):
         moment, the server refuses one of the two creates (a primary key or unique value taken)
         and this returns the winner's record with ``created`` False; lookups on fields that are
         neither the primary key nor unique cannot be protected that way."""
+        check_timeout(timeout)
         values = {k: v for k, v in lookups.items() if "__" not in k}
         if len(values) != len(lookups) or not values:
             raise InvalidArgumentError("get_or_create() takes equality lookups (field=value) only")
@@ -522,7 +529,7 @@ class Model(metaclass=ModelMeta):
         entry = store.bucket.entry(key, timeout=timeout) if isinstance(key, str) else None
         if entry is not None:
             assert store.replica is not None
-            store.replica.wait_for(entry.revision, timeout or 5.0)
+            store.replica.wait_for(entry.revision, resolve_timeout(store.client, timeout))
 
     @classmethod
     def find_one(cls: type[M], *, where: Mapping[str, Any] | None = None, **lookups: Any) -> M | None:

@@ -14,12 +14,14 @@ runs on natskv's loop thread under the replica's lock; readers on any thread tak
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from natskv._runner import check_timeout
 from natskv._speedups import core
 from natskv.errors import InvalidArgumentError
 from natskv.models.planner import Planner
@@ -33,6 +35,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("natskv")
 
 RECORD, UNIQUE = "r", "u"
+
+
+def resolve_timeout(client: Client, timeout: float | None) -> float | None:
+    """The seconds a model call waits: ``timeout=None`` is the client's default
+    (``request_timeout``), ``math.inf`` no limit (returned as None, as thread waits take it).
+    The model layer's one timeout rule, the one ``Bucket`` calls follow."""
+    check_timeout(timeout)
+    if timeout is None:
+        return client.options.request_timeout
+    return None if timeout == math.inf else timeout
 
 
 def record_key(pk: Any) -> str:
@@ -151,4 +163,4 @@ class ModelStore:
                 log.exception("natskv: error in a model listener")
 
 
-__all__ = ["RECORD", "UNIQUE", "ModelStore", "record_key", "unique_key"]
+__all__ = ["RECORD", "UNIQUE", "ModelStore", "record_key", "resolve_timeout", "unique_key"]
