@@ -66,7 +66,9 @@ def unique_key(field: str, json_value: Any) -> str:
 
 
 class ModelStore:
-    """What a registered model holds at run time: its bucket, replica and indexes."""
+    """What a registered model holds at run time: its client and bucket, its replica's records
+    and indexes, the listeners of its changes, and the :class:`~natskv.models.planner.Planner`
+    of its queries. Made by ``db.register`` (``ModelRegistry.register``)."""
 
     def __init__(self, model: type[Model], client: Client, bucket: Bucket) -> None:
         self.model = model
