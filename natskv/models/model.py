@@ -38,7 +38,13 @@ from natskv.models.fields import (
     validate_record,
 )
 from natskv.models.planner import read_options
-from natskv.models.store import UNIQUE, ModelStore, record_key, resolve_timeout, unique_key
+from natskv.models.store import (
+    UNIQUE,
+    ModelStore,
+    record_key,
+    resolve_timeout,
+    unique_key,
+)
 
 if TYPE_CHECKING:
     from natskv.models.live import LiveQuery, ModelEvent, ModelWatcher
