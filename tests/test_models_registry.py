@@ -88,6 +88,22 @@ def test_each_client_has_its_own_registry(nats_url: str, name: str) -> None:
 # -- timeout= on model writes ------------------------------------------------------------------------
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (Linux: /proc; elsewhere a short wait)."""
+    tasks = f"/proc/{pid}/task"
+    if not os.path.isdir(tasks):
+        time.sleep(0.2)
+        return True
+    states = []
+    for task in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{task}/stat") as stat:
+                states.append(stat.read().rpartition(")")[2].split()[0])
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return all(state in ("T", "t") for state in states)
+
+
 @pytest.fixture
 def paused(fresh_server: EmbeddedServer) -> Iterator[Callable[[bool], None]]:
     """pause(True) stops the test's own nats-server process (SIGSTOP): requests then get no reply
@@ -99,6 +115,10 @@ def paused(fresh_server: EmbeddedServer) -> Iterator[Callable[[bool], None]]:
     def pause(stop: bool) -> None:
         os.kill(pid, signal.SIGSTOP if stop else signal.SIGCONT)
         state["stopped"] = stop
+        if stop:
+            # kill() returns before every thread of the server has stopped: one still running
+            # could answer the next request (seen on a busy machine).
+            assert wait_until(lambda: _all_threads_stopped(pid)), "the server did not stop"
 
     try:
         yield pause
