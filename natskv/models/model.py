@@ -541,7 +541,7 @@ class Model(metaclass=ModelMeta):
     def find_one(cls: type[M], *, where: Mapping[str, Any] | None = None, **lookups: Any) -> M | None:
         """The first matching record (by primary key), or None."""
         found = cls._require_store().planner.find_one(where, lookups)
-        return cls._from_stored(*found) if found is not None else None
+        return cls._build([found])[0] if found is not None else None
 
     @classmethod
     def count(cls, *, where: Mapping[str, Any] | None = None, **lookups: Any) -> int:
