@@ -28,14 +28,13 @@ from natskv.errors import (
     NoRespondersError,
     NotConnectedError,
     PayloadTooLargeError,
-    RevisionMismatchError,
 )
 from natskv.kv import Bucket
-from natskv.models.live import EventBus
 
 if TYPE_CHECKING:
     from natskv.models.live import ModelEvent
     from natskv.models.model import Model
+    from natskv.models.registry import ModelRegistry
     from natskv.models.transaction import Transaction
     from natskv.server import EmbeddedServer
     from natskv.watch import Watcher
@@ -57,8 +56,7 @@ class Client:
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str, int], Bucket] = {}
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
-        self._models: dict[str, type[Model]] = {}
-        self._events = EventBus()
+        self._registry: ModelRegistry | None = None  # made by _models() on the first model call
         self._counters: dict[str, int] = {}  # counter streams known to exist: their replicas
         self._closed = False
         self._pid = os.getpid()
@@ -152,10 +150,8 @@ class Client:
             stop_feeds_of(self._conn, proto.stream), self.options.request_timeout,
             what=f"delete_bucket({name!r}) stopping the bucket's watches",
         )
-        for model_name, model in list(self._models.items()):
-            if model._store is not None and model._store.bucket.name == name:
-                model._store = None
-                del self._models[model_name]
+        if self._registry is not None:
+            self._registry.forget_bucket(name)
         t = timeout if timeout is not None else self.options.request_timeout
         try:
             proto.destroy(t)
@@ -185,75 +181,60 @@ class Client:
             if not batch or offset >= reply.get("total", 0):
                 return sorted(names)
 
-    # -- models --------------------------------------------------------------------------------
+    # -- models (natskv.models.registry does the work) --------------------------------------------
+
+    def _models(self) -> ModelRegistry:
+        """This client's model registry, made on first use. natskv.models is imported here, not
+        at the top of this module: the model layer sits above the client and imports it (for
+        types only), so a module-level import would make a cycle."""
+        registry = self._registry
+        if registry is None:
+            from natskv.models.registry import ModelRegistry
+
+            with self._lock:
+                if self._registry is None:
+                    self._registry = ModelRegistry(self)
+                registry = self._registry
+        return registry
 
     def register(self, model: type[Model], *, bucket: str | None = None, timeout: float | None = None) -> type[Model]:
         """Bind ``model`` to this client: create its bucket if needed, load its records into a
         live in-memory replica with its indexes, and return the model class.
 
-        The bucket is ``model.__bucket__`` or the class name in lower case.
+        The bucket is ``model.__bucket__`` or the class name in lower case. ``timeout=None`` is
+        the client's default, but at least 30 s for the first load of the records (it streams the
+        whole bucket); NatsKVTimeoutError when the load takes longer.
         """
-        from natskv.models.model import Model, ModelStore
-
-        if not (isinstance(model, type) and issubclass(model, Model)) or model.__dict__.get("__abstract__"):
-            raise InvalidArgumentError(f"register() takes a natskv.Model subclass, not {model!r}")
-        check_timeout(timeout)
-        name = bucket or model.__dict__.get("__bucket__") or model.__name__.lower()
-        kv = self.bucket(name, timeout=timeout)
-        store = ModelStore(model, self, kv)
-        from natskv.replica import LocalReplica
-
-        store.replica = LocalReplica(kv, "r:*", on_apply=store.apply, on_reset=store.reset, on_loaded=store.loaded)
-        store.replica.start(timeout if timeout is not None else max(self.options.request_timeout, 30.0))
-        model._store = store
-        self._models[model.__name__] = model
-        if self._conn.api_level < API_LEVEL_ATOMIC:
-            needs = [f"unique field {n!r}" for n, f in model._fields.items() if f.unique and n != model._pk]
-            needs += [f"autoincrement field {n!r}" for n, f in model._fields.items() if f.generated == "autoincrement"]
-            if needs:
-                log.warning(
-                    "natskv: model %s has %s, which need nats-server 2.12 (atomic batches); this server "
-                    "has no atomic batch, so writing such values raises FeatureNotSupportedError (reads work)",
-                    model.__name__, ", ".join(needs),
-                )
-        self._events.attach(model)
-        return model
+        return self._models().register(model, bucket=bucket, timeout=timeout)
 
     def transaction(self, *, timeout: float | None = None) -> Transaction:
         """``with db.transaction() as tx:`` -- record changes (``tx.create``, ``tx.save``,
         ``tx.delete``) committed as one atomic batch when the block ends, each changed record
         checked against the version it was read at. Optimistic: on a conflict the commit raises
         RevisionMismatchError (or UniqueConstraintError) and stores nothing; run the block again.
-        The records must share one bucket (a JetStream batch covers one stream)."""
-        from natskv.models.transaction import Transaction
-
-        return Transaction(self, timeout)
+        The records must share one bucket (a JetStream batch covers one stream). ``timeout`` is
+        that of every request the transaction makes (None: the client's default)."""
+        return self._models().transaction(timeout)
 
     def run_transaction(self, fn: Callable[[Transaction], T], *, retries: int = 5, timeout: float | None = None) -> T:
         """Call ``fn(tx)`` in a transaction and commit it; on a conflict (another client changed a
         record ``fn`` read, RevisionMismatchError) run ``fn`` again in a fresh one, up to
         ``retries`` more times. Returns what ``fn`` returned. ``fn`` must read what it changes
         through ``tx.get`` (so each run sees fresh records) and have no other side effects."""
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise InvalidArgumentError(f"retries must be an int >= 0, not {retries!r}")
-        for _ in range(retries):
-            try:
-                with self.transaction(timeout=timeout) as tx:
-                    return fn(tx)
-            except RevisionMismatchError:
-                continue
-        with self.transaction(timeout=timeout) as tx:  # the last try: its conflict is raised
-            return fn(tx)
+        return self._models().run_transaction(fn, retries, timeout)
 
     def on(self, pattern: str, callback: Callable[[ModelEvent], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` for model events whose name matches ``pattern``.
+        """Call ``callback(event)`` for model events whose name matches the glob ``pattern``.
 
         Names are ``"<bucket>.inserted"``, ``"<bucket>.updated"`` and ``"<bucket>.deleted"`` (a
-        model's bucket is its lower-case class name unless set); wildcards as in fnmatch:
-        ``"*.deleted"``, ``"user.*"``. Callbacks run on one dispatcher thread, in order; the
-        event carries ``old`` and ``new`` records. Returns a function that removes the handler.
+        model's bucket is its lower-case class name unless set). Patterns use the glob rules of
+        keys (``kv.keys()``): ``*`` any run of characters (``.`` included), ``?`` one character,
+        ``[abc]``, ``[a-z]``, ``[^abc]`` / ``[!abc]``, ``\\x`` a literal x; so ``"*.deleted"``,
+        ``"user.*"``, ``"*"``. A malformed pattern (an unterminated ``[``) raises
+        InvalidArgumentError. Callbacks run on one dispatcher thread, in order; the event carries
+        ``old`` and ``new`` records. Returns a function that removes the handler.
         """
-        return self._events.on(pattern, callback)
+        return self._models().on(pattern, callback)
 
     def define(self, name: str, attributes: Mapping[str, Any], *, indexes: Iterable[str | Mapping[str, Any]] = (),
                bucket: str | None = None, timeout: float | None = None) -> type[Model]:
@@ -261,33 +242,12 @@ class Client:
         ``db.define("User", {"id": {"type": "INTEGER", "primaryKey": True, "autoIncrement": True},
         "email": {"type": "STRING", "unique": True, "validate": {"isEmail": True}}},
         indexes=["age"])``. ``indexes`` names fields to index (or Sequelize index dicts with
-        ``fields`` and optional ``unique``)."""
-        from natskv.models.fields import Field, schema_from_spec
-        from natskv.models.model import Model
-
-        if not isinstance(name, str) or not name.isidentifier():
-            raise InvalidArgumentError(f"a model name is a Python identifier, not {name!r}")
-        schema = dict(schema_from_spec(attributes))
-        for spec in indexes:
-            names, unique = ([spec], False) if isinstance(spec, str) else (list(spec.get("fields", [])), bool(spec.get("unique")))
-            if len(names) != 1 or names[0] not in schema:
-                raise InvalidArgumentError(f"index {spec!r} must name one field of {sorted(schema)}")
-            old = schema[names[0]]
-            options = {k: v for k, v in vars(old).items() if k in Field.__init__.__code__.co_varnames}
-            schema[names[0]] = Field(**{**options, "unique" if unique else "index": True})
-        namespace: dict[str, Any] = dict(schema)
-        namespace["__module__"] = __name__
-        model = type(name, (Model,), namespace)
-        return self.register(model, bucket=bucket, timeout=timeout)
+        ``fields`` and optional ``unique``). See natskv.models.attributes for every option."""
+        return self._models().define(name, attributes, indexes=indexes, bucket=bucket, timeout=timeout)
 
     def get_model(self, name: str) -> type[Model]:
         """A model registered with this client, by class name."""
-        try:
-            return self._models[name]
-        except KeyError:
-            raise InvalidArgumentError(
-                f"no model {name!r} is registered; registered: {sorted(self._models) or 'none'}"
-            ) from None
+        return self._models().get_model(name)
 
     def _next_counter(self, bucket: str, field: str, timeout: float | None, count: int = 1) -> int:
         """Add ``count`` to an autoincrement counter (a counter stream beside the bucket) and
@@ -381,6 +341,12 @@ class Client:
         return self._conn.server_version
 
     @property
+    def api_level(self) -> int:
+        """The JetStream API level of the connected server (what its features allow: 2 and up
+        has atomic batches and counters, nats-server 2.12)."""
+        return self._conn.api_level
+
+    @property
     def connected(self) -> bool:
         """Whether this process's connection is up now (False while reconnecting or after close)."""
         nc = self._conn.nc
@@ -419,7 +385,8 @@ class Client:
             self._conn.mux.close()  # wake threads blocked in calls on this client
         for w in list(self._watchers):
             w.stop()
-        self._events.stop()
+        if self._registry is not None:
+            self._registry.close()
         try:
             runner.call(
                 self._conn.close(), timeout if timeout is not None else self.options.drain_timeout,

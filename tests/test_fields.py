@@ -16,15 +16,8 @@ from hypothesis import strategies as st
 
 from natskv.errors import InvalidArgumentError, ValidationError
 from natskv.models import Field
-from natskv.models.fields import (
-    MISSING,
-    check_schema,
-    field_from_spec,
-    generated_fields,
-    primary_key_name,
-    schema_from_spec,
-    validate_record,
-)
+from natskv.models.attributes import define_schema, field_from_spec, schema_from_spec
+from natskv.models.fields import MISSING, check_schema, primary_key_name, validate_record
 
 UTC = dt.timezone.utc
 
@@ -326,8 +319,7 @@ def test_generated_fields_are_not_required() -> None:
     clean, issues = validate_record(schema, {"name": "Ann"})
     assert issues == []
     assert "id" not in clean and "token" not in clean and "created" not in clean
-    assert generated_fields(schema) == ["id", "token", "created"]
-    assert generated_fields(schema, "autoincrement") == ["id"]
+    assert [name for name, field in schema.items() if field.generates()] == ["id", "token", "created"]
     assert schema["id"].generates("autoincrement") and not schema["id"].generates("uuid")
 
 
@@ -571,6 +563,19 @@ def test_schema_from_spec_end_to_end() -> None:
     assert sorted(issues) == [("age", "must be >= 0", "min"), ("email", "is required", "required")]
     with pytest.raises(InvalidArgumentError, match="schema must be a dict"):
         schema_from_spec([("id", "INTEGER")])  # type: ignore[arg-type]
+
+
+def test_define_schema_marks_indexes() -> None:
+    schema = define_schema(
+        {"id": {"type": "INTEGER", "primaryKey": True}, "age": {"type": "INTEGER", "validate": {"min": 0}},
+         "email": "STRING"},
+        indexes=["age", {"fields": ["email"], "unique": True}],
+    )
+    assert schema["age"].index and not schema["age"].unique and schema["age"].min == 0
+    assert schema["email"].unique
+    for bad in (["nope"], [{"fields": ["age", "email"]}], [{"unique": True}]):
+        with pytest.raises(InvalidArgumentError, match="must name one field"):
+            define_schema({"id": {"type": "INTEGER", "primaryKey": True}, "age": "INTEGER"}, indexes=bad)
 
 
 # -- schema checks ----------------------------------------------------------------------------

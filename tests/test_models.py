@@ -500,7 +500,7 @@ def test_pages_concatenate_to_the_sorted_find(Paged: Any, order_by: Any, walk: s
     """Index walks (id, age, nick), sorts (score), nulls after values in both directions, ties
     by primary key in the order's direction: pages of any size add up to find()."""
     if walk == "always":  # walk the order's index even when a filter selects few records
-        monkeypatch.setattr("natskv.models.model._PAGE_SORT_MAX", -1)
+        monkeypatch.setattr("natskv.models.planner.PAGE_SORT_MAX", -1)
     queries: list[dict[str, Any]] = [
         {}, {"score__lt": 3}, {"age": 3}, {"where": {"$or": [{"age": None}, {"score": 4.0}]}},
         # bounds on the order field itself: the walk starts and ends at them
@@ -620,7 +620,7 @@ if pid == 0:
     try:
         os.close(w)
         Item.ensure_loaded(timeout=10)  # what a post_fork hook would call
-        assert Item._s().replica._stale is False
+        assert Item._require_store().replica._stale is False
         assert Item.get(7).sku == "s7" and Item.count() == 50  # reloaded through the child's connection
         made = Item.create(id=100, sku="child", n=1)
         assert Item.get(100)._version == made._version  # read-your-writes in the child

@@ -8,7 +8,6 @@ An exception in a callback is logged and handed to ``on_error``; the watch goes 
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import queue
 import threading
@@ -17,8 +16,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from natskv._runner import follow_fork
+from natskv._speedups import core
 from natskv.errors import InvalidArgumentError
 from natskv.models import query
+from natskv.models.store import resolve_timeout
 
 if TYPE_CHECKING:
     from natskv.models.model import Model, ModelStore
@@ -47,7 +48,7 @@ class ModelEvent:
     @property
     def name(self) -> str:
         """``"<bucket>.<type>"``, the name db.on() patterns match."""
-        return f"{self.model._s().bucket.name}.{self.type}"
+        return f"{self.model._require_store().bucket.name}.{self.type}"
 
     @property
     def record(self) -> Model | None:
@@ -96,7 +97,9 @@ class _Dispatcher:
                     except Exception:  # noqa: BLE001
                         log.exception("natskv: error in the on_error hook")
 
-    def stop(self, timeout: float | None = 5.0) -> None:
+    def stop(self, timeout: float | None) -> None:
+        """Stop after the queued callbacks; wait for that up to ``timeout`` seconds (None: no
+        limit) unless called from the dispatcher thread itself."""
         self._queue.put(_STOP)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -121,7 +124,7 @@ class ModelWatcher:
         if not callable(callback):
             raise InvalidArgumentError("watch() needs a callback function")
         self.model = model
-        self._store: ModelStore = model._s()
+        self._store: ModelStore = model._require_store()
         self._filter = query.compile_filter(query.compile_where(model._fields, where, lookups))
         self._columns = tuple(columns) if columns is not None else None
         for column in self._columns or ():
@@ -142,11 +145,13 @@ class ModelWatcher:
         model, callback = self.model, self._callback
         self._dispatcher.put(lambda: callback(_event(model, old, new, revision, old_rev)))
 
-    def stop(self, timeout: float | None = 5.0) -> None:
-        """Stop calling the callback. Safe to call twice, and from the callback."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop calling the callback, waiting up to ``timeout`` (None: the client's default) for
+        a callback that is running to return. Safe to call twice, and from the callback."""
+        wait = resolve_timeout(self._store.client, timeout)
         if self._on_change in self._store.listeners:
             self._store.listeners.remove(self._on_change)
-        self._dispatcher.stop(timeout)
+        self._dispatcher.stop(wait)
 
     def __enter__(self) -> ModelWatcher:
         return self
@@ -180,7 +185,7 @@ class LiveQuery:
         self._pending = threading.Event()
         self._dispatcher = _Dispatcher(f"natskv-live-{model.__name__}", on_error)
         # Any change may move a record into or out of a limited, ordered result: recompute on each.
-        self._store: ModelStore = model._s()
+        self._store: ModelStore = model._require_store()
         self._store.listeners.append(self._on_change)
 
     @staticmethod
@@ -216,11 +221,13 @@ class LiveQuery:
 
         return unsubscribe
 
-    def stop(self, timeout: float | None = 5.0) -> None:
-        """Stop following changes (``result`` stays as it was)."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop following changes (``result`` stays as it was), waiting up to ``timeout`` (None:
+        the client's default) for a subscriber that is running to return."""
+        wait = resolve_timeout(self._store.client, timeout)
         if self._on_change in self._store.listeners:
             self._store.listeners.remove(self._on_change)
-        self._dispatcher.stop(timeout)
+        self._dispatcher.stop(wait)
 
     def __enter__(self) -> LiveQuery:
         return self
@@ -232,12 +239,16 @@ class LiveQuery:
 class EventBus:
     """``db.on(pattern, callback)``: model events by name (``"<bucket>.inserted"`` ...).
 
+    Patterns are globs with the rules of key patterns (``_core.compile_pattern``, as
+    ``kv.keys()`` takes them): ``*`` any run of characters, ``?`` one, ``[abc]`` / ``[a-z]`` /
+    ``[^abc]`` / ``[!abc]`` one of (or none of) a set, ``\\`` escapes the next character.
+
     Handlers follow a client into a forked child (they are usually registered at import time,
     before a pre-fork server starts its workers): the child gets its own dispatcher thread.
     """
 
     def __init__(self) -> None:
-        self._handlers: list[tuple[str, Callable[[ModelEvent], None]]] = []
+        self._handlers: list[tuple[str, Any, Callable[[ModelEvent], None]]] = []  # pattern, matcher, callback
         self._lock = threading.Lock()
         self._dispatcher: _Dispatcher | None = None
         follow_fork(self)
@@ -255,24 +266,33 @@ class EventBus:
         weakref.finalize(self, self._dispatcher._queue.put, _STOP).atexit = False
 
     def on(self, pattern: str, callback: Callable[[ModelEvent], None]) -> Callable[[], None]:
+        """Add a handler (any thread); returns the function that removes it."""
         if not isinstance(pattern, str) or not pattern:
             raise InvalidArgumentError(f"an event pattern is a string like 'users.*' or '*.deleted', not {pattern!r}")
         if not callable(callback):
             raise InvalidArgumentError("on() needs a callback function")
+        try:
+            # No hierarchy separator: event names are matched whole, never turned into a filter.
+            matcher = core.compile_pattern(pattern, "")
+        except ValueError as exc:
+            raise InvalidArgumentError(f"invalid event pattern {pattern!r}: {exc}") from exc
+        handler = (pattern, matcher, callback)
         with self._lock:
-            self._handlers.append((pattern, callback))
+            self._handlers.append(handler)
             if self._dispatcher is None:
                 self._start_dispatcher()
 
         def off() -> None:
             with self._lock:
-                if (pattern, callback) in self._handlers:
-                    self._handlers.remove((pattern, callback))
+                if handler in self._handlers:
+                    self._handlers.remove(handler)
 
         return off
 
     def attach(self, model: type[Model]) -> None:
-        store = model._s()
+        """Tell the handlers of ``model``'s changes (a listener on its store, which runs on the
+        loop thread: it only matches names and queues the callbacks)."""
+        store = model._require_store()
 
         def on_change(old: Any, new: Any, revision: int, old_rev: int) -> None:
             if not self._handlers or self._dispatcher is None:
@@ -280,7 +300,7 @@ class EventBus:
             kind = INSERTED if old is None else DELETED if new is None else UPDATED
             name = f"{store.bucket.name}.{kind}"
             with self._lock:
-                targets = [cb for pattern, cb in self._handlers if fnmatch.fnmatchcase(name, pattern)]
+                targets = [cb for _, matcher, cb in self._handlers if matcher.match(name)]
             for cb in targets:
                 def job(cb: Callable[[ModelEvent], None] = cb) -> None:
                     cb(_event(model, old, new, revision, old_rev))
@@ -290,6 +310,7 @@ class EventBus:
         on_change.carry_over_fork = True  # type: ignore[attr-defined]  # see ModelStore.reset
         store.listeners.append(on_change)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None) -> None:
+        """Stop the dispatcher after the queued callbacks, waiting up to ``timeout`` seconds."""
         if self._dispatcher is not None:
-            self._dispatcher.stop()
+            self._dispatcher.stop(timeout)

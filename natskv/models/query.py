@@ -1,16 +1,16 @@
-"""Queries over a model's in-memory replica: lookups, the plan, ordering.
+"""The query language of models: lookups, ``where=`` dicts, filters and orderings.
 
 Django-style keyword lookups (``age__gte=18``) and ``where=`` dicts (``{"age": {"$gte": 18}}``)
-compile to one ``where`` dict over the records' stored (JSON) form. The planner picks the most
-selective indexed condition to produce candidate primary keys; the compiled ``_core`` filter then
-checks every condition on each candidate (or on every record when no index applies).
+compile to one ``where`` dict over the records' stored (JSON) form, and that to a ``_core``
+filter; ``order_by`` parses to ``[(field, descending)]`` with a total order over stored values.
+Pure functions, no I/O, any thread. How a query is answered (which index, in what order) is
+:mod:`natskv.models.planner`'s business.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from natskv._speedups import core
@@ -23,7 +23,6 @@ LOOKUPS = {
     "in": "$in", "nin": "$nin", "contains": "$contains", "startswith": "$startswith",
     "endswith": "$endswith", "regex": "$regex",
 }
-_RANGE_OPS = ("$gt", "$gte", "$lt", "$lte")
 
 
 def _json_operand(field: Field | None, op: str, value: Any) -> Any:
@@ -104,163 +103,11 @@ def _to_json_form(fields: Mapping[str, Field], where: dict[str, Any]) -> dict[st
 
 
 def compile_filter(where: dict[str, Any]) -> Any:
+    """The ``_core`` filter of a compiled ``where`` dict (InvalidArgumentError for a bad query)."""
     try:
         return core.compile_filter(where)
     except (ValueError, TypeError) as exc:
         raise InvalidArgumentError(f"invalid query: {exc}") from exc
-
-
-def single_equality(where: dict[str, Any]) -> tuple[str, Any] | None:
-    """``(field, value)`` when the whole query is one equality on a str or int value."""
-    if len(where) != 1:
-        return None
-    name, cond = next(iter(where.items()))
-    if name.startswith("$"):
-        return None
-    if isinstance(cond, dict):
-        if len(cond) != 1 or "$eq" not in cond:
-            return None
-        cond = cond["$eq"]
-    return (name, cond) if type(cond) in (str, int) else None
-
-
-def candidate_pks(where: dict[str, Any], indexes: Mapping[str, Any], at_most: int | None = None) -> list[Any] | None:
-    """Primary keys that may match, from the most selective indexed top-level condition.
-
-    None means "no index applies: scan every record" (with ``at_most``, also "no index narrows
-    it to ``at_most`` keys or fewer"). The caller still checks the whole filter.
-    """
-    # Estimate each usable condition cheaply, then build only the smallest candidate list
-    # (ranges and prefixes have no cheap estimate: they are read last, capped by the best).
-    ranked: list[tuple[float, str, Any]] = []
-    for name, cond in _top_conditions(where):
-        index = indexes.get(name)
-        if index is not None:
-            estimate = _estimate(index, cond)
-            if estimate is not None:
-                ranked.append((estimate, name, cond))
-    ranked.sort(key=lambda r: r[0])
-    best: list[Any] | None = None
-    for estimate, name, cond in ranked:
-        if best is not None and estimate >= len(best):
-            break
-        if at_most is not None and estimate != math.inf and estimate > at_most:
-            break  # ranked: the others select as many or more
-        cap = len(best) + 1 if best is not None else None if at_most is None else at_most + 1
-        pks = _lookup(indexes[name], cond, cap)
-        if pks is not None and (best is None or len(pks) < len(best)):
-            best = pks
-            if not best:
-                break
-    if at_most is not None and best is not None and len(best) > at_most:
-        return None
-    return best
-
-
-def _top_conditions(where: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The (field, condition) pairs every match must satisfy: top level and top-level $and."""
-    conditions: list[tuple[str, Any]] = []
-    for key, cond in where.items():
-        if key == "$and" and isinstance(cond, list):
-            for sub in cond:
-                if isinstance(sub, dict):
-                    conditions.extend((k, v) for k, v in sub.items() if not k.startswith("$"))
-        elif not key.startswith("$"):
-            conditions.append((key, cond))
-    return conditions
-
-
-def _is_operators(cond: Any) -> bool:
-    return isinstance(cond, dict) and bool(cond) and all(isinstance(k, str) and k.startswith("$") for k in cond)
-
-
-_BOUND_TYPES = (bool, int, float, str)
-
-
-def _range_bounds(cond: dict[str, Any]) -> tuple[Any, bool, Any, bool] | None:
-    """``(lo, lo_inclusive, hi, hi_inclusive)`` holding every value a condition's $gt/$gte/$lt/$lte
-    allow (None: an open side), or None when they cannot bound an index scan."""
-    def tighter(a: str, b: str, pick_max: bool) -> tuple[Any, bool] | None:
-        if a not in cond and b not in cond:
-            return None, True
-        # Any JSON values, None too: a comparison they do not support is caught below.
-        strict: Any = cond.get(a)
-        loose: Any = cond.get(b)
-        for value in (strict, loose):
-            if value is not None and not isinstance(value, _BOUND_TYPES):
-                return None
-        if a not in cond:
-            return loose, True
-        if b not in cond:
-            return strict, False
-        try:  # both: the tighter one (on a tie the strict one)
-            strict_wins = strict >= loose if pick_max else strict <= loose
-        except TypeError:
-            return None
-        return (strict, False) if strict_wins else (loose, True)
-
-    low = tighter("$gt", "$gte", True)
-    high = tighter("$lt", "$lte", False)
-    if low is None or high is None:
-        return None
-    return low[0], low[1], high[0], high[1]
-
-
-def _estimate(index: Any, cond: Any) -> float | None:
-    """How many keys a condition selects (inf: unknown but usable; None: the index cannot help)."""
-    if not _is_operators(cond):
-        return None if cond is None else index.count_eq(cond)
-    if "$eq" in cond and cond["$eq"] is not None:
-        return index.count_eq(cond["$eq"])
-    if "$in" in cond and isinstance(cond["$in"], list) and None not in cond["$in"]:
-        return sum(index.count_eq(v) for v in cond["$in"])
-    if ("$startswith" in cond and isinstance(cond["$startswith"], str)) or any(op in cond for op in _RANGE_OPS):
-        return math.inf
-    return None
-
-
-def _lookup(index: Any, cond: Any, cap: int | None) -> list[Any] | None:
-    if not _is_operators(cond):
-        return None if cond is None else index.eq(cond)
-    if "$eq" in cond and cond["$eq"] is not None:
-        return index.eq(cond["$eq"])
-    if "$in" in cond and isinstance(cond["$in"], list) and None not in cond["$in"]:
-        return index.in_(cond["$in"])
-    if "$startswith" in cond and isinstance(cond["$startswith"], str):
-        return index.prefix(cond["$startswith"], limit=cap)
-    if any(op in cond for op in _RANGE_OPS):
-        bounds = _range_bounds(cond)
-        if bounds is None:
-            return None
-        lo, lo_inclusive, hi, hi_inclusive = bounds
-        return index.range(lo, hi, lo_inclusive=lo_inclusive, hi_inclusive=hi_inclusive, limit=cap)
-    return None
-
-
-def ordered_scan(where: dict[str, Any], field: str, index: Any, reverse: bool) -> tuple[Callable[[Any, int], list[Any]], bool]:
-    """A scan of ``index`` (the order field's) in order from a cursor: ``scan(after, limit)``.
-
-    When the query bounds ``field`` (an equality, a range or a prefix that every match must
-    satisfy), the scan covers only those values, and the second item is True: no record
-    outside the index (null, unindexable) can match.
-    """
-    for name, cond in _top_conditions(where):
-        if name != field:
-            continue
-        if not _is_operators(cond):
-            cond = {"$eq": cond}
-        if isinstance(cond.get("$eq"), _BOUND_TYPES):
-            value = cond["$eq"]
-            return (lambda after, n: index.range(value, value, reverse=reverse, limit=n, after=after)), True
-        if isinstance(cond.get("$startswith"), str):
-            prefix = cond["$startswith"]
-            return (lambda after, n: index.prefix(prefix, limit=n, reverse=reverse, after=after)), True
-        bounds = _range_bounds(cond) if any(op in cond for op in _RANGE_OPS) else None
-        if bounds is not None:
-            lo, lo_inc, hi, hi_inc = bounds
-            return (lambda after, n: index.range(lo, hi, lo_inclusive=lo_inc, hi_inclusive=hi_inc, reverse=reverse,
-                                                 limit=n, after=after)), True
-    return (lambda after, n: index.ordered(reverse=reverse, after=after, limit=n)), False
 
 
 def order_key(value: Any) -> tuple[Any, ...]:

@@ -39,7 +39,11 @@ M = TypeVar("M", bound=Model)
 
 
 class Transaction:
-    """Changes collected by ``with db.transaction() as tx:``; see the module docstring."""
+    """Changes collected by ``with db.transaction() as tx:``; see the module docstring.
+
+    Runs on the caller's thread. ``timeout`` (None: the client's default) bounds each request the
+    transaction makes: drawing autoincrement values in ``create`` / ``save``, and the commit.
+    """
 
     def __init__(self, client: Client, timeout: float | None = None) -> None:
         check_timeout(timeout)
@@ -139,9 +143,12 @@ class Transaction:
 
     # -- ending ------------------------------------------------------------------------------------
 
-    def commit(self) -> int | None:
+    def commit(self, *, timeout: float | None = None) -> int | None:
         """Send every change as one atomic batch; return its last revision (None if there was
-        nothing to send). Called by the ``with`` block when it ends without an exception."""
+        nothing to send). Called by the ``with`` block when it ends without an exception.
+        ``timeout`` defaults to the transaction's (``db.transaction(timeout=)``), and that to the
+        client's default."""
+        check_timeout(timeout)
         self._check_open()
         self._state = "committing"
         try:
@@ -151,11 +158,11 @@ class Transaction:
             assert store is not None and store.replica is not None
             ops = list(self._ops.values())
             try:
-                revision = store.bucket.commit(ops, timeout=self._timeout)
+                revision = store.bucket.commit(ops, timeout=timeout if timeout is not None else self._timeout)
             except KeyExistsError as exc:
                 owner = self._owners.get(exc.key, store.model)
                 raise owner._unique_error(exc.key) from exc
-            for written_to in {id(m._s()): m._s() for m in self._owners.values()}.values():
+            for written_to in {id(m._require_store()): m._require_store() for m in self._owners.values()}.values():
                 written_to.written(ops, revision)  # every model of the bucket reads it back at once
             with store.replica.lock:
                 for obj, clean, stored in self._done:
@@ -184,7 +191,7 @@ class Transaction:
             raise InvalidArgumentError("this transaction has ended; start a new one with db.transaction()")
 
     def _join(self, model: type[Model]) -> None:
-        store = model._s()
+        store = model._require_store()
         if store.client is not self._client:
             raise InvalidArgumentError(f"model {model.__name__} is registered with another client than this transaction's")
         if self._store is None:

@@ -1,0 +1,534 @@
+"""The query planner: every query of a model's records is planned and run here.
+
+:class:`Planner` (one per registered model, ``store.planner``) answers the read calls of
+:class:`~natskv.models.model.Model` with ``(stored record, revision)`` pairs, which the model turns
+into instances. Its entry points, one per kind of read:
+
+- :meth:`Planner.find` -- matches in order, ``offset`` / ``limit`` applied (``find``, ``first``,
+  ``last``, live queries, transactions);
+- :meth:`Planner.find_one`, :meth:`Planner.count`, :meth:`Planner.select` (unordered: ``exists``,
+  aggregates), :meth:`Planner.page` (``paginate``: a page and its next cursor),
+  :meth:`Planner.for_update` (``update`` / ``destroy``: the matches and the filter to re-check one).
+
+Each entry point takes the read options (``consistency``, ``timeout``) out of the lookups once,
+with :func:`split_read_options`; ``Model.get`` parses its own with :func:`read_options`.
+
+How a query is answered, first rule that applies:
+
+1. ``consistency="server"``: every record is read from the server (one batch read) and filtered
+   here; no index.
+2. Equalities on indexed str/int fields only (``find_one(email=...)``, the commonest query): probe
+   the index (a unique one at once, else the rarest value), compare the other fields directly.
+   No filter is compiled. A compiled query that is one such equality goes this way too.
+3. One indexed order field with a limit (``find(order_by=, limit=)``, every ``paginate``): walk
+   that index in order from the cursor, filtering on the way, unless another index narrows the
+   selection to at most ``PAGE_SORT_MAX`` records, which are then sorted instead.
+4. Otherwise the most selective indexed top-level condition gives candidate primary keys (with
+   none, every record), the compiled ``_core`` filter checks them, and the result is sorted
+   (for the default order with a limit: the smallest primary keys only).
+
+Queries compile (``query.compile_where`` / ``compile_filter``) once per distinct text: the plan
+cache holds the last 512. Runs on the caller's thread; indexes and records are read under the
+replica's lock, which the loop thread takes to apply changes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import orjson
+
+from natskv._runner import check_timeout
+from natskv._speedups import core
+from natskv.errors import InvalidArgumentError
+from natskv.models import query
+
+if TYPE_CHECKING:
+    from natskv.models.store import ModelStore
+
+Pair = tuple[dict[str, Any], int]
+"""A stored record and its revision."""
+
+# paginate() and find(order_by=<indexed field>, limit=) sort a filtered selection of up to this
+# many records rather than walk the order field's index past every non-matching record.
+PAGE_SORT_MAX = 2000
+_CACHE_MAX = 512
+_RANGE_OPS = ("$gt", "$gte", "$lt", "$lte")
+
+
+# -- read options --------------------------------------------------------------------------------
+
+
+class ReadOptions(NamedTuple):
+    """How to read: from this client's replica, or from the server within ``timeout``."""
+
+    server: bool
+    timeout: float | None
+
+
+REPLICA = ReadOptions(False, None)
+
+
+def read_options(consistency: Any = "replica", timeout: Any = None) -> ReadOptions:
+    """Parse the read options of a read call: ``consistency`` is ``"replica"`` (this client's
+    in-memory replica, the default) or ``"server"``; ``timeout`` is None (the client's default)
+    or positive seconds and applies to a server read. InvalidArgumentError otherwise."""
+    check_timeout(timeout)
+    if consistency not in ("replica", "server"):
+        raise InvalidArgumentError(f"consistency is 'replica' or 'server', not {consistency!r}")
+    if consistency == "replica" and timeout is None:
+        return REPLICA
+    return ReadOptions(consistency == "server", timeout)
+
+
+def split_read_options(lookups: Mapping[str, Any]) -> tuple[ReadOptions, Mapping[str, Any]]:
+    """The read options among a read call's keyword lookups (``consistency``, ``timeout``: how to
+    read, not what to match) and the lookups without them."""
+    if "consistency" not in lookups and "timeout" not in lookups:
+        return REPLICA, lookups
+    options = read_options(lookups.get("consistency", "replica"), lookups.get("timeout"))
+    return options, {k: v for k, v in lookups.items() if k != "consistency" and k != "timeout"}
+
+
+# -- the planner -----------------------------------------------------------------------------------
+
+
+class Planner:
+    """Plans and runs the queries of one registered model (see the module docstring)."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self._plans: dict[str, tuple[dict[str, Any], Any]] = {}
+        # Lookup names -> ((field, type), ...) for rule 2; () when they are not all equalities on
+        # indexed str/int fields.
+        self._equality_shapes: dict[tuple[str, ...], tuple[tuple[str, type], ...]] = {}
+
+    # -- entry points ----------------------------------------------------------------------------
+
+    def find(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any], order_by: Any = None,
+             limit: int | None = None, offset: int = 0) -> list[Pair]:
+        """Matching pairs in ``order_by`` order (default: primary key), ``offset`` skipped, at most
+        ``limit``."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidArgumentError(f"limit must be None or an int >= 0, not {limit!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidArgumentError(f"offset must be an int >= 0, not {offset!r}")
+        order = query.parse_order_by(order_by, self.store.model._fields)
+        options, lookups = split_read_options(lookups)
+        return self._find(where, lookups, options, order, limit, offset)
+
+    def find_one(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> Pair | None:
+        """The first match by primary key, or None."""
+        if where is None and lookups:
+            equal = self._indexed_equalities(lookups)  # None when read options are among them
+            if equal is not None:
+                return next(iter(self._select_equal(equal, 1)), None)
+        found = self.find(where, lookups, limit=1)
+        return found[0] if found else None
+
+    def select(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any],
+               first: int | None = None) -> list[Pair]:
+        """Matching pairs, in no particular order. With ``first``, the caller wants only the first
+        ``first`` matches in primary-key order (it still sorts what it gets)."""
+        options, lookups = split_read_options(lookups)
+        return self._select(where, lookups, options, first)
+
+    def count(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> int:
+        """The number of matches."""
+        if where is None and not lookups:
+            store = self.store
+            with store.replica.lock:  # type: ignore[union-attr]
+                return len(store.records)
+        return len(self.select(where, lookups))
+
+    def page(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any], order_by: Any, after: str | None,
+             limit: int) -> tuple[list[Pair], str | None]:
+        """One page of ``paginate``: up to ``limit`` matches after the cursor ``after`` in the
+        order of ``order_by`` (one field, ``-`` for descending; ties by primary key in the same
+        direction), and the cursor of the next page (None on the last one)."""
+        store = self.store
+        pk = store.pk
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidArgumentError(f"limit must be a positive int, not {limit!r}")
+        if order_by is not None and not isinstance(order_by, str):
+            raise InvalidArgumentError(f"paginate orders by one field name (optionally '-name'), not {order_by!r}")
+        ((field, descending),) = query.parse_order_by(order_by or pk, store.model._fields)
+        mark = None
+        if after is not None:
+            try:
+                mark = tuple(orjson.loads(after))
+                if len(mark) != 2:
+                    raise ValueError
+            except (orjson.JSONDecodeError, ValueError, TypeError):
+                raise InvalidArgumentError(f"invalid pagination cursor {after!r}: pass a next_cursor unchanged") from None
+        options, lookups = split_read_options(lookups)
+        pairs: list[Pair] | None = None
+        if not options.server:
+            index = store.indexes.get(field)
+            if index is not None:
+                pairs = self._walk_index(index, field, descending, mark, limit + 1, where, lookups)
+        if pairs is None:
+            ordered = query.sort_records(self._select(where, lookups, options), [(field, descending)], pk)
+            pairs = _after(ordered, mark, field, pk, descending)[: limit + 1]
+        if len(pairs) <= limit:
+            return pairs, None
+        pairs = pairs[:limit]
+        last = pairs[-1][0]
+        return pairs, orjson.dumps([last.get(field), last.get(pk)]).decode()
+
+    def for_update(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> tuple[list[Pair], Any]:
+        """What ``update`` / ``destroy`` act on: the matches in primary-key order, and the filter
+        that tells whether a record re-read after a conflict still matches."""
+        options, lookups = split_read_options(lookups)
+        _, flt = self.compiled(where, lookups)
+        return self._find(where, lookups, options, [], None, 0), flt
+
+    # -- compiling -------------------------------------------------------------------------------
+
+    def compiled(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The compiled ``where`` dict and filter of a query, cached by its text (queries repeat)."""
+        cache_key = repr((where, sorted(lookups.items())))
+        hit = self._plans.get(cache_key)
+        if hit is None:
+            compiled_where = query.compile_where(self.store.model._fields, where, lookups)
+            hit = (compiled_where, query.compile_filter(compiled_where))
+            if len(self._plans) >= _CACHE_MAX:
+                self._plans.clear()
+            self._plans[cache_key] = hit
+        return hit
+
+    # -- the rules (lookups here are without read options) ----------------------------------------
+
+    def _find(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any], options: ReadOptions,
+              order: list[tuple[str, bool]], limit: int | None, offset: int) -> list[Pair]:
+        store = self.store
+        if limit is not None and len(order) == 1 and not options.server:  # rule 3
+            field, descending = order[0]
+            index = store.indexes.get(field)
+            if index is not None:
+                walked = self._walk_index(index, field, descending, None, limit + offset, where, lookups)
+                if walked is not None:
+                    return walked[offset : offset + limit]
+        pairs = self._select(where, lookups, options, first=limit + offset if limit is not None and not order else None)
+        if not order and limit is not None and len(pairs) > limit + offset:
+            # Default order (primary key, one type per model) with a limit: select, don't sort.
+            pk = store.pk
+            pairs = heapq.nsmallest(limit + offset, pairs, key=lambda p: p[0][pk])
+        elif len(pairs) > 1:
+            pairs = query.sort_records(pairs, order, store.pk)
+        if offset:
+            pairs = pairs[offset:]
+        if limit is not None:
+            pairs = pairs[:limit]
+        return pairs
+
+    def _select(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any], options: ReadOptions,
+                first: int | None = None) -> list[Pair]:
+        store = self.store
+        if not options.server and where is None and lookups:  # rule 2
+            equalities = self._indexed_equalities(lookups)
+            if equalities is not None:
+                return self._select_equal(equalities, first)
+        compiled_where, flt = self.compiled(where, lookups)
+        if options.server:  # rule 1
+            pairs = store.server_records(options.timeout)
+        else:
+            assert store.replica is not None
+            equality = _single_equality(compiled_where)
+            if equality is not None and (equality[0] in store.unique or equality[0] in store.sorted):
+                return self._select_equal({equality[0]: equality[1]}, first)
+            with store.replica.lock:  # rule 4
+                pks = _candidate_pks(compiled_where, store.indexes)
+                records = store.records
+                pairs = list(records.values()) if pks is None else [records[pk] for pk in pks if pk in records]
+        if not compiled_where:
+            return pairs
+        return [pairs[i] for i in flt.filter([p[0] for p in pairs])]
+
+    def _indexed_equalities(self, lookups: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``{field: value}`` when every lookup is an equality on an indexed str/int field."""
+        shape = tuple(lookups)
+        fields = self._equality_shapes.get(shape)
+        if fields is None:  # first query of this shape: which fields, of which types (or none)
+            model_fields, indexes = self.store.model._fields, self.store.indexes
+            found: list[tuple[str, type]] = []
+            for key in shape:
+                field = model_fields.get(key.removesuffix("__exact"))
+                if field is None or field.type not in (str, int) or field.name not in indexes:
+                    found = []
+                    break
+                found.append((field.name, field.type))
+            fields = tuple(found)
+            if len(self._equality_shapes) >= _CACHE_MAX:
+                self._equality_shapes.clear()
+            self._equality_shapes[shape] = fields
+        if not fields:
+            return None
+        out = {}
+        for (name, kind), value in zip(fields, lookups.values()):
+            if type(value) is not kind:
+                return None
+            out[name] = value
+        return out
+
+    def _select_equal(self, equal: dict[str, Any], first: int | None) -> list[Pair]:
+        """Records whose indexed fields equal the given str/int values (all of them)."""
+        store = self.store
+        assert store.replica is not None
+        unique, sorted_ = store.unique, store.sorted
+        with store.replica.lock:
+            records = store.records
+            for name in equal:
+                if name in unique:  # one index probe, then the other fields compared
+                    pk = unique[name].get(equal[name])
+                    hit = records.get(pk) if pk is not None else None
+                    if hit is None:
+                        return []
+                    stored = hit[0]
+                    for other, value in equal.items():
+                        if stored.get(other) != value:
+                            return []
+                    return [hit]
+            if len(equal) == 1:  # primary keys in order; only as many as wanted
+                ((name, value),) = equal.items()
+                index = sorted_[name]
+                candidates = index.eq(value) if first is None else index.range(value, value, limit=first)
+            else:  # the rarest value; eq() lists primary keys in order
+                name = min(equal, key=lambda n: sorted_[n].count_eq(equal[n]))
+                candidates = sorted_[name].eq(equal[name])
+            out = []
+            for pk in candidates:
+                hit = records.get(pk)
+                if hit is not None and all(hit[0].get(n) == v for n, v in equal.items()):
+                    out.append(hit)
+                    if len(out) == first:
+                        break
+            return out
+
+    def _walk_index(self, index: Any, field: str, descending: bool, mark: tuple[Any, Any] | None, want: int,
+                    where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> list[Pair] | None:
+        """Rule 3: up to ``want`` matches after ``mark``, walking ``index`` (the order field's) in
+        order; None when the filter selects so few records through another index that sorting
+        them is cheaper."""
+        store = self.store
+        compiled_where, flt = self.compiled(where, lookups)
+        pk_name = store.pk
+        records = store.records
+        out: list[Pair] = []
+        if want <= 0:
+            return out
+
+        def keep(pairs: list[Pair]) -> None:
+            out.extend(pairs if not compiled_where else [pairs[i] for i in flt.filter([p[0] for p in pairs])])
+
+        assert store.replica is not None
+        with store.replica.lock:
+            if compiled_where and _candidate_pks(compiled_where, store.indexes, at_most=PAGE_SORT_MAX) is not None:
+                return None
+            # The walk covers only the order field's values the query allows, if it bounds them.
+            scan, bounded = _ordered_scan(compiled_where, field, index, descending)
+            # Records whose value the index cannot hold are sorted here: "others" (dicts, lists)
+            # sort after every indexed value (descending: before), nulls last in both directions.
+            has_tail = not bounded and len(records) > len(index)
+            tails: dict[str, list[Pair]] = {}
+            at = None
+            if mark is not None:
+                at = "nulls" if mark[0] is None else "others" if core.index_key(mark[0]) is None else "index"
+            segments = ["index", "others", "nulls"] if not descending else ["others", "index", "nulls"]
+            if at is not None:  # start in the segment that holds the cursor
+                segments = segments[segments.index(at):]
+            for segment in segments:
+                if len(out) >= want:
+                    break
+                if segment != "index":
+                    if has_tail and not tails:
+                        for p in query.sort_records(
+                            [p for p in records.values() if core.index_key(p[0].get(field)) is None],
+                            [(field, descending)], pk_name,
+                        ):
+                            tails.setdefault("nulls" if p[0].get(field) is None else "others", []).append(p)
+                    keep(_after(tails.get(segment, []), mark if segment == at else None, field, pk_name, descending))
+                    continue
+                cursor = None if at != "index" else mark
+                chunk = want
+                while len(out) < want:
+                    try:
+                        pks = scan(cursor, chunk)
+                    except (ValueError, TypeError):  # a cursor no page of this order gives
+                        raise InvalidArgumentError(f"invalid pagination cursor {list(mark or ())!r} for order {field!r}") from None
+                    keep([records[pk] for pk in pks if pk in records])
+                    if len(pks) < chunk:
+                        break
+                    last = pks[-1]
+                    cursor = (records[last][0].get(field), last)
+                    chunk = min(chunk * 2, 4096)
+        return out[:want]
+
+
+# -- index selection (pure functions over a compiled where dict) -----------------------------------
+
+
+def _after(pairs: list[Pair], mark: tuple[Any, Any] | None, field: str, pk: str, descending: bool) -> list[Pair]:
+    """The pairs (sorted by ``field``, ties by primary key) strictly after the cursor ``mark``."""
+    if mark is None:
+        return pairs
+    return [p for p in pairs if query.follows(p[0], mark, field, pk, descending)]
+
+
+def _single_equality(where: dict[str, Any]) -> tuple[str, Any] | None:
+    """``(field, value)`` when the whole query is one equality on a str or int value."""
+    if len(where) != 1:
+        return None
+    name, cond = next(iter(where.items()))
+    if name.startswith("$"):
+        return None
+    if isinstance(cond, dict):
+        if len(cond) != 1 or "$eq" not in cond:
+            return None
+        cond = cond["$eq"]
+    return (name, cond) if type(cond) in (str, int) else None
+
+
+def _candidate_pks(where: dict[str, Any], indexes: Mapping[str, Any], at_most: int | None = None) -> list[Any] | None:
+    """Primary keys that may match, from the most selective indexed top-level condition.
+
+    None means "no index applies: scan every record" (with ``at_most``, also "no index narrows
+    it to ``at_most`` keys or fewer"). The caller still checks the whole filter.
+    """
+    # Estimate each usable condition cheaply, then build only the smallest candidate list
+    # (ranges and prefixes have no cheap estimate: they are read last, capped by the best).
+    ranked: list[tuple[float, str, Any]] = []
+    for name, cond in _top_conditions(where):
+        index = indexes.get(name)
+        if index is not None:
+            estimate = _estimate(index, cond)
+            if estimate is not None:
+                ranked.append((estimate, name, cond))
+    ranked.sort(key=lambda r: r[0])
+    best: list[Any] | None = None
+    for estimate, name, cond in ranked:
+        if best is not None and estimate >= len(best):
+            break
+        if at_most is not None and estimate != math.inf and estimate > at_most:
+            break  # ranked: the others select as many or more
+        cap = len(best) + 1 if best is not None else None if at_most is None else at_most + 1
+        pks = _lookup(indexes[name], cond, cap)
+        if pks is not None and (best is None or len(pks) < len(best)):
+            best = pks
+            if not best:
+                break
+    if at_most is not None and best is not None and len(best) > at_most:
+        return None
+    return best
+
+
+def _top_conditions(where: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The (field, condition) pairs every match must satisfy: top level and top-level $and."""
+    conditions: list[tuple[str, Any]] = []
+    for key, cond in where.items():
+        if key == "$and" and isinstance(cond, list):
+            for sub in cond:
+                if isinstance(sub, dict):
+                    conditions.extend((k, v) for k, v in sub.items() if not k.startswith("$"))
+        elif not key.startswith("$"):
+            conditions.append((key, cond))
+    return conditions
+
+
+def _is_operators(cond: Any) -> bool:
+    return isinstance(cond, dict) and bool(cond) and all(isinstance(k, str) and k.startswith("$") for k in cond)
+
+
+_BOUND_TYPES = (bool, int, float, str)
+
+
+def _range_bounds(cond: dict[str, Any]) -> tuple[Any, bool, Any, bool] | None:
+    """``(lo, lo_inclusive, hi, hi_inclusive)`` holding every value a condition's $gt/$gte/$lt/$lte
+    allow (None: an open side), or None when they cannot bound an index scan."""
+    def tighter(a: str, b: str, pick_max: bool) -> tuple[Any, bool] | None:
+        if a not in cond and b not in cond:
+            return None, True
+        # Any JSON values, None too: a comparison they do not support is caught below.
+        strict: Any = cond.get(a)
+        loose: Any = cond.get(b)
+        for value in (strict, loose):
+            if value is not None and not isinstance(value, _BOUND_TYPES):
+                return None
+        if a not in cond:
+            return loose, True
+        if b not in cond:
+            return strict, False
+        try:  # both: the tighter one (on a tie the strict one)
+            strict_wins = strict >= loose if pick_max else strict <= loose
+        except TypeError:
+            return None
+        return (strict, False) if strict_wins else (loose, True)
+
+    low = tighter("$gt", "$gte", True)
+    high = tighter("$lt", "$lte", False)
+    if low is None or high is None:
+        return None
+    return low[0], low[1], high[0], high[1]
+
+
+def _estimate(index: Any, cond: Any) -> float | None:
+    """How many keys a condition selects (inf: unknown but usable; None: the index cannot help)."""
+    if not _is_operators(cond):
+        return None if cond is None else index.count_eq(cond)
+    if "$eq" in cond and cond["$eq"] is not None:
+        return index.count_eq(cond["$eq"])
+    if "$in" in cond and isinstance(cond["$in"], list) and None not in cond["$in"]:
+        return sum(index.count_eq(v) for v in cond["$in"])
+    if ("$startswith" in cond and isinstance(cond["$startswith"], str)) or any(op in cond for op in _RANGE_OPS):
+        return math.inf
+    return None
+
+
+def _lookup(index: Any, cond: Any, cap: int | None) -> list[Any] | None:
+    if not _is_operators(cond):
+        return None if cond is None else index.eq(cond)
+    if "$eq" in cond and cond["$eq"] is not None:
+        return index.eq(cond["$eq"])
+    if "$in" in cond and isinstance(cond["$in"], list) and None not in cond["$in"]:
+        return index.in_(cond["$in"])
+    if "$startswith" in cond and isinstance(cond["$startswith"], str):
+        return index.prefix(cond["$startswith"], limit=cap)
+    if any(op in cond for op in _RANGE_OPS):
+        bounds = _range_bounds(cond)
+        if bounds is None:
+            return None
+        lo, lo_inclusive, hi, hi_inclusive = bounds
+        return index.range(lo, hi, lo_inclusive=lo_inclusive, hi_inclusive=hi_inclusive, limit=cap)
+    return None
+
+
+def _ordered_scan(where: dict[str, Any], field: str, index: Any, reverse: bool) -> tuple[Callable[[Any, int], list[Any]], bool]:
+    """A scan of ``index`` (the order field's) in order from a cursor: ``scan(after, limit)``.
+
+    When the query bounds ``field`` (an equality, a range or a prefix that every match must
+    satisfy), the scan covers only those values, and the second item is True: no record
+    outside the index (null, unindexable) can match.
+    """
+    for name, cond in _top_conditions(where):
+        if name != field:
+            continue
+        if not _is_operators(cond):
+            cond = {"$eq": cond}
+        if isinstance(cond.get("$eq"), _BOUND_TYPES):
+            value = cond["$eq"]
+            return (lambda after, n: index.range(value, value, reverse=reverse, limit=n, after=after)), True
+        if isinstance(cond.get("$startswith"), str):
+            prefix = cond["$startswith"]
+            return (lambda after, n: index.prefix(prefix, limit=n, reverse=reverse, after=after)), True
+        bounds = _range_bounds(cond) if any(op in cond for op in _RANGE_OPS) else None
+        if bounds is not None:
+            lo, lo_inc, hi, hi_inc = bounds
+            return (lambda after, n: index.range(lo, hi, lo_inclusive=lo_inc, hi_inclusive=hi_inc, reverse=reverse,
+                                                 limit=n, after=after)), True
+    return (lambda after, n: index.ordered(reverse=reverse, after=after, limit=n)), False
+
+
+__all__ = ["PAGE_SORT_MAX", "REPLICA", "Pair", "Planner", "ReadOptions", "read_options", "split_read_options"]

@@ -1,0 +1,168 @@
+"""ModelStore: what a registered model holds at run time, and the layout of its bucket.
+
+Storage layout in the model's bucket (keys use natskv's ``:`` hierarchy):
+
+- ``r:<type>:<pk>`` holds a record as JSON (``<type>`` is ``i``, ``s`` or ``u`` for int, str and
+  UUID primary keys, so ``1`` and ``"1"`` are different records);
+- ``u:<field>:<json value>`` marks a value of a unique field as taken (its value is the record key).
+
+The store keeps the records of a :class:`~natskv.replica.LocalReplica` of the ``r:`` keys with their
+indexes (``_core.SortedIndex`` / ``UniqueIndex``), in step through the replica's apply hook, which
+runs on natskv's loop thread under the replica's lock; readers on any thread take that lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from natskv._runner import check_timeout
+from natskv._speedups import core
+from natskv.errors import InvalidArgumentError
+from natskv.models.planner import Planner
+
+if TYPE_CHECKING:
+    from natskv.client import Client
+    from natskv.kv import Bucket
+    from natskv.models.model import Model
+    from natskv.replica import LocalReplica
+
+log = logging.getLogger("natskv")
+
+RECORD, UNIQUE = "r", "u"
+
+
+def resolve_timeout(client: Client, timeout: float | None) -> float | None:
+    """The seconds a model call waits: ``timeout=None`` is the client's default
+    (``request_timeout``), ``math.inf`` no limit (returned as None, as thread waits take it).
+    The model layer's one timeout rule, the one ``Bucket`` calls follow."""
+    check_timeout(timeout)
+    if timeout is None:
+        return client.options.request_timeout
+    return None if timeout == math.inf else timeout
+
+
+def record_key(pk: Any) -> str:
+    """The bucket key of the record with primary key ``pk`` (int, str or UUID)."""
+    if isinstance(pk, bool):
+        raise InvalidArgumentError(f"a primary key is an int, str or UUID, not {pk!r}")
+    if isinstance(pk, int):
+        return f"{RECORD}:i:{pk}"
+    if isinstance(pk, str):
+        return f"{RECORD}:s:{pk}"
+    if isinstance(pk, uuid.UUID):
+        return f"{RECORD}:u:{pk}"
+    raise InvalidArgumentError(f"a primary key is an int, str or UUID, not {type(pk).__name__} ({pk!r})")
+
+
+def unique_key(field: str, json_value: Any) -> str:
+    """The bucket key that marks ``json_value`` (stored form) of the unique ``field`` as taken."""
+    return f"{UNIQUE}:{field}:{orjson.dumps(json_value).decode()}"
+
+
+class ModelStore:
+    """What a registered model holds at run time: its client and bucket, its replica's records
+    and indexes, the listeners of its changes, and the :class:`~natskv.models.planner.Planner`
+    of its queries. Made by ``db.register`` (``ModelRegistry.register``)."""
+
+    def __init__(self, model: type[Model], client: Client, bucket: Bucket) -> None:
+        self.model = model
+        self.client = client
+        self.bucket = bucket
+        fields = model._fields
+        self.pk = model._pk
+        # Unique values (and the primary key) map to one record; indexed fields to many.
+        self.unique: dict[str, Any] = {
+            name: core.UniqueIndex(pk_order=name == self.pk)
+            for name, field in fields.items()
+            if name == self.pk or field.unique
+        }
+        self.sorted: dict[str, Any] = {
+            name: core.SortedIndex() for name, field in fields.items() if field.index and name not in self.unique
+        }
+        self.indexes: dict[str, Any] = {**self.unique, **self.sorted}
+        # By primary key (stored form): (stored record, revision), replaced whole on each change
+        # so a reader always gets a record and its own revision together.
+        self.records: dict[Any, tuple[dict[str, Any], int]] = {}
+        self.index_set = core.IndexSet(self.pk, self.unique, self.sorted, self.records)  # keeps both in step
+        self.replica: LocalReplica | None = None
+        # Model watches, live queries and db.on(): called as listener(old, new, revision,
+        # old_revision) on the loop thread under the replica's lock; they only match and queue.
+        self.listeners: list[Callable[[Any, Any, int, int], None]] = []
+        # In a forked child reloading its replica: the records inherited from the parent, by
+        # primary key, so the reload tells listeners only what changed since the fork.
+        self.inherited: dict[Any, tuple[dict[str, Any], int]] | None = None
+        self.planner = Planner(self)
+
+    def next_ids(self, field: str, count: int, timeout: float | None) -> range:
+        """Reserve ``count`` consecutive values of the autoincrement ``field`` from the counter
+        stream beside the model's bucket (one request, caller's thread); return them in order.
+        ``timeout=None`` is the client's default."""
+        last = self.client._next_counter(self.bucket.name, field, timeout, count)
+        return range(last - count + 1, last + 1)
+
+    def server_records(self, timeout: float | None) -> list[tuple[dict[str, Any], int]]:
+        """Every record as the server has it now, with its revision (one batch read of the
+        ``r:`` keys; ``consistency="server"`` reads). ``timeout=None`` is the client's default."""
+        bucket = self.bucket
+        return [(bucket._decode(e).value, e.revision) for _, e in bucket._latest(f"{RECORD}:*", False, timeout)]
+
+    def reset(self) -> None:
+        """Forget every record (the replica calls this in a forked child before it reloads).
+
+        Model watches and live queries stay with the process that started them; db.on() handlers
+        (marked ``carry_over_fork``) follow the client into the child, and hear of the reload
+        only what changed since the fork (see :meth:`loaded`).
+        """
+        self.inherited = dict(self.records)
+        self.records.clear()
+        for index in self.indexes.values():
+            index.clear()
+        self.listeners[:] = [f for f in self.listeners if getattr(f, "carry_over_fork", False)]
+
+    def written(self, ops: list[tuple[Any, ...]], revision: int) -> None:
+        """Apply a write that the server acknowledged at ``revision`` (one op, or an atomic batch
+        whose last op got ``revision``) to the replica at once: this client reads its own write
+        back without waiting for the watch, whose later delivery of it is skipped."""
+        assert self.replica is not None
+        self.replica.apply_written([(op[1], op[0] != "delete", op[2] if op[0] != "delete" else None) for op in ops],
+                                   revision)
+
+    # -- replica hook (loop thread, under the replica's lock) -------------------------------------
+
+    def apply(self, key: str, old: Any, new: Any, revision: int) -> None:
+        """Keep records and indexes in step with one change of a record key."""
+        old_revision = self.index_set.apply(old, new, revision)
+        if self.listeners:
+            old = old if type(old) is dict else None
+            new = new if type(new) is dict else None
+            if self.inherited is not None and old is None and new is not None:
+                hit = self.inherited.pop(new.get(self.pk), None)
+                if hit is not None:
+                    if hit[1] == revision:
+                        return  # reloaded as it was at the fork: not news
+                    old, old_revision = hit
+            self._tell(old, new, revision, old_revision)
+
+    def loaded(self) -> None:
+        """The replica's initial values are in: after a fork's reload, the inherited records
+        that did not come back were deleted meanwhile."""
+        gone, self.inherited = self.inherited, None
+        if gone and self.listeners and self.replica is not None:
+            for stored, revision in gone.values():
+                self._tell(stored, None, self.replica.revision, revision)
+
+    def _tell(self, old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_revision: int) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(old, new, revision, old_revision)
+            except Exception:  # noqa: BLE001 - one broken listener must not stop the replica
+                log.exception("natskv: error in a model listener")
+
+
+__all__ = ["RECORD", "UNIQUE", "ModelStore", "record_key", "resolve_timeout", "unique_key"]
