@@ -77,7 +77,7 @@ def test_initial_values_marker_then_updates(db: natskv.Client, kv: natskv.Bucket
         for c in init:
             assert c.bucket == kv.name
             assert not c.initial_done and not c.deleted
-            assert isinstance(c.timestamp, datetime) and c.timestamp.tzinfo is not None
+            assert isinstance(c.created, datetime) and c.created.tzinfo is not None
         rc = kv.set("c", "new")
         r_upd = kv.update("a", 3, ra2)
         r_del = kv.delete("b")
@@ -352,7 +352,7 @@ def test_change_timestamp_matches_entry_created(kv: natskv.Bucket) -> None:
     for ch in changes:
         e = kv.entry(ch.key)
         assert e.revision == ch.revision
-        assert ch.timestamp == e.created, (ch.key, ch.timestamp, e.created)
+        assert ch.created == e.created, (ch.key, ch.created, e.created)
 
 
 # -- callback form ------------------------------------------------------------------------------
