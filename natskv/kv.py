@@ -4,12 +4,13 @@ Every method runs on the caller's thread and may be called from any thread excep
 thread. Single requests go down the wire path (:mod:`natskv.wire.kv`) on that thread; listings too
 large for a batch get go through ``runner.call`` to a consumer on the loop thread.
 
-Timeouts: every blocking call takes ``timeout=`` in seconds; ``None`` (the default) means the
-client's default (``request_timeout``, 5 s unless set at connect), and ``math.inf`` means no limit. Keys are any ``str``; they
-are encoded by ``_core.encode_key`` into the NATS subject alphabet (reversibly), with ``sep`` (``:``
-by default) becoming NATS's token separator so patterns like ``"user:*"`` are filtered by the server.
-"""
+Keys are any ``str``; they are encoded by ``_core.encode_key`` into the NATS subject alphabet
+(reversibly), with ``sep`` (``:`` by default) becoming NATS's token separator so patterns like
+``"user:*"`` are filtered by the server.
 
+Timeouts: every blocking call takes ``timeout=`` in seconds; ``None`` (the default) means the
+client's default (``request_timeout``, 5 s unless set at connect), and ``math.inf`` means no limit.
+"""
 from __future__ import annotations
 
 import math
@@ -211,8 +212,8 @@ class Bucket:
         enc = self._token(key)
         if revision is not None and _check_revision(revision) < 1:
             raise InvalidArgumentError("revision must be at least 1 (revisions start at 1), not 0")
-        t = self._timeout(timeout)
-        raw = self._proto.get(enc, t) if revision is None else self._proto.get_revision(enc, revision, t)
+        limit = self._timeout(timeout)
+        raw = self._proto.get(enc, limit) if revision is None else self._proto.get_revision(enc, revision, limit)
         if raw is None or (revision is None and raw.operation != "PUT"):
             return None
         return self._decode(raw, key)
@@ -238,14 +239,15 @@ class Bucket:
             compiled = core.compile_pattern(pattern, self.sep)
         except (ValueError, TypeError) as exc:
             raise InvalidKeyError(f"invalid key pattern {pattern!r}: {exc}") from exc
-        t = self._timeout(timeout)
+        limit = self._timeout(timeout)
         prefix_len = len(self._proto.subject_prefix)
         raws = None
         if self._client._conn.api_level >= 1:
-            raws = self._proto.get_last_many([self._proto.subject_prefix + compiled.filter], t)
+            raws = self._proto.get_last_many([self._proto.subject_prefix + compiled.filter], limit)
         if raws is None:  # too many subjects for one batch get, or an old server: use a consumer
             raws = runner.call(
-                snapshot(self._client._conn, self._proto, compiled.filter, headers_only, t or 30.0), t and t * 10
+                snapshot(self._client._conn, self._proto, compiled.filter, headers_only, limit or 30.0),
+                limit and limit * 10,
             )
         out = []
         exact = compiled.exact
@@ -335,20 +337,20 @@ class Bucket:
         """
         enc = self._token(key)
         payload, headers = self._encode(value, ttl)
-        t = self._timeout(timeout)
+        limit = self._timeout(timeout)
         try:
-            return self._proto.put(enc, payload, h.with_expected_revision(headers, 0), t)
+            return self._proto.put(enc, payload, h.with_expected_revision(headers, 0), limit)
         except JetStreamError as exc:
             if exc.err_code not in CAS_ERROR_CODES:
                 raise
             first_error = exc
         # The subject has history: allowed if its latest message is a delete, purge or TTL marker.
-        raw = self._proto.get(enc, t)
+        raw = self._proto.get(enc, limit)
         if raw is not None and raw.operation == "PUT":
             raise self._cas_error(first_error, key, 0) from None
         expected = raw.revision if raw is not None else 0
         try:
-            return self._proto.put(enc, payload, h.with_expected_revision(headers, expected), t)
+            return self._proto.put(enc, payload, h.with_expected_revision(headers, expected), limit)
         except JetStreamError as exc:
             if exc.err_code in CAS_ERROR_CODES:
                 raise self._cas_error(exc, key, 0) from None
@@ -472,17 +474,17 @@ class Bucket:
                 else:
                     headers = dict(extra or {})
             items.append((enc, payload, headers))
-        t = self._timeout(timeout)
+        limit = self._timeout(timeout)
         for _ in range(5):
             try:
-                return self._proto.commit_batch(items, t)
+                return self._proto.commit_batch(items, limit)
             except JetStreamError as exc:
                 if exc.err_code not in CAS_ERROR_CODES:
                     raise
                 # The server does not say which check failed. Read the checked keys (one batch
                 # get): a real conflict raises naming its key; a create over a deleted, purged or
                 # expired key is allowed (as in create()) and is retried against its tombstone.
-                self._rebase_creates(items, checks, t, exc)
+                self._rebase_creates(items, checks, limit, exc)
         raise RevisionMismatchError(next(iter(checks.values()))[0], 0, None, "keys kept changing; retry the commit")
 
     def _rebase_creates(

@@ -280,9 +280,9 @@ class Watcher:
             except Exception:  # noqa: BLE001 - stopping must not fail; the server expires it
                 log.debug("natskv: error stopping watch", exc_info=True)
         self._queue.put(_STOP)
-        d = self._dispatcher
-        if d is not None and d is not threading.current_thread():
-            d.join(timeout)
+        dispatcher = self._dispatcher
+        if dispatcher is not None and dispatcher is not threading.current_thread():
+            dispatcher.join(timeout)
 
     @property
     def stopped(self) -> bool:

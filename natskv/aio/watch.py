@@ -345,7 +345,9 @@ async def snapshot(
     return out
 
 
-async def latest_async(conn: Connection, proto: KVProtocol, filter_subject: str, timeout: float) -> list[RawEntry] | None:
+async def latest_async(
+    conn: Connection, proto: KVProtocol, filter_subject: str, timeout: float
+) -> list[RawEntry] | None:
     """The latest message per subject under ``filter_subject`` in one batch direct get, the
     loop thread's form of :meth:`KVProtocol.get_last_many`. None when it matches too many
     subjects for one batch get (413) or the server has no batch get."""
