@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from natskv.models.fields import Field
     from natskv.models.model import Model, Page
     from natskv.models.transaction import Transaction
+    from natskv.ops import Create, Delete, Set, Update
     from natskv.replica import LocalReplica
     from natskv.watch import Change, Watcher
 
@@ -69,6 +70,10 @@ _LAZY = {
     "Transaction": "natskv.models.transaction",
     "Field": "natskv.models.fields",
     "Watcher": "natskv.watch",
+    "Set": "natskv.ops",
+    "Create": "natskv.ops",
+    "Update": "natskv.ops",
+    "Delete": "natskv.ops",
 }
 
 
@@ -101,7 +106,9 @@ __all__ = [
     "Codec",
     "ConfigurationError",
     "ConnectOptions",
+    "Create",
     "DeadlockError",
+    "Delete",
     "EmbeddedServer",
     "Entry",
     "FeatureNotSupportedError",
@@ -125,9 +132,11 @@ __all__ = [
     "RevisionMismatchError",
     "SerializationError",
     "ServerError",
+    "Set",
     "StrCodec",
     "Transaction",
     "UniqueConstraintError",
+    "Update",
     "ValidationError",
     "Watcher",
     "__impl__",

@@ -16,20 +16,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._runner import check_timeout, loop_name, runner
-from natskv.aio.connection import API_LEVEL_ATOMIC, Connection
-from natskv.aio.kv import KVProtocol, counter_add, status_of, validate_bucket_name
+from natskv.aio.connection import Connection
 from natskv.aio.watch import stop_feeds_of
 from natskv.codec import Codec, get_codec
 from natskv.config import ConnectOptions
 from natskv.errors import (
     BucketNotFoundError,
     InvalidArgumentError,
-    JetStreamError,
     NoRespondersError,
     NotConnectedError,
     PayloadTooLargeError,
 )
 from natskv.kv import Bucket
+from natskv.wire import counters
+from natskv.wire.jsapi import API_LEVEL_ATOMIC
+from natskv.wire.kv import KVProtocol, validate_bucket_name
+from natskv.wire.replies import status_of
 
 if TYPE_CHECKING:
     from natskv.models.live import ModelEvent
@@ -250,45 +252,10 @@ class Client:
         return self._models().get_model(name)
 
     def _next_counter(self, bucket: str, field: str, timeout: float | None, count: int = 1) -> int:
-        """Add ``count`` to an autoincrement counter (a counter stream beside the bucket) and
-        return its new value."""
+        """Add ``count`` to an autoincrement counter and return its new value (see natskv.wire.counters)."""
         self._check()
         t = timeout if timeout is not None else self.options.request_timeout
-        self._conn.require(API_LEVEL_ATOMIC, "autoincrement fields (counter streams)")
-        stream = f"KVC_{bucket}"
-        replicas = self._counters.get(stream)
-        if replicas is None:
-            replicas = self._counters[stream] = self._ensure_counter_stream(bucket, stream, t)
-        return counter_add(self._conn, stream, f"$KVC.{bucket}.{field}", count, replicas, t)
-
-    def _ensure_counter_stream(self, bucket: str, stream: str, timeout: float) -> int:
-        """Create the counter stream with its bucket's replicas and storage, or scale an
-        existing one up to the bucket's replicas (its storage cannot change on the server);
-        return its replicas."""
-        kv = self._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, timeout)["config"]
-        replicas, storage = kv.get("num_replicas", 1), kv.get("storage", "file")
-        try:
-            config = self._conn.js_api_blocking(f"STREAM.INFO.{stream}", None, timeout)["config"]
-        except BucketNotFoundError:
-            config = {
-                "name": stream, "subjects": [f"$KVC.{bucket}.>"], "allow_msg_counter": True,
-                "allow_direct": True, "storage": storage, "num_replicas": replicas,
-            }
-            try:
-                self._conn.js_api_blocking(f"STREAM.CREATE.{stream}", config, timeout)
-            except JetStreamError as exc:
-                if exc.err_code != 10058:  # created concurrently by another client
-                    raise
-            return replicas
-        if config.get("storage", "file") != storage:
-            log.warning("natskv: counter stream %s is %s storage, its bucket %s; the server cannot change it",
-                        stream, config.get("storage"), storage)
-        if config.get("num_replicas", 1) < replicas:
-            # Made before counters followed their bucket (always R1): one node down stopped
-            # every create. Scaling up keeps the counts.
-            self._conn.js_api_blocking(f"STREAM.UPDATE.{stream}", dict(config, num_replicas=replicas), timeout)
-            return replicas
-        return int(config.get("num_replicas", 1))
+        return counters.next_value(self._conn, self._counters, bucket, field, count, t)
 
     # -- plain NATS ------------------------------------------------------------------------------
 
@@ -341,10 +308,10 @@ class Client:
         return self._conn.server_version
 
     @property
-    def api_level(self) -> int:
-        """The JetStream API level of the connected server (what its features allow: 2 and up
-        has atomic batches and counters, nats-server 2.12)."""
-        return self._conn.api_level
+    def has_atomic_batches(self) -> bool:
+        """Whether the connected server takes atomic batches (nats-server 2.12 and up), which
+        ``commit()``, transactions and unique or autoincrement model fields need."""
+        return self._conn.api_level >= API_LEVEL_ATOMIC
 
     @property
     def connected(self) -> bool:

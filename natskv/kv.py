@@ -1,10 +1,16 @@
 """Bucket: the blocking Key-Value API.
 
-Every method may be called from any thread except natskv's loop thread. Keys are any ``str``; they
-are encoded by ``_core.encode_key`` into the NATS subject alphabet (reversibly), with ``sep`` (``:``
-by default) becoming NATS's token separator so patterns like ``"user:*"`` are filtered by the server.
-"""
+Every method runs on the caller's thread and may be called from any thread except natskv's loop
+thread. Single requests go down the wire path (:mod:`natskv.wire.kv`) on that thread; listings too
+large for a batch get go through ``runner.call`` to a consumer on the loop thread.
 
+Keys are any ``str``; they are encoded by ``_core.encode_key`` into the NATS subject alphabet
+(reversibly), with ``sep`` (``:`` by default) becoming NATS's token separator so patterns like
+``"user:*"`` are filtered by the server.
+
+Timeouts: every blocking call takes ``timeout=`` in seconds; ``None`` (the default) means the
+client's default (``request_timeout``, 5 s unless set at connect), and ``math.inf`` means no limit.
+"""
 from __future__ import annotations
 
 import math
@@ -16,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from natskv._runner import check_timeout, runner
 from natskv._speedups import core
-from natskv.aio.kv import CAS_ERROR_CODES, KVProtocol, RawEntry, ttl_header
 from natskv.aio.watch import snapshot
 from natskv.codec import RAW_HEADER, Codec, JSONCodec, get_codec, non_finite_path
 from natskv.errors import (
@@ -27,6 +32,11 @@ from natskv.errors import (
     KeyNotFoundError,
     RevisionMismatchError,
 )
+from natskv.ops import Create, Delete, Op, Update, as_op
+from natskv.ops import check_revision as _check_revision
+from natskv.wire import headers as h
+from natskv.wire.jsapi import CAS_ERROR_CODES
+from natskv.wire.kv import KVProtocol, RawEntry
 
 if TYPE_CHECKING:
     from natskv.client import Client
@@ -37,6 +47,16 @@ _MISSING: Any = object()
 _WRONG_SEQ = re.compile(r"wrong last sequence: (\d+)")
 # NATS parses protocol lines up to 4 KiB; keep the whole subject comfortably inside.
 MAX_ENCODED_KEY = 3000
+
+
+def wait_limit(timeout: float | None, default: float) -> float | None:
+    """The one timeout rule, as a limit to wait: ``None`` is ``default`` (the client's
+    ``request_timeout``), ``math.inf`` is no limit (``None`` to the waiting primitives), any other
+    positive number is itself. Raises InvalidArgumentError for anything else."""
+    check_timeout(timeout)
+    if timeout is None:
+        return default
+    return None if timeout == math.inf else timeout
 
 
 def _parse_timestamp(ts: str) -> datetime:
@@ -108,28 +128,31 @@ class Bucket:
         self.name = proto.bucket
         self.codec = get_codec(codec)
         self.sep = sep
-        self._enc = core.encode_key
-        self._dec = core.decode_key
+        # Bound once: the hot path looks them up on self, not on the core module.
+        self._core_encode_key = core.encode_key
+        self._core_decode_key = core.decode_key
 
     def __repr__(self) -> str:
         return f"<natskv.Bucket {self.name!r}>"
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _t(self, timeout: float | None) -> float | None:
-        check_timeout(timeout)
-        self._client._check()  # closed? forked? (a forked child reconnects here)
+    def _timeout(self, timeout: float | None) -> float | None:
+        """The limit of a blocking call (see :func:`wait_limit`), after checking that the call may
+        run here: the client is open (a forked child reconnects here) and this is not the loop
+        thread."""
+        limit = wait_limit(timeout, self._client.options.request_timeout)
+        self._client._check()
         runner.check_not_loop_thread()
-        if timeout is None:
-            return self._client.options.request_timeout
-        return None if timeout == math.inf else timeout  # None: wait without limit
+        return limit
 
-    def _key(self, key: str) -> str:
+    def _token(self, key: str) -> str:
+        """The subject token of ``key``: checked, and encoded into the NATS subject alphabet."""
         if type(key) is not str:
             if not isinstance(key, str):
                 raise InvalidKeyError(f"keys are str, not {type(key).__name__} ({key!r}); convert it with str()")
         try:
-            encoded = self._enc(key, self.sep)
+            encoded = self._core_encode_key(key, self.sep)
         except ValueError as exc:
             raise InvalidKeyError(f"key {key!r} cannot be stored: {exc}") from exc
         if len(encoded) > MAX_ENCODED_KEY:
@@ -144,19 +167,17 @@ class Bucket:
             payload = self.codec.encode(value)
         self._proto.check_size(len(payload))
         if ttl is not None:
-            tth = ttl_header(ttl)
+            ttl_value = h.ttl_header(ttl)
+            assert ttl_value is not None
             self._proto.require_ttl()
-            # The server removes an expiring message quietly when its subject has older ones (it
-            # places a delete marker only when the last message of a subject expires): the older
-            # value would come back. Rolling the key's history up leaves nothing behind the TTL.
-            headers = dict(headers or {}, **{"Nats-TTL": tth, "Nats-Rollup": "sub"})
+            headers = h.with_ttl(headers, ttl_value)
         return payload, headers
 
-    def _key_of(self, encoded: str) -> str:
+    def _key_of_token(self, encoded: str) -> str:
         """The key of an encoded subject token; keys written by other clients that are not in
         natskv's encoding come back as they are on the wire."""
         try:
-            return self._dec(encoded, self.sep)
+            return self._core_decode_key(encoded, self.sep)
         except ValueError:
             return encoded
 
@@ -166,7 +187,7 @@ class Bucket:
 
     def _decode(self, raw: RawEntry, key: str | None = None) -> Entry:
         if key is None:
-            key = self._key_of(raw.subject[len(self._proto.subject_prefix) :])
+            key = self._key_of_token(raw.subject[len(self._proto.subject_prefix) :])
         value = self._value(raw) if raw.operation == "PUT" else None
         return Entry(key, value, raw.revision, raw.timestamp, raw.operation, self.name)
 
@@ -181,18 +202,18 @@ class Bucket:
 
     def get(self, key: str, default: Any = None, *, timeout: float | None = None) -> Any:
         """The value of ``key``, or ``default`` when it is absent (never set, deleted or expired)."""
-        raw = self._proto.get(self._key(key), self._t(timeout))
+        raw = self._proto.get(self._token(key), self._timeout(timeout))
         if raw is None or raw.operation != "PUT":
             return default
         return self._decode(raw, key).value
 
     def entry(self, key: str, *, revision: int | None = None, timeout: float | None = None) -> Entry | None:
         """The latest :class:`Entry` of ``key`` (or the one at ``revision``), None when absent."""
-        enc = self._key(key)
+        enc = self._token(key)
         if revision is not None and _check_revision(revision) < 1:
             raise InvalidArgumentError("revision must be at least 1 (revisions start at 1), not 0")
-        t = self._t(timeout)
-        raw = self._proto.get(enc, t) if revision is None else self._proto.get_revision(enc, revision, t)
+        limit = self._timeout(timeout)
+        raw = self._proto.get(enc, limit) if revision is None else self._proto.get_revision(enc, revision, limit)
         if raw is None or (revision is None and raw.operation != "PUT"):
             return None
         return self._decode(raw, key)
@@ -202,8 +223,8 @@ class Bucket:
         keys = _key_list(keys, "get_many")
         if not keys:
             return {}
-        by_subject = {self._proto.subject_prefix + self._key(k): k for k in keys}
-        raws = self._proto.get_last_many(list(by_subject), self._t(timeout))
+        by_subject = {self._proto.subject_prefix + self._token(k): k for k in keys}
+        raws = self._proto.get_last_many(list(by_subject), self._timeout(timeout))
         assert raws is not None  # explicit subjects never exceed the per-request cap
         found = {raw.subject: raw for raw in raws if raw.operation == "PUT"}
         out: dict[str, Any] = {}
@@ -218,21 +239,22 @@ class Bucket:
             compiled = core.compile_pattern(pattern, self.sep)
         except (ValueError, TypeError) as exc:
             raise InvalidKeyError(f"invalid key pattern {pattern!r}: {exc}") from exc
-        t = self._t(timeout)
+        limit = self._timeout(timeout)
         prefix_len = len(self._proto.subject_prefix)
         raws = None
         if self._client._conn.api_level >= 1:
-            raws = self._proto.get_last_many([self._proto.subject_prefix + compiled.filter], t)
+            raws = self._proto.get_last_many([self._proto.subject_prefix + compiled.filter], limit)
         if raws is None:  # too many subjects for one batch get, or an old server: use a consumer
             raws = runner.call(
-                snapshot(self._client._conn, self._proto, compiled.filter, headers_only, t or 30.0), t and t * 10
+                snapshot(self._client._conn, self._proto, compiled.filter, headers_only, limit or 30.0),
+                limit and limit * 10,
             )
         out = []
         exact = compiled.exact
         for raw in raws:
             if raw.operation != "PUT":
                 continue
-            key = self._key_of(raw.subject[prefix_len:])
+            key = self._key_of_token(raw.subject[prefix_len:])
             if exact or compiled.match(key):
                 out.append((key, raw))
         out.sort(key=lambda kr: kr[0])
@@ -288,7 +310,7 @@ class Bucket:
 
     def history(self, key: str, *, timeout: float | None = None) -> list[Entry]:
         """Every stored revision of ``key``, oldest first, deletes included (as many as ``history`` keeps)."""
-        return [self._decode(raw, key) for raw in self._proto.history(self._key(key), self._t(timeout))]
+        return [self._decode(raw, key) for raw in self._proto.history(self._token(key), self._timeout(timeout))]
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -302,9 +324,9 @@ class Bucket:
         NaN or an infinity anywhere in it, an unsupported type) raises :class:`SerializationError`
         before anything is sent.
         """
-        enc = self._key(key)
+        enc = self._token(key)
         payload, headers = self._encode(value, ttl)
-        return self._proto.put(enc, payload, headers, self._t(timeout))
+        return self._proto.put(enc, payload, headers, self._timeout(timeout))
 
     put = set
 
@@ -313,24 +335,22 @@ class Bucket:
 
         A deleted, purged or expired key counts as absent.
         """
-        enc = self._key(key)
+        enc = self._token(key)
         payload, headers = self._encode(value, ttl)
-        t = self._t(timeout)
+        limit = self._timeout(timeout)
         try:
-            return self._proto.put(enc, payload, dict(headers or {}, **{"Nats-Expected-Last-Subject-Sequence": "0"}), t)
+            return self._proto.put(enc, payload, h.with_expected_revision(headers, 0), limit)
         except JetStreamError as exc:
             if exc.err_code not in CAS_ERROR_CODES:
                 raise
             first_error = exc
         # The subject has history: allowed if its latest message is a delete, purge or TTL marker.
-        raw = self._proto.get(enc, t)
+        raw = self._proto.get(enc, limit)
         if raw is not None and raw.operation == "PUT":
             raise self._cas_error(first_error, key, 0) from None
         expected = raw.revision if raw is not None else 0
         try:
-            return self._proto.put(
-                enc, payload, dict(headers or {}, **{"Nats-Expected-Last-Subject-Sequence": str(expected)}), t
-            )
+            return self._proto.put(enc, payload, h.with_expected_revision(headers, expected), limit)
         except JetStreamError as exc:
             if exc.err_code in CAS_ERROR_CODES:
                 raise self._cas_error(exc, key, 0) from None
@@ -343,12 +363,12 @@ class Bucket:
 
         Raises :class:`RevisionMismatchError` carrying ``current_revision`` otherwise.
         """
-        enc = self._key(key)
+        enc = self._token(key)
         revision = _check_revision(revision)
         payload, headers = self._encode(value, ttl)
-        headers = dict(headers or {}, **{"Nats-Expected-Last-Subject-Sequence": str(revision)})
+        headers = h.with_expected_revision(headers, revision)
         try:
-            return self._proto.put(enc, payload, headers, self._t(timeout))
+            return self._proto.put(enc, payload, headers, self._timeout(timeout))
         except JetStreamError as exc:
             if exc.err_code in CAS_ERROR_CODES:
                 raise self._cas_error(exc, key, revision) from None
@@ -356,7 +376,7 @@ class Bucket:
 
     def replace(self, key: str, value: Any, *, ttl: float | None = None, timeout: float | None = None) -> bool:
         """Store ``value`` only if ``key`` exists; return whether it was stored."""
-        self._key(key)
+        self._token(key)
         self._encode(value, ttl)  # fail on a bad value before reading anything
         while True:
             current = self.entry(key, timeout=timeout)
@@ -373,21 +393,17 @@ class Bucket:
 
         Returns the revision of the delete marker. Deleting an absent key is not an error.
         """
-        return self._tombstone(key, "DEL", revision, timeout)
+        return self._tombstone(key, h.OP_DEL, revision, timeout)
 
     def purge(self, key: str, *, revision: int | None = None, timeout: float | None = None) -> int:
         """Delete ``key`` and drop its history; with ``revision``, only if still at that revision."""
-        return self._tombstone(key, "PURGE", revision, timeout)
+        return self._tombstone(key, h.OP_PURGE, revision, timeout)
 
     def _tombstone(self, key: str, op: str, revision: int | None, timeout: float | None) -> int:
-        enc = self._key(key)
-        headers = {"KV-Operation": op}
-        if op == "PURGE":
-            headers["Nats-Rollup"] = "sub"
-        if revision is not None:
-            headers["Nats-Expected-Last-Subject-Sequence"] = str(_check_revision(revision))
+        enc = self._token(key)
+        headers = h.tombstone(op, None if revision is None else _check_revision(revision))
         try:
-            return self._proto.put(enc, b"", headers, self._t(timeout))
+            return self._proto.put(enc, b"", headers, self._timeout(timeout))
         except JetStreamError as exc:
             if revision is not None and exc.err_code in CAS_ERROR_CODES:
                 raise self._cas_error(exc, key, revision) from None
@@ -405,8 +421,8 @@ class Bucket:
             raise InvalidArgumentError(
                 f"set_many takes a mapping of key -> value (e.g. a dict), not {type(mapping).__name__}"
             )
-        items = [(k, self._key(k), *self._encode(v, ttl)) for k, v in mapping.items()]
-        results = self._proto.put_many([(enc, p, h) for _, enc, p, h in items], self._t(timeout))
+        items = [(k, self._token(k), *self._encode(v, ttl)) for k, v in mapping.items()]
+        results = self._proto.put_many([(enc, p, h) for _, enc, p, h in items], self._timeout(timeout))
         out: dict[str, int] = {}
         for (key, _, _, _), res in zip(items, results):
             if isinstance(res, Exception):
@@ -414,57 +430,61 @@ class Bucket:
             out[key] = res
         return out
 
-    def commit(self, ops: Iterable[tuple[Any, ...]], *, timeout: float | None = None) -> int:
+    def commit(self, ops: Iterable[Op | tuple[Any, ...]], *, timeout: float | None = None) -> int:
         """Apply several writes atomically: all are stored, or none (needs nats-server 2.12).
 
-        Each op is a tuple: ``("set", key, value)``, ``("create", key, value)``,
-        ``("update", key, value, revision)``, ``("delete", key)`` or ``("delete", key, revision)``.
-        ``create`` and ``update`` are compare-and-set checks; if any fails the whole commit is
-        rejected with :class:`RevisionMismatchError` / :class:`KeyExistsError` and nothing is stored.
+        Each op is a :class:`natskv.Set`, :class:`natskv.Create`, :class:`natskv.Update` or
+        :class:`natskv.Delete`, or its tuple form: ``("set", key, value)``, ``("create", key,
+        value)``, ``("update", key, value, revision)``, ``("delete", key)`` or ``("delete", key,
+        revision)``. ``Create`` and ``Update`` (and ``Delete`` with a revision) are
+        compare-and-set checks; if any fails the whole commit is rejected with
+        :class:`RevisionMismatchError` / :class:`KeyExistsError` and nothing is stored. A
+        malformed op, a bad key or a value the codec cannot store raises before anything is sent.
         Returns the revision of the last write. Keys must be distinct.
         """
         if isinstance(ops, (str, bytes, Mapping)) or not isinstance(ops, Iterable):
-            raise InvalidArgumentError(f"commit takes a list of operation tuples, not {type(ops).__name__}")
+            raise InvalidArgumentError(
+                f"commit takes a list of operation tuples or natskv.Set/Create/Update/Delete objects, "
+                f"not {type(ops).__name__}"
+            )
         items: list[tuple[str, bytes, dict[str, str]]] = []
         seen: set[str] = set()
         checks: dict[str, tuple[str, int]] = {}
-        for op in ops:
-            _check_op(op)
-            kind, key = op[0], op[1]
-            enc = self._key(key)
+        for raw_op in ops:
+            op = as_op(raw_op)
+            key = op.key
+            enc = self._token(key)
             if enc in seen:
                 raise InvalidArgumentError(f"key {key!r} appears twice in one commit")
             seen.add(enc)
-            headers: dict[str, str] = {}
-            if kind == "delete":
+            headers: dict[str, str]
+            if isinstance(op, Delete):
                 payload = b""
-                headers["KV-Operation"] = "DEL"
-                if len(op) > 2 and op[2] is not None:
-                    headers["Nats-Expected-Last-Subject-Sequence"] = str(_check_revision(op[2]))
-                    checks[enc] = (key, int(op[2]))
+                headers = h.tombstone(h.OP_DEL, op.revision)
+                if op.revision is not None:
+                    checks[enc] = (key, op.revision)
             else:
-                payload, extra = self._encode(op[2])
-                headers.update(extra or {})
-                if kind == "create":
-                    headers["Nats-Expected-Last-Subject-Sequence"] = "0"
+                payload, extra = self._encode(op.value)
+                if isinstance(op, Create):
+                    headers = h.with_expected_revision(extra, 0)
                     checks[enc] = (key, 0)
-                elif kind == "update":
-                    if len(op) < 4:
-                        raise InvalidArgumentError(f"update needs a revision: ('update', key, value, revision), got {op!r}")
-                    headers["Nats-Expected-Last-Subject-Sequence"] = str(_check_revision(op[3]))
-                    checks[enc] = (key, int(op[3]))
+                elif isinstance(op, Update):
+                    headers = h.with_expected_revision(extra, op.revision)
+                    checks[enc] = (key, op.revision)
+                else:
+                    headers = dict(extra or {})
             items.append((enc, payload, headers))
-        t = self._t(timeout)
+        limit = self._timeout(timeout)
         for _ in range(5):
             try:
-                return self._proto.commit_batch(items, t)
+                return self._proto.commit_batch(items, limit)
             except JetStreamError as exc:
                 if exc.err_code not in CAS_ERROR_CODES:
                     raise
                 # The server does not say which check failed. Read the checked keys (one batch
                 # get): a real conflict raises naming its key; a create over a deleted, purged or
                 # expired key is allowed (as in create()) and is retried against its tombstone.
-                self._rebase_creates(items, checks, t, exc)
+                self._rebase_creates(items, checks, limit, exc)
         raise RevisionMismatchError(next(iter(checks.values()))[0], 0, None, "keys kept changing; retry the commit")
 
     def _rebase_creates(
@@ -490,7 +510,7 @@ class Bucket:
                 raise RevisionMismatchError(key, expected, raw.revision if raw is not None else 0) from cause
         for enc, _, headers in items:
             if enc in tombstones:
-                headers["Nats-Expected-Last-Subject-Sequence"] = str(tombstones[enc])
+                headers[h.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(tombstones[enc])
 
     # -- watching ------------------------------------------------------------------------------
 
@@ -522,7 +542,7 @@ class Bucket:
         return Watcher(
             self, pattern, callback,
             include_history=include_history, updates_only=updates_only, ignore_deletes=ignore_deletes,
-            on_error=on_error, timeout=self._t(timeout), on_initial_done=on_initial_done,
+            on_error=on_error, timeout=self._timeout(timeout), on_initial_done=on_initial_done,
         )
 
     def replica(self, pattern: str | re.Pattern[str] = "*", *, timeout: float | None = None) -> LocalReplica:
@@ -532,13 +552,14 @@ class Bucket:
         """
         from natskv.replica import LocalReplica
 
-        return LocalReplica(self, pattern).start(self._t(timeout))
+        self._timeout(timeout)  # the checks of every blocking call; start() applies the limit
+        return LocalReplica(self, pattern).start(timeout)
 
     # -- bucket --------------------------------------------------------------------------------
 
     def status(self, *, timeout: float | None = None) -> BucketStatus:
         """Size and configuration of the bucket, as the server reports them."""
-        info = self._proto.info(self._t(timeout))
+        info = self._proto.info(self._timeout(timeout))
         cfg, state = info["config"], info["state"]
         return BucketStatus(
             bucket=self.name,
@@ -584,25 +605,6 @@ class Bucket:
         return iter(self.keys())
 
 
-_OP_SHAPES = {
-    "set": ((3,), "('set', key, value)"),
-    "create": ((3,), "('create', key, value)"),
-    "update": ((4,), "('update', key, value, revision)"),
-    "delete": ((2, 3), "('delete', key) or ('delete', key, revision)"),
-}
-
-
-def _check_op(op: Any) -> None:
-    """A commit operation has a known kind and that kind's number of items."""
-    if not isinstance(op, (tuple, list)) or not op or not isinstance(op[0], str) or op[0] not in _OP_SHAPES:
-        raise InvalidArgumentError(
-            f"unknown commit operation {op!r}; use a tuple {', '.join(form for _, form in _OP_SHAPES.values())}"
-        )
-    sizes, form = _OP_SHAPES[op[0]]
-    if len(op) not in sizes:
-        raise InvalidArgumentError(f"commit operation {op!r} has {len(op)} items; write it as {form}")
-
-
 def _key_list(keys: Any, call: str) -> list[Any]:
     """``keys`` as a list; a lone str (or bytes) is refused rather than read as its characters."""
     if isinstance(keys, (str, bytes, bytearray)) or not isinstance(keys, Iterable):
@@ -610,9 +612,3 @@ def _key_list(keys: Any, call: str) -> list[Any]:
             f"{call} takes a list of keys, not {type(keys).__name__} ({keys!r}); for one key write [{keys!r}]"
         )
     return list(keys)
-
-
-def _check_revision(revision: Any) -> int:
-    if isinstance(revision, bool) or not isinstance(revision, int) or not 0 <= revision < 2**64:
-        raise InvalidArgumentError(f"revision must be an int from 0 to 2**64-1 (a stream sequence), not {revision!r}")
-    return revision

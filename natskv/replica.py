@@ -13,6 +13,13 @@ waits for the watch itself to reach a revision (someone else's write).
 
 The replica subscribes to the client's shared feed for its bucket and filter, so several replicas
 and watchers of the same keys cost one server consumer.
+
+Threads: events are applied on the loop thread (and ``on_apply`` / ``on_loaded`` hooks run there);
+reads, ``start``, ``stop``, ``wait_for`` and ``apply_written`` run on the caller's thread.
+
+Timeouts: ``timeout=None`` (the default of :meth:`LocalReplica.start`, :meth:`LocalReplica.stop`
+and :meth:`LocalReplica.wait_for`) means the client's default (``request_timeout``);
+``timeout=math.inf`` waits without limit and ``timeout=0`` only looks.
 """
 
 from __future__ import annotations
@@ -24,12 +31,13 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from natskv._runner import check_timeout, follow_fork, runner, unfollow_fork
+from natskv._runner import follow_fork, runner, unfollow_fork
 from natskv._speedups import core
-from natskv.aio.mux import fresh_error
 from natskv.aio.watch import INITIAL_DONE, FeedClosed, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
 from natskv.codec import RAW_HEADER
 from natskv.errors import InvalidKeyError, NatsKVTimeoutError
+from natskv.kv import wait_limit
+from natskv.wire.replies import fresh_error
 
 if TYPE_CHECKING:
     from natskv.kv import Bucket
@@ -78,25 +86,31 @@ class LocalReplica:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, timeout: float | None = None) -> LocalReplica:
-        """Subscribe and wait until the current values are loaded; return self."""
-        check_timeout(timeout)
+        """Subscribe and wait up to ``timeout`` until the current values are loaded; return self."""
+        limit = self._limit(timeout)
         if self._subscription is None:
             client = self.bucket._client
             self._subscription = runner.call(
                 subscribe_feed(client._conn, self.bucket._proto, self._pattern.filter, "last_per_subject", self._apply),
-                timeout,
+                limit,
             )
         follow_fork(self)  # a forked child reloads it (see _after_fork)
-        if not self._ready.wait(timeout):
-            raise NatsKVTimeoutError(f"replica of bucket {self.bucket.name!r} not loaded within {timeout} s")
+        if not self._ready.wait(limit):
+            raise NatsKVTimeoutError(f"replica of bucket {self.bucket.name!r} not loaded within {limit} s")
         return self
 
-    def stop(self, timeout: float | None = 5.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Stop following the bucket (the values stay readable, frozen)."""
+        limit = self._limit(timeout)
         subscription, self._subscription = self._subscription, None
         unfollow_fork(self)
         if subscription is not None and not runner.in_loop_thread():
-            runner.call(unsubscribe_feed(*subscription), timeout)
+            runner.call(unsubscribe_feed(*subscription), limit)
+
+    def _limit(self, timeout: float | None) -> float | None:
+        if timeout == 0 and not isinstance(timeout, bool):
+            return 0.0  # look without waiting
+        return wait_limit(timeout, self.bucket._client.options.request_timeout)
 
     def __enter__(self) -> LocalReplica:
         return self.start()
@@ -158,7 +172,7 @@ class LocalReplica:
         batch, self._pending = self._pending, []
         bucket = self.bucket
         cut = len(bucket._proto.subject_prefix)
-        key_of, value_of = bucket._key_of, bucket._value
+        key_of, value_of = bucket._key_of_token, bucket._value
         pattern = self._pattern
         # Keys and values decoded outside the lock, so readers wait only for the dict updates.
         changes: list[Any] = []
@@ -248,22 +262,24 @@ class LocalReplica:
 
     # -- reading (any thread) ------------------------------------------------------------------
 
-    def wait_for(self, revision: int, timeout: float | None = 5.0) -> None:
-        """Block until this replica has applied ``revision`` (read-your-writes).
+    def wait_for(self, revision: int, timeout: float | None = None) -> None:
+        """Block until this replica has applied ``revision`` (read-your-writes), at most ``timeout``
+        seconds.
 
         ``revision`` must be that of a write to a key under the replica's pattern: writes to
         other keys are never delivered to it, so their revisions are only passed, not reached.
         """
         runner.check_not_loop_thread("LocalReplica.wait_for()")
+        limit = self._limit(timeout)
         if self._stale:  # a forked child's first read
             self.revive()
         with self._changed:
-            reached = self._changed.wait_for(lambda: self.revision >= revision or self._dead is not None, timeout)
+            reached = self._changed.wait_for(lambda: self.revision >= revision or self._dead is not None, limit)
             if self._dead is not None:
                 raise fresh_error(self._dead)
             if not reached:
                 raise NatsKVTimeoutError(
-                    f"replica of bucket {self.bucket.name!r} did not reach revision {revision} within {timeout} s "
+                    f"replica of bucket {self.bucket.name!r} did not reach revision {revision} within {limit} s "
                     f"(at {self.revision}); is the watch connected?"
                 )
 

@@ -12,6 +12,14 @@ A watch follows reconnects and lost consumers on its own. Only when the connecti
 good (nats-py gave up reconnecting, or the server withdrew the credentials) does it end: an
 iterator raises the :class:`~natskv.NotConnectedError` (or ``AuthenticationError``) saying why,
 and a callback watcher passes it to ``on_error`` and stops.
+
+Threads: the consumer runs on the loop thread (:mod:`natskv.aio.watch`); ``get``, iteration and
+``stop`` run on the caller's thread; callbacks run on the watcher's dispatcher thread.
+
+Timeouts: ``timeout=None`` (the default of :meth:`Watcher.get`, :meth:`Watcher.wait_initial` and
+:meth:`Watcher.stop`) means the client's default (``request_timeout``); ``timeout=math.inf`` waits
+without limit and ``timeout=0`` only looks. Iterating a watcher waits without limit for the next
+change.
 """
 
 from __future__ import annotations
@@ -20,16 +28,18 @@ import logging
 import queue
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from natskv._runner import runner
 from natskv._speedups import core
-from natskv.aio.kv import RawEntry
-from natskv.aio.mux import fresh_error
 from natskv.aio.watch import INITIAL_DONE, FeedClosed, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
 from natskv.errors import InvalidArgumentError, InvalidKeyError
+from natskv.kv import _parse_timestamp, wait_limit
+from natskv.wire.kv import RawEntry
+from natskv.wire.replies import fresh_error
 
 if TYPE_CHECKING:
     from natskv.kv import Bucket
@@ -46,7 +56,8 @@ class Change:
     how many more messages the server had queued for the watch when this one was sent.
     ``initial_done`` is True on the single marker event that ends the initial values of an
     iterated watcher (never with ``updates_only=True``, never passed to a callback); its other
-    fields are empty.
+    fields are empty. ``created`` is when this revision was written (UTC), as on
+    :attr:`natskv.Entry.created`.
     """
 
     __slots__ = ("key", "value", "revision", "operation", "_timestamp", "delta", "initial_done", "bucket")
@@ -65,10 +76,14 @@ class Change:
         self.initial_done = initial_done
 
     @property
-    def timestamp(self) -> datetime | None:
-        from natskv.kv import _parse_timestamp
-
+    def created(self) -> datetime | None:
         return _parse_timestamp(self._timestamp) if self._timestamp else None
+
+    @property
+    def timestamp(self) -> datetime | None:
+        """Deprecated: the same as :attr:`created`, the name ``Entry`` uses."""
+        warnings.warn("Change.timestamp is deprecated; use Change.created", DeprecationWarning, stacklevel=2)
+        return self.created
 
     @property
     def deleted(self) -> bool:
@@ -155,19 +170,29 @@ class Watcher:
         if raw.operation != "PUT" and self._ignore_deletes:
             return None
         bucket = self.bucket
-        key = bucket._key_of(raw.subject[len(bucket._proto.subject_prefix) :])
+        key = bucket._key_of_token(raw.subject[len(bucket._proto.subject_prefix) :])
         if not self._pattern.exact and not self._pattern.match(key):
             return None
         entry = bucket._decode(raw, key)
         return Change(key, entry.value, raw.revision, raw.operation, raw.timestamp, raw.delta, bucket.name)
 
     def get(self, timeout: float | None = None) -> Change | None:
-        """The next change, waiting up to ``timeout`` seconds (None: forever). None when stopped or
-        timed out. Raises NotConnectedError (saying why) once the connection is closed for good."""
+        """The next change, waiting up to ``timeout`` seconds (None: the client's default,
+        ``math.inf``: without limit). None when stopped or timed out. Raises NotConnectedError
+        (saying why) once the connection is closed for good."""
         runner.check_not_loop_thread("Watcher.get()")
+        return self._next(self._limit(timeout))
+
+    def _limit(self, timeout: float | None) -> float | None:
+        if timeout == 0 and not isinstance(timeout, bool):
+            return 0.0  # look without waiting
+        return wait_limit(timeout, self.bucket._client.options.request_timeout)
+
+    def _next(self, limit: float | None) -> Change | None:
+        """The next change within ``limit`` seconds (None: without limit)."""
         while True:
             try:
-                event = self._queue.get(timeout=timeout)
+                event = self._queue.get(timeout=limit)
             except queue.Empty:
                 return None
             if event is _STOP:
@@ -184,8 +209,9 @@ class Watcher:
     def __iter__(self) -> Iterator[Change]:
         if self._callback is not None:
             raise TypeError("this watcher delivers to its callback; it cannot also be iterated")
+        runner.check_not_loop_thread("iterating a Watcher")
         while True:
-            change = self.get()
+            change = self._next(None)
             if change is None:
                 return
             yield change
@@ -193,8 +219,9 @@ class Watcher:
     def wait_initial(self, timeout: float | None = None) -> bool:
         """Block until the initial values have been delivered: to the callback (and
         ``on_initial_done`` has returned), or to the iterator (its marker was read). True at once
-        with ``updates_only=True``; False when ``timeout`` passed first."""
-        return self._initial_done.wait(timeout)
+        with ``updates_only=True``; False when ``timeout`` passed first (None: the client's
+        default, ``math.inf``: without limit)."""
+        return self._initial_done.wait(self._limit(timeout))
 
     def _dispatch(self) -> None:
         callback = self._callback
@@ -239,10 +266,12 @@ class Watcher:
         self._subscription = None
         self.bucket._client._watchers.discard(self)
 
-    def stop(self, timeout: float | None = 5.0) -> None:
-        """Stop watching and delete the server consumer. Safe to call twice and from the callback."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop watching and delete the server consumer, waiting up to ``timeout`` for each (None:
+        the client's default). Safe to call twice and from the callback."""
         if self._stopped:
             return
+        timeout = self._limit(timeout)
         self._stopped = True
         self.bucket._client._watchers.discard(self)
         if self._subscription is not None and not runner.in_loop_thread():
@@ -251,9 +280,9 @@ class Watcher:
             except Exception:  # noqa: BLE001 - stopping must not fail; the server expires it
                 log.debug("natskv: error stopping watch", exc_info=True)
         self._queue.put(_STOP)
-        d = self._dispatcher
-        if d is not None and d is not threading.current_thread():
-            d.join(timeout)
+        dispatcher = self._dispatcher
+        if dispatcher is not None and dispatcher is not threading.current_thread():
+            dispatcher.join(timeout)
 
     @property
     def stopped(self) -> bool:

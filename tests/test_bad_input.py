@@ -17,7 +17,7 @@ import pytest
 
 import natskv
 from natskv import Field, InvalidArgumentError, InvalidKeyError, Model, SerializationError
-from natskv.aio.kv import MAX_TTL
+from natskv.wire.headers import MAX_TTL
 
 from helpers import wait_until
 

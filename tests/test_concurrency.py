@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -304,7 +305,7 @@ def test_close_releases_threads_blocked_in_calls(nats_url: str, name: str, silen
 
     def blocked_watch() -> None:
         t0 = time.monotonic()
-        outcome["watch"] = w.get()
+        outcome["watch"] = w.get(timeout=math.inf)
         outcome["watch_took"] = time.monotonic() - t0
 
     threads = [threading.Thread(target=f, daemon=True) for f in (blocked_request, blocked_watch)]
@@ -509,7 +510,7 @@ def test_clean_exit_with_open_client_and_running_watches(nats_url: str, db: nats
 # -- Ctrl-C ----------------------------------------------------------------------------------------
 
 INTERRUPT_SCRIPT = r"""
-import socket, sys, time
+import math, socket, sys, time
 import natskv
 
 url, bucket, mode = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -519,7 +520,7 @@ kv.set("k", 1)
 if mode == "watch":
     w = kv.watch("nothing:*")
     assert w.get(timeout=5).initial_done
-    blocking = lambda: w.get()
+    blocking = lambda: w.get(timeout=math.inf)
 else:
     # a subscriber that never answers: the request waits for its whole timeout
     host, port = url.rsplit("//", 1)[1].rsplit(":", 1)

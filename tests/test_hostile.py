@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import natskv
-from natskv.aio.kv import ttl_header
-from natskv.aio.mux import encode_command
+from natskv.wire.headers import ttl_header
+from natskv.wire.replies import encode_command
 from natskv.client import _outgoing
 
 SETTINGS = settings(

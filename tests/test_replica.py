@@ -112,3 +112,16 @@ def test_warm_up_of_many_keys(kv: natskv.Bucket) -> None:
         assert len(rep) == n
         assert rep.get("r:012345") == {"i": 12345, "name": "user 12345"}
     print(f"replica warm-up: {n / elapsed:,.0f} records/s")
+
+
+def test_wait_for_without_timeout_waits_the_clients_default(nats_url: str, name: str) -> None:
+    with natskv.connect(nats_url, timeout=0.4) as short:
+        kv = short.bucket(name)
+        replica = kv.replica()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(NatsKVTimeoutError, match="within 0.4 s"):
+                replica.wait_for(10**9)  # None: the client's timeout
+            assert time.monotonic() - t0 < 3.0
+        finally:
+            replica.stop()

@@ -77,7 +77,7 @@ def test_initial_values_marker_then_updates(db: natskv.Client, kv: natskv.Bucket
         for c in init:
             assert c.bucket == kv.name
             assert not c.initial_done and not c.deleted
-            assert isinstance(c.timestamp, datetime) and c.timestamp.tzinfo is not None
+            assert isinstance(c.created, datetime) and c.created.tzinfo is not None
         rc = kv.set("c", "new")
         r_upd = kv.update("a", 3, ra2)
         r_del = kv.delete("b")
@@ -352,7 +352,7 @@ def test_change_timestamp_matches_entry_created(kv: natskv.Bucket) -> None:
     for ch in changes:
         e = kv.entry(ch.key)
         assert e.revision == ch.revision
-        assert ch.timestamp == e.created, (ch.key, ch.timestamp, e.created)
+        assert ch.created == e.created, (ch.key, ch.created, e.created)
 
 
 # -- callback form ------------------------------------------------------------------------------
@@ -659,3 +659,40 @@ def test_watch_sees_ttl_expiry(db: natskv.Client, name: str) -> None:
             assert ttl_kv.get("short") is None
     finally:
         db.delete_bucket(name + "_ttl")
+
+
+# -- one name for an entry's time, one timeout rule ---------------------------------------------
+
+
+def test_change_created_matches_entry_and_timestamp_is_a_deprecated_alias(kv: natskv.Bucket) -> None:
+    kv.set("k", 1)
+    with kv.watch("k") as w:
+        (change,) = initial(w)
+        assert change.created == kv.entry("k").created
+        with pytest.warns(DeprecationWarning, match="Change.created"):
+            assert change.timestamp == change.created
+
+
+def test_get_without_timeout_waits_the_clients_default(nats_url: str, name: str) -> None:
+    with natskv.connect(nats_url, timeout=0.4) as short:
+        kv = short.bucket(name)
+        with kv.watch("nothing:*") as w:
+            assert w.get(timeout=5).initial_done
+            t0 = time.monotonic()
+            assert w.get() is None  # None: the client's timeout, not forever
+            assert 0.3 < time.monotonic() - t0 < 3.0
+            assert w.get(timeout=0) is None  # only looks
+
+
+def test_get_with_math_inf_waits_without_limit(nats_url: str, name: str) -> None:
+    import math
+
+    with natskv.connect(nats_url, timeout=0.2) as short:
+        kv = short.bucket(name)
+        with kv.watch("k") as w:
+            assert w.get(timeout=5).initial_done
+            threading.Timer(0.6, lambda: kv.set("k", 1)).start()
+            change = w.get(timeout=math.inf)  # outlasts the client's 0.2 s default
+            assert change is not None and change.value == 1
+            with pytest.raises(natskv.InvalidArgumentError, match="timeout"):
+                w.get(timeout=-1)

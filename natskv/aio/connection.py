@@ -1,7 +1,8 @@
 """The connection to NATS: nats-py's client, the request multiplexer and the JetStream API.
 
-Everything here runs on natskv's loop thread except the methods documented as "any thread", which
-hand work to the loop through the :class:`~natskv.aio.mux.Multiplexer` and block the caller.
+Everything here runs on natskv's loop thread: connecting, reconnect and error callbacks, the
+loop's own JetStream API calls. The one exception, :meth:`Connection.js_api_blocking`, is a
+delegation to :func:`natskv.wire.jsapi.call` (the caller's thread) kept for existing callers.
 """
 
 from __future__ import annotations
@@ -19,30 +20,19 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.transport import TcpTransport
 
-from natskv.aio.mux import Multiplexer, RawReply, status_of
+from natskv.aio.mux import Multiplexer
 from natskv.config import ConnectOptions
 from natskv.errors import (
     AuthenticationError,
-    BucketNotFoundError,
-    ConfigurationError,
     FeatureNotSupportedError,
-    JetStreamError,
     NatsKVError,
     NotConnectedError,
-    PayloadTooLargeError,
     PermissionDeniedError,
 )
+from natskv.wire import jsapi
+from natskv.wire.jsapi import LEVEL_VERSIONS
 
 log = logging.getLogger("natskv")
-
-# JetStream API levels (reported in $JS.API.INFO) and the server versions that introduced them.
-API_LEVEL_TTL = 1  # per-message TTL, batch direct get (2.11)
-API_LEVEL_ATOMIC = 2  # atomic batch publish, counters (2.12)
-LEVEL_VERSIONS = {API_LEVEL_TTL: "2.11", API_LEVEL_ATOMIC: "2.12"}
-
-ERR_STREAM_NOT_FOUND = 10059
-ERR_MESSAGE_TOO_LARGE = 10054
-ERR_JETSTREAM_NOT_ENABLED = (10039, 10076)
 
 # 'Permissions Violation for Publish to "<subject>"' / '... for Subscription to "<subject>"'
 _DENIED = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.IGNORECASE)
@@ -427,35 +417,8 @@ class Connection:
         assert self.mux is not None
         body = orjson.dumps(payload) if payload is not None else b""
         reply = await self.mux.request_async("$JS.API." + api, body, None, timeout or self.options.request_timeout)
-        return self._api_reply(api, reply)
+        return jsapi.api_reply(api, reply, self.server_version)
 
     def js_api_blocking(self, api: str, payload: dict[str, Any] | None, timeout: float | None) -> dict[str, Any]:
-        """Call ``$JS.API.<api>`` from any thread but the loop thread (through the multiplexer)."""
-        assert self.mux is not None
-        body = orjson.dumps(payload) if payload is not None else b""
-        return self._api_reply(api, self.mux.request("$JS.API." + api, body, None, timeout))
-
-    def _api_reply(self, api: str, reply: RawReply) -> dict[str, Any]:
-        data, headers, _ = reply
-        if not data and status_of(headers) == 503:
-            raise FeatureNotSupportedError("JetStream (no JetStream responders)", "2.2", self.server_version)
-        return check_api_reply(api, data)
-
-
-def check_api_reply(api: str, data: bytes) -> dict[str, Any]:
-    """Decode a JetStream API answer; raise the matching natskv error when it carries one."""
-    try:
-        reply = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise JetStreamError(f"malformed JetStream answer to {api}: {data[:200]!r}") from exc
-    err = reply.get("error")
-    if err:
-        code, err_code, desc = err.get("code", 0), err.get("err_code", 0), err.get("description", "")
-        if err_code == ERR_STREAM_NOT_FOUND:
-            raise BucketNotFoundError(f"{desc} ({api}); create the bucket first with client.bucket(name)")
-        if err_code == ERR_MESSAGE_TOO_LARGE:
-            raise PayloadTooLargeError(f"{desc}: the value is larger than the bucket or server allows")
-        if err_code in ERR_JETSTREAM_NOT_ENABLED:
-            raise ConfigurationError(f"JetStream is not enabled for this account: {desc}")
-        raise JetStreamError(desc, code=code, err_code=err_code)
-    return reply
+        """Call ``$JS.API.<api>`` from the caller's thread: :func:`natskv.wire.jsapi.call`."""
+        return jsapi.call(self, api, payload, timeout)

@@ -1,20 +1,19 @@
-"""Request multiplexing between caller threads and the loop thread.
+"""The loop half of the request multiplexer: writing, the frame reader, subscriptions.
 
-This is the hot path of every blocking get and put. It is built so that the loop thread does as
-little as possible per request:
+A blocking request is encoded and queued on the caller's thread (:mod:`natskv.wire.mux`, the
+caller half); everything here runs on natskv's loop thread, except :meth:`Multiplexer.close`,
+which any thread may call:
 
-* the *caller* thread encodes the whole protocol command (``_core.pub_command``) and registers a
-  waiter under a fresh reply token;
-* commands from many threads are coalesced: callers append to an outbox and only the first one
-  since the last drain schedules the loop, which writes the whole batch in one system call;
+* the writer drains the outbox that callers fill, writing the whole batch in one system call;
 * replies arrive on one wildcard inbox subscription (``<inbox>.*``). When the installed nats-py is
   the version natskv was built against, natskv reads the protocol itself: its frame reader takes
   the place of nats-py's parser (``_core.parse_frames`` splits each chunk read from the socket)
   and hands natskv's messages straight to their handlers, before any ``Msg`` is built or header
   parsed, and everything else to nats-py as its parser would. Otherwise the subscription's
   documented ``future=`` hook receives them. Either way the loop thread only stores the raw
-  reply and releases the waiter; the caller thread parses headers and decodes the value.
-* a waiter is a ``threading.Lock`` acquired twice: the cheapest wait primitive in CPython.
+  reply and releases the caller's waiter; the caller's thread parses headers and decodes the value;
+* requests made by the loop itself (JetStream API calls of watches and of connecting) wait on an
+  asyncio future instead of a thread lock.
 
 Watch consumers deliver to tokens under the same inbox, routed to their handler on the loop thread.
 """
@@ -22,17 +21,18 @@ Watch consumers deliver to tokens under the same inbox, routed to their handler 
 from __future__ import annotations
 
 import asyncio
-import copy
-import itertools
+import functools
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from natskv._speedups import core
-from natskv.errors import InvalidArgumentError, NatsKVTimeoutError, NotConnectedError
+from natskv.errors import NotConnectedError
+from natskv.wire.mux import CallerMux
+from natskv.wire.replies import RawReply, encode_command
+from natskv.wire.waiters import CountWaiter
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -45,127 +45,6 @@ _WRITE_BUFFER_HIGH = 1 << 20
 
 # nats-py versions whose private parser hook natskv knows (see Multiplexer._install_parser_hook).
 _HOOKED_NATS_VERSIONS = ("2.16.",)
-
-
-E = TypeVar("E", bound=BaseException)
-
-RawReply = tuple[bytes, "bytes | dict[str, str] | None", str]
-"""(payload, headers, reply subject): headers are the raw header block, or a parsed dict when the
-reply came through nats-py's own message path."""
-
-
-def status_of(headers: bytes | dict[str, str] | None) -> int:
-    """The inline status code of a reply (0 when it carries none). Cheap: no full header parse."""
-    if headers is None:
-        return 0
-    if type(headers) is dict:
-        return int(headers.get("Status", 0) or 0)
-    # Raw bytes here (a dict is always nats-py's plain dict). mypy does not narrow the other side
-    # of ``type() is``; isinstance would, but costs more on bytes, the common case.
-    # b"NATS/1.0 404 ..." : a status reply has a space right after the version.
-    if len(headers) > 12 and headers[8] == 32:  # type: ignore[index]
-        return int(headers[9:12])  # type: ignore[index]
-    return 0
-
-
-def parse_reply_headers(headers: bytes | dict[str, str] | None) -> tuple[int, str, dict[str, str]]:
-    """(status, description, headers) of a reply, whichever path delivered it."""
-    if headers is None:
-        return 0, "", {}
-    if type(headers) is dict:
-        h = dict(headers)
-        status = int(h.pop("Status", 0) or 0)
-        return status, h.pop("Description", ""), h
-    return core.parse_headers(headers)  # type: ignore[arg-type]  # raw bytes: see status_of
-
-
-class _ThreadWaiter:
-    """What the waiters of caller threads share: a ``threading.Lock`` acquired twice (the
-    cheapest wait in CPython) and an error that wakes the thread instead of a reply."""
-
-    __slots__ = ("_lock", "error")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
-        self.error: BaseException | None = None
-
-    def fail(self, error: BaseException) -> None:
-        """Wake the waiting thread with ``error`` (the client was closed). Loop thread only, like
-        ``deliver``, so the two never both release the lock."""
-        if self.error is None and self._lock.locked():
-            self.error = error
-            self._lock.release()
-
-    def wait(self, timeout: float | None) -> bool:
-        return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))
-
-
-class Waiter(_ThreadWaiter):
-    """Waits for one reply. Delivered on the loop thread, waited on by a caller thread."""
-
-    __slots__ = ("reply", "subject")
-
-    def __init__(self, subject: str = "") -> None:
-        super().__init__()
-        self.reply: RawReply | None = None
-        self.subject = subject  # what the request was sent to (to match permission errors)
-
-    def deliver(self, data: bytes, headers: Any, reply: str) -> bool:
-        """Store the reply; return True when the waiter is complete (the route is then removed)."""
-        if self.error is None:  # not already woken by close()
-            self.reply = (data, headers, reply)
-            self._lock.release()
-        return True
-
-
-class StreamWaiter(_ThreadWaiter):
-    """Collects a multi-message reply (batch direct get) until its end-of-batch status message.
-
-    Any status reply ends the batch: 204 is the normal end; 404, 408, 413 and errors end it too
-    and are kept as the last element for the caller to interpret.
-    """
-
-    __slots__ = ("replies", "done", "subject")
-
-    def __init__(self, subject: str = "") -> None:
-        super().__init__()
-        self.replies: list[RawReply] = []
-        self.done = False
-        self.subject = subject
-
-    def deliver(self, data: bytes, headers: Any, reply: str) -> bool:
-        if self.error is not None:
-            return True
-        self.replies.append((data, headers, reply))
-        if not data and status_of(headers):
-            self.done = True
-            self._lock.release()
-            return True
-        return False
-
-
-class CountWaiter(_ThreadWaiter):
-    """Waits for ``n`` single replies sent under tokens ``base+0 .. base+n-1`` (pipelined writes)."""
-
-    __slots__ = ("replies", "_left", "subjects")
-
-    def __init__(self, n: int, subjects: frozenset[str] = frozenset()) -> None:
-        super().__init__()
-        self.replies: list[RawReply | None] = [None] * n
-        self._left = n
-        self.subjects = subjects
-
-    def slot(self, i: int) -> Callable[[bytes, Any, str], bool]:
-        def deliver(data: bytes, headers: Any, reply: str) -> bool:
-            if self.replies[i] is None and self.error is None:
-                self.replies[i] = (data, headers, reply)
-                self._left -= 1  # loop thread only: no lock needed
-                if self._left == 0:
-                    self._lock.release()
-            return True
-
-        return deliver
 
 
 class AsyncWaiter:
@@ -207,34 +86,26 @@ class _HookFuture:
         self._on_msg(msg.subject, msg.data, msg.headers, msg.reply)
 
 
-class Multiplexer:
-    """Shares one connection's inbox between any number of threads and watch consumers."""
+class Multiplexer(CallerMux):
+    """Shares one connection's inbox between any number of threads and watch consumers.
+
+    This class is the loop half; the caller half (``request``, ``send`` ...) is its base,
+    :class:`natskv.wire.mux.CallerMux`, which says why the halves share one object.
+    """
 
     def __init__(self, nc: NatsClient, loop: asyncio.AbstractEventLoop, inbox_prefix: str) -> None:
+        super().__init__(
+            f"{inbox_prefix}.{nc._nuid.next().decode()}.",
+            functools.partial(loop.call_soon_threadsafe, self._flush_outbox),
+            lambda: nc.is_connected,
+        )
         self._nc = nc
         self._loop = loop
-        self.prefix = f"{inbox_prefix}.{nc._nuid.next().decode()}."
         self._plen = len(self.prefix)
-        self._routes: dict[str, Any] = {}
-        self._ids = itertools.count(1)
-        self._outbox: list[bytes] = []
-        self._out_lock = threading.Lock()
-        self._scheduled = False
         self._handlers: dict[int, Callable[[str, bytes, Any, str], None]] = {}
-        # Requests waiting for a reply (caller threads, and the loop's own): close(), refuse()
-        # and the server's refusals fail them.
-        self._waiting: set[Waiter | StreamWaiter | CountWaiter | AsyncWaiter] = set()
-        # Messages and payload bytes natskv wrote itself, past nats-py's publish() and so its
-        # counters (under _out_lock: caller threads add to them). What natskv's frame reader
-        # receives it adds to nats-py's own in_msgs/in_bytes (loop thread, as nats-py does).
-        self.out_msgs = 0
-        self.out_bytes = 0
+        # What natskv's frame reader receives it adds to nats-py's own in_msgs/in_bytes (loop
+        # thread, as nats-py does); what natskv writes is counted in out_msgs/out_bytes.
         self.hooked = False
-        self.closed = False
-        self._closed_error: BaseException | None = None
-        # Set while the server refuses to take the connection back (credentials withdrawn):
-        # calls fail with it at once instead of waiting for a reconnect. Cleared on reconnect.
-        self.refused: BaseException | None = None
         # Called on the loop thread with the server's "Permissions Violation ..." text, in its
         # original case, by natskv's frame reader (nats-py's parser lower-cases it).
         self.on_permission_violation: Callable[[str], None] | None = None
@@ -248,7 +119,7 @@ class Multiplexer:
         """Subscribe ``handler(subject, data, headers, reply)``, called on the loop thread per message.
 
         ``headers`` is the raw header block (bytes) or, on nats-py's own path, a parsed dict; use
-        :func:`parse_reply_headers` to read either.
+        :func:`natskv.wire.replies.parse_reply_headers` to read either.
         """
         if self.closed or self.refused is not None:
             raise self._refusal()
@@ -349,17 +220,7 @@ class Multiplexer:
         if route is not None and route(data, headers, reply):
             self._routes.pop(token, None)
 
-    # -- any thread: sending ---------------------------------------------------------------
-
-    def new_token(self) -> str:
-        return format(next(self._ids), "x")
-
-    def add_route(self, token: str, handler: Callable[[bytes, Any, str], bool]) -> None:
-        """Send messages arriving at ``prefix + token`` to ``handler`` (on the loop thread)."""
-        self._routes[token] = handler
-
-    def remove_route(self, token: str) -> None:
-        self._routes.pop(token, None)
+    # -- closing and refusals (loop thread; close() from any thread) ------------------------
 
     def close(self, error: BaseException | None = None) -> None:
         """Refuse new requests and wake every thread still waiting for a reply (any thread).
@@ -405,39 +266,7 @@ class Multiplexer:
             for waiter in list(self._waiting):
                 waiter.fail(error)
 
-    def _send_and_wait(self, waiter: Any, command: bytes, timeout: float | None, msgs: int, payload_bytes: int) -> bool:
-        # Known as waiting before the command leaves: the server's refusal of it, or close(),
-        # can arrive before this thread gets to wait.
-        self._waiting.add(waiter)
-        try:
-            self.send(command, msgs, payload_bytes)
-            completed = waiter.wait(timeout)
-        finally:
-            self._waiting.discard(waiter)
-        if waiter.error is not None:
-            raise fresh_error(waiter.error)
-        return completed
-
-    def _refusal(self) -> BaseException:
-        """The error for a call made while the connection is refused or closed."""
-        error = self.refused or self._closed_error
-        if error is None:
-            return NotConnectedError("the client is closed; create a new one with natskv.connect()")
-        return fresh_error(error)
-
-    def send(self, command: bytes, msgs: int = 1, payload_bytes: int = 0) -> None:
-        """Queue an encoded protocol command (``msgs`` messages carrying ``payload_bytes`` of
-        payload, for the statistics) for the loop thread to write; never blocks."""
-        if self.closed or self.refused is not None:
-            raise self._refusal()
-        with self._out_lock:
-            self._outbox.append(command)
-            self.out_msgs += msgs
-            self.out_bytes += payload_bytes
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self._loop.call_soon_threadsafe(self._flush_outbox)
+    # -- loop thread: writing and the loop's own requests ------------------------------------
 
     def _flush_outbox(self) -> None:
         with self._out_lock:
@@ -474,75 +303,6 @@ class Multiplexer:
         if nc.is_connected and nc._flush_queue is not None and nc._flush_queue.empty():
             nc._flush_queue.put_nowait(self._loop.create_future())
 
-    # -- caller threads: requests -----------------------------------------------------------
-
-    def request(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> RawReply:
-        """Send one request and block the calling thread until its reply or the timeout."""
-        token = self.new_token()
-        waiter = Waiter(subject)
-        self._routes[token] = waiter.deliver
-        try:
-            command = encode_command(subject, self.prefix + token, payload, headers)
-            completed = self._send_and_wait(waiter, command, timeout, 1, len(payload))
-        except BaseException:  # Ctrl-C while waiting, or a bad command: forget the request
-            self._routes.pop(token, None)
-            raise
-        if not completed:
-            self._routes.pop(token, None)
-            if waiter.reply is not None:  # delivered between the timeout and the pop
-                return waiter.reply
-            raise self.timeout_error(subject, timeout)
-        assert waiter.reply is not None
-        return waiter.reply
-
-    def request_stream(
-        self, subject: str, payload: bytes, timeout: float | None
-    ) -> list[RawReply]:
-        """Send one request whose answer is several messages ending with a status message."""
-        token = self.new_token()
-        waiter = StreamWaiter(subject)
-        self._routes[token] = waiter.deliver
-        try:
-            command = encode_command(subject, self.prefix + token, payload, None)
-            completed = self._send_and_wait(waiter, command, timeout, 1, len(payload))
-        except BaseException:
-            self._routes.pop(token, None)
-            raise
-        if not completed:
-            self._routes.pop(token, None)
-            if not waiter.done:
-                raise self.timeout_error(subject, timeout)
-        return waiter.replies
-
-    def request_many(
-        self, commands: list[tuple[str, bytes, dict[str, str] | None]], timeout: float | None
-    ) -> list[RawReply | None]:
-        """Pipeline several requests in one write; the replies come back in the same order.
-
-        A ``None`` in the result means that request got no reply within the timeout.
-        """
-        if not commands:
-            return []
-        waiter = CountWaiter(len(commands), frozenset(subject for subject, _, _ in commands))
-        tokens = [self.new_token() for _ in commands]
-        encoded = [
-            encode_command(subject, self.prefix + token, payload, headers)
-            for (subject, payload, headers), token in zip(commands, tokens)
-        ]
-        for i, token in enumerate(tokens):
-            self._routes[token] = waiter.slot(i)
-        try:
-            size = sum(len(payload) for _, payload, _ in commands)
-            completed = self._send_and_wait(waiter, b"".join(encoded), timeout, len(encoded), size)
-        except BaseException:
-            completed = False
-            raise
-        finally:
-            if not completed:
-                for token in tokens:
-                    self._routes.pop(token, None)
-        return waiter.replies
-
     async def request_async(
         self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None
     ) -> RawReply:
@@ -564,49 +324,3 @@ class Multiplexer:
         finally:
             self._routes.pop(token, None)
             self._waiting.discard(waiter)
-
-    def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
-        """Fire-and-forget publish from any thread."""
-        self.send(encode_command(subject, "", payload, headers), 1, len(payload))
-
-    def timeout_error(self, subject: str, timeout: float | None) -> BaseException:
-        """The error of a request on ``subject`` that got no reply within ``timeout`` seconds,
-        naming why when natskv knows (the client closed, the connection down)."""
-        if self.closed:
-            return fresh_error(self._closed_error) if self._closed_error else NotConnectedError(
-                "the client was closed while this call waited for its reply"
-            )
-        if not self._nc.is_connected:
-            return NatsKVTimeoutError(
-                f"no reply to a request on {_short(subject)} within timeout={timeout} s: the connection to "
-                "NATS is down and reconnecting; a write that timed out may still be applied once it is back"
-            )
-        return NatsKVTimeoutError(
-            f"no reply to a request on {_short(subject)} within timeout={timeout} s; "
-            "the server may be overloaded or the stream may have no leader; pass a larger timeout="
-        )
-
-
-def encode_command(subject: str, reply: str, payload: bytes, headers: dict[str, str] | None) -> bytes:
-    """``_core.pub_command`` with its refusals as natskv errors: a subject or header NATS cannot
-    carry, or a protocol line the server would answer by closing the connection (over its
-    default max_control_line), fails here, before anything is sent."""
-    try:
-        return core.pub_command(subject, reply, payload, headers)
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgumentError(f"cannot send a message to {_short(subject)}: {exc}") from exc
-
-
-def fresh_error(error: E) -> E:
-    """A copy of a stored error to raise: one instance raised by call after call would collect
-    every call's traceback (and be shared between threads). The errors stored here
-    (NotConnectedError, AuthenticationError, PermissionDeniedError) are made of one message."""
-    copied = copy.copy(error)
-    copied.__cause__ = error.__cause__
-    return copied.with_traceback(None)
-
-
-def _short(subject: object) -> str:
-    """A subject for an error message: repr()'d and cut to a readable length."""
-    text = repr(subject)
-    return text if len(text) <= 100 else f"{text[:80]}... ({len(str(subject))} characters)"

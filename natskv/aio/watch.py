@@ -5,6 +5,8 @@ bucket's messages to a private inbox. It checks the delivery sequence of every m
 heartbeats; on a gap, a stall or a reconnect it recreates the consumer from the last stream sequence
 it delivered, so subscribers miss nothing and see nothing twice. It runs on the loop thread and hands
 events to ``sink`` (which must not block: the sync layer puts them on a queue).
+
+Everything in this module runs on natskv's loop thread.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from natskv._speedups import core
 from natskv.aio.connection import Connection
-from natskv.aio.kv import NANOS, KVProtocol, RawEntry, entry_from_headers
-from natskv.aio.mux import fresh_error, parse_reply_headers, status_of
 from natskv.errors import BucketNotFoundError, NatsKVError, NatsKVTimeoutError
+from natskv.wire.jsapi import API_LEVEL_TTL
+from natskv.wire.kv import NANOS, KVProtocol, RawEntry, entry_from_headers
+from natskv.wire.replies import RawReply, encode_command, fresh_error, parse_reply_headers, status_of
 
 log = logging.getLogger("natskv")
 
@@ -340,6 +345,38 @@ async def snapshot(
     return out
 
 
+async def latest_async(
+    conn: Connection, proto: KVProtocol, filter_subject: str, timeout: float
+) -> list[RawEntry] | None:
+    """The latest message per subject under ``filter_subject`` in one batch direct get, the
+    loop thread's form of :meth:`KVProtocol.get_last_many`. None when it matches too many
+    subjects for one batch get (413) or the server has no batch get."""
+    if conn.api_level < API_LEVEL_TTL:
+        return None
+    mux = conn.mux
+    assert mux is not None
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    replies: list[RawReply] = []
+
+    def collect(data: bytes, headers: Any, reply: str) -> bool:
+        replies.append((data, headers, reply))
+        if not data and status_of(headers):
+            if not done.done():
+                done.set_result(None)
+            return True
+        return False
+
+    token = mux.new_token()
+    mux.add_route(token, collect)
+    body = orjson.dumps({"multi_last": [proto.subject_prefix + filter_subject]})
+    mux.write_now(encode_command(proto.direct_batch, mux.prefix + token, body, None), 1, len(body))
+    try:
+        await asyncio.wait_for(done, timeout)
+    finally:
+        mux.remove_route(token)
+    return proto.batch_entries(replies)
+
+
 class FeedSubscriber:
     """One watcher's place on a shared feed. Loop thread only.
 
@@ -399,7 +436,7 @@ class SharedFeed:
         # the revision the consumer was going to send; its new revision would only come after
         # the marker. One batch get fills such gaps first, so the initial values are complete.
         try:
-            entries = await self.feed.proto.last_many_async(self.key[1], 5.0)
+            entries = await latest_async(self.feed.conn, self.feed.proto, self.key[1], 5.0)
         except Exception:  # noqa: BLE001 - best effort: the live feed still delivers the key
             log.debug("natskv: could not check a watch's initial values", exc_info=True)
             entries = None

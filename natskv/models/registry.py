@@ -3,7 +3,7 @@
 ``db.register``, ``db.define``, ``db.get_model``, ``db.on``, ``db.transaction`` and
 ``db.run_transaction`` are one-line delegations to the client's registry, which does the work
 here, on the caller's thread. The registry uses its :class:`~natskv.client.Client` as any other
-caller would (``bucket()``, ``options``, ``api_level``), and each registered model's
+caller would (``bucket()``, ``options``, ``has_atomic_batches``), and each registered model's
 :class:`~natskv.models.store.ModelStore` keeps the client for its counters and transactions.
 
 Layers and imports: the model layer sits above the client. Nothing in ``natskv.models`` imports
@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._runner import check_timeout
-from natskv.aio.connection import API_LEVEL_ATOMIC
 from natskv.errors import InvalidArgumentError, RevisionMismatchError
 from natskv.models.attributes import define_schema
 from natskv.models.live import EventBus, ModelEvent
@@ -66,7 +65,7 @@ class ModelRegistry:
         store.replica.start(load)
         model._store = store
         self._models[model.__name__] = model
-        if client.api_level < API_LEVEL_ATOMIC:
+        if not client.has_atomic_batches:
             needs = [f"unique field {n!r}" for n, f in model._fields.items() if f.unique and n != model._pk]
             needs += [f"autoincrement field {n!r}" for n, f in model._fields.items() if f.generated == "autoincrement"]
             if needs:

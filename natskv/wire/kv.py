@@ -1,30 +1,24 @@
-"""natskv's Key-Value protocol over plain NATS messages.
+"""natskv's Key-Value protocol over plain NATS messages, from the caller's thread.
 
 A bucket is a stream ``KV_<bucket>`` holding subjects ``$KV.<bucket>.<encoded key>``; the latest
 message of a subject is the key's value. Reads use JetStream direct get (one key, or many in one
 batch request); writes are publishes whose PubAck carries the revision (stream sequence); CAS uses
 ``Nats-Expected-Last-Subject-Sequence``; per-key TTL uses ``Nats-TTL``; multi-key commits use atomic
-batch publish. The methods that block run in the caller's thread through the multiplexer; the
-``async`` ones run on the loop thread.
+batch publish. Every method runs on the caller's thread and blocks it (through the caller half of
+the multiplexer); the loop thread's reads of a bucket (watch consumers) are in :mod:`natskv.aio.watch`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import math
-import os
 import re
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from natskv.aio.connection import API_LEVEL_ATOMIC, API_LEVEL_TTL, Connection, check_api_reply
-from natskv.aio.mux import RawReply, encode_command, parse_reply_headers, status_of
 from natskv.codec import RAW_HEADER
 from natskv.errors import (
     BatchError,
@@ -37,29 +31,35 @@ from natskv.errors import (
     NatsKVTimeoutError,
     PayloadTooLargeError,
 )
+from natskv.wire import headers as h
+from natskv.wire import jsapi
+from natskv.wire.headers import OP_DEL, OP_PURGE, OP_PUT, ttl_header
+from natskv.wire.jsapi import (
+    API_LEVEL_ATOMIC,
+    API_LEVEL_TTL,
+    ERR_BATCH_DUPLICATE,
+    ERR_DUPLICATE_IN_PROCESS,
+    ERR_NO_MESSAGE,
+    ERR_STREAM_NAME_IN_USE,
+    check_pub_ack,
+    is_ack,
+)
+from natskv.wire.replies import RawReply, encode_command, parse_reply_headers, status_of
+from natskv.wire.retry import FIRST_DELAY, RESEND_AFTER, publish_resending, request_retrying_on_503, sleep_before_retry
+
+if TYPE_CHECKING:
+    from natskv.aio.connection import Connection
 
 BUCKET_NAME_RE = re.compile(r"\A[A-Za-z0-9_-]+\Z")
 MAX_STREAM_NAME = 255  # nats-server's JSMaxNameLen
 # A bucket's streams are KV_<bucket> and, for autoincrement fields, KVC_<bucket>: both must fit.
 MAX_BUCKET_NAME = MAX_STREAM_NAME - len("KVC_")
 
-# Error codes of a PubAck whose CAS check failed ("wrong last sequence" and its newer variant).
-CAS_ERROR_CODES = (10071, 10164)
-ERR_NO_MESSAGE = 10037  # STREAM.MSG.GET: no message found
-ERR_DUPLICATE_IN_PROCESS = 10158  # a resent Nats-Msg-Id whose first copy is not stored yet
-ERR_BATCH_DUPLICATE = 10201  # a resent atomic batch whose first copy was stored
-# A write to a replicated bucket unanswered this long is sent again (deduplicated by its message
-# id): far above a healthy acknowledgement (about 1 ms on loopback), and short enough that a
-# write follows a newly elected leader within about this long (during an election, writes go
-# unanswered). A resend that meets its first copy still being stored just waits for it.
-RESEND_AFTER = 0.25
 MAX_SUBJECTS_PER_BATCH_GET = 1024
 MAX_ATOMIC_BATCH = 1000
 DEFAULT_MAX_CONSUMERS = 10_000
 HEADER_ROOM = 512  # bytes of headers natskv may add to a value (TTL, CAS, batch, raw marker)
 NANOS = 1_000_000_000
-
-OP_PUT, OP_DEL, OP_PURGE = "PUT", "DEL", "PURGE"
 
 
 def validate_bucket_name(name: str) -> None:
@@ -72,27 +72,6 @@ def validate_bucket_name(name: str) -> None:
             f"bucket name of {len(name)} characters is too long: at most {MAX_BUCKET_NAME} "
             f"(nats-server limits stream names, here 'KV_<bucket>' and 'KVC_<bucket>', to {MAX_STREAM_NAME})"
         )
-
-
-# The server keeps expiry times as int64 nanoseconds since 1970: a Nats-TTL past the year 2262
-# overflows, and the server then stores the key and expires it at once (seen on 2.15 from about
-# 7.5e9 s). A bucket's max_age is an int64 of nanoseconds too. A century is far inside both.
-MAX_TTL = 100 * 365 * 86400
-
-
-def ttl_header(ttl: float | None) -> str | None:
-    """The ``Nats-TTL`` value for a per-key TTL in seconds (whole seconds, at least 1)."""
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl <= 0:
-        raise InvalidArgumentError(f"ttl must be a positive number of seconds, not {ttl!r}")
-    if ttl > MAX_TTL:
-        raise InvalidArgumentError(
-            f"ttl={ttl!r} is longer than natskv's limit of {MAX_TTL} s (100 years), beyond which the "
-            "server's expiry time overflows; pass ttl=None for values that never expire"
-        )
-    seconds = int(ttl) if float(ttl).is_integer() else int(ttl) + 1
-    return f"{max(seconds, 1)}s"
 
 
 @dataclass(slots=True)  # one per key in a shared watch feed's state: keep it small
@@ -113,14 +92,14 @@ class RawEntry:
 
 
 def entry_from_headers(hdrs: dict[str, str], data: bytes, subject: str = "") -> RawEntry:
-    op = hdrs.get("KV-Operation", OP_PUT)
-    if "Nats-Marker-Reason" in hdrs:  # a TTL / max-age / purge marker: the key is gone
-        op = OP_PURGE if hdrs["Nats-Marker-Reason"] == "Purge" else OP_DEL
+    op = hdrs.get(h.KV_OPERATION, OP_PUT)
+    if h.MARKER_REASON in hdrs:  # a TTL / max-age / purge marker: the key is gone
+        op = OP_PURGE if hdrs[h.MARKER_REASON] == "Purge" else OP_DEL
     return RawEntry(
-        subject=hdrs.get("Nats-Subject", subject),
+        subject=hdrs.get(h.SUBJECT, subject),
         data=data,
-        revision=int(hdrs.get("Nats-Sequence", 0)),
-        timestamp=hdrs.get("Nats-Time-Stamp", ""),
+        revision=int(hdrs.get(h.SEQUENCE, 0)),
+        timestamp=hdrs.get(h.TIME_STAMP, ""),
         operation=op,
         raw_bytes=RAW_HEADER in hdrs,
     )
@@ -137,142 +116,6 @@ def _subject_matches(pattern: str, subject: str) -> bool:
     return len(want) == len(have)
 
 
-def _is_ack(data: bytes) -> bool:
-    """Whether a reply is a successful PubAck."""
-    if not data:
-        return False
-    try:
-        check_pub_ack(data)
-    except NatsKVError:
-        return False
-    return True
-
-
-def check_pub_ack(data: bytes) -> dict[str, Any]:
-    """Decode a PubAck. CAS failures raise :class:`JetStreamError` with ``err_code`` set."""
-    return check_api_reply("publish", data)
-
-
-def request_retrying_on_503(
-    conn: Connection,
-    subject: str,
-    payload: bytes,
-    headers: dict[str, str] | None,
-    timeout: float | None,
-    what: str,
-    check: Callable[[float], None] | None = None,
-    first: RawReply | None = None,
-) -> RawReply:
-    """A request sent again while it is answered "no responders" (503), until ``timeout``.
-
-    A 503 means no stream took the message (JetStream still starting after a restart, or a
-    stream without a leader during an election): nothing was stored, so sending again is safe.
-    ``check(timeout)`` runs once, at the first 503, to raise a better error than waiting;
-    ``first`` is the reply of a first attempt the caller already made.
-    """
-    mux = conn.mux
-    assert mux is not None
-    deadline = None if timeout is None else time.monotonic() + timeout
-    reply = first if first is not None else mux.request(subject, payload, headers, timeout)
-    delay = 0.02
-    if reply[0] or status_of(reply[1]) != 503:
-        return reply
-    if check is not None:
-        check(min(timeout or 1.0, 1.0))
-    while True:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= delay:
-            raise NatsKVTimeoutError(
-                f"{what} had no JetStream responder for {timeout} s: "
-                "is JetStream enabled and does the stream have a leader? Nothing was stored."
-            )
-        time.sleep(delay)
-        # Backoff capped low: a write should follow a new stream leader within a fraction of a second.
-        delay = min(delay * 2, 0.25)
-        reply = mux.request(subject, payload, headers, None if deadline is None else deadline - time.monotonic())
-        if reply[0] or status_of(reply[1]) != 503:
-            return reply
-
-
-def publish_resending(
-    conn: Connection,
-    subject: str,
-    payload: bytes,
-    headers: dict[str, str] | None,
-    timeout: float | None,
-    what: str,
-    check: Callable[[float], None] | None = None,
-) -> dict[str, Any]:
-    """Publish to a replicated stream and return its PubAck, sending again while no stream
-    leader answers, until ``timeout``.
-
-    A stream leader that dies with a write in flight never answers it, and the write may or
-    may not have been stored. The message carries a ``Nats-Msg-Id``: the stream's duplicate
-    window recognises a resend of a stored message and answers with the original sequence and
-    ``"duplicate": true`` (a new leader rebuilds that window from the stored messages), so
-    sending it again is safe. Without that, the caller would wait out its whole timeout and
-    learn nothing; with it, the write lands soon after a new leader is elected. "No responders"
-    (503, no leader during an election) is retried as in request_retrying_on_503; ``check``
-    runs at the first one.
-    """
-    # 64 random bits: unique within a duplicate window, and small in the servers' memory of it.
-    headers = dict(headers or {}, **{"Nats-Msg-Id": os.urandom(8).hex()})
-    mux = conn.mux
-    assert mux is not None
-    deadline = None if timeout is None else time.monotonic() + timeout
-    unanswered = checked = False
-    delay = 0.02
-    while True:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            if unanswered:
-                raise NatsKVTimeoutError(
-                    f"a write to {what} was not acknowledged within {timeout} s (its stream leader did not "
-                    "answer, and no new one took over in time); it may or may not be stored"
-                )
-            raise NatsKVTimeoutError(
-                f"{what} had no stream leader for {timeout} s (an election that did not end? is JetStream "
-                "enabled?). Nothing was stored."
-            )
-        try:
-            data, hdrs, _ = mux.request(subject, payload, headers, RESEND_AFTER if left is None else min(left, RESEND_AFTER))
-        except NatsKVTimeoutError:
-            unanswered = True
-            continue
-        if not data:
-            status, desc, _ = parse_reply_headers(hdrs)
-            if status != 503:
-                raise JetStreamError(desc or f"unexpected status {status} from {what}", code=status)
-            if not checked and check is not None:
-                checked = True
-                check(min(left or 1.0, 1.0))
-        else:
-            try:
-                return check_pub_ack(data)
-            except JetStreamError as exc:
-                # The first copy is still being replicated: its outcome comes with a later answer.
-                if exc.err_code != ERR_DUPLICATE_IN_PROCESS:
-                    raise
-        left = None if deadline is None else deadline - time.monotonic()
-        time.sleep(delay if left is None else max(min(delay, left), 0))
-        delay = min(delay * 2, 0.25)
-
-
-def counter_add(conn: Connection, stream: str, subject: str, count: int, replicas: int, timeout: float | None) -> int:
-    """Add ``count`` to the counter ``subject`` of counter stream ``stream``; return its new value."""
-    what = f"counter stream {stream!r}"
-    if replicas == 1:
-        data, _, _ = request_retrying_on_503(conn, subject, b"", {"Nats-Incr": f"+{count}"}, timeout, what)
-        return int(check_api_reply("counter", data)["val"])
-    # Replicated: an increment in flight when its leader dies is sent again (deduplicated).
-    ack = publish_resending(conn, subject, b"", {"Nats-Incr": f"+{count}"}, timeout, what)
-    if "val" in ack:
-        return int(ack["val"])
-    # A duplicate's answer has no value: the first copy was stored, and its value with it.
-    stored = conn.js_api_blocking(f"STREAM.MSG.GET.{stream}", {"seq": ack["seq"]}, timeout)
-    return int(orjson.loads(base64.b64decode(stored["message"]["data"]))["val"])
-
-
 class KVProtocol:
     """The wire protocol of one bucket on one connection."""
 
@@ -282,8 +125,8 @@ class KVProtocol:
         self.bucket = bucket
         self.stream = "KV_" + bucket
         self.subject_prefix = f"$KV.{bucket}."
-        self._direct_prefix = f"$JS.API.DIRECT.GET.{self.stream}.{self.subject_prefix}"
-        self._direct_batch = f"$JS.API.DIRECT.GET.{self.stream}"
+        self.direct_prefix = f"$JS.API.DIRECT.GET.{self.stream}.{self.subject_prefix}"
+        self.direct_batch = f"$JS.API.DIRECT.GET.{self.stream}"
         self._config: dict[str, Any] = {}
         self._replicated = False  # more than one replica: reads check they see this client's writes
         self._max_value: int | None = None
@@ -343,18 +186,18 @@ class KVProtocol:
     def ensure(self, config: dict[str, Any], create: bool, timeout: float | None) -> dict[str, Any]:
         """Return the bucket's stream config, creating the stream if it is missing and allowed."""
         try:
-            info = self.conn.js_api_blocking(f"STREAM.INFO.{self.stream}", None, timeout)
+            info = jsapi.call(self.conn, f"STREAM.INFO.{self.stream}", None, timeout)
         except BucketNotFoundError:
             if not create:
                 raise BucketNotFoundError(
                     f"bucket {self.bucket!r} does not exist; call client.bucket({self.bucket!r}) to create it"
                 ) from None
             try:
-                info = self.conn.js_api_blocking(f"STREAM.CREATE.{self.stream}", config, timeout)
+                info = jsapi.call(self.conn, f"STREAM.CREATE.{self.stream}", config, timeout)
             except JetStreamError as exc:
-                if exc.err_code != 10058:  # created concurrently by another client: read it
+                if exc.err_code != ERR_STREAM_NAME_IN_USE:  # created concurrently by another client: read it
                     raise
-                info = self.conn.js_api_blocking(f"STREAM.INFO.{self.stream}", None, timeout)
+                info = jsapi.call(self.conn, f"STREAM.INFO.{self.stream}", None, timeout)
         self.config = info["config"]
         if not self.config.get("allow_direct"):
             # Buckets made by other tools may lack direct get, which every read here uses.
@@ -363,16 +206,16 @@ class KVProtocol:
 
     def update_config(self, changes: dict[str, Any], timeout: float | None) -> dict[str, Any]:
         config = dict(self.config, **changes)
-        info = self.conn.js_api_blocking(f"STREAM.UPDATE.{self.stream}", config, timeout)
+        info = jsapi.call(self.conn, f"STREAM.UPDATE.{self.stream}", config, timeout)
         self.config = info["config"]
         return self.config
 
     def info(self, timeout: float | None) -> dict[str, Any]:
-        return self.conn.js_api_blocking(f"STREAM.INFO.{self.stream}", None, timeout)
+        return jsapi.call(self.conn, f"STREAM.INFO.{self.stream}", None, timeout)
 
     def destroy(self, timeout: float | None) -> None:
         self.conn.written.pop(self.stream, None)
-        self.conn.js_api_blocking(f"STREAM.DELETE.{self.stream}", None, timeout)
+        jsapi.call(self.conn, f"STREAM.DELETE.{self.stream}", None, timeout)
 
     # -- reads (any thread) -----------------------------------------------------------------
 
@@ -381,13 +224,13 @@ class KVProtocol:
         assert self.conn.mux is not None
         if self.stream in self.conn.written:
             return self._get_after_write(encoded_key, timeout)
-        return self._entry_of(self._request(self._direct_prefix + encoded_key, b"", None, timeout))
+        return self._entry_of(self._request(self.direct_prefix + encoded_key, b"", None, timeout))
 
     def get_revision(self, encoded_key: str, revision: int, timeout: float | None) -> RawEntry | None:
         """The message at ``revision`` if it belongs to this key."""
         assert self.conn.mux is not None
         body = orjson.dumps({"seq": revision})
-        entry = self._entry_of(self._request(self._direct_batch, body, None, timeout))
+        entry = self._entry_of(self._request(self.direct_batch, body, None, timeout))
         if entry is None and revision <= self.conn.written.get(self.stream, (0, ""))[0]:
             entry = self._leader_get({"seq": revision}, timeout)  # answered by a replica behind us
         return entry if entry is not None and entry.subject == self.subject_prefix + encoded_key else None
@@ -401,35 +244,6 @@ class KVProtocol:
                 return None
             raise self._status_error(status, desc)
         return entry_from_headers(hdrs, data)
-
-    async def last_many_async(self, filter_subject: str, timeout: float) -> list[RawEntry] | None:
-        """Loop-thread form of a batch direct get of the latest message per subject under
-        ``filter_subject``. None when it matches too many subjects for one batch get (413) or
-        the server has no batch get."""
-        if self.conn.api_level < API_LEVEL_TTL:
-            return None
-        mux = self.conn.mux
-        assert mux is not None
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        replies: list[RawReply] = []
-
-        def collect(data: bytes, headers: Any, reply: str) -> bool:
-            replies.append((data, headers, reply))
-            if not data and status_of(headers):
-                if not done.done():
-                    done.set_result(None)
-                return True
-            return False
-
-        token = mux.new_token()
-        mux.add_route(token, collect)
-        body = orjson.dumps({"multi_last": [self.subject_prefix + filter_subject]})
-        mux.write_now(encode_command(self._direct_batch, mux.prefix + token, body, None), 1, len(body))
-        try:
-            await asyncio.wait_for(done, timeout)
-        finally:
-            mux.remove_route(token)
-        return self._batch_entries(replies)
 
     def get_last_many(self, subjects: list[str], timeout: float | None) -> list[RawEntry] | None:
         """Latest message of each subject (wildcards allowed) in batch direct gets.
@@ -450,7 +264,7 @@ class KVProtocol:
                 entries = self._batch_after_write(chunk, deadline)
             else:
                 body = orjson.dumps({"multi_last": chunk})
-                entries = self._batch_entries(self.conn.mux.request_stream(self._direct_batch, body, timeout))
+                entries = self.batch_entries(self.conn.mux.request_stream(self.direct_batch, body, timeout))
             if entries is None:
                 return None
             out.extend(entries)
@@ -465,13 +279,13 @@ class KVProtocol:
         out: list[RawEntry] = []
         for reply in self.conn.mux.request_many(commands, timeout):
             if reply is None:
-                raise self.conn.mux.timeout_error(self._direct_batch, timeout)
+                raise self.conn.mux.timeout_error(self.direct_batch, timeout)
             entry = self._entry_of(reply)
             if entry is not None:
                 out.append(entry)
         return out
 
-    def _batch_entries(self, replies: list[RawReply]) -> list[RawEntry] | None:
+    def batch_entries(self, replies: list[RawReply]) -> list[RawEntry] | None:
         """Entries of a batch direct get's replies; None when it matched too many subjects (413)."""
         out: list[RawEntry] = []
         for data, headers, _ in replies:
@@ -495,14 +309,14 @@ class KVProtocol:
         seq = 1
         while True:
             body = orjson.dumps({"batch": 256, "seq": seq, "next_by_subj": subject})
-            replies = self.conn.mux.request_stream(self._direct_batch, body, timeout)
+            replies = self.conn.mux.request_stream(self.direct_batch, body, timeout)
             pending = 0
             for data, headers, _ in replies:
                 status, desc, hdrs = parse_reply_headers(headers)
                 if status:
                     if status not in (204, 404):
                         raise self._status_error(status, desc)
-                    pending = int(hdrs.get("Nats-Num-Pending", 0) or 0)
+                    pending = int(hdrs.get(h.NUM_PENDING, 0) or 0)
                     break
                 out.append(entry_from_headers(hdrs, data))
             if not pending or not out:
@@ -519,7 +333,7 @@ class KVProtocol:
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             body = orjson.dumps({"seq": seq, "next_by_subj": subject})
-            entry = self._entry_of(self._request(self._direct_batch, body, None, left))
+            entry = self._entry_of(self._request(self.direct_batch, body, None, left))
             if entry is None:
                 return out
             out.append(entry)
@@ -541,7 +355,8 @@ class KVProtocol:
     def _put_resending(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> int:
         """A write to a replicated bucket, sent again while its stream leader does not answer
         (see publish_resending)."""
-        ack = publish_resending(self.conn, subject, payload, headers, timeout, f"bucket {self.bucket!r}", self._exists)
+        assert self.conn.mux is not None
+        ack = publish_resending(self.conn.mux, subject, payload, headers, timeout, f"bucket {self.bucket!r}", self._exists)
         return self._written(int(ack["seq"]), subject)
 
     def put_many(
@@ -582,10 +397,10 @@ class KVProtocol:
             # As single writes (see publish_resending): a batch in flight when its leader dies is
             # sent again, each message under its first message id. If the first copy was stored,
             # the server rejects the copy as a duplicate (all or nothing: then all was stored).
-            ids = os.urandom(8).hex()
-            items = [(k, p, dict(h, **{"Nats-Msg-Id": f"{ids}-{i}"})) for i, (k, p, h) in enumerate(items)]
+            ids = h.new_msg_id()
+            items = [(k, p, h.with_msg_id(hd, f"{ids}-{i}")) for i, (k, p, hd) in enumerate(items)]
             resend_after = RESEND_AFTER + 0.002 * len(items)  # a big batch takes longer to store
-        delay = 0.02
+        delay = FIRST_DELAY
         unanswered = False
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -600,7 +415,7 @@ class KVProtocol:
             attempt = left if resend_after is None else (resend_after if left is None else min(left, resend_after))
             try:
                 data, hdrs, first_status = self._send_batch(items, attempt)
-                if resend_after is not None and data and not _is_ack(data):
+                if resend_after is not None and data and not is_ack(data):
                     check_pub_ack(data)  # a duplicate or in-process answer to a resent batch
             except NatsKVTimeoutError:
                 if resend_after is None:
@@ -620,18 +435,16 @@ class KVProtocol:
             # start of the batch and rejected it. Either way nothing was stored: send the whole
             # batch again, under a new id so it cannot join messages staged for the old one.
             status = status_of(hdrs) if not data else 0
-            if status != 503 and not (first_status == 503 and not _is_ack(data)):
+            if status != 503 and not (first_status == 503 and not is_ack(data)):
                 return self._written(self._batch_ack(data, hdrs), self.subject_prefix + items[-1][0])
-            left = None if deadline is None else deadline - time.monotonic()
-            time.sleep(delay if left is None else max(min(delay, left), 0))
-            delay = min(delay * 2, 0.25)
+            delay = sleep_before_retry(delay, deadline)
 
     def _stored_batch(self, items: list[tuple[str, bytes, dict[str, str]]], timeout: float | None) -> int:
         """The revision of a resent batch whose first copy was stored: that of its last message,
         read through the leader."""
         key, _, headers = items[-1]
         found = self._leader_message({"last_by_subj": self.subject_prefix + key}, timeout)
-        if found is None or found[1].get("Nats-Msg-Id") != headers["Nats-Msg-Id"]:
+        if found is None or found[1].get(h.MSG_ID) != headers[h.MSG_ID]:
             raise JetStreamError(
                 f"the commit to bucket {self.bucket!r} was stored, but its key {key!r} changed again before "
                 "its revision could be read back; read the keys to see the current values"
@@ -648,12 +461,7 @@ class KVProtocol:
         n = len(items)
         commands: list[tuple[str, bytes, dict[str, str] | None]] = []
         for i, (key, payload, headers) in enumerate(items, start=1):
-            h = dict(headers)
-            h["Nats-Batch-Id"] = batch_id
-            h["Nats-Batch-Sequence"] = str(i)
-            if i == n:
-                h["Nats-Batch-Commit"] = "1"
-            commands.append((self.subject_prefix + key, payload, h))
+            commands.append((self.subject_prefix + key, payload, h.batch_part(headers, batch_id, i, i == n)))
         # The first message and the commit are requests (errors come back on them); the middle
         # ones are plain publishes. Wait for the commit's answer alone.
         mux = self.conn.mux
@@ -711,13 +519,13 @@ class KVProtocol:
         """
         assert self.conn.mux is not None
         subject = self.subject_prefix + encoded_key
-        replies = self.conn.mux.request_stream(self._direct_batch, orjson.dumps({"multi_last": [subject]}), timeout)
+        replies = self.conn.mux.request_stream(self.direct_batch, orjson.dumps({"multi_last": [subject]}), timeout)
         fresh = self._fresh(replies)
         if fresh is not True:
             if fresh is False:
                 self._check_mark(timeout)
             return self._leader_get({"last_by_subj": subject}, timeout)
-        entries = self._batch_entries(replies)
+        entries = self.batch_entries(replies)
         return entries[0] if entries else None
 
     def _batch_after_write(self, subjects: list[str], deadline: float | None) -> list[RawEntry] | None:
@@ -730,7 +538,7 @@ class KVProtocol:
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             asked = subjects + [anchor] if anchor else subjects
-            replies = self.conn.mux.request_stream(self._direct_batch, orjson.dumps({"multi_last": asked}), left)
+            replies = self.conn.mux.request_stream(self.direct_batch, orjson.dumps({"multi_last": asked}), left)
             fresh = self._fresh(replies)
             if fresh is None and not anchor and self.stream in self.conn.written:
                 anchor = self.conn.written[self.stream][1]
@@ -747,7 +555,7 @@ class KVProtocol:
             # one caught up), after making sure the stream was not recreated since.
             self._check_mark(left)
             time.sleep(0.002)
-        entries = self._batch_entries(replies)
+        entries = self.batch_entries(replies)
         if entries is not None and anchor and not any(_subject_matches(s, anchor) for s in subjects):
             entries = [e for e in entries if e.subject != anchor]
         return entries
@@ -760,7 +568,7 @@ class KVProtocol:
             return True
         status, _, hdrs = parse_reply_headers(replies[-1][1])
         if status == 204:
-            return int(hdrs.get("Nats-UpTo-Sequence", mark)) >= mark
+            return int(hdrs.get(h.UP_TO_SEQUENCE, mark)) >= mark
         return None if status == 404 else True
 
     def _check_mark(self, timeout: float | None) -> None:
@@ -778,14 +586,14 @@ class KVProtocol:
     def _leader_message(self, request: dict[str, Any], timeout: float | None) -> tuple[RawEntry, dict[str, str]] | None:
         """``STREAM.MSG.GET``: a message and its headers, from the stream leader."""
         try:
-            reply = self.conn.js_api_blocking(f"STREAM.MSG.GET.{self.stream}", request, timeout)
+            reply = jsapi.call(self.conn, f"STREAM.MSG.GET.{self.stream}", request, timeout)
         except JetStreamError as exc:
             if exc.err_code == ERR_NO_MESSAGE:
                 return None
             raise
         msg = reply["message"]
         _, _, hdrs = parse_reply_headers(base64.b64decode(msg["hdrs"])) if msg.get("hdrs") else (0, "", {})
-        hdrs.update({"Nats-Subject": msg["subject"], "Nats-Sequence": str(msg["seq"]), "Nats-Time-Stamp": msg["time"]})
+        hdrs.update({h.SUBJECT: msg["subject"], h.SEQUENCE: str(msg["seq"]), h.TIME_STAMP: msg["time"]})
         return entry_from_headers(hdrs, base64.b64decode(msg.get("data") or b"")), hdrs
 
     # -- helpers ------------------------------------------------------------------------------
@@ -797,7 +605,7 @@ class KVProtocol:
         if reply[0] or status_of(reply[1]) != 503:
             return reply
         return request_retrying_on_503(
-            self.conn, subject, payload, headers, timeout, f"bucket {self.bucket!r}", self._exists, reply
+            self.conn.mux, subject, payload, headers, timeout, f"bucket {self.bucket!r}", self._exists, reply
         )
 
     def _exists(self, timeout: float) -> None:
@@ -858,9 +666,3 @@ class KVProtocol:
         if status == 408:
             return NatsKVTimeoutError(f"the server timed out answering a request on bucket {self.bucket!r}")
         return JetStreamError(desc or f"unexpected status {status}", code=status)
-
-
-__all__ = [
-    "MAX_TTL", "KVProtocol", "RawEntry", "counter_add", "publish_resending", "request_retrying_on_503", "status_of",
-    "validate_bucket_name", "ttl_header",
-]

@@ -1,0 +1,196 @@
+"""The caller half of the request multiplexer: what a blocking request does on the caller's thread.
+
+One :class:`~natskv.aio.mux.Multiplexer` per connection shares the connection's inbox between
+every thread. Its two halves live where they run:
+
+* this module, the caller's thread: encode the whole protocol command (``_core.pub_command``),
+  register a waiter under a fresh reply token, append the bytes to the outbox (only the first
+  caller since the last drain wakes the loop's writer, so commands from many threads go out in
+  one system call), then block on the waiter's lock until the loop thread delivers the reply;
+* :mod:`natskv.aio.mux`, the loop thread: the writer that drains the outbox, the frame reader that
+  routes each reply to its waiter, subscriptions, and requests made by the loop itself.
+
+The two share one object (``Multiplexer`` subclasses :class:`CallerMux`) because they share its
+state: the routes, the outbox and its lock, the set of waiting requests and the closed/refused
+state. Splitting that state between two objects would put a hop between them on every request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from natskv.errors import NatsKVTimeoutError, NotConnectedError
+from natskv.wire.replies import RawReply, encode_command, fresh_error, short_subject
+from natskv.wire.waiters import CountWaiter, StreamWaiter, Waiter
+
+if TYPE_CHECKING:
+    from natskv.aio.mux import AsyncWaiter
+
+
+class CallerMux:
+    """The caller-thread half of :class:`natskv.aio.mux.Multiplexer` (see the module docstring).
+
+    ``wake_writer()`` schedules the loop's writer (thread-safe, never blocks); ``is_connected()``
+    says whether the connection is up, to word a timeout.
+    """
+
+    def __init__(self, prefix: str, wake_writer: Callable[[], Any], is_connected: Callable[[], bool]) -> None:
+        self.prefix = prefix  # the inbox prefix of replies: "<inbox>.<nuid>."
+        self._wake_writer = wake_writer
+        self._is_connected = is_connected
+        self._routes: dict[str, Any] = {}
+        self._ids = itertools.count(1)
+        self._outbox: list[bytes] = []
+        self._out_lock = threading.Lock()
+        self._scheduled = False
+        # Requests waiting for a reply (caller threads, and the loop's own): close(), refuse()
+        # and the server's refusals fail them.
+        self._waiting: set[Waiter | StreamWaiter | CountWaiter | AsyncWaiter] = set()
+        # Messages and payload bytes natskv wrote itself, past nats-py's publish() and so its
+        # counters (under _out_lock: caller threads add to them).
+        self.out_msgs = 0
+        self.out_bytes = 0
+        self.closed = False
+        self._closed_error: BaseException | None = None
+        # Set while the server refuses to take the connection back (credentials withdrawn):
+        # calls fail with it at once instead of waiting for a reconnect. Cleared on reconnect.
+        self.refused: BaseException | None = None
+
+    # -- routes (any thread) ---------------------------------------------------------------------
+
+    def new_token(self) -> str:
+        return format(next(self._ids), "x")
+
+    def add_route(self, token: str, handler: Callable[[bytes, Any, str], bool]) -> None:
+        """Send messages arriving at ``prefix + token`` to ``handler`` (on the loop thread)."""
+        self._routes[token] = handler
+
+    def remove_route(self, token: str) -> None:
+        self._routes.pop(token, None)
+
+    # -- sending (caller's thread) ---------------------------------------------------------------
+
+    def send(self, command: bytes, msgs: int = 1, payload_bytes: int = 0) -> None:
+        """Queue an encoded protocol command (``msgs`` messages carrying ``payload_bytes`` of
+        payload, for the statistics) for the loop thread to write; never blocks."""
+        if self.closed or self.refused is not None:
+            raise self._refusal()
+        with self._out_lock:
+            self._outbox.append(command)
+            self.out_msgs += msgs
+            self.out_bytes += payload_bytes
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._wake_writer()
+
+    def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Fire-and-forget publish from any thread but the loop's."""
+        self.send(encode_command(subject, "", payload, headers), 1, len(payload))
+
+    def _send_and_wait(self, waiter: Any, command: bytes, timeout: float | None, msgs: int, payload_bytes: int) -> bool:
+        # Known as waiting before the command leaves: the server's refusal of it, or close(),
+        # can arrive before this thread gets to wait.
+        self._waiting.add(waiter)
+        try:
+            self.send(command, msgs, payload_bytes)
+            completed = waiter.wait(timeout)
+        finally:
+            self._waiting.discard(waiter)
+        if waiter.error is not None:
+            raise fresh_error(waiter.error)
+        return completed
+
+    def request(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> RawReply:
+        """Send one request and block the calling thread until its reply or the timeout."""
+        token = self.new_token()
+        waiter = Waiter(subject)
+        self._routes[token] = waiter.deliver
+        try:
+            command = encode_command(subject, self.prefix + token, payload, headers)
+            completed = self._send_and_wait(waiter, command, timeout, 1, len(payload))
+        except BaseException:  # Ctrl-C while waiting, or a bad command: forget the request
+            self._routes.pop(token, None)
+            raise
+        if not completed:
+            self._routes.pop(token, None)
+            if waiter.reply is not None:  # delivered between the timeout and the pop
+                return waiter.reply
+            raise self.timeout_error(subject, timeout)
+        assert waiter.reply is not None
+        return waiter.reply
+
+    def request_stream(self, subject: str, payload: bytes, timeout: float | None) -> list[RawReply]:
+        """Send one request whose answer is several messages ending with a status message."""
+        token = self.new_token()
+        waiter = StreamWaiter(subject)
+        self._routes[token] = waiter.deliver
+        try:
+            command = encode_command(subject, self.prefix + token, payload, None)
+            completed = self._send_and_wait(waiter, command, timeout, 1, len(payload))
+        except BaseException:
+            self._routes.pop(token, None)
+            raise
+        if not completed:
+            self._routes.pop(token, None)
+            if not waiter.done:
+                raise self.timeout_error(subject, timeout)
+        return waiter.replies
+
+    def request_many(
+        self, commands: list[tuple[str, bytes, dict[str, str] | None]], timeout: float | None
+    ) -> list[RawReply | None]:
+        """Pipeline several requests in one write; the replies come back in the same order.
+
+        A ``None`` in the result means that request got no reply within the timeout.
+        """
+        if not commands:
+            return []
+        waiter = CountWaiter(len(commands), frozenset(subject for subject, _, _ in commands))
+        tokens = [self.new_token() for _ in commands]
+        encoded = [
+            encode_command(subject, self.prefix + token, payload, headers)
+            for (subject, payload, headers), token in zip(commands, tokens)
+        ]
+        for i, token in enumerate(tokens):
+            self._routes[token] = waiter.slot(i)
+        try:
+            size = sum(len(payload) for _, payload, _ in commands)
+            completed = self._send_and_wait(waiter, b"".join(encoded), timeout, len(encoded), size)
+        except BaseException:
+            completed = False
+            raise
+        finally:
+            if not completed:
+                for token in tokens:
+                    self._routes.pop(token, None)
+        return waiter.replies
+
+    # -- errors ------------------------------------------------------------------------------------
+
+    def _refusal(self) -> BaseException:
+        """The error for a call made while the connection is refused or closed."""
+        error = self.refused or self._closed_error
+        if error is None:
+            return NotConnectedError("the client is closed; create a new one with natskv.connect()")
+        return fresh_error(error)
+
+    def timeout_error(self, subject: str, timeout: float | None) -> BaseException:
+        """The error of a request on ``subject`` that got no reply within ``timeout`` seconds,
+        naming why when natskv knows (the client closed, the connection down)."""
+        if self.closed:
+            return fresh_error(self._closed_error) if self._closed_error else NotConnectedError(
+                "the client was closed while this call waited for its reply"
+            )
+        if not self._is_connected():
+            return NatsKVTimeoutError(
+                f"no reply to a request on {short_subject(subject)} within timeout={timeout} s: the connection to "
+                "NATS is down and reconnecting; a write that timed out may still be applied once it is back"
+            )
+        return NatsKVTimeoutError(
+            f"no reply to a request on {short_subject(subject)} within timeout={timeout} s; "
+            "the server may be overloaded or the stream may have no leader; pass a larger timeout="
+        )
