@@ -89,6 +89,16 @@ def check_timeout(timeout: object) -> None:
         )
 
 
+def wait_limit(timeout: float | None, default: float) -> float | None:
+    """The one timeout rule, as a limit to wait: ``None`` is ``default`` (the client's
+    ``request_timeout``), ``math.inf`` is no limit (``None`` to the waiting primitives), any other
+    positive number is itself. Raises InvalidArgumentError for anything else."""
+    check_timeout(timeout)
+    if timeout is None:
+        return default
+    return None if timeout == math.inf else timeout
+
+
 class Runner:
     """Owns the loop thread of this process. Use the module-level :data:`runner`."""
 

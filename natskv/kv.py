@@ -13,15 +13,15 @@ client's default (``request_timeout``, 5 s unless set at connect), and ``math.in
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable
 
-from natskv._runner import check_timeout, runner
+from natskv._runner import runner, wait_limit
 from natskv._speedups import core
+from natskv._time import parse_timestamp
 from natskv.aio.watch import snapshot
 from natskv.codec import RAW_HEADER, Codec, JSONCodec, get_codec, non_finite_path
 from natskv.errors import (
@@ -49,26 +49,6 @@ _WRONG_SEQ = re.compile(r"wrong last sequence: (\d+)")
 MAX_ENCODED_KEY = 3000
 
 
-def wait_limit(timeout: float | None, default: float) -> float | None:
-    """The one timeout rule, as a limit to wait: ``None`` is ``default`` (the client's
-    ``request_timeout``), ``math.inf`` is no limit (``None`` to the waiting primitives), any other
-    positive number is itself. Raises InvalidArgumentError for anything else."""
-    check_timeout(timeout)
-    if timeout is None:
-        return default
-    return None if timeout == math.inf else timeout
-
-
-def _parse_timestamp(ts: str) -> datetime:
-    if ts.isdigit():  # nanoseconds since the epoch (watch deliveries); integer maths keeps µs exact
-        seconds, nanos = divmod(int(ts), 1_000_000_000)
-        return datetime.fromtimestamp(seconds, tz=timezone.utc).replace(microsecond=nanos // 1000)
-    # RFC 3339 with up to nanoseconds: keep microseconds for datetime.
-    head, _, frac = ts.rstrip("Z").partition(".")
-    micros = int((frac + "000000")[:6]) if frac else 0
-    return datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(microsecond=micros, tzinfo=timezone.utc)
-
-
 class Entry:
     """One stored revision of a key.
 
@@ -88,7 +68,7 @@ class Entry:
 
     @property
     def created(self) -> datetime | None:
-        return _parse_timestamp(self._timestamp) if self._timestamp else None
+        return parse_timestamp(self._timestamp) if self._timestamp else None
 
     def __repr__(self) -> str:
         return f"Entry(key={self.key!r}, value={self.value!r}, revision={self.revision}, operation={self.operation!r})"

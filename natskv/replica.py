@@ -31,12 +31,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from natskv._runner import follow_fork, runner, unfollow_fork
+from natskv._runner import follow_fork, runner, unfollow_fork, wait_limit
 from natskv._speedups import core
 from natskv.aio.watch import INITIAL_DONE, FeedClosed, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
 from natskv.codec import RAW_HEADER
 from natskv.errors import InvalidKeyError, NatsKVTimeoutError
-from natskv.kv import wait_limit
 from natskv.wire.replies import fresh_error
 
 if TYPE_CHECKING:

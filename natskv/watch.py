@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from natskv._runner import runner
+from natskv._runner import runner, wait_limit
 from natskv._speedups import core
+from natskv._time import parse_timestamp
 from natskv.aio.watch import INITIAL_DONE, FeedClosed, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
 from natskv.errors import InvalidArgumentError, InvalidKeyError
-from natskv.kv import _parse_timestamp, wait_limit
 from natskv.wire.kv import RawEntry
 from natskv.wire.replies import fresh_error
 
@@ -77,7 +77,7 @@ class Change:
 
     @property
     def created(self) -> datetime | None:
-        return _parse_timestamp(self._timestamp) if self._timestamp else None
+        return parse_timestamp(self._timestamp) if self._timestamp else None
 
     @property
     def timestamp(self) -> datetime | None:

@@ -14,14 +14,13 @@ runs on natskv's loop thread under the replica's lock; readers on any thread tak
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from natskv._runner import check_timeout
+from natskv._runner import wait_limit
 from natskv._speedups import core
 from natskv.errors import InvalidArgumentError
 from natskv.models.planner import Planner
@@ -41,10 +40,7 @@ def resolve_timeout(client: Client, timeout: float | None) -> float | None:
     """The seconds a model call waits: ``timeout=None`` is the client's default
     (``request_timeout``), ``math.inf`` no limit (returned as None, as thread waits take it).
     The model layer's one timeout rule, the one ``Bucket`` calls follow."""
-    check_timeout(timeout)
-    if timeout is None:
-        return client.options.request_timeout
-    return None if timeout == math.inf else timeout
+    return wait_limit(timeout, client.options.request_timeout)
 
 
 def record_key(pk: Any) -> str:
