@@ -42,9 +42,9 @@ from cpython.unicode cimport (
 from libc.string cimport memchr, memcmp, memcpy
 
 __all__ = [
+    "MAX_CONTROL_LINE",
     "Filter",
     "IndexSet",
-    "MAX_CONTROL_LINE",
     "Pattern",
     "RecordBuilder",
     "SortedIndex",

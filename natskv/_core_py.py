@@ -33,9 +33,9 @@ from sortedcontainers import SortedKeyList, SortedList  # type: ignore[import-un
 from natskv._regex import LinearRegex, compile_linear
 
 __all__ = [
+    "MAX_CONTROL_LINE",
     "Filter",
     "IndexSet",
-    "MAX_CONTROL_LINE",
     "Pattern",
     "RecordBuilder",
     "SortedIndex",
@@ -721,7 +721,7 @@ def _json_eq(a: Any, b: Any, depth: int = 0) -> bool:
     kind = _category(a)
     if kind != _category(b):
         return False
-    if kind == _LIST or kind == _DICT:
+    if kind in (_LIST, _DICT):
         if len(a) != len(b):
             return False
         if depth >= _MAX_DEPTH:
@@ -729,10 +729,7 @@ def _json_eq(a: Any, b: Any, depth: int = 0) -> bool:
                 f"values nested more than {_MAX_DEPTH} levels deep cannot be compared"
             )
         if kind == _LIST:
-            for x, y in zip(a, b):
-                if not _json_eq(x, y, depth + 1):
-                    return False
-            return True
+            return all(_json_eq(x, y, depth + 1) for x, y in zip(a, b, strict=True))
         for key, value in a.items():
             other = dict.get(b, key, _MISSING)
             if other is _MISSING or not _json_eq(value, other, depth + 1):
@@ -1710,7 +1707,7 @@ class IndexSet:
     access.
     """
 
-    __slots__ = ("_pk", "_unique", "_sorted", "_records")
+    __slots__ = ("_pk", "_records", "_sorted", "_unique")
 
     def __init__(self, pk_field: str, unique: dict[str, UniqueIndex], sorted: dict[str, SortedIndex],
                  records: dict[Any, tuple[dict[str, Any], int]]) -> None:
@@ -1792,7 +1789,7 @@ class RecordBuilder:
     not called. Immutable once built: safe to share between threads.
     """
 
-    __slots__ = ("_cls", "_blank", "_fields", "_skip", "_converters", "_floats")
+    __slots__ = ("_blank", "_cls", "_converters", "_fields", "_floats", "_skip")
 
     def __init__(self, cls: type, fields: Iterable[str], skip: Iterable[str] = (),
                  converters: Iterable[tuple[str, Callable[[Any], Any]]] = (), floats: Iterable[str] = ()) -> None:

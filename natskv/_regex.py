@@ -30,7 +30,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 class LinearRegex:
     """A compiled RE2 pattern; :meth:`matches` is ``re.search(...) is not None`` in linear time."""
 
-    __slots__ = ("source", "_match")
+    __slots__ = ("_match", "source")
 
     def __init__(self, source: str, inline_flags: str = "") -> None:
         if re2 is None:

@@ -171,7 +171,7 @@ class Runner:
         for obj in list(self._closeables):
             try:
                 obj._close_at_exit()
-            except Exception:  # noqa: BLE001 - exit must go on
+            except Exception:
                 log.debug("natskv: error while closing %r at exit", obj, exc_info=True)
         loop, thread = self._loop, self._thread
         self._loop = self._thread = None

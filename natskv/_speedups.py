@@ -23,7 +23,7 @@ _VALID = ("c", "python")
 
 
 def _load(choice: str) -> tuple[ModuleType, str]:
-    if choice not in ("",) + _VALID:
+    if choice not in ("", *_VALID):
         raise ImportError(
             f"NATSKV_IMPL={choice!r} is not valid: use 'c' (compiled core), 'python' (pure-Python"
             " core), or leave it unset to prefer the compiled core"

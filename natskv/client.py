@@ -359,7 +359,7 @@ class Client:
                 self._conn.close(), timeout if timeout is not None else self.options.drain_timeout,
                 what="close() draining the connection",
             )
-        except Exception:  # noqa: BLE001 - closing must not raise
+        except Exception:
             log.debug("natskv: error while closing", exc_info=True)
 
     def _close_at_exit(self) -> None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from natskv.errors import ConfigurationError
@@ -371,7 +372,7 @@ class ConnectOptions:
             raise ConfigurationError(
                 "tls_key is set but tls_cert is not: pass the client certificate too"
             )
-        for name, (env_name, what) in _FILE_OPTIONS.items():
+        for name, (_env_name, what) in _FILE_OPTIONS.items():
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise ConfigurationError(

@@ -14,10 +14,10 @@ client's default (``request_timeout``, 5 s unless set at connect), and ``math.in
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from natskv._runner import runner, wait_limit
 from natskv._speedups import core
@@ -56,7 +56,7 @@ class Entry:
     ``created`` is when this revision was written (UTC).
     """
 
-    __slots__ = ("key", "value", "revision", "operation", "_timestamp", "bucket")
+    __slots__ = ("_timestamp", "bucket", "key", "operation", "revision", "value")
 
     def __init__(self, key: str, value: Any, revision: int, timestamp: str, operation: str, bucket: str) -> None:
         self.key = key
@@ -128,9 +128,8 @@ class Bucket:
 
     def _token(self, key: str) -> str:
         """The subject token of ``key``: checked, and encoded into the NATS subject alphabet."""
-        if type(key) is not str:
-            if not isinstance(key, str):
-                raise InvalidKeyError(f"keys are str, not {type(key).__name__} ({key!r}); convert it with str()")
+        if type(key) is not str and not isinstance(key, str):
+            raise InvalidKeyError(f"keys are str, not {type(key).__name__} ({key!r}); convert it with str()")
         try:
             encoded = self._core_encode_key(key, self.sep)
         except ValueError as exc:
@@ -404,7 +403,7 @@ class Bucket:
         items = [(k, self._token(k), *self._encode(v, ttl)) for k, v in mapping.items()]
         results = self._proto.put_many([(enc, p, h) for _, enc, p, h in items], self._timeout(timeout))
         out: dict[str, int] = {}
-        for (key, _, _, _), res in zip(items, results):
+        for (key, _, _, _), res in zip(items, results, strict=True):
             if isinstance(res, Exception):
                 raise res
             out[key] = res

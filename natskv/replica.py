@@ -191,7 +191,7 @@ class LocalReplica:
                     if self._on_loaded is not None:
                         try:
                             self._on_loaded()
-                        except Exception:  # noqa: BLE001 - the replica must still become ready
+                        except Exception:
                             log.exception("natskv: error in a replica's on_loaded hook")
                     continue
                 revision, key, wanted, put, new = change
@@ -226,7 +226,7 @@ class LocalReplica:
         if on_apply is not None and (old is not None or new is not None):
             try:
                 on_apply(key, old, new, revision)
-            except Exception:  # noqa: BLE001 - one bad hook call must not lose the batch
+            except Exception:
                 log.exception("natskv: error applying %r to a replica hook", key)
 
     def apply_written(self, writes: list[tuple[str, bool, Any]], last_revision: int) -> None:

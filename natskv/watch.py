@@ -60,7 +60,7 @@ class Change:
     :attr:`natskv.Entry.created`.
     """
 
-    __slots__ = ("key", "value", "revision", "operation", "_timestamp", "delta", "initial_done", "bucket")
+    __slots__ = ("_timestamp", "bucket", "delta", "initial_done", "key", "operation", "revision", "value")
 
     def __init__(
         self, key: str, value: Any, revision: int, operation: str, timestamp: str, delta: int, bucket: str,
@@ -236,7 +236,7 @@ class Watcher:
                 if self._on_error is not None:
                     try:
                         self._on_error(fresh_error(event.error))
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         log.exception("natskv: error in the on_error hook")
                 return
             try:
@@ -250,12 +250,12 @@ class Watcher:
                 change = self._convert(event)
                 if change is not None:
                     callback(change)
-            except Exception as exc:  # noqa: BLE001 - a user error must not end the watch
+            except Exception as exc:
                 log.exception("natskv: error in watch callback on bucket %r", self.bucket.name)
                 if self._on_error is not None:
                     try:
                         self._on_error(exc)
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         log.exception("natskv: error in the on_error hook")
 
     # -- stopping --------------------------------------------------------------------------
@@ -277,7 +277,7 @@ class Watcher:
         if self._subscription is not None and not runner.in_loop_thread():
             try:
                 runner.call(unsubscribe_feed(*self._subscription), timeout)
-            except Exception:  # noqa: BLE001 - stopping must not fail; the server expires it
+            except Exception:
                 log.debug("natskv: error stopping watch", exc_info=True)
         self._queue.put(_STOP)
         dispatcher = self._dispatcher

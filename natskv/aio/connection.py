@@ -251,7 +251,7 @@ class Connection:
     async def _discard(nc: NatsClient) -> None:
         try:
             await nc.close()
-        except Exception:  # noqa: BLE001 - a half-open connection may fail to close cleanly
+        except Exception:
             log.debug("natskv: error while discarding a failed connection", exc_info=True)
 
     async def _read_server_info(self) -> None:
@@ -274,7 +274,7 @@ class Connection:
                 await nc.drain()
             else:
                 await nc.close()
-        except Exception:  # noqa: BLE001 - closing must not fail
+        except Exception:
             log.debug("natskv: error while closing the connection", exc_info=True)
             await nc.close()
 
@@ -353,7 +353,7 @@ class Connection:
             for cb in list(self.on_closed):
                 try:
                     cb(error)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("natskv: error in a connection-closed handler")
 
     def _closed_error(self) -> NatsKVError:
@@ -397,7 +397,7 @@ class Connection:
         for cb in list(self.on_reconnect):
             try:
                 cb()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("natskv: error in reconnect handler")
 
     # -- features ----------------------------------------------------------------------------

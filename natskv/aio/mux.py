@@ -176,7 +176,7 @@ class Multiplexer(CallerMux):
                     size += len(payload)
                     try:
                         handler(subject, payload, headers, reply)
-                    except Exception:  # noqa: BLE001 - never let one message stop nats-py's reader
+                    except Exception:
                         log.exception("natskv: error handling a message on %r", subject)
                 if mine:
                     stats["in_msgs"] += mine

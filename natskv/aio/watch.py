@@ -437,7 +437,7 @@ class SharedFeed:
         # the marker. One batch get fills such gaps first, so the initial values are complete.
         try:
             entries = await latest_async(self.feed.conn, self.feed.proto, self.key[1], 5.0)
-        except Exception:  # noqa: BLE001 - best effort: the live feed still delivers the key
+        except Exception:
             log.debug("natskv: could not check a watch's initial values", exc_info=True)
             entries = None
         for entry in sorted(entries or (), key=lambda e: e.revision):

@@ -140,7 +140,7 @@ class Field:
 
     def __init__(
         self,
-        type: type = str,  # noqa: A002 - the public option is called "type"
+        type: type = str,
         *,
         primary_key: bool = False,
         required: bool = False,
@@ -149,9 +149,9 @@ class Field:
         unique: bool = False,
         index: bool = False,
         choices: Iterable[Any] | None = None,
-        format: str | None = None,  # noqa: A002
-        min: Any = None,  # noqa: A002
-        max: Any = None,  # noqa: A002
+        format: str | None = None,
+        min: Any = None,
+        max: Any = None,
         min_length: int | None = None,
         max_length: int | None = None,
         pattern: str | re.Pattern[str] | None = None,

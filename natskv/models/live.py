@@ -36,7 +36,7 @@ class ModelEvent:
     ``old`` / ``new`` are the record before and after (None where there is none); ``name`` is
     ``"<bucket>.<type>"``, as matched by ``db.on()``."""
 
-    __slots__ = ("type", "model", "old", "new", "revision")
+    __slots__ = ("model", "new", "old", "revision", "type")
 
     def __init__(self, type: str, model: type[Model], old: Model | None, new: Model | None, revision: int) -> None:
         self.type = type
@@ -89,12 +89,12 @@ class _Dispatcher:
                 return
             try:
                 job()
-            except Exception as exc:  # noqa: BLE001 - a user error must not end the watch
+            except Exception as exc:
                 log.exception("natskv: error in a model callback")
                 if self._on_error is not None:
                     try:
                         self._on_error(exc)
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         log.exception("natskv: error in the on_error hook")
 
     def stop(self, timeout: float | None) -> None:

@@ -224,13 +224,13 @@ class Model(metaclass=ModelMeta):
             if field.generated == "autoincrement":
                 missing = [c for c in prepared if c.get(name) is None]
                 if missing:
-                    for clean, value in zip(missing, cls._require_store().next_ids(name, len(missing), timeout)):
+                    for clean, value in zip(missing, cls._require_store().next_ids(name, len(missing), timeout), strict=True):
                         clean[name] = value
         batch: list[tuple[Any, ...]] = []
         done: list[tuple[M, dict[str, Any], dict[str, Any]]] = []
         pending: list[tuple[M, dict[str, Any], dict[str, Any]]] = []
         now = dt.datetime.now(dt.timezone.utc)
-        for obj, clean in zip(objs, prepared):
+        for obj, clean in zip(objs, prepared, strict=True):
             stored, ops = cls._insert_ops(clean, now)
             if len(batch) + len(ops) > MAX_BATCH:
                 cls._write(batch, timeout)
@@ -642,7 +642,7 @@ class Model(metaclass=ModelMeta):
 class Page(Generic[M]):
     """One page of :meth:`Model.paginate`: ``records``, ``has_more`` and ``next_cursor``."""
 
-    __slots__ = ("records", "has_more", "next_cursor")
+    __slots__ = ("has_more", "next_cursor", "records")
 
     def __init__(self, records: list[M], has_more: bool, next_cursor: str | None) -> None:
         self.records = records

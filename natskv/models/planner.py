@@ -268,7 +268,7 @@ class Planner:
         if not fields:
             return None
         out = {}
-        for (name, kind), value in zip(fields, lookups.values()):
+        for (name, kind), value in zip(fields, lookups.values(), strict=True):
             if type(value) is not kind:
                 return None
             out[name] = value

@@ -157,7 +157,7 @@ class ModelStore:
         for listener in list(self.listeners):
             try:
                 listener(old, new, revision, old_revision)
-            except Exception:  # noqa: BLE001 - one broken listener must not stop the replica
+            except Exception:
                 log.exception("natskv: error in a model listener")
 
 

@@ -375,7 +375,7 @@ class KVProtocol:
                     status, desc, _ = parse_reply_headers(reply[1])
                     raise self._status_error(status, desc)
                 results.append(self._written(int(check_pub_ack(reply[0])["seq"]), commands[len(results)][0]))
-            except Exception as exc:  # noqa: BLE001 - returned to the caller per item
+            except Exception as exc:
                 results.append(exc)
         return results
 
@@ -537,7 +537,7 @@ class KVProtocol:
         anchor = ""
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            asked = subjects + [anchor] if anchor else subjects
+            asked = [*subjects, anchor] if anchor else subjects
             replies = self.conn.mux.request_stream(self.direct_batch, orjson.dumps({"multi_last": asked}), left)
             fresh = self._fresh(replies)
             if fresh is None and not anchor and self.stream in self.conn.written:

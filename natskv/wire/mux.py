@@ -153,7 +153,7 @@ class CallerMux:
         tokens = [self.new_token() for _ in commands]
         encoded = [
             encode_command(subject, self.prefix + token, payload, headers)
-            for (subject, payload, headers), token in zip(commands, tokens)
+            for (subject, payload, headers), token in zip(commands, tokens, strict=True)
         ]
         for i, token in enumerate(tokens):
             self._routes[token] = waiter.slot(i)

@@ -63,7 +63,7 @@ class StreamWaiter(ThreadWaiter):
     and are kept as the last element for the caller to interpret.
     """
 
-    __slots__ = ("replies", "done", "subject")
+    __slots__ = ("done", "replies", "subject")
 
     def __init__(self, subject: str = "") -> None:
         super().__init__()
@@ -85,7 +85,7 @@ class StreamWaiter(ThreadWaiter):
 class CountWaiter(ThreadWaiter):
     """Waits for ``n`` single replies sent under tokens ``base+0 .. base+n-1`` (pipelined writes)."""
 
-    __slots__ = ("replies", "_left", "subjects")
+    __slots__ = ("_left", "replies", "subjects")
 
     def __init__(self, n: int, subjects: frozenset[str] = frozenset()) -> None:
         super().__init__()
