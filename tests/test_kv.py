@@ -808,6 +808,7 @@ def test_same_bucket_different_codecs(db: natskv.Client, name: str) -> None:
 # -- TTL ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_per_key_ttl_on_set_create_update_expires(db: natskv.Client, name: str) -> None:
     kv = db.bucket(name)  # default history=1
     try:
@@ -835,6 +836,7 @@ def test_per_key_ttl_on_set_create_update_expires(db: natskv.Client, name: str) 
         db.delete_bucket(name)
 
 
+@pytest.mark.slow
 def test_per_key_ttl_expires_in_bucket_with_history(db: natskv.Client, name: str) -> None:
     kv = db.bucket(name, history=5)
     try:
@@ -849,6 +851,7 @@ def test_per_key_ttl_expires_in_bucket_with_history(db: natskv.Client, name: str
         db.delete_bucket(name)
 
 
+@pytest.mark.slow
 def test_bucket_ttl_expires_values(db: natskv.Client, name: str) -> None:
     kv = db.bucket(name, ttl=1)
     try:

@@ -442,6 +442,7 @@ def test_operator_user_limited_to_one_bucket(operator_env: dict) -> None:
         assert took < FAST
 
 
+@pytest.mark.slow
 def test_expired_user_jwt_surfaces_on_next_call(operator_env: dict) -> None:
     op, account, user, tmp = operator_env["op"], operator_env["account"], operator_env["expiring"], operator_env["tmp"]
     creds = write_creds(tmp / "short.creds", op.user_jwt(account, "short", user, expires=time.time() + 2), user)
@@ -585,6 +586,7 @@ def _chain(error: BaseException) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.slow
 def test_credentials_stay_out_of_errors_repr_logs_and_cli(
     auth_server: EmbeddedServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

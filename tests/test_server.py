@@ -510,6 +510,7 @@ def test_shared_without_arguments_uses_the_default_data_dir(
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cluster_elects_a_leader_and_survives_a_node_restart(tmp_path: Path) -> None:
     def create_r3(port: int, name: str) -> None:
         config = {"name": name, "subjects": [f"{name}.>"], "num_replicas": 3, "storage": "file"}
