@@ -208,6 +208,7 @@ def test_values_are_json_when_they_parse_else_strings(nats_url: str, bucket: str
     assert kv.get("piped") == {"from": "stdin"}
 
 
+@pytest.mark.slow
 def test_get_of_a_missing_key_exits_1_with_a_clear_message(nats_url: str, bucket: str) -> None:
     assert run("set", "present", "1", "--url", nats_url, "--bucket", bucket).returncode == 0
     result = run("get", "absent", "--url", nats_url, "--bucket", bucket)
@@ -228,6 +229,7 @@ def test_bad_input_is_one_line_on_stderr(nats_url: str) -> None:
     assert_clean_error(run("get", "k", "--url", "nats://host:4222/path"), "invalid server URL")
 
 
+@pytest.mark.slow
 def test_an_unreachable_server_is_one_line_on_stderr() -> None:
     import socket
 

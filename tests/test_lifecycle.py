@@ -274,6 +274,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.slow
 def test_dropped_clients_give_their_connections_back(nats_url: str, db: natskv.Client, kv: natskv.Bucket) -> None:
     db.bucket(kv.name)  # the loop and the shared fixtures are up before counting
     gc.collect()

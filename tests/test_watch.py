@@ -272,6 +272,7 @@ def test_late_joiner_sees_current_state_once(kv: natskv.Bucket) -> None:
             nothing_more(late, 0.2)
 
 
+@pytest.mark.slow
 def test_joining_a_feed_while_it_delivers_initial_values(db: natskv.Client, kv: natskv.Bucket) -> None:
     kv.set_many({f"j:{i:04d}": i for i in range(800)})
     for trial in range(8):
