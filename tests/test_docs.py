@@ -103,6 +103,8 @@ def empty(url: str) -> None:
             client.delete_bucket(bucket)
 
 
+# Each example is a fresh interpreter (about a second): slow, so the inner loop stays fast.
+@pytest.mark.slow
 @pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
 def test_example_runs(block: Block, docs_server: EmbeddedServer, tmp_path: Path) -> None:
     if block.skipped:
