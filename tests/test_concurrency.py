@@ -593,6 +593,7 @@ def test_ctrl_c_interrupts_a_blocked_call(nats_url: str, db: natskv.Client, name
     ("asyncio", "asyncio"),
     ("uvloop", "uvloop"),
 ])
+@pytest.mark.slow
 def test_the_loop_thread_runs_the_chosen_loop(nats_url: str, choice: str, expected: str) -> None:
     script = """
         import sys, natskv
@@ -609,6 +610,7 @@ def test_the_loop_thread_runs_the_chosen_loop(nats_url: str, choice: str, expect
     assert result.stdout.strip() == expected
 
 
+@pytest.mark.slow
 def test_an_unknown_loop_choice_is_refused(nats_url: str) -> None:
     result = run_script("""
         import os, sys, natskv

@@ -450,6 +450,7 @@ def test_any_password_round_trips_and_never_shows(password: str, user: str) -> N
     ports=st.lists(st.integers(1, 65535), min_size=4, max_size=4),
     scheme=st.sampled_from(["", "nats://", "tls://"]),
 )
+@pytest.mark.slow
 def test_parsing_is_idempotent(hosts: list[str], ports: list[int], scheme: str) -> None:
     text = ",".join(f"{scheme}{host}:{port}" for host, port in zip(hosts, ports))
     urls, _, _ = parse_servers(text)

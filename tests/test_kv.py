@@ -394,6 +394,7 @@ def test_get_many_omits_missing(kv: natskv.Bucket) -> None:
     assert kv.get_many(["a", "b", "c", "d", "zzz"]) == {"a": 1, "b": b"raw", "c": ""}
 
 
+@pytest.mark.slow
 def test_set_many_and_get_many_over_1024_keys(db: natskv.Client, kv: natskv.Bucket) -> None:
     n = 6000  # > 1024 subjects per batch get, and > 1 MiB written in one go
     data = {f"item:{i:05d}": {"n": i, "pad": "p" * 200} for i in range(n)}

@@ -122,6 +122,7 @@ def test_tls_is_never_downgraded(url: str, options: dict[str, str]) -> None:
     assert PASSWORD.encode() not in fake.received and b"CONNECT" not in fake.received
 
 
+@pytest.mark.slow
 def test_tls_connection_and_no_eof_warning(server_factory, caplog: pytest.LogCaptureFixture) -> None:
     server = server_factory(
         "tls", f'tls {{ cert_file: "{CERT}", key_file: "{KEY}" }}\nauthorization {{ user: app, password: {PASSWORD} }}\n'
@@ -153,6 +154,7 @@ def test_tls_connection_and_no_eof_warning(server_factory, caplog: pytest.LogCap
     assert isinstance(error, NotConnectedError) and "TLS handshake failed" in str(error) and took < FAST
 
 
+@pytest.mark.slow
 def test_tls_handshake_first(tmp_path: Path) -> None:
     conf = tmp_path / "first.conf"
     conf.write_text(f'tls {{ cert_file: "{CERT}", key_file: "{KEY}", handshake_first: true }}\n')
