@@ -13,14 +13,15 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 import natskv
 import natskv.kv
-from natskv import Field, FeatureNotSupportedError, KeyExistsError, Model, RevisionMismatchError
+from natskv import FeatureNotSupportedError, Field, KeyExistsError, Model, RevisionMismatchError
 from natskv.server import EmbeddedServer, server_version
 
 # Server version -> the JetStream API level it reports (0: none, 1: TTL and batch get).
@@ -109,7 +110,9 @@ def listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The filters of the key listings read through a consumer (not a batch direct get)."""
     seen: list[str] = []
     real = natskv.kv.snapshot
-    monkeypatch.setattr(natskv.kv, "snapshot", lambda conn, proto, flt, *a: seen.append(flt) or real(conn, proto, flt, *a))
+    monkeypatch.setattr(
+        natskv.kv, "snapshot", lambda conn, proto, flt, *a: seen.append(flt) or real(conn, proto, flt, *a)
+    )
     return seen
 
 
@@ -190,7 +193,7 @@ def test_many_keys_beyond_one_batch(okv: natskv.Bucket, listings: list[str]) -> 
     # matching more than 1024 subjects (413) falls back to a consumer.
     values = {f"bulk:{i:04}": i for i in range(1100)}
     okv.set_many(values)
-    assert okv.get_many(list(values) + ["bulk:none"]) == values
+    assert okv.get_many([*values, "bulk:none"]) == values
     assert okv.keys("bulk:*") == sorted(values)
     assert dict(okv.items()) == values and consumer_count(okv) == 0
     assert listings == ["bulk.>", ">"]
@@ -266,7 +269,9 @@ def test_commit_not_supported(old: tuple[str, natskv.Client], okv: natskv.Bucket
     assert okv.status().last_revision == before and okv.get_many(["a", "b", "c"]) == {"a": 1}
 
 
-def test_model_without_unique_fields(old: tuple[str, natskv.Client], name: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_model_without_unique_fields(
+    old: tuple[str, natskv.Client], name: str, caplog: pytest.LogCaptureFixture
+) -> None:
     db = old[1]
 
     class Task(Model):
@@ -300,7 +305,9 @@ def test_model_without_unique_fields(old: tuple[str, natskv.Client], name: str, 
         db.delete_bucket(name)
 
 
-def test_model_features_that_need_2_12(old: tuple[str, natskv.Client], name: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_model_features_that_need_2_12(
+    old: tuple[str, natskv.Client], name: str, caplog: pytest.LogCaptureFixture
+) -> None:
     version, db = old
 
     class Member(Model):
