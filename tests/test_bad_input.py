@@ -157,6 +157,7 @@ def test_ttl_that_is_not_a_positive_number_is_refused(kv: natskv.Bucket, ttl: An
     rejected(kv, lambda: kv.set("k", 1, ttl=ttl), InvalidArgumentError, "ttl must be a positive number")
 
 
+@pytest.mark.slow
 def test_ttl_at_the_limit_keeps_the_key(kv: natskv.Bucket) -> None:
     """Past ~7.5e9 s the server's expiry time overflows and it drops the key at once: the limit
     must stay well inside. The server sweeps expired keys about every second."""

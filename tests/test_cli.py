@@ -138,6 +138,7 @@ def test_no_command_is_a_usage_error() -> None:
 # -- key commands -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_set_get_ls_del_round_trip(nats_url: str, bucket: str) -> None:
     common = ("--url", nats_url, "--bucket", bucket)
     first = run("set", "user:1", '{"name": "Ann", "age": 34}', *common)
@@ -163,12 +164,14 @@ def test_set_get_ls_del_round_trip(nats_url: str, bucket: str) -> None:
     assert_clean_error(run("del", "user:2", *common), "'user:2'", "not found")
 
 
+@pytest.mark.slow
 def test_options_may_come_before_the_command(nats_url: str, bucket: str) -> None:
     assert run("--url", nats_url, "--bucket", bucket, "set", "k", "v").returncode == 0
     assert run("--url", nats_url, "--bucket", bucket, "get", "k").stdout == "v\n"
     assert run("--url", nats_url, "get", "k", "--bucket", bucket, "--timeout", "3").stdout == "v\n"
 
 
+@pytest.mark.slow
 def test_values_are_json_when_they_parse_else_strings(nats_url: str, bucket: str, kv: natskv.Bucket) -> None:
     common = ("--url", nats_url, "--bucket", bucket)
     cases = {
@@ -205,6 +208,7 @@ def test_values_are_json_when_they_parse_else_strings(nats_url: str, bucket: str
     assert kv.get("piped") == {"from": "stdin"}
 
 
+@pytest.mark.slow
 def test_get_of_a_missing_key_exits_1_with_a_clear_message(nats_url: str, bucket: str) -> None:
     assert run("set", "present", "1", "--url", nats_url, "--bucket", bucket).returncode == 0
     result = run("get", "absent", "--url", nats_url, "--bucket", bucket)
@@ -212,6 +216,7 @@ def test_get_of_a_missing_key_exits_1_with_a_clear_message(nats_url: str, bucket
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_a_missing_bucket_is_reported_not_created(nats_url: str, bucket: str) -> None:
     for args in (["get", "k"], ["ls"], ["del", "k"]):
         assert_clean_error(run(*args, "--url", nats_url, "--bucket", bucket), f"bucket {bucket!r} does not exist")
@@ -224,6 +229,7 @@ def test_bad_input_is_one_line_on_stderr(nats_url: str) -> None:
     assert_clean_error(run("get", "k", "--url", "nats://host:4222/path"), "invalid server URL")
 
 
+@pytest.mark.slow
 def test_an_unreachable_server_is_one_line_on_stderr() -> None:
     import socket
 
@@ -237,6 +243,7 @@ def test_an_unreachable_server_is_one_line_on_stderr() -> None:
 # -- demo -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_runs_the_tour_and_cleans_up(nats_url: str) -> None:
     result = run("demo", "--url", nats_url)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -269,6 +276,7 @@ def test_demo_runs_the_tour_and_cleans_up(nats_url: str) -> None:
 # -- watch ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_watch_prints_changes_from_another_process_until_sigint(nats_url: str, bucket: str) -> None:
     common = ("--url", nats_url, "--bucket", bucket)
     assert run("set", "user:1", '{"v": 1}', *common).returncode == 0
@@ -292,6 +300,7 @@ def test_watch_prints_changes_from_another_process_until_sigint(nats_url: str, b
     assert "Traceback" not in "".join(err.seen)
 
 
+@pytest.mark.slow
 def test_watch_updates_only_says_it_is_live_and_prints_new_changes_only(nats_url: str, bucket: str) -> None:
     common = ("--url", nats_url, "--bucket", bucket)
     assert run("set", "user:1", "old", *common).returncode == 0
@@ -313,6 +322,7 @@ def test_watch_updates_only_says_it_is_live_and_prints_new_changes_only(nats_url
 # -- server -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_server_runs_in_the_foreground_until_sigint(tmp_path: Path) -> None:
     proc = start("server", "--port", "0", "--data-dir", str(tmp_path))
     try:
@@ -332,6 +342,7 @@ def test_server_runs_in_the_foreground_until_sigint(tmp_path: Path) -> None:
     assert (tmp_path / "jetstream").is_dir()
 
 
+@pytest.mark.slow
 def test_server_stop_stops_the_shared_server_and_is_fine_without_one(tmp_path: Path) -> None:
     data_dir = tmp_path / "shared"
     stopped = run("server", "--stop", "--data-dir", str(data_dir))

@@ -135,6 +135,7 @@ def move_leader(cluster: EmbeddedCluster, db: natskv.Client, stream: str, wanted
 # -- the node holding a watch's consumer dies ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_watch_and_replica_resume_within_2s_and_model_writes_succeed_when_their_consumers_node_dies(
     whole: EmbeddedCluster,
 ) -> None:
@@ -220,6 +221,7 @@ def test_watch_and_replica_resume_within_2s_and_model_writes_succeed_when_their_
 # -- the stream leader dies ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stream_leader_killed_under_write_load_loses_no_acked_write(whole: EmbeddedCluster) -> None:
     cluster = whole
     db = connect(cluster)
@@ -289,6 +291,7 @@ def test_stream_leader_killed_under_write_load_loses_no_acked_write(whole: Embed
             cluster.start_node(killed)
 
 
+@pytest.mark.slow
 def test_a_resent_commit_whose_first_copy_was_stored_is_recognised(whole: EmbeddedCluster) -> None:
     """What a commit resent after its leader died meets when the first copy was stored: the
     server refuses the copy (same message ids), and the first copy's revision is read back."""
@@ -308,6 +311,7 @@ def test_a_resent_commit_whose_first_copy_was_stored_is_recognised(whole: Embedd
         db.close()
 
 
+@pytest.mark.slow
 def test_rolling_restart_of_all_nodes_keeps_every_acked_write(whole: EmbeddedCluster) -> None:
     cluster = whole
     db = connect(cluster)
@@ -340,6 +344,7 @@ def test_rolling_restart_of_all_nodes_keeps_every_acked_write(whole: EmbeddedClu
 # -- counters follow their bucket -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_counter_stream_has_its_buckets_replicas_and_storage_and_goes_with_it(whole: EmbeddedCluster) -> None:
     db = connect(whole)
     try:
@@ -377,6 +382,7 @@ def test_counter_stream_has_its_buckets_replicas_and_storage_and_goes_with_it(wh
 # -- read-your-writes through followers ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_read_after_a_write_never_shows_the_older_value_on_r3(whole: EmbeddedCluster) -> None:
     db = connect(whole)
     try:
@@ -404,6 +410,7 @@ def test_a_read_after_a_write_never_shows_the_older_value_on_r3(whole: EmbeddedC
         db.close()
 
 
+@pytest.mark.slow
 def test_reads_stay_fast_and_right_when_another_client_recreates_the_bucket(whole: EmbeddedCluster) -> None:
     db, other = connect(whole), connect(whole)
     try:

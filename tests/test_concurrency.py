@@ -61,6 +61,7 @@ def run_script(script: str, *args: str, timeout: float = 30.0) -> subprocess.Com
 # -- threads ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_32_threads_mixed_operations_with_cas_counter(kv: natskv.Bucket) -> None:
     threads, rounds = 32, 15
     kv.create("counter", 0)
@@ -136,6 +137,7 @@ def test_racing_creates_and_commits_have_one_winner(kv: natskv.Bucket) -> None:
     assert kv.keys("owner:*") == [f"owner:{w}"]
 
 
+@pytest.mark.slow
 def test_16_threads_of_concurrent_gets_get_the_right_values(kv: natskv.Bucket) -> None:
     data = {f"key:{i}": {"i": i, "pad": "x" * (i % 50)} for i in range(300)}
     kv.set_many(data)
@@ -417,6 +419,7 @@ print("ok", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_forked_child_uses_inherited_client(nats_url: str, db: natskv.Client, name: str) -> None:
     try:
         proc = run_script(FORK_SCRIPT, nats_url, name, timeout=60)
@@ -489,6 +492,7 @@ print("exiting", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_clean_exit_with_open_client_and_running_watches(nats_url: str, db: natskv.Client, name: str) -> None:
     try:
         t0 = time.monotonic()
@@ -547,6 +551,7 @@ sys.exit(42)
 
 
 @pytest.mark.parametrize("mode", ["watch", "request"])
+@pytest.mark.slow
 def test_ctrl_c_interrupts_a_blocked_call(nats_url: str, db: natskv.Client, name: str, mode: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
@@ -588,6 +593,7 @@ def test_ctrl_c_interrupts_a_blocked_call(nats_url: str, db: natskv.Client, name
     ("asyncio", "asyncio"),
     ("uvloop", "uvloop"),
 ])
+@pytest.mark.slow
 def test_the_loop_thread_runs_the_chosen_loop(nats_url: str, choice: str, expected: str) -> None:
     script = """
         import sys, natskv
@@ -604,6 +610,7 @@ def test_the_loop_thread_runs_the_chosen_loop(nats_url: str, choice: str, expect
     assert result.stdout.strip() == expected
 
 
+@pytest.mark.slow
 def test_an_unknown_loop_choice_is_refused(nats_url: str) -> None:
     result = run_script("""
         import os, sys, natskv

@@ -431,6 +431,7 @@ def test_repr_and_redacted_hide_secrets() -> None:
     password=st.text(min_size=6, max_size=30).filter(lambda s: s.strip() == s and "\x00" not in s),
     user=st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=8),
 )
+@pytest.mark.slow
 def test_any_password_round_trips_and_never_shows(password: str, user: str) -> None:
     url = f"nats://{quote(user, safe='')}:{quote(password, safe='')}@host-1:4222,host-2"
     o = ConnectOptions.from_args(url, environ={})
@@ -449,6 +450,7 @@ def test_any_password_round_trips_and_never_shows(password: str, user: str) -> N
     ports=st.lists(st.integers(1, 65535), min_size=4, max_size=4),
     scheme=st.sampled_from(["", "nats://", "tls://"]),
 )
+@pytest.mark.slow
 def test_parsing_is_idempotent(hosts: list[str], ports: list[int], scheme: str) -> None:
     text = ",".join(f"{scheme}{host}:{port}" for host, port in zip(hosts, ports))
     urls, _, _ = parse_servers(text)

@@ -225,6 +225,7 @@ ENCODED_CANDIDATES = st.lists(ENCODED_PIECES, max_size=12).map("".join)
 
 @settings(max_examples=300)
 @given(encoded=ENCODED_CANDIDATES, sep=SEPARATORS)
+@pytest.mark.slow
 def test_decode_accepts_only_canonical_encodings(core: ModuleType, encoded: str, sep: str) -> None:
     try:
         key = core.decode_key(encoded, sep)
@@ -235,6 +236,7 @@ def test_decode_accepts_only_canonical_encodings(core: ModuleType, encoded: str,
 
 @settings(max_examples=300)
 @given(text=st.one_of(ENCODED_CANDIDATES, st.text()), sep=SEPARATORS)
+@pytest.mark.slow
 def test_key_parity(c_core: ModuleType, py_core: ModuleType, text: str, sep: str) -> None:
     assert outcome(c_core.encode_key, text, sep) == outcome(py_core.encode_key, text, sep)
     assert outcome(c_core.decode_key, text, sep) == outcome(py_core.decode_key, text, sep)
@@ -432,6 +434,7 @@ def pattern_and_key(draw: st.DrawFn) -> tuple[str, str]:
 
 @settings(max_examples=400)
 @given(case=pattern_and_key(), sep=st.sampled_from([":", "", "."]))
+@pytest.mark.slow
 def test_server_filter_never_excludes_a_match(core: ModuleType, case: tuple[str, str], sep: str) -> None:
     pattern, key = case
     compiled = core.compile_pattern(pattern, sep)
@@ -447,6 +450,7 @@ def test_server_filter_never_excludes_a_match(core: ModuleType, case: tuple[str,
 
 @settings(max_examples=400)
 @given(case=pattern_and_key(), sep=st.sampled_from([":", ""]))
+@pytest.mark.slow
 def test_pattern_parity(c_core: ModuleType, py_core: ModuleType, case: tuple[str, str], sep: str) -> None:
     pattern, key = case
 
@@ -478,6 +482,7 @@ STAR_HEAVY = st.lists(st.sampled_from(["*", "a", "b", "?", "[ab]", "[^a]", "é",
     key=st.text(alphabet="ab:é", max_size=24),
     sep=st.sampled_from([":", ""]),
 )
+@pytest.mark.slow
 def test_glob_matchers_agree_with_the_regex_oracle(
     c_core: ModuleType, py_core: ModuleType, pattern: str, key: str, sep: str
 ) -> None:
@@ -593,6 +598,7 @@ REGEX_PIECES = st.sampled_from(["a", "b", ".", "*", "+", "?", "^", "$", "(a|b)",
     regex=st.lists(REGEX_PIECES, max_size=7).map("".join),
     texts=st.lists(st.text(alphabet="ab1.", max_size=10), max_size=4),
 )
+@pytest.mark.slow
 def test_regex_parity_and_python_agreement(c_core: ModuleType, py_core: ModuleType, regex: str, texts: list[str]) -> None:
     """Both cores give the same answers and errors; where Python's re and RE2 both accept a
     pattern, they agree on texts without newlines (the only place their ``$`` differs)."""
@@ -690,6 +696,7 @@ HEADER_BYTES = st.lists(
 
 @settings(max_examples=300)
 @given(body=HEADER_BYTES, prefixed=st.booleans())
+@pytest.mark.slow
 def test_parse_headers_parity(c_core: ModuleType, py_core: ModuleType, body: bytes, prefixed: bool) -> None:
     raw = b"NATS/1.0" + body if prefixed else body
     assert outcome(c_core.parse_headers, raw) == outcome(py_core.parse_headers, raw)
@@ -926,6 +933,7 @@ def test_parse_frames_type_error(core: ModuleType) -> None:
     junk=st.binary(max_size=12),
 )
 @settings(max_examples=300, deadline=None)
+@pytest.mark.slow
 def test_parse_frames_parity_and_chunking(c_core: ModuleType, py_core: ModuleType, frames: list[Any], cut: int,
                                           junk: bytes) -> None:
     wire = b"".join(frame_bytes(*f) for f in frames)
@@ -1241,6 +1249,7 @@ FILTERS = _filters(st.dictionaries(FIELDS, FIELD_SPECS, max_size=2))
 
 @settings(max_examples=300)
 @given(where=FILTERS, docs=st.lists(DOCS, max_size=5))
+@pytest.mark.slow
 def test_filter_parity(c_core: ModuleType, py_core: ModuleType, where: dict[str, Any], docs: list[Any]) -> None:
     def describe(module: ModuleType) -> Any:
         compiled = module.compile_filter(where)

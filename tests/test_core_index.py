@@ -749,6 +749,7 @@ def check_pagination(index: Any, ref: Reference, size: int, reverse: bool) -> No
 
 @settings(max_examples=250, deadline=None)
 @given(ops=OPS, queries=QUERIES, page_size=st.integers(1, 4), reverse=st.booleans())
+@pytest.mark.slow
 def test_sorted_index_parity(
     c_core: ModuleType,
     py_core: ModuleType,
@@ -832,6 +833,7 @@ class UniqueReference:
     queries=QUERIES,
     pk_order=st.booleans(),
 )
+@pytest.mark.slow
 def test_unique_index_parity(
     c_core: ModuleType,
     py_core: ModuleType,
@@ -875,6 +877,7 @@ def test_position_and_key_parity(
     assert outcome(c_index.add, value, pk) == outcome(py_index.add, value, pk)
 
 
+@pytest.mark.slow
 def test_large_random_parity(c_core: ModuleType, py_core: ModuleType) -> None:
     """Thousands of operations on few values: big groups, chunk splits, deletes down to empty."""
     rng = random.Random(11)
@@ -962,6 +965,7 @@ def test_record_builder_refuses_bad_input(core: ModuleType) -> None:
     st.integers(min_value=0, max_value=2**63),
 ), max_size=20))
 @settings(max_examples=200, deadline=None)
+@pytest.mark.slow
 def test_record_builder_cores_agree(c_core: ModuleType, py_core: ModuleType, pairs: list[tuple[dict[str, Any], int]]) -> None:
     args = (Plain, ["id", "a", "b"], ["_skip"], [("a", repr)], ["b"])
     built_c = c_core.RecordBuilder(*args).build(pairs)
@@ -1036,6 +1040,7 @@ def test_index_set_refuses_wrong_containers(core: ModuleType) -> None:
     })),
 ), max_size=40))
 @settings(max_examples=200, deadline=None)
+@pytest.mark.slow
 def test_index_set_cores_agree(c_core: ModuleType, py_core: ModuleType, changes: list[tuple[int, Any]]) -> None:
     sets = [make_index_set(c_core), make_index_set(py_core)]
     current: dict[int, Any] = {}

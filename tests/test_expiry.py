@@ -25,6 +25,7 @@ def next_change(w: natskv.Watcher, timeout: float = 5.0) -> Change:
     return ch
 
 
+@pytest.mark.slow
 def test_expired_key_with_older_revisions_is_gone(kv: natskv.Bucket) -> None:
     with kv.watch("k") as w:
         assert w.get(timeout=5).initial_done
@@ -51,6 +52,7 @@ def test_ttl_write_keeps_no_older_revisions(kv: natskv.Bucket) -> None:
     assert [e.value for e in kv.history("k")] == [3, 4]
 
 
+@pytest.mark.slow
 def test_later_write_without_ttl_survives_the_expiry(kv: natskv.Bucket) -> None:
     kv.set("k", "old")
     kv.set("k", "short", ttl=1)
@@ -60,6 +62,7 @@ def test_later_write_without_ttl_survives_the_expiry(kv: natskv.Bucket) -> None:
     assert [e.value for e in kv.history("k")] == ["kept"]
 
 
+@pytest.mark.slow
 def test_create_update_replace_set_many_with_ttl_expire_for_good(kv: natskv.Bucket) -> None:
     kv.set("created", "x")
     kv.delete("created")
@@ -78,6 +81,7 @@ def test_create_update_replace_set_many_with_ttl_expire_for_good(kv: natskv.Buck
         kv.create(key, "again")
 
 
+@pytest.mark.slow
 def test_replica_drops_expired_key(kv: natskv.Bucket) -> None:
     replica = kv.replica()
     try:

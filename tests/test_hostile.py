@@ -104,6 +104,7 @@ def _compiled(regex: str) -> Any:
 
 @SETTINGS
 @given(key=KEYS, value=VALUES, ttl=TTLS)
+@pytest.mark.slow
 def test_writes(kv: natskv.Bucket, key: Any, value: Any, ttl: Any) -> None:
     ttl = _not_expiring_here(ttl)
     survives(kv, lambda: kv.set(key, value, ttl=ttl))
@@ -115,6 +116,7 @@ def test_writes(kv: natskv.Bucket, key: Any, value: Any, ttl: Any) -> None:
 
 @SETTINGS
 @given(key=KEYS, value=VALUES, revision=REVISIONS)
+@pytest.mark.slow
 def test_revisions(kv: natskv.Bucket, key: Any, value: Any, revision: Any) -> None:
     survives(kv, lambda: kv.update(key, value, revision))
     survives(kv, lambda: kv.delete(key, revision=revision))
@@ -140,12 +142,14 @@ def test_revisions(kv: natskv.Bucket, key: Any, value: Any, revision: Any) -> No
         st.text(max_size=4),
     )
 )
+@pytest.mark.slow
 def test_commits(kv: natskv.Bucket, ops: Any) -> None:
     survives(kv, lambda: kv.commit(ops))
 
 
 @SETTINGS
 @given(pattern=PATTERNS, where=FILTERS, limit=st.one_of(st.none(), st.integers(-3, 3), st.text(max_size=2), st.floats()))
+@pytest.mark.slow
 def test_reads(kv: natskv.Bucket, pattern: Any, where: Any, limit: Any) -> None:
     kv.set_many({"a" * 200 + "!": {"s": "a" * 3000 + "!"}, "user:1": {"s": "x", "n": 1}})
     survives(kv, lambda: kv.keys(pattern))
@@ -157,6 +161,7 @@ def test_reads(kv: natskv.Bucket, pattern: Any, where: Any, limit: Any) -> None:
 
 @SETTINGS
 @given(name=BUCKET_NAMES, ttl=TTLS, history=st.one_of(st.integers(-2, 100), st.text(max_size=2), st.none()))
+@pytest.mark.slow
 def test_bucket_names_and_options(db: natskv.Client, kv: natskv.Bucket, name: Any, ttl: Any, history: Any) -> None:
     survives(kv, lambda: db.bucket(name, create=False))
     # Options are checked before the name is looked up: an invalid set creates nothing.
@@ -196,6 +201,7 @@ def _invalid(ttl: Any, history: Any) -> bool:
     subject=st.one_of(st.text(max_size=20), st.text(alphabet="a.*> \t", max_size=8), NOT_STR),
     data=st.one_of(st.binary(max_size=10), st.text(max_size=5), NOT_STR),
 )
+@pytest.mark.slow
 def test_publish_and_request(db: natskv.Client, kv: natskv.Bucket, subject: Any, data: Any) -> None:
     inside = f"$KV.{kv.name}.{subject}" if isinstance(subject, str) else subject
     for target in (subject, inside):
@@ -207,6 +213,7 @@ def test_publish_and_request(db: natskv.Client, kv: natskv.Bucket, subject: Any,
 
 @SETTINGS
 @given(pattern=PATTERNS)
+@pytest.mark.slow
 def test_watch_and_replica_patterns(kv: natskv.Bucket, pattern: Any) -> None:
     def watch() -> None:
         kv.watch(pattern, updates_only=True).stop()

@@ -394,6 +394,7 @@ def test_get_many_omits_missing(kv: natskv.Bucket) -> None:
     assert kv.get_many(["a", "b", "c", "d", "zzz"]) == {"a": 1, "b": b"raw", "c": ""}
 
 
+@pytest.mark.slow
 def test_set_many_and_get_many_over_1024_keys(db: natskv.Client, kv: natskv.Bucket) -> None:
     n = 6000  # > 1024 subjects per batch get, and > 1 MiB written in one go
     data = {f"item:{i:05d}": {"n": i, "pad": "p" * 200} for i in range(n)}
@@ -808,6 +809,7 @@ def test_same_bucket_different_codecs(db: natskv.Client, name: str) -> None:
 # -- TTL ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_per_key_ttl_on_set_create_update_expires(db: natskv.Client, name: str) -> None:
     kv = db.bucket(name)  # default history=1
     try:
@@ -835,6 +837,7 @@ def test_per_key_ttl_on_set_create_update_expires(db: natskv.Client, name: str) 
         db.delete_bucket(name)
 
 
+@pytest.mark.slow
 def test_per_key_ttl_expires_in_bucket_with_history(db: natskv.Client, name: str) -> None:
     kv = db.bucket(name, history=5)
     try:
@@ -849,6 +852,7 @@ def test_per_key_ttl_expires_in_bucket_with_history(db: natskv.Client, name: str
         db.delete_bucket(name)
 
 
+@pytest.mark.slow
 def test_bucket_ttl_expires_values(db: natskv.Client, name: str) -> None:
     kv = db.bucket(name, ttl=1)
     try:

@@ -202,6 +202,7 @@ def test_a_connection_that_gave_up_reconnecting_fails_every_call_with_the_reason
         db.close()
 
 
+@pytest.mark.slow
 def test_a_reconnect_the_server_refuses_ends_with_the_servers_reason(tmp_path: Path) -> None:
     """The password changed while the client was away: after max_reconnect refused attempts,
     calls fail at once and the reason names the authorization failure, not only "gave up"."""
@@ -244,6 +245,7 @@ def test_an_outer_timeout_names_the_operation_and_the_timeout() -> None:
     assert 0.2 <= time.monotonic() - start < 2.0
 
 
+@pytest.mark.slow
 def test_timeouts_against_a_server_that_went_away_say_what_and_why(fresh_server: EmbeddedServer) -> None:
     db = natskv.connect(fresh_server.url, timeout=0.5)
     try:
@@ -272,6 +274,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.slow
 def test_dropped_clients_give_their_connections_back(nats_url: str, db: natskv.Client, kv: natskv.Bucket) -> None:
     db.bucket(kv.name)  # the loop and the shared fixtures are up before counting
     gc.collect()

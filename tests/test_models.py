@@ -201,6 +201,7 @@ def test_pagination_is_stable_under_inserts(User: Any) -> None:
     assert seen == list(range(10))  # no duplicates, nothing skipped, inserts behind the cursor unseen
 
 
+@pytest.mark.slow
 def test_concurrent_creates_updates_destroys_leave_exact_counts(User: Any) -> None:
     n_threads, per_thread = 8, 125  # 1000 records
     errors: list[BaseException] = []
@@ -260,6 +261,7 @@ db.close()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_racing_for_a_unique_value(nats_url: str, db: natskv.Client, name: str) -> None:
     procs = [
         subprocess.Popen([sys.executable, "-c", RACE, nats_url, name], cwd=REPO, stdin=subprocess.PIPE,
@@ -714,6 +716,7 @@ assert os.waitstatus_to_exitcode(status) == 0, status
 """
 
 
+@pytest.mark.slow
 def test_forked_child_reload_reports_only_what_changed_since_the_fork(nats_url: str, name: str) -> None:
     """db.on() handlers follow a client into a forked child; its replica's reload must not report
     the 20 records that were already there as inserted, only what changed after the fork."""
@@ -724,6 +727,7 @@ def test_forked_child_reload_reports_only_what_changed_since_the_fork(nats_url: 
     assert proc.stdout.strip() == str([("deleted", 2), ("inserted", 21), ("inserted", 22), ("updated", 1)])
 
 
+@pytest.mark.slow
 def test_models_keep_working_in_a_forked_child(nats_url: str, name: str) -> None:
     """A pre-fork server (gunicorn) registers models at import, then forks workers: each worker's
     replica reloads through its own connection; db.on handlers follow, model watches do not."""

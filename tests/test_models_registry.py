@@ -128,6 +128,7 @@ def paused(fresh_server: EmbeddedServer) -> Iterator[Callable[[bool], None]]:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP (POSIX)")
+@pytest.mark.slow
 def test_every_model_write_honours_its_timeout(fresh_server: EmbeddedServer, paused: Callable[[bool], None]) -> None:
     # The client's default is long: a write that ignored its timeout= would take 30 s, not 0.3.
     with natskv.connect(fresh_server.url, timeout=30.0) as db:

@@ -52,6 +52,7 @@ def ids(rows: list[Any]) -> list[int]:
     return sorted(r.id for r in rows)
 
 
+@pytest.mark.slow
 def test_records_autoincrement_and_unique_markers_survive_a_restart(
     fresh_server: EmbeddedServer, db: natskv.Client
 ) -> None:
@@ -105,6 +106,7 @@ def test_records_autoincrement_and_unique_markers_survive_a_restart(
     assert sorted(int(k.rsplit(":", 1)[1]) for k in stored) == ids(Item.find())
 
 
+@pytest.mark.slow
 def test_another_clients_writes_after_a_restart_reach_the_replica_and_indexes(fresh_server: EmbeddedServer) -> None:
     # The watching client reconnects slowly, so the writer is back (and writes) before it is.
     slow = connect(fresh_server.url, reconnect_wait=3.0)
@@ -155,6 +157,7 @@ def test_another_clients_writes_after_a_restart_reach_the_replica_and_indexes(fr
         slow.close(timeout=5)
 
 
+@pytest.mark.slow
 def test_model_watch_keeps_reporting_after_a_restart(fresh_server: EmbeddedServer, db: natskv.Client) -> None:
     Item = item_model(db)
     events: list[tuple[str, Any, Any, Any]] = []

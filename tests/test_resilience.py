@@ -91,6 +91,7 @@ class Writer:
             assert not t.is_alive(), "a write hung past its timeout"
 
 
+@pytest.mark.slow
 def test_restart_mid_run_keeps_acknowledged_writes_and_resumes_watch(
     fresh_server: EmbeddedServer, db: natskv.Client
 ) -> None:
@@ -152,6 +153,7 @@ def test_restart_mid_run_keeps_acknowledged_writes_and_resumes_watch(
     assert state["consumer_count"] == 0
 
 
+@pytest.mark.slow
 def test_server_down_write_times_out_or_succeeds_after_reconnect(
     fresh_server: EmbeddedServer, db: natskv.Client
 ) -> None:
@@ -253,6 +255,7 @@ def test_watch_resumes_after_restart_without_duplicates(fresh_server: EmbeddedSe
 
 
 @pytest.mark.parametrize("updates_only", [True, False], ids=["updates_only", "initial_values"])
+@pytest.mark.slow
 def test_watch_with_nothing_delivered_yet_misses_nothing_across_restart(
     fresh_server: EmbeddedServer, updates_only: bool
 ) -> None:

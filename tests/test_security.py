@@ -122,6 +122,7 @@ def test_tls_is_never_downgraded(url: str, options: dict[str, str]) -> None:
     assert PASSWORD.encode() not in fake.received and b"CONNECT" not in fake.received
 
 
+@pytest.mark.slow
 def test_tls_connection_and_no_eof_warning(server_factory, caplog: pytest.LogCaptureFixture) -> None:
     server = server_factory(
         "tls", f'tls {{ cert_file: "{CERT}", key_file: "{KEY}" }}\nauthorization {{ user: app, password: {PASSWORD} }}\n'
@@ -153,6 +154,7 @@ def test_tls_connection_and_no_eof_warning(server_factory, caplog: pytest.LogCap
     assert isinstance(error, NotConnectedError) and "TLS handshake failed" in str(error) and took < FAST
 
 
+@pytest.mark.slow
 def test_tls_handshake_first(tmp_path: Path) -> None:
     conf = tmp_path / "first.conf"
     conf.write_text(f'tls {{ cert_file: "{CERT}", key_file: "{KEY}", handshake_first: true }}\n')
@@ -442,6 +444,7 @@ def test_operator_user_limited_to_one_bucket(operator_env: dict) -> None:
         assert took < FAST
 
 
+@pytest.mark.slow
 def test_expired_user_jwt_surfaces_on_next_call(operator_env: dict) -> None:
     op, account, user, tmp = operator_env["op"], operator_env["account"], operator_env["expiring"], operator_env["tmp"]
     creds = write_creds(tmp / "short.creds", op.user_jwt(account, "short", user, expires=time.time() + 2), user)
@@ -585,6 +588,7 @@ def _chain(error: BaseException) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.slow
 def test_credentials_stay_out_of_errors_repr_logs_and_cli(
     auth_server: EmbeddedServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

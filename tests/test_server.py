@@ -239,6 +239,7 @@ def test_an_unusable_data_dir_is_a_server_error(tmp_path: Path) -> None:
         EmbeddedServer.shared(blocker / "shared")
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_times_out_and_is_killed(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     fake = _fake_binary(tmp_path, f'echo $$ > "{pid_file}"\necho "pretending to start"\nexec sleep 60')
@@ -510,6 +511,7 @@ def test_shared_without_arguments_uses_the_default_data_dir(
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cluster_elects_a_leader_and_survives_a_node_restart(tmp_path: Path) -> None:
     def create_r3(port: int, name: str) -> None:
         config = {"name": name, "subjects": [f"{name}.>"], "num_replicas": 3, "storage": "file"}

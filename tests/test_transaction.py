@@ -121,6 +121,7 @@ def test_bad_changes_fail_before_anything_is_sent(db: natskv.Client, Account: An
         db.delete_bucket(name + "_other")
 
 
+@pytest.mark.slow
 def test_concurrent_transfers_conserve_the_total(db: natskv.Client, Account: Any) -> None:
     n = 5
     Account.bulk_create([{"id": i, "owner": f"o{i}", "balance": 100} for i in range(n)])

@@ -272,6 +272,7 @@ def test_late_joiner_sees_current_state_once(kv: natskv.Bucket) -> None:
             nothing_more(late, 0.2)
 
 
+@pytest.mark.slow
 def test_joining_a_feed_while_it_delivers_initial_values(db: natskv.Client, kv: natskv.Bucket) -> None:
     kv.set_many({f"j:{i:04d}": i for i in range(800)})
     for trial in range(8):
@@ -618,6 +619,7 @@ def test_client_close_stops_watches(nats_url: str, name: str) -> None:
         other.delete_bucket(name)
 
 
+@pytest.mark.slow
 def test_many_watchers_in_sequence_do_not_exhaust_consumers(db: natskv.Client, kv: natskv.Bucket) -> None:
     kv.set("k", 0)
     for i in range(1100):
@@ -645,6 +647,7 @@ def test_many_distinct_filters_at_once(db: natskv.Client, kv: natskv.Bucket) -> 
     assert consumer_count(db, kv.name) == 0
 
 
+@pytest.mark.slow
 def test_watch_sees_ttl_expiry(db: natskv.Client, name: str) -> None:
     ttl_kv = db.bucket(name + "_ttl")  # history 1
     try:
