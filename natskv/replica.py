@@ -243,7 +243,10 @@ class LocalReplica:
         first = last_revision - len(writes) + 1
         changes = []
         for offset, (key, put, value) in enumerate(writes):
-            if pattern.exact or pattern.match(key):
+            # Always matched here: ``pattern.exact`` says the server's subject filter already
+            # did the matching, which is true of the watch's deliveries, not of these writes
+            # (a model's batch also writes its unique-value keys).
+            if pattern.match(key):
                 changes.append((key, put, self._as_delivered(value) if put else None, first + offset))
         if not changes:
             return

@@ -72,6 +72,22 @@ def test_apply_hook_sees_old_and_new_values(kv: natskv.Bucket) -> None:
     assert seen == [("a", None, 1), ("a", 1, 2), ("a", 2, None)]
 
 
+def test_apply_written_keeps_to_the_pattern(kv: natskv.Bucket) -> None:
+    # A writer hands over every key of its batch; a replica of "r:*" must take only its own
+    # (a model's batch writes its unique-value keys beside the record).
+    seen: list[tuple[str, Any, Any]] = []
+    rep = natskv.LocalReplica(kv, "r:*", on_apply=lambda k, old, new, rev: seen.append((k, old, new))).start(5)
+    try:
+        revision = kv.commit([("set", "u:email", "a@example.com"), ("set", "r:1", {"id": 1})])
+        rep.apply_written([("u:email", True, "a@example.com"), ("r:1", True, {"id": 1})], revision)
+        rep.wait_for(revision)
+        assert rep.get("u:email") is None and rep.get("r:1") == {"id": 1}
+        assert rep.snapshot() == {"r:1": {"id": 1}}
+    finally:
+        rep.stop()
+    assert seen == [("r:1", None, {"id": 1})]
+
+
 def test_replicas_and_watchers_share_one_consumer(db: natskv.Client, kv: natskv.Bucket) -> None:
     kv.set("k:1", 1)
     r1 = kv.replica("k:*")
