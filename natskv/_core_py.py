@@ -945,7 +945,7 @@ def _compile_op(op: object, arg: Any, path: str, depth: int) -> _Cond:
     if op in _COMPARISONS:
         if _category(arg) not in (_NUM, _STR):
             raise _filter_error(path, f"{op} needs a number or a string, got {type(arg).__name__}")
-        return _Compare(_COMPARISONS[op], arg)  # type: ignore[index]
+        return _Compare(_COMPARISONS[op], arg)
     if op in ("$in", "$nin"):
         if not isinstance(arg, (list, tuple)):
             raise _filter_error(path, f"{op} needs a list, got {type(arg).__name__}")
@@ -1461,7 +1461,8 @@ def _group_bisect(group: Any, pk_key: tuple[Any, ...], right: bool) -> int:
         if right:
             return bisect.bisect_right(group, pk_key, key=_pk_key)
         return bisect.bisect_left(group, pk_key, key=_pk_key)
-    return group.bisect_key_right(pk_key) if right else group.bisect_key_left(pk_key)
+    position: int = group.bisect_key_right(pk_key) if right else group.bisect_key_left(pk_key)
+    return position
 
 
 class SortedIndex(_OrderedIndex):
@@ -1507,7 +1508,8 @@ class SortedIndex(_OrderedIndex):
         if not reverse:
             start = 0 if after is None else _group_bisect(group, after, True)
             stop = size if need is None else min(size, start + need)
-            return group[start:stop]
+            part: list[Any] = group[start:stop]
+            return part
         stop = size if after is None else _group_bisect(group, after, False)
         start = 0 if need is None else max(0, stop - need)
         part = group[start:stop]

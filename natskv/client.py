@@ -74,7 +74,7 @@ class Client:
         runner.call(conn.connect(), budget + 1.0, what=f"connecting to {', '.join(self._servers)}")
         return conn
 
-    def _close_when_dropped(self) -> weakref.finalize:
+    def _close_when_dropped(self) -> weakref.finalize[[Connection, int], Client]:
         # A client that is garbage-collected without close() must not keep its socket (and the
         # server's resources) until the process exits. The finalizer holds the connection, never
         # the client, so it does not keep the client alive. At interpreter exit the runner

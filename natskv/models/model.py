@@ -116,7 +116,7 @@ class Model(metaclass=ModelMeta):
     def _require_store(cls) -> ModelStore:
         """The store of this model class (its own, never a base class's); raises when the class
         is not registered with a client."""
-        store = cls.__dict__.get("_store")
+        store: ModelStore | None = cls.__dict__.get("_store")
         if store is None:
             raise InvalidArgumentError(f"model {cls.__name__} is not registered: call db.register({cls.__name__}) first")
         return store
@@ -171,7 +171,7 @@ class Model(metaclass=ModelMeta):
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return self._values() == other._values() and self._version == other._version  # type: ignore[attr-defined]
+        return self._values() == other._values() and self._version == other._version
 
     def to_dict(self) -> dict[str, Any]:
         """The record's values (Python form), fields not in the schema included."""

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
 
@@ -60,6 +60,18 @@ _RANGE_OPS = ("$gt", "$gte", "$lt", "$lte")
 
 
 # -- read options --------------------------------------------------------------------------------
+
+
+class SecondaryIndex(Protocol):
+    """What the planner asks of a ``_core`` index (``SortedIndex`` / ``UniqueIndex``): primary
+    keys by value, and how many there are."""
+
+    def count_eq(self, value: Any) -> int: ...
+    def eq(self, value: Any) -> list[Any]: ...
+    def in_(self, values: Iterable[Any]) -> list[Any]: ...
+    def prefix(self, p: str, limit: int | None = None) -> list[Any]: ...
+    def range(self, lo: Any, hi: Any, *, lo_inclusive: bool = True, hi_inclusive: bool = True,
+              limit: int | None = None) -> list[Any]: ...
 
 
 class ReadOptions(NamedTuple):
@@ -474,7 +486,7 @@ def _range_bounds(cond: dict[str, Any]) -> tuple[Any, bool, Any, bool] | None:
     return low[0], low[1], high[0], high[1]
 
 
-def _estimate(index: Any, cond: Any) -> float | None:
+def _estimate(index: SecondaryIndex, cond: Any) -> float | None:
     """How many keys a condition selects (inf: unknown but usable; None: the index cannot help)."""
     if not _is_operators(cond):
         return None if cond is None else index.count_eq(cond)
@@ -487,7 +499,7 @@ def _estimate(index: Any, cond: Any) -> float | None:
     return None
 
 
-def _lookup(index: Any, cond: Any, cap: int | None) -> list[Any] | None:
+def _lookup(index: SecondaryIndex, cond: Any, cap: int | None) -> list[Any] | None:
     if not _is_operators(cond):
         return None if cond is None else index.eq(cond)
     if "$eq" in cond and cond["$eq"] is not None:

@@ -52,7 +52,8 @@ def ensure_stream(conn: Connection, bucket: str, timeout: float) -> int:
     replicas."""
     stream = stream_of(bucket)
     kv = jsapi.call(conn, f"STREAM.INFO.KV_{bucket}", None, timeout)["config"]
-    replicas, storage = kv.get("num_replicas", 1), kv.get("storage", "file")
+    replicas: int = kv.get("num_replicas", 1)
+    storage: str = kv.get("storage", "file")
     try:
         config = jsapi.call(conn, f"STREAM.INFO.{stream}", None, timeout)["config"]
     except BucketNotFoundError:

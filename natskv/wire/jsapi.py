@@ -51,7 +51,7 @@ def call(conn: Connection, api: str, payload: dict[str, Any] | None, timeout: fl
 def check_api_reply(api: str, data: bytes) -> dict[str, Any]:
     """Decode a JetStream API answer; raise the matching natskv error when it carries one."""
     try:
-        reply = orjson.loads(data)
+        reply: dict[str, Any] = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise JetStreamError(f"malformed JetStream answer to {api}: {data[:200]!r}") from exc
     err = reply.get("error")

@@ -97,7 +97,7 @@ class CallerMux:
         self._waiting.add(waiter)
         try:
             self.send(command, msgs, payload_bytes)
-            completed = waiter.wait(timeout)
+            completed: bool = waiter.wait(timeout)
         finally:
             self._waiting.discard(waiter)
         if waiter.error is not None:
