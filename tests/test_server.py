@@ -20,16 +20,19 @@ from typing import Iterator
 
 import pytest
 
-from natskv import server as server_mod
 from natskv.errors import ConfigurationError, NatsKVError, ServerError
 from natskv.server import (
     EmbeddedCluster,
     EmbeddedServer,
     default_data_dir,
     find_server_binary,
-    jetstream_ready,
+    healthz,
     server_version,
 )
+from natskv.server import binary as binary_mod
+from natskv.server import embedded as embedded_mod
+from natskv.server import probe as probe_mod
+from natskv.server import shared as shared_mod
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +53,7 @@ def _alive(pid: int) -> bool:
 
 
 def _info(port: int) -> dict | None:
-    return server_mod._read_info("127.0.0.1", port, timeout=2.0)
+    return probe_mod._read_info("127.0.0.1", port, timeout=2.0)
 
 
 def _fake_binary(directory: Path, script: str, name: str = "nats-server") -> Path:
@@ -60,11 +63,26 @@ def _fake_binary(directory: Path, script: str, name: str = "nats-server") -> Pat
     return path
 
 
+def _request(port: int, subject: str, body: bytes = b"") -> bytes | None:
+    """One request through nats-py; None when no one responds (a stream without a leader)."""
+    import nats
+    from nats.errors import NoRespondersError
+
+    async def ask() -> bytes | None:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+        try:
+            return (await nc.request(subject, body, timeout=5)).data
+        except NoRespondersError:
+            return None
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
 def _js_request(port: int, subject: str, payload: dict | None = None) -> dict:
-    body = json.dumps(payload).encode() if payload is not None else b""
-    with server_mod._ProbeConnection("127.0.0.1", port, 5.0) as conn:
-        status, data = conn.request(subject, body)
-    assert status is None, f"{subject}: status {status}"
+    data = _request(port, subject, json.dumps(payload).encode() if payload is not None else b"")
+    assert data is not None, f"{subject}: no responders"
     return json.loads(data)
 
 
@@ -157,8 +175,9 @@ def test_restart_keeps_port_and_file_storage_and_clients_reconnect(
     assert _js_request(port, "$JS.API.STREAM.INFO.PERSIST")["state"]["messages"] == 2
 
 
-def test_binds_only_loopback(fresh_server: EmbeddedServer) -> None:
-    port = fresh_server.port
+@pytest.mark.parametrize("which", ["port", "monitor_port"])
+def test_binds_only_loopback(fresh_server: EmbeddedServer, which: str) -> None:
+    port = getattr(fresh_server, which)
     assert fresh_server.info is not None and fresh_server.info["host"] == "127.0.0.1"
     proc_tcp = Path("/proc/net/tcp")
     if proc_tcp.exists():
@@ -187,30 +206,39 @@ def test_explicit_port_in_use_is_a_clear_error(
     fresh_server: EmbeddedServer, tmp_path: Path
 ) -> None:
     other = EmbeddedServer(data_dir=tmp_path / "other", port=fresh_server.port)
-    with pytest.raises(ServerError, match="already in use"):
+    with pytest.raises(ServerError, match="port .* already in use"):
+        other.start()
+    assert not other.running
+    other = EmbeddedServer(data_dir=tmp_path / "other", monitor_port=fresh_server.monitor_port)
+    with pytest.raises(ServerError, match="monitor_port .* already in use"):
         other.start()
     assert not other.running
 
 
+@pytest.mark.parametrize("stolen", ["port", "monitor_port"])
 def test_picked_port_taken_by_someone_else_is_picked_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stolen: str
 ) -> None:
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
     taken = squatter.getsockname()[1]
-    real = server_mod._free_ports
+    real = embedded_mod._free_ports
     calls: list[int] = []
 
     def racy_free_ports(host: str, count: int) -> list[int]:
         calls.append(count)
-        return [taken] if len(calls) == 1 else real(host, count)
+        picked = real(host, count)
+        if len(calls) == 1:  # the first pick hands out the squatter's port
+            picked[0 if stolen == "port" else 1] = taken
+        return picked
 
-    monkeypatch.setattr(server_mod, "_free_ports", racy_free_ports)
+    monkeypatch.setattr(embedded_mod, "_free_ports", racy_free_ports)
     try:
         with EmbeddedServer(data_dir=tmp_path) as server:
-            assert server.port != taken
+            assert taken not in (server.port, server.monitor_port)
             assert len(calls) == 2
+            assert healthz("127.0.0.1", server.monitor_port) == 200
     finally:
         squatter.close()
 
@@ -278,18 +306,38 @@ def test_bad_arguments_are_configuration_errors() -> None:
         EmbeddedServer(port=70000)
     with pytest.raises(ConfigurationError):
         EmbeddedServer(port=-1)
+    with pytest.raises(ConfigurationError, match="monitor_port"):
+        EmbeddedServer(monitor_port=65536)
     with pytest.raises(ConfigurationError):
         EmbeddedServer(extra_args="-DV")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):
         EmbeddedCluster(size=0)
 
 
-def test_jetstream_off_and_jetstream_probe(tmp_path: Path, nats_server: EmbeddedServer) -> None:
-    assert jetstream_ready("127.0.0.1", nats_server.port)
+def test_jetstream_off_and_healthz(tmp_path: Path, nats_server: EmbeddedServer) -> None:
+    for query in ("js-enabled-only=true", "js-server-only=true", ""):
+        assert healthz("127.0.0.1", nats_server.monitor_port, query) == 200
+    assert nats_server.monitor_url == f"http://127.0.0.1:{nats_server.monitor_port}"
     with EmbeddedServer(data_dir=tmp_path, jetstream=False) as plain:
         assert plain.info is not None and not plain.info.get("jetstream")
-        assert not jetstream_ready("127.0.0.1", plain.port, timeout=1.0)
+        assert healthz("127.0.0.1", plain.monitor_port) == 200  # ready: JetStream is not asked for
         assert not (tmp_path / "jetstream").exists()
+        # With JetStream off, a JetStream request finds no responder.
+        assert _request(plain.port, "$JS.API.INFO") is None
+    assert healthz("127.0.0.1", plain.monitor_port, timeout=0.5) is None  # stopped
+
+
+def test_monitor_port_from_extra_args_is_the_one_probed(tmp_path: Path) -> None:
+    """A -m in extra_args wins over monitor_port in nats-server: readiness must probe that one."""
+    wanted, other = embedded_mod._free_ports("127.0.0.1", 2)
+    server = EmbeddedServer(data_dir=tmp_path, monitor_port=other, extra_args=["--http_port", str(wanted)])
+    with server:
+        assert server.monitor_port == wanted
+        assert healthz("127.0.0.1", wanted) == 200
+        assert healthz("127.0.0.1", other, timeout=0.5) is None
+    assert embedded_mod._monitor_port_in(["-m=81", "-DV"]) == 81
+    assert embedded_mod._monitor_port_in(["-ms", "82", "--m", "83", "-m", "84"]) == 84  # the last wins
+    assert embedded_mod._monitor_port_in(["-ms", "82", "-p", "4222"]) == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,8 +361,8 @@ def test_lookup_order_scripts_dir_then_python_dir_then_path(
         directory.mkdir()
         _fake_binary(directory, "exit 0")
     monkeypatch.delenv("NATSKV_SERVER_BIN", raising=False)
-    monkeypatch.setattr(server_mod.sysconfig, "get_path", lambda name: str(scripts))
-    monkeypatch.setattr(server_mod.sys, "executable", str(python_dir / "python"))
+    monkeypatch.setattr(binary_mod.sysconfig, "get_path", lambda name: str(scripts))
+    monkeypatch.setattr(binary_mod.sys, "executable", str(python_dir / "python"))
     monkeypatch.setenv("PATH", str(on_path))
     assert find_server_binary() == str(scripts / "nats-server")
     (scripts / "nats-server").unlink()
@@ -354,16 +402,16 @@ def test_default_data_dir_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("NATSKV_DATA_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("USERPROFILE", str(tmp_path / "home"))
-    monkeypatch.setattr(server_mod.sys, "platform", "linux")
+    monkeypatch.setattr(shared_mod.sys, "platform", "linux")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     assert default_data_dir() == tmp_path / "xdg" / "natskv"
     monkeypatch.setenv("XDG_DATA_HOME", "relative/is/ignored")
     assert default_data_dir() == tmp_path / "home" / ".local" / "share" / "natskv"
     monkeypatch.delenv("XDG_DATA_HOME")
     assert default_data_dir() == tmp_path / "home" / ".local" / "share" / "natskv"
-    monkeypatch.setattr(server_mod.sys, "platform", "darwin")
+    monkeypatch.setattr(shared_mod.sys, "platform", "darwin")
     assert default_data_dir() == tmp_path / "home" / "Library" / "Application Support" / "natskv"
-    monkeypatch.setattr(server_mod.sys, "platform", "win32")
+    monkeypatch.setattr(shared_mod.sys, "platform", "win32")
     monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "local"))
     assert default_data_dir() == tmp_path / "local" / "natskv"
 
@@ -418,7 +466,7 @@ def shared_dir(tmp_path: Path) -> Iterator[Path]:
     """A data dir for shared servers; whatever server it holds is stopped (by PID) at the end."""
     directory = tmp_path / "shared"
     yield directory
-    state = server_mod._read_state(directory)
+    state = shared_mod._read_state(directory)
     EmbeddedServer.stop_shared(directory)
     if state and _alive(int(state["pid"])):
         os.kill(int(state["pid"]), 9)
@@ -437,11 +485,13 @@ def test_two_processes_share_one_server_that_outlives_them(shared_dir: Path) -> 
         assert _servers_using(shared_dir) == [pid]
     state = json.loads((shared_dir / "server.json").read_text())
     assert state["pid"] == pid and state["port"] == port
+    assert healthz("127.0.0.1", state["monitor_port"]) == 200
     assert tuple(map(int, state["version"].split("."))) == server_version()
     assert state["store_dir"] == str(shared_dir / "jetstream")
 
     handle = EmbeddedServer.shared(shared_dir)
     assert (handle.port, handle.pid, handle.owned, handle.running) == (port, pid, False, True)
+    assert handle.monitor_port == state["monitor_port"]
     assert "shared" in repr(handle)
     handle.stop()  # not owned: must not stop the server
     with handle:
@@ -530,12 +580,11 @@ def test_cluster_elects_a_leader_and_survives_a_node_restart(tmp_path: Path) -> 
         # The stream elects a new leader of its own if node 0 led it: retry until it has.
         deadline = time.monotonic() + 20
         while True:
-            with server_mod._ProbeConnection("127.0.0.1", ports[2], 5.0) as conn:
-                status, ack = conn.request("first.x", b"with one node down")
-            if status is None or time.monotonic() > deadline:
+            ack = _request(ports[2], "first.x", b"with one node down")
+            if ack is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        assert status is None and json.loads(ack)["seq"] == 1
+        assert ack is not None and json.loads(ack)["seq"] == 1
         cluster.start_node(0)
         assert [node.port for node in cluster.nodes] == ports
         create_r3(ports[0], "second")
