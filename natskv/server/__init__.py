@@ -21,6 +21,7 @@ from natskv.server.binary import BINARY_ENV, find_server_binary, server_version
 from natskv.server.cluster import EmbeddedCluster
 from natskv.server.embedded import LOG_FILE, EmbeddedServer
 from natskv.server.probe import healthz
+
 # For tests that need a free port for a listener of their own (tests/test_websocket.py).
 from natskv.server.process import _free_ports as _free_ports
 from natskv.server.shared import DATA_DIR_ENV, LOCK_FILE, STATE_FILE, default_data_dir

@@ -19,8 +19,9 @@ import subprocess
 import tempfile
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from natskv.errors import ConfigurationError, ServerError
 from natskv.server.binary import find_server_binary, server_version

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import socket
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # Query strings of GET /healthz (nats-server's monitor.go). The checks run in this order, and
 # each option stops after its step:
@@ -39,7 +40,7 @@ def _receive(sock: socket.socket, deadline: float, complete: Callable[[bytearray
     while not complete(data):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise socket.timeout("probe timed out")
+            raise TimeoutError("probe timed out")
         sock.settimeout(remaining)
         chunk = sock.recv(65536)
         if not chunk:
