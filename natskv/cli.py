@@ -232,6 +232,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         _out(f"nats-server {version} with JetStream is running at {server.url}")
         _out(f"  data: {server.store_dir}")
         _out(f"  log:  {server.log_file}")
+        _out(f"  monitoring: {server.monitor_url}  (/healthz, /varz, /jsz)")
         _out(f"  use it: export NATS_URL={server.url}   (or pass --url {server.url})")
         _out("press Ctrl-C to stop")
         while server.running:

@@ -540,6 +540,16 @@ def test_stale_or_foreign_state_is_not_trusted(
     assert replacement.running
 
 
+def test_a_state_file_without_monitor_port_still_attaches(shared_dir: Path) -> None:
+    """natskv before the monitoring port wrote no monitor_port: its running server is reused."""
+    server = EmbeddedServer.shared(shared_dir)
+    state = json.loads((shared_dir / "server.json").read_text())
+    del state["monitor_port"]
+    (shared_dir / "server.json").write_text(json.dumps(state))
+    again = EmbeddedServer.shared(shared_dir)
+    assert (again.pid, again.port, again.monitor_port) == (server.pid, server.port, 0)
+
+
 def test_conftest_isolates_the_default_data_dir(natskv_data_dir: Path) -> None:
     assert default_data_dir() == natskv_data_dir
     assert "NATS_URL" not in os.environ

@@ -26,9 +26,9 @@ class EmbeddedCluster:
     Node ``i`` keeps its log and store in ``<data_dir>/node-<i>`` and its ports (client, route,
     HTTP monitor) across ``stop_node(i)`` / ``start_node(i)``. ``start()`` returns once JetStream
     is usable everywhere: every running node's ``/healthz`` reports a meta leader it is current
-    with, and the meta leader sees every running node as current (before that, creating an R3 stream can fail with "no
-    suitable peers for placement"). Without ``data_dir`` a temporary directory is used and
-    deleted by ``stop()``.
+    with, and the meta leader sees every running node as current (before that, creating an R3
+    stream can fail with "no suitable peers for placement"). Without ``data_dir`` a temporary
+    directory is used and deleted by ``stop()``.
     """
 
     def __init__(
