@@ -27,7 +27,6 @@ from natskv.errors import ConfigurationError, ServerError
 from natskv.server.binary import find_server_binary, server_version
 from natskv.server.probe import HEALTHZ_STARTED, _read_info, healthz
 from natskv.server.process import (
-    _POLL,
     _SHARED_CHILDREN,
     _detach_kwargs,
     _free_ports,
@@ -50,6 +49,8 @@ from natskv.server.shared import (
 )
 
 LOG_FILE = "nats-server.log"
+
+_READY_POLL = 0.002  # seconds between readiness probes of a starting server (a refused connect)
 
 
 class _PortTakenError(ServerError):
@@ -326,7 +327,7 @@ class EmbeddedServer:
         deadline = time.monotonic() + timeout
         host = _probe_host(self._host)
         probe = 0.25  # how long one probe may wait for an answer
-        pause = _POLL  # between probes; grows while the server answers "not ready"
+        pause = _READY_POLL
         info: dict[str, Any] | None = None
         while True:
             code = proc.poll()
@@ -338,26 +339,21 @@ class EmbeddedServer:
                     f"nats-server exited with code {code} while starting on {host}:{self._port}; "
                     f"server log:\n{tail}"
                 )
-            # A listener that stays silent is not ours (or is starved): probe briefly so an exit
-            # is noticed, longer when starved.
+            # The client port opens last, and a refused connection leaves no trace, so it is
+            # polled first. A listener that stays silent is not ours (or is starved): probe
+            # briefly so an exit is noticed, longer when starved.
             began = time.monotonic()
-            status = healthz(host, self._monitor_port, HEALTHZ_STARTED, min(probe, max(deadline - began, 0.05)))
-            if status is None and time.monotonic() - began >= probe:
+            info = _read_info(host, self._port, timeout=min(probe, max(deadline - began, 0.05)))
+            if info is None and time.monotonic() - began >= probe:
                 probe = min(probe * 2, 2.0)
-            if status is not None and status != 200:
-                # Each "not ready" answer is a warning line in the server's log: while it
-                # recovers a large store, ask less often.
-                pause = min(pause * 2, 0.1)
-            if status == 200:
-                # /healthz cannot say whose it is: the client port must greet with our name.
-                info = _read_info(host, self._port, timeout=min(probe, max(deadline - time.monotonic(), 0.05)))
-                if (
-                    info is not None
-                    and info.get("server_name") == self.name
-                    and (info.get("jetstream") or not self._jetstream)
-                ):
+            if info is not None and info.get("server_name") == self.name:
+                # Ours and accepting clients; ready is nats-server's own verdict: every listener
+                # up, JetStream enabled. A "not yet" is a warning line in the server log, so ask
+                # less often while it lasts.
+                if healthz(host, self._monitor_port, HEALTHZ_STARTED, min(probe, max(deadline - began, 0.05))) == 200:
                     self.info = info
                     return
+                pause = min(pause * 2, 0.1)
             if time.monotonic() >= deadline:
                 tail = _log_tail(self.log_file, self._log_offset)  # type: ignore[arg-type]
                 self._stop_process(2.0)
