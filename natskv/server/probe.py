@@ -35,7 +35,7 @@ HEALTHZ_JETSTREAM = "js-server-only=true"
 
 
 def _receive(sock: socket.socket, deadline: float, complete: Callable[[bytearray], bool]) -> bytes:
-    """Bytes from ``sock`` until ``complete(data)`` or the peer closes; socket.timeout at deadline."""
+    """Bytes from ``sock`` until ``complete(data)`` or the peer closes; TimeoutError at the deadline."""
     data = bytearray()
     while not complete(data):
         remaining = deadline - time.monotonic()

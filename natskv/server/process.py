@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 _LOG_TAIL_BYTES = 4096
-_POLL = 0.005  # seconds between checks on a process that is starting or stopping
+_POLL = 0.005  # seconds between checks on a process that is stopping
 
 # Shared servers this process started, kept so their Popen objects are never collected while the
 # server runs (that would warn) and so stop_shared() can reap its own child.
