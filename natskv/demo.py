@@ -26,7 +26,6 @@ DEMO_BUCKET = "natskv_demo"
 DEMO_MODEL_BUCKET = "natskv_demo_users"
 
 
-
 def _step(title: str) -> None:
     _out()
     _out(f"== {title}")
