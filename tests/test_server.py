@@ -315,7 +315,9 @@ def test_bad_arguments_are_configuration_errors() -> None:
 
 
 def test_jetstream_off_and_healthz(tmp_path: Path, nats_server: EmbeddedServer) -> None:
-    for query in ("js-enabled-only=true", "js-server-only=true", ""):
+    for query in ("js-enabled-only=true", "js-server-only=true"):
+        answer = probe_mod._http_get("127.0.0.1", nats_server.monitor_port, f"/healthz?{query}", 1.0)
+        assert answer is not None and answer[0] == 200, answer
         assert healthz("127.0.0.1", nats_server.monitor_port, query) == 200
     assert nats_server.monitor_url == f"http://127.0.0.1:{nats_server.monitor_port}"
     with EmbeddedServer(data_dir=tmp_path, jetstream=False) as plain:
