@@ -337,9 +337,31 @@ def test_monitor_port_from_extra_args_is_the_one_probed(tmp_path: Path) -> None:
         assert server.monitor_port == wanted
         assert healthz("127.0.0.1", wanted) == 200
         assert healthz("127.0.0.1", other, timeout=0.5) is None
-    assert embedded_mod._monitor_port_in(["-m=81", "-DV"]) == 81
-    assert embedded_mod._monitor_port_in(["-ms", "82", "--m", "83", "-m", "84"]) == 84  # the last wins
-    assert embedded_mod._monitor_port_in(["-ms", "82", "-p", "4222"]) == 0
+    flags = ("m", "http_port")
+    assert embedded_mod._flag_value(["-m=81", "-DV"], flags) == "81"
+    assert embedded_mod._flag_value(["-ms", "82", "--m", "83", "-m", "84"], flags) == "84"  # the last wins
+    assert embedded_mod._flag_value(["-ms", "82", "-p", "4222"], flags) is None
+
+
+@pytest.mark.parametrize("how", ["monitor_port=None", "-ms in extra_args"])
+def test_without_an_http_monitoring_port_the_greeting_is_readiness(tmp_path: Path, how: str) -> None:
+    """nats-server refuses -m together with -ms: HTTPS monitoring means no healthz to ask."""
+    if how == "monitor_port=None":
+        server = EmbeddedServer(data_dir=tmp_path, monitor_port=None)
+    else:
+        # HTTPS monitoring takes the server's TLS certificate (clients then need TLS too).
+        data = REPO_ROOT / "tests" / "data"
+        https_port = embedded_mod._free_ports("127.0.0.1", 1)[0]
+        server = EmbeddedServer(data_dir=tmp_path, extra_args=[
+            "--tlscert", str(data / "tls-cert.pem"), "--tlskey", str(data / "tls-key.pem"), "-ms", str(https_port),
+        ])
+    with server:
+        assert server.monitor_port is None
+        assert server.info is not None and server.info["jetstream"]
+        with pytest.raises(ServerError, match="without an HTTP monitoring port"):
+            server.monitor_url
+        if how == "monitor_port=None":
+            assert _js_request(server.port, "$JS.API.INFO")["type"] == "io.nats.jetstream.api.v1.account_info_response"
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ class EmbeddedCluster:
         running = [i for i, node in enumerate(self.nodes) if node.running]
         waiting = [
             i for i in running
-            if healthz(_probe_host(self._host), self.nodes[i].monitor_port, HEALTHZ_JETSTREAM) != 200
+            if healthz(_probe_host(self._host), self._monitor_port(i), HEALTHZ_JETSTREAM) != 200
         ]
         if waiting:
             return waiting
@@ -184,7 +184,12 @@ class EmbeddedCluster:
     def jsz(self, index: int, query: str = "") -> dict[str, Any]:
         """Node ``index``'s JetStream report (``/jsz?<query>`` on its monitor port); {} when
         it does not answer."""
-        return _monitor_json(_probe_host(self._host), self.nodes[index].monitor_port, f"/jsz?{query}")
+        return _monitor_json(_probe_host(self._host), self._monitor_port(index), f"/jsz?{query}")
+
+    def _monitor_port(self, index: int) -> int:
+        port = self.nodes[index].monitor_port
+        assert port, "cluster nodes are created with a monitoring port"
+        return port
 
     def meta_leader(self) -> int | None:
         """Index of the JetStream meta leader (None while there is none)."""

@@ -70,9 +70,11 @@ class EmbeddedServer:
     created at start and deleted by ``stop()`` (not by ``restart()``). ``port=0`` picks a free port
     at the first start; ``restart()`` reuses the same port and store, so clients reconnect and
     file-stored data is still there. ``monitor_port`` is the HTTP monitoring port (``/healthz``,
-    ``/varz``, ``/jsz``), bound to ``host`` like the client port; 0 picks a free one the same way.
-    ``extra_args`` are appended to the command line (a ``-m``/``--http_port`` there replaces
-    ``monitor_port``); ``binary`` overrides ``find_server_binary()``.
+    ``/varz``, ``/jsz``), bound to ``host`` like the client port; 0 picks a free one the same way;
+    None runs without one (readiness is then the client port's greeting alone). ``extra_args``
+    are appended to the command line: a ``-m``/``--http_port`` there replaces ``monitor_port``,
+    and a ``-ms``/``--https_port`` means None (nats-server refuses HTTP and HTTPS monitoring
+    together). ``binary`` overrides ``find_server_binary()``.
 
     The server is stopped by ``stop()``, by leaving a ``with`` block, or (as a last resort) when
     this object is garbage-collected or the interpreter exits. Use ``EmbeddedServer.shared()`` for
@@ -90,15 +92,21 @@ class EmbeddedServer:
         log_file: str | os.PathLike[str] | None = None,
         name: str | None = None,
         binary: str | None = None,
-        monitor_port: int = 0,
+        monitor_port: int | None = 0,
     ) -> None:
         for label, value in (("port", port), ("monitor_port", monitor_port)):
+            if value is None and label == "monitor_port":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
                 raise ConfigurationError(f"{label} must be an integer from 0 (pick one) to 65535, got {value!r}")
         if isinstance(extra_args, str):
             raise ConfigurationError("extra_args must be a sequence of arguments, not one string")
         extra_args = tuple(str(arg) for arg in extra_args)
-        monitor_port = _monitor_port_in(extra_args) or monitor_port
+        http_port = _flag_value(extra_args, ("m", "http_port"))
+        if http_port is not None and http_port.isdigit():
+            monitor_port = int(http_port)
+        elif _flag_value(extra_args, ("ms", "https_port")) is not None:
+            monitor_port = None
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self._store_dir = Path(store_dir) if store_dir is not None else None
         self._log_file = Path(log_file) if log_file is not None else None
@@ -138,13 +146,16 @@ class EmbeddedServer:
         return f"nats://{_url_host(self._host)}:{self._port}"
 
     @property
-    def monitor_port(self) -> int:
-        """The HTTP monitoring port (0 until a server started with ``monitor_port=0`` picked one)."""
+    def monitor_port(self) -> int | None:
+        """The HTTP monitoring port: 0 until a server started with ``monitor_port=0`` picked one
+        (or, on a shared-server handle, when the state file does not say), None without one."""
         return self._monitor_port
 
     @property
     def monitor_url(self) -> str:
-        """``http://127.0.0.1:<monitor port>``. Raises ServerError before the port is known."""
+        """``http://127.0.0.1:<monitor port>``. Raises ServerError when the port is not known."""
+        if self._monitor_port is None:
+            raise ServerError("this server runs without an HTTP monitoring port (monitor_port=None, or -ms)")
         if not self._monitor_port:
             raise ServerError("the server has no monitoring port yet: call start() first")
         return f"http://{_url_host(self._host)}:{self._monitor_port}"
@@ -276,17 +287,21 @@ class EmbeddedServer:
                     f"{label} {port} on {self._host} is already in use by another process: "
                     f"choose another {label}, or {label}=0 to pick a free one"
                 )
-        if not (self._port and self._monitor_port):
+        if self._port == 0 or self._monitor_port == 0:
             # Three candidates: at least two differ from an explicit port among them.
             explicit = (self._port, self._monitor_port)
             picked = [port for port in _free_ports(self._host, 3) if port not in explicit]
-            self._port = self._port or picked.pop(0)
-            self._monitor_port = self._monitor_port or picked.pop(0)
+            if self._port == 0:
+                self._port = picked.pop(0)
+            if self._monitor_port == 0:
+                self._monitor_port = picked.pop(0)
         self._spawn(binary)
 
     def _command(self, binary: str) -> list[str]:
-        # -m binds to the -a host: the monitoring port is loopback-only like the client port.
-        cmd = [binary, "-a", self._host, "-p", str(self._port), "-m", str(self._monitor_port), "--name", str(self.name)]
+        cmd = [binary, "-a", self._host, "-p", str(self._port), "--name", str(self.name)]
+        if self._monitor_port is not None:
+            # -m binds to the -a host: the monitoring port is loopback-only like the client port.
+            cmd += ["-m", str(self._monitor_port)]
         if self._jetstream:
             cmd += ["-js", "-sd", str(self.store_dir)]
         cmd += ["-l", str(self.log_file)]
@@ -346,11 +361,17 @@ class EmbeddedServer:
             info = _read_info(host, self._port, timeout=min(probe, max(deadline - began, 0.05)))
             if info is None and time.monotonic() - began >= probe:
                 probe = min(probe * 2, 2.0)
-            if info is not None and info.get("server_name") == self.name:
+            if (
+                info is not None
+                and info.get("server_name") == self.name
+                and (info.get("jetstream") or not self._jetstream)
+            ):
                 # Ours and accepting clients; ready is nats-server's own verdict: every listener
                 # up, JetStream enabled. A "not yet" is a warning line in the server log, so ask
                 # less often while it lasts.
-                if healthz(host, self._monitor_port, HEALTHZ_STARTED, min(probe, max(deadline - began, 0.05))) == 200:
+                if self._monitor_port is None or healthz(
+                    host, self._monitor_port, HEALTHZ_STARTED, min(probe, max(deadline - began, 0.05))
+                ) == 200:
                     self.info = info
                     return
                 pause = min(pause * 2, 0.1)
@@ -508,16 +529,13 @@ class EmbeddedServer:
             return True
 
 
-def _monitor_port_in(args: Sequence[str]) -> int:
-    """The port of a ``-m``/``--http_port`` flag in nats-server arguments (Go's flag syntax:
-    one or two dashes, the value after ``=`` or as the next argument), else 0."""
-    found = 0
+def _flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
+    """The value of the last of the flags ``names`` in nats-server arguments, else None (Go's flag
+    syntax: one or two dashes, the value after ``=`` or as the next argument)."""
+    found = None
     for i, arg in enumerate(args):
         flag, equals, value = arg.partition("=")
-        if flag.lstrip("-") not in ("m", "http_port") or not flag.startswith("-"):
+        if not flag.startswith("-") or flag.lstrip("-") not in names:
             continue
-        if not equals:
-            value = args[i + 1] if i + 1 < len(args) else ""
-        if value.isdigit():
-            found = int(value)  # nats-server keeps the last one given
+        found = value if equals else (args[i + 1] if i + 1 < len(args) else "")
     return found
