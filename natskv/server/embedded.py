@@ -25,7 +25,7 @@ from typing import Any
 
 from natskv.errors import ConfigurationError, ServerError
 from natskv.server.binary import find_server_binary, server_version
-from natskv.server.probe import HEALTHZ_STARTED, _read_info, healthz
+from natskv.server.probe import HEALTHZ_STARTED, _greeting_and_health, _read_info
 from natskv.server.process import (
     _SHARED_CHILDREN,
     _detach_kwargs,
@@ -50,7 +50,7 @@ from natskv.server.shared import (
 
 LOG_FILE = "nats-server.log"
 
-_READY_POLL = 0.002  # seconds between readiness probes of a starting server (a refused connect)
+_READY_POLL = 0.001  # seconds between readiness probes of a starting server (a refused connect)
 
 
 class _PortTakenError(ServerError):
@@ -354,11 +354,17 @@ class EmbeddedServer:
                     f"nats-server exited with code {code} while starting on {host}:{self._port}; "
                     f"server log:\n{tail}"
                 )
-            # The client port opens last, and a refused connection leaves no trace, so it is
-            # polled first. A listener that stays silent is not ours (or is starved): probe
-            # briefly so an exit is noticed, longer when starved.
+            # A listener that stays silent is not ours (or is starved): probe briefly so an exit
+            # is noticed, longer when starved.
             began = time.monotonic()
-            info = _read_info(host, self._port, timeout=min(probe, max(deadline - began, 0.05)))
+            wait = min(probe, max(deadline - began, 0.05))
+            status: int | None
+            if self._monitor_port is None:
+                info, status = _read_info(host, self._port, wait), 200  # the greeting alone
+            else:
+                # Ready is nats-server's own verdict (every listener up, JetStream enabled),
+                # asked once the client port greets (see _greeting_and_health).
+                info, status = _greeting_and_health(host, self._port, self._monitor_port, HEALTHZ_STARTED, wait)
             if info is None and time.monotonic() - began >= probe:
                 probe = min(probe * 2, 2.0)
             if (
@@ -366,14 +372,10 @@ class EmbeddedServer:
                 and info.get("server_name") == self.name
                 and (info.get("jetstream") or not self._jetstream)
             ):
-                # Ours and accepting clients; ready is nats-server's own verdict: every listener
-                # up, JetStream enabled. A "not yet" is a warning line in the server log, so ask
-                # less often while it lasts.
-                if self._monitor_port is None or healthz(
-                    host, self._monitor_port, HEALTHZ_STARTED, min(probe, max(deadline - began, 0.05))
-                ) == 200:
+                if status == 200:
                     self.info = info
                     return
+                # Each "not ready" is a warning line in the server log: ask less often.
                 pause = min(pause * 2, 0.1)
             if time.monotonic() >= deadline:
                 tail = _log_tail(self.log_file, self._log_offset)  # type: ignore[arg-type]

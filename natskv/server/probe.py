@@ -57,39 +57,99 @@ def _read_info(host: str, port: int, timeout: float) -> dict[str, Any] | None:
     deadline = time.monotonic() + timeout
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            line = _receive(sock, deadline, lambda data: b"\r\n" in data).split(b"\r\n", 1)[0]
-        info = json.loads(line[5:]) if line.startswith(b"INFO ") else None
-    except (OSError, ValueError):
+            return _parse_info(_receive(sock, deadline, _line_complete))
+    except OSError:
         return None
-    return info if isinstance(info, dict) else None
 
 
 def _http_get(host: str, port: int, path: str, timeout: float) -> tuple[int, bytes] | None:
     """``GET path`` over HTTP/1.0: (status code, body), or None when nothing answers in time."""
     deadline = time.monotonic() + timeout
-    request = f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode()
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(request)
-            # HTTP/1.0: the server closes the connection after its response; stopping at the
-            # Content-Length saves waiting for that close (a millisecond on a busy machine).
-            response = _receive(sock, deadline, _http_response_complete)
-        head, _, body = response.partition(b"\r\n\r\n")
-        status = int(head.split(b"\r\n", 1)[0].split()[1])
-    except (OSError, ValueError, IndexError):
+        with _http_request(host, port, path, timeout) as sock:
+            return _parse_http(_receive(sock, deadline, _http_response_complete))
+    except OSError:
         return None
-    return status, body
+
+
+def _greeting_and_health(
+    host: str, port: int, monitor_port: int, query: str, timeout: float
+) -> tuple[dict[str, Any] | None, int | None]:
+    """The client port's ``INFO`` and the status of ``/healthz?<query>``, asked together.
+
+    The client port opens last while a server starts, so a refused connection there means "not
+    yet" at no cost and without a warning in the server's log (each early "not ready" from
+    /healthz is one). Once it accepts, /healthz is asked at once, before the greeting is read,
+    so the server answers both concurrently: readiness costs no more than the greeting alone.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        client = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None, None
+    with client:
+        try:
+            monitor: socket.socket | None = _http_request(host, monitor_port, f"/healthz?{query}", timeout)
+        except OSError:
+            monitor = None
+        try:
+            info = _parse_info(_receive(client, deadline, _line_complete))
+        except OSError:
+            info = None
+    if monitor is None:
+        return info, None
+    with monitor:
+        try:
+            answer = _parse_http(_receive(monitor, deadline, _http_response_complete))
+        except OSError:
+            answer = None
+    return info, answer[0] if answer is not None else None
+
+
+def _http_request(host: str, port: int, path: str, timeout: float) -> socket.socket:
+    """A connection to host:port that has sent ``GET path`` (HTTP/1.0: the server closes it after
+    its response). Raises OSError."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _line_complete(data: bytearray) -> bool:
+    return b"\r\n" in data
+
+
+def _parse_info(data: bytes) -> dict[str, Any] | None:
+    line = data.split(b"\r\n", 1)[0]
+    try:
+        info = json.loads(line[5:]) if line.startswith(b"INFO ") else None
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def _http_response_complete(data: bytearray) -> bool:
+    # Stopping at the Content-Length saves waiting for the server's close (a millisecond on a
+    # busy machine).
     head, separator, body = bytes(data).partition(b"\r\n\r\n")
     if not separator:
         return False
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
-            return len(body) >= int(value)
+            return not value.strip().isdigit() or len(body) >= int(value)
     return False  # no length given: the body ends when the server closes
+
+
+def _parse_http(response: bytes) -> tuple[int, bytes] | None:
+    head, _, body = response.partition(b"\r\n\r\n")
+    fields = head.split(b"\r\n", 1)[0].split()
+    if len(fields) < 2 or not fields[1].isdigit():
+        return None
+    return int(fields[1]), body
 
 
 def healthz(host: str, monitor_port: int, query: str = HEALTHZ_STARTED, timeout: float = 1.0) -> int | None:
