@@ -1,8 +1,8 @@
 """One nats-server child process: ``EmbeddedServer``, and the shared per-data-dir server.
 
 ``EmbeddedServer`` runs ``nats-server`` on loopback with JetStream, an explicit store directory
-and an HTTP monitoring port on the same host, and waits until the server itself says it is ready
-(``/healthz``) and the client port greets with the expected server name: no blind sleeps.
+and an HTTP monitoring port on the same host, and waits until the client port greets with the
+expected server name and the server itself says it is ready (``/healthz``): no blind sleeps.
 ``EmbeddedServer.shared()`` is what ``natskv.connect()`` uses when no URL is given: one server per
 data directory, found again by every later process through a state file, and left running when
 the process that started it exits, like a local database.
@@ -444,9 +444,10 @@ class EmbeddedServer:
         ``<data_dir>/jetstream`` and its log in ``<data_dir>/nats-server.log``. It is started
         detached and KEEPS RUNNING AFTER THIS PROCESS EXITS, like a local database, so the next
         process (or another one right now) finds it through ``<data_dir>/server.json`` (pid,
-        client and monitoring ports, name, version) and connects in milliseconds. A state file is trusted only when
-        its pid is alive and its port answers with the recorded server name. An exclusive lock
-        file (``server.lock``) makes concurrent callers start one server, not two.
+        client and monitoring ports, name, version) and connects in milliseconds. A state file is
+        trusted only when its pid is alive and its client port greets with the recorded server
+        name (the monitoring port cannot say whose it is). An exclusive lock file
+        (``server.lock``) makes concurrent callers start one server, not two.
 
         The handle returned never owns the process: its ``stop()`` does nothing. Stop the server
         with ``EmbeddedServer.stop_shared(data_dir)`` (or ``natskv server --stop``).
