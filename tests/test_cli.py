@@ -389,7 +389,11 @@ def test_server_runs_in_the_foreground_until_sigint(tmp_path: Path) -> None:
         out = Lines(proc.stdout)
         line = out.wait_for(" is running at nats://")
         url = line.split(" is running at ")[1].split()[0]
+        monitor = out.wait_for("monitoring: http://127.0.0.1:").split("monitoring: ")[1].split()[0]
         out.wait_for("press Ctrl-C to stop")
+        from natskv.server import healthz
+
+        assert healthz("127.0.0.1", int(monitor.rsplit(":", 1)[1])) == 200
         assert run("set", "k", "[1]", "--url", url).returncode == 0
         assert run("get", "k", "--url", url).stdout == "[1]\n"
         proc.send_signal(signal.SIGINT)
