@@ -268,7 +268,17 @@ def _shared_server_url(data_dir: Any) -> str | None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from natskv.demo import run
 
-    return run(args)
+    db = _connect(args)
+    try:
+        ok = run(db, timeout=args.timeout)
+        if db.server is not None:
+            _out(
+                f"the embedded server keeps running in the background (data in {db.server.data_dir});\n"
+                f"later connect() calls reuse it; stop it with: {PROG} server --stop"
+            )
+        return 0 if ok else EXIT_ERROR
+    finally:
+        db.close(timeout=2.0)
 
 
 # -- argument parsing ---------------------------------------------------------------------------

@@ -4,19 +4,16 @@ Each step prints the call and its result; a step whose result is not what the to
 the command exit 1, so the demo doubles as a smoke test (``.ci/run`` runs it). It uses two
 buckets of its own, deleted before (a leftover of an interrupted run) and after.
 
-Like ``natskv.cli`` this imports nothing heavy at import time: the command imports what it needs.
-Everything runs on the caller's thread except the watch callback, which runs on natskv's
-dispatcher thread.
+``natskv.cli`` connects and hands the client to :func:`run`; this module does not import the CLI
+(the CLI imports it). Like the CLI it imports nothing heavy at import time. Everything runs on
+the caller's thread except the watch callback, which runs on natskv's dispatcher thread.
 """
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 from typing import TYPE_CHECKING, Any
-
-from natskv.cli import EXIT_ERROR, PROG, _connect, _describe_change, _out
 
 if TYPE_CHECKING:
     from natskv.client import Client
@@ -24,6 +21,10 @@ if TYPE_CHECKING:
 
 DEMO_BUCKET = "natskv_demo"
 DEMO_MODEL_BUCKET = "natskv_demo_users"
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
 
 
 def _step(title: str) -> None:
@@ -36,40 +37,31 @@ def _show(call: str, result: Any) -> None:
     _out(line if len(line) <= 100 else f"   {call}\n     ->  {result!r}")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Connect as the other commands do (``--url``, ``--timeout``), tour, clean up; return the
-    exit status: 0, or 1 when natskv did not behave as the tour says it should."""
+def run(db: Client, timeout: float | None = None) -> bool:
+    """Tour natskv on a connected client, ``timeout`` for the bucket calls; True when natskv
+    behaved as the tour says it should (the caller turns False into exit status 1)."""
     import natskv
 
-    db = _connect(args)
+    if db.server is not None:
+        where = f"the embedded nats-server {db.server_version} at {db.server.url}"
+    else:
+        where = f"nats-server {db.server_version} at {db.stats()['connected_url']}"
+    _out(f"natskv {natskv.__version__} (core: {natskv.__impl__}), connected to {where}")
+    db.delete_bucket(DEMO_BUCKET, timeout=timeout)  # a leftover of an interrupted run
+    kv = db.bucket(DEMO_BUCKET, history=5, timeout=timeout)
+    _out(f"bucket {DEMO_BUCKET!r}: created for this tour, deleted at the end")
     try:
-        if db.server is not None:
-            where = f"the embedded nats-server {db.server_version} at {db.server.url}"
-        else:
-            where = f"nats-server {db.server_version} at {db.stats()['connected_url']}"
-        _out(f"natskv {natskv.__version__} (core: {natskv.__impl__}), connected to {where}")
-        db.delete_bucket(DEMO_BUCKET, timeout=args.timeout)  # a leftover of an interrupted run
-        kv = db.bucket(DEMO_BUCKET, history=5, timeout=args.timeout)
-        _out(f"bucket {DEMO_BUCKET!r}: created for this tour, deleted at the end")
-        try:
-            ok = _tour(kv)
-        finally:
-            db.delete_bucket(DEMO_BUCKET, timeout=args.timeout)
-        db.delete_bucket(DEMO_MODEL_BUCKET, timeout=args.timeout)
-        try:
-            ok = _model_tour(db) and ok
-        finally:
-            db.delete_bucket(DEMO_MODEL_BUCKET, timeout=args.timeout)
-        _out()
-        _out(f"done: buckets {DEMO_BUCKET!r} and {DEMO_MODEL_BUCKET!r} deleted")
-        if db.server is not None:
-            _out(
-                f"the embedded server keeps running in the background (data in {db.server.data_dir});\n"
-                f"later connect() calls reuse it; stop it with: {PROG} server --stop"
-            )
-        return 0 if ok else EXIT_ERROR
+        ok = _tour(kv)
     finally:
-        db.close(timeout=2.0)
+        db.delete_bucket(DEMO_BUCKET, timeout=timeout)
+    db.delete_bucket(DEMO_MODEL_BUCKET, timeout=timeout)
+    try:
+        ok = _model_tour(db) and ok
+    finally:
+        db.delete_bucket(DEMO_MODEL_BUCKET, timeout=timeout)
+    _out()
+    _out(f"done: buckets {DEMO_BUCKET!r} and {DEMO_MODEL_BUCKET!r} deleted")
+    return ok
 
 
 def _tour(kv: Bucket) -> bool:
@@ -130,7 +122,11 @@ def _tour(kv: Bucket) -> bool:
     kv.set("user:4", {"name": "Dan", "age": 28})
     _out('   kv.set("user:4", {"name": "Dan", "age": 28})')
     if arrived.wait(5.0):
-        _out(f"   on_change saw: {_describe_change(seen[0])}")
+        import orjson
+
+        change = seen[0]  # printed as `natskv watch` prints a change
+        value = orjson.dumps(change.value).decode()
+        _out(f"   on_change saw: {change.operation} {change.key} = {value}  (revision {change.revision})")
     else:
         _out("   on_change saw nothing within 5 s: that is a bug")
         ok = False
