@@ -225,7 +225,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             f"data already: connect to it with --url {running}, or stop it first with "
             f"`{PROG} server --stop`, or pass another --data-dir"
         )
-    server = EmbeddedServer(data_dir=data_dir, port=args.port)
+    server = EmbeddedServer(data_dir=data_dir, port=args.port, monitor_port=0)
     server.start()
     try:
         version = (server.info or {}).get("version", "?")

@@ -176,9 +176,13 @@ def test_restart_keeps_port_and_file_storage_and_clients_reconnect(
 
 
 @pytest.mark.parametrize("which", ["port", "monitor_port"])
-def test_binds_only_loopback(fresh_server: EmbeddedServer, which: str) -> None:
-    port = getattr(fresh_server, which)
-    assert fresh_server.info is not None and fresh_server.info["host"] == "127.0.0.1"
+def test_binds_only_loopback(tmp_path: Path, which: str) -> None:
+    with EmbeddedServer(data_dir=tmp_path, monitor_port=0) as server:
+        assert server.info is not None and server.info["host"] == "127.0.0.1"
+        _only_loopback_listens_on(getattr(server, which))
+
+
+def _only_loopback_listens_on(port: int) -> None:
     proc_tcp = Path("/proc/net/tcp")
     if proc_tcp.exists():
         listening = []
@@ -209,9 +213,10 @@ def test_explicit_port_in_use_is_a_clear_error(
     with pytest.raises(ServerError, match="port .* already in use"):
         other.start()
     assert not other.running
-    other = EmbeddedServer(data_dir=tmp_path / "other", monitor_port=fresh_server.monitor_port)
-    with pytest.raises(ServerError, match="monitor_port .* already in use"):
-        other.start()
+    with socket.create_server(("127.0.0.1", 0)) as squatter:
+        other = EmbeddedServer(data_dir=tmp_path / "other", monitor_port=squatter.getsockname()[1])
+        with pytest.raises(ServerError, match="monitor_port .* already in use"):
+            other.start()
     assert not other.running
 
 
@@ -235,7 +240,7 @@ def test_picked_port_taken_by_someone_else_is_picked_again(
 
     monkeypatch.setattr(embedded_mod, "_free_ports", racy_free_ports)
     try:
-        with EmbeddedServer(data_dir=tmp_path) as server:
+        with EmbeddedServer(data_dir=tmp_path, monitor_port=0) as server:
             assert taken not in (server.port, server.monitor_port)
             assert len(calls) == 2
             assert healthz("127.0.0.1", server.monitor_port) == 200
@@ -314,13 +319,16 @@ def test_bad_arguments_are_configuration_errors() -> None:
         EmbeddedCluster(size=0)
 
 
-def test_jetstream_off_and_healthz(tmp_path: Path, nats_server: EmbeddedServer) -> None:
-    for query in ("js-enabled-only=true", "js-server-only=true"):
-        answer = probe_mod._http_get("127.0.0.1", nats_server.monitor_port, f"/healthz?{query}", 1.0)
-        assert answer is not None and answer[0] == 200, answer
-        assert healthz("127.0.0.1", nats_server.monitor_port, query) == 200
-    assert nats_server.monitor_url == f"http://127.0.0.1:{nats_server.monitor_port}"
-    with EmbeddedServer(data_dir=tmp_path, jetstream=False) as plain:
+def test_jetstream_off_and_healthz(tmp_path: Path) -> None:
+    with EmbeddedServer(data_dir=tmp_path / "js", monitor_port=0) as server:
+        assert server.monitor_port
+        for query in ("js-enabled-only=true", "js-server-only=true", ""):
+            answer = probe_mod._http_get("127.0.0.1", server.monitor_port, f"/healthz?{query}", 1.0)
+            assert answer is not None and answer[0] == 200, answer
+            assert healthz("127.0.0.1", server.monitor_port, query) == 200
+        assert server.monitor_url == f"http://127.0.0.1:{server.monitor_port}"
+    with EmbeddedServer(data_dir=tmp_path, jetstream=False, monitor_port=0) as plain:
+        assert plain.monitor_port
         assert plain.info is not None and not plain.info.get("jetstream")
         assert healthz("127.0.0.1", plain.monitor_port) == 200  # ready: JetStream is not asked for
         assert not (tmp_path / "jetstream").exists()
@@ -343,11 +351,11 @@ def test_monitor_port_from_extra_args_is_the_one_probed(tmp_path: Path) -> None:
     assert embedded_mod._flag_value(["-ms", "82", "-p", "4222"], flags) is None
 
 
-@pytest.mark.parametrize("how", ["monitor_port=None", "-ms in extra_args"])
+@pytest.mark.parametrize("how", ["the default", "-ms in extra_args"])
 def test_without_an_http_monitoring_port_the_greeting_is_readiness(tmp_path: Path, how: str) -> None:
     """nats-server refuses -m together with -ms: HTTPS monitoring means no healthz to ask."""
-    if how == "monitor_port=None":
-        server = EmbeddedServer(data_dir=tmp_path, monitor_port=None)
+    if how == "the default":
+        server = EmbeddedServer(data_dir=tmp_path)
     else:
         # HTTPS monitoring takes the server's TLS certificate (clients then need TLS too).
         data = REPO_ROOT / "tests" / "data"
@@ -360,7 +368,7 @@ def test_without_an_http_monitoring_port_the_greeting_is_readiness(tmp_path: Pat
         assert server.info is not None and server.info["jetstream"]
         with pytest.raises(ServerError, match="without an HTTP monitoring port"):
             server.monitor_url
-        if how == "monitor_port=None":
+        if how == "the default":
             assert _js_request(server.port, "$JS.API.INFO")["type"] == "io.nats.jetstream.api.v1.account_info_response"
 
 
@@ -509,13 +517,13 @@ def test_two_processes_share_one_server_that_outlives_them(shared_dir: Path) -> 
         assert _servers_using(shared_dir) == [pid]
     state = json.loads((shared_dir / "server.json").read_text())
     assert state["pid"] == pid and state["port"] == port
-    assert healthz("127.0.0.1", state["monitor_port"]) == 200
+    assert state["monitor_port"] is None  # a shared server starts as fast as it can: no monitor
     assert tuple(map(int, state["version"].split("."))) == server_version()
     assert state["store_dir"] == str(shared_dir / "jetstream")
 
     handle = EmbeddedServer.shared(shared_dir)
     assert (handle.port, handle.pid, handle.owned, handle.running) == (port, pid, False, True)
-    assert handle.monitor_port == state["monitor_port"]
+    assert handle.monitor_port is None
     assert "shared" in repr(handle)
     handle.stop()  # not owned: must not stop the server
     with handle:
@@ -564,14 +572,17 @@ def test_stale_or_foreign_state_is_not_trusted(
     assert replacement.running
 
 
-def test_a_state_file_without_monitor_port_still_attaches(shared_dir: Path) -> None:
-    """natskv before the monitoring port wrote no monitor_port: its running server is reused."""
+def test_the_state_files_monitor_port_reaches_the_handle(shared_dir: Path) -> None:
+    """A recorded monitoring port is the handle's; none recorded (natskv before it wrote one,
+    or a server without one) is None."""
     server = EmbeddedServer.shared(shared_dir)
     state = json.loads((shared_dir / "server.json").read_text())
+    (shared_dir / "server.json").write_text(json.dumps({**state, "monitor_port": 8222}))
+    assert EmbeddedServer.shared(shared_dir).monitor_port == 8222
     del state["monitor_port"]
     (shared_dir / "server.json").write_text(json.dumps(state))
     again = EmbeddedServer.shared(shared_dir)
-    assert (again.pid, again.port, again.monitor_port) == (server.pid, server.port, 0)
+    assert (again.pid, again.port, again.monitor_port) == (server.pid, server.port, None)
 
 
 def test_conftest_isolates_the_default_data_dir(natskv_data_dir: Path) -> None:

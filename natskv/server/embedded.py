@@ -1,8 +1,9 @@
 """One nats-server child process: ``EmbeddedServer``, and the shared per-data-dir server.
 
-``EmbeddedServer`` runs ``nats-server`` on loopback with JetStream, an explicit store directory
-and an HTTP monitoring port on the same host, and waits until the client port greets with the
-expected server name and the server itself says it is ready (``/healthz``): no blind sleeps.
+``EmbeddedServer`` runs ``nats-server`` on loopback with JetStream and an explicit store directory
+(and, when asked, an HTTP monitoring port on the same host), and waits until the client port
+greets with the expected server name, plus, with a monitoring port, until the server itself says
+it is ready (``/healthz``): no blind sleeps.
 ``EmbeddedServer.shared()`` is what ``natskv.connect()`` uses when no URL is given: one server per
 data directory, found again by every later process through a state file, and left running when
 the process that started it exits, like a local database.
@@ -70,11 +71,16 @@ class EmbeddedServer:
     created at start and deleted by ``stop()`` (not by ``restart()``). ``port=0`` picks a free port
     at the first start; ``restart()`` reuses the same port and store, so clients reconnect and
     file-stored data is still there. ``monitor_port`` is the HTTP monitoring port (``/healthz``,
-    ``/varz``, ``/jsz``), bound to ``host`` like the client port; 0 picks a free one the same way;
-    None runs without one (readiness is then the client port's greeting alone). ``extra_args``
-    are appended to the command line: a ``-m``/``--http_port`` there replaces ``monitor_port``,
-    and a ``-ms``/``--https_port`` means None (nats-server refuses HTTP and HTTPS monitoring
-    together). ``binary`` overrides ``find_server_binary()``.
+    ``/varz``, ``/jsz``), bound to ``host`` like the client port; 0 picks a free one the same way.
+    ``extra_args`` are appended to the command line: a ``-m``/``--http_port`` there replaces
+    ``monitor_port``, and a ``-ms``/``--https_port`` means None (nats-server refuses HTTP and
+    HTTPS monitoring together). ``binary`` overrides ``find_server_binary()``.
+
+    Ready means the client port greets with this server's name (and JetStream on): nats-server
+    opens its client listener last, once JetStream and every other listener are up. With a
+    monitoring port, ``/healthz`` must agree too. The default is no monitoring port: the HTTP
+    listener and the request add about a millisecond to a 12 ms start, and a single server has
+    nothing more to say there (``EmbeddedCluster`` gives its nodes one: its readiness needs it).
 
     The server is stopped by ``stop()``, by leaving a ``with`` block, or (as a last resort) when
     this object is garbage-collected or the interpreter exits. Use ``EmbeddedServer.shared()`` for
@@ -92,7 +98,7 @@ class EmbeddedServer:
         log_file: str | os.PathLike[str] | None = None,
         name: str | None = None,
         binary: str | None = None,
-        monitor_port: int | None = 0,
+        monitor_port: int | None = None,
     ) -> None:
         for label, value in (("port", port), ("monitor_port", monitor_port)):
             if value is None and label == "monitor_port":
@@ -147,15 +153,15 @@ class EmbeddedServer:
 
     @property
     def monitor_port(self) -> int | None:
-        """The HTTP monitoring port: 0 until a server started with ``monitor_port=0`` picked one
-        (or, on a shared-server handle, when the state file does not say), None without one."""
+        """The HTTP monitoring port (0 until a server started with ``monitor_port=0`` picked
+        one), None without one."""
         return self._monitor_port
 
     @property
     def monitor_url(self) -> str:
         """``http://127.0.0.1:<monitor port>``. Raises ServerError when the port is not known."""
         if self._monitor_port is None:
-            raise ServerError("this server runs without an HTTP monitoring port (monitor_port=None, or -ms)")
+            raise ServerError("this server runs without an HTTP monitoring port: start one with monitor_port=0")
         if not self._monitor_port:
             raise ServerError("the server has no monitoring port yet: call start() first")
         return f"http://{_url_host(self._host)}:{self._monitor_port}"
@@ -218,12 +224,10 @@ class EmbeddedServer:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> EmbeddedServer:
-        """Start the server and wait until it answers clients; return self.
+        """Start the server and wait until it is ready (see the class docstring); return self.
 
-        Ready means: ``/healthz`` says every listener accepts connections and JetStream (when
-        on) is enabled, and the client port greets with the expected server name. Does nothing
-        when already running. Raises ServerError (with the tail of the server log) when the
-        binary is missing, the port is taken, the server exits, or it is not ready within
+        Does nothing when already running. Raises ServerError (with the tail of the server log)
+        when the binary is missing, a port is taken, the server exits, or it is not ready within
         ``timeout``.
         """
         if self.running:
@@ -444,9 +448,8 @@ class EmbeddedServer:
         ``<data_dir>/jetstream`` and its log in ``<data_dir>/nats-server.log``. It is started
         detached and KEEPS RUNNING AFTER THIS PROCESS EXITS, like a local database, so the next
         process (or another one right now) finds it through ``<data_dir>/server.json`` (pid,
-        client and monitoring ports, name, version) and connects in milliseconds. A state file is
-        trusted only when its pid is alive and its client port greets with the recorded server
-        name (the monitoring port cannot say whose it is). An exclusive lock file
+        port, name, version) and connects in milliseconds. A state file is trusted only when its
+        pid is alive and its port greets with the recorded server name. An exclusive lock file
         (``server.lock``) makes concurrent callers start one server, not two.
 
         The handle returned never owns the process: its ``stop()`` does nothing. Stop the server
@@ -501,11 +504,11 @@ class EmbeddedServer:
         info = _read_info(_probe_host(host), port, timeout=2.0)
         if info is None or info.get("server_name") != name:
             return None
-        # A state file written before natskv recorded the monitoring port has none (0).
+        # None: started without one, or by a natskv that did not record it.
         monitor_port = state.get("monitor_port")
         handle = cls(
             data_dir=directory, port=port, host=host, name=name,
-            monitor_port=monitor_port if isinstance(monitor_port, int) and 0 < monitor_port < 65536 else 0,
+            monitor_port=monitor_port if isinstance(monitor_port, int) and 0 < monitor_port < 65536 else None,
         )
         handle._owned = False
         handle._pid = pid
