@@ -356,13 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
         DEMO_BUCKET,  # light: the demo imports natskv's client when it runs
     )
 
-    command("demo", cmd_demo, f"a short tour of natskv (uses a bucket {DEMO_BUCKET!r} it deletes at the end)", bucket=False)
+    demo_help = f"a short tour of natskv (uses a bucket {DEMO_BUCKET!r} it deletes at the end)"
+    command("demo", cmd_demo, demo_help, bucket=False)
 
     p = command("get", cmd_get, "print the value of KEY (strings as they are, other values as JSON)")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--json", action="store_true", help="print strings as JSON too")
 
-    p = command("set", cmd_set, "store VALUE under KEY (VALUE is parsed as JSON when it parses, else stored as a string)")
+    p = command(
+        "set", cmd_set, "store VALUE under KEY (VALUE is parsed as JSON when it parses, else stored as a string)"
+    )
     p.add_argument("key", metavar="KEY")
     p.add_argument("value", metavar="VALUE", help="the value; - reads it from stdin")
     p.add_argument("--string", action="store_true", help="store VALUE as a string even if it parses as JSON")

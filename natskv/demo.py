@@ -107,7 +107,8 @@ def _tour(kv: Bucket) -> bool:
     _show('kv.keys("user:[12]")', kv.keys("user:[12]"))
 
     _step("4. find with an operator")
-    _show('kv.find(where={"age": {"$gte": 18}}, pattern="user:*")', kv.find(where={"age": {"$gte": 18}}, pattern="user:*"))
+    found = kv.find(where={"age": {"$gte": 18}}, pattern="user:*")
+    _show('kv.find(where={"age": {"$gte": 18}}, pattern="user:*")', found)
 
     _step("5. a watch with a callback")
     seen: list[Any] = []
@@ -144,7 +145,8 @@ def _tour(kv: Bucket) -> bool:
             ("update", "user:2", {**current.value, "age": 18}, current.revision),
             ("create", "audit:1", {"event": "user:2 came of age"}),
         ])
-        _show(f'kv.commit([("update", "user:2", {{..., "age": 18}}, {current.revision}), ("create", "audit:1", {{...}})])', rev)
+        ops = f'("update", "user:2", {{..., "age": 18}}, {current.revision}), ("create", "audit:1", {{...}})'
+        _show(f"kv.commit([{ops}])", rev)
         _show('kv.get_many(["user:2", "audit:1"])', kv.get_many(["user:2", "audit:1"]))
         try:
             kv.commit([
@@ -154,7 +156,8 @@ def _tour(kv: Bucket) -> bool:
             _out("   a commit with a stale revision succeeded: that should not happen")
             ok = False
         except natskv.RevisionMismatchError as exc:
-            _out(f"   the same commit again, with the now stale revision {current.revision}, raised RevisionMismatchError:")
+            stale = current.revision
+            _out(f"   the same commit again, with the now stale revision {stale}, raised RevisionMismatchError:")
             _out(f"      {exc}")
             _out("   nothing of it was stored:")
             _show('kv.get("audit:2")', kv.get("audit:2"))

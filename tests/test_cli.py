@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import default_sigint
 
 import natskv
-from helpers import default_sigint
 
 # The children import the same natskv as this process, wherever it was imported from.
 _PACKAGE_ROOT = str(Path(natskv.__file__).resolve().parent.parent)
@@ -43,7 +43,8 @@ def start(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "natskv", *args],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-        preexec_fn=default_sigint if os.name == "posix" else None,
+        # One signal() call in the child: safe between fork and exec even with threads running.
+        preexec_fn=default_sigint if os.name == "posix" else None,  # noqa: PLW1509
     )
 
 

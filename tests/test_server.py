@@ -15,8 +15,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -95,7 +95,7 @@ def test_start_stop_is_idempotent_and_reports_state(tmp_path: Path) -> None:
     server = EmbeddedServer(data_dir=tmp_path)
     assert not server.running and server.pid is None and server.port == 0
     with pytest.raises(ServerError, match="start"):
-        server.url
+        _ = server.url
     assert server.start() is server
     try:
         assert server.running
@@ -210,12 +210,12 @@ def test_explicit_port_in_use_is_a_clear_error(
     fresh_server: EmbeddedServer, tmp_path: Path
 ) -> None:
     other = EmbeddedServer(data_dir=tmp_path / "other", port=fresh_server.port)
-    with pytest.raises(ServerError, match="port .* already in use"):
+    with pytest.raises(ServerError, match=r"port .* already in use"):
         other.start()
     assert not other.running
     with socket.create_server(("127.0.0.1", 0)) as squatter:
         other = EmbeddedServer(data_dir=tmp_path / "other", monitor_port=squatter.getsockname()[1])
-        with pytest.raises(ServerError, match="monitor_port .* already in use"):
+        with pytest.raises(ServerError, match=r"monitor_port .* already in use"):
             other.start()
     assert not other.running
 
@@ -367,7 +367,7 @@ def test_without_an_http_monitoring_port_the_greeting_is_readiness(tmp_path: Pat
         assert server.monitor_port is None
         assert server.info is not None and server.info["jetstream"]
         with pytest.raises(ServerError, match="without an HTTP monitoring port"):
-            server.monitor_url
+            _ = server.monitor_url
         if how == "the default":
             assert _js_request(server.port, "$JS.API.INFO")["type"] == "io.nats.jetstream.api.v1.account_info_response"
 

@@ -81,7 +81,7 @@ def server_version(binary: str | None = None) -> tuple[int, int, int]:
         return cached
     try:
         done = subprocess.run(
-            [path, "--version"], capture_output=True, timeout=10, stdin=subprocess.DEVNULL
+            [path, "--version"], capture_output=True, timeout=10, stdin=subprocess.DEVNULL, check=False
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise ServerError(f"could not run {path!r} --version: {exc}") from exc
