@@ -41,6 +41,7 @@ from natskv.errors import (
 from natskv.server import EmbeddedServer
 
 if TYPE_CHECKING:
+    from natskv._version import __version__
     from natskv.client import Client, connect
     from natskv.codec import BytesCodec, Codec, JSONCodec, StrCodec
     from natskv.kv import Bucket, BucketStatus, Entry
@@ -74,6 +75,7 @@ _LAZY = {
     "Create": "natskv.ops",
     "Update": "natskv.ops",
     "Delete": "natskv.ops",
+    "__version__": "natskv._version",  # read from the package metadata, written in pyproject.toml
 }
 
 
@@ -91,8 +93,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(__all__)
 
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",

@@ -21,8 +21,8 @@ import os
 import signal
 import sys
 import threading
-import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from natskv.client import Client
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
 PROG = "natskv"
 DEFAULT_BUCKET = "default"
-DEMO_BUCKET = "natskv_demo"
-DEMO_MODEL_BUCKET = "natskv_demo_users"
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -227,13 +225,14 @@ def cmd_server(args: argparse.Namespace) -> int:
             f"data already: connect to it with --url {running}, or stop it first with "
             f"`{PROG} server --stop`, or pass another --data-dir"
         )
-    server = EmbeddedServer(data_dir=data_dir, port=args.port)
+    server = EmbeddedServer(data_dir=data_dir, port=args.port, monitor_port=0)
     server.start()
     try:
         version = (server.info or {}).get("version", "?")
         _out(f"nats-server {version} with JetStream is running at {server.url}")
         _out(f"  data: {server.store_dir}")
         _out(f"  log:  {server.log_file}")
+        _out(f"  monitoring: {server.monitor_url}  (/healthz, /varz, /jsz)")
         _out(f"  use it: export NATS_URL={server.url}   (or pass --url {server.url})")
         _out("press Ctrl-C to stop")
         while server.running:
@@ -266,40 +265,12 @@ def _shared_server_url(data_dir: Any) -> str | None:
 # -- demo ---------------------------------------------------------------------------------------
 
 
-def _step(title: str) -> None:
-    _out()
-    _out(f"== {title}")
-
-
-def _show(call: str, result: Any) -> None:
-    line = f"   {call}  ->  {result!r}"
-    _out(line if len(line) <= 100 else f"   {call}\n     ->  {result!r}")
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    import natskv
+    from natskv.demo import run
 
     db = _connect(args)
     try:
-        if db.server is not None:
-            where = f"the embedded nats-server {db.server_version} at {db.server.url}"
-        else:
-            where = f"nats-server {db.server_version} at {db.stats()['connected_url']}"
-        _out(f"natskv {natskv.__version__} (core: {natskv.__impl__}), connected to {where}")
-        db.delete_bucket(DEMO_BUCKET, timeout=args.timeout)  # a leftover of an interrupted run
-        kv = db.bucket(DEMO_BUCKET, history=5, timeout=args.timeout)
-        _out(f"bucket {DEMO_BUCKET!r}: created for this tour, deleted at the end")
-        try:
-            ok = _tour(kv)
-        finally:
-            db.delete_bucket(DEMO_BUCKET, timeout=args.timeout)
-        db.delete_bucket(DEMO_MODEL_BUCKET, timeout=args.timeout)
-        try:
-            ok = _model_tour(db) and ok
-        finally:
-            db.delete_bucket(DEMO_MODEL_BUCKET, timeout=args.timeout)
-        _out()
-        _out(f"done: buckets {DEMO_BUCKET!r} and {DEMO_MODEL_BUCKET!r} deleted")
+        ok = run(db, timeout=args.timeout)
         if db.server is not None:
             _out(
                 f"the embedded server keeps running in the background (data in {db.server.data_dir});\n"
@@ -308,169 +279,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0 if ok else EXIT_ERROR
     finally:
         db.close(timeout=2.0)
-
-
-def _tour(kv: Bucket) -> bool:
-    """The demo's steps; False when natskv did not behave as the tour says it should."""
-    import natskv
-
-    ok = True
-
-    _step("1. set and get (values are JSON; set returns the new revision)")
-    rev = kv.set("user:1", {"name": "Ann", "age": 34})
-    _show('kv.set("user:1", {"name": "Ann", "age": 34})', rev)
-    kv.set("user:2", {"name": "Bob", "age": 17})
-    kv.set("user:3", {"name": "Cleo", "age": 52})
-    kv.set("order:1", {"user": 1, "total": 9.5})
-    _out("   kv.set(...) for user:2, user:3 and order:1")
-    _show('kv.get("user:1")', kv.get("user:1"))
-    _show('kv.get("user:404", default="n/a")', kv.get("user:404", default="n/a"))
-
-    _step("2. compare-and-set: a conflict caught")
-    seen_by_a = kv.entry("user:1")
-    seen_by_b = kv.entry("user:1")
-    assert seen_by_a is not None and seen_by_b is not None
-    _out(f"   writers A and B both read user:1 at revision {seen_by_a.revision}")
-    rev_a = kv.update("user:1", {**seen_by_a.value, "age": 35}, revision=seen_by_a.revision)
-    _out(f'   A: kv.update("user:1", {{..., "age": 35}}, revision={seen_by_a.revision})  ->  {rev_a}')
-    try:
-        kv.update("user:1", {**seen_by_b.value, "name": "Anne"}, revision=seen_by_b.revision)
-        _out("   B: update succeeded: that should not happen")
-        ok = False
-    except natskv.RevisionMismatchError as exc:
-        _out(f"   B: kv.update(\"user:1\", ..., revision={seen_by_b.revision}) raised RevisionMismatchError:")
-        _out(f"      {exc}")
-        _out(f"   B's stale write was refused, so A's change survives (current revision: {exc.current_revision}).")
-        fresh = kv.entry("user:1")
-        assert fresh is not None
-        rev_b = kv.update("user:1", {**fresh.value, "name": "Anne"}, revision=fresh.revision)
-        _out(f"   B re-reads (revision {fresh.revision}), reapplies its change, retries -> revision {rev_b}")
-        _show('kv.get("user:1")', kv.get("user:1"))
-
-    _step("3. keys by pattern (globs: * ? [abc]; 'user:' is filtered by the server)")
-    _show('kv.keys("user:*")', kv.keys("user:*"))
-    _show('kv.keys("*:1")', kv.keys("*:1"))
-    _show('kv.keys("user:[12]")', kv.keys("user:[12]"))
-
-    _step("4. find with an operator")
-    _show('kv.find(where={"age": {"$gte": 18}}, pattern="user:*")', kv.find(where={"age": {"$gte": 18}}, pattern="user:*"))
-
-    _step("5. a watch with a callback")
-    seen: list[Any] = []
-    arrived = threading.Event()
-
-    def on_change(change: Any) -> None:  # runs on natskv's dispatcher thread
-        seen.append(change)
-        arrived.set()
-
-    watcher = kv.watch("user:*", callback=on_change, updates_only=True)
-    _out('   w = kv.watch("user:*", callback=on_change, updates_only=True)')
-    kv.set("user:4", {"name": "Dan", "age": 28})
-    _out('   kv.set("user:4", {"name": "Dan", "age": 28})')
-    if arrived.wait(5.0):
-        _out(f"   on_change saw: {_describe_change(seen[0])}")
-    else:
-        _out("   on_change saw nothing within 5 s: that is a bug")
-        ok = False
-    watcher.stop()
-    _out("   w.stop()")
-
-    _step("6. get_many: many keys in one round trip (absent keys are left out)")
-    _show('kv.get_many(["user:1", "user:2", "user:404"])', kv.get_many(["user:1", "user:2", "user:404"]))
-
-    _step("7. an atomic commit: all writes or none")
-    current = kv.entry("user:2")
-    assert current is not None
-    try:
-        rev = kv.commit([
-            ("update", "user:2", {**current.value, "age": 18}, current.revision),
-            ("create", "audit:1", {"event": "user:2 came of age"}),
-        ])
-        _show(f'kv.commit([("update", "user:2", {{..., "age": 18}}, {current.revision}), ("create", "audit:1", {{...}})])', rev)
-        _show('kv.get_many(["user:2", "audit:1"])', kv.get_many(["user:2", "audit:1"]))
-        try:
-            kv.commit([
-                ("update", "user:2", {**current.value, "age": 99}, current.revision),
-                ("create", "audit:2", {"event": "never stored"}),
-            ])
-            _out("   a commit with a stale revision succeeded: that should not happen")
-            ok = False
-        except natskv.RevisionMismatchError as exc:
-            _out(f"   the same commit again, with the now stale revision {current.revision}, raised RevisionMismatchError:")
-            _out(f"      {exc}")
-            _out("   nothing of it was stored:")
-            _show('kv.get("audit:2")', kv.get("audit:2"))
-    except natskv.FeatureNotSupportedError as exc:
-        _out(f"   skipped: {exc}")
-
-    return ok
-
-
-def _model_tour(db: Client) -> bool:
-    """The demo's model steps; False when natskv did not behave as the tour says it should."""
-    import natskv
-    from natskv import Field, Model
-
-    ok = True
-    _step("8. models: a schema, uniqueness enforced by the server, queries in memory")
-
-    class User(Model):
-        __bucket__ = DEMO_MODEL_BUCKET
-        id = Field(int, primary_key=True)
-        name = Field(str, required=True, max_length=50)
-        email = Field(str, unique=True, format="email")
-        age = Field(int, index=True, min=0)
-
-    _out("   class User(Model): id (primary key), name (required), email (unique), age (indexed)")
-    db.register(User)
-    _out(f"   db.register(User)  ->  bucket {DEMO_MODEL_BUCKET!r}, records mirrored into memory")
-    try:
-        User.bulk_create([
-            {"id": 1, "name": "Ann", "email": "ann@example.com", "age": 34},
-            {"id": 2, "name": "Bob", "email": "bob@example.com", "age": 17},
-            {"id": 3, "name": "Cleo", "email": "cleo@example.com", "age": 52},
-        ])
-    except natskv.FeatureNotSupportedError as exc:
-        _out(f"   skipped: {exc}")
-        return ok
-    _out("   User.bulk_create([...Ann 34, Bob 17, Cleo 52])")
-    adults = User.find(age__gte=18, order_by="-age")
-    _show('[u.name for u in User.find(age__gte=18, order_by="-age")]', [u.name for u in adults])
-    started = time.perf_counter()
-    for _ in range(1000):
-        found = User.find_one(email="bob@example.com")
-    per_call = (time.perf_counter() - started) / 1000
-    _show('User.find_one(email="bob@example.com").name', found.name if found else None)
-    _out(f"   (a replica read: {per_call * 1e6:.1f} us per find_one, no round trip)")
-    try:
-        User.create(id=4, name="Eve", email="ann@example.com", age=29)
-        _out("   a second ann@example.com was stored: that should not happen")
-        ok = False
-    except natskv.UniqueConstraintError as exc:
-        _out('   User.create(id=4, name="Eve", email="ann@example.com", ...) raised UniqueConstraintError:')
-        _out(f"      {exc}")
-    try:
-        User.create(id=5, email="not-an-email", age=-1)
-        _out("   an invalid record was stored: that should not happen")
-        ok = False
-    except natskv.ValidationError as exc:
-        _out('   User.create(id=5, email="not-an-email", age=-1) raised ValidationError, every issue at once:')
-        for field, message, code in exc.issues:
-            _out(f"      {field}: {message} ({code})")
-
-    _step("9. a transaction: changes to several records, one atomic commit")
-    with db.transaction() as tx:
-        ann, bob = tx.get(User, 1), tx.get(User, 2)
-        assert ann is not None and bob is not None
-        ann.email, bob.email = bob.email, ann.email
-        tx.save(ann)
-        tx.save(bob)
-    _out("   with db.transaction() as tx: swap Ann's and Bob's emails; tx.save(ann); tx.save(bob)")
-    _show('User.find_one(email="ann@example.com").name', getattr(User.find_one(email="ann@example.com"), "name", None))
-    page = User.paginate(limit=2, order_by="age")
-    _show('[u.name for u in User.paginate(limit=2, order_by="age")]', [u.name for u in page])
-    _show('User.count(), round(User.avg("age"), 1)', (User.count(), round(User.avg("age"), 1)))
-    return ok
 
 
 # -- argument parsing ---------------------------------------------------------------------------
@@ -544,13 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the shared background server that natskv.connect() started (of --data-dir), then exit",
     )
 
-    command("demo", cmd_demo, f"a short tour of natskv (uses a bucket {DEMO_BUCKET!r} it deletes at the end)", bucket=False)
+    from natskv.demo import (
+        DEMO_BUCKET,  # light: the demo imports natskv's client when it runs
+    )
+
+    demo_help = f"a short tour of natskv (uses a bucket {DEMO_BUCKET!r} it deletes at the end)"
+    command("demo", cmd_demo, demo_help, bucket=False)
 
     p = command("get", cmd_get, "print the value of KEY (strings as they are, other values as JSON)")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--json", action="store_true", help="print strings as JSON too")
 
-    p = command("set", cmd_set, "store VALUE under KEY (VALUE is parsed as JSON when it parses, else stored as a string)")
+    p = command(
+        "set", cmd_set, "store VALUE under KEY (VALUE is parsed as JSON when it parses, else stored as a string)"
+    )
     p.add_argument("key", metavar="KEY")
     p.add_argument("value", metavar="VALUE", help="the value; - reads it from stdin")
     p.add_argument("--string", action="store_true", help="store VALUE as a string even if it parses as JSON")
@@ -570,16 +385,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _VersionAction(argparse.Action):
-    """``--version``: imports natskv only when asked, so other invocations stay fast."""
+    """``--version``: natskv's, nats-py's and nats-server's versions and the core in use.
+
+    Imports natskv only when asked, so other invocations stay fast; runs ``nats-server
+    --version`` on the binary ``natskv.connect()`` would start, and starts no server.
+    """
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the versions and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
-        import natskv
-
-        _out(f"{PROG} {natskv.__version__} (core: {natskv.__impl__})")
+        for line in version_lines():
+            _out(line)
         parser.exit()
+
+
+def version_lines() -> list[str]:
+    """What ``natskv --version`` prints, one component a line."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import natskv
+    from natskv.errors import ServerError
+    from natskv.server import find_server_binary, server_version
+
+    try:
+        nats_py = version("nats-py")
+    except PackageNotFoundError:
+        nats_py = "not installed (pip install nats-py)"
+    try:
+        binary = find_server_binary()
+    except ServerError as exc:
+        # Its message says where natskv looked and how to install one.
+        server = f"not found: {exc}"
+    else:
+        try:
+            server = f"{'.'.join(map(str, server_version(binary)))} ({binary})"
+        except ServerError as exc:
+            server = f"version unknown ({exc})"
+    core = {"c": "c (compiled)", "python": "python (pure-Python fallback)"}.get(natskv.__impl__, natskv.__impl__)
+    return [
+        f"{PROG} {natskv.__version__}",
+        f"nats-py {nats_py}",
+        f"nats-server {server}",
+        f"core {core}",
+    ]
 
 
 @contextlib.contextmanager

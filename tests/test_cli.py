@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import default_sigint
 
 import natskv
-from helpers import default_sigint
 
 # The children import the same natskv as this process, wherever it was imported from.
 _PACKAGE_ROOT = str(Path(natskv.__file__).resolve().parent.parent)
@@ -43,7 +43,8 @@ def start(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "natskv", *args],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-        preexec_fn=default_sigint if os.name == "posix" else None,
+        # One signal() call in the child: safe between fork and exec even with threads running.
+        preexec_fn=default_sigint if os.name == "posix" else None,  # noqa: PLW1509
     )
 
 
@@ -127,6 +128,66 @@ def test_help_does_not_import_nats(argv: list[str]) -> None:
     assert result.returncode == 0, result.stderr
     assert "usage: natskv" in result.stdout
     assert "LOADED: []" in result.stdout
+
+
+def test_version_prints_natskv_nats_py_server_and_core() -> None:
+    from importlib.metadata import version
+
+    from natskv.server import find_server_binary, server_version
+
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['natskv', '--version']\n"
+        "try:\n"
+        "    runpy.run_module('natskv', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code in (0, None), exc.code\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('nats', 'asyncio'))\n"
+        "print('LOADED:', loaded)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env())
+    assert result.returncode == 0, result.stderr
+    binary = find_server_binary()
+    assert result.stdout.splitlines() == [
+        f"natskv {natskv.__version__}",
+        f"nats-py {version('nats-py')}",
+        f"nats-server {'.'.join(map(str, server_version(binary)))} ({binary})",
+        f"core {natskv.__impl__} ({'compiled' if natskv.__impl__ == 'c' else 'pure-Python fallback'})",
+        "LOADED: []",  # no client, no connection, no server started
+    ]
+    assert run("--version").stdout == result.stdout.replace("LOADED: []\n", "")  # `python -m natskv`
+
+
+def test_version_says_when_the_server_binary_is_not_found(tmp_path: Path) -> None:
+    result = run("--version", env={"NATSKV_SERVER_BIN": str(tmp_path / "missing")})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"natskv {natskv.__version__}" and lines[3].startswith("core ")
+    assert lines[2].startswith("nats-server not found: NATSKV_SERVER_BIN=")
+
+
+def test_the_version_is_written_once_in_pyproject(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+    import re
+
+    from natskv import _version
+
+    pyproject = Path(_PACKAGE_ROOT) / "pyproject.toml"
+    written = re.findall(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M)
+    assert len(written) == 1
+    assert natskv.__version__ == importlib.metadata.version("natskv") == written[0]
+    assert _version._checkout_version(pyproject) == written[0]
+    # A checkout that is not installed has no metadata: the version comes from its pyproject.toml.
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert _version.read_version() == written[0]
+    monkeypatch.setattr(_version, "_checkout_version", lambda path: None)
+    assert _version.read_version() == _version.UNKNOWN
+    # Nowhere else in the package: a second copy would drift.
+    for path in Path(natskv.__file__).parent.rglob("*.py"):
+        assert f'"{written[0]}"' not in path.read_text(encoding="utf-8"), path
 
 
 def test_no_command_is_a_usage_error() -> None:
@@ -329,7 +390,11 @@ def test_server_runs_in_the_foreground_until_sigint(tmp_path: Path) -> None:
         out = Lines(proc.stdout)
         line = out.wait_for(" is running at nats://")
         url = line.split(" is running at ")[1].split()[0]
+        monitor = out.wait_for("monitoring: http://127.0.0.1:").split("monitoring: ")[1].split()[0]
         out.wait_for("press Ctrl-C to stop")
+        from natskv.server import healthz
+
+        assert healthz("127.0.0.1", int(monitor.rsplit(":", 1)[1])) == 200
         assert run("set", "k", "[1]", "--url", url).returncode == 0
         assert run("get", "k", "--url", url).stdout == "[1]\n"
         proc.send_signal(signal.SIGINT)

@@ -15,21 +15,24 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from natskv import server as server_mod
 from natskv.errors import ConfigurationError, NatsKVError, ServerError
 from natskv.server import (
     EmbeddedCluster,
     EmbeddedServer,
     default_data_dir,
     find_server_binary,
-    jetstream_ready,
+    healthz,
     server_version,
 )
+from natskv.server import binary as binary_mod
+from natskv.server import embedded as embedded_mod
+from natskv.server import probe as probe_mod
+from natskv.server import shared as shared_mod
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +53,7 @@ def _alive(pid: int) -> bool:
 
 
 def _info(port: int) -> dict | None:
-    return server_mod._read_info("127.0.0.1", port, timeout=2.0)
+    return probe_mod._read_info("127.0.0.1", port, timeout=2.0)
 
 
 def _fake_binary(directory: Path, script: str, name: str = "nats-server") -> Path:
@@ -60,11 +63,26 @@ def _fake_binary(directory: Path, script: str, name: str = "nats-server") -> Pat
     return path
 
 
+def _request(port: int, subject: str, body: bytes = b"") -> bytes | None:
+    """One request through nats-py; None when no one responds (a stream without a leader)."""
+    import nats
+    from nats.errors import NoRespondersError
+
+    async def ask() -> bytes | None:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+        try:
+            return (await nc.request(subject, body, timeout=5)).data
+        except NoRespondersError:
+            return None
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
 def _js_request(port: int, subject: str, payload: dict | None = None) -> dict:
-    body = json.dumps(payload).encode() if payload is not None else b""
-    with server_mod._ProbeConnection("127.0.0.1", port, 5.0) as conn:
-        status, data = conn.request(subject, body)
-    assert status is None, f"{subject}: status {status}"
+    data = _request(port, subject, json.dumps(payload).encode() if payload is not None else b"")
+    assert data is not None, f"{subject}: no responders"
     return json.loads(data)
 
 
@@ -77,7 +95,7 @@ def test_start_stop_is_idempotent_and_reports_state(tmp_path: Path) -> None:
     server = EmbeddedServer(data_dir=tmp_path)
     assert not server.running and server.pid is None and server.port == 0
     with pytest.raises(ServerError, match="start"):
-        server.url
+        _ = server.url
     assert server.start() is server
     try:
         assert server.running
@@ -157,9 +175,14 @@ def test_restart_keeps_port_and_file_storage_and_clients_reconnect(
     assert _js_request(port, "$JS.API.STREAM.INFO.PERSIST")["state"]["messages"] == 2
 
 
-def test_binds_only_loopback(fresh_server: EmbeddedServer) -> None:
-    port = fresh_server.port
-    assert fresh_server.info is not None and fresh_server.info["host"] == "127.0.0.1"
+@pytest.mark.parametrize("which", ["port", "monitor_port"])
+def test_binds_only_loopback(tmp_path: Path, which: str) -> None:
+    with EmbeddedServer(data_dir=tmp_path, monitor_port=0) as server:
+        assert server.info is not None and server.info["host"] == "127.0.0.1"
+        _only_loopback_listens_on(getattr(server, which))
+
+
+def _only_loopback_listens_on(port: int) -> None:
     proc_tcp = Path("/proc/net/tcp")
     if proc_tcp.exists():
         listening = []
@@ -187,30 +210,40 @@ def test_explicit_port_in_use_is_a_clear_error(
     fresh_server: EmbeddedServer, tmp_path: Path
 ) -> None:
     other = EmbeddedServer(data_dir=tmp_path / "other", port=fresh_server.port)
-    with pytest.raises(ServerError, match="already in use"):
+    with pytest.raises(ServerError, match=r"port .* already in use"):
         other.start()
+    assert not other.running
+    with socket.create_server(("127.0.0.1", 0)) as squatter:
+        other = EmbeddedServer(data_dir=tmp_path / "other", monitor_port=squatter.getsockname()[1])
+        with pytest.raises(ServerError, match=r"monitor_port .* already in use"):
+            other.start()
     assert not other.running
 
 
+@pytest.mark.parametrize("stolen", ["port", "monitor_port"])
 def test_picked_port_taken_by_someone_else_is_picked_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stolen: str
 ) -> None:
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
     taken = squatter.getsockname()[1]
-    real = server_mod._free_ports
+    real = embedded_mod._free_ports
     calls: list[int] = []
 
     def racy_free_ports(host: str, count: int) -> list[int]:
         calls.append(count)
-        return [taken] if len(calls) == 1 else real(host, count)
+        picked = real(host, count)
+        if len(calls) == 1:  # the first pick hands out the squatter's port
+            picked[0 if stolen == "port" else 1] = taken
+        return picked
 
-    monkeypatch.setattr(server_mod, "_free_ports", racy_free_ports)
+    monkeypatch.setattr(embedded_mod, "_free_ports", racy_free_ports)
     try:
-        with EmbeddedServer(data_dir=tmp_path) as server:
-            assert server.port != taken
+        with EmbeddedServer(data_dir=tmp_path, monitor_port=0) as server:
+            assert taken not in (server.port, server.monitor_port)
             assert len(calls) == 2
+            assert healthz("127.0.0.1", server.monitor_port) == 200
     finally:
         squatter.close()
 
@@ -278,18 +311,65 @@ def test_bad_arguments_are_configuration_errors() -> None:
         EmbeddedServer(port=70000)
     with pytest.raises(ConfigurationError):
         EmbeddedServer(port=-1)
+    with pytest.raises(ConfigurationError, match="monitor_port"):
+        EmbeddedServer(monitor_port=65536)
     with pytest.raises(ConfigurationError):
         EmbeddedServer(extra_args="-DV")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):
         EmbeddedCluster(size=0)
 
 
-def test_jetstream_off_and_jetstream_probe(tmp_path: Path, nats_server: EmbeddedServer) -> None:
-    assert jetstream_ready("127.0.0.1", nats_server.port)
-    with EmbeddedServer(data_dir=tmp_path, jetstream=False) as plain:
+def test_jetstream_off_and_healthz(tmp_path: Path) -> None:
+    with EmbeddedServer(data_dir=tmp_path / "js", monitor_port=0) as server:
+        assert server.monitor_port
+        for query in ("js-enabled-only=true", "js-server-only=true", ""):
+            answer = probe_mod._http_get("127.0.0.1", server.monitor_port, f"/healthz?{query}", 1.0)
+            assert answer is not None and answer[0] == 200, answer
+            assert healthz("127.0.0.1", server.monitor_port, query) == 200
+        assert server.monitor_url == f"http://127.0.0.1:{server.monitor_port}"
+    with EmbeddedServer(data_dir=tmp_path, jetstream=False, monitor_port=0) as plain:
+        assert plain.monitor_port
         assert plain.info is not None and not plain.info.get("jetstream")
-        assert not jetstream_ready("127.0.0.1", plain.port, timeout=1.0)
+        assert healthz("127.0.0.1", plain.monitor_port) == 200  # ready: JetStream is not asked for
         assert not (tmp_path / "jetstream").exists()
+        # With JetStream off, a JetStream request finds no responder.
+        assert _request(plain.port, "$JS.API.INFO") is None
+    assert healthz("127.0.0.1", plain.monitor_port, timeout=0.5) is None  # stopped
+
+
+def test_monitor_port_from_extra_args_is_the_one_probed(tmp_path: Path) -> None:
+    """A -m in extra_args wins over monitor_port in nats-server: readiness must probe that one."""
+    wanted, other = embedded_mod._free_ports("127.0.0.1", 2)
+    server = EmbeddedServer(data_dir=tmp_path, monitor_port=other, extra_args=["--http_port", str(wanted)])
+    with server:
+        assert server.monitor_port == wanted
+        assert healthz("127.0.0.1", wanted) == 200
+        assert healthz("127.0.0.1", other, timeout=0.5) is None
+    flags = ("m", "http_port")
+    assert embedded_mod._flag_value(["-m=81", "-DV"], flags) == "81"
+    assert embedded_mod._flag_value(["-ms", "82", "--m", "83", "-m", "84"], flags) == "84"  # the last wins
+    assert embedded_mod._flag_value(["-ms", "82", "-p", "4222"], flags) is None
+
+
+@pytest.mark.parametrize("how", ["the default", "-ms in extra_args"])
+def test_without_an_http_monitoring_port_the_greeting_is_readiness(tmp_path: Path, how: str) -> None:
+    """nats-server refuses -m together with -ms: HTTPS monitoring means no healthz to ask."""
+    if how == "the default":
+        server = EmbeddedServer(data_dir=tmp_path)
+    else:
+        # HTTPS monitoring takes the server's TLS certificate (clients then need TLS too).
+        data = REPO_ROOT / "tests" / "data"
+        https_port = embedded_mod._free_ports("127.0.0.1", 1)[0]
+        server = EmbeddedServer(data_dir=tmp_path, extra_args=[
+            "--tlscert", str(data / "tls-cert.pem"), "--tlskey", str(data / "tls-key.pem"), "-ms", str(https_port),
+        ])
+    with server:
+        assert server.monitor_port is None
+        assert server.info is not None and server.info["jetstream"]
+        with pytest.raises(ServerError, match="without an HTTP monitoring port"):
+            _ = server.monitor_url
+        if how == "the default":
+            assert _js_request(server.port, "$JS.API.INFO")["type"] == "io.nats.jetstream.api.v1.account_info_response"
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,8 +393,8 @@ def test_lookup_order_scripts_dir_then_python_dir_then_path(
         directory.mkdir()
         _fake_binary(directory, "exit 0")
     monkeypatch.delenv("NATSKV_SERVER_BIN", raising=False)
-    monkeypatch.setattr(server_mod.sysconfig, "get_path", lambda name: str(scripts))
-    monkeypatch.setattr(server_mod.sys, "executable", str(python_dir / "python"))
+    monkeypatch.setattr(binary_mod.sysconfig, "get_path", lambda name: str(scripts))
+    monkeypatch.setattr(binary_mod.sys, "executable", str(python_dir / "python"))
     monkeypatch.setenv("PATH", str(on_path))
     assert find_server_binary() == str(scripts / "nats-server")
     (scripts / "nats-server").unlink()
@@ -354,16 +434,16 @@ def test_default_data_dir_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("NATSKV_DATA_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("USERPROFILE", str(tmp_path / "home"))
-    monkeypatch.setattr(server_mod.sys, "platform", "linux")
+    monkeypatch.setattr(shared_mod.sys, "platform", "linux")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     assert default_data_dir() == tmp_path / "xdg" / "natskv"
     monkeypatch.setenv("XDG_DATA_HOME", "relative/is/ignored")
     assert default_data_dir() == tmp_path / "home" / ".local" / "share" / "natskv"
     monkeypatch.delenv("XDG_DATA_HOME")
     assert default_data_dir() == tmp_path / "home" / ".local" / "share" / "natskv"
-    monkeypatch.setattr(server_mod.sys, "platform", "darwin")
+    monkeypatch.setattr(shared_mod.sys, "platform", "darwin")
     assert default_data_dir() == tmp_path / "home" / "Library" / "Application Support" / "natskv"
-    monkeypatch.setattr(server_mod.sys, "platform", "win32")
+    monkeypatch.setattr(shared_mod.sys, "platform", "win32")
     monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "local"))
     assert default_data_dir() == tmp_path / "local" / "natskv"
 
@@ -418,7 +498,7 @@ def shared_dir(tmp_path: Path) -> Iterator[Path]:
     """A data dir for shared servers; whatever server it holds is stopped (by PID) at the end."""
     directory = tmp_path / "shared"
     yield directory
-    state = server_mod._read_state(directory)
+    state = shared_mod._read_state(directory)
     EmbeddedServer.stop_shared(directory)
     if state and _alive(int(state["pid"])):
         os.kill(int(state["pid"]), 9)
@@ -437,11 +517,13 @@ def test_two_processes_share_one_server_that_outlives_them(shared_dir: Path) -> 
         assert _servers_using(shared_dir) == [pid]
     state = json.loads((shared_dir / "server.json").read_text())
     assert state["pid"] == pid and state["port"] == port
+    assert state["monitor_port"] is None  # a shared server starts as fast as it can: no monitor
     assert tuple(map(int, state["version"].split("."))) == server_version()
     assert state["store_dir"] == str(shared_dir / "jetstream")
 
     handle = EmbeddedServer.shared(shared_dir)
     assert (handle.port, handle.pid, handle.owned, handle.running) == (port, pid, False, True)
+    assert handle.monitor_port is None
     assert "shared" in repr(handle)
     handle.stop()  # not owned: must not stop the server
     with handle:
@@ -490,6 +572,19 @@ def test_stale_or_foreign_state_is_not_trusted(
     assert replacement.running
 
 
+def test_the_state_files_monitor_port_reaches_the_handle(shared_dir: Path) -> None:
+    """A recorded monitoring port is the handle's; none recorded (natskv before it wrote one,
+    or a server without one) is None."""
+    server = EmbeddedServer.shared(shared_dir)
+    state = json.loads((shared_dir / "server.json").read_text())
+    (shared_dir / "server.json").write_text(json.dumps({**state, "monitor_port": 8222}))
+    assert EmbeddedServer.shared(shared_dir).monitor_port == 8222
+    del state["monitor_port"]
+    (shared_dir / "server.json").write_text(json.dumps(state))
+    again = EmbeddedServer.shared(shared_dir)
+    assert (again.pid, again.port, again.monitor_port) == (server.pid, server.port, None)
+
+
 def test_conftest_isolates_the_default_data_dir(natskv_data_dir: Path) -> None:
     assert default_data_dir() == natskv_data_dir
     assert "NATS_URL" not in os.environ
@@ -530,12 +625,11 @@ def test_cluster_elects_a_leader_and_survives_a_node_restart(tmp_path: Path) -> 
         # The stream elects a new leader of its own if node 0 led it: retry until it has.
         deadline = time.monotonic() + 20
         while True:
-            with server_mod._ProbeConnection("127.0.0.1", ports[2], 5.0) as conn:
-                status, ack = conn.request("first.x", b"with one node down")
-            if status is None or time.monotonic() > deadline:
+            ack = _request(ports[2], "first.x", b"with one node down")
+            if ack is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        assert status is None and json.loads(ack)["seq"] == 1
+        assert ack is not None and json.loads(ack)["seq"] == 1
         cluster.start_node(0)
         assert [node.port for node in cluster.nodes] == ports
         create_r3(ports[0], "second")
