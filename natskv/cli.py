@@ -460,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     terminated: list[bool] = []
     try:
         with _sigterm_as_interrupt() as terminated:
-            return args.func(args)
+            status: int = args.func(args)
+            return status
     except KeyboardInterrupt:
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:

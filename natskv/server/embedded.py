@@ -128,7 +128,7 @@ class EmbeddedServer:
         self._pid: int | None = None
         self._owned = True
         self._detached = False
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[[subprocess.Popen[bytes], int], EmbeddedServer] | None = None
         self._log_offset = 0
         self._spawned_by = 0  # pid of the process that spawned the server (fork awareness)
         self.info: dict[str, Any] | None = None  # the INFO the server sent at start / attach

@@ -93,7 +93,8 @@ def _pid_alive(pid: int) -> bool:
         if not handle:
             return False
         try:
-            return kernel32.WaitForSingleObject(handle, 0) == 0x102  # WAIT_TIMEOUT: still running
+            state: int = kernel32.WaitForSingleObject(handle, 0)
+            return state == 0x102  # WAIT_TIMEOUT: still running
         finally:
             kernel32.CloseHandle(handle)
     try:
