@@ -325,6 +325,34 @@ def test_joining_a_running_feed_under_writes_gets_every_key(db: natskv.Client, n
         db.delete_bucket(name)
 
 
+def test_initial_values_list_each_key_once_under_writes(db: natskv.Client, name: str) -> None:
+    """A new feed whose keys are written while it starts: its initial values are one change per
+    key, every key; the writes that land meanwhile come after the marker, never before it."""
+    kv = db.bucket(name)
+    kv.set_many({f"w:{i}": i for i in range(20)})
+    stop = threading.Event()
+
+    def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            kv.set(f"w:{n % 20}", 1000 + n)
+            n += 1
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        for _ in range(15):
+            with kv.watch("w:*") as w:  # no other watcher: each trial starts a new feed
+                keys = [c.key for c in initial(w)]
+                after = w.get(timeout=5)
+            assert sorted(keys) == sorted(f"w:{i}" for i in range(20)), keys
+            assert after is not None and not after.initial_done
+    finally:
+        stop.set()
+        t.join(5)
+        db.delete_bucket(name)
+
+
 def test_joining_a_feed_over_a_large_bucket(db: natskv.Client, kv: natskv.Bucket) -> None:
     """More keys than one batch get may read: a joining watcher still gets every key once."""
     data = {f"big:{i:05d}": i for i in range(1500)}

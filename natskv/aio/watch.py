@@ -403,6 +403,9 @@ class SharedFeed:
         self.subscribers: list[FeedSubscriber] = []
         self.initial_done = policy == "new"
         self.state: dict[str, RawEntry] | None = {} if policy == "last_per_subject" else None
+        # Live changes that arrive while the initial values are being checked (_complete_initial):
+        # held back, so that every subscriber sees them after the end-of-initial-values marker.
+        self._held: list[Any] | None = None
         self.feed = ConsumerFeed(conn, proto, filter_subject, self._fan_out, deliver_policy=policy)
 
     def _fan_out(self, event: Any) -> None:
@@ -416,10 +419,17 @@ class SharedFeed:
         if event is INITIAL_DONE:
             if self.state is not None and not self.initial_done:
                 # Check the initial values against a snapshot before declaring them complete.
+                self._held = []
                 asyncio.get_running_loop().create_task(self._complete_initial())
             else:
                 self._initial_done()
             return
+        if self._held is not None:
+            self._held.append(event)
+            return
+        self._deliver(event)
+
+    def _deliver(self, event: RawEntry) -> None:
         if self.state is not None:
             known = self.state.get(event.subject)
             if known is not None and known.revision >= event.revision:
@@ -440,10 +450,16 @@ class SharedFeed:
         except Exception:
             log.debug("natskv: could not check a watch's initial values", exc_info=True)
             entries = None
+        assert self.state is not None
         for entry in sorted(entries or (), key=lambda e: e.revision):
-            if entry.operation == "PUT":
-                self._fan_out(entry)
+            # Only keys the consumer never sent: a newer revision of a key already sent is a live
+            # change, which the consumer delivers (held until after the marker).
+            if entry.operation == "PUT" and entry.subject not in self.state:
+                self._deliver(entry)
         self._initial_done()
+        held, self._held = self._held or [], None
+        for event in held:
+            self._deliver(event)
 
     def _initial_done(self) -> None:
         self.initial_done = True
