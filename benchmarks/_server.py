@@ -100,10 +100,8 @@ class KVBench:
         """Delete the bucket, close the client, stop the server. Safe to call twice."""
         client, self.client = self.client, None
         if client is not None:
-            try:
+            with contextlib.suppress(Exception):  # clean-up must not mask the benchmark's error
                 client.delete_bucket(self.bucket_name)
-            except Exception:  # noqa: BLE001 - clean-up must not mask the benchmark's error
-                pass
             client.close()
         server, self.server = self.server, None
         stop_server(server)

@@ -8,8 +8,9 @@ NotImplementedError). ``compare.py`` reuses the data and the operations defined 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 from . import _server
 
@@ -55,16 +56,16 @@ def make_keys(n: int = N) -> list[str]:
 
 def make_docs(n: int = N) -> list[Any]:
     cities = ["Paris", "Oslo", "Lima", "Rome", "Kyiv"]
-    docs: list[Any] = []
-    for i in range(n):
-        docs.append({
+    return [
+        {
             "name": ("Ann", "Bob", "Ada", "Eve")[i % 4] + str(i),
             "age": i % 90,
             "address": {"city": cities[i % 5], "zip": f"{i:05d}"},
             "tags": ["vip"] if i % 7 == 0 else ["new", "trial"],
             "score": i * 0.5,
-        })
-    return docs
+        }
+        for i in range(n)
+    ]
 
 
 def operations(core: ModuleType, keys: list[str], docs: list[Any]) -> dict[str, Callable[[], object]]:
@@ -82,8 +83,8 @@ def operations(core: ModuleType, keys: list[str], docs: list[Any]) -> dict[str, 
 class Core:
     """10,000 keys / dicts per call."""
 
-    params = ["c", "python"]
-    param_names = ["impl"]
+    params: ClassVar[list[str]] = ["c", "python"]
+    param_names: ClassVar[list[str]] = ["impl"]
 
     def setup(self, impl: str) -> None:
         core = load_core(impl)

@@ -6,6 +6,8 @@ JSON's. Every class starts its own server in ``setup`` and stops it in ``teardow
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from . import _server
 
 _server.ensure_natskv()
@@ -55,8 +57,8 @@ class Single(_KV):
 class GetMany(_KV):
     """``get_many`` of n existing keys (batch direct get)."""
 
-    params = [100, 1000]
-    param_names = ["n"]
+    params: ClassVar[list[int]] = [100, 1000]
+    param_names: ClassVar[list[str]] = ["n"]
 
     def prepare(self, n: int) -> None:
         self.keys = [f"item:{i}" for i in range(n)]
@@ -69,8 +71,8 @@ class GetMany(_KV):
 class SetMany(_KV):
     """``set_many`` of n keys (pipelined publishes, all acks awaited)."""
 
-    params = [100, 1000]
-    param_names = ["n"]
+    params: ClassVar[list[int]] = [100, 1000]
+    param_names: ClassVar[list[str]] = ["n"]
 
     def prepare(self, n: int) -> None:
         self.mapping = {f"item:{i}": _server.VALUE for i in range(n)}
@@ -86,8 +88,8 @@ class Keys(_KV):
     ``user:`` keys and matches 1,111 on the client; ``*`` reads everything.
     """
 
-    params = ["session:*", "user:1*", "*"]
-    param_names = ["pattern"]
+    params: ClassVar[list[str]] = ["session:*", "user:1*", "*"]
+    param_names: ClassVar[list[str]] = ["pattern"]
 
     def prepare(self, pattern: str) -> None:
         keys = [f"user:{i}" for i in range(5000)]

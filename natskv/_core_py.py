@@ -191,7 +191,7 @@ def decode_key(encoded: str, sep: str = ":") -> str:
     for token in tokens:
         if not token:
             raise _bad_key(encoded, "empty token", offset)
-        if token == "=":
+        if token == "=":  # noqa: S105 - a key token, not a secret
             out.append("")
         elif _LITERAL_TOKEN.fullmatch(token) and not (sep and sep in token):
             out.append(token)
@@ -509,8 +509,8 @@ def parse_headers(raw: bytes) -> tuple[int, str, dict[str, str]]:
         if len(parts) > 1:
             description = parts[1].strip(_WHITESPACE).decode("utf-8", "replace")
     headers: dict[str, str] = {}
-    for line in lines[1:]:
-        line = line.rstrip(b"\r")
+    for raw_line in lines[1:]:
+        line = raw_line.rstrip(b"\r")
         if not line:
             break
         name, colon, value = line.partition(b":")

@@ -284,9 +284,12 @@ class Client:
         assert self._conn.mux is not None
         data = _outgoing(subject, data)
         self._check_size(data, headers)
-        reply = self._conn.mux.request(subject, data, headers, timeout if timeout is not None else self.options.request_timeout)
+        wait = timeout if timeout is not None else self.options.request_timeout
+        reply = self._conn.mux.request(subject, data, headers, wait)
         if not reply[0] and status_of(reply[1]) == 503:
-            raise NoRespondersError(f"no subscriber answers requests on {subject!r}; start the responder or check the subject")
+            raise NoRespondersError(
+                f"no subscriber answers requests on {subject!r}; start the responder or check the subject"
+            )
         return reply[0]
 
     def _check_size(self, data: bytes, headers: dict[str, str] | None) -> None:

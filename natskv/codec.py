@@ -156,7 +156,9 @@ def get_codec(codec: str | Codec | None) -> Codec:
         try:
             return CODECS[codec]
         except KeyError:
-            raise InvalidArgumentError(f"unknown codec {codec!r}; use one of {sorted(CODECS)} or a Codec object") from None
+            raise InvalidArgumentError(
+                f"unknown codec {codec!r}; use one of {sorted(CODECS)} or a Codec object"
+            ) from None
     if not (callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))):
         raise InvalidArgumentError("a codec needs encode(value) -> bytes and decode(bytes) -> value methods")
     return codec

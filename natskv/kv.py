@@ -73,6 +73,8 @@ class Entry:
     def __repr__(self) -> str:
         return f"Entry(key={self.key!r}, value={self.value!r}, revision={self.revision}, operation={self.operation!r})"
 
+    __hash__ = None  # type: ignore[assignment]  # compared by value, and mutable: unhashable
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Entry):
             return NotImplemented
@@ -135,7 +137,9 @@ class Bucket:
         except ValueError as exc:
             raise InvalidKeyError(f"key {key!r} cannot be stored: {exc}") from exc
         if len(encoded) > MAX_ENCODED_KEY:
-            raise InvalidKeyError(f"key of {len(key)} characters is too long (encoded: {len(encoded)} > {MAX_ENCODED_KEY})")
+            raise InvalidKeyError(
+                f"key of {len(key)} characters is too long (encoded: {len(encoded)} > {MAX_ENCODED_KEY})"
+            )
         return encoded
 
     def _encode(self, value: Any, ttl: float | None = None) -> tuple[bytes, dict[str, str] | None]:
@@ -213,7 +217,9 @@ class Bucket:
                 out[key] = self._decode(raw, key).value
         return out
 
-    def _latest(self, pattern: str | re.Pattern[str], headers_only: bool, timeout: float | None) -> list[tuple[str, RawEntry]]:
+    def _latest(
+        self, pattern: str | re.Pattern[str], headers_only: bool, timeout: float | None
+    ) -> list[tuple[str, RawEntry]]:
         try:
             compiled = core.compile_pattern(pattern, self.sep)
         except (ValueError, TypeError) as exc:
@@ -277,7 +283,9 @@ class Bucket:
             raise InvalidArgumentError(f"limit must be None or an int >= 0, not {limit!r}")
         non_finite = non_finite_path(dict(where or {}), "where")
         if non_finite is not None:
-            raise InvalidArgumentError(f"{non_finite[0]} is {non_finite[1]!r}: no stored value can equal or compare to it")
+            raise InvalidArgumentError(
+                f"{non_finite[0]} is {non_finite[1]!r}: no stored value can equal or compare to it"
+            )
         try:
             flt = core.compile_filter(dict(where or {}))
         except ValueError as exc:

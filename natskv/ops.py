@@ -9,7 +9,7 @@ the same errors. Pure Python: any thread.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 from natskv.errors import InvalidArgumentError, InvalidKeyError
 
@@ -77,7 +77,7 @@ class Delete:
             check_revision(self.revision)
 
 
-Op = Union[Set, Create, Update, Delete]
+Op: TypeAlias = Set | Create | Update | Delete
 
 _TUPLE_FORMS = {
     "set": ((3,), "('set', key, value)"),

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 import itertools
 import re
-from types import ModuleType
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from types import ModuleType
 
 import pytest
 

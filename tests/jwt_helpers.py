@@ -46,7 +46,8 @@ def encode_jwt(issuer: Identity, subject: str, name: str, nats: dict[str, Any], 
     if expires is not None:
         claims["exp"] = int(expires)
     # The id is a hash of the claims (without it), as nats-io/jwt computes it.
-    claims["jti"] = base64.b32encode(hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()).decode().rstrip("=")
+    digest = hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()
+    claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
     claims["nats"] = {**nats, "version": 2}
     header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
     payload = _b64(json.dumps(claims).encode())

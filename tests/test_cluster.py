@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 import pytest
+from helpers import wait_until
 
 import natskv
-from helpers import wait_until
 from natskv.models.model import record_key
 from natskv.server import EmbeddedCluster
 
@@ -255,7 +255,9 @@ def test_stream_leader_killed_under_write_load_loses_no_acked_write(whole: Embed
             assert wait_until(lambda: sets.first_ack_after(t_kill + 0.01) is not None, 15)
             time.sleep(0.5)
         t_next = sets.first_ack_after(t_kill + 0.01)
-        assert t_next is not None and t_next - t_leader < 1.0, f"next write {t_next - t_leader:.2f} s after the new leader"
+        assert t_next is not None and t_next - t_leader < 1.0, (
+            f"next write {t_next - t_leader:.2f} s after the new leader"
+        )
         cluster.start_node(leader)
         killed = None
 

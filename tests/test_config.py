@@ -10,8 +10,9 @@ import ssl
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -452,7 +453,7 @@ def test_any_password_round_trips_and_never_shows(password: str, user: str) -> N
 )
 @pytest.mark.slow
 def test_parsing_is_idempotent(hosts: list[str], ports: list[int], scheme: str) -> None:
-    text = ",".join(f"{scheme}{host}:{port}" for host, port in zip(hosts, ports))
+    text = ",".join(f"{scheme}{host}:{port}" for host, port in zip(hosts, ports, strict=False))  # 1 to 4 hosts, 4 ports
     urls, _, _ = parse_servers(text)
     assert parse_servers(list(urls)) == (urls, None, None)
     assert all(url.startswith(("nats://", "tls://")) for url in urls)

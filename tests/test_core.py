@@ -353,7 +353,7 @@ def test_malformed_patterns(core: ModuleType, pattern: str, message: str) -> Non
 
 
 def test_pattern_type_errors(core: ModuleType) -> None:
-    with pytest.raises(TypeError, match="pattern must be str or re.Pattern"):
+    with pytest.raises(TypeError, match=r"pattern must be str or re\.Pattern"):
         core.compile_pattern(42)
     with pytest.raises(TypeError, match="bytes regular expression"):
         core.compile_pattern(re.compile(b"x"))
@@ -559,7 +559,11 @@ def test_regex_matching_releases_the_gil(core: ModuleType) -> None:
 
 @pytest.mark.parametrize(
     ("regex", "reason"),
-    [(r"(a)\1", "invalid escape sequence"), (r"(?<=a)b", "invalid perl operator"), (r"a(?!b)", "invalid perl operator")],
+    [
+        (r"(a)\1", "invalid escape sequence"),
+        (r"(?<=a)b", "invalid perl operator"),
+        (r"a(?!b)", "invalid perl operator"),
+    ],
 )
 def test_regexes_re2_cannot_run_are_refused(core: ModuleType, regex: str, reason: str) -> None:
     with pytest.raises(ValueError, match=rf"invalid filter at 's.\$regex': bad regular expression .*{reason}.*RE2"):
@@ -590,7 +594,9 @@ def test_regex_matches_text_with_lone_surrogates(core: ModuleType) -> None:
     assert flt.filter([{"s": "a\udfffb"}, {"s": "a\udfff"}]) == [0]
 
 
-REGEX_PIECES = st.sampled_from(["a", "b", ".", "*", "+", "?", "^", "$", "(a|b)", "[ab]", "[^a]", "\\d", "1", "(", ")", "|"])
+REGEX_PIECES = st.sampled_from(
+    ["a", "b", ".", "*", "+", "?", "^", "$", "(a|b)", "[ab]", "[^a]", "\\d", "1", "(", ")", "|"]
+)
 
 
 @settings(max_examples=300)
@@ -599,7 +605,9 @@ REGEX_PIECES = st.sampled_from(["a", "b", ".", "*", "+", "?", "^", "$", "(a|b)",
     texts=st.lists(st.text(alphabet="ab1.", max_size=10), max_size=4),
 )
 @pytest.mark.slow
-def test_regex_parity_and_python_agreement(c_core: ModuleType, py_core: ModuleType, regex: str, texts: list[str]) -> None:
+def test_regex_parity_and_python_agreement(
+    c_core: ModuleType, py_core: ModuleType, regex: str, texts: list[str]
+) -> None:
     """Both cores give the same answers and errors; where Python's re and RE2 both accept a
     pattern, they agree on texts without newlines (the only place their ``$`` differs)."""
     def describe(module: ModuleType) -> Any:
@@ -809,7 +817,7 @@ def test_pub_command_line_limit_parity(
 
 def test_pub_command_line_limit(core: ModuleType) -> None:
     assert core.pub_command("s" * 4094, "", b"x", None).startswith(b"PUB " + b"s" * 4094 + b" 1\r\n")
-    with pytest.raises(ValueError, match="would be 4097 bytes.*beyond 4096"):
+    with pytest.raises(ValueError, match=r"would be 4097 bytes.*beyond 4096"):
         core.pub_command("s" * 4095, "", b"x", None)
     with pytest.raises(ValueError, match="would be 4097 bytes"):
         core.pub_command("s" * 4000, "r" * 93, b"x" * 10, None)  # "s... r... 10"
@@ -861,7 +869,7 @@ def test_parse_ack_subject_type_error(core: ModuleType) -> None:
 def test_parse_ack_subject_parity(c_core: ModuleType, py_core: ModuleType, tokens: list[str]) -> None:
     reply = ".".join(tokens)
     assert outcome(c_core.parse_ack_subject, reply) == outcome(py_core.parse_ack_subject, reply)
-    shaped = ".".join(["$JS", "ACK"] + tokens[:10])
+    shaped = ".".join(["$JS", "ACK", *tokens[:10]])
     assert outcome(c_core.parse_ack_subject, shaped) == outcome(py_core.parse_ack_subject, shaped)
 
 
@@ -1117,10 +1125,16 @@ FILTER_ERRORS = [
     ({"a": {"$startswith": 1}}, "invalid filter at 'a.$startswith': $startswith needs a string, got int"),
     ({"a": {"$endswith": None}}, "invalid filter at 'a.$endswith': $endswith needs a string, got NoneType"),
     ({"a": {"$regex": 5}}, "invalid filter at 'a.$regex': $regex needs a string, got int"),
-    ({"a": {"$regex": re.compile(b"x")}}, "invalid filter at 'a.$regex': $regex needs a str pattern, got a bytes pattern"),
+    (
+        {"a": {"$regex": re.compile(b"x")}},
+        "invalid filter at 'a.$regex': $regex needs a str pattern, got a bytes pattern",
+    ),
     ({"a": {"$exists": 1}}, "invalid filter at 'a.$exists': $exists needs True or False, got int"),
     ({"a": {"$not": 5}}, "invalid filter at 'a.$not': $not on a field needs an operator dict such as {'$gt': 5}"),
-    ({"a": {"$not": {"b": 1}}}, "invalid filter at 'a.$not': $not on a field needs an operator dict such as {'$gt': 5}"),
+    (
+        {"a": {"$not": {"b": 1}}},
+        "invalid filter at 'a.$not': $not on a field needs an operator dict such as {'$gt': 5}",
+    ),
     ({"a": {"$not": {"$gt": None}}}, "invalid filter at 'a.$not.$gt': $gt needs a number or a string, got NoneType"),
     ({"a": {"$or": [{"$gt": 1}]}}, "invalid filter at 'a.$or': $or is only allowed at the top level of a filter"),
     ({"a": {"$gt": 1, "b": 2}}, "invalid filter at 'a.b': 'b' mixes a field name with operators"),
@@ -1219,7 +1233,10 @@ DOCS = st.one_of(st.dictionaries(st.sampled_from(["a", "b", "c"]), JSON_VALUES, 
 FIELDS = st.sampled_from(["a", "b", "c", "a.b", "a.c", "b.a.c"])
 OPERATORS = st.one_of(
     st.tuples(st.sampled_from(["$eq", "$ne", "$contains"]), JSON_VALUES),
-    st.tuples(st.sampled_from(["$gt", "$gte", "$lt", "$lte"]), st.one_of(st.integers(-3, 3), st.floats(-3, 3), st.sampled_from(["", "a", "b"]))),
+    st.tuples(
+        st.sampled_from(["$gt", "$gte", "$lt", "$lte"]),
+        st.one_of(st.integers(-3, 3), st.floats(-3, 3), st.sampled_from(["", "a", "b"])),
+    ),
     st.tuples(st.sampled_from(["$in", "$nin"]), st.lists(JSON_VALUES, max_size=4)),
     st.tuples(st.sampled_from(["$startswith", "$endswith", "$regex"]), st.sampled_from(["", "a", "b", "^a", "b$"])),
     st.tuples(st.just("$exists"), st.booleans()),
@@ -1261,7 +1278,10 @@ def test_filter_parity(c_core: ModuleType, py_core: ModuleType, where: dict[str,
 @given(
     where=st.dictionaries(
         st.one_of(FIELDS, st.sampled_from(["$and", "$or", "$not", "$gt", "$nope", "a..b"])),
-        st.one_of(JSON_VALUES, st.dictionaries(st.sampled_from(["$gt", "$in", "$not", "$regex", "$exists", "x"]), JSON_VALUES, max_size=2)),
+        st.one_of(
+            JSON_VALUES,
+            st.dictionaries(st.sampled_from(["$gt", "$in", "$not", "$regex", "$exists", "x"]), JSON_VALUES, max_size=2),
+        ),
         max_size=2,
     )
 )
@@ -1296,7 +1316,13 @@ def run_selector(impl: str | None, prelude: str = "") -> subprocess.CompletedPro
 
 @pytest.mark.parametrize(
     ("impl", "expected"),
-    [("c", "c natskv._core"), ("python", "python natskv._core_py"), (None, "c natskv._core"), ("", "c natskv._core"), (" C ", "c natskv._core")],
+    [
+        ("c", "c natskv._core"),
+        ("python", "python natskv._core_py"),
+        (None, "c natskv._core"),
+        ("", "c natskv._core"),
+        (" C ", "c natskv._core"),
+    ],
 )
 def test_selector_choices(impl: str | None, expected: str) -> None:
     result = run_selector(impl)

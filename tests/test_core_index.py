@@ -21,7 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-
 def outcome(func: Any, *args: Any, **kwargs: Any) -> tuple[str, Any]:
     """The result of a call, or its exception type and message, for parity comparisons."""
     try:
@@ -188,7 +187,7 @@ def test_eq_in_and_count(core: ModuleType) -> None:
 
 def test_range(core: ModuleType) -> None:
     pairs = [(v, v) for v in range(10)] + [(False, "f"), (True, "t"), ("5", "s5"), ("a", "sa")]
-    index = make(core, pairs + [(2.5, "2.5")])
+    index = make(core, [*pairs, (2.5, "2.5")])
     assert index.range(2, 5) == [2, "2.5", 3, 4, 5]
     assert index.range(2, 5, lo_inclusive=False, hi_inclusive=False) == ["2.5", 3, 4]
     assert index.range(2.5, 4) == ["2.5", 3, 4]
@@ -350,7 +349,7 @@ def test_cursors_within_and_across_values(core: ModuleType) -> None:
     assert index.ordered(after=(1, 4.5)) == [5, 6, 7, 8, "s"]  # the entry need not exist
     assert index.ordered(after=(1, "x")) == [6, 7, 8, "s"]  # str pks sort after int pks
     assert index.ordered(after=(1.5, 0)) == [6, 7, 8, "s"]
-    assert index.ordered(after=(True, 0)) == list(range(9)) + ["s"]
+    assert index.ordered(after=(True, 0)) == [*range(9), "s"]
     assert index.ordered(after=(True, 0), reverse=True) == []
     assert index.ordered(after=("s", "s")) == []
     assert index.ordered(after=("a", 1), limit=2) == ["s"]
@@ -453,7 +452,7 @@ def test_unique_add_get_remove(core: ModuleType) -> None:
     assert index.add("ann@example.com", 1) is True
     assert index.add("ann@example.com", 1) is False
     assert index.add("ann@example.com", 1.0) is False
-    with pytest.raises(ValueError, match="value 'ann@example.com' is already held by pk 1, not 2"):
+    with pytest.raises(ValueError, match=r"value 'ann@example\.com' is already held by pk 1, not 2"):
         index.add("ann@example.com", 2)
     with pytest.raises(ValueError, match="already held by pk 1, not '1'"):
         index.add("ann@example.com", "1")
@@ -476,7 +475,7 @@ def test_unique_values_follow_index_key(core: ModuleType) -> None:
     index.add(1, "one")
     index.add(True, "true")
     assert index.get(1.0) == "one" and index.get(True) == "true"
-    with pytest.raises(ValueError, match="value 1.0 is already held by pk 'one', not 'x'"):
+    with pytest.raises(ValueError, match=r"value 1\.0 is already held by pk 'one', not 'x'"):
         index.add(1.0, "x")
     assert index.eq(1) == ["one"] and index.eq(2) == [] and index.count_eq(1) == 1
     assert index.in_([True, 1, 5]) == ["true", "one"]
@@ -961,12 +960,17 @@ def test_record_builder_refuses_bad_input(core: ModuleType) -> None:
 
 
 @given(st.lists(st.tuples(
-    st.dictionaries(st.sampled_from(["id", "a", "b", "x", "_skip"]), st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.text(max_size=3), st.booleans())),
+    st.dictionaries(
+        st.sampled_from(["id", "a", "b", "x", "_skip"]),
+        st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.text(max_size=3), st.booleans()),
+    ),
     st.integers(min_value=0, max_value=2**63),
 ), max_size=20))
 @settings(max_examples=200, deadline=None)
 @pytest.mark.slow
-def test_record_builder_cores_agree(c_core: ModuleType, py_core: ModuleType, pairs: list[tuple[dict[str, Any], int]]) -> None:
+def test_record_builder_cores_agree(
+    c_core: ModuleType, py_core: ModuleType, pairs: list[tuple[dict[str, Any], int]]
+) -> None:
     args = (Plain, ["id", "a", "b"], ["_skip"], [("a", repr)], ["b"])
     built_c = c_core.RecordBuilder(*args).build(pairs)
     built_py = py_core.RecordBuilder(*args).build(pairs)
@@ -1036,7 +1040,13 @@ def test_index_set_refuses_wrong_containers(core: ModuleType) -> None:
     st.integers(min_value=0, max_value=6),  # which record
     st.one_of(st.none(), st.fixed_dictionaries({
         "email": st.one_of(st.none(), st.sampled_from(["a", "b", "c", 1, 2.5])),
-        "age": st.one_of(st.none(), st.integers(-2, 2), st.floats(allow_nan=False, width=16), st.text(max_size=1), st.lists(st.integers(), max_size=1)),
+        "age": st.one_of(
+            st.none(),
+            st.integers(-2, 2),
+            st.floats(allow_nan=False, width=16),
+            st.text(max_size=1),
+            st.lists(st.integers(), max_size=1),
+        ),
     })),
 ), max_size=40))
 @settings(max_examples=200, deadline=None)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers import wait_until
 
 import natskv
 from natskv import Change
-
-from helpers import wait_until
 
 pytestmark = pytest.mark.bucket(history=5)
 

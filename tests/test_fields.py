@@ -334,7 +334,7 @@ def test_generate_value() -> None:
     assert isinstance(Field(str, generated="uuid").generate_value(), str)
     stamp = Field(dt.datetime, generated="timestamp").generate_value()
     assert stamp.tzinfo is not None
-    with pytest.raises(InvalidArgumentError, match="counter|autoincrement"):
+    with pytest.raises(InvalidArgumentError, match=r"counter|autoincrement"):
         Field(int, generated="autoincrement").generate_value()
 
 

@@ -8,6 +8,7 @@ bounded so the module runs in well under a minute.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
@@ -17,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import natskv
+from natskv.client import _outgoing
 from natskv.wire.headers import ttl_header
 from natskv.wire.replies import encode_command
-from natskv.client import _outgoing
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
@@ -47,6 +48,13 @@ def survives(kv: natskv.Bucket, call: Callable[[], Any]) -> None:
     assert kv.get("probe") == "alive" and kv.status().last_revision == rev
 
 
+def _compiled(regex: str) -> Any:
+    try:
+        return re.compile(regex)
+    except re.error:
+        return regex  # Python's re refuses it: pass the string (a glob) instead
+
+
 NOT_STR = st.one_of(st.none(), st.integers(), st.floats(), st.binary(max_size=5), st.lists(st.integers(), max_size=2))
 KEYS = st.one_of(
     st.text(max_size=40),
@@ -69,14 +77,18 @@ VALUES = st.recursive(
     ),
     max_leaves=8,
 )
-REVISIONS = st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.floats(), st.text(max_size=5), st.booleans(), st.none())
-TTLS = st.one_of(NUMBERS, st.text(max_size=5), st.booleans(), st.none(), st.sampled_from([0, -1, 1e12, 3153600001, 7.5e9]))
+REVISIONS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70), st.floats(), st.text(max_size=5), st.booleans(), st.none()
+)
+TTLS = st.one_of(
+    NUMBERS, st.text(max_size=5), st.booleans(), st.none(), st.sampled_from([0, -1, 1e12, 3153600001, 7.5e9])
+)
 GLOBS = st.one_of(
     st.text(alphabet="ab:*?[]^!-\\", max_size=12),
     st.sampled_from(["*a" * 30 + "*b", "[", "\\", "[]", "[z-a]*"]),
 )
 REGEXES = st.sampled_from([r"(a+)+$", r"(a)\1", r"(?<=a)b", r"^user", r"[", r"(a|aa)*c", r"\d+", "(?x) a"])
-PATTERNS = st.one_of(GLOBS, REGEXES.map(lambda r: _compiled(r)), NOT_STR)
+PATTERNS = st.one_of(GLOBS, REGEXES.map(_compiled), NOT_STR)
 OPERATORS = st.sampled_from(["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$contains", "$startswith",
                              "$endswith", "$regex", "$exists", "$not", "$and", "$or", "$nope", "$"])
 FILTERS = st.recursive(
@@ -93,13 +105,6 @@ BUCKET_NAMES = st.one_of(
     st.sampled_from(["", "a.b", "a b", "*", ">", "KV_x", "a\x00", "x" * 251, "x" * 252, "x" * 5000]),
     NOT_STR,
 )
-
-
-def _compiled(regex: str) -> Any:
-    try:
-        return re.compile(regex)
-    except re.error:
-        return regex  # Python's re refuses it: pass the string (a glob) instead
 
 
 @SETTINGS
@@ -148,7 +153,9 @@ def test_commits(kv: natskv.Bucket, ops: Any) -> None:
 
 
 @SETTINGS
-@given(pattern=PATTERNS, where=FILTERS, limit=st.one_of(st.none(), st.integers(-3, 3), st.text(max_size=2), st.floats()))
+@given(
+    pattern=PATTERNS, where=FILTERS, limit=st.one_of(st.none(), st.integers(-3, 3), st.text(max_size=2), st.floats())
+)
 @pytest.mark.slow
 def test_reads(kv: natskv.Bucket, pattern: Any, where: Any, limit: Any) -> None:
     kv.set_many({"a" * 200 + "!": {"s": "a" * 3000 + "!"}, "user:1": {"s": "x", "n": 1}})
@@ -165,7 +172,9 @@ def test_reads(kv: natskv.Bucket, pattern: Any, where: Any, limit: Any) -> None:
 def test_bucket_names_and_options(db: natskv.Client, kv: natskv.Bucket, name: Any, ttl: Any, history: Any) -> None:
     survives(kv, lambda: db.bucket(name, create=False))
     # Options are checked before the name is looked up: an invalid set creates nothing.
-    survives(kv, lambda: db.bucket("hostile_never_created", ttl=ttl, history=history) if _invalid(ttl, history) else None)
+    survives(
+        kv, lambda: db.bucket("hostile_never_created", ttl=ttl, history=history) if _invalid(ttl, history) else None
+    )
     assert "hostile_never_created" not in db.buckets()
 
 
@@ -207,8 +216,8 @@ def test_publish_and_request(db: natskv.Client, kv: natskv.Bucket, subject: Any,
     for target in (subject, inside):
         if target is inside and _sendable(target, data):
             continue  # a valid message into the bucket: publishing there stores it, by design
-        survives(kv, lambda: db.publish(target, data))
-        survives(kv, lambda: db.request(target, data, timeout=0.5))
+        survives(kv, functools.partial(db.publish, target, data))
+        survives(kv, functools.partial(db.request, target, data, timeout=0.5))
 
 
 @SETTINGS

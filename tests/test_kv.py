@@ -8,10 +8,10 @@ from __future__ import annotations
 import re
 import socket
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
-from collections.abc import Mapping
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +29,7 @@ from natskv import (
     RevisionMismatchError,
     SerializationError,
 )
+
 
 def stream_state(db: natskv.Client, bucket: str) -> dict[str, Any]:
     return db._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, 5.0)["state"]
@@ -260,7 +261,7 @@ def test_keys_glob_patterns(patterned: natskv.Bucket, pattern: str, expected: li
 def test_keys_compiled_regex_and_items(patterned: natskv.Bucket) -> None:
     assert patterned.keys(re.compile(r"^user:\d+$")) == ["user:1", "user:10", "user:2"]
     assert patterned.keys(re.compile(r"profile")) == ["user:1:profile"]
-    values = dict(zip(PATTERN_KEYS, range(len(PATTERN_KEYS))))
+    values = dict(zip(PATTERN_KEYS, range(len(PATTERN_KEYS)), strict=True))
     assert patterned.items("user:?") == [("user:1", values["user:1"]), ("user:2", values["user:2"])]
     assert patterned.items() == sorted(values.items())
     assert list(patterned) == sorted(PATTERN_KEYS)
@@ -519,7 +520,9 @@ def test_commit_many_operations(db: natskv.Client, kv: natskv.Bucket) -> None:
         [("set", "a", object())],
         [],
     ],
-    ids=["unknown-op", "duplicate-key", "update-without-revision", "negative-revision", "int-key", "unencodable", "empty"],
+    ids=[
+        "unknown-op", "duplicate-key", "update-without-revision", "negative-revision", "int-key", "unencodable", "empty"
+    ],
 )
 def test_commit_bad_input_fails_before_sending(db: natskv.Client, kv: natskv.Bucket, ops: list[Any]) -> None:
     kv.set("seed", 0)
@@ -1262,13 +1265,13 @@ def test_client_context_manager_and_use_after_close(nats_url: str, name: str) ->
     calls: list[Callable[[], Any]] = [
         lambda: kv.get("k"),
         lambda: kv.set("k", 2),
-        lambda: kv.keys(),
+        kv.keys,
         lambda: kv.history("k"),
         lambda: kv.get_many(["k"]),
-        lambda: kv.status(),
-        lambda: kv.watch(),
+        kv.status,
+        kv.watch,
         lambda: c.bucket(name),
-        lambda: c.buckets(),
+        c.buckets,
         lambda: c.delete_bucket(name),
     ]
     for call in calls:
@@ -1347,17 +1350,19 @@ def test_permission_denied_is_reported_at_once(tmp_path: Path) -> None:
         'authorization { users = [ { user: app, password: pw, permissions: {'
         ' publish: { allow: [">"], deny: ["$KV.locked.>"] }, subscribe: { allow: [">"] } } } ] }\n'
     )
-    with natskv.EmbeddedServer(data_dir=tmp_path / "data", extra_args=["-c", str(conf)]) as server:
-        with natskv.connect(server.url, user="app", password="pw", timeout=5.0) as db:
-            kv = db.bucket("locked")
-            assert kv.get("k") is None  # reads are allowed
-            t0 = time.monotonic()
-            with pytest.raises(natskv.PermissionDeniedError) as info:
-                kv.set("k", 1)
-            assert time.monotonic() - t0 < 2.0
-            assert isinstance(info.value, PermissionError)
-            assert "locked" in str(info.value)
-            assert db.bucket("open").set("k", 1) >= 1
+    with (
+        natskv.EmbeddedServer(data_dir=tmp_path / "data", extra_args=["-c", str(conf)]) as server,
+        natskv.connect(server.url, user="app", password="pw", timeout=5.0) as db,
+    ):
+        kv = db.bucket("locked")
+        assert kv.get("k") is None  # reads are allowed
+        t0 = time.monotonic()
+        with pytest.raises(natskv.PermissionDeniedError) as info:
+            kv.set("k", 1)
+        assert time.monotonic() - t0 < 2.0
+        assert isinstance(info.value, PermissionError)
+        assert "locked" in str(info.value)
+        assert db.bucket("open").set("k", 1) >= 1
 
 
 def test_commit_create_over_deleted_purged_and_expired_keys(kv: natskv.Bucket) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import import_graph  # noqa: E402
+import import_graph
 
 EDGES, EXTERNAL = import_graph.build_graph()
 EXECUTED = [e for e in EDGES if e.kind != "typing"]

@@ -14,11 +14,11 @@ import weakref
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 import natskv
 from natskv._runner import runner
 from natskv.server import EmbeddedServer
-from helpers import wait_until
 
 MAX_CONTROL_LINE = 4096  # nats-server's default max_control_line
 MAX_BUCKET_NAME = 255 - len("KVC_")  # nats-server's stream name limit, less the counter stream's prefix
@@ -155,7 +155,9 @@ def test_watches_and_replicas_hear_that_the_connection_closed_for_good(nats_url:
         assert iterated.get(timeout=5).key == "k" and iterated.get(timeout=5).initial_done
         errors: list[BaseException] = []
         reported = threading.Event()
-        called = kv.watch("*", lambda change: None, on_error=lambda exc: (errors.append(exc), reported.set()), timeout=5)
+        called = kv.watch(
+            "*", lambda change: None, on_error=lambda exc: (errors.append(exc), reported.set()), timeout=5
+        )
         replica = kv.replica("*").start(timeout=5)
         assert replica.get("k") == 1
         Thing = db.define("ClosedThing", {"id": {"type": "INTEGER", "primaryKey": True}}, bucket="lifecycle_models")
@@ -172,7 +174,7 @@ def test_watches_and_replicas_hear_that_the_connection_closed_for_good(nats_url:
         assert wait_until(lambda: called.stopped, 5)
         _fails_at_once(lambda: replica.get("k"), reason)
         _fails_at_once(lambda: Thing.get(1), reason)
-        _fails_at_once(lambda: Thing.find(), reason)
+        _fails_at_once(Thing.find, reason)
         iterated.stop()  # stopping an ended watch is harmless
         called.stop()
     finally:

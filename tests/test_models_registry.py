@@ -3,6 +3,7 @@ timeout= on every model write, and the glob rules of db.on() patterns."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -73,9 +74,8 @@ def test_each_client_has_its_own_registry(nats_url: str, name: str) -> None:
             with a.transaction() as tx:
                 tx.save(Note(id=2, text="y"))
             assert a.run_transaction(lambda tx: tx.get(Note, 2).text) == "y"
-            with pytest.raises(InvalidArgumentError, match="another client"):
-                with b.transaction() as tx:
-                    tx.get(Note, 1)
+            with pytest.raises(InvalidArgumentError, match="another client"), b.transaction() as tx:
+                tx.get(Note, 1)
         finally:
             a.delete_bucket(name)
         # delete_bucket unregisters the bucket's models from that client's registry
@@ -198,10 +198,11 @@ def test_model_writes_refuse_a_bad_timeout_before_writing(db: natskv.Client, nam
         row = Row.create(id=1)
         before = db.bucket(name).status().last_revision
         for bad in (0, -1, "1", True):
-            for write in (lambda: row.save(timeout=bad), lambda: row.delete(timeout=bad),
-                          lambda: Row.update({"id": 1}, timeout=bad), lambda: Row.destroy(timeout=bad),
-                          lambda: Row.bulk_create([{"id": 2}], timeout=bad),
-                          lambda: db.transaction(timeout=bad)):
+            for write in (functools.partial(row.save, timeout=bad), functools.partial(row.delete, timeout=bad),
+                          functools.partial(Row.update, {"id": 1}, timeout=bad),
+                          functools.partial(Row.destroy, timeout=bad),
+                          functools.partial(Row.bulk_create, [{"id": 2}], timeout=bad),
+                          functools.partial(db.transaction, timeout=bad)):
                 with pytest.raises(InvalidArgumentError, match="timeout"):
                     write()
             with db.transaction() as tx:

@@ -17,7 +17,6 @@ import pytest
 import natskv
 from natskv._runner import runner
 
-
 # history 1, db.bucket()'s default (the kv fixture lives in conftest.py)
 pytestmark = pytest.mark.bucket()
 
@@ -37,7 +36,9 @@ def test_the_frame_reader_is_installed_on_the_known_nats_py(db: natskv.Client) -
     assert (getattr(nc._ps.parse, "__module__", None) == "natskv.aio.mux") == expected
 
 
-def test_nats_py_subscriptions_flush_and_large_values_pass_through(db: natskv.Client, kv: natskv.Bucket, name: str) -> None:
+def test_nats_py_subscriptions_flush_and_large_values_pass_through(
+    db: natskv.Client, kv: natskv.Bucket, name: str
+) -> None:
     nc = nats_client(db)
     subject = f"plain.{name}"
     big = os.urandom(1000 * 1000)  # arrives in many socket reads

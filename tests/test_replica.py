@@ -11,7 +11,6 @@ import pytest
 import natskv
 from natskv import InvalidKeyError, NatsKVTimeoutError
 
-
 # history 1, db.bucket()'s default (the kv fixture lives in conftest.py)
 pytestmark = pytest.mark.bucket()
 
@@ -107,9 +106,8 @@ def test_replicas_and_watchers_share_one_consumer(db: natskv.Client, kv: natskv.
 
 
 def test_wait_for_times_out_with_a_clear_error(kv: natskv.Bucket) -> None:
-    with kv.replica() as rep:
-        with pytest.raises(NatsKVTimeoutError, match="did not reach revision"):
-            rep.wait_for(10**9, timeout=0.2)
+    with kv.replica() as rep, pytest.raises(NatsKVTimeoutError, match="did not reach revision"):
+        rep.wait_for(10**9, timeout=0.2)
 
 
 def test_bad_pattern_fails_before_subscribing(kv: natskv.Bucket) -> None:
@@ -137,7 +135,7 @@ def test_wait_for_without_timeout_waits_the_clients_default(nats_url: str, name:
         replica = kv.replica()
         try:
             t0 = time.monotonic()
-            with pytest.raises(NatsKVTimeoutError, match="within 0.4 s"):
+            with pytest.raises(NatsKVTimeoutError, match=r"within 0\.4 s"):
                 replica.wait_for(10**9)  # None: the client's timeout
             assert time.monotonic() - t0 < 3.0
         finally:

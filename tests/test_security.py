@@ -19,13 +19,12 @@ from pathlib import Path
 
 import nkeys
 import pytest
+from helpers import wait_until
+from jwt_helpers import Identity, Operator, write_creds
 
 import natskv
 from natskv import AuthenticationError, EmbeddedServer, Field, Model, NotConnectedError, PermissionDeniedError
 from natskv.errors import NatsKVError
-
-from helpers import wait_until
-from jwt_helpers import Identity, Operator, write_creds
 
 DATA = Path(__file__).parent / "data"
 CERT, KEY = str(DATA / "tls-cert.pem"), str(DATA / "tls-key.pem")
@@ -79,7 +78,10 @@ class PlaintextServer:
         self._thread.start()
 
     def _serve(self) -> None:
-        info = b'INFO {"server_id":"FAKE","version":"2.15.1","proto":1,"headers":true,"max_payload":1048576,"auth_required":true}\r\n'
+        info = (
+            b'INFO {"server_id":"FAKE","version":"2.15.1","proto":1,"headers":true,"max_payload":1048576,'
+            b'"auth_required":true}\r\n'
+        )
         while True:
             try:
                 conn, _ = self.sock.accept()
@@ -125,7 +127,9 @@ def test_tls_is_never_downgraded(url: str, options: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_tls_connection_and_no_eof_warning(server_factory, caplog: pytest.LogCaptureFixture) -> None:
     server = server_factory(
-        "tls", f'tls {{ cert_file: "{CERT}", key_file: "{KEY}" }}\nauthorization {{ user: app, password: {PASSWORD} }}\n'
+        "tls",
+        f'tls {{ cert_file: "{CERT}", key_file: "{KEY}" }}\n'
+        f"authorization {{ user: app, password: {PASSWORD} }}\n",
     )
     url = server.url.replace("nats://", "tls://")
     with caplog.at_level(logging.DEBUG):
@@ -316,11 +320,13 @@ def test_revoked_user_surfaces_on_next_call(tmp_path: Path) -> None:
         db = natskv.connect(server.url, user="temp", password=PASSWORD, reconnect_wait=0.1)
         kv = db.bucket("revoke")
         kv.set("k", 1)
-        conf.write_text(f"server_name: reload\nauthorization {{ users: [ {{ user: admin, password: {PASSWORD} }} ] }}\n")
+        conf.write_text(
+            f"server_name: reload\nauthorization {{ users: [ {{ user: admin, password: {PASSWORD} }} ] }}\n"
+        )
         assert server.pid is not None
         os.kill(server.pid, signal.SIGHUP)  # config reload: 'temp' is gone
         assert wait_until(lambda: not db.connected, 5)
-        for call in (lambda: kv.get("k"), lambda: kv.set("k", 2), lambda: kv.watch()):
+        for call in (lambda: kv.get("k"), lambda: kv.set("k", 2), kv.watch):
             error, took = timed(call)
             assert isinstance(error, AuthenticationError) and "Authorization Violation" in str(error) and took < FAST
         # natskv kept reconnecting: with the user back, the same client works again.
@@ -332,7 +338,10 @@ def test_revoked_user_surfaces_on_next_call(tmp_path: Path) -> None:
         server.stop()
 
 
-INFO = b'INFO {"server_id":"FAKE","version":"2.15.1","proto":1,"headers":true,"max_payload":1048576,"jetstream":true}\r\n'
+INFO = (
+    b'INFO {"server_id":"FAKE","version":"2.15.1","proto":1,"headers":true,"max_payload":1048576,'
+    b'"jetstream":true}\r\n'
+)
 
 
 def _after_pong(extra: bytes):  # type: ignore[no-untyped-def]
@@ -512,9 +521,9 @@ def _denied_calls(kv: natskv.Bucket) -> dict[str, object]:
         "set": lambda: kv.set("k", 1),
         "set_many": lambda: kv.set_many({"k1": 1, "k2": 2}),
         "get_many": lambda: kv.get_many(["secret", "k1"]),
-        "keys": lambda: kv.keys(),
+        "keys": kv.keys,
         "history": lambda: kv.history("secret"),
-        "watch": lambda: kv.watch(),
+        "watch": kv.watch,
         "commit": lambda: kv.commit([("set", "k1", 1), ("set", "k2", 2)]),
         "delete": lambda: kv.delete("secret"),
     }

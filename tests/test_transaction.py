@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -48,24 +50,22 @@ def test_a_transfer_commits_both_records(db: natskv.Client, Account: Any) -> Non
 
 def test_a_conflict_stores_nothing(db: natskv.Client, Account: Any) -> None:
     Account.bulk_create([{"id": 1, "owner": "ann", "balance": 100}, {"id": 2, "owner": "bob", "balance": 0}])
-    with pytest.raises(RevisionMismatchError):
-        with db.transaction() as tx:
-            a, b = tx.get(Account, 1), tx.get(Account, 2)
-            Account.update({"balance": 90}, id=1)  # someone else changes a after it was read
-            a.balance -= 30
-            b.balance += 30
-            tx.save(a)
-            tx.save(b)
+    with pytest.raises(RevisionMismatchError), db.transaction() as tx:
+        a, b = tx.get(Account, 1), tx.get(Account, 2)
+        Account.update({"balance": 90}, id=1)  # someone else changes a after it was read
+        a.balance -= 30
+        b.balance += 30
+        tx.save(a)
+        tx.save(b)
     assert balances(Account) == {1: 90, 2: 0}
 
 
 def test_an_exception_in_the_block_discards_the_changes(db: natskv.Client, Account: Any) -> None:
     Account.create(id=1, owner="ann", balance=5)
-    with pytest.raises(RuntimeError):
-        with db.transaction() as tx:
-            tx.create(Account, id=2, owner="bob", balance=1)
-            tx.delete(tx.get(Account, 1))
-            raise RuntimeError("changed my mind")
+    with pytest.raises(RuntimeError), db.transaction() as tx:
+        tx.create(Account, id=2, owner="bob", balance=1)
+        tx.delete(tx.get(Account, 1))
+        raise RuntimeError("changed my mind")
     assert balances(Account) == {1: 5}
     with pytest.raises(InvalidArgumentError, match="has ended"):
         tx.create(Account, id=3, owner="cy", balance=1)
@@ -73,10 +73,9 @@ def test_an_exception_in_the_block_discards_the_changes(db: natskv.Client, Accou
 
 def test_unique_values_are_checked_at_commit_and_can_move(db: natskv.Client, Account: Any) -> None:
     Account.bulk_create([{"id": 1, "owner": "ann", "balance": 1}, {"id": 2, "owner": "bob", "balance": 2}])
-    with pytest.raises(UniqueConstraintError) as info:
-        with db.transaction() as tx:
-            tx.create(Account, id=3, owner="cy", balance=3)
-            tx.create(Account, id=4, owner="ann", balance=4)
+    with pytest.raises(UniqueConstraintError) as info, db.transaction() as tx:
+        tx.create(Account, id=3, owner="cy", balance=3)
+        tx.create(Account, id=4, owner="ann", balance=4)
     assert (info.value.field, info.value.value) == ("owner", "ann")
     assert sorted(balances(Account)) == [1, 2]  # id 3 was not stored either
     # Swap two unique values, and hand a freed one to a new record, in one commit.
@@ -151,8 +150,8 @@ def test_concurrent_transfers_conserve_the_total(db: natskv.Client, Account: Any
                         except RevisionMismatchError:
                             conflicts.append(1)
                 else:  # the same, by run_transaction
-                    db.run_transaction(lambda tx: move(tx, src, dst), retries=100)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+                    db.run_transaction(functools.partial(move, src=src, dst=dst), retries=100)
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=transfers, args=(t,)) for t in range(4)]
@@ -206,14 +205,11 @@ def test_update_and_destroy_by_query_in_a_transaction(db: natskv.Client, Account
         assert tx.destroy(Account, id__in=[1, 2]) == 2
         assert balances(Account) == {1: 10, 2: 20, 3: 30, 4: 40, 5: 50, 6: 60}  # nothing sent yet
     assert balances(Account) == {3: 30, 4: 0, 5: 0, 6: 0}
-    with pytest.raises(ValidationError):  # validated when queued, like save()
-        with db.transaction() as tx:
-            tx.update(Account, {"balance": -5}, id=3)
-    with pytest.raises(RevisionMismatchError):  # one record changed meanwhile: none of it stored
-        with db.transaction() as tx:
-            tx.update(Account, {"balance": 1}, id__gte=3)
-            Account.update({"balance": 99}, id=6)
+    with pytest.raises(ValidationError), db.transaction() as tx:  # validated when queued, like save()
+        tx.update(Account, {"balance": -5}, id=3)
+    with pytest.raises(RevisionMismatchError), db.transaction() as tx:  # one record changed meanwhile: none stored
+        tx.update(Account, {"balance": 1}, id__gte=3)
+        Account.update({"balance": 99}, id=6)
     assert balances(Account) == {3: 30, 4: 0, 5: 0, 6: 99}
-    with pytest.raises(InvalidArgumentError, match="needs values"):
-        with db.transaction() as tx:
-            tx.update(Account, {}, id=3)
+    with pytest.raises(InvalidArgumentError, match="needs values"), db.transaction() as tx:
+        tx.update(Account, {}, id=3)

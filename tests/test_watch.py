@@ -6,13 +6,15 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 import natskv
 from natskv import Change, InvalidKeyError, NatsKVError
+
 
 def consumer_count(db: natskv.Client, bucket: str) -> int:
     return int(db._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, 5.0)["state"]["consumer_count"])
@@ -106,10 +108,10 @@ def test_values_and_keys_round_trip_in_watch(kv: natskv.Bucket) -> None:
     values: list[Any] = [b"", b"\x00\xff", "", None, 0, [1], {"k": "v"}, "plain"]
     with kv.watch() as w:
         initial(w)
-        for k, v in zip(keys, values):
+        for k, v in zip(keys, values, strict=True):
             kv.set(k, v)
         got = take(w, len(keys))
-    assert [(c.key, c.value) for c in got] == list(zip(keys, values))
+    assert [(c.key, c.value) for c in got] == list(zip(keys, values, strict=True))
     assert [type(c.value) for c in got] == [type(v) for v in values]
 
 
@@ -123,7 +125,9 @@ def test_include_history(db: natskv.Client, name: str) -> None:
         kv.set("a", 3)
         with kv.watch(include_history=True) as w:
             init = initial(w)
-            assert summary(init) == [("a", 1, "PUT"), ("b", 1, "PUT"), ("a", 2, "PUT"), ("a", None, "DEL"), ("a", 3, "PUT")]
+            assert summary(init) == [
+                ("a", 1, "PUT"), ("b", 1, "PUT"), ("a", 2, "PUT"), ("a", None, "DEL"), ("a", 3, "PUT")
+            ]
             assert [c.revision for c in init] == sorted(c.revision for c in init)
             kv.set("b", 2)
             assert summary(take(w, 1)) == [("b", 2, "PUT")]
@@ -312,12 +316,14 @@ def test_joining_a_running_feed_under_writes_gets_every_key(db: natskv.Client, n
         initial(base)
         t.start()
         incomplete = []
-        for trial in range(20):
+        for _ in range(20):
             with kv.watch("s:*") as w:
                 keys = {c.key for c in initial(w)}
             if len(keys) != 50:
                 incomplete.append(sorted({f"s:{i}" for i in range(50)} - keys))
-        assert incomplete == [], f"{len(incomplete)} of 20 joiners lacked keys in their initial values: {incomplete[:3]}"
+        assert incomplete == [], (
+            f"{len(incomplete)} of 20 joiners lacked keys in their initial values: {incomplete[:3]}"
+        )
     finally:
         stop.set()
         t.join(5)
@@ -499,16 +505,17 @@ def test_on_initial_done_errors_go_to_on_error_and_the_watch_goes_on(kv: natskv.
         ({"callback": print, "on_initial_done": "yes"}, "function"),
     ],
 )
-def test_on_initial_done_bad_combinations(db: natskv.Client, kv: natskv.Bucket, kwargs: dict[str, Any], words: str) -> None:
+def test_on_initial_done_bad_combinations(
+    db: natskv.Client, kv: natskv.Bucket, kwargs: dict[str, Any], words: str
+) -> None:
     with pytest.raises(natskv.InvalidArgumentError, match=words):
         kv.watch(**kwargs)
     assert consumer_count(db, kv.name) == 0
 
 
 def test_callback_watch_cannot_be_iterated(kv: natskv.Bucket) -> None:
-    with kv.watch(callback=lambda ch: None) as w:
-        with pytest.raises(TypeError):
-            iter(w).__next__()
+    with kv.watch(callback=lambda ch: None) as w, pytest.raises(TypeError):
+        iter(w).__next__()
 
 
 def test_callback_exception_is_logged_and_reported(kv: natskv.Bucket, caplog: pytest.LogCaptureFixture) -> None:
@@ -620,8 +627,9 @@ def test_iteration_ends_when_stopped_from_another_thread(kv: natskv.Bucket) -> N
     finished = threading.Event()
 
     def consume() -> None:
+        # One at a time, not got.extend(w): the test thread reads got while the watch runs.
         for ch in w:
-            got.append(ch)
+            got.append(ch)  # noqa: PERF402
         finished.set()
 
     t = threading.Thread(target=consume, daemon=True)
@@ -664,7 +672,7 @@ def test_many_distinct_filters_at_once(db: natskv.Client, kv: natskv.Bucket) -> 
     watchers = [kv.watch(f"group{i}:*") for i in range(60)]
     try:
         assert consumer_count(db, kv.name) == 60
-        for i, w in enumerate(watchers):
+        for w in watchers:
             initial(w)
         kv.set_many({f"group{i}:k": i for i in range(60)})
         for i, w in enumerate(watchers):

@@ -6,8 +6,8 @@ fall back to nats-py's flusher there (before that fix every request timed out).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

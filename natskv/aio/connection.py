@@ -362,14 +362,17 @@ class Connection:
         gave_up = ""
         if isinstance(cause, nats.errors.NoServersError):
             # nats-py gave up reconnecting; the attempts' own errors say why they failed.
-            gave_up = f"no server could be reached in max_reconnect={self.options.max_reconnect} attempts; last errors: "
+            gave_up = (
+                f"no server could be reached in max_reconnect={self.options.max_reconnect} attempts; last errors: "
+            )
             gave_up += ", ".join(_server_reason(e) for e in self._recent_errors) or "none"
             cause = next((e for e in reversed(self._recent_errors) if _is_auth_error(e)), cause)
         if _is_auth_error(cause):
             assert cause is not None
             return AuthenticationError(
                 f"NATS closed the connection because it no longer accepts the credentials: "
-                f"{gave_up or _server_reason(cause)}; renew the credentials and create a new client with natskv.connect()"
+                f"{gave_up or _server_reason(cause)}; "
+                "renew the credentials and create a new client with natskv.connect()"
             )
         why = gave_up or (_server_reason(cause) if cause is not None else "")
         if self.options.max_reconnect == 0:

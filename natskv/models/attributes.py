@@ -219,7 +219,10 @@ def define_schema(attributes: Mapping[str, Any], indexes: Iterable[str | Mapping
     Raises InvalidArgumentError for an index that does not name exactly one field."""
     schema = dict(schema_from_spec(attributes))
     for spec in indexes:
-        names, unique = ([spec], False) if isinstance(spec, str) else (list(spec.get("fields", [])), bool(spec.get("unique")))
+        if isinstance(spec, str):
+            names, unique = [spec], False
+        else:
+            names, unique = list(spec.get("fields", [])), bool(spec.get("unique"))
         if len(names) != 1 or names[0] not in schema:
             raise InvalidArgumentError(f"index {spec!r} must name one field of {sorted(schema)}")
         old = schema[names[0]]

@@ -295,9 +295,8 @@ class Field:
 
     def __repr__(self) -> str:
         options = [self.type.__name__]
-        for option in ("primary_key", "required", "unique", "index"):
-            if getattr(self, option):
-                options.append(f"{option}=True")
+        flags = ("primary_key", "required", "unique", "index")
+        options.extend(f"{option}=True" for option in flags if getattr(self, option))
         if self.generated:
             options.append(f"generated={self.generated!r}")
         return f"<Field {self.name or '?'}: {', '.join(options)}>"

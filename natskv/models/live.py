@@ -59,7 +59,9 @@ class ModelEvent:
         return f"ModelEvent({self.name!r}, old={self.old!r}, new={self.new!r})"
 
 
-def _event(model: type[Model], old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_rev: int) -> ModelEvent:
+def _event(
+    model: type[Model], old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_rev: int
+) -> ModelEvent:
     kind = INSERTED if old is None else DELETED if new is None else UPDATED
     return ModelEvent(
         kind,
@@ -139,9 +141,13 @@ class ModelWatcher:
         match = self._filter.match
         if not ((old is not None and match(old)) or (new is not None and match(new))):
             return
-        if self._columns is not None and old is not None and new is not None:
-            if all(old.get(c) == new.get(c) for c in self._columns):
-                return
+        if (
+            self._columns is not None
+            and old is not None
+            and new is not None
+            and all(old.get(c) == new.get(c) for c in self._columns)
+        ):
+            return
         model, callback = self.model, self._callback
         self._dispatcher.put(lambda: callback(_event(model, old, new, revision, old_rev)))
 

@@ -66,9 +66,7 @@ class ModelMeta(type):
         fields: dict[str, Field] = {}
         for base in reversed(cls.__mro__[1:]):
             fields.update(getattr(base, "_fields", {}))
-        for attr, value in namespace.items():
-            if isinstance(value, Field):
-                fields[attr] = value
+        fields.update({attr: value for attr, value in namespace.items() if isinstance(value, Field)})
         if namespace.get("__abstract__") or (name == "Model" and not fields):
             cls._fields = fields  # type: ignore[attr-defined]
             return cls
@@ -118,7 +116,9 @@ class Model(metaclass=ModelMeta):
         is not registered with a client."""
         store: ModelStore | None = cls.__dict__.get("_store")
         if store is None:
-            raise InvalidArgumentError(f"model {cls.__name__} is not registered: call db.register({cls.__name__}) first")
+            raise InvalidArgumentError(
+                f"model {cls.__name__} is not registered: call db.register({cls.__name__}) first"
+            )
         return store
 
     def _values(self) -> dict[str, Any]:
@@ -167,6 +167,8 @@ class Model(metaclass=ModelMeta):
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._fields)
         return f"{type(self).__name__}({shown})"
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, and mutable: unhashable
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -224,7 +226,8 @@ class Model(metaclass=ModelMeta):
             if field.generated == "autoincrement":
                 missing = [c for c in prepared if c.get(name) is None]
                 if missing:
-                    for clean, value in zip(missing, cls._require_store().next_ids(name, len(missing), timeout), strict=True):
+                    ids = cls._require_store().next_ids(name, len(missing), timeout)
+                    for clean, value in zip(missing, ids, strict=True):
                         clean[name] = value
         batch: list[tuple[Any, ...]] = []
         done: list[tuple[M, dict[str, Any], dict[str, Any]]] = []
@@ -245,7 +248,7 @@ class Model(metaclass=ModelMeta):
         store = cls._require_store()
         assert store.replica is not None
         with store.replica.lock:
-            for obj, clean, stored in done:
+            for obj, _clean, stored in done:
                 obj._version = store.records.get(stored[cls._pk], (None, revision))[1]
         return objs
 
@@ -434,7 +437,8 @@ class Model(metaclass=ModelMeta):
         the record and retry while it still matches. Returns how many records it was applied to."""
         pairs, flt = cls._require_store().planner.for_update(where, lookups)
         done = 0
-        for obj in cls._build(pairs):
+        for record in cls._build(pairs):
+            obj = record  # replaced by a fresh read after each conflict
             for _ in range(_CAS_RETRIES):
                 try:
                     action(obj)

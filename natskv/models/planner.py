@@ -175,7 +175,9 @@ class Planner:
                 if len(mark) != 2:
                     raise ValueError
             except (orjson.JSONDecodeError, ValueError, TypeError):
-                raise InvalidArgumentError(f"invalid pagination cursor {after!r}: pass a next_cursor unchanged") from None
+                raise InvalidArgumentError(
+                    f"invalid pagination cursor {after!r}: pass a next_cursor unchanged"
+                ) from None
         options, lookups = split_read_options(lookups)
         pairs: list[Pair] | None = None
         if not options.server:
@@ -370,7 +372,9 @@ class Planner:
                     try:
                         pks = scan(cursor, chunk)
                     except (ValueError, TypeError):  # a cursor no page of this order gives
-                        raise InvalidArgumentError(f"invalid pagination cursor {list(mark or ())!r} for order {field!r}") from None
+                        raise InvalidArgumentError(
+                            f"invalid pagination cursor {list(mark or ())!r} for order {field!r}"
+                        ) from None
                     keep([records[pk] for pk in pks if pk in records])
                     if len(pks) < chunk:
                         break
@@ -517,7 +521,9 @@ def _lookup(index: SecondaryIndex, cond: Any, cap: int | None) -> list[Any] | No
     return None
 
 
-def _ordered_scan(where: dict[str, Any], field: str, index: Any, reverse: bool) -> tuple[Callable[[Any, int], list[Any]], bool]:
+def _ordered_scan(
+    where: dict[str, Any], field: str, index: Any, reverse: bool
+) -> tuple[Callable[[Any, int], list[Any]], bool]:
     """A scan of ``index`` (the order field's) in order from a cursor: ``scan(after, limit)``.
 
     When the query bounds ``field`` (an equality, a range or a prefix that every match must
@@ -525,22 +531,28 @@ def _ordered_scan(where: dict[str, Any], field: str, index: Any, reverse: bool) 
     outside the index (null, unindexable) can match.
     """
     for name, cond in _top_conditions(where):
-        if name != field:
-            continue
-        if not _is_operators(cond):
-            cond = {"$eq": cond}
-        if isinstance(cond.get("$eq"), _BOUND_TYPES):
-            value = cond["$eq"]
-            return (lambda after, n: index.range(value, value, reverse=reverse, limit=n, after=after)), True
-        if isinstance(cond.get("$startswith"), str):
-            prefix = cond["$startswith"]
-            return (lambda after, n: index.prefix(prefix, limit=n, reverse=reverse, after=after)), True
-        bounds = _range_bounds(cond) if any(op in cond for op in _RANGE_OPS) else None
-        if bounds is not None:
-            lo, lo_inc, hi, hi_inc = bounds
-            return (lambda after, n: index.range(lo, hi, lo_inclusive=lo_inc, hi_inclusive=hi_inc, reverse=reverse,
-                                                 limit=n, after=after)), True
+        if name == field:
+            scan = _bounded_scan(cond if _is_operators(cond) else {"$eq": cond}, index, reverse)
+            if scan is not None:
+                return scan, True
     return (lambda after, n: index.ordered(reverse=reverse, after=after, limit=n)), False
+
+
+def _bounded_scan(cond: dict[str, Any], index: Any, reverse: bool) -> Callable[[Any, int], list[Any]] | None:
+    """The scan of ``index`` over the values that ``cond`` (one field's operators) bounds it to;
+    None when ``cond`` sets no such bound (``$ne``, ``$in``, ...)."""
+    if isinstance(cond.get("$eq"), _BOUND_TYPES):
+        value = cond["$eq"]
+        return lambda after, n: index.range(value, value, reverse=reverse, limit=n, after=after)
+    if isinstance(cond.get("$startswith"), str):
+        prefix = cond["$startswith"]
+        return lambda after, n: index.prefix(prefix, limit=n, reverse=reverse, after=after)
+    bounds = _range_bounds(cond) if any(op in cond for op in _RANGE_OPS) else None
+    if bounds is None:
+        return None
+    lo, lo_inc, hi, hi_inc = bounds
+    return lambda after, n: index.range(lo, hi, lo_inclusive=lo_inc, hi_inclusive=hi_inc, reverse=reverse,
+                                        limit=n, after=after)
 
 
 __all__ = ["PAGE_SORT_MAX", "REPLICA", "Pair", "Planner", "ReadOptions", "read_options", "split_read_options"]

@@ -39,7 +39,9 @@ def _json_operand(field: Field | None, op: str, value: Any) -> Any:
     return value
 
 
-def compile_where(fields: Mapping[str, Field], where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> dict[str, Any]:
+def compile_where(
+    fields: Mapping[str, Field], where: Mapping[str, Any] | None, lookups: Mapping[str, Any]
+) -> dict[str, Any]:
     """One ``where`` dict from a ``where=`` mapping and keyword lookups (ANDed).
 
     Lookups on the same field merge into one operator dict (``age__gte=1, age__lt=9`` becomes
@@ -52,7 +54,9 @@ def compile_where(fields: Mapping[str, Field], where: Mapping[str, Any] | None, 
     for non_finite in (non_finite_path(dict(where or {}), "where"),
                        *(non_finite_path(value, f"{name}=") for name, value in lookups.items())):
         if non_finite is not None:
-            raise InvalidArgumentError(f"{non_finite[0]} is {non_finite[1]!r}: no stored value can equal or compare to it")
+            raise InvalidArgumentError(
+                f"{non_finite[0]} is {non_finite[1]!r}: no stored value can equal or compare to it"
+            )
     clauses: list[dict[str, Any]] = []
     merged: dict[str, dict[str, Any]] = {}
     if where:
@@ -123,7 +127,9 @@ def order_key(value: Any) -> tuple[Any, ...]:
     return (3, repr(value))
 
 
-def parse_order_by(order_by: str | list[str] | tuple[str, ...] | None, fields: Mapping[str, Any]) -> list[tuple[str, bool]]:
+def parse_order_by(
+    order_by: str | list[str] | tuple[str, ...] | None, fields: Mapping[str, Any]
+) -> list[tuple[str, bool]]:
     """``"-age"`` or ``["role", "-age"]`` -> [(field, descending)]."""
     if order_by is None:
         return []
@@ -139,7 +145,9 @@ def parse_order_by(order_by: str | list[str] | tuple[str, ...] | None, fields: M
     return out
 
 
-def sort_records(pairs: list[tuple[dict[str, Any], int]], order: list[tuple[str, bool]], pk: str) -> list[tuple[dict[str, Any], int]]:
+def sort_records(
+    pairs: list[tuple[dict[str, Any], int]], order: list[tuple[str, bool]], pk: str
+) -> list[tuple[dict[str, Any], int]]:
     """Stable multi-key sort of (stored record, revision) pairs.
 
     Records without a value (null or missing) come after the others in both directions; among

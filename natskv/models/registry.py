@@ -61,7 +61,10 @@ class ModelRegistry:
         kv = client.bucket(name, timeout=timeout)
         store = ModelStore(model, client, kv)
         store.replica = LocalReplica(kv, "r:*", on_apply=store.apply, on_reset=store.reset, on_loaded=store.loaded)
-        load = resolve_timeout(client, timeout) if timeout is not None else max(client.options.request_timeout, _MIN_LOAD_TIMEOUT)
+        if timeout is not None:
+            load = resolve_timeout(client, timeout)
+        else:
+            load = max(client.options.request_timeout, _MIN_LOAD_TIMEOUT)
         store.replica.start(load)
         model._store = store
         self._models[model.__name__] = model

@@ -62,7 +62,9 @@ class Transaction:
         self._check_open()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._state != "open":  # committed or rolled back inside the block
             return
         if exc_type is None:
@@ -193,7 +195,9 @@ class Transaction:
     def _join(self, model: type[Model]) -> None:
         store = model._require_store()
         if store.client is not self._client:
-            raise InvalidArgumentError(f"model {model.__name__} is registered with another client than this transaction's")
+            raise InvalidArgumentError(
+                f"model {model.__name__} is registered with another client than this transaction's"
+            )
         if self._store is None:
             self._store = store
         elif store.bucket.name != self._store.bucket.name:
@@ -221,7 +225,9 @@ class Transaction:
             else:
                 raise InvalidArgumentError(f"key {key!r} is written twice in this transaction")
         if len(merged) > MAX_BATCH:
-            raise InvalidArgumentError(f"a transaction holds at most {MAX_BATCH} writes; commit in smaller transactions")
+            raise InvalidArgumentError(
+                f"a transaction holds at most {MAX_BATCH} writes; commit in smaller transactions"
+            )
         self._ops = merged
         for op in ops:
             self._owners[op[1]] = model

@@ -109,9 +109,9 @@ def _subject_matches(pattern: str, subject: str) -> bool:
     """Whether NATS subject ``subject`` matches ``pattern`` (``*`` one token, ``>`` the rest)."""
     want, have = pattern.split("."), subject.split(".")
     for i, token in enumerate(want):
-        if token == ">":
+        if token == ">":  # noqa: S105 - a subject token, not a secret
             return len(have) > i
-        if i >= len(have) or (token != "*" and token != have[i]):
+        if i >= len(have) or (token != "*" and token != have[i]):  # noqa: S105 - likewise
             return False
     return len(want) == len(have)
 
@@ -352,11 +352,15 @@ class KVProtocol:
             raise self._status_error(status, desc)
         return self._written(int(check_pub_ack(data)["seq"]), self.subject_prefix + encoded_key)
 
-    def _put_resending(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> int:
+    def _put_resending(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None
+    ) -> int:
         """A write to a replicated bucket, sent again while its stream leader does not answer
         (see publish_resending)."""
         assert self.conn.mux is not None
-        ack = publish_resending(self.conn.mux, subject, payload, headers, timeout, f"bucket {self.bucket!r}", self._exists)
+        ack = publish_resending(
+            self.conn.mux, subject, payload, headers, timeout, f"bucket {self.bucket!r}", self._exists
+        )
         return self._written(int(ack["seq"]), subject)
 
     def put_many(
@@ -660,7 +664,8 @@ class KVProtocol:
     def _status_error(self, status: int, desc: str) -> Exception:
         if status == 503:
             return JetStreamError(
-                f"no JetStream responders for bucket {self.bucket!r} (is JetStream enabled, does the stream have a leader?)",
+                f"no JetStream responders for bucket {self.bucket!r} "
+                "(is JetStream enabled, does the stream have a leader?)",
                 code=503,
             )
         if status == 408:

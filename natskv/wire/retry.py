@@ -103,7 +103,8 @@ def publish_resending(
                 "enabled?). Nothing was stored."
             )
         try:
-            data, hdrs, _ = mux.request(subject, payload, headers, RESEND_AFTER if left is None else min(left, RESEND_AFTER))
+            wait = RESEND_AFTER if left is None else min(left, RESEND_AFTER)
+            data, hdrs, _ = mux.request(subject, payload, headers, wait)
         except NatsKVTimeoutError:
             unanswered = True
             continue
