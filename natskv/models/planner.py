@@ -88,11 +88,11 @@ def read_options(consistency: Any = "replica", timeout: Any = None) -> ReadOptio
     """Parse the read options of a read call: ``consistency`` is ``"replica"`` (this client's
     in-memory replica, the default) or ``"server"``; ``timeout`` is None (the client's default)
     or positive seconds and applies to a server read. InvalidArgumentError otherwise."""
+    if timeout is None and consistency == "replica":  # the default, first: Model.get's hot path
+        return REPLICA
     check_timeout(timeout)
     if consistency not in ("replica", "server"):
         raise InvalidArgumentError(f"consistency is 'replica' or 'server', not {consistency!r}")
-    if consistency == "replica" and timeout is None:
-        return REPLICA
     return ReadOptions(consistency == "server", timeout)
 
 
@@ -137,7 +137,8 @@ class Planner:
         if where is None and lookups:
             equal = self._indexed_equalities(lookups)  # None when read options are among them
             if equal is not None:
-                return next(iter(self._select_equal(equal, 1)), None)
+                hits = self._select_equal(equal, 1)
+                return hits[0] if hits else None
         found = self.find(where, lookups, limit=1)
         return found[0] if found else None
 
@@ -282,7 +283,9 @@ class Planner:
         if not fields:
             return None
         out = {}
-        for (name, kind), value in zip(fields, lookups.values(), strict=True):
+        # Equal lengths by construction (``fields`` comes from these lookups' keys); zip's strict=
+        # would cost about 0.3 µs here, a tenth of the commonest query.
+        for (name, kind), value in zip(fields, lookups.values()):  # noqa: B905
             if type(value) is not kind:
                 return None
             out[name] = value
