@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import eventually
 
 import natskv
 from natskv import (
@@ -37,15 +38,6 @@ def stream_state(db: natskv.Client, bucket: str) -> dict[str, Any]:
 
 def last_seq(db: natskv.Client, bucket: str) -> int:
     return int(stream_state(db, bucket)["last_seq"])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def free_port() -> int:
@@ -824,7 +816,7 @@ def test_per_key_ttl_on_set_create_update_expires(db: natskv.Client, name: str) 
         kv.set("long", 6, ttl=60)
         expiring = ["by-set", "by-create", "by-update"]
         assert kv.get_many(expiring) == {"by-set": 1, "by-create": 2, "by-update": 4}
-        assert wait_until(lambda: kv.get_many(expiring) == {}, timeout=5.0), kv.get_many(expiring)
+        assert eventually(lambda: kv.get_many(expiring) == {}, timeout=5.0), kv.get_many(expiring)
         for k in expiring:
             assert kv.get(k) is None
             assert kv.entry(k) is None
@@ -847,7 +839,7 @@ def test_per_key_ttl_expires_in_bucket_with_history(db: natskv.Client, name: str
         kv.set("old", 0)
         kv.set("k", 1, ttl=1)
         assert kv.get("k") == 1
-        assert wait_until(lambda: kv.get("k") is None, timeout=4.0), kv.entry("k")
+        assert eventually(lambda: kv.get("k") is None, timeout=4.0), kv.entry("k")
         assert kv.keys() == ["old"]
         kv.create("k", 2)
         assert kv.get("k") == 2
@@ -862,7 +854,7 @@ def test_bucket_ttl_expires_values(db: natskv.Client, name: str) -> None:
         assert kv.status().ttl == pytest.approx(1)
         kv.set("a", 1)
         kv.set("b", 2)
-        assert wait_until(lambda: kv.keys() == [], timeout=6.0)
+        assert eventually(lambda: kv.keys() == [], timeout=6.0)
         assert kv.get("a") is None
         assert kv.get_many(["a", "b"]) == {}
         kv.create("a", 3)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import eventually
 
 import natskv
 from natskv import Field, InvalidArgumentError, Model, UniqueConstraintError, ValidationError
@@ -328,17 +329,6 @@ def test_unregistered_model_says_what_to_do() -> None:
         Loose.create(id=1)
 
 
-def wait_until(cond: Any, timeout: float = 5.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
-
-
 def test_watch_reports_inserts_updates_deletes_off_the_loop_thread(User: Any) -> None:
     events: list[Any] = []
     threads: set[str] = set()
@@ -355,7 +345,7 @@ def test_watch_reports_inserts_updates_deletes_off_the_loop_thread(User: Any) ->
         a.nick = "a2"
         a.save()
         a.delete()
-        assert wait_until(lambda: len(events) == 3)
+        assert eventually(lambda: len(events) == 3)
     finally:
         w.stop()
     assert events == [("inserted", None, "a"), ("updated", "a", "a2"), ("deleted", "a2", None)]
@@ -372,7 +362,7 @@ def test_watch_with_columns_fires_only_for_those_columns(User: Any) -> None:
         u.age = 2
         u.save()
         marker = User.create(nick="m", age=9)  # an insert always counts
-        assert wait_until(lambda: len(seen) == 2)
+        assert eventually(lambda: len(seen) == 2)
     finally:
         w.stop()
     assert seen == [("updated", 2), ("inserted", 9)] and marker.age == 9
@@ -391,7 +381,7 @@ def test_a_failing_callback_is_reported_and_the_watch_goes_on(User: Any) -> None
     try:
         User.create(nick="boom", age=1)
         User.create(nick="after", age=2)
-        assert wait_until(lambda: calls == ["boom", "after"])
+        assert eventually(lambda: calls == ["boom", "after"])
     finally:
         w.stop()
     assert [str(e) for e in errors] == ["boom"]
@@ -405,7 +395,7 @@ def test_live_query_fires_only_on_real_result_changes(User: Any) -> None:
         assert [r.nick for r in live.result] == ["x"]
         User.create(nick="y", age=5, role="user")  # not in the result: no call
         User.create(nick="a", age=7, role="admin")
-        assert wait_until(lambda: results == [["a", "x"]])
+        assert eventually(lambda: results == [["a", "x"]])
         before = len(results)
         User.update({"city": "Oslo"}, nick="y")  # still not in the result
         import time
@@ -413,7 +403,7 @@ def test_live_query_fires_only_on_real_result_changes(User: Any) -> None:
         time.sleep(0.3)
         assert len(results) == before
         User.destroy(nick="x")
-        assert wait_until(lambda: results[-1] == ["a"])
+        assert eventually(lambda: results[-1] == ["a"])
         assert [r.nick for r in live.result] == ["a"]
 
 
@@ -430,7 +420,7 @@ def test_db_on_model_events_with_wildcards(db: natskv.Client, User: Any) -> None
         u.delete()
         # A last insert marks the end: events come in order, so anything extra shows up before it.
         User.create(nick="end", age=1)
-        assert wait_until(lambda: everything[-1:] == ["inserted"] and len(everything) >= 4)
+        assert eventually(lambda: everything[-1:] == ["inserted"] and len(everything) >= 4)
     finally:
         off1()
         off2()

@@ -14,21 +14,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import eventually
 
 import natskv
 from natskv import Field, InvalidArgumentError, Model
 from natskv.models.registry import ModelRegistry
 from natskv.server import EmbeddedServer
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
-
 
 # -- the registry ---------------------------------------------------------------------------------
 
@@ -70,7 +61,7 @@ def test_each_client_has_its_own_registry(nats_url: str, name: str) -> None:
             with pytest.raises(InvalidArgumentError, match="no model 'Dyn'"):
                 a.get_model("Dyn")
             Note.create(id=1, text="x")
-            assert wait_until(lambda: Dyn.get(1) is not None) and Dyn.get(1).text == "x"
+            assert eventually(lambda: Dyn.get(1) is not None) and Dyn.get(1).text == "x"
             with a.transaction() as tx:
                 tx.save(Note(id=2, text="y"))
             assert a.run_transaction(lambda tx: tx.get(Note, 2).text) == "y"
@@ -118,7 +109,7 @@ def paused(fresh_server: EmbeddedServer) -> Iterator[Callable[[bool], None]]:
         if stop:
             # kill() returns before every thread of the server has stopped: one still running
             # could answer the next request (seen on a busy machine).
-            assert wait_until(lambda: _all_threads_stopped(pid)), "the server did not stop"
+            assert eventually(lambda: _all_threads_stopped(pid)), "the server did not stop"
 
     try:
         yield pause
@@ -253,7 +244,7 @@ def test_db_on_patterns_follow_the_key_glob(db: natskv.Client, name: str) -> Non
         e.n = 2
         e.save()
         e.delete()
-        assert wait_until(lambda: len(heard["*"]) == 3)
+        assert eventually(lambda: len(heard["*"]) == 3)
         time.sleep(0.1)  # the dispatcher runs handlers in order: the others are in by now
         assert heard == patterns
     finally:

@@ -6,11 +6,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import pytest
+from helpers import eventually
 
 import natskv
 from natskv import Change, InvalidKeyError, NatsKVError
@@ -22,15 +22,6 @@ def consumer_count(db: natskv.Client, bucket: str) -> int:
 
 def consumers(db: natskv.Client, bucket: str) -> list[dict[str, Any]]:
     return list(db._conn.js_api_blocking(f"CONSUMER.LIST.KV_{bucket}", {}, 5.0).get("consumers") or [])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def initial(w: natskv.Watcher, timeout: float = 5.0) -> list[Change]:
@@ -591,7 +582,7 @@ def test_stop_from_inside_the_callback(db: natskv.Client, kv: natskv.Bucket) -> 
     time.sleep(0.2)
     assert seen == ["a", "stop"]
     assert holder[0].stopped
-    assert wait_until(lambda: consumer_count(db, kv.name) == 0, 5.0)
+    assert eventually(lambda: consumer_count(db, kv.name) == 0, 5.0)
 
 
 # -- stopping and consumers ------------------------------------------------------------------------
@@ -634,7 +625,7 @@ def test_iteration_ends_when_stopped_from_another_thread(kv: natskv.Bucket) -> N
 
     t = threading.Thread(target=consume, daemon=True)
     t.start()
-    assert wait_until(lambda: any(c.initial_done for c in got), 5)
+    assert eventually(lambda: any(c.initial_done for c in got), 5)
     w.stop()
     assert finished.wait(5)
     t.join(5)
@@ -651,7 +642,7 @@ def test_client_close_stops_watches(nats_url: str, name: str) -> None:
     assert w1.stopped and w2.stopped
     assert w1.get(timeout=1) is None
     with natskv.connect(nats_url) as other:
-        assert wait_until(lambda: consumer_count(other, name) == 0, 5)
+        assert eventually(lambda: consumer_count(other, name) == 0, 5)
         other.delete_bucket(name)
 
 
