@@ -42,6 +42,7 @@ if __name__ == "__main__":
 
 import natskv
 from natskv.server import EmbeddedCluster
+from natskv.wire import jsapi
 
 
 class Load:
@@ -113,7 +114,7 @@ def place_away(cluster: EmbeddedCluster, db: natskv.Client, stream: str) -> None
         if leader is not None and leader != node_of_url(cluster, db):
             return
         try:
-            db._conn.js_api_blocking(f"STREAM.LEADER.STEPDOWN.{stream}", None, 5.0)
+            jsapi.call(db._conn, f"STREAM.LEADER.STEPDOWN.{stream}", None, 5.0)
         except natskv.NatsKVError:
             pass
         time.sleep(0.5)
@@ -133,7 +134,7 @@ def watch_away(cluster: EmbeddedCluster, db: natskv.Client, kv: natskv.Bucket, l
         if len(busy_nodes(cluster, db, stream)) < len(cluster.nodes):
             break
         try:  # three different nodes: move the stream leader (elected at random) and look again
-            db._conn.js_api_blocking(f"STREAM.LEADER.STEPDOWN.{stream}", None, 5.0)
+            jsapi.call(db._conn, f"STREAM.LEADER.STEPDOWN.{stream}", None, 5.0)
         except natskv.NatsKVError:
             pass
         time.sleep(0.5)

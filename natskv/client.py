@@ -28,7 +28,7 @@ from natskv.errors import (
     PayloadTooLargeError,
 )
 from natskv.kv import Bucket
-from natskv.wire import counters
+from natskv.wire import counters, jsapi
 from natskv.wire.jsapi import API_LEVEL_ATOMIC
 from natskv.wire.kv import KVProtocol, validate_bucket_name
 from natskv.wire.replies import status_of
@@ -164,7 +164,7 @@ class Client:
                 del self._buckets[key]
             self._counters.pop(f"KVC_{name}", None)
         try:  # the bucket's autoincrement counters go with it
-            self._conn.js_api_blocking(f"STREAM.DELETE.KVC_{name}", None, t)
+            jsapi.call(self._conn, f"STREAM.DELETE.KVC_{name}", None, t)
         except BucketNotFoundError:
             pass
         return True
@@ -176,7 +176,7 @@ class Client:
         names: list[str] = []
         offset = 0
         while True:
-            reply = self._conn.js_api_blocking("STREAM.NAMES", {"offset": offset, "subject": "$KV.*.>"}, t)
+            reply = jsapi.call(self._conn, "STREAM.NAMES", {"offset": offset, "subject": "$KV.*.>"}, t)
             batch = reply.get("streams") or []
             names.extend(s[3:] for s in batch if s.startswith("KV_"))
             offset += len(batch)

@@ -21,6 +21,7 @@ from helpers import wait_until
 import natskv
 from natskv.models.model import record_key
 from natskv.server import EmbeddedCluster
+from natskv.wire import jsapi
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def move_leader(cluster: EmbeddedCluster, db: natskv.Client, stream: str, wanted
             return leader
         if leader is not None:
             try:
-                db._conn.js_api_blocking(f"STREAM.LEADER.STEPDOWN.{stream}", None, 5.0)
+                jsapi.call(db._conn, f"STREAM.LEADER.STEPDOWN.{stream}", None, 5.0)
             except natskv.NatsKVError:
                 pass
         time.sleep(0.2)
@@ -354,12 +355,12 @@ def test_counter_stream_has_its_buckets_replicas_and_storage_and_goes_with_it(wh
         Item = model("counted")
         db.register(Item)
         assert Item.create(n=1).id == 1
-        config = db._conn.js_api_blocking("STREAM.INFO.KVC_counted", None, 5)["config"]
+        config = jsapi.call(db._conn, "STREAM.INFO.KVC_counted", None, 5)["config"]
         assert (config["num_replicas"], config["storage"]) == (3, "memory")
 
         # A counter stream made R1 by an older natskv is scaled up to its bucket's replicas and
         # keeps counting.
-        db._conn.js_api_blocking("STREAM.CREATE.KVC_legacy", {
+        jsapi.call(db._conn, "STREAM.CREATE.KVC_legacy", {
             "name": "KVC_legacy", "subjects": ["$KVC.legacy.>"], "allow_msg_counter": True,
             "allow_direct": True, "storage": "file", "num_replicas": 1,
         }, 5)
@@ -368,10 +369,10 @@ def test_counter_stream_has_its_buckets_replicas_and_storage_and_goes_with_it(wh
         Legacy = model("legacy")
         db.register(Legacy)
         assert Legacy.create(n=1).id == 42
-        assert db._conn.js_api_blocking("STREAM.INFO.KVC_legacy", None, 5)["config"]["num_replicas"] == 3
+        assert jsapi.call(db._conn, "STREAM.INFO.KVC_legacy", None, 5)["config"]["num_replicas"] == 3
 
         def streams() -> list[str]:
-            return db._conn.js_api_blocking("STREAM.NAMES", None, 10)["streams"] or []
+            return jsapi.call(db._conn, "STREAM.NAMES", None, 10)["streams"] or []
 
         assert {"KV_counted", "KVC_counted"} <= set(streams())
         assert db.delete_bucket("counted")

@@ -13,10 +13,11 @@ import pytest
 
 import natskv
 from natskv import InvalidArgumentError, InvalidKeyError, KeyExistsError, RevisionMismatchError
+from natskv.wire import jsapi
 
 
 def last_seq(db: natskv.Client, bucket: str) -> int:
-    return int(db._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, 5.0)["state"]["last_seq"])
+    return int(jsapi.call(db._conn, f"STREAM.INFO.KV_{bucket}", None, 5.0)["state"]["last_seq"])
 
 
 def test_each_op_class_writes_what_its_tuple_writes(kv: natskv.Bucket) -> None:

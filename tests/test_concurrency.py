@@ -21,6 +21,7 @@ from helpers import default_sigint
 import natskv
 from natskv import DeadlockError, NatsKVError, NotConnectedError, RevisionMismatchError
 from natskv._runner import runner
+from natskv.wire import jsapi
 
 REPO = Path(__file__).resolve().parent.parent
 # history 1, db.bucket()'s default (the kv fixture lives in conftest.py)
@@ -225,7 +226,7 @@ def test_watchers_started_and_stopped_from_many_threads(db: natskv.Client, kv: n
         stop.set()
         wt.join(5)
     assert errors == [], errors[:3]
-    assert db._conn.js_api_blocking(f"STREAM.INFO.KV_{kv.name}", None, 5)["state"]["consumer_count"] == 0
+    assert jsapi.call(db._conn, f"STREAM.INFO.KV_{kv.name}", None, 5)["state"]["consumer_count"] == 0
 
 
 # -- the loop thread ------------------------------------------------------------------------------
@@ -504,7 +505,7 @@ def test_clean_exit_with_open_client_and_running_watches(nats_url: str, db: nats
         assert "Error" not in proc.stderr, proc.stderr
         assert elapsed < 8, f"exit took {elapsed:.1f} s"
         # the exiting client removed its watch consumers
-        state = db._conn.js_api_blocking(f"STREAM.INFO.KV_{name}", None, 5)["state"]
+        state = jsapi.call(db._conn, f"STREAM.INFO.KV_{name}", None, 5)["state"]
         assert state["consumer_count"] == 0
     finally:
         db.delete_bucket(name)

@@ -30,10 +30,11 @@ from natskv import (
     RevisionMismatchError,
     SerializationError,
 )
+from natskv.wire import jsapi
 
 
 def stream_state(db: natskv.Client, bucket: str) -> dict[str, Any]:
-    return db._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, 5.0)["state"]
+    return jsapi.call(db._conn, f"STREAM.INFO.KV_{bucket}", None, 5.0)["state"]
 
 
 def last_seq(db: natskv.Client, bucket: str) -> int:
@@ -1194,7 +1195,7 @@ def test_interoperates_with_nats_py_key_value(db: natskv.Client, nats_url: str, 
         assert keys == ["from.natskv", "plain", "raw", "user.1"]
     finally:
         db.delete_bucket(name)
-        db._conn.js_api_blocking(f"STREAM.DELETE.NOTKV_{name}", None, 5)
+        jsapi.call(db._conn, f"STREAM.DELETE.NOTKV_{name}", None, 5)
 
 
 # -- client ---------------------------------------------------------------------------------

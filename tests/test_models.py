@@ -15,6 +15,7 @@ from helpers import eventually
 
 import natskv
 from natskv import Field, InvalidArgumentError, Model, UniqueConstraintError, ValidationError
+from natskv.wire import jsapi
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,7 @@ def User(db: natskv.Client, name: str) -> Iterator[type[Model]]:
     finally:
         db.delete_bucket(name)
         try:
-            db._conn.js_api_blocking(f"STREAM.DELETE.KVC_{name}", None, 5)
+            jsapi.call(db._conn, f"STREAM.DELETE.KVC_{name}", None, 5)
         except natskv.NatsKVError:
             pass
 

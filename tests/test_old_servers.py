@@ -23,6 +23,7 @@ import natskv
 import natskv.kv
 from natskv import FeatureNotSupportedError, Field, KeyExistsError, Model, RevisionMismatchError
 from natskv.server import EmbeddedServer, server_version
+from natskv.wire import jsapi
 
 # Server version -> the JetStream API level it reports (0: none, 1: TTL and batch get).
 API_LEVEL = {"2.10.26": 0, "2.11.11": 1}
@@ -344,7 +345,7 @@ def test_model_features_that_need_2_12(
         assert "autoincrement" in str(info.value) and Counted.count() == 0
         assert db.bucket(name + "_n").status().last_revision == 0
         with pytest.raises(natskv.BucketNotFoundError):  # and no counter stream was made
-            db._conn.js_api_blocking(f"STREAM.INFO.KVC_{name}_n", None, 5.0)
+            jsapi.call(db._conn, f"STREAM.INFO.KVC_{name}_n", None, 5.0)
     finally:
         db.delete_bucket(name)
         db.delete_bucket(name + "_n")

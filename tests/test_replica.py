@@ -10,13 +10,14 @@ import pytest
 
 import natskv
 from natskv import InvalidKeyError, NatsKVTimeoutError
+from natskv.wire import jsapi
 
 # history 1, db.bucket()'s default (the kv fixture lives in conftest.py)
 pytestmark = pytest.mark.bucket()
 
 
 def consumer_count(db: natskv.Client, bucket: str) -> int:
-    return int(db._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, 5)["state"]["consumer_count"])
+    return int(jsapi.call(db._conn, f"STREAM.INFO.KV_{bucket}", None, 5)["state"]["consumer_count"])
 
 
 def test_loads_current_values_and_follows_changes(kv: natskv.Bucket) -> None:

@@ -14,6 +14,7 @@ from helpers import wait_until
 import natskv
 from natskv import Change, NatsKVTimeoutError
 from natskv.server import EmbeddedServer
+from natskv.wire import jsapi
 
 
 @pytest.fixture
@@ -150,7 +151,7 @@ def test_restart_mid_run_keeps_acknowledged_writes_and_resumes_watch(
     # writes made after the restart were delivered too
     after_restart = [rev for _, rev, at in writer.acked.values() if at > restarted_at]
     assert after_restart and set(after_restart) <= set(revs)
-    state = db._conn.js_api_blocking("STREAM.INFO.KV_resilience", None, 5)["state"]
+    state = jsapi.call(db._conn, "STREAM.INFO.KV_resilience", None, 5)["state"]
     assert state["consumer_count"] == 0
 
 

@@ -14,14 +14,15 @@ from helpers import eventually
 
 import natskv
 from natskv import Change, InvalidKeyError, NatsKVError
+from natskv.wire import jsapi
 
 
 def consumer_count(db: natskv.Client, bucket: str) -> int:
-    return int(db._conn.js_api_blocking(f"STREAM.INFO.KV_{bucket}", None, 5.0)["state"]["consumer_count"])
+    return int(jsapi.call(db._conn, f"STREAM.INFO.KV_{bucket}", None, 5.0)["state"]["consumer_count"])
 
 
 def consumers(db: natskv.Client, bucket: str) -> list[dict[str, Any]]:
-    return list(db._conn.js_api_blocking(f"CONSUMER.LIST.KV_{bucket}", {}, 5.0).get("consumers") or [])
+    return list(jsapi.call(db._conn, f"CONSUMER.LIST.KV_{bucket}", {}, 5.0).get("consumers") or [])
 
 
 def initial(w: natskv.Watcher, timeout: float = 5.0) -> list[Change]:

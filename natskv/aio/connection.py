@@ -1,8 +1,8 @@
 """The connection to NATS: nats-py's client, the request multiplexer and the JetStream API.
 
 Everything here runs on natskv's loop thread: connecting, reconnect and error callbacks, the
-loop's own JetStream API calls. The one exception, :meth:`Connection.js_api_blocking`, is a
-delegation to :func:`natskv.wire.jsapi.call` (the caller's thread) kept for existing callers.
+loop's own JetStream API calls. A JetStream API call from the caller's thread is
+:func:`natskv.wire.jsapi.call`.
 """
 
 from __future__ import annotations
@@ -421,7 +421,3 @@ class Connection:
         body = orjson.dumps(payload) if payload is not None else b""
         reply = await self.mux.request_async("$JS.API." + api, body, None, timeout or self.options.request_timeout)
         return jsapi.api_reply(api, reply, self.server_version)
-
-    def js_api_blocking(self, api: str, payload: dict[str, Any] | None, timeout: float | None) -> dict[str, Any]:
-        """Call ``$JS.API.<api>`` from the caller's thread: :func:`natskv.wire.jsapi.call`."""
-        return jsapi.call(self, api, payload, timeout)
