@@ -107,6 +107,14 @@ class Models:
     def time_find_indexed_range_100(self, impl: str) -> None:
         self.model.find(age__gte=RANGE_LO, age__lt=RANGE_HI)
 
+    def time_find_wide_range_limit_100(self, impl: str) -> None:
+        # 100 of 1,100 matches (55 ages), no order: the hard case of a limited query.
+        self.model.find(age__gte=RANGE_LO, age__lt=RANGE_LO + 55, limit=100)
+
+    def time_find_wide_range_limit_10(self, impl: str) -> None:
+        # 10 of 10,000 matches (half the ages), no order.
+        self.model.find(age__gte=0, age__lt=AGES // 2, limit=10)
+
     def time_count_full_scan(self, impl: str) -> None:
         self.model.count(where={"score": {"$gt": 990.0}})
 
