@@ -24,7 +24,9 @@ rounds so that drift and neighbours' noise hit both alike:
    and no order on ranges of 1,100, 10,000 and 50,000 matches; M3 full-scan filters, compiled core vs
    the pure core measured in a subprocess with ``NATSKV_IMPL=python`` (natskv picks its core at
    import); M4 ``register()`` warm-up of the 100,000-record replica on a fresh client; M5
-   ``Model.create`` (one unique field) vs ``kv.set`` of the same JSON, one thread.
+   ``Model.create`` (one unique field) vs ``kv.set`` of the same JSON, one thread; M6 resident memory
+   per record of the 100,000-record replica (a fresh process); M7 one ``bulk_create`` of 10,000
+   (quick) or 100,000 records.
 
 It measures the natskv of this checkout (build it first: ``pip install -e .``).
 It is a report, not a test: it exits 0 when a target is missed.
@@ -766,12 +768,79 @@ def compare_models(url: str, client: natskv.Client, s: Settings) -> list[Row]:
         rows.append(Row(f"M4  warm replica of {MODEL_N:,} records", f"{rate:,.0f}/s", "", None, ">= 50,000/s",
                         rate >= 50_000, note))
 
+        progress(f"M6 replica memory: register() of {MODEL_N:,} records in a fresh process")
+        rows.append(replica_memory_row(url))
         rows += compare_create(client, s)
+        rows.append(bulk_create_row(client, 10_000 if s is QUICK else 100_000))
     finally:
-        for name in (MODEL_BUCKET, "cmp_create", "cmp_create_kv"):
+        for name in (MODEL_BUCKET, "cmp_create", "cmp_create_kv", "cmp_bulk"):
             with contextlib.suppress(Exception):  # clean-up
                 client.delete_bucket(name)
     return rows
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size (Linux's /proc), or None where there is none."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def memory_worker(url: str, bucket: str, n: int) -> dict[str, Any]:
+    """Resident memory that ``register()`` of an ``n``-record replica adds to a fresh process."""
+    client = natskv.connect(url, name="natskv-compare-memory")
+    try:
+        model = make_model(bucket)
+        gc.collect()
+        before = rss_bytes()
+        client.register(model, timeout=120.0)
+        gc.collect()
+        after = rss_bytes()
+        if model.count() != n:
+            raise RuntimeError(f"replica holds {model.count()} records, not {n}")
+    finally:
+        client.close()
+    return {"impl": natskv.__impl__, "bytes": None if before is None or after is None else after - before}
+
+
+def replica_memory_row(url: str) -> Row:
+    """M6: bytes of resident memory per replica record, measured in a fresh process (the issue 9
+    target is <= 600 bytes per record for this 6-field model)."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", url, MODEL_BUCKET, str(MODEL_N)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    label = f"M6  replica memory, {MODEL_N:,} records of 6 fields"
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr)
+        raise RuntimeError(f"the memory worker failed (exit {proc.returncode})")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if out["bytes"] is None:
+        return Row(label, "n/a", "", None, "<= 600 B/record", None, "no /proc/self/statm on this platform")
+    per = out["bytes"] / MODEL_N
+    return Row(label, f"{per:,.0f} B/record", "", None, "<= 600 B/record", per <= 600,
+               f"RSS after - before register(), {out['bytes'] / 2**20:,.0f} MiB; core {out['impl']}")
+
+
+def bulk_create_row(client: natskv.Client, n: int) -> Row:
+    """M7: ``bulk_create`` of ``n`` new records (one unique field) on an empty model, one call."""
+    model = client.register(make_model("cmp_bulk"), timeout=60.0)
+    rows = [model_row(i) for i in range(1, n + 1)]
+    for r in rows:
+        del r["_created_at"], r["_updated_at"]
+    progress(f"M7 bulk_create of {n:,} records")
+    gc.collect()
+    t0 = time.perf_counter()
+    created = model.bulk_create(rows, timeout=300.0)
+    elapsed = time.perf_counter() - t0
+    if len(created) != n or model.count() != n:
+        raise RuntimeError(f"bulk_create stored {model.count()} records, not {n}")
+    rate = n / elapsed
+    return Row(f"M7  bulk_create of {n:,} records, one call", f"{rate:,.0f}/s", "", None, ">= 20,000/s",
+               rate >= 20_000, f"{fmt_time(elapsed)} in all; atomic batches of up to 1,000 writes")
 
 
 def fmt_time_us(seconds: float) -> str:
@@ -859,7 +928,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("kv", "models"), help="run one section (default: both)")
     parser.add_argument("--models-worker", nargs=6, metavar=("URL", "BUCKET", "N", "ROUNDS", "WARM", "CALLS"),
                         help=argparse.SUPPRESS)  # internal: the pure-core subprocess of the models section
+    parser.add_argument("--memory-worker", nargs=3, metavar=("URL", "BUCKET", "N"),
+                        help=argparse.SUPPRESS)  # internal: M6's fresh process
     args = parser.parse_args(argv)
+    if args.memory_worker:
+        import json
+
+        url, bucket, n = args.memory_worker
+        print(json.dumps(memory_worker(url, bucket, int(n))))
+        return 0
     if args.models_worker:
         import json
 
