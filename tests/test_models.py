@@ -500,7 +500,7 @@ def test_pages_concatenate_to_the_sorted_find(
     """Index walks (id, age, nick), sorts (score), nulls after values in both directions, ties
     by primary key in the order's direction: pages of any size add up to find()."""
     if walk == "always":  # walk the order's index even when a filter selects few records
-        monkeypatch.setattr("natskv.models.planner.PAGE_SORT_MAX", -1)
+        monkeypatch.setattr("natskv.models.planner._sort_threshold", lambda want, total: -1)
     queries: list[dict[str, Any]] = [
         {}, {"score__lt": 3}, {"age": 3}, {"where": {"$or": [{"age": None}, {"score": 4.0}]}},
         # bounds on the order field itself: the walk starts and ends at them
@@ -781,3 +781,59 @@ def test_server_reads_take_a_timeout(User: Any) -> None:
             User.find(consistency="server", timeout=bad)
         with pytest.raises(InvalidArgumentError, match="timeout"):
             User.find(order_by="age", limit=2, timeout=bad)  # the index-walk path checks it too
+
+
+class CountingRecords(dict):  # type: ignore[type-arg]
+    """The store's records, counting how many the planner reads one by one."""
+
+    reads = 0
+
+    def __getitem__(self, key: Any) -> Any:
+        CountingRecords.reads += 1
+        return super().__getitem__(key)
+
+
+LIMITED_QUERIES: list[dict[str, Any]] = [
+    {"age__gte": 2}, {"age__gt": 1, "age__lt": 5}, {"age": 3}, {"nick__startswith": "n1"},
+    {"score__lt": 3}, {"age__gte": 1, "score": 2.0}, {"age__in": [1, 4]}, {"age__gte": 0, "nick__gte": "n5"},
+    {"where": {"$or": [{"age": None}, {"score": 4.0}]}}, {"where": {"age": {"$gte": 3, "$ne": 5}}},
+]
+
+
+@pytest.mark.parametrize("query", LIMITED_QUERIES, ids=[repr(q) for q in LIMITED_QUERIES])
+def test_a_limit_without_order_returns_matches_and_pages_add_up(Paged: Any, query: dict[str, Any]) -> None:
+    """find(limit=) with no order_by (rule 4): every record it returns matches, none twice, and
+    offsets page through exactly the matches; without a limit the order is the primary key's."""
+    expected = sorted(u.id for u in Paged.find(consistency="server", **query))
+    assert expected, query
+    assert [u.id for u in Paged.find(**query)] == expected  # no limit: primary key order
+    for limit in (1, 7, 1000):
+        got: list[int] = []
+        while True:
+            page = [u.id for u in Paged.find(limit=limit, offset=len(got), **query)]
+            got.extend(page)
+            if len(page) < limit:
+                break
+        assert sorted(got) == expected and len(got) == len(set(got)), (query, limit)
+    found = Paged.find_one(**query)
+    assert found is not None and found.id in expected
+    assert Paged.exists(**query)
+    assert not Paged.exists(age__gte=1, age__lt=1)
+
+
+def test_a_limited_query_reads_about_limit_records_not_every_match(
+    Paged: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The work of find(limit=n) with no order follows n: a range matching 200 records, or no
+    condition at all, reads a few times n records, never all of them."""
+    store = Paged._require_store()
+    monkeypatch.setattr(store, "records", CountingRecords(store.records))
+    for query in ({"age__gte": 1}, {}, {"score__lt": 4}, {"age__gte": 1, "nick__startswith": "n"}):
+        matches = len(Paged.find(**query))
+        assert matches > 150, query
+        CountingRecords.reads = 0
+        assert len(Paged.find(limit=10, **query)) == 10
+        assert CountingRecords.reads <= 40, (query, CountingRecords.reads)
+        CountingRecords.reads = 0
+        assert Paged.exists(**query) and Paged.find_one(**query) is not None
+        assert CountingRecords.reads <= 10, (query, CountingRecords.reads)

@@ -496,7 +496,10 @@ class Model(metaclass=ModelMeta):
         """Matching records. Filters: ``where=`` dict ($eq $ne $gt $gte $lt $lte $in $nin
         $contains $startswith $endswith $regex $exists $and $or $not) and/or Django-style lookups
         (``age__gte=18``). ``order_by`` takes field names, ``-`` for descending; records without a
-        value come last either way. Reads run on the replica; pass ``consistency="server"`` (with
+        value come last either way. Without ``order_by``, every match comes in primary key
+        order, but with a ``limit`` the planner returns the first ``limit`` matches it finds
+        along an index, in that index's order (as SQL without ORDER BY): the cost then follows
+        ``limit``, not the number of matches. Reads run on the replica; pass ``consistency="server"`` (with
         an optional ``timeout=``, None: the client's default) to read every record from the
         server instead. ``consistency`` and ``timeout`` are read options in every read call
         (count, exists, paginate, aggregates too): query fields so named with ``where=``."""
@@ -543,7 +546,9 @@ class Model(metaclass=ModelMeta):
 
     @classmethod
     def find_one(cls: type[M], *, where: Mapping[str, Any] | None = None, **lookups: Any) -> M | None:
-        """The first matching record (by primary key), or None."""
+        """A matching record, or None. When several match, which one is the planner's choice
+        (the first it finds along an index, see ``find``); pass ``order_by`` to ``find(...,
+        limit=1)`` to choose."""
         found = cls._require_store().planner.find_one(where, lookups)
         return cls._build([found])[0] if found is not None else None
 

@@ -22,10 +22,15 @@ How a query is answered, first rule that applies:
    No filter is compiled. A compiled query that is one such equality goes this way too.
 3. One indexed order field with a limit (``find(order_by=, limit=)``, every ``paginate``): walk
    that index in order from the cursor, filtering on the way, unless another index narrows the
-   selection to at most ``PAGE_SORT_MAX`` records, which are then sorted instead.
-4. Otherwise the most selective indexed top-level condition gives candidate primary keys (with
-   none, every record), the compiled ``_core`` filter checks them, and the result is sorted
-   (for the default order with a limit: the smallest primary keys only).
+   selection to so few records that sorting them is cheaper (:func:`_sort_threshold`: about
+   ``sqrt(limit * records)``).
+4. A limit and no order (``find(limit=)``, ``find_one``, ``exists``): walk the index of the most
+   selective indexed condition over the values it allows (none: the primary key index), filtering
+   on the way, and stop at the limit. The matches come in that index's order, which the caller
+   did not ask for: as in SQL without ORDER BY, which matches a limit returns is the planner's
+   choice. The work follows the limit, not the number of matches.
+5. Otherwise the most selective indexed top-level condition gives candidate primary keys (with
+   none, every record), the compiled ``_core`` filter checks them, and the result is sorted.
 
 Queries compile (``query.compile_where`` / ``compile_filter``) once per distinct text: the plan
 cache holds the last 512. Runs on the caller's thread; indexes and records are read under the
@@ -34,7 +39,6 @@ replica's lock, which the loop thread takes to apply changes.
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -52,9 +56,6 @@ if TYPE_CHECKING:
 Pair = tuple[dict[str, Any], int]
 """A stored record and its revision."""
 
-# paginate() and find(order_by=<indexed field>, limit=) sort a filtered selection of up to this
-# many records rather than walk the order field's index past every non-matching record.
-PAGE_SORT_MAX = 2000
 _CACHE_MAX = 512
 _RANGE_OPS = ("$gt", "$gte", "$lt", "$lte")
 
@@ -114,6 +115,9 @@ class Planner:
     def __init__(self, store: ModelStore) -> None:
         self.store = store
         self._plans: dict[str, tuple[dict[str, Any], Any]] = {}
+        # id(compiled where dict of _plans) -> _index_walks() of it, cleared with _plans (which
+        # keeps those dicts alive, so an id is never reused while it is here).
+        self._walks: dict[int, list[IndexWalk]] = {}
         # Lookup names -> ((field, type), ...) for rule 2; () when they are not all equalities on
         # indexed str/int fields.
         self._equality_shapes: dict[tuple[str, ...], tuple[tuple[str, type], ...]] = {}
@@ -133,7 +137,7 @@ class Planner:
         return self._find(where, lookups, options, order, limit, offset)
 
     def find_one(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> Pair | None:
-        """The first match by primary key, or None."""
+        """A match (the first one the planner finds, see rule 4), or None."""
         if where is None and lookups:
             equal = self._indexed_equalities(lookups)  # None when read options are among them
             if equal is not None:
@@ -144,10 +148,13 @@ class Planner:
 
     def select(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any],
                first: int | None = None) -> list[Pair]:
-        """Matching pairs, in no particular order. With ``first``, the caller wants only the first
-        ``first`` matches in primary-key order (it still sorts what it gets)."""
+        """Matching pairs, in no particular order. With ``first``, at most that many: the first
+        ones the planner finds (``exists`` asks for one)."""
         options, lookups = split_read_options(lookups)
-        return self._select(where, lookups, options, first)
+        if first is not None and not options.server:
+            return self._any_matches(where, lookups, first)
+        pairs = self._select(where, lookups, options)
+        return pairs if first is None else pairs[:first]
 
     def count(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> int:
         """The number of matches."""
@@ -212,6 +219,7 @@ class Planner:
             hit = (compiled_where, query.compile_filter(compiled_where))
             if len(self._plans) >= _CACHE_MAX:
                 self._plans.clear()
+                self._walks.clear()
             self._plans[cache_key] = hit
         return hit
 
@@ -227,12 +235,10 @@ class Planner:
                 walked = self._walk_index(index, field, descending, None, limit + offset, where, lookups)
                 if walked is not None:
                     return walked[offset : offset + limit]
-        pairs = self._select(where, lookups, options, first=limit + offset if limit is not None and not order else None)
-        if not order and limit is not None and len(pairs) > limit + offset:
-            # Default order (primary key, one type per model) with a limit: select, don't sort.
-            pk = store.pk
-            pairs = heapq.nsmallest(limit + offset, pairs, key=lambda p: p[0][pk])
-        elif len(pairs) > 1:
+        if limit is not None and not order and not options.server:  # rule 4
+            return self._any_matches(where, lookups, limit + offset)[offset : offset + limit]
+        pairs = self._select(where, lookups, options)
+        if len(pairs) > 1:
             pairs = query.sort_records(pairs, order, store.pk)
         if offset:
             pairs = pairs[offset:]
@@ -240,13 +246,13 @@ class Planner:
             pairs = pairs[:limit]
         return pairs
 
-    def _select(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any], options: ReadOptions,
-                first: int | None = None) -> list[Pair]:
+    def _select(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any], options: ReadOptions) -> list[Pair]:
+        """Every match, in no particular order."""
         store = self.store
         if not options.server and where is None and lookups:  # rule 2
             equalities = self._indexed_equalities(lookups)
             if equalities is not None:
-                return self._select_equal(equalities, first)
+                return self._select_equal(equalities, None)
         compiled_where, flt = self.compiled(where, lookups)
         if options.server:  # rule 1
             pairs = store.server_records(options.timeout)
@@ -254,14 +260,43 @@ class Planner:
             assert store.replica is not None
             equality = _single_equality(compiled_where)
             if equality is not None and (equality[0] in store.unique or equality[0] in store.sorted):
-                return self._select_equal({equality[0]: equality[1]}, first)
-            with store.replica.lock:  # rule 4
+                return self._select_equal({equality[0]: equality[1]}, None)
+            with store.replica.lock:  # rule 5
                 pks = _candidate_pks(compiled_where, store.indexes)
                 records = store.records
                 pairs = list(records.values()) if pks is None else [records[pk] for pk in pks if pk in records]
         if not compiled_where:
             return pairs
         return [pairs[i] for i in flt.filter([p[0] for p in pairs])]
+
+    def _any_matches(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any], want: int) -> list[Pair]:
+        """Rule 4: up to ``want`` matches from the replica, in the order of the index that finds
+        them soonest; the work follows ``want``, not the number of matches."""
+        store = self.store
+        if want <= 0:
+            return []
+        if where is None and lookups:  # rule 2
+            equalities = self._indexed_equalities(lookups)
+            if equalities is not None:
+                return self._select_equal(equalities, want)
+        compiled_where, flt = self.compiled(where, lookups)
+        equality = _single_equality(compiled_where)
+        if equality is not None and (equality[0] in store.unique or equality[0] in store.sorted):
+            return self._select_equal({equality[0]: equality[1]}, want)
+        assert store.replica is not None
+        with store.replica.lock:
+            records = store.records
+            walks = self._walks.get(id(compiled_where))
+            if walks is None:  # which conditions an index can walk: fixed for the query's text
+                walks = self._walks[id(compiled_where)] = _index_walks(compiled_where, store.indexes)
+            source = _unordered_source(walks, compiled_where, store.indexes, store.pk, want, len(records))
+            if not isinstance(source, tuple):  # few candidates (None: every record): check them all
+                pairs = list(records.values()) if source is None else [records[pk] for pk in source if pk in records]
+                if not compiled_where:
+                    return pairs[:want]
+                return [pairs[i] for i in flt.filter([p[0] for p in pairs])][:want]
+            field, scan = source
+            return _scan_matches(scan, records, field, flt if compiled_where else None, want, None)
 
     def _indexed_equalities(self, lookups: Mapping[str, Any]) -> dict[str, Any] | None:
         """``{field: value}`` when every lookup is an equality on an indexed str/int field."""
@@ -343,7 +378,9 @@ class Planner:
 
         assert store.replica is not None
         with store.replica.lock:
-            if compiled_where and _candidate_pks(compiled_where, store.indexes, at_most=PAGE_SORT_MAX) is not None:
+            if compiled_where and _candidate_pks(
+                compiled_where, store.indexes, at_most=_sort_threshold(want, len(records))
+            ) is not None:
                 return None
             # The walk covers only the order field's values the query allows, if it bounds them.
             scan, bounded = _ordered_scan(compiled_where, field, index, descending)
@@ -369,22 +406,86 @@ class Planner:
                             tails.setdefault("nulls" if p[0].get(field) is None else "others", []).append(p)
                     keep(_after(tails.get(segment, []), mark if segment == at else None, field, pk_name, descending))
                     continue
-                cursor = None if at != "index" else mark
-                chunk = want
-                while len(out) < want:
-                    try:
-                        pks = scan(cursor, chunk)
-                    except (ValueError, TypeError):  # a cursor no page of this order gives
-                        raise InvalidArgumentError(
-                            f"invalid pagination cursor {list(mark or ())!r} for order {field!r}"
-                        ) from None
-                    keep([records[pk] for pk in pks if pk in records])
-                    if len(pks) < chunk:
-                        break
-                    last = pks[-1]
-                    cursor = (records[last][0].get(field), last)
-                    chunk = min(chunk * 2, 4096)
+                try:
+                    _scan_matches(scan, records, field, flt if compiled_where else None, want, mark
+                                  if at == "index" else None, out)
+                except (ValueError, TypeError):  # a cursor no page of this order gives
+                    raise InvalidArgumentError(
+                        f"invalid pagination cursor {list(mark or ())!r} for order {field!r}"
+                    ) from None
         return out[:want]
+
+
+def _scan_matches(scan: Callable[[Any, int], list[Any]], records: Mapping[Any, Pair], field: str, flt: Any,
+                  want: int, cursor: tuple[Any, Any] | None, out: list[Pair] | None = None) -> list[Pair]:
+    """Walk an index with ``scan(after, n)`` from ``cursor`` in growing chunks, adding to ``out``
+    the records that ``flt`` passes (every one when it is None) until it holds ``want``.
+
+    The walk stops as soon as it has enough: its cost follows ``want`` and how many of the
+    walked records the filter passes, never the size of the index. ``field`` is the index's.
+    """
+    out = [] if out is None else out
+    chunk = max(want - len(out), 1)
+    while len(out) < want:
+        pks = scan(cursor, chunk)
+        pairs = [records[pk] for pk in pks if pk in records]
+        out.extend(pairs if flt is None else [pairs[i] for i in flt.filter([p[0] for p in pairs])])
+        if len(pks) < chunk:
+            break
+        last = pks[-1]
+        cursor = (records[last][0].get(field), last)
+        chunk = min(chunk * 2, 4096)
+    return out
+
+
+def _sort_threshold(want: int, total: int) -> int:
+    """The most candidates worth checking (and sorting) all, rather than walking an index until
+    ``want`` of ``total`` records match: checking ``m`` candidates costs about ``m``, and when
+    they are spread evenly the walk passes about ``want * total / m`` entries; the two costs meet
+    at ``sqrt(want * total)``."""
+    return max(want, math.isqrt(want * total))
+
+
+IndexWalk = tuple[str, Any, Callable[[Any, int], list[Any]] | None]
+"""An indexed condition every match satisfies: ``(field, condition, scan)``, where ``scan(after,
+n)`` walks the index over the values the condition allows (None: it cannot, e.g. ``$in``)."""
+
+
+def _index_walks(where: dict[str, Any], indexes: Mapping[str, Any]) -> list[IndexWalk]:
+    """The top-level conditions of ``where`` that an index can answer (see :data:`IndexWalk`)."""
+    walks: list[IndexWalk] = []
+    for name, cond in _top_conditions(where):
+        index = indexes.get(name)
+        if index is not None and _estimate(index, cond) is not None:
+            walks.append((name, cond, _bounded_scan(cond if _is_operators(cond) else {"$eq": cond}, index, False)))
+    return walks
+
+
+def _unordered_source(walks: list[IndexWalk], where: dict[str, Any], indexes: Mapping[str, Any], pk: str,
+                      want: int, total: int) -> list[Any] | tuple[str, Callable[[Any, int], list[Any]]] | None:
+    """Where rule 4 finds ``want`` matches of ``where`` soonest: a list of candidate primary keys
+    (None: every record) to check whole, or ``(field, scan)``, an index to walk in its order.
+
+    No indexed condition: walk the primary key index (matches come in primary key order). One:
+    walk the values it allows. Several: their candidates when one narrows them to a few
+    (:func:`_sort_threshold`), else walk the most selective.
+    """
+    if not walks:
+        index = indexes[pk]
+        if len(index) < total:  # records whose primary key the index cannot hold
+            return None
+        return pk, lambda after, n: index.ordered(after=after, limit=n)
+    if len(walks) == 1:
+        name, cond, scan = walks[0]
+        return (name, scan) if scan is not None else _lookup(indexes[name], cond, None)
+    pks = _candidate_pks(where, indexes, at_most=_sort_threshold(want, total))
+    if pks is not None:
+        return pks
+    ranked = sorted(walks, key=lambda walk: _estimate(indexes[walk[0]], walk[1]) or 0.0)
+    for name, _, scan in ranked:
+        if scan is not None:
+            return name, scan
+    return _candidate_pks(where, indexes)
 
 
 # -- index selection (pure functions over a compiled where dict) -----------------------------------
@@ -558,4 +659,4 @@ def _bounded_scan(cond: dict[str, Any], index: Any, reverse: bool) -> Callable[[
                                         limit=n, after=after)
 
 
-__all__ = ["PAGE_SORT_MAX", "REPLICA", "Pair", "Planner", "ReadOptions", "read_options", "split_read_options"]
+__all__ = ["REPLICA", "Pair", "Planner", "ReadOptions", "read_options", "split_read_options"]
