@@ -115,6 +115,15 @@ class Models:
         # 10 of 10,000 matches (half the ages), no order.
         self.model.find(age__gte=0, age__lt=AGES // 2, limit=10)
 
+    def time_find_wide_range_order_other_limit_100(self, impl: str) -> None:
+        # 100 of 1,100 matches ordered by another indexed field (role): the planner picks between
+        # walking the role index and sorting the age range's candidates.
+        self.model.find(age__gte=RANGE_LO, age__lt=RANGE_LO + 55, order_by="role", limit=100)
+
+    def time_find_no_condition_limit_100(self, impl: str) -> None:
+        # No indexed condition (score is not indexed): walks the primary key index, filtering.
+        self.model.find(score__gte=500.0, limit=100)
+
     def time_count_full_scan(self, impl: str) -> None:
         self.model.count(where={"score": {"$gt": 990.0}})
 
