@@ -193,8 +193,8 @@ class Planner:
             if index is not None:
                 pairs = self._walk_index(index, field, descending, mark, limit + 1, where, lookups)
         if pairs is None:
-            ordered = query.sort_records(self._select(where, lookups, options), [(field, descending)], pk)
-            pairs = _after(ordered, mark, field, pk, descending)[: limit + 1]
+            following = _after(self._select(where, lookups, options), mark, field, pk, descending)
+            pairs = query.first_records(following, [(field, descending)], pk, limit + 1)
         if len(pairs) <= limit:
             return pairs, None
         pairs = pairs[:limit]
@@ -238,6 +238,8 @@ class Planner:
         if limit is not None and not order and not options.server:  # rule 4
             return self._any_matches(where, lookups, limit + offset)[offset : offset + limit]
         pairs = self._select(where, lookups, options)
+        if limit is not None and order:
+            return query.first_records(pairs, order, store.pk, limit + offset)[offset:]
         if len(pairs) > 1:
             pairs = query.sort_records(pairs, order, store.pk)
         if offset:
@@ -492,7 +494,8 @@ def _unordered_source(walks: list[IndexWalk], where: dict[str, Any], indexes: Ma
 
 
 def _after(pairs: list[Pair], mark: tuple[Any, Any] | None, field: str, pk: str, descending: bool) -> list[Pair]:
-    """The pairs (sorted by ``field``, ties by primary key) strictly after the cursor ``mark``."""
+    """The pairs strictly after the cursor ``mark`` in the order by ``field`` (ties by primary key),
+    in the order they come."""
     if mark is None:
         return pairs
     return [p for p in pairs if query.follows(p[0], mark, field, pk, descending)]

@@ -9,6 +9,7 @@ Pure functions, no I/O, any thread. How a query is answered (which index, in wha
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -165,6 +166,20 @@ def sort_records(
         else:  # order_key puts nulls last already
             pairs.sort(key=lambda p: order_key(p[0].get(name)))
     return pairs
+
+
+def first_records(
+    pairs: list[tuple[dict[str, Any], int]], order: list[tuple[str, bool]], pk: str, count: int
+) -> list[tuple[dict[str, Any], int]]:
+    """The first ``count`` pairs of ``sort_records(pairs, order, pk)``, without sorting them all
+    when there is one order field: a heap keeps the best ``count`` (n log count, not n log n)."""
+    if len(order) != 1 or count * 4 >= len(pairs):
+        return sort_records(pairs, order, pk)[:count]
+    ((name, descending),) = order
+    # The same order as sort_records: ties by primary key in the field's direction, nulls last.
+    if not descending:
+        return heapq.nsmallest(count, pairs, key=lambda p: (order_key(p[0].get(name)), order_key(p[0].get(pk))))
+    return heapq.nlargest(count, pairs, key=lambda p: (_valued_key(p[0].get(name)), order_key(p[0].get(pk))))
 
 
 def _valued_key(value: Any) -> tuple[bool, tuple[Any, ...]]:
