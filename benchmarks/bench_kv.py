@@ -32,7 +32,10 @@ class _KV:
         pass
 
     def teardown(self, *params: object) -> None:
-        self.bench.close()
+        # asv calls teardown even after a setup that raised (the server did not start, say).
+        bench = getattr(self, "bench", None)
+        if bench is not None:
+            bench.close()
 
 
 class Single(_KV):

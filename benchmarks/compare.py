@@ -1,8 +1,8 @@
 """natskv side by side: one run, one table of medians and ratios.
 
-    python benchmarks/compare.py                 # full run (kv + models), about 3-5 minutes
-    python benchmarks/compare.py --quick         # fewer rounds, under ~90 s
-    python benchmarks/compare.py --only models   # or --only kv; combines with --quick
+    python benchmarks/compare.py                 # full run (kv + models + redis), about 4-6 minutes
+    python benchmarks/compare.py --quick         # fewer rounds, about 2 minutes
+    python benchmarks/compare.py --only models   # or --only kv / --only redis; combines with --quick
 
 Starts its own nats-server (``natskv.EmbeddedServer``, loopback, temporary store; or uses
 ``NATSKV_BENCH_URL``) and measures, interleaving the two sides of every comparison in alternating
@@ -27,7 +27,14 @@ rounds so that drift and neighbours' noise hit both alike:
    import); M4 ``register()`` warm-up of the 100,000-record replica on a fresh client; M5
    ``Model.create`` (one unique field) vs ``kv.set`` of the same JSON, one thread; M6 resident memory
    per record of the 100,000-record replica (a fresh process); M7 one ``bulk_create`` of 10,000
-   (quick) or 100,000 records.
+   (quick) or 100,000 records;
+6. redis-py (``R*`` rows, a second table), where a ``redis-server`` binary and the ``redis`` package
+   are installed (``pip install -e ".[bench]"``; otherwise one line says the section was skipped):
+   a redis-server of its own on a free loopback port (AOF with ``appendfsync everysec``, files in a
+   temporary directory, stopped by its PID) against natskv on the same 127-byte JSON value, orjson
+   on both sides: R1 get p50, R2 set p50, R3 get p99, R4 16 threads on one client, R5 ``get_many``
+   vs ``mget`` of 1000 keys, R6 ``set_many`` vs a pipeline of 1000 SETs, R7 ``Model.get`` vs GET +
+   loads, R8 ``bulk_create`` vs a pipeline of 10,000 rows. natskv / redis ratio and issue 9's goal.
 
 It measures the natskv of this checkout (build it first: ``pip install -e .``).
 It is a report, not a test: it exits 0 when a target is missed.
@@ -42,8 +49,11 @@ import functools
 import gc
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -208,6 +218,34 @@ class NatsPy:
 
         return self.run(go())
 
+    def throughput(self, keys: list[str], tasks: int, seconds: float,
+                   decode: Callable[[bytes], object] | None = None) -> float:
+        """Aggregate ``kv.get`` calls per second of ``tasks`` asyncio tasks on this loop for
+        ``seconds`` (asyncio's counterpart of N threads sharing one client), each value passed to
+        ``decode`` when given."""
+        clock = time.perf_counter
+        counts = [0] * tasks
+
+        async def worker(index: int, deadline: float) -> None:
+            get = self.kv.get
+            n = len(keys)
+            i = index
+            done = 0
+            while clock() < deadline:
+                entry = await get(keys[i % n])
+                if decode is not None:
+                    decode(entry.value)
+                i += 1
+                done += 1
+            counts[index] = done
+
+        async def go() -> float:
+            began = clock()
+            await asyncio.gather(*(worker(i, began + seconds) for i in range(tasks)))
+            return sum(counts) / (clock() - began)
+
+        return float(self.run(go()))
+
     def close(self) -> None:
         async def go() -> None:
             try:
@@ -312,13 +350,18 @@ def compare_single(url: str, client: natskv.Client, s: Settings) -> list[Row]:
 def throughput(kv: natskv.Bucket, keys: list[str], threads: int, seconds: float) -> tuple[float, float]:
     """Aggregate gets per second of ``threads`` threads sharing one client for ``seconds``, and
     this process's CPU time per get (every thread, the loop thread included; not the server's)."""
+    return throughput_of(kv.get, keys, threads, seconds)
+
+
+def throughput_of(get: Callable[[str], object], keys: list[str], threads: int, seconds: float) -> tuple[float, float]:
+    """``throughput`` of any blocking ``get(key)`` (natskv's, or redis-py's with its decode): calls
+    per second of ``threads`` threads for ``seconds``, and the process CPU time per call."""
     counts = [0] * threads
     errors: list[BaseException] = []
     start = threading.Barrier(threads + 1)
     stop_at = [0.0]
 
     def worker(index: int) -> None:
-        get = kv.get
         n = len(keys)
         i = index
         done = 0
@@ -608,7 +651,7 @@ def model_scans(model: type[Any]) -> dict[str, Callable[[], object]]:
     }
 
 
-def time_register(url: str, bucket: str, n: int) -> float:
+def register_seconds(url: str, bucket: str, n: int) -> float:
     """Seconds for ``register`` of a fresh model class on a fresh client (the replica warm-up)."""
     client = natskv.connect(url, name="natskv-compare-warm")
     try:
@@ -637,7 +680,7 @@ def scan_times(model: type[Any], rounds: int, min_sample: float) -> dict[str, li
 
 def models_worker(url: str, bucket: str, n: int, rounds: int, warm_rounds: int, calls: int) -> dict[str, Any]:
     """The measurement run in a subprocess (NATSKV_IMPL=python): warm, reads, scans; JSON out."""
-    warm = [time_register(url, bucket, n) for _ in range(warm_rounds)]
+    warm = [register_seconds(url, bucket, n) for _ in range(warm_rounds)]
     client = natskv.connect(url, name="natskv-compare-worker")
     try:
         model = client.register(make_model(bucket), timeout=120.0)
@@ -655,7 +698,6 @@ def models_worker(url: str, bucket: str, n: int, rounds: int, warm_rounds: int, 
 def run_pure_worker(url: str, s: Settings) -> dict[str, Any] | None:
     """``models_worker`` in a subprocess with NATSKV_IMPL=python (the core is picked at import)."""
     import json
-    import subprocess
 
     env = dict(os.environ, NATSKV_IMPL="python")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--models-worker", url, MODEL_BUCKET, str(MODEL_N),
@@ -681,7 +723,7 @@ def compare_models(url: str, client: natskv.Client, s: Settings) -> list[Row]:
 
         # M4 warm-up: register a fresh model class on a fresh client against the populated bucket.
         progress(f"models: warming a replica of {MODEL_N:,} records ({s.model_warm_rounds} rounds)")
-        warm = [time_register(url, MODEL_BUCKET, MODEL_N) for _ in range(s.model_warm_rounds)]
+        warm = [register_seconds(url, MODEL_BUCKET, MODEL_N) for _ in range(s.model_warm_rounds)]
 
         model = client.register(make_model(MODEL_BUCKET), timeout=120.0)
         compiled = natskv.__impl__ == "c"
@@ -829,7 +871,6 @@ def replica_memory_row(url: str) -> Row:
     """M6: bytes of resident memory per replica record, measured in a fresh process (the issue 9
     target is <= 600 bytes per record for this 6-field model)."""
     import json
-    import subprocess
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", url, MODEL_BUCKET, str(MODEL_N)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
@@ -918,12 +959,416 @@ def compare_create(client: natskv.Client, s: Settings) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------
+# R. natskv vs redis-py on a local redis-server (optional)
+# ---------------------------------------------------------------------------------------------
+
+REDIS_KEYS = 100  # keys cycled through by the single-call and thread rows
+REDIS_BATCH = 1000  # keys of the mget / get_many and pipeline / set_many rows
+REDIS_ROWS = 10_000  # rows of the bulk load and row-by-pk rows
+# (label, goal as text, test of the natskv / redis ratio): the issue 9 goals. Time rows compare
+# seconds (lower is better for natskv); the thread row compares calls per second.
+REDIS_GOALS: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "get": ("<= 1.20", lambda r: r <= 1.2),
+    "set": ("<= 1.20", lambda r: r <= 1.2),
+    "p99": ("<= 1.50", lambda r: r <= 1.5),
+    "threads": (">= 2.00 (keep)", lambda r: r >= 2.0),
+    "mget": ("<= 1.50", lambda r: r <= 1.5),
+    "pipeline": ("<= 1.00", lambda r: r <= 1.0),
+    "row": ("< 1.00 (keep)", lambda r: r < 1.0),
+    "bulk": ("<= 1.20", lambda r: r <= 1.2),
+}
+
+
+def json_value(size: int = 127) -> dict[str, Any]:
+    """A small JSON document whose orjson encoding is exactly ``size`` bytes (the issue's value)."""
+    import orjson
+
+    doc: dict[str, Any] = {"id": 4217, "name": "Ada Lovelace", "email": "ada@example.com", "age": 36,
+                           "active": True, "tags": ["admin", "beta"], "bio": ""}
+    pad = size - len(orjson.dumps(doc))
+    if pad < 0:
+        raise ValueError(f"no JSON value of {size} bytes with these fields")
+    doc["bio"] = "x" * pad
+    return doc
+
+
+def redis_missing() -> str | None:
+    """Why the redis section cannot run on this machine, or None when it can."""
+    if shutil.which("redis-server") is None:
+        return "no redis-server on PATH (Debian/Ubuntu: apt-get install redis-server)"
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return "the redis package is not installed (pip install -e '.[bench]')"
+    return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a free loopback port, its files in a temporary directory.
+
+    AOF on with ``appendfsync everysec`` (the durability a user would pick to compare with
+    JetStream's file store), no RDB snapshots. Started by ``__enter__``, stopped by ``__exit__``
+    through its own PID (SIGTERM, then SIGKILL after 10 s); the directory goes with it.
+    """
+
+    def __init__(self, binary: str = "redis-server") -> None:
+        self.binary = binary
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def __enter__(self) -> RedisServer:
+        import redis
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="natskv-bench-redis-")
+        log = Path(self.tmp.name) / "redis.log"
+        self.port = free_port()
+        cmd = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.tmp.name,
+               "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no",
+               "--logfile", str(log)]
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+            probe = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+            deadline = time.monotonic() + 15.0
+            while True:
+                try:
+                    probe.ping()
+                    break
+                except redis.ConnectionError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                        raise RuntimeError(f"redis-server did not start on port {self.port}:\n{tail}") from None
+                    time.sleep(0.05)
+            probe.close()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10.0)
+        tmp, self.tmp = self.tmp, None
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def redis_client(port: int) -> Any:
+    """A redis-py client of the local server (hiredis parses replies when it is installed)."""
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=port)
+
+
+def redis_versions(r: Any) -> str:
+    import redis
+
+    parser = "hiredis" if getattr(redis.utils, "HIREDIS_AVAILABLE", False) else "python parser"
+    return (f"redis-server {r.info('server')['redis_version']}, redis-py {version('redis')} ({parser}), "
+            f"orjson {version('orjson')}")
+
+
+def redis_row(key: str, label: str, measured: str, baseline: str, ratio: float, note: str) -> Row:
+    goal, test = REDIS_GOALS[key]
+    return Row(label, measured, baseline, ratio, goal, test(ratio), note)
+
+
+def faster_or_slower(ratio: float, higher_is_faster: bool = False) -> str:
+    """Words for a natskv / redis ratio: "natskv 1.4x slower", "natskv 2.0x faster"."""
+    faster = ratio > 1.0 if higher_is_faster else ratio < 1.0
+    factor = ratio if ratio >= 1.0 else 1.0 / ratio
+    return f"natskv {factor:.1f}x {'faster' if faster else 'slower'}"
+
+
+def compare_redis(client: natskv.Client | None, s: Settings) -> list[Row]:
+    """The R rows: natskv vs redis-py on a redis-server this function starts and stops.
+
+    Skipped, with one printed line, when this machine has no ``redis-server`` or no ``redis``
+    package (then ``client`` is not used). Both sides store the same 127-byte JSON value and
+    decode it with orjson; ratios are natskv / redis of the same quantity.
+    """
+    reason = redis_missing()
+    if reason is not None:
+        print(f"redis section skipped: {reason}", flush=True)
+        return []
+    assert client is not None
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    with RedisServer(binary) as server:
+        r = redis_client(server.port)
+        try:
+            print(f"redis: {redis_versions(r)}; 127.0.0.1:{server.port}, AOF appendfsync everysec", flush=True)
+            rows = redis_single(client, r, s)
+            rows += redis_threads(client, r, s)
+            rows += redis_batches(client, r, s)
+            rows += redis_rows(client, r, s)
+        finally:
+            r.close()
+    return rows
+
+
+def redis_single(client: natskv.Client, r: Any, s: Settings) -> list[Row]:
+    """R1 get p50, R2 set p50, R3 get p99: one thread, interleaved rounds."""
+    import orjson
+
+    loads, dumps = orjson.loads, orjson.dumps
+    value = json_value()
+    keys = [f"key{i}" for i in range(REDIS_KEYS)]
+    client.delete_bucket("cmp_redis")
+    kv = client.bucket("cmp_redis")  # the default JSON codec: orjson both ways
+    try:
+        kv.set_many(dict.fromkeys(keys, value))
+        r.mset(dict.fromkeys(keys, dumps(value)))
+        r_get, r_set = r.get, r.set
+
+        def redis_get(key: str) -> object:
+            return loads(r_get(key))
+
+        def redis_set(key: str, doc: object) -> object:
+            return r_set(key, dumps(doc))
+
+        natskv_timed(kv.get, keys, (), 200)
+        natskv_timed(redis_get, keys, (), 200)
+        rows = []
+        progress(f"R1/R3 get: natskv vs redis-py ({s.rounds} rounds x {s.calls} calls each)")
+        sa, sb, ratios = interleave(lambda: natskv_timed(kv.get, keys, (), s.calls),
+                                    lambda: natskv_timed(redis_get, keys, (), s.calls), s.rounds)
+        pa, pb = statistics.median(sa), statistics.median(sb)
+        rows.append(redis_row("get", "R1  get p50: natskv kv.get vs redis GET + loads", fmt_time(pa), fmt_time(pb),
+                              pa / pb, f"{faster_or_slower(pa / pb)}; {spread(ratios)}"))
+        qa, qb = statistics.quantiles(sa, n=100)[98], statistics.quantiles(sb, n=100)[98]
+        get_row_p99 = redis_row("p99", "R3  get p99: natskv vs redis", fmt_time(qa), fmt_time(qb), qa / qb,
+                                f"{len(sa):,} calls per side")
+        natskv_timed(kv.set, keys, (value,), 100)
+        natskv_timed(redis_set, keys, (value,), 100)
+        progress(f"R2 set: natskv vs redis-py, AOF everysec ({s.rounds} rounds x {s.calls} calls each)")
+        sa, sb, ratios = interleave(lambda: natskv_timed(kv.set, keys, (value,), s.calls),
+                                    lambda: natskv_timed(redis_set, keys, (value,), s.calls), s.rounds)
+        pa, pb = statistics.median(sa), statistics.median(sb)
+        rows.append(redis_row("set", "R2  set p50: natskv kv.set vs redis SET (AOF)", fmt_time(pa), fmt_time(pb),
+                              pa / pb, f"{faster_or_slower(pa / pb)}; {spread(ratios)}"))
+        rows.append(get_row_p99)
+    finally:
+        client.delete_bucket("cmp_redis")
+        r.flushdb()
+    return rows
+
+
+def redis_threads(client: natskv.Client, r: Any, s: Settings, threads: int = 16) -> list[Row]:
+    """R4: ``threads`` threads of gets on one client each (redis-py's pool hands each thread a
+    connection; natskv multiplexes one), calls per second."""
+    import orjson
+
+    loads, dumps = orjson.loads, orjson.dumps
+    value = json_value()
+    keys = [f"key{i}" for i in range(REDIS_KEYS)]
+    client.delete_bucket("cmp_redis")
+    kv = client.bucket("cmp_redis")
+    try:
+        kv.set_many(dict.fromkeys(keys, value))
+        r.mset(dict.fromkeys(keys, dumps(value)))
+        r_get = r.get
+
+        def redis_get(key: str) -> object:
+            return loads(r_get(key))
+
+        progress(f"R4 {threads} threads of gets: natskv vs redis-py ({s.thread_rounds} rounds x "
+                 f"{s.thread_seconds:.2f} s each)")
+        throughput_of(kv.get, keys, threads, 0.2)
+        throughput_of(redis_get, keys, threads, 0.2)
+        ours: list[float] = []
+        theirs: list[float] = []
+        for rnd in range(s.thread_rounds):
+            gc.collect()
+            pair = [(ours, kv.get), (theirs, redis_get)]
+            for out, get in pair if rnd % 2 == 0 else reversed(pair):
+                out.append(throughput_of(get, keys, threads, s.thread_seconds)[0])
+    finally:
+        client.delete_bucket("cmp_redis")
+        r.flushdb()
+    ma, mb = statistics.median(ours), statistics.median(theirs)
+    return [redis_row("threads", f"R4  {threads} threads, one client: gets/s natskv vs redis", f"{ma:,.0f}/s",
+                      f"{mb:,.0f}/s", ma / mb, faster_or_slower(ma / mb, higher_is_faster=True))]
+
+
+def redis_batches(client: natskv.Client, r: Any, s: Settings, n: int = REDIS_BATCH) -> list[Row]:
+    """R5 ``get_many`` vs ``mget`` (decoded into a dict), R6 ``set_many`` vs a non-transactional
+    pipeline of SETs, ``n`` keys each; interleaved rounds of three calls per side."""
+    import orjson
+
+    loads, dumps = orjson.loads, orjson.dumps
+    value = json_value()
+    keys = [f"item:{i}" for i in range(n)]
+    mapping = dict.fromkeys(keys, value)
+    clock = time.perf_counter
+    client.delete_bucket("cmp_redis")
+    kv = client.bucket("cmp_redis")
+
+    def natskv_read() -> float:
+        t0 = clock()
+        got = kv.get_many(keys)
+        elapsed = clock() - t0
+        if len(got) != n:
+            raise RuntimeError(f"get_many returned {len(got)} of {n} keys")
+        return elapsed
+
+    def redis_read() -> float:
+        t0 = clock()
+        got = {k: loads(v) for k, v in zip(keys, r.mget(keys), strict=True) if v is not None}
+        elapsed = clock() - t0
+        if len(got) != n:
+            raise RuntimeError(f"mget returned {len(got)} of {n} keys")
+        return elapsed
+
+    def natskv_write() -> float:
+        t0 = clock()
+        kv.set_many(mapping)
+        return clock() - t0
+
+    def redis_write() -> float:
+        t0 = clock()
+        pipe = r.pipeline(transaction=False)
+        for key, doc in mapping.items():
+            pipe.set(key, dumps(doc))
+        pipe.execute()
+        return clock() - t0
+
+    def paired(a: Callable[[], float], b: Callable[[], float]) -> tuple[float, float]:
+        a()
+        b()
+        sa: list[float] = []
+        sb: list[float] = []
+        for rnd in range(s.many_rounds):
+            gc.collect()
+            if rnd % 2 == 0:
+                sa += [a() for _ in range(3)]
+                sb += [b() for _ in range(3)]
+            else:
+                sb += [b() for _ in range(3)]
+                sa += [a() for _ in range(3)]
+        return statistics.median(sa), statistics.median(sb)
+
+    try:
+        progress(f"R6 batch write of {n}: set_many vs pipeline ({s.many_rounds} rounds)")
+        wa, wb = paired(natskv_write, redis_write)
+        progress(f"R5 batch read of {n}: get_many vs mget ({s.many_rounds} rounds)")
+        ra, rb = paired(natskv_read, redis_read)
+    finally:
+        client.delete_bucket("cmp_redis")
+        r.flushdb()
+    return [
+        redis_row("mget", f"R5  batch read {n}: get_many vs mget + loads", fmt_time(ra), fmt_time(rb), ra / rb,
+                  faster_or_slower(ra / rb)),
+        redis_row("pipeline", f"R6  batch write {n}: set_many vs pipeline", fmt_time(wa), fmt_time(wb), wa / wb,
+                  f"{faster_or_slower(wa / wb)}; pipeline(transaction=False) of SETs"),
+    ]
+
+
+def redis_rows(client: natskv.Client, r: Any, s: Settings, n: int = REDIS_ROWS) -> list[Row]:
+    """R8 bulk load of ``n`` model rows (``bulk_create`` vs a pipeline of SETs of the same stored
+    JSON), then R7 a row by primary key (``Model.get`` from the replica vs GET + loads)."""
+    import orjson
+
+    loads, dumps = orjson.loads, orjson.dumps
+    rows = [model_row(i) for i in range(1, n + 1)]
+    create_rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+    clock = time.perf_counter
+    rounds = 2 if s is QUICK else 3
+    buckets: list[str] = []
+    model: Any = None
+
+    def natskv_load(rnd: int) -> float:
+        nonlocal model
+        name = f"cmp_redis_rows{rnd}"
+        buckets.append(name)
+        client.delete_bucket(name)
+        model = client.register(make_model(name), timeout=60.0)
+        gc.collect()
+        t0 = clock()
+        model.bulk_create(create_rows, timeout=300.0)
+        elapsed = clock() - t0
+        if model.count() != n:
+            raise RuntimeError(f"bulk_create stored {model.count()} records, not {n}")
+        return elapsed
+
+    def redis_load(rnd: int) -> float:
+        r.flushdb()
+        gc.collect()
+        t0 = clock()
+        pipe = r.pipeline(transaction=False)
+        for row in rows:
+            pipe.set(f"user:{row['id']}", dumps(row))
+        pipe.execute()
+        return clock() - t0
+
+    try:
+        progress(f"R8 bulk load of {n:,} rows: bulk_create vs pipeline ({rounds} rounds)")
+        ours: list[float] = []
+        theirs: list[float] = []
+        for rnd in range(rounds):
+            if rnd % 2 == 0:
+                theirs.append(redis_load(rnd))
+                ours.append(natskv_load(rnd))
+            else:
+                ours.append(natskv_load(rnd))
+                theirs.append(redis_load(rnd))
+            for name in buckets[:-1]:  # keep the last model for R7
+                client.delete_bucket(name)
+            del buckets[:-1]
+        ba, bb = statistics.median(ours), statistics.median(theirs)
+
+        r_get = r.get
+        pks = list(range(1, n + 1, max(1, n // 997)))
+
+        def redis_row_get(pk: int) -> object:
+            return loads(r_get(f"user:{pk}"))
+
+        model_get = model.get
+        local_samples(model_get, pks, 500)
+        local_samples(redis_row_get, pks, 200)
+        progress(f"R7 row by pk: Model.get vs GET + loads ({s.model_rounds} rounds)")
+        ga, gb, ratios = interleave(functools.partial(local_samples, model_get, pks, s.model_calls, budget=0.5),
+                                    functools.partial(local_samples, redis_row_get, pks, s.calls), s.model_rounds)
+    finally:
+        for name in buckets:
+            client.delete_bucket(name)
+        r.flushdb()
+    pa, pb = statistics.median(ga), statistics.median(gb)
+    return [
+        redis_row("row", "R7  row by pk: Model.get vs GET + loads", fmt_time_us(pa), fmt_time_us(pb), pa / pb,
+                  f"{faster_or_slower(pa / pb)}; {spread(ratios)}; replica read vs round trip"),
+        redis_row("bulk", f"R8  bulk load {n:,} rows: bulk_create vs pipeline", fmt_time(ba), fmt_time(bb), ba / bb,
+                  f"{faster_or_slower(ba / bb)}; median of {rounds}"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
 
-def print_table(rows: list[Row]) -> None:
-    headers = ("comparison", "measured", "baseline", "ratio", "target", "result", "note")
+TABLE_HEADERS = ("comparison", "measured", "baseline", "ratio", "target", "result", "note")
+REDIS_HEADERS = ("natskv vs redis-py (same 127-byte JSON, orjson)", "natskv", "redis-py", "natskv/redis", "goal",
+                 "result", "note")
+
+
+def print_table(rows: list[Row], headers: tuple[str, ...] = TABLE_HEADERS) -> None:
     body = []
     for row in rows:
         result = ("-" if row.target == "report" else "n/a") if row.ok is None else "PASS" if row.ok else "MISS"
@@ -945,7 +1390,8 @@ def print_table(rows: list[Row]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (under ~90 s with models)")
-    parser.add_argument("--only", choices=("kv", "models"), help="run one section (default: both)")
+    parser.add_argument("--only", choices=("kv", "models", "redis"),
+                        help="run one section (default: all; redis only where redis-server is installed)")
     parser.add_argument("--models-worker", nargs=6, metavar=("URL", "BUCKET", "N", "ROUNDS", "WARM", "CALLS"),
                         help=argparse.SUPPRESS)  # internal: the pure-core subprocess of the models section
     parser.add_argument("--memory-worker", nargs=3, metavar=("URL", "BUCKET", "N"),
@@ -965,6 +1411,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run_kv = args.only in (None, "kv")
     run_models = args.only in (None, "models")
+    run_redis = args.only in (None, "redis")
     s = QUICK if args.quick else FULL
     began = time.perf_counter()
 
@@ -972,6 +1419,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     model_rows: list[Row] = []
+    redis_rows: list[Row] = []
     with _server.running_server() as url:
         client = natskv.connect(url, name="natskv-compare")
         try:
@@ -996,21 +1444,30 @@ def main(argv: list[str] | None = None) -> int:
                 rows += compare_get_many(client, s)
             if run_models:
                 model_rows = compare_models(url, client, s)
+            if run_redis:
+                redis_rows = compare_redis(client, s)
         finally:
             client.close()
     if run_kv:
         rows += compare_core(s)
     if run_models:
         rows += model_rows
-    print_table(rows)
-    print()
-    print(
-        "ratio: 1a/1b natskv p50 / nats-py p50 (lower is better); 2 16 threads / 1 thread;\n"
-        "       3 sequential / get_many; 4a-4d, M3 pure / compiled; M1 kv.get round trip / replica read\n"
-        "       (higher is better); M5 create rate / kv.set rate.\n"
-        "Medians over interleaved rounds (alternating order); "
-        f"total {time.perf_counter() - began:.0f} s; at the end: {load()}."
-    )
+    if rows:
+        print_table(rows)
+        print()
+    if redis_rows:
+        print_table(redis_rows, REDIS_HEADERS)
+        print("natskv/redis: of times (R1-R3, R5-R8; below 1 natskv is faster) or of gets/s (R4; above 1 natskv\n"
+              "is faster); goals from issue 9. One redis-server on loopback, started and stopped by this run.")
+        print()
+    if rows:
+        print(
+            "ratio: 1a/1b natskv p50 / nats-py p50 (lower is better); 2 16 threads / 1 thread;\n"
+            "       3 sequential / get_many; 4a-4d, M3 pure / compiled; M1 kv.get round trip / replica read\n"
+            "       (higher is better); M5 create rate / kv.set rate."
+        )
+    print(f"Medians over interleaved rounds (alternating order); total {time.perf_counter() - began:.0f} s; "
+          f"at the end: {load()}.")
     return 0
 
 

@@ -1,0 +1,95 @@
+"""The measuring instruments in benchmarks/: compare.py's optional redis section and plot.py's
+drawing. Nothing here measures speed; the redis-server test runs only where one is installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import compare, plot  # noqa: E402
+
+FIGURES = {
+    "meta": {"date": "2026-12-01", "natskv": "0.1.0", "nats-py": "2.16.0", "nats-server": "2.15.1",
+             "python": "3.11.7", "machine": "x86_64, 2 cores", "redis": None},
+    "threads": {"counts": [1, 2, 4, 8, 16],
+                "ops_per_s": {plot.NATSKV: [1700, 2800, 4600, 5700, 8300],
+                              plot.NATSPY: [1800, 2600, 3200, 3100, 3000]}},
+    "queries": {"records": 100_000, "matches": [20, 100, 1000, 10_000],
+                "p50_us": {"limit=100": [85.0, 300.0, 1200.0, 41000.0], "no limit": [84.0, 315.0, 5000.0, 120000.0]}},
+}
+
+
+def test_redis_section_skipped_with_one_notice_without_redis_server(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no redis-server anywhere
+    assert compare.compare_redis(None, compare.QUICK) == []
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["redis section skipped: no redis-server on PATH (Debian/Ubuntu: apt-get install redis-server)"]
+
+
+def test_redis_section_skipped_with_one_notice_without_the_redis_package(monkeypatch, tmp_path, capsys):
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "redis", None)  # import redis raises ImportError
+    assert compare.compare_redis(None, compare.QUICK) == []
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["redis section skipped: the redis package is not installed (pip install -e '.[bench]')"]
+
+
+def test_the_compared_value_is_127_bytes_of_json():
+    assert len(orjson.dumps(compare.json_value())) == 127
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server on PATH")
+def test_redis_server_runs_on_loopback_and_leaves_nothing_behind():
+    pytest.importorskip("redis", reason="the redis package (the bench extra) is not installed")
+    with compare.RedisServer() as server:
+        directory = Path(server.tmp.name)
+        pid = server.proc.pid
+        r = compare.redis_client(server.port)
+        try:
+            assert r.set("k", b"v") and r.get("k") == b"v"
+            assert r.config_get("appendfsync") == {"appendfsync": "everysec"}
+            assert r.config_get("bind")["bind"] == "127.0.0.1"
+        finally:
+            r.close()
+    assert not directory.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_plot_draws_both_pictures_from_saved_figures(tmp_path):
+    saved = tmp_path / "performance.json"
+    saved.write_text(json.dumps(FIGURES))
+    out = tmp_path / "img"
+    assert plot.main(["--from-json", str(saved), "--out", str(out)]) == 0
+    for name in plot.FILES:
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        assert len(data) > 10_000  # axes, lines and labels, not an empty canvas
+    assert not (out / "performance.json").exists()  # redrawing writes no figures
+
+
+def test_plot_draws_a_third_line_when_redis_was_measured(tmp_path):
+    import matplotlib.image
+
+    with_redis = json.loads(json.dumps(FIGURES))
+    with_redis["threads"]["ops_per_s"][plot.REDISPY] = [1500, 3500, 5700, 6200, 6200]
+    with_redis["meta"]["redis"] = "redis-server 7.0.15, redis-py 8.1.0 (hiredis)"
+    two = plot.plot(FIGURES, tmp_path / "two")[0]
+    three = plot.plot(with_redis, tmp_path / "three")[0]
+    a, b = matplotlib.image.imread(two), matplotlib.image.imread(three)
+    assert a.shape == b.shape
+    assert (a != b).any()
