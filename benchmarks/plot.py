@@ -1,7 +1,7 @@
 """natskv's speed in two pictures, measured by this script in one run.
 
-    python benchmarks/plot.py                  # measure (about 3 minutes), then draw
-    python benchmarks/plot.py --quick          # shorter rounds (about 1.5 minutes)
+    python benchmarks/plot.py                  # measure (about 2.5 minutes), then draw
+    python benchmarks/plot.py --quick          # fewer, shorter rounds (about 1 minute)
     python benchmarks/plot.py --from-json docs/img/performance.json   # redraw saved figures only
 
 Writes into ``--out`` (default ``docs/img/``, where the README and docs/performance.md find them):
@@ -88,7 +88,7 @@ def measure_threads(url: str, client: Any, quick: bool) -> tuple[dict[str, Any],
 
     from benchmarks import compare
 
-    rounds, seconds = (2, 0.5) if quick else (3, 1.0)
+    rounds, seconds = (3, 0.4) if quick else (7, 0.6)
     value = compare.json_value()
     encoded = orjson.dumps(value)
     keys = [f"key{i}" for i in range(compare.REDIS_KEYS)]
@@ -137,9 +137,20 @@ def measure_threads(url: str, client: Any, quick: bool) -> tuple[dict[str, Any],
     return {
         "counts": list(THREADS),
         "ops_per_s": {name: [round(statistics.median(per[n])) for n in THREADS] for name, per in samples.items()},
+        # The middle half of the rounds (their quartiles): how much the neighbours moved a point.
+        "ops_per_s_iqr": {name: [[round(q) for q in quartiles(per[n])] for n in THREADS]
+                          for name, per in samples.items()},
         "rounds": rounds,
         "seconds_per_point": seconds,
     }, redis_versions
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles of ``values`` (both the value itself when there is one)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
 
 
 def measure_queries(client: Any, quick: bool) -> dict[str, Any]:
@@ -208,15 +219,20 @@ def plot(figures: dict[str, Any], out_dir: Path) -> list[Path]:
 
     threads = figures["threads"]
     fig, ax = new_figure()
+    spreads = threads.get("ops_per_s_iqr", {})
     for (name, rates), marker in zip(threads["ops_per_s"].items(), "osD^v", strict=False):
-        ax.plot(threads["counts"], rates, marker=marker, label=name)
+        (line,) = ax.plot(threads["counts"], rates, marker=marker, label=name)
+        if name in spreads:
+            low, high = zip(*spreads[name], strict=True)
+            ax.fill_between(threads["counts"], low, high, color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set_xticks(threads["counts"], [str(n) for n in threads["counts"]])
     ax.set_ylim(bottom=0)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_xlabel("threads (asyncio: tasks) sharing one client")
     ax.set_ylabel("gets per second")
-    ax.set_title("Gets per second against callers, one client, 127-byte JSON value")
+    ax.set_title("Gets per second against callers, one client, 127-byte JSON value\n"
+                 "(median of rounds; shaded: the middle half of the rounds)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend()
     paths.append(out_dir / FILES[0])
@@ -244,7 +260,7 @@ def plot(figures: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter rounds (about 1.5 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about 1 minute)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory of the PNGs and the JSON")
     parser.add_argument("--from-json", type=Path, help="draw from these figures instead of measuring")
     args = parser.parse_args(argv)

@@ -24,7 +24,10 @@ FIGURES = {
              "python": "3.11.7", "machine": "x86_64, 2 cores", "redis": None},
     "threads": {"counts": [1, 2, 4, 8, 16],
                 "ops_per_s": {plot.NATSKV: [1700, 2800, 4600, 5700, 8300],
-                              plot.NATSPY: [1800, 2600, 3200, 3100, 3000]}},
+                              plot.NATSPY: [1800, 2600, 3200, 3100, 3000]},
+                # Quartiles of the rounds, for one line only: a figure without them draws too.
+                "ops_per_s_iqr": {plot.NATSKV: [[1600, 1800], [2700, 2900], [4400, 4800], [5500, 5900],
+                                                [8000, 8600]]}},
     "queries": {"records": 100_000, "matches": [20, 100, 1000, 10_000],
                 "p50_us": {"limit=100": [85.0, 300.0, 1200.0, 41000.0], "no limit": [84.0, 315.0, 5000.0, 120000.0]}},
 }
