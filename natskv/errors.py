@@ -83,17 +83,30 @@ class UniqueConstraintError(KeyExistsError):
     """A record would share the value of a unique field (or its primary key) with another record.
 
     ``field`` and ``value`` name the clash. The server rejected the whole write: nothing was stored.
+    From ``bulk_create``, ``row`` is the index of the clashing row in its input, and ``written`` /
+    ``not_written`` list the indexes of the rows that were stored and of those that were not
+    (None from other calls).
     """
 
-    def __init__(self, model: str, field: str, value: Any) -> None:
+    def __init__(self, model: str, field: str, value: Any, *, row: int | None = None,
+                 written: list[int] | None = None, not_written: list[int] | None = None) -> None:
         self.model = model
         self.field = field
         self.value = value
-        NatsKVError.__init__(
-            self, f"{model}.{field} must be unique: another record already has {field}={value!r}"
-        )
+        self.row = row
+        self.written = written
+        self.not_written = not_written
+        message = f"{model}.{field} must be unique: another record already has {field}={value!r}"
+        if row is not None:
+            message += f" (row {row})"
+        if written is not None and not_written is not None:
+            message += f"; {len(written)} rows were stored, {len(not_written)} were not (see .written, .not_written)"
+        NatsKVError.__init__(self, message)
         self.key = f"{model}.{field}"
         self.current_revision = None
+
+    def __reduce__(self) -> Any:  # keyword fields survive copy and pickle
+        return (_unique_error, (self.model, self.field, self.value, self.row, self.written, self.not_written))
 
 
 class RevisionMismatchError(NatsKVError, ValueError):
@@ -208,3 +221,8 @@ __all__ = [
     "UniqueConstraintError",
     "ValidationError",
 ]
+
+
+def _unique_error(model: str, field: str, value: Any, row: int | None, written: list[int] | None,
+                  not_written: list[int] | None) -> UniqueConstraintError:
+    return UniqueConstraintError(model, field, value, row=row, written=written, not_written=not_written)

@@ -30,6 +30,7 @@ from natskv.errors import (
     UniqueConstraintError,
     ValidationError,
 )
+from natskv.models.bulk import BulkInsert
 from natskv.models.fields import (
     MISSING,
     Field,
@@ -37,6 +38,7 @@ from natskv.models.fields import (
     primary_key_name,
     validate_record,
 )
+from natskv.models.group_commit import group_commit
 from natskv.models.planner import read_options
 from natskv.models.store import (
     UNIQUE,
@@ -206,14 +208,21 @@ class Model(metaclass=ModelMeta):
     @classmethod
     def bulk_create(cls: type[M], rows: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> list[M]:
         """Create many records in atomic batches (up to 1000 writes each, a record's unique
-        markers always in its record's batch). Every row is validated before anything is written
-        (ValidationError names rows as ``[i].field``); a UniqueConstraintError rejects the batch
-        it occurs in, and batches before it stay written."""
+        markers always in its record's batch), several batches in flight at once.
+
+        Every row is validated before anything is written (ValidationError names rows as
+        ``[i].field``), and rows that clash with each other (the same primary key or unique value)
+        raise UniqueConstraintError before anything is written. A clash with a stored record
+        rejects the batch it occurs in; batches already sent may still be stored, those not yet
+        sent are not: the UniqueConstraintError's ``row`` is the clashing row, ``written`` the
+        indexes of the rows stored and ``not_written`` of those not stored. Rows stored are in
+        this client's replica when the call returns or raises. ``timeout=`` applies to each batch.
+        """
         check_timeout(timeout)
         objs = [cls(**dict(row)) for row in rows]
         if not objs:
             return []
-        cls._require_store()
+        store = cls._require_store()
         prepared = []
         problems: list[tuple[str, str, str]] = []
         for i, obj in enumerate(objs):
@@ -226,31 +235,10 @@ class Model(metaclass=ModelMeta):
             if field.generated == "autoincrement":
                 missing = [c for c in prepared if c.get(name) is None]
                 if missing:
-                    ids = cls._require_store().next_ids(name, len(missing), timeout)
+                    ids = store.next_ids(name, len(missing), timeout)
                     for clean, value in zip(missing, ids, strict=True):
                         clean[name] = value
-        batch: list[tuple[Any, ...]] = []
-        done: list[tuple[M, dict[str, Any], dict[str, Any]]] = []
-        pending: list[tuple[M, dict[str, Any], dict[str, Any]]] = []
-        now = dt.datetime.now(dt.timezone.utc)
-        for obj, clean in zip(objs, prepared, strict=True):
-            stored, ops = cls._insert_ops(clean, now)
-            if len(batch) + len(ops) > MAX_BATCH:
-                cls._write(batch, timeout)
-                done.extend(pending)
-                batch, pending = [], []
-            batch.extend(ops)
-            pending.append((obj, clean, stored))
-        revision = cls._write(batch, timeout)
-        done.extend(pending)
-        for obj, clean, stored in done:
-            obj._stored_as(clean, stored)
-        store = cls._require_store()
-        assert store.replica is not None
-        with store.replica.lock:
-            for obj, _clean, stored in done:
-                obj._version = store.records.get(stored[cls._pk], (None, revision))[1]
-        return objs
+        return BulkInsert(cls, store, objs, prepared, timeout).run()
 
     @classmethod
     def _validate(cls, values: dict[str, Any], partial: bool) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
@@ -310,7 +298,9 @@ class Model(metaclass=ModelMeta):
                 else:
                     revision = store.bucket.update(key, value, rest[0], timeout=timeout)
             else:
-                revision = store.bucket.commit(ops, timeout=timeout)
+                # Joined with other threads' writes of this model into one atomic batch (see
+                # natskv.models.group_commit): the server takes a stream's batches one at a time.
+                revision = group_commit(store, store.bucket).commit(ops, timeout)
         except KeyExistsError as exc:
             raise cls._unique_error(exc.key) from exc
         store.written(ops, revision)
@@ -394,7 +384,7 @@ class Model(metaclass=ModelMeta):
             _, key, revision = ops[0]
             rev = store.bucket.delete(key, revision=revision, timeout=timeout)
         else:
-            rev = store.bucket.commit(ops, timeout=timeout)
+            rev = group_commit(store, store.bucket).commit(ops, timeout)
         store.written(ops, rev)
 
     def refresh(self, *, timeout: float | None = None) -> M:  # type: ignore[type-var]

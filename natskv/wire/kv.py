@@ -14,6 +14,7 @@ import base64
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +45,9 @@ from natskv.wire.jsapi import (
     check_pub_ack,
     is_ack,
 )
-from natskv.wire.replies import RawReply, encode_command, parse_reply_headers, status_of
+from natskv.wire.replies import RawReply, encode_command, fresh_error, parse_reply_headers, status_of
 from natskv.wire.retry import FIRST_DELAY, RESEND_AFTER, publish_resending, request_retrying_on_503, sleep_before_retry
+from natskv.wire.waiters import Waiter
 
 if TYPE_CHECKING:
     from natskv.aio.connection import Connection
@@ -671,3 +673,139 @@ class KVProtocol:
         if status == 408:
             return NatsKVTimeoutError(f"the server timed out answering a request on bucket {self.bucket!r}")
         return JetStreamError(desc or f"unexpected status {status}", code=status)
+
+    # -- pipelined atomic batches (caller's thread) ----------------------------------------------
+
+    def commit_batches(
+        self,
+        batches: list[list[tuple[str, bytes, dict[str, str]]]],
+        timeout: float | None,
+        inflight: int = 4,
+        on_ack: Callable[[int, int], None] | None = None,
+    ) -> list[int | NatsKVError | None]:
+        """Commit several independent atomic batches, up to ``inflight`` of them in flight at once
+        (the server allows 50 per stream); return, in order, each batch's last revision, the error
+        that rejected it, or None for a batch not sent.
+
+        Each batch is all or nothing on its own. After the first failure no further batch is sent,
+        but those already sent are answered, so an ack may follow a failure. A timeout is returned
+        as a NatsKVTimeoutError for that batch (its outcome is unknown). On a replicated stream the
+        batches go one after another through :meth:`commit_batch`, which re-sends a batch whose
+        leader died (a pipeline of resends could store them out of order).
+
+        ``on_ack(i, revision)`` is called (on this thread) as batch ``i``'s acknowledgement
+        arrives, while later batches are still out.
+        """
+        self.conn.require(API_LEVEL_ATOMIC, "atomic multi-key commit (atomic batch publish)")
+        for items in batches:
+            if not items or len(items) > MAX_ATOMIC_BATCH:
+                raise BatchError(f"an atomic commit holds 1 to {MAX_ATOMIC_BATCH} operations, not {len(items)}")
+        results: list[int | NatsKVError | None] = [None] * len(batches)
+        if not batches:
+            return results
+        if not self.config.get("allow_atomic"):
+            self.update_config({"allow_atomic": True}, timeout)
+        if self._replicated or inflight <= 1:
+            for i, items in enumerate(batches):
+                try:
+                    results[i] = revision = self.commit_batch(items, timeout)
+                except NatsKVError as exc:
+                    results[i] = exc
+                    break
+                if on_ack is not None:
+                    on_ack(i, revision)
+            return results
+        assert self.conn.mux is not None
+        mux = self.conn.mux
+        deadline = None if timeout is None else time.monotonic() + timeout
+        window: list[tuple[int, Waiter, str, str, list[RawReply]]] = []
+        sent = 0
+        failed = False
+        try:
+            while window or (sent < len(batches) and not failed):
+                while not failed and sent < len(batches) and len(window) < inflight:
+                    window.append(self._start_batch(sent, batches[sent]))
+                    sent += 1
+                i, waiter, token, first_token, first_reply = window.pop(0)
+                left = None if deadline is None else deadline - time.monotonic()
+                try:
+                    answered = waiter.wait(left)
+                finally:
+                    mux._waiting.discard(waiter)
+                    mux.remove_route(first_token)
+                if waiter.error is not None:
+                    raise fresh_error(waiter.error)
+                if not answered:
+                    mux.remove_route(token)
+                    results[i] = NatsKVTimeoutError(
+                        f"a commit to bucket {self.bucket!r} was not acknowledged within {timeout} s; "
+                        "all of it or none of it is stored"
+                    )
+                    failed = True
+                    continue
+                assert waiter.reply is not None
+                try:
+                    results[i] = revision = self._pipelined_ack(batches[i], waiter.reply, first_reply)
+                except NatsKVError as exc:
+                    results[i] = exc
+                    failed = True
+                    continue
+                if on_ack is not None:
+                    on_ack(i, revision)
+        finally:
+            for _, waiter, token, first_token, _ in window:  # only on an exception (Ctrl-C, close)
+                mux._waiting.discard(waiter)
+                mux.remove_route(token)
+                mux.remove_route(first_token)
+        return results
+
+    def _start_batch(
+        self, index: int, items: list[tuple[str, bytes, dict[str, str]]]
+    ) -> tuple[int, Waiter, str, str, list[RawReply]]:
+        """Send one batch of :meth:`commit_batches` without waiting: the first message and the
+        commit are requests (errors come back on the first), the rest plain publishes, all in
+        one write."""
+        assert self.conn.mux is not None
+        mux = self.conn.mux
+        batch_id = uuid.uuid4().hex
+        n = len(items)
+        prefix = self.subject_prefix
+        first_token = mux.new_token()
+        first_reply: list[RawReply] = []
+
+        def on_first(data: bytes, headers: Any, reply: str) -> bool:
+            first_reply.append((data, headers, reply))
+            return True
+
+        token = mux.new_token()
+        waiter = Waiter(prefix + items[-1][0])
+        parts = []
+        size = 0
+        for seq, (key, payload, headers) in enumerate(items, start=1):
+            reply = mux.prefix + token if seq == n else mux.prefix + first_token if seq == 1 else ""
+            parts.append(encode_command(prefix + key, reply, payload, h.batch_part(headers, batch_id, seq, seq == n)))
+            size += len(payload)
+        if n > 1:
+            mux.add_route(first_token, on_first)
+        mux.add_route(token, waiter.deliver)
+        mux._waiting.add(waiter)
+        try:
+            mux.send(b"".join(parts), n, size)
+        except BaseException:
+            mux._waiting.discard(waiter)
+            mux.remove_route(token)
+            mux.remove_route(first_token)
+            raise
+        return index, waiter, token, first_token, first_reply
+
+    def _pipelined_ack(
+        self, items: list[tuple[str, bytes, dict[str, str]]], reply: RawReply, first_reply: list[RawReply]
+    ) -> int:
+        """The revision of a batch of :meth:`commit_batches` from its commit's reply (and its first
+        message's, which the server sends only on failure), or the error that rejected it."""
+        data, hdrs, _ = reply
+        if first_reply and first_reply[0][0]:
+            check_pub_ack(first_reply[0][0])  # the first message's own error (a failed CAS check...)
+        if not data and first_reply and status_of(first_reply[0][1]) == 503:
+            raise self._status_error(503, "")
+        return self._written(self._batch_ack(data, hdrs), self.subject_prefix + items[-1][0])
