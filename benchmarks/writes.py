@@ -13,7 +13,10 @@ W2 the same batches (same subjects, headers and payload sizes) published with pl
    1, 4 and 16 asyncio tasks on one connection: first message a plain publish, the commit a
    request. This is the protocol's own ceiling on this machine, with no natskv code in the way;
 W3 ``bulk_create`` of 10,000 and (full run) 100,000 new records, one call: records/s, checked
-   afterwards through the writing client's replica and a second client.
+   afterwards through the writing client's replica and a second client;
+W4 the server's floor for W3: the same batches (500 records, each a unique marker and the record,
+   "must not exist" checks), encoded before the clock starts and written to a plain socket, four
+   in flight.
 
 :func:`write_rows` returns ``compare.Row`` values, so ``compare.py`` can add them to its table.
 It measures the natskv of this checkout when run as a script. It is a report, not a test.
@@ -232,17 +235,100 @@ def bulk_rate(url: str, n: int, round_no: int) -> tuple[float, float]:
     return n / elapsed, cpu / n
 
 
+def raw_bulk_rate(url: str, n: int, round_no: int, inflight: int = 4) -> float:
+    """Records/s of the server alone taking ``n`` records in bulk_create's batches (500 records,
+    each a unique marker and the record, both "must not exist"), pre-encoded and written to a
+    plain socket, ``inflight`` batches out at once: the floor under any client."""
+    import socket
+    from urllib.parse import urlparse
+
+    import orjson
+
+    bucket = f"wr_rawbulk_{n}_{round_no}"
+    client = natskv.connect(url, name="natskv-writes-rawbulk")
+    try:
+        client.delete_bucket(bucket)
+        client.bucket(bucket).commit([("set", "probe", 1)])  # allow_atomic
+        prefix = f"$KV.{bucket}."
+
+        def message(subject: str, reply: str, batch: str, seq: int, commit: bool, payload: bytes) -> bytes:
+            head = (f"NATS/1.0\r\nNats-Expected-Last-Subject-Sequence: 0\r\nNats-Batch-Id: {batch}\r\n"
+                    f"Nats-Batch-Sequence: {seq}\r\n" + ("Nats-Batch-Commit: 1\r\n" if commit else "") + "\r\n")
+            hb = head.encode()
+            return f"HPUB {subject} {reply} {len(hb)} {len(hb) + len(payload)}\r\n".encode() + hb + payload + b"\r\n"
+
+        batches = []
+        for start in range(1, n + 1, 500):
+            batch, parts, seq = uuid.uuid4().hex, [], 0
+            ids = range(start, min(start + 500, n + 1))
+            for i in ids:
+                row = model_row(i)
+                seq += 1
+                parts.append(message(f"{prefix}u.email.{uuid.uuid4().hex}", "", batch, seq, False,
+                                     orjson.dumps(f"r:i:{i}")))
+                seq += 1
+                last = i == ids[-1]
+                parts.append(message(f"{prefix}r.i.{i}", f"_INBOX.wr.{start}" if last else "", batch, seq, last,
+                                     orjson.dumps(row)))
+            batches.append(b"".join(parts))
+        where = urlparse(url)
+        sock = socket.create_connection((where.hostname, where.port))
+        reader = sock.makefile("rb")
+        try:
+            reader.readline()  # INFO
+            sock.sendall(b'CONNECT {"headers":true,"verbose":false,"no_responders":true}\r\n'
+                         b"SUB _INBOX.wr.* 1\r\nPING\r\n")
+            while not reader.readline().startswith(b"PONG"):
+                pass
+            t0 = time.perf_counter()
+            sent = acked = 0
+            while acked < len(batches):
+                while sent < len(batches) and sent - acked < inflight:
+                    sock.sendall(batches[sent])
+                    sent += 1
+                line = reader.readline()
+                if line.startswith((b"MSG", b"HMSG")):
+                    body = reader.read(int(line.split()[-1]) + 2)
+                    if b'"seq"' not in body:
+                        raise RuntimeError(f"raw bulk batch failed: {body!r}")
+                    acked += 1
+                elif line.startswith(b"PING"):
+                    sock.sendall(b"PONG\r\n")
+            elapsed = time.perf_counter() - t0
+        finally:
+            reader.close()
+            sock.close()
+        client.delete_bucket(bucket)
+    finally:
+        client.close()
+    return n / elapsed
+
+
 def measure_bulk(url: str, sizes: tuple[int, ...], rounds: int) -> list[Row]:
     rows = []
     for n in sizes:
-        progress(f"W3 bulk_create of {n:,} records ({rounds} rounds)")
-        results = [bulk_rate(url, n, r) for r in range(rounds)]
+        progress(f"W3/W4 bulk_create of {n:,} records vs the raw floor ({rounds} rounds)")
+        results = []
+        raw = []
+        for r in range(rounds):
+            if r % 2 == 0:
+                results.append(bulk_rate(url, n, r))
+                raw.append(raw_bulk_rate(url, n, r))
+            else:
+                raw.append(raw_bulk_rate(url, n, r))
+                results.append(bulk_rate(url, n, r))
         rate = statistics.median(r for r, _ in results)
         cpu = statistics.median(c for _, c in results)
+        floor = statistics.median(raw)
         rows.append(Row(
-            f"W3  bulk_create of {n:,} records, one call", f"{rate:,.0f}/s", "", None, f">= {WANT_BULK:,}/s",
-            rate >= WANT_BULK, f"per round {min(r for r, _ in results):,.0f}-{max(r for r, _ in results):,.0f}/s; "
-            f"CPU/record {cpu * 1e6:.0f} µs",
+            f"W3  bulk_create of {n:,} records, one call", f"{rate:,.0f}/s", f"{floor:,.0f}/s", rate / floor,
+            f">= {WANT_BULK:,}/s", rate >= WANT_BULK,
+            f"per round {min(r for r, _ in results):,.0f}-{max(r for r, _ in results):,.0f}/s; "
+            f"CPU/record {cpu * 1e6:.0f} µs; baseline W4",
+        ))
+        rows.append(Row(
+            f"W4  raw socket, the same {n:,} records' batches", f"{floor:,.0f}/s", "", None, "report", None,
+            f"pre-encoded, 4 batches in flight: the server's floor; per round {min(raw):,.0f}-{max(raw):,.0f}/s",
         ))
     return rows
 
@@ -267,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     with _server.running_server() as url:
         rows = write_rows(url, args.quick)
     print_table(rows)
-    print(f"\nW1 ratio: threads / 1 thread; W2 ratio: tasks / 1 task. Medians of alternating rounds; "
+    print(f"\nW1 ratio: threads / 1 thread; W2 ratio: tasks / 1 task; W3 ratio: bulk_create / raw socket (W4). "
+          f"Medians of alternating rounds; "
           f"total {time.perf_counter() - began:.0f} s; at the end: {load()}.")
     return 0
 

@@ -18,7 +18,8 @@ Runs on the caller's thread.
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from natskv.errors import JetStreamError, KeyExistsError, NatsKVError, UniqueConstraintError
 from natskv.models.store import record_key, unique_key
@@ -47,26 +48,27 @@ class BulkInsert(Generic[M]):
         self.objs = objs
         self.prepared = prepared
         self.timeout = timeout
-        self.stored: list[dict[str, Any] | None] = [None] * len(objs)
-        self.items: list[list[Item]] = []  # per batch: its messages
-        self.ops: list[list[tuple[Any, ...]]] = []  # per batch: the same writes as commit() ops
-        self.rows: list[range] = []  # per batch: the rows it holds
-        self.record_at: list[list[int]] = []  # per batch: where its records' messages are
+        self.keys: list[tuple[str, str]] = []  # per row: its record's key and subject token
+        self.markers: list[list[tuple[str, str]]] = []  # per row: its unique markers' keys and tokens
         self.row_of: dict[str, int] = {}  # subject token -> row
+        self.rows: list[range] = []  # per batch: the rows it holds
+        self.items: list[list[Item] | None] = []  # per batch, once built: its messages
+        self.ops: list[list[tuple[Any, ...]]] = []  # per batch, once built: the same writes as commit() ops
+        self.stored: dict[int, dict[str, Any]] = {}  # row -> its stored form, once built
         self.done: list[bool] = []
 
     def run(self) -> list[M]:
-        self._build()
+        self._plan()
         bucket = self.store.bucket
         limit = bucket._timeout(self.timeout)
-        todo = list(range(len(self.items)))
+        todo = list(range(len(self.rows)))
         while todo:
-            batch_of = todo  # bound for on_ack below
+            batches = _Batches(self, todo)
 
-            def on_ack(j: int, revision: int, batch_of: list[int] = batch_of) -> None:
-                self._stored(batch_of[j], revision)
+            def on_ack(j: int, revision: int, batches: _Batches = batches) -> None:
+                self._stored(batches.order[j], revision)
 
-            results = bucket._proto.commit_batches([self.items[b] for b in todo], limit, INFLIGHT, on_ack)
+            results = bucket._proto.commit_batches(batches, limit, INFLIGHT, on_ack)
             failed = [(todo[j], r) for j, r in enumerate(results) if not isinstance(r, int)]
             if not failed:
                 break
@@ -82,63 +84,77 @@ class BulkInsert(Generic[M]):
             todo = [b for b, _ in failed[1:]]
         return self.objs
 
-    def _build(self) -> None:
-        """Every row's messages, in batches; refuses rows that clash with one another."""
-        cls, bucket = self.cls, self.store.bucket
+    def _plan(self) -> None:
+        """Every row's keys, checked for clashes between rows, and the rows of each batch. The
+        messages themselves are built batch by batch as the pipeline sends them."""
+        cls, token = self.cls, self.store.bucket._token
         fields = cls._fields
         pk = cls._pk
-        unique = [name for name, field in fields.items() if field.unique]
+        unique = [(name, field) for name, field in fields.items() if field.unique]
         generated = [(name, field) for name, field in fields.items() if field.generated in ("uuid", "timestamp")]
-        now = dt.datetime.now(dt.timezone.utc).isoformat()
-        encode, token = bucket._encode, bucket._token
-        must_be_new = h.with_expected_revision(None, 0)  # shared: batch_part copies it
-        items: list[Item] = []
-        ops: list[tuple[Any, ...]] = []
-        record_at: list[int] = []
+        size = 0
         first = 0
         for i, clean in enumerate(self.prepared):
             for name, field in generated:
                 if clean.get(name) is None:
                     clean[name] = field.generate_value()
-            stored = cls._to_stored(clean)
-            stored["_created_at"] = stored["_updated_at"] = now
-            self.stored[i] = stored
-            key = record_key(clean[pk])
-            mine: list[Item] = []
-            my_ops: list[tuple[Any, ...]] = []
-            for name in unique:
-                value = stored.get(name)
+            markers = []
+            for name, field in unique:
+                value = clean.get(name)
                 if value is not None:
-                    marker = unique_key(name, value)
-                    marker_token = token(marker)
-                    self._claim(marker_token, i, name, clean[name])
-                    mine.append((marker_token, encode(key)[0], must_be_new))
-                    my_ops.append(("create", marker, key))
-            key_token = token(key)
-            self._claim(key_token, i, pk, clean[pk])
-            payload, extra = encode(stored)
-            mine.append((key_token, payload, must_be_new if extra is None else h.with_expected_revision(extra, 0)))
-            my_ops.append(("create", key, stored))
-            if len(items) + len(mine) > MAX_BATCH:
-                self._close_batch(items, ops, record_at, first, i)
-                items, ops, record_at, first = [], [], [], i
-            items += mine
-            ops += my_ops
-            record_at.append(len(items) - 1)  # the record comes after its markers
-        self._close_batch(items, ops, record_at, first, len(self.prepared))
+                    marker = unique_key(name, field.to_json(value))
+                    markers.append((marker, self._claim(token(marker), i, name, value)))
+            key = record_key(clean[pk])
+            self.keys.append((key, self._claim(token(key), i, pk, clean[pk])))
+            self.markers.append(markers)
+            if size + len(markers) + 1 > MAX_BATCH:
+                self._add_batch(first, i)
+                size, first = 0, i
+            size += len(markers) + 1
+        self._add_batch(first, len(self.prepared))
 
-    def _claim(self, subject_token: str, row: int, field: str, value: Any) -> None:
+    def _claim(self, subject_token: str, row: int, field: str, value: Any) -> str:
         if self.row_of.setdefault(subject_token, row) != row:  # an earlier row has it too
             everything = list(range(len(self.objs)))
             raise UniqueConstraintError(self.cls.__name__, field, value, row=row, written=[], not_written=everything)
+        return subject_token
 
-    def _close_batch(self, items: list[Item], ops: list[tuple[Any, ...]], record_at: list[int], first: int,
-                     end: int) -> None:
-        self.items.append(items)
-        self.ops.append(ops)
-        self.record_at.append(record_at)
+    def _add_batch(self, first: int, end: int) -> None:
         self.rows.append(range(first, end))
+        self.items.append(None)
+        self.ops.append([])
         self.done.append(False)
+
+    def batch(self, b: int) -> list[Item]:
+        """The messages of batch ``b`` (built on first use): per row, its unique markers, then the
+        record, each with a "must not exist" check."""
+        built = self.items[b]
+        if built is not None:
+            return built
+        cls, bucket = self.cls, self.store.bucket
+        encode = bucket._encode
+        to_stored = cls._to_stored
+        must_be_new = h.with_expected_revision(None, 0)  # shared: batch_part copies it
+        now = dt.datetime.now(dt.timezone.utc).isoformat()
+        items: list[Item] = []
+        ops: list[tuple[Any, ...]] = []
+        for row in self.rows[b]:
+            stored = to_stored(self.prepared[row])
+            stored["_created_at"] = stored["_updated_at"] = now
+            self.stored[row] = stored
+            key, key_token = self.keys[row]
+            markers = self.markers[row]
+            if markers:
+                points_to = encode(key)[0]
+                for marker, marker_token in markers:
+                    items.append((marker_token, points_to, must_be_new))
+                    ops.append(("create", marker, key))
+            payload, extra = encode(stored)
+            items.append((key_token, payload, must_be_new if extra is None else h.with_expected_revision(extra, 0)))
+            ops.append(("create", key, stored))
+        self.items[b] = items
+        self.ops[b] = ops
+        return items
 
     def _stored(self, b: int, revision: int) -> None:
         """Batch ``b`` was stored, its last message at ``revision``: apply it to the replica, and
@@ -146,12 +162,15 @@ class BulkInsert(Generic[M]):
         self.done[b] = True
         ops = self.ops[b]
         self.store.written(ops, revision)
-        first = revision - len(ops) + 1
-        objs, prepared, stored = self.objs, self.prepared, self.stored
-        for row, at in zip(self.rows[b], self.record_at[b], strict=True):
+        at = revision - len(ops)
+        objs, prepared, stored, markers = self.objs, self.prepared, self.stored, self.markers
+        for row in self.rows[b]:
+            at += len(markers[row]) + 1  # a record's message comes after its markers'
             obj = objs[row]
-            obj._stored_as(prepared[row], stored[row])  # type: ignore[arg-type]
-            obj._version = first + at
+            obj._stored_as(prepared[row], stored.pop(row))
+            obj._version = at
+        self.items[b] = None  # sent and stored: let it go
+        self.ops[b] = []
 
     def _clash(self, exc: KeyExistsError) -> UniqueConstraintError:
         """The UniqueConstraintError of a batch rejected for ``exc``'s key, with the rows stored."""
@@ -162,6 +181,26 @@ class BulkInsert(Generic[M]):
         assert isinstance(found, UniqueConstraintError)
         return UniqueConstraintError(found.model, found.field, found.value, row=row, written=written,
                                      not_written=not_written)
+
+
+class _Batches(Sequence[list[Item]]):
+    """Batches ``order`` of a :class:`BulkInsert`, built as the pipeline asks for them."""
+
+    def __init__(self, bulk: BulkInsert[Any], order: list[int]) -> None:
+        self.bulk = bulk
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    @overload
+    def __getitem__(self, j: int) -> list[Item]: ...
+    @overload
+    def __getitem__(self, j: slice) -> list[list[Item]]: ...
+    def __getitem__(self, j: int | slice) -> list[Item] | list[list[Item]]:
+        if isinstance(j, slice):
+            return [self.bulk.batch(b) for b in self.order[j]]
+        return self.bulk.batch(self.order[j])
 
 
 def _retry_alone(error: NatsKVError | None) -> bool:

@@ -340,8 +340,6 @@ class Field:
     def _coerce(self, value: Any) -> Any:
         """Return ``value`` as the field's type or raise _CoercionError. ``None`` is not handled."""
         kind = self.type
-        wanted = _TYPE_WORDS[kind]
-        got = f"got {_type_name(value)}"
         if kind is str:
             if isinstance(value, str):
                 return value
@@ -369,7 +367,7 @@ class Field:
                 try:
                     value = dt.datetime.fromisoformat(value)
                 except ValueError:
-                    raise _CoercionError(f"must be {wanted}, got {value!r}") from None
+                    raise _CoercionError(f"must be {_TYPE_WORDS[kind]}, got {value!r}") from None
             if isinstance(value, dt.datetime):
                 # Naive datetimes are taken as UTC, so the stored form always carries an offset.
                 return value if value.utcoffset() is not None else value.replace(tzinfo=dt.timezone.utc)
@@ -378,7 +376,7 @@ class Field:
                 try:
                     return dt.date.fromisoformat(value)
                 except ValueError:
-                    raise _CoercionError(f"must be {wanted}, got {value!r}") from None
+                    raise _CoercionError(f"must be {_TYPE_WORDS[kind]}, got {value!r}") from None
             # A datetime is a date subclass, but dropping its time silently would lose data.
             if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
                 return value
@@ -389,8 +387,9 @@ class Field:
                 try:
                     return uuid.UUID(value)
                 except ValueError:
-                    raise _CoercionError(f"must be {wanted}, got {value!r}") from None
-        raise _CoercionError(f"must be {wanted}, {got}")
+                    raise _CoercionError(f"must be {_TYPE_WORDS[kind]}, got {value!r}") from None
+        # The message is built here only: most values pass, and formatting it costs more than the checks.
+        raise _CoercionError(f"must be {_TYPE_WORDS[kind]}, got {_type_name(value)}")
 
     def coerce(self, value: Any) -> Any:
         """Convert user input to the field's Python type; ``None`` passes through.

@@ -14,7 +14,7 @@ import base64
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -678,7 +678,7 @@ class KVProtocol:
 
     def commit_batches(
         self,
-        batches: list[list[tuple[str, bytes, dict[str, str]]]],
+        batches: Sequence[list[tuple[str, bytes, dict[str, str]]]],
         timeout: float | None,
         inflight: int = 4,
         on_ack: Callable[[int, int], None] | None = None,
@@ -694,12 +694,11 @@ class KVProtocol:
         leader died (a pipeline of resends could store them out of order).
 
         ``on_ack(i, revision)`` is called (on this thread) as batch ``i``'s acknowledgement
-        arrives, while later batches are still out.
+        arrives, while later batches are still out. ``batches`` is read in order, each batch when
+        it is about to be sent (so it may be built lazily); one that is empty or over 1000
+        messages raises BatchError then.
         """
         self.conn.require(API_LEVEL_ATOMIC, "atomic multi-key commit (atomic batch publish)")
-        for items in batches:
-            if not items or len(items) > MAX_ATOMIC_BATCH:
-                raise BatchError(f"an atomic commit holds 1 to {MAX_ATOMIC_BATCH} operations, not {len(items)}")
         results: list[int | NatsKVError | None] = [None] * len(batches)
         if not batches:
             return results
@@ -767,8 +766,10 @@ class KVProtocol:
         one write."""
         assert self.conn.mux is not None
         mux = self.conn.mux
-        batch_id = uuid.uuid4().hex
         n = len(items)
+        if not items or n > MAX_ATOMIC_BATCH:
+            raise BatchError(f"an atomic commit holds 1 to {MAX_ATOMIC_BATCH} operations, not {n}")
+        batch_id = uuid.uuid4().hex
         prefix = self.subject_prefix
         first_token = mux.new_token()
         first_reply: list[RawReply] = []
