@@ -41,11 +41,12 @@ Item = tuple[str, bytes, dict[str, str]]
 class BulkInsert(Generic[M]):
     """One ``bulk_create`` call's writes (see the module docstring)."""
 
-    def __init__(self, cls: type[M], store: ModelStore, objs: list[M], prepared: list[dict[str, Any]],
+    def __init__(self, cls: type[M], store: ModelStore, given: list[dict[str, Any]], prepared: list[dict[str, Any]],
                  timeout: float | None) -> None:
         self.cls = cls
         self.store = store
-        self.objs = objs
+        self.given = given  # the rows as given: each becomes ``cls(**row)`` once stored
+        self.objs: list[M | None] = [None] * len(given)
         self.prepared = prepared
         self.timeout = timeout
         self.keys: list[tuple[str, str]] = []  # per row: its record's key and subject token
@@ -82,7 +83,7 @@ class BulkInsert(Generic[M]):
                 raise self._clash(exc) from exc
             self._stored(b, revision)
             todo = [b for b, _ in failed[1:]]
-        return self.objs
+        return self.objs  # type: ignore[return-value]  # every row stored: no None left
 
     def _plan(self) -> None:
         """Every row's keys, checked for clashes between rows, and the rows of each batch. The
@@ -115,7 +116,7 @@ class BulkInsert(Generic[M]):
 
     def _claim(self, subject_token: str, row: int, field: str, value: Any) -> str:
         if self.row_of.setdefault(subject_token, row) != row:  # an earlier row has it too
-            everything = list(range(len(self.objs)))
+            everything = list(range(len(self.given)))
             raise UniqueConstraintError(self.cls.__name__, field, value, row=row, written=[], not_written=everything)
         return subject_token
 
@@ -163,10 +164,11 @@ class BulkInsert(Generic[M]):
         ops = self.ops[b]
         self.store.written(ops, revision)
         at = revision - len(ops)
-        objs, prepared, stored, markers = self.objs, self.prepared, self.stored, self.markers
+        cls, given, objs, prepared = self.cls, self.given, self.objs, self.prepared
+        stored, markers = self.stored, self.markers
         for row in self.rows[b]:
             at += len(markers[row]) + 1  # a record's message comes after its markers'
-            obj = objs[row]
+            obj = objs[row] = cls(**given[row])
             obj._stored_as(prepared[row], stored.pop(row))
             obj._version = at
         self.items[b] = None  # sent and stored: let it go

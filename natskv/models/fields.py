@@ -185,6 +185,12 @@ class Field:
         self.nullable = nullable
         if default is not MISSING and not callable(default):
             self._check_default(default)
+        # A value of exactly this type is clean as it is (validate_record's fast path): a field of
+        # a simple type with nothing to check but the type.
+        # (Not float: a float must also be finite.)
+        checks = (self.choices, self.min, self.max, self.min_length, self.max_length, self._regex, self.format)
+        plain = type in (str, int, bool) and checks.count(None) == len(checks)
+        self._as_is: Any = type if plain else None
 
     # -- definition checks -------------------------------------------------------------------
 
@@ -504,6 +510,9 @@ def validate_record(
                 if field.required and field.generated is None:
                     issues.append((name, "is required", "required"))
                 continue
+        if type(value) is field._as_is:
+            clean[name] = value
+            continue
         clean[name], problems = field._check(value)
         issues.extend((name, message, code) for message, code in problems)
     return clean, issues

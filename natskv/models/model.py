@@ -219,14 +219,27 @@ class Model(metaclass=ModelMeta):
         this client's replica when the call returns or raises. ``timeout=`` applies to each batch.
         """
         check_timeout(timeout)
-        objs = [cls(**dict(row)) for row in rows]
-        if not objs:
+        given = [dict(row) for row in rows]
+        if not given:
             return []
         store = cls._require_store()
+        fields = cls._fields
         prepared = []
         problems: list[tuple[str, str, str]] = []
-        for i, obj in enumerate(objs):
-            clean, issues = cls._validate(obj._values(), partial=False)
+        for i, row in enumerate(given):
+            # What ``cls(**row)._values()`` would be, without the instance: the instances are
+            # made as their batches are stored, while later batches are out.
+            values = {}
+            for key, value in row.items():
+                if type(key) is not str and not isinstance(key, str):
+                    raise TypeError("keywords must be strings")
+                if key not in fields:
+                    values[key] = value
+            for name in fields:
+                value = row.get(name)
+                if value is not None:
+                    values[name] = value
+            clean, issues = cls._validate(values, partial=False)
             problems.extend((f"[{i}].{f}", m, c) for f, m, c in issues)
             prepared.append(clean)
         if problems:
@@ -238,7 +251,7 @@ class Model(metaclass=ModelMeta):
                     ids = store.next_ids(name, len(missing), timeout)
                     for clean, value in zip(missing, ids, strict=True):
                         clean[name] = value
-        return BulkInsert(cls, store, objs, prepared, timeout).run()
+        return BulkInsert(cls, store, given, prepared, timeout).run()
 
     @classmethod
     def _validate(cls, values: dict[str, Any], partial: bool) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
