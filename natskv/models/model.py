@@ -85,6 +85,10 @@ class ModelMeta(type):
             converters=[(n, f.from_json) for n, f in fields.items() if f.type in (dt.datetime, dt.date, uuid.UUID)],
             floats=[n for n, f in fields.items() if f.type is float],
         )
+        # Clean value -> stored form (Model._to_stored): only these fields' values change.
+        cls._to_json = [  # type: ignore[attr-defined]
+            (n, f) for n, f in fields.items() if f.type in (dt.datetime, dt.date, uuid.UUID)
+        ]
         cls._pk = primary_key_name(fields)  # type: ignore[attr-defined]
         cls._store = None  # type: ignore[attr-defined]
         return cls
@@ -155,10 +159,12 @@ class Model(metaclass=ModelMeta):
 
     @classmethod
     def _to_stored(cls, clean: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for key, value in clean.items():
-            field = cls._fields.get(key)
-            out[key] = field.to_json(value) if field is not None and value is not None else value
+        """The stored (JSON) form of validated values: only datetime, date and UUID fields differ."""
+        out = dict(clean)
+        for name, field in cls._to_json:  # type: ignore[attr-defined]
+            value = out.get(name)
+            if value is not None:
+                out[name] = field.to_json(value)
         return out
 
     @property
