@@ -14,7 +14,7 @@ client's default (``request_timeout``, 5 s unless set at connect), and ``math.in
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ from natskv.errors import (
     JetStreamError,
     KeyExistsError,
     KeyNotFoundError,
+    NatsKVError,
     RevisionMismatchError,
 )
 from natskv.ops import Create, Delete, Op, Update, as_op
@@ -590,6 +591,32 @@ class Bucket:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
+
+    # -- for the model layer's bulk writes (caller's thread) -------------------------------------
+
+    def _commit_batches(
+        self,
+        batches: Sequence[list[tuple[str, bytes, dict[str, str]]]],
+        timeout: float | None,
+        inflight: int,
+        on_ack: Callable[[int, int], None],
+    ) -> list[int | NatsKVError | None]:
+        """Several atomic batches of already encoded writes (subject token, payload, headers), up
+        to ``inflight`` out at once: see ``KVProtocol.commit_batches``. ``Model.bulk_create``'s
+        path; ``commit`` is the checked one."""
+        return self._proto.commit_batches(batches, self._timeout(timeout), inflight, on_ack)
+
+    @staticmethod
+    def _must_not_exist(headers: dict[str, str] | None) -> dict[str, str]:
+        """``headers`` plus the check of a create: stored only if the key has no message."""
+        return h.with_expected_revision(headers, 0)
+
+    @staticmethod
+    def _rejected_whole(error: NatsKVError | None) -> bool:
+        """Whether a batch of ``_commit_batches`` that got ``error`` stored nothing and may go
+        again through ``commit``: a failed check (a clash, or a create over a deleted key) or no
+        stream leader (503)."""
+        return isinstance(error, JetStreamError) and (error.err_code in CAS_ERROR_CODES or error.code == 503)
 
 
 def _key_list(keys: Any, call: str) -> list[Any]:

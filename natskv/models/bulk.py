@@ -4,8 +4,9 @@ The rows arrive validated, with their autoincrement values drawn. Each record an
 markers become the messages of one batch (with "must not exist" checks), built straight in wire
 form (subject token, payload, headers) instead of through ``Bucket.commit``'s general path, and
 rows that clash with one another are refused before anything is sent. The batches go out through
-``KVProtocol.commit_batches``, a few in flight at once, and each acknowledged batch is applied to
-the model's replica as its acknowledgement arrives, while the next ones are out.
+``Bucket._commit_batches`` (``KVProtocol.commit_batches``), a few in flight at once, and each
+acknowledged batch is applied to the model's replica as its acknowledgement arrives, while the
+next ones are out.
 
 A batch the server rejects for a failed check (or because the stream had no leader) goes again
 through ``Bucket.commit``, which tells a real clash (raised as UniqueConstraintError naming the
@@ -21,10 +22,8 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from natskv.errors import JetStreamError, KeyExistsError, NatsKVError, UniqueConstraintError
+from natskv.errors import KeyExistsError, UniqueConstraintError
 from natskv.models.store import record_key, unique_key
-from natskv.wire import headers as h
-from natskv.wire.jsapi import CAS_ERROR_CODES
 
 if TYPE_CHECKING:
     from natskv.models.model import Model
@@ -61,7 +60,6 @@ class BulkInsert(Generic[M]):
     def run(self) -> list[M]:
         self._plan()
         bucket = self.store.bucket
-        limit = bucket._timeout(self.timeout)
         todo = list(range(len(self.rows)))
         while todo:
             batches = _Batches(self, todo)
@@ -69,12 +67,12 @@ class BulkInsert(Generic[M]):
             def on_ack(j: int, revision: int, batches: _Batches = batches) -> None:
                 self._stored(batches.order[j], revision)
 
-            results = bucket._proto.commit_batches(batches, limit, INFLIGHT, on_ack)
+            results = bucket._commit_batches(batches, self.timeout, INFLIGHT, on_ack)
             failed = [(todo[j], r) for j, r in enumerate(results) if not isinstance(r, int)]
             if not failed:
                 break
             b, error = failed[0]
-            if not _retry_alone(error):
+            if not bucket._rejected_whole(error):
                 assert error is not None
                 raise error
             try:
@@ -135,7 +133,7 @@ class BulkInsert(Generic[M]):
         cls, bucket = self.cls, self.store.bucket
         encode = bucket._encode
         to_stored = cls._to_stored
-        must_be_new = h.with_expected_revision(None, 0)  # shared: batch_part copies it
+        must_be_new = bucket._must_not_exist(None)  # shared by the messages: the wire copies it
         now = dt.datetime.now(dt.timezone.utc).isoformat()
         items: list[Item] = []
         ops: list[tuple[Any, ...]] = []
@@ -151,7 +149,7 @@ class BulkInsert(Generic[M]):
                     items.append((marker_token, points_to, must_be_new))
                     ops.append(("create", marker, key))
             payload, extra = encode(stored)
-            items.append((key_token, payload, must_be_new if extra is None else h.with_expected_revision(extra, 0)))
+            items.append((key_token, payload, must_be_new if extra is None else bucket._must_not_exist(extra)))
             ops.append(("create", key, stored))
         self.items[b] = items
         self.ops[b] = ops
@@ -203,13 +201,6 @@ class _Batches(Sequence[list[Item]]):
         if isinstance(j, slice):
             return [self.bulk.batch(b) for b in self.order[j]]
         return self.bulk.batch(self.order[j])
-
-
-def _retry_alone(error: NatsKVError | None) -> bool:
-    """Whether a batch that got ``error`` stored nothing and may go again through
-    ``Bucket.commit``: a failed check (a clash, or a create over a deleted key) or no stream
-    leader (503)."""
-    return isinstance(error, JetStreamError) and (error.err_code in CAS_ERROR_CODES or error.code == 503)
 
 
 __all__ = ["BulkInsert"]

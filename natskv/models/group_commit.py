@@ -23,6 +23,7 @@ Every call runs on the caller's thread; a follower blocks on a lock until the le
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -39,7 +40,6 @@ from natskv.errors import (
     PayloadTooLargeError,
     RevisionMismatchError,
 )
-from natskv.wire.replies import fresh_error
 
 if TYPE_CHECKING:
     from natskv.kv import Bucket
@@ -105,7 +105,7 @@ class GroupCommit:
             state = self._wait(me, limit)
             if state == _DONE:
                 if me.error is not None:
-                    raise fresh_error(me.error)
+                    raise _copy(me.error)
                 return me.revision
             if state == _ALONE:
                 return self._alone(me)
@@ -237,6 +237,14 @@ class GroupCommit:
         for w in group:
             end += len(w.ops)
             w.revision = first + end - 1
+
+
+def _copy(error: BaseException) -> BaseException:
+    """A copy of the error a joint batch got, for one member to raise: one instance raised in
+    several threads would collect all their tracebacks."""
+    copied = copy.copy(error)
+    copied.__cause__ = error.__cause__
+    return copied.with_traceback(None)
 
 
 _committers: weakref.WeakKeyDictionary[Any, GroupCommit] = weakref.WeakKeyDictionary()
