@@ -346,3 +346,26 @@ def test_commit_batches_answers_each_batch_and_stops_sending_after_a_failure(kv:
             assert kv.entry(batches[i][-1][0].replace(".", ":")).revision == result
     with pytest.raises(BatchError):
         proto.commit_batches([[]], 10)
+
+
+def test_group_commit_joins_only_writes_that_may_wait_as_long_as_its_leader(kv: natskv.Bucket) -> None:
+    # the leader waits for the joint batch with its own time limit: a write with less time left
+    # is not joined to it (it would hear of a timeout only after its own), it goes next
+    slow = SlowBucket(kv)
+    group = GroupCommit(slow)  # type: ignore[arg-type]
+    threads = [
+        threading.Thread(target=group.commit, args=([("set", "a", 1), ("set", "a2", 1)], 10)),
+        threading.Thread(target=group.commit, args=([("set", "b", 1), ("set", "b2", 1)], 8)),
+        threading.Thread(target=group.commit, args=([("set", "c", 1), ("set", "c2", 1)], 3)),
+        threading.Thread(target=group.commit, args=([("set", "d", 1), ("set", "d2", 1)], 9)),
+    ]
+    threads[0].start()
+    assert queued(group, 0)
+    for i, t in enumerate(threads[1:], start=1):
+        t.start()
+        assert queued(group, i)
+    slow.release.set()
+    for t in threads:
+        t.join(10)
+    assert [sorted({op[1][0] for op in ops}) for ops in slow.calls] == [["a"], ["b", "d"], ["c"]]
+    assert all(kv.get(k) == 1 for k in "abcd")

@@ -112,36 +112,51 @@ class GroupCommit:
         return self._lead(me)
 
     def _alone(self, me: _Write) -> int:
-        left = None if me.deadline is None else max(0.001, me.deadline - time.monotonic())
-        return self.bucket.commit(me.ops, timeout=math.inf if left is None else left)
+        return self.bucket.commit(me.ops, timeout=_left(me.deadline))
 
     def _wait(self, me: _Write, limit: float | None) -> int:
         """Wait (a follower) until the leader answers or hands over the lead; return the state."""
-        if me.lock.acquire(True, -1 if limit is None else limit):
-            return me.state
-        with self._lock:
-            if me.state == _WAITING or me.state == _LEAD:
-                if me.state == _WAITING:  # still queued: withdraw it
-                    self._queue.remove(me)
-                else:  # handed the lead as its time ran out: pass it on
-                    self._pass_lead()
-                raise NatsKVTimeoutError(
-                    f"a commit to bucket {self.bucket.name!r} waited {limit} s behind the commits of other "
-                    "threads and was not sent; nothing of it is stored"
-                )
-            if me.lock.acquire(False):  # answered just now
+        try:
+            if me.lock.acquire(True, -1 if limit is None else limit):
                 return me.state
+        except BaseException:  # Ctrl-C while queued: leave the queue, or pass on the lead
+            self._withdraw(me)
+            raise
+        if self._withdraw(me):
+            raise NatsKVTimeoutError(
+                f"a commit to bucket {self.bucket.name!r} waited {limit} s behind the commits of other "
+                "threads and was not sent; nothing of it is stored"
+            )
+        if me.lock.acquire(False):  # answered just now
+            return me.state
         raise NatsKVTimeoutError(
             f"a commit to bucket {self.bucket.name!r} was not acknowledged within {limit} s "
             "(sent in one batch with other threads' writes); all of it or none of it is stored"
         )
 
+    def _withdraw(self, me: _Write) -> bool:
+        """Take a write that gives up waiting out of the queue, or pass on the lead it was just
+        handed; True when it was not sent (False: it is in a batch already)."""
+        with self._lock:
+            if me.state == _WAITING:
+                self._queue.remove(me)
+                return True
+            if me.state == _LEAD:
+                self._pass_lead()
+                return True
+            return False
+
     def _lead(self, me: _Write) -> int:
         """Commit ``me`` with whatever else is queued, answer the members, hand over the lead."""
         group = [me]
         try:
-            with self._lock:
-                self._gather(group)
+            try:
+                with self._lock:
+                    self._gather(group)
+            except BaseException:  # Ctrl-C while gathering: the members send their own writes
+                for w in group[1:]:
+                    w.state = _ALONE
+                raise
             started = time.monotonic()
             try:
                 if len(group) == 1:
@@ -178,8 +193,8 @@ class GroupCommit:
         than took part last time, wait for the others a little (a tenth of the last commit's
         time, at most 2 ms), or the batches would alternate between two half groups.
         """
-        size = sum(len(w.ops) for w in group)
-        keys = set().union(*(w.keys for w in group))
+        size = len(group[0].ops)
+        keys = set(group[0].keys)
         size = self._take(group, size, keys)
         if len(group) >= self._last_size or self._last_size == 1:
             return
@@ -196,10 +211,19 @@ class GroupCommit:
 
     def _take(self, group: list[_Write], size: int, keys: set[str]) -> int:
         """Move the queued writes that fit beside ``size`` ops with ``keys`` into ``group`` (under
-        the lock); the others stay queued, in order. Returns the new size."""
+        the lock); the others stay queued, in order. Returns the new size.
+
+        The leader (``group[0]``) waits for the batch with its own time limit, so it takes only
+        writes that may wait at least as long (None: no limit); one that times out earlier waits
+        for the next batch. Should the batch time out, a member hears it up to the gap between
+        the leader's deadline and its own early (writes made at about the same time with the same
+        timeout: the gap between their starts).
+        """
+        deadline = group[0].deadline
         kept: list[_Write] = []
         for w in self._queue:
-            if size + len(w.ops) <= MAX_OPS and keys.isdisjoint(w.keys):
+            patient = w.deadline is None if deadline is None else w.deadline is None or w.deadline >= deadline
+            if patient and size + len(w.ops) <= MAX_OPS and keys.isdisjoint(w.keys):
                 w.state = _DONE  # taken: no longer withdrawable by its own timeout
                 group.append(w)
                 size += len(w.ops)
@@ -212,11 +236,8 @@ class GroupCommit:
     def _joint(self, group: list[_Write]) -> None:
         """Commit the writes of ``group`` as one batch and record each member's answer."""
         ops = [op for w in group for op in w.ops]
-        deadlines = [w.deadline for w in group if w.deadline is not None]
-        # The longest of the members' limits: a member with less time stops waiting on its own.
-        timeout = math.inf if len(deadlines) < len(group) else max(0.001, max(deadlines) - time.monotonic())
         try:
-            last = self.bucket.commit(ops, timeout=timeout)
+            last = self.bucket.commit(ops, timeout=_left(group[0].deadline))
         except _ALONE_ERRORS:
             for w in group:
                 w.state = _ALONE
@@ -237,6 +258,11 @@ class GroupCommit:
         for w in group:
             end += len(w.ops)
             w.revision = first + end - 1
+
+
+def _left(deadline: float | None) -> float:
+    """The ``timeout=`` of a commit that must end by ``deadline`` (None: no limit)."""
+    return math.inf if deadline is None else max(0.001, deadline - time.monotonic())
 
 
 def _copy(error: BaseException) -> BaseException:
