@@ -59,6 +59,7 @@ __all__ = [
     "index_key",
     "parse_ack_subject",
     "parse_frames",
+    "parse_header_fields",
     "parse_headers",
     "pub_command",
 ]
@@ -765,8 +766,9 @@ cdef inline str _text(const char* p, Py_ssize_t start, Py_ssize_t end):
     return PyUnicode_DecodeUTF8(<char*>p + start, end - start, b"replace")
 
 
-def parse_headers(raw):
-    """Parse a NATS header block. See natskv._core_py.parse_headers."""
+cdef tuple _header_block(object raw, tuple names):
+    # One pass over a header block. names None: (status, description, {name: value}); else
+    # (status, description, (value of names[0] or None, ...)) without building the others.
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise TypeError(f"raw must be bytes, not {type(raw).__name__}")
     cdef bytes data = raw if type(raw) is bytes else bytes(raw)
@@ -806,7 +808,15 @@ def parse_headers(raw):
             description = _text(p, i, e)
     else:
         status_obj = 0
-    cdef dict headers = {}
+    cdef dict headers = None
+    cdef list values = None
+    cdef Py_ssize_t wanted = 0, w
+    cdef bytes name_b
+    if names is None:
+        headers = {}
+    else:
+        wanted = PyTuple_GET_SIZE(names)
+        values = [None] * wanted
     cdef Py_ssize_t pos = line_end + 1, le, colon_at, ns, ne, vs, ve
     cdef const char* colon
     while nl != NULL and pos <= n:
@@ -833,9 +843,33 @@ def parse_headers(raw):
                     vs += 1
                 while ve > vs and _is_ws(p[ve - 1]):
                     ve -= 1
-                headers[_text(p, ns, ne)] = _text(p, vs, ve)
+                if headers is not None:
+                    headers[_text(p, ns, ne)] = _text(p, vs, ve)
+                else:
+                    for w in range(wanted):
+                        name_b = <bytes>PyTuple_GET_ITEM(names, w)
+                        if PyBytes_GET_SIZE(name_b) == ne - ns and memcmp(PyBytes_AS_STRING(name_b), p + ns, ne - ns) == 0:
+                            values[w] = _text(p, vs, ve)  # a repeated name keeps its last value
+                            break
         pos = le + 1
-    return status_obj, description, headers
+    if headers is not None:
+        return status_obj, description, headers
+    return status_obj, description, tuple(values)
+
+
+def parse_headers(raw):
+    """Parse a NATS header block. See natskv._core_py.parse_headers."""
+    return _header_block(raw, None)
+
+
+def parse_header_fields(raw, names):
+    """The status, description and the values of some headers. See natskv._core_py.parse_header_fields."""
+    if type(names) is not tuple:
+        raise TypeError("names must be a tuple of bytes")
+    for name in <tuple>names:
+        if type(name) is not bytes:
+            raise TypeError("names must be a tuple of bytes")
+    return _header_block(raw, <tuple>names)
 
 
 cdef bint _has_any(str text, str chars):

@@ -189,7 +189,7 @@ class Bucket:
         raw = self._proto.get(self._token(key), self._timeout(timeout))
         if raw is None or raw.operation != "PUT":
             return default
-        return self._decode(raw, key).value
+        return raw.data if raw.raw_bytes else self.codec.decode(raw.data)
 
     def entry(self, key: str, *, revision: int | None = None, timeout: float | None = None) -> Entry | None:
         """The latest :class:`Entry` of ``key`` (or the one at ``revision``), None when absent."""
@@ -211,11 +211,12 @@ class Bucket:
         raws = self._proto.get_last_many(list(by_subject), self._timeout(timeout))
         assert raws is not None  # explicit subjects never exceed the per-request cap
         found = {raw.subject: raw for raw in raws if raw.operation == "PUT"}
+        decode = self.codec.decode
         out: dict[str, Any] = {}
         for subject, key in by_subject.items():  # in the order asked for
             raw = found.get(subject)
             if raw is not None:
-                out[key] = self._decode(raw, key).value
+                out[key] = raw.data if raw.raw_bytes else decode(raw.data)
         return out
 
     def _latest(

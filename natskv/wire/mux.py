@@ -43,6 +43,7 @@ class CallerMux:
         self._is_connected = is_connected
         self._routes: dict[str, Any] = {}
         self._ids = itertools.count(1)
+        self._local = threading.local()  # each thread's reusable Waiter (see request)
         self._outbox: list[bytes] = []
         self._out_lock = threading.Lock()
         self._scheduled = False
@@ -105,23 +106,48 @@ class CallerMux:
         return completed
 
     def request(self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None) -> RawReply:
-        """Send one request and block the calling thread until its reply or the timeout."""
-        token = self.new_token()
-        waiter = Waiter(subject)
-        self._routes[token] = waiter.deliver
+        """Send one request and block the calling thread until its reply or the timeout.
+
+        The hot path of every ``get`` and ``set``: one waiter per thread is kept and used again
+        (a lock that the loop thread releases and this thread takes back leaves it as it was
+        made), so a request allocates no lock. A waiter whose request did not end cleanly (a
+        timeout, an error, Ctrl-C) may still be released late by the loop thread: it is dropped.
+        """
+        local = self._local
+        waiter: Waiter | None = getattr(local, "waiter", None)
+        if waiter is None:
+            waiter = local.waiter = Waiter(subject)
+        else:
+            waiter.subject = subject
+        token = format(next(self._ids), "x")
+        routes = self._routes
+        routes[token] = waiter.deliver
+        waiting = self._waiting
+        # Known as waiting before the command leaves: the server's refusal of it, or close(),
+        # can arrive before this thread gets to wait.
+        waiting.add(waiter)
         try:
-            command = encode_command(subject, self.prefix + token, payload, headers)
-            completed = self._send_and_wait(waiter, command, timeout, 1, len(payload))
+            self.send(encode_command(subject, self.prefix + token, payload, headers), 1, len(payload))
+            completed = waiter.wait(timeout)
         except BaseException:  # Ctrl-C while waiting, or a bad command: forget the request
-            self._routes.pop(token, None)
+            local.waiter = None
+            routes.pop(token, None)
             raise
-        if not completed:
-            self._routes.pop(token, None)
-            if waiter.reply is not None:  # delivered between the timeout and the pop
-                return waiter.reply
-            raise self.timeout_error(subject, timeout)
-        assert waiter.reply is not None
-        return waiter.reply
+        finally:
+            waiting.discard(waiter)
+        reply = waiter.reply
+        if completed and waiter.error is None:
+            waiter.reply = None
+            assert reply is not None
+            return reply
+        local.waiter = None
+        if waiter.error is not None:
+            routes.pop(token, None)
+            raise fresh_error(waiter.error)
+        routes.pop(token, None)
+        if reply is not None:  # delivered between the timeout and the pop
+            return reply
+        raise self.timeout_error(subject, timeout)
 
     def request_stream(self, subject: str, payload: bytes, timeout: float | None) -> list[RawReply]:
         """Send one request whose answer is several messages ending with a status message."""
