@@ -869,6 +869,9 @@ def parse_header_fields(raw, names):
     for name in <tuple>names:
         if type(name) is not bytes:
             raise TypeError("names must be a tuple of bytes")
+    for name in <tuple>names:
+        if not (<bytes>name).isascii():
+            raise ValueError(f"header names must be ASCII, not {name!r}")
     return _header_block(raw, <tuple>names)
 
 

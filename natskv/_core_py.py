@@ -530,12 +530,16 @@ def parse_header_fields(raw: bytes, names: tuple[bytes, ...]) -> tuple[int, str,
 
     The same as looking the names up in :func:`parse_headers`'s dict, without building the
     strings of the other headers: the hot path of a direct get reads six headers of about ten.
-    Raises as :func:`parse_headers` does, and TypeError unless ``names`` is a tuple of bytes.
+    Raises as :func:`parse_headers` does, TypeError unless ``names`` is a tuple of bytes and
+    ValueError for a name that is not ASCII (both before reading ``raw``).
     """
     if type(names) is not tuple or any(type(name) is not bytes for name in names):
         raise TypeError("names must be a tuple of bytes")
+    for name in names:
+        if not name.isascii():
+            raise ValueError(f"header names must be ASCII, not {name!r}")
     status, description, headers = parse_headers(raw)
-    return status, description, tuple(headers.get(name.decode("ascii", "replace")) for name in names)
+    return status, description, tuple(headers.get(name.decode("ascii")) for name in names)
 
 
 # nats-server closes the connection of a client whose protocol line (the arguments after PUB or

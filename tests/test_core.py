@@ -710,6 +710,62 @@ def test_parse_headers_parity(c_core: ModuleType, py_core: ModuleType, body: byt
     assert outcome(c_core.parse_headers, raw) == outcome(py_core.parse_headers, raw)
 
 
+ENTRY_NAMES = (b"Nats-Subject", b"Nats-Sequence", b"KV-Operation", b"A", b"a", b"Key", b"E", b"Missing")
+
+
+@pytest.mark.parametrize(("raw", "expected"), HEADER_EXAMPLES)
+def test_parse_header_fields_reads_what_parse_headers_reads(
+    core: ModuleType, raw: bytes, expected: tuple[int, str, dict[str, str]]
+) -> None:
+    status, description, headers = expected
+    values = tuple(headers.get(name.decode()) for name in ENTRY_NAMES)
+    assert core.parse_header_fields(raw, ENTRY_NAMES) == (status, description, values)
+    assert core.parse_header_fields(bytearray(raw), ENTRY_NAMES) == (status, description, values)
+    assert core.parse_header_fields(raw, ()) == (status, description, ())
+
+
+def test_parse_header_fields_of_a_direct_get_reply(core: ModuleType) -> None:
+    raw = (
+        b"NATS/1.0\r\nNats-Stream: KV_b\r\nNats-Subject: $KV.b.k\r\nNats-Sequence: 12\r\n"
+        b"Nats-Time-Stamp: 2026-12-01T11:46:07.695940123Z\r\nNats-Sequence:  13 \r\nnats-sequence: 99\r\n\r\n"
+    )
+    names = (b"Nats-Subject", b"Nats-Sequence", b"Nats-Time-Stamp", b"KV-Operation")
+    # A repeated name keeps its last value; names match with their case, as dict keys do.
+    assert core.parse_header_fields(raw, names) == (
+        0, "", ("$KV.b.k", "13", "2026-12-01T11:46:07.695940123Z", None)
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [(b"", "not a NATS header block"), (b"NATS/1.0 40x Bad\r\n\r\n", "malformed NATS status line")],
+)
+def test_parse_header_fields_errors(core: ModuleType, raw: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        core.parse_header_fields(raw, (b"A",))
+
+
+def test_parse_header_fields_type_errors(core: ModuleType) -> None:
+    for names in ([b"A"], ("A",), (b"A", None), b"A"):
+        with pytest.raises(TypeError, match="names must be a tuple of bytes"):
+            core.parse_header_fields(b"NATS/1.0\r\nA: 1\r\n\r\n", names)
+    with pytest.raises(TypeError, match="names must be a tuple of bytes"):
+        core.parse_header_fields(b"not even headers", ["A"])  # the names are checked first
+    with pytest.raises(TypeError):
+        core.parse_header_fields("NATS/1.0\r\n\r\n", (b"A",))
+    with pytest.raises(ValueError, match="header names must be ASCII"):
+        core.parse_header_fields(b"NATS/1.0\r\n\xff: 1\r\n\r\n", (b"\xff",))
+
+
+@settings(max_examples=300)
+@given(body=HEADER_BYTES, prefixed=st.booleans())
+@pytest.mark.slow
+def test_parse_header_fields_parity(c_core: ModuleType, py_core: ModuleType, body: bytes, prefixed: bool) -> None:
+    raw = b"NATS/1.0" + body if prefixed else body
+    names = (b"Name", b"404", b"", b"A")
+    assert outcome(c_core.parse_header_fields, raw, names) == outcome(py_core.parse_header_fields, raw, names)
+
+
 def test_pub_command(core: ModuleType) -> None:
     assert core.pub_command("a.b", "", b"hi", None) == b"PUB a.b 2\r\nhi\r\n"
     assert core.pub_command("a.b", "_INBOX.1", b"", None) == b"PUB a.b _INBOX.1 0\r\n\r\n"

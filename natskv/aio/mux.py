@@ -106,12 +106,16 @@ class Multiplexer(CallerMux):
         # What natskv's frame reader receives it adds to nats-py's own in_msgs/in_bytes (loop
         # thread, as nats-py does); what natskv writes is counted in out_msgs/out_bytes.
         self.hooked = False
+        self._inbox_sid = 0
+        # The stream writer last written to, and the asyncio transport under it (write_now).
+        self._writer: Any = None
+        self._raw_transport: Any = None
         # Called on the loop thread with the server's "Permissions Violation ..." text, in its
         # original case, by natskv's frame reader (nats-py's parser lower-cases it).
         self.on_permission_violation: Callable[[str], None] | None = None
 
     async def start(self) -> None:
-        await self.subscribe(self.prefix + "*", self._on_inbox)
+        self._inbox_sid = await self.subscribe(self.prefix + "*", self._on_inbox)
         if os.environ.get("NATSKV_NO_PARSER_HOOK") != "1":
             self._install_parser_hook()
 
@@ -140,6 +144,15 @@ class Multiplexer(CallerMux):
         # _core and calls natskv's handlers directly; other subscriptions' messages go to
         # nats-py's own _process_msg, and the other operations (PING, PONG, +OK, -ERR, INFO) to
         # the same nats-py methods its parser calls.
+        #
+        # A step earlier still: the connection's StreamReader.feed_data, which the transport's
+        # protocol calls with each chunk, is replaced too (see feed). A chunk made only of
+        # natskv's messages is delivered right there, in the transport's callback, without
+        # waking nats-py's read loop (a future, a task step and five coroutine frames per chunk,
+        # and the GIL held that much longer after the waiters were released). Anything else (a
+        # protocol line, another subscription's message, a malformed frame) is handed to the
+        # reader as it came, and everything after it too until the read loop has caught up, so
+        # the order of the stream is kept.
         from nats.aio.client import __version__ as nats_version
         from nats.errors import ProtocolError
 
@@ -151,6 +164,79 @@ class Multiplexer(CallerMux):
         handlers = self._handlers
         parse_frames = core.parse_frames
         stats = nc.stats
+        routes = self._routes
+        inbox_sid = self._inbox_sid
+        plen = self._plen
+        # The StreamReader whose feed_data is replaced, and whether chunks go through nats-py's
+        # read loop for now (from the start, and after a chunk natskv handed over).
+        hooked: list[Any] = [None]
+        passing = [True]
+
+        def deliver(frames: list[tuple[int, str, str, Any, bytes]]) -> None:
+            mine = size = 0
+            for sid, subject, reply, headers, payload in frames:
+                mine += 1
+                size += len(payload)
+                try:
+                    if sid == inbox_sid:  # a reply: Multiplexer._on_inbox, inlined
+                        token = subject[plen:]
+                        route = routes.get(token)
+                        if route is not None and route(payload, headers, reply):
+                            routes.pop(token, None)
+                    else:
+                        handler = handlers.get(sid)
+                        if handler is not None:  # None: unsubscribed while parse() awaited
+                            handler(subject, payload, headers, reply)
+                except Exception:
+                    log.exception("natskv: error handling a message on %r", subject)
+            stats["in_msgs"] += mine
+            stats["in_bytes"] += size
+
+        def feed(data: bytes) -> None:
+            # The transport's data callback (loop thread). Must not raise: the transport would
+            # report it and drop the connection. Errors are left to the read loop's parse.
+            if passing[0]:
+                hand_over(data)
+                return
+            buf = ps.buf
+            buf.extend(data)
+            try:
+                frames, used, control = parse_frames(buf)
+            except ValueError:
+                frames, control = [], True  # parse (below) raises it as nats-py would
+            if not control:
+                for frame in frames:
+                    if frame[0] not in handlers:
+                        control = True
+                        break
+            if control:
+                passing[0] = True
+                data = bytes(buf)
+                buf.clear()
+                hand_over(data)
+                return
+            if used:
+                del buf[:used]
+            if frames:
+                deliver(frames)
+
+        def hand_over(data: bytes) -> None:
+            reader = hooked[0]
+            if reader is not None:
+                type(reader).feed_data(reader, data)
+
+        def caught_up() -> None:
+            # End of a parse() call: the read loop has taken everything it was given. Chunks go
+            # straight to feed() from now on, unless more waits in the reader. A new connection
+            # (a reconnect, a TLS upgrade) has a new reader: hook it.
+            reader = getattr(nc._transport, "_io_reader", None)
+            if reader is None or not isinstance(getattr(reader, "_buffer", None), bytearray):
+                return  # a transport without a StreamReader (websocket): nats-py's read loop only
+            if reader is not hooked[0]:
+                hooked[0] = reader
+                reader.feed_data = feed
+            if not reader._buffer:
+                passing[0] = False
 
         async def parse(data: bytes = b"") -> None:
             buf = ps.buf  # replaced by ps.reset() on reconnect: looked up on each call
@@ -163,30 +249,27 @@ class Multiplexer(CallerMux):
                     raise ProtocolError() from exc
                 if used:
                     del buf[:used]
-                mine = size = 0
-                for sid, subject, reply, headers, payload in frames:
-                    handler = handlers.get(sid)
-                    if handler is None:  # nats-py counts these itself
-                        # nats-py's own parser passes None for no headers too; its annotation says bytes.
-                        await process_msg(
-                            sid, subject.encode(), reply.encode(), payload, headers  # type: ignore[arg-type]
-                        )
+                start = 0  # natskv's frames from here on are delivered in one run
+                for i, frame in enumerate(frames):
+                    if frame[0] in handlers:
                         continue
-                    mine += 1
-                    size += len(payload)
-                    try:
-                        handler(subject, payload, headers, reply)
-                    except Exception:
-                        log.exception("natskv: error handling a message on %r", subject)
-                if mine:
-                    stats["in_msgs"] += mine
-                    stats["in_bytes"] += size
+                    if i > start:
+                        deliver(frames[start:i])
+                    start = i + 1
+                    # nats-py counts these itself. Its own parser passes None for no headers
+                    # too; its annotation says bytes.
+                    await process_msg(
+                        frame[0], frame[1].encode(), frame[2].encode(), frame[4], frame[3]  # type: ignore[arg-type]
+                    )
+                if start < len(frames):
+                    deliver(frames[start:])
                 if not control:
-                    return
+                    break
                 end = buf.find(b"\r\n")
                 line = bytes(buf[:end])
                 del buf[: end + 2]
                 await _control_line(line)
+            caught_up()
 
         async def _control_line(line: bytes) -> None:
             op, _, rest = line.partition(b" ")
@@ -283,18 +366,15 @@ class Multiplexer(CallerMux):
                 self.out_msgs += msgs
                 self.out_bytes += payload_bytes
         nc = self._nc
-        transport = nc._transport
-        # TcpTransport's private stream writer. A websocket transport has none: its writes
-        # always go through nats-py's flusher below.
-        writer = getattr(transport, "_io_writer", None)
-        if (
-            nc.is_connected
-            and not nc._pending
-            and writer is not None
-            and writer.transport.get_write_buffer_size() < _WRITE_BUFFER_HIGH
-        ):
-            assert transport is not None
-            transport.write(data)
+        # TcpTransport's private stream writer (a new one per connection and TLS upgrade), and
+        # the asyncio transport under it, looked up once per writer. A websocket transport has
+        # none: its writes always go through nats-py's flusher below.
+        writer = getattr(nc._transport, "_io_writer", None)
+        if writer is not self._writer:
+            self._writer, self._raw_transport = writer, getattr(writer, "transport", None)
+        raw = self._raw_transport
+        if nc.is_connected and not nc._pending and raw is not None and raw.get_write_buffer_size() < _WRITE_BUFFER_HIGH:
+            raw.write(data)
             return
         # Reconnecting, or back-pressure: nats-py buffers it and its flusher writes it in order
         # (after a reconnect too).
