@@ -207,16 +207,16 @@ class Bucket:
         keys = _key_list(keys, "get_many")
         if not keys:
             return {}
-        by_subject = {self._proto.subject_prefix + self._token(k): k for k in keys}
-        raws = self._proto.get_last_many(list(by_subject), self._timeout(timeout))
-        assert raws is not None  # explicit subjects never exceed the per-request cap
-        found = {raw.subject: raw for raw in raws if raw.operation == "PUT"}
+        prefix = self._proto.subject_prefix
+        token = self._token
+        by_subject = {prefix + token(k): k for k in keys}
+        found = self._proto.latest_values(list(by_subject), self._timeout(timeout))
         decode = self.codec.decode
         out: dict[str, Any] = {}
         for subject, key in by_subject.items():  # in the order asked for
-            raw = found.get(subject)
-            if raw is not None:
-                out[key] = raw.data if raw.raw_bytes else decode(raw.data)
+            value = found.get(subject)
+            if value is not None:
+                out[key] = value[0] if value[1] else decode(value[0])
         return out
 
     def _latest(

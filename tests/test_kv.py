@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from helpers import eventually
 
@@ -386,6 +387,42 @@ def test_get_many_omits_missing(kv: natskv.Bucket) -> None:
     kv.delete("d")
     assert kv.get_many([]) == {}
     assert kv.get_many(["a", "b", "c", "d", "zzz"]) == {"a": 1, "b": b"raw", "c": ""}
+
+
+def test_get_many_over_several_requests_in_flight(db: natskv.Client, kv: natskv.Bucket) -> None:
+    # More keys than one pipelined request carries (PIPELINED_BATCH_GET): several requests go
+    # out in one write and are read in order, each as soon as it is complete.
+    from natskv.wire.kv import PIPELINED_BATCH_GET
+
+    n = PIPELINED_BATCH_GET * 3 + 7
+    data: dict[str, Any] = {f"k:{i:04d}": {"i": i} for i in range(n)}
+    data["k:0003"] = b"raw bytes"
+    data["k:0004"] = ""
+    kv.set_many(data)
+    purged = f"k:{PIPELINED_BATCH_GET + 1:04d}"  # in the second request
+    kv.delete("k:0005")
+    kv.purge(purged)
+    expected = {k: v for k, v in data.items() if k not in ("k:0005", purged)}
+    wanted = ["absent:1", *reversed(list(data)), "absent:2", "k:0000"]
+    mux = db._conn.mux
+    before = set(mux._routes)
+    got = kv.get_many(wanted)
+    assert got == expected
+    assert list(got) == [k for k in dict.fromkeys(wanted) if k in expected]  # in the order asked for
+    assert set(mux._routes) == before  # no route left behind
+    assert not [w for w in mux._waiting if type(w).__name__ == "StreamWaiter"]
+
+
+def test_requests_in_flight_left_early_leave_no_route(db: natskv.Client, kv: natskv.Bucket) -> None:
+    kv.set_many({f"k{i}": i for i in range(10)})
+    mux = db._conn.mux
+    before = set(mux._routes)
+    bodies = [orjson.dumps({"multi_last": [kv._proto.subject_prefix + f"k{i}"]}) for i in range(3)]
+    answers = mux.request_streams(kv._proto.direct_batch, bodies, 5)
+    first = next(answers)
+    assert len(first) == 2 and first[0][0] == b"0"  # the message, then the end-of-batch status
+    answers.close()
+    assert set(mux._routes) == before and not [w for w in mux._waiting if type(w).__name__ == "StreamWaiter"]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import base64
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,8 @@ MAX_STREAM_NAME = 255  # nats-server's JSMaxNameLen
 MAX_BUCKET_NAME = MAX_STREAM_NAME - len("KVC_")
 
 MAX_SUBJECTS_PER_BATCH_GET = 1024
+# Subjects per request when a batch get is split into several requests in flight at once.
+PIPELINED_BATCH_GET = 128
 MAX_ATOMIC_BATCH = 1000
 DEFAULT_MAX_CONSUMERS = 10_000
 HEADER_ROOM = 512  # bytes of headers natskv may add to a value (TTL, CAS, batch, raw marker)
@@ -112,6 +114,10 @@ def entry_from_headers(hdrs: dict[str, str], data: bytes, subject: str = "") -> 
 _ENTRY_FIELDS = tuple(
     name.encode() for name in (h.SUBJECT, h.SEQUENCE, h.TIME_STAMP, h.KV_OPERATION, h.MARKER_REASON, RAW_HEADER)
 )
+
+
+# The headers that say whether a batch get's message is a value, and how it was stored.
+_VALUE_FIELDS = tuple(name.encode() for name in (h.SUBJECT, h.KV_OPERATION, h.MARKER_REASON, RAW_HEADER))
 
 
 def entry_of_reply(headers: bytes | dict[str, str] | None, data: bytes) -> tuple[int, str, RawEntry | None]:
@@ -290,6 +296,17 @@ class KVProtocol:
                 return None
             return self._get_each(subjects, timeout)
         out: list[RawEntry] = []
+        if self.stream not in self.conn.written and len(subjects) > PIPELINED_BATCH_GET:
+            answers = self._pipelined_batch_get(subjects, timeout)
+            try:
+                for replies in answers:
+                    entries = self.batch_entries(replies)
+                    if entries is None:
+                        return None
+                    out.extend(entries)
+            finally:
+                answers.close()
+            return out
         deadline = None if timeout is None else time.monotonic() + timeout
         for i in range(0, len(subjects), MAX_SUBJECTS_PER_BATCH_GET):
             chunk = subjects[i : i + MAX_SUBJECTS_PER_BATCH_GET]
@@ -302,6 +319,52 @@ class KVProtocol:
                 return None
             out.extend(entries)
         return out
+
+    def _pipelined_batch_get(self, subjects: list[str], timeout: float | None) -> Generator[list[RawReply], None, None]:
+        """The replies of batch gets of ``subjects`` split into several requests in flight at
+        once: this thread reads the first answers while the server still sends the later ones."""
+        assert self.conn.mux is not None
+        bodies = [
+            orjson.dumps({"multi_last": subjects[i : i + PIPELINED_BATCH_GET]})
+            for i in range(0, len(subjects), PIPELINED_BATCH_GET)
+        ]
+        return self.conn.mux.request_streams(self.direct_batch, bodies, timeout)
+
+    def latest_values(self, subjects: list[str], timeout: float | None) -> dict[str, tuple[bytes, bool]]:
+        """``{subject: (payload, stored as raw bytes)}`` of the subjects (no wildcards) whose
+        latest message is a value: deleted, purged, expired and never-set keys are left out.
+
+        ``get_many``'s path: the same answer as :meth:`get_last_many`, without a RawEntry (nor
+        its revision and time) per key."""
+        assert self.conn.mux is not None
+        if self.stream in self.conn.written or self.conn.api_level < API_LEVEL_TTL:
+            raws = self.get_last_many(subjects, timeout)
+            assert raws is not None  # explicit subjects never exceed the per-request cap
+            return {raw.subject: (raw.data, raw.raw_bytes) for raw in raws if raw.operation == OP_PUT}
+        found: dict[str, tuple[bytes, bool]] = {}
+        answers = self._pipelined_batch_get(subjects, timeout)
+        parse = core.parse_header_fields
+        try:
+            for replies in answers:
+                for data, headers, _ in replies:
+                    if type(headers) is bytes:
+                        status, desc, (subject, op, marker, raw) = parse(headers, _VALUE_FIELDS)
+                        if not status:
+                            if (op is None or op == OP_PUT) and marker is None:
+                                found["" if subject is None else subject] = (data, raw is not None)
+                            continue
+                    else:  # nats-py's own message path: a parsed dict
+                        status, desc, entry = entry_of_reply(headers, data)
+                        if entry is not None:
+                            if entry.operation == OP_PUT:
+                                found[entry.subject] = (entry.data, entry.raw_bytes)
+                            continue
+                    if status in (204, 404):
+                        break
+                    raise self._status_error(status, desc)
+        finally:
+            answers.close()
+        return found
 
     def _get_each(self, subjects: list[str], timeout: float | None) -> list[RawEntry]:
         """Pipelined single direct gets, for servers without batch get."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from natskv.errors import NatsKVTimeoutError, NotConnectedError
@@ -165,6 +166,39 @@ class CallerMux:
             if not waiter.done:
                 raise self.timeout_error(subject, timeout)
         return waiter.replies
+
+    def request_streams(
+        self, subject: str, payloads: list[bytes], timeout: float | None
+    ) -> Generator[list[RawReply], None, None]:
+        """Several requests answered like :meth:`request_stream`, sent in one write; yields each
+        one's replies, in order, as soon as that one is complete, so the caller reads the first
+        answers while the server still sends the later ones. ``timeout`` covers them all.
+
+        Close the generator when leaving early (its routes are removed then)."""
+        waiters = [StreamWaiter(subject) for _ in payloads]
+        tokens = [self.new_token() for _ in payloads]
+        for token, waiter in zip(tokens, waiters, strict=True):
+            self._routes[token] = waiter.deliver
+            self._waiting.add(waiter)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            commands = [
+                encode_command(subject, self.prefix + token, payload, None)
+                for token, payload in zip(tokens, payloads, strict=True)
+            ]
+            self.send(b"".join(commands), len(commands), sum(len(p) for p in payloads))
+            for waiter in waiters:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                completed = waiter.wait(left)
+                if waiter.error is not None:
+                    raise fresh_error(waiter.error)
+                if not completed and not waiter.done:
+                    raise self.timeout_error(subject, timeout)
+                yield waiter.replies
+        finally:
+            for token, waiter in zip(tokens, waiters, strict=True):
+                self._routes.pop(token, None)
+                self._waiting.discard(waiter)
 
     def request_many(
         self, commands: list[tuple[str, bytes, dict[str, str] | None]], timeout: float | None
