@@ -186,10 +186,10 @@ class Bucket:
 
     def get(self, key: str, default: Any = None, *, timeout: float | None = None) -> Any:
         """The value of ``key``, or ``default`` when it is absent (never set, deleted or expired)."""
-        raw = self._proto.get(self._token(key), self._timeout(timeout))
-        if raw is None or raw.operation != "PUT":
+        found = self._proto.get_value(self._token(key), self._timeout(timeout))
+        if found is None:
             return default
-        return raw.data if raw.raw_bytes else self.codec.decode(raw.data)
+        return found[0] if found[1] else self.codec.decode(found[0])
 
     def entry(self, key: str, *, revision: int | None = None, timeout: float | None = None) -> Entry | None:
         """The latest :class:`Entry` of ``key`` (or the one at ``revision``), None when absent."""

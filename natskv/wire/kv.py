@@ -266,6 +266,27 @@ class KVProtocol:
             return self._get_after_write(encoded_key, timeout)
         return self._entry_of(self._request(self.direct_prefix + encoded_key, b"", None, timeout))
 
+    def get_value(self, encoded_key: str, timeout: float | None) -> tuple[bytes, bool] | None:
+        """``(payload, stored as raw bytes)`` of one key's latest message when it is a value;
+        None when the key is absent, deleted, purged or expired. ``Bucket.get``'s path: the
+        answer of :meth:`get` without a RawEntry."""
+        assert self.conn.mux is not None
+        if self.stream in self.conn.written:
+            entry = self._get_after_write(encoded_key, timeout)
+            return None if entry is None or entry.operation != OP_PUT else (entry.data, entry.raw_bytes)
+        data, headers, _ = self._request(self.direct_prefix + encoded_key, b"", None, timeout)
+        if type(headers) is bytes:
+            status, desc, (_, op, marker, raw) = core.parse_header_fields(headers, _VALUE_FIELDS)
+            if not status:
+                return (data, raw is not None) if (op is None or op == OP_PUT) and marker is None else None
+        else:  # nats-py's own message path: a parsed dict
+            status, desc, entry = entry_of_reply(headers, data)
+            if entry is not None:
+                return None if entry.operation != OP_PUT else (entry.data, entry.raw_bytes)
+        if status == 404:
+            return None
+        raise self._status_error(status, desc)
+
     def get_revision(self, encoded_key: str, revision: int, timeout: float | None) -> RawEntry | None:
         """The message at ``revision`` if it belongs to this key."""
         assert self.conn.mux is not None
