@@ -192,9 +192,12 @@ class Multiplexer(CallerMux):
             stats["in_msgs"] += mine
             stats["in_bytes"] += size
 
-        def feed(data: bytes) -> None:
+        def feed(reader: Any, data: bytes) -> None:
             # The transport's data callback (loop thread). Must not raise: the transport would
             # report it and drop the connection. Errors are left to the read loop's parse.
+            if reader is not hooked[0]:  # a connection already replaced: not this stream's bytes
+                type(reader).feed_data(reader, data)
+                return
             if passing[0]:
                 hand_over(data)
                 return
@@ -234,7 +237,7 @@ class Multiplexer(CallerMux):
                 return  # a transport without a StreamReader (websocket): nats-py's read loop only
             if reader is not hooked[0]:
                 hooked[0] = reader
-                reader.feed_data = feed
+                reader.feed_data = functools.partial(feed, reader)
             if not reader._buffer:
                 passing[0] = False
 
