@@ -1709,7 +1709,7 @@ class IndexSet:
     access.
     """
 
-    __slots__ = ("_pk", "_records", "_sorted", "_unique")
+    __slots__ = ("_pk", "_records", "_sorted", "_unique", "deferred")
 
     def __init__(self, pk_field: str, unique: dict[str, UniqueIndex], sorted: dict[str, SortedIndex],
                  records: dict[Any, tuple[dict[str, Any], int]]) -> None:
@@ -1725,6 +1725,31 @@ class IndexSet:
         self._unique = unique
         self._sorted = sorted
         self._records = records
+        self.deferred = False
+
+    def defer(self) -> None:
+        """Keep only the records up to date from now on, and leave the indexes alone until
+        :meth:`rebuild`: a replica's initial load builds them once, in bulk, at its end."""
+        self.deferred = True
+
+    def rebuild(self) -> None:
+        """Rebuild every index from the records and keep them in step again (``deferred`` is
+        False after). Of records claiming one unique value, the one applied last holds it."""
+        for unique in self._unique.values():
+            unique.clear()
+        for ordered in self._sorted.values():
+            ordered.clear()
+        for pk, (record, _) in self._records.items():
+            for name, index in self._unique.items():
+                value = record.get(name)
+                if value is not None and index.get(value) != pk:
+                    index.remove(value)
+                    index.add(value, pk)
+            for name, ordered in self._sorted.items():
+                value = record.get(name)
+                if value is not None:
+                    ordered.add(value, pk)
+        self.deferred = False
 
     def apply(self, old: Any, new: Any, revision: int) -> int:
         """Replace the record ``old`` by ``new`` (either may be None: an insert, a delete) as of
@@ -1739,6 +1764,7 @@ class IndexSet:
             held = self._records.pop(old_pk, None) if _valid_pk(old_pk) else None
             if held is not None:
                 old_revision = held[1]
+            if held is not None and not self.deferred:
                 for name, index in self._unique.items():
                     value = old.get(name)
                     if value is not None and index.get(value) == old_pk:
@@ -1751,6 +1777,8 @@ class IndexSet:
             new_pk = new.get(self._pk)
             if _valid_pk(new_pk):
                 self._records[new_pk] = (new, revision)
+                if self.deferred:
+                    return old_revision
                 for name, index in self._unique.items():
                     value = new.get(name)
                     if value is None:

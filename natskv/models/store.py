@@ -86,6 +86,10 @@ class ModelStore:
         # so a reader always gets a record and its own revision together.
         self.records: dict[Any, tuple[dict[str, Any], int]] = {}
         self.index_set = core.IndexSet(self.pk, self.unique, self.sorted, self.records)  # keeps both in step
+        # Until the replica's initial values are in, only the records are kept: the indexes are
+        # then built once, in bulk (loaded()), which costs a fraction of inserting entry by entry.
+        # Nobody reads them meanwhile: reads wait for the load (register(), a fork's revive()).
+        self.index_set.defer()
         self.replica: LocalReplica | None = None
         # Model watches, live queries and db.on(): called as listener(old, new, revision,
         # old_revision) on the loop thread under the replica's lock; they only match and queue.
@@ -119,6 +123,7 @@ class ModelStore:
         self.records.clear()
         for index in self.indexes.values():
             index.clear()
+        self.index_set.defer()
         self.listeners[:] = [f for f in self.listeners if getattr(f, "carry_over_fork", False)]
 
     def written(self, ops: list[tuple[Any, ...]], revision: int) -> None:
@@ -147,7 +152,9 @@ class ModelStore:
 
     def loaded(self) -> None:
         """The replica's initial values are in: after a fork's reload, the inherited records
-        that did not come back were deleted meanwhile."""
+        that did not come back were deleted meanwhile. Builds the indexes of the records loaded."""
+        if self.index_set.deferred:
+            self.index_set.rebuild()
         gone, self.inherited = self.inherited, None
         if gone and self.listeners and self.replica is not None:
             for stored, revision in gone.values():
