@@ -19,7 +19,7 @@ from natskv._regex import compile_linear
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_Copy, PyDict_Next, PyDict_SetItem
+from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_Next, PyDict_SetItem
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport Py_EQ, Py_GE, Py_GT, Py_LE, Py_LT, PyObject, PyObject_RichCompareBool
@@ -2632,6 +2632,8 @@ cdef class IndexSet:
     cdef dict _unique
     cdef dict _sorted
     cdef dict _records
+    cdef dict _shared
+    cdef Py_ssize_t _share_max
     cdef readonly bint deferred
 
     def __init__(self, pk_field, unique, sorted, records):
@@ -2647,7 +2649,41 @@ cdef class IndexSet:
         self._unique = unique
         self._sorted = sorted
         self._records = records
+        self._shared = {}
+        self._share_max = 0
         self.deferred = False
+
+    def share(self, names, limit=256):
+        """Hold each repeated str value of the fields ``names`` once. See natskv._core_py.IndexSet.share."""
+        if type(limit) is bool or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an int >= 0, not {limit!r}")
+        self._share_max = limit
+        self._shared = {name: {} for name in names}
+
+    cdef int _share(self, dict record) except -1:
+        cdef list tired = None
+        cdef dict seen
+        cdef PyObject* raw
+        cdef PyObject* kept
+        for name, seen_obj in self._shared.items():
+            raw = PyDict_GetItem(record, name)
+            if raw is NULL or type(<object>raw) is not str:
+                continue
+            seen = <dict>seen_obj
+            kept = PyDict_GetItem(seen, <object>raw)
+            if kept is NULL:
+                if len(seen) < self._share_max:
+                    PyDict_SetItem(seen, <object>raw, <object>raw)
+                else:
+                    if tired is None:
+                        tired = []
+                    tired.append(name)
+            elif kept != raw:
+                PyDict_SetItem(record, name, <object>kept)
+        if tired is not None:
+            for name in tired:
+                del self._shared[name]
+        return 0
 
     def defer(self):
         """Keep only the records up to date from now on, and leave the indexes alone until
@@ -2700,6 +2736,8 @@ cdef class IndexSet:
             record = <dict>new
             new_pk = record.get(self._pk)
             if _valid_pk(new_pk):
+                if self._shared:
+                    self._share(record)
                 self._records[new_pk] = (new, revision)
                 if self.deferred:
                     return old_revision

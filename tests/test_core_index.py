@@ -1105,7 +1105,7 @@ def test_index_set_deferred_then_rebuilt_equals_applied_one_by_one(core: ModuleT
 
 
 def test_index_set_rebuild_gives_a_unique_value_to_the_last_record_applied(core: ModuleType) -> None:
-    index_set, unique, ordered, records = make_index_set(core)
+    index_set, unique, ordered, _ = make_index_set(core)
     index_set.defer()
     index_set.apply(None, {"id": 1, "email": "x@x", "age": 1}, 1)
     index_set.apply(None, {"id": 2, "email": "x@x", "age": 1}, 2)
@@ -1127,3 +1127,23 @@ def test_index_set_rebuild_orders_mixed_primary_keys(core: ModuleType) -> None:
     deferred.rebuild()
     assert index_contents(u1, o1) == index_contents(u2, o2)
     assert o2["age"].eq(1) == u2["id"].ordered()
+
+
+def test_index_set_shares_repeated_strings(core: ModuleType) -> None:
+    index_set, _, _, records = make_index_set(core)
+    index_set.share(["role", "note"], limit=2)
+    rows = [{"id": i, "role": "".join(["ad", "min"]) if i % 2 else "".join(["vie", "wer"]),
+             "note": "".join(["n", str(i)]), "age": 1.5} for i in range(1, 7)]
+    for revision, row in enumerate(rows, 1):
+        index_set.apply(None, row, revision)
+    roles = [records[i][0]["role"] for i in range(1, 7)]
+    assert roles == ["admin", "viewer"] * 3
+    assert all(r is roles[0] for r in roles[::2]) and all(r is roles[1] for r in roles[1::2])
+    # past the limit a field is no longer tracked: its values stay as they came
+    notes = [records[i][0]["note"] for i in range(1, 7)]
+    assert notes == [f"n{i}" for i in range(1, 7)]
+    again = {"id": 9, "role": "".join(["ad", "min"]), "note": "".join(["n", "1"])}
+    index_set.apply(None, again, 7)
+    assert again["role"] is roles[0] and again["note"] is not notes[0]
+    with pytest.raises(ValueError, match="limit"):
+        index_set.share(["role"], limit=-1)

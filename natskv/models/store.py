@@ -35,6 +35,12 @@ log = logging.getLogger("natskv")
 
 RECORD, UNIQUE = "r", "u"
 
+# A string value that repeats across records (a role, a status, the timestamps of one bulk write)
+# is held once: each record gets the first object seen with that value, instead of a copy of its
+# own per record. A field whose values turn out not to repeat (more than this many distinct ones:
+# names, emails) stops being tracked, so the cost is a few dict lookups per change.
+SHARED_VALUES_MAX = 256
+
 
 def resolve_timeout(client: Client, timeout: float | None) -> float | None:
     """The seconds a model call waits: ``timeout=None`` is the client's default
@@ -90,6 +96,8 @@ class ModelStore:
         # then built once, in bulk (loaded()), which costs a fraction of inserting entry by entry.
         # Nobody reads them meanwhile: reads wait for the load (register(), a fork's revive()).
         self.index_set.defer()
+        self.index_set.share([n for n in (*fields, "_created_at", "_updated_at") if n not in self.unique],
+                             SHARED_VALUES_MAX)
         self.replica: LocalReplica | None = None
         # Model watches, live queries and db.on(): called as listener(old, new, revision,
         # old_revision) on the loop thread under the replica's lock; they only match and queue.
