@@ -21,6 +21,7 @@ import orjson
 from natskv._speedups import core
 from natskv.aio.connection import Connection
 from natskv.errors import BucketNotFoundError, NatsKVError, NatsKVTimeoutError
+from natskv.wire.headers import OP_PUT
 from natskv.wire.jsapi import API_LEVEL_TTL
 from natskv.wire.kv import NANOS, KVProtocol, RawEntry, entry_from_headers
 from natskv.wire.replies import RawReply, encode_command, fresh_error, parse_reply_headers, status_of
@@ -217,13 +218,17 @@ class ConsumerFeed:
         self._next_dseq = dseq + 1
         self.last_sseq = sseq
         self._positioned = True
-        _, _, hdrs = parse_reply_headers(headers)
-        entry = entry_from_headers(hdrs, data, subject)
-        entry.revision = sseq
-        entry.timestamp = str(ts_ns)
-        entry.delta = pending
-        if self.headers_only:
-            entry.data = b""
+        if headers is None and not self.headers_only:
+            # A plain put (no TTL, no marker, not raw bytes): nothing in the headers to read.
+            entry = RawEntry(subject, data, sseq, str(ts_ns), OP_PUT, pending)
+        else:
+            _, _, hdrs = parse_reply_headers(headers)
+            entry = entry_from_headers(hdrs, data, subject)
+            entry.revision = sseq
+            entry.timestamp = str(ts_ns)
+            entry.delta = pending
+            if self.headers_only:
+                entry.data = b""
         self.sink(entry)
         if self._initial_pending and pending == 0:
             self._initial_pending = False
