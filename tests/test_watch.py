@@ -729,3 +729,24 @@ def test_get_with_math_inf_waits_without_limit(nats_url: str, name: str) -> None
             assert change is not None and change.value == 1
             with pytest.raises(natskv.InvalidArgumentError, match="timeout"):
                 w.get(timeout=-1)
+
+
+def test_a_joiner_whose_initial_values_cannot_be_read_fails_alone(db: natskv.Client, name: str) -> None:
+    """A watcher joining a running feed reads its initial values through a consumer of its own;
+    when the server refuses that consumer, the joiner raises, and the feed's others go on."""
+    from natskv.wire import jsapi
+
+    kv = db.bucket(name)
+    kv.set("k:1", 1)
+    stream = f"KV_{name}"
+    try:
+        with kv.watch("k:*") as first:
+            assert summary(initial(first)) == [("k:1", 1, "PUT")]
+            config = jsapi.call(db._conn, f"STREAM.INFO.{stream}", None, 5)["config"]
+            jsapi.call(db._conn, f"STREAM.UPDATE.{stream}", dict(config, max_consumers=1), 5)
+            with kv.watch("k:*") as joiner, pytest.raises(natskv.NatsKVError, match="(?i)consumer"):
+                joiner.get(timeout=5)
+            kv.set("k:2", 2)
+            assert summary(take(first, 1)) == [("k:2", 2, "PUT")]
+    finally:
+        db.delete_bucket(name)
