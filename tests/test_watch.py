@@ -744,7 +744,7 @@ def test_a_joiner_whose_initial_values_cannot_be_read_fails_alone(db: natskv.Cli
             assert summary(initial(first)) == [("k:1", 1, "PUT")]
             config = jsapi.call(db._conn, f"STREAM.INFO.{stream}", None, 5)["config"]
             jsapi.call(db._conn, f"STREAM.UPDATE.{stream}", dict(config, max_consumers=1), 5)
-            with kv.watch("k:*") as joiner, pytest.raises(natskv.NatsKVError, match="(?i)consumer"):
+            with kv.watch("k:*") as joiner, pytest.raises(natskv.NatsKVError, match=r"(?i)consumer"):
                 joiner.get(timeout=5)
             kv.set("k:2", 2)
             assert summary(take(first, 1)) == [("k:2", 2, "PUT")]
