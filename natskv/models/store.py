@@ -63,6 +63,24 @@ def record_key(pk: Any) -> str:
     raise InvalidArgumentError(f"a primary key is an int, str or UUID, not {type(pk).__name__} ({pk!r})")
 
 
+def stored_pk(key: str) -> Any:
+    """The primary key, in its stored (JSON) form, of the record key ``key`` (the inverse of
+    :func:`record_key`: a UUID's is its string); None when ``key`` is not a record key in
+    exactly that form."""
+    kind, text = key[:4], key[4:]
+    if kind == "r:s:":
+        return text
+    try:
+        if kind == "r:i:":
+            number = int(text)
+            return number if str(number) == text else None
+        if kind == "r:u:":
+            return text if str(uuid.UUID(text)) == text else None
+    except ValueError:
+        return None
+    return None
+
+
 def unique_key(field: str, json_value: Any) -> str:
     """The bucket key that marks ``json_value`` (stored form) of the unique ``field`` as taken."""
     return f"{UNIQUE}:{field}:{orjson.dumps(json_value).decode()}"
@@ -143,14 +161,37 @@ class ModelStore:
         self.replica.apply_written([(op[1], op[0] != "delete", op[2] if op[0] != "delete" else None) for op in ops],
                                    revision)
 
-    # -- replica hook (loop thread, under the replica's lock) -------------------------------------
+    # -- replica storage and hook (loop thread, or a writer's thread; under the replica's lock) ----
+
+    def held(self, key: str) -> tuple[dict[str, Any], int] | None:
+        """The record stored under the record key ``key`` and its revision (the replica keeps no
+        copy of its own: the records are its storage)."""
+        pk = stored_pk(key)
+        return None if pk is None else self.records.get(pk)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every record under its record key."""
+        from_json = self.model._fields[self.pk].from_json
+        return [(record_key(from_json(pk)), record) for pk, (record, _) in self.records.items()]
 
     def apply(self, key: str, old: Any, new: Any, revision: int) -> None:
-        """Keep records and indexes in step with one change of a record key."""
+        """Keep records and indexes in step with one change of a record key.
+
+        A value that is not a record stored under its own key (``r:i:7`` holding ``{"id": 7}``)
+        is not one of the model's records: the key then holds none."""
+        if type(new) is dict:
+            pk, expected = new.get(self.pk), stored_pk(key)
+            if type(pk) is not type(expected) or pk != expected:
+                new = None
         old_revision = self.index_set.apply(old, new, revision)
         if self.listeners:
             old = old if type(old) is dict else None
             new = new if type(new) is dict else None
+            if old is None and new is None:
+                return
             if self.inherited is not None and old is None and new is not None:
                 hit = self.inherited.pop(new.get(self.pk), None)
                 if hit is not None:
@@ -186,4 +227,4 @@ class ModelStore:
                 log.exception("natskv: error in a model listener")
 
 
-__all__ = ["RECORD", "UNIQUE", "ModelStore", "record_key", "resolve_timeout", "unique_key"]
+__all__ = ["RECORD", "UNIQUE", "ModelStore", "record_key", "resolve_timeout", "stored_pk", "unique_key"]
