@@ -118,6 +118,7 @@ class ModelStore:
         self.index_set.share([n for n in (*fields, "_created_at", "_updated_at") if n not in self.unique],
                              SHARED_VALUES_MAX)
         self.replica: LocalReplica | None = None
+        self._looked_up: tuple[str | None, Any] = (None, None)  # the last held() key and its pk
         # Model watches, live queries and db.on(): called as listener(old, new, revision,
         # old_revision) on the loop thread under the replica's lock; they only match and queue.
         self.listeners: list[Callable[[Any, Any, int, int], None]] = []
@@ -167,6 +168,7 @@ class ModelStore:
         """The record stored under the record key ``key`` and its revision (the replica keeps no
         copy of its own: the records are its storage)."""
         pk = stored_pk(key)
+        self._looked_up = (key, pk)  # apply() of the same change reads it back
         return None if pk is None else self.records.get(pk)
 
     def __len__(self) -> int:
@@ -183,7 +185,9 @@ class ModelStore:
         A value that is not a record stored under its own key (``r:i:7`` holding ``{"id": 7}``)
         is not one of the model's records: the key then holds none."""
         if type(new) is dict:
-            pk, expected = new.get(self.pk), stored_pk(key)
+            looked_up = self._looked_up
+            expected = looked_up[1] if looked_up[0] is key else stored_pk(key)
+            pk = new.get(self.pk)
             if type(pk) is not type(expected) or pk != expected:
                 new = None
         old_revision = self.index_set.apply(old, new, revision)
