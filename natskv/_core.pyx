@@ -19,7 +19,7 @@ from natskv._regex import compile_linear
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_Copy, PyDict_Next, PyDict_SetItem
+from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_Next, PyDict_SetItem
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport Py_EQ, Py_GE, Py_GT, Py_LE, Py_LT, PyObject, PyObject_RichCompareBool
@@ -1780,6 +1780,27 @@ cdef object _pk_key_slow(object pk, int depth):
     return (6, f"{kind.__module__}.{kind.__qualname__}", pk)
 
 
+def _pk_sort_key(pk):
+    return _pk_key(pk)
+
+
+cdef int _sort_pks(list pks) except -1:
+    """Sort distinct pks in place in pk order (a plain sort when they are all ints or all str)."""
+    cdef type kind
+    if len(pks) < 2:
+        return 0
+    kind = type(pks[0])
+    if kind is int or kind is str:
+        for pk in pks:
+            if type(pk) is not kind:
+                pks.sort(key=_pk_sort_key)
+                return 0
+        pks.sort()
+    else:
+        pks.sort(key=_pk_sort_key)
+    return 0
+
+
 cdef inline int _check_pk(object pk) except -1:
     cdef type kind = type(pk)
     if kind is not int and kind is not str:
@@ -1906,6 +1927,18 @@ cdef class _Chunks:
             chunk = ordered[i:i + _LOAD]
             self.keys.append(chunk)
             self.maxes.append(chunk[len(chunk) - 1])
+        self.size = n
+        return 0
+
+    cdef int fill_items(self, list ordered, list payloads) except -1:
+        """Load sorted, distinct keys with their payloads into an empty instance with payloads."""
+        cdef Py_ssize_t i, n = len(ordered)
+        cdef list chunk
+        for i in range(0, n, _LOAD):
+            chunk = ordered[i:i + _LOAD]
+            self.keys.append(chunk)
+            self.maxes.append(chunk[len(chunk) - 1])
+            self.items.append(payloads[i:i + _LOAD])
         self.size = n
         return 0
 
@@ -2119,6 +2152,10 @@ cdef class _OrderedIndex:
         raise NotImplementedError
 
     cdef list _pks(self, object payload):
+        raise NotImplementedError
+
+    cdef int _bulk(self, list values, list pks) except -1:
+        """Fill the empty index with entries (values[i], pks[i]), in the order they were applied."""
         raise NotImplementedError
 
     def eq(self, value):
@@ -2460,6 +2497,39 @@ cdef class SortedIndex(_OrderedIndex):
             self._remove(old_value, pk)
         self._add(new_value, pk)
 
+    cdef int _bulk(self, list values, list pks) except -1:
+        # One pass groups the pks by key, then each group and the keys are sorted once: far
+        # cheaper than inserting entry by entry when a replica loads a whole bucket.
+        cdef dict groups = {}
+        cdef list group, keys, payloads
+        cdef _Chunks chunks
+        cdef Py_ssize_t i, n = len(values)
+        for i in range(n):
+            key = _index_key(values[i])
+            if key is None:
+                continue
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [pks[i]]
+            else:
+                group.append(pks[i])
+        keys = sorted(groups)
+        payloads = []
+        for key in keys:
+            group = groups[key]
+            _sort_pks(group)
+            self._len += len(group)
+            if len(group) > _GROUP_LIST_MAX:
+                chunks = _new_chunks(True, False)
+                chunks.fill(group)
+                payloads.append(chunks)
+                self._map[key] = chunks
+            else:
+                payloads.append(group)
+                self._map[key] = group
+        self._values.fill_items(keys, payloads)
+        return 0
+
     def clear(self):
         """Drop every entry."""
         self._map.clear()
@@ -2565,6 +2635,23 @@ cdef class UniqueIndex(_OrderedIndex):
         if new is not None:
             self.add(new_value, pk)
 
+    cdef int _bulk(self, list values, list pks) except -1:
+        # A later entry takes a value from an earlier one, as apply() does one change at a time.
+        cdef dict held = self._map
+        cdef Py_ssize_t i, n = len(values)
+        cdef list keys
+        for i in range(n):
+            value = values[i]
+            try:
+                key = self._value_key(value)
+            except (TypeError, ValueError):
+                continue
+            if key is not None:
+                held[key] = pks[i]
+        keys = sorted(held)
+        self._values.fill_items(keys, [held[key] for key in keys])
+        return 0
+
     def clear(self):
         """Drop every entry."""
         self._map.clear()
@@ -2582,6 +2669,9 @@ cdef class IndexSet:
     cdef dict _unique
     cdef dict _sorted
     cdef dict _records
+    cdef dict _shared
+    cdef Py_ssize_t _share_max
+    cdef readonly bint deferred
 
     def __init__(self, pk_field, unique, sorted, records):
         if not isinstance(unique, dict) or not isinstance(sorted, dict) or not isinstance(records, dict):
@@ -2596,6 +2686,64 @@ cdef class IndexSet:
         self._unique = unique
         self._sorted = sorted
         self._records = records
+        self._shared = {}
+        self._share_max = 0
+        self.deferred = False
+
+    def share(self, names, limit=256):
+        """Hold each repeated str value of the fields ``names`` once. See natskv._core_py.IndexSet.share."""
+        if type(limit) is bool or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an int >= 0, not {limit!r}")
+        self._share_max = limit
+        self._shared = {name: {} for name in names}
+
+    cdef int _share(self, dict record) except -1:
+        cdef list tired = None
+        cdef dict seen
+        cdef PyObject* raw
+        cdef PyObject* kept
+        for name, seen_obj in self._shared.items():
+            raw = PyDict_GetItem(record, name)
+            if raw is NULL or type(<object>raw) is not str:
+                continue
+            seen = <dict>seen_obj
+            kept = PyDict_GetItem(seen, <object>raw)
+            if kept is NULL:
+                if len(seen) < self._share_max:
+                    PyDict_SetItem(seen, <object>raw, <object>raw)
+                else:
+                    if tired is None:
+                        tired = []
+                    tired.append(name)
+            elif kept != raw:
+                PyDict_SetItem(record, name, <object>kept)
+        if tired is not None:
+            for name in tired:
+                del self._shared[name]
+        return 0
+
+    def defer(self):
+        """Keep only the records up to date from now on, and leave the indexes alone until
+        :meth:`rebuild` (a replica's initial load). See natskv._core_py.IndexSet.defer."""
+        self.deferred = True
+
+    def rebuild(self):
+        """Rebuild every index from the records in bulk and keep them in step again."""
+        cdef list records = list(self._records.values())
+        cdef list pks = list(self._records)
+        cdef list values
+        cdef dict record
+        cdef _OrderedIndex index
+        for indexes in (self._unique, self._sorted):
+            for name, index_obj in (<dict>indexes).items():
+                index = <_OrderedIndex>index_obj
+                index.clear()
+                values = []
+                for pair in records:
+                    record = <dict>(<tuple>pair)[0]
+                    values.append(record.get(name))
+                index._bulk(values, pks)
+        self.deferred = False
 
     def apply(self, old, new, revision):
         """Replace the record old by new (either may be None) as of revision; return the
@@ -2610,6 +2758,7 @@ cdef class IndexSet:
             held = self._records.pop(old_pk, None) if _valid_pk(old_pk) else None
             if held is not None:
                 old_revision = held[1]
+            if held is not None and not self.deferred:
                 for name, index in self._unique.items():
                     unique = <UniqueIndex>index
                     value = record.get(name)
@@ -2624,7 +2773,11 @@ cdef class IndexSet:
             record = <dict>new
             new_pk = record.get(self._pk)
             if _valid_pk(new_pk):
+                if self._shared:
+                    self._share(record)
                 self._records[new_pk] = (new, revision)
+                if self.deferred:
+                    return old_revision
                 for name, index in self._unique.items():
                     unique = <UniqueIndex>index
                     value = record.get(name)

@@ -1728,7 +1728,7 @@ class IndexSet:
     access.
     """
 
-    __slots__ = ("_pk", "_records", "_sorted", "_unique")
+    __slots__ = ("_pk", "_records", "_share_max", "_shared", "_sorted", "_unique", "deferred")
 
     def __init__(self, pk_field: str, unique: dict[str, UniqueIndex], sorted: dict[str, SortedIndex],
                  records: dict[Any, tuple[dict[str, Any], int]]) -> None:
@@ -1744,6 +1744,61 @@ class IndexSet:
         self._unique = unique
         self._sorted = sorted
         self._records = records
+        self._shared: dict[str, dict[str, str]] = {}
+        self._share_max = 0
+        self.deferred = False
+
+    def share(self, names: Iterable[str], limit: int = 256) -> None:
+        """Hold each repeated str value of the fields ``names`` once: a record applied from now on
+        gets, in place, the first object seen with that value (a role, a status, the timestamps
+        of one bulk write), instead of a copy of its own. A field with more than ``limit``
+        distinct values (names, emails) stops being tracked. Replacing a str by an equal one
+        changes nothing a reader can see."""
+        if type(limit) is bool or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an int >= 0, not {limit!r}")
+        self._share_max = limit
+        self._shared = {name: {} for name in names}
+
+    def _share(self, record: dict[str, Any]) -> None:
+        tired = []
+        for name, seen in self._shared.items():
+            value = record.get(name)
+            if type(value) is not str:
+                continue
+            kept = seen.get(value)
+            if kept is None:
+                if len(seen) < self._share_max:
+                    seen[value] = value
+                else:
+                    tired.append(name)
+            elif kept is not value:
+                record[name] = kept
+        for name in tired:
+            del self._shared[name]
+
+    def defer(self) -> None:
+        """Keep only the records up to date from now on, and leave the indexes alone until
+        :meth:`rebuild`: a replica's initial load builds them once, in bulk, at its end."""
+        self.deferred = True
+
+    def rebuild(self) -> None:
+        """Rebuild every index from the records and keep them in step again (``deferred`` is
+        False after). Of records claiming one unique value, the one applied last holds it."""
+        for unique in self._unique.values():
+            unique.clear()
+        for ordered in self._sorted.values():
+            ordered.clear()
+        for pk, (record, _) in self._records.items():
+            for name, index in self._unique.items():
+                value = record.get(name)
+                if value is not None and index.get(value) != pk:
+                    index.remove(value)
+                    index.add(value, pk)
+            for name, ordered in self._sorted.items():
+                value = record.get(name)
+                if value is not None:
+                    ordered.add(value, pk)
+        self.deferred = False
 
     def apply(self, old: Any, new: Any, revision: int) -> int:
         """Replace the record ``old`` by ``new`` (either may be None: an insert, a delete) as of
@@ -1758,6 +1813,7 @@ class IndexSet:
             held = self._records.pop(old_pk, None) if _valid_pk(old_pk) else None
             if held is not None:
                 old_revision = held[1]
+            if held is not None and not self.deferred:
                 for name, index in self._unique.items():
                     value = old.get(name)
                     if value is not None and index.get(value) == old_pk:
@@ -1769,7 +1825,11 @@ class IndexSet:
         if type(new) is dict:
             new_pk = new.get(self._pk)
             if _valid_pk(new_pk):
+                if self._shared:
+                    self._share(new)
                 self._records[new_pk] = (new, revision)
+                if self.deferred:
+                    return old_revision
                 for name, index in self._unique.items():
                     value = new.get(name)
                     if value is None:

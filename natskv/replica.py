@@ -28,14 +28,14 @@ import asyncio
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from natskv._runner import follow_fork, runner, unfollow_fork, wait_limit
 from natskv._speedups import core
 from natskv.aio.watch import INITIAL_DONE, FeedClosed, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
 from natskv.codec import RAW_HEADER
-from natskv.errors import InvalidKeyError, NatsKVTimeoutError
+from natskv.errors import InvalidArgumentError, InvalidKeyError, NatsKVTimeoutError
 from natskv.wire.replies import fresh_error
 
 if TYPE_CHECKING:
@@ -49,14 +49,33 @@ under the replica's lock: it must be quick and must not call natskv. ``on_loaded
 runs where the initial values end, before the changes that follow them."""
 
 
+class ReplicaStorage(Protocol):
+    """Where a replica's values live when its ``on_apply`` hook keeps them (a model's records):
+    the replica then holds no copy of its own. The hook stores every change it is given; these
+    calls read back what it stored. Called under the replica's lock."""
+
+    def held(self, key: str) -> tuple[Any, int] | None:
+        """``(value, revision)`` of ``key`` as last stored, None when absent."""
+
+    def __len__(self) -> int:
+        """How many keys are held."""
+
+    def items(self) -> Iterable[tuple[str, Any]]:
+        """Every ``(key, value)`` held."""
+
+
 class LocalReplica:
     """The keys of ``bucket`` that match ``pattern``, with their latest values, in memory.
 
     Create it with :meth:`natskv.Bucket.replica` (or directly), then :meth:`start`. Thread-safe.
+    With ``storage``, the ``on_apply`` hook keeps the values (see :class:`ReplicaStorage`).
     """
 
     def __init__(self, bucket: Bucket, pattern: str | re.Pattern[str] = "*", on_apply: ApplyHook | None = None,
-                 on_reset: Callable[[], None] | None = None, on_loaded: Callable[[], None] | None = None) -> None:
+                 on_reset: Callable[[], None] | None = None, on_loaded: Callable[[], None] | None = None,
+                 storage: ReplicaStorage | None = None) -> None:
+        if storage is not None and on_apply is None:
+            raise InvalidArgumentError("a replica with a storage needs the on_apply hook that fills it")
         try:
             self._pattern = core.compile_pattern(pattern, bucket.sep)
         except (ValueError, TypeError) as exc:
@@ -70,7 +89,8 @@ class LocalReplica:
         # _stale set, so the hot path still tests one flag), instead of serving frozen values.
         self._dead: BaseException | None = None
         self._revive_lock = threading.Lock()
-        self._values: dict[str, Any] = {}
+        self._storage = storage
+        self._values: dict[str, Any] = {}  # without a storage: key -> value, and its revision
         self._revisions: dict[str, int] = {}
         # Keys deleted by apply_written() ahead of the watch: the deleting revision, dropped once
         # the watch has passed it (until then an older PUT from the watch must not revive them).
@@ -210,6 +230,9 @@ class LocalReplica:
 
     def _change(self, key: str, put: bool, new: Any, revision: int) -> None:
         # Under the lock. A revision at or below the key's own is one already applied.
+        if self._storage is not None:
+            self._change_stored(key, put, new, revision)
+            return
         values, revisions = self._values, self._revisions
         if revision <= revisions.get(key, 0) or revision <= self._deleted.get(key, 0):
             return
@@ -228,6 +251,22 @@ class LocalReplica:
                 on_apply(key, old, new, revision)
             except Exception:
                 log.exception("natskv: error applying %r to a replica hook", key)
+
+    def _change_stored(self, key: str, put: bool, new: Any, revision: int) -> None:
+        # _change when the hook keeps the values: it stores the change, and nothing is kept here.
+        assert self._storage is not None and self._on_apply is not None
+        held = self._storage.held(key)
+        old, current = held if held is not None else (None, 0)
+        if revision <= current or revision <= self._deleted.get(key, 0):
+            return
+        if not put:
+            if held is None:
+                return
+            new = None
+        try:
+            self._on_apply(key, old, new, revision)
+        except Exception:
+            log.exception("natskv: error applying %r to a replica hook", key)
 
     def apply_written(self, writes: list[tuple[str, bool, Any]], last_revision: int) -> None:
         """Apply this client's own acknowledged writes now (read-your-writes without the watch).
@@ -288,25 +327,33 @@ class LocalReplica:
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` as of the last applied change, or ``default``."""
         with self.lock:
-            return self._values.get(key, default)
+            if self._storage is None:
+                return self._values.get(key, default)
+            held = self._storage.held(key)
+            return default if held is None else held[0]
 
     def revision_of(self, key: str) -> int | None:
         """The revision of ``key``'s current value, None when absent."""
         with self.lock:
-            return self._revisions.get(key)
+            if self._storage is None:
+                return self._revisions.get(key)
+            held = self._storage.held(key)
+            return None if held is None else held[1]
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of every key and value."""
         with self.lock:
-            return dict(self._values)
+            return dict(self._values) if self._storage is None else dict(self._storage.items())
 
     def __contains__(self, key: object) -> bool:
         with self.lock:
-            return key in self._values
+            if self._storage is None:
+                return key in self._values
+            return type(key) is str and self._storage.held(key) is not None
 
     def __len__(self) -> int:
         with self.lock:
-            return len(self._values)
+            return len(self._values if self._storage is None else self._storage)
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self.snapshot()))

@@ -1065,3 +1065,85 @@ def test_index_set_cores_agree(c_core: ModuleType, py_core: ModuleType, changes:
         assert u1[name].ordered() == u2[name].ordered()
     assert o1["age"].ordered() == o2["age"].ordered()
     assert [o1["age"].count_eq(v) for v in range(-2, 3)] == [o2["age"].count_eq(v) for v in range(-2, 3)]
+
+
+def index_contents(unique: dict[str, Any], ordered: dict[str, Any]) -> dict[str, Any]:
+    """Everything the indexes answer: entries in order (both directions), counts, distinct values."""
+    out: dict[str, Any] = {}
+    for name, index in {**unique, **ordered}.items():
+        out[name] = (index.ordered(), index.ordered(reverse=True), len(index), index.distinct(),
+                     index.min_value(), index.max_value())
+    return out
+
+
+def test_index_set_deferred_then_rebuilt_equals_applied_one_by_one(core: ModuleType) -> None:
+    # 3,000 records: the age 7 group passes the size where a group becomes chunks, and the
+    # pk and email indexes span several chunks.
+    rows = [{"id": i, "email": f"u{i * 7919 % 3001}@x", "age": 7 if i % 2 else i % 50} for i in range(1, 3001)]
+    direct, u1, o1, r1 = make_index_set(core)
+    deferred, u2, o2, r2 = make_index_set(core)
+    assert deferred.deferred is False
+    deferred.defer()
+    assert deferred.deferred is True
+    for revision, row in enumerate(rows, 1):
+        assert direct.apply(None, row, revision) == deferred.apply(None, row, revision) == 0
+    assert len(u2["id"]) == len(u2["email"]) == len(o2["age"]) == 0  # left alone while deferred
+    assert r1 == r2
+    # an update and a delete while deferred: the records follow, and so will the indexes
+    for s in (direct, deferred):
+        assert s.apply(rows[0], {"id": 1, "email": "new@x", "age": 99}, 3001) == 1
+        assert s.apply(rows[1], None, 3002) == 2
+    deferred.rebuild()
+    assert deferred.deferred is False
+    assert index_contents(u1, o1) == index_contents(u2, o2)
+    assert o2["age"].count_eq(7) == 1499 and o2["age"].eq(7)[:3] == [3, 5, 7]
+    assert u2["email"].get("new@x") == 1 and o2["age"].range(40, 60, limit=3) == o1["age"].range(40, 60, limit=3)
+    # kept in step one change at a time again
+    for s in (direct, deferred):
+        s.apply({"id": 1, "email": "new@x", "age": 99}, None, 3003)
+    assert index_contents(u1, o1) == index_contents(u2, o2)
+
+
+def test_index_set_rebuild_gives_a_unique_value_to_the_last_record_applied(core: ModuleType) -> None:
+    index_set, unique, ordered, _ = make_index_set(core)
+    index_set.defer()
+    index_set.apply(None, {"id": 1, "email": "x@x", "age": 1}, 1)
+    index_set.apply(None, {"id": 2, "email": "x@x", "age": 1}, 2)
+    index_set.apply(None, {"id": 3, "email": {"not": "indexable"}, "age": [1]}, 3)
+    index_set.rebuild()
+    assert unique["email"].get("x@x") == 2 and len(unique["email"]) == 1
+    assert ordered["age"].eq(1) == [1, 2] and len(unique["id"]) == 3
+
+
+def test_index_set_rebuild_orders_mixed_primary_keys(core: ModuleType) -> None:
+    pks = [3, "b", 1.5, True, "a", uuid.UUID(int=5), (1, "x"), -2]
+    direct, u1, o1, _ = make_index_set(core)
+    deferred, u2, o2, _ = make_index_set(core)
+    deferred.defer()
+    for revision, pk in enumerate(pks, 1):
+        row = {"id": pk, "email": f"e{revision}", "age": 1}
+        direct.apply(None, row, revision)
+        deferred.apply(None, row, revision)
+    deferred.rebuild()
+    assert index_contents(u1, o1) == index_contents(u2, o2)
+    assert o2["age"].eq(1) == u2["id"].ordered()
+
+
+def test_index_set_shares_repeated_strings(core: ModuleType) -> None:
+    index_set, _, _, records = make_index_set(core)
+    index_set.share(["role", "note"], limit=2)
+    rows = [{"id": i, "role": "".join(["ad", "min"]) if i % 2 else "".join(["vie", "wer"]),
+             "note": "".join(["n", str(i)]), "age": 1.5} for i in range(1, 7)]
+    for revision, row in enumerate(rows, 1):
+        index_set.apply(None, row, revision)
+    roles = [records[i][0]["role"] for i in range(1, 7)]
+    assert roles == ["admin", "viewer"] * 3
+    assert all(r is roles[0] for r in roles[::2]) and all(r is roles[1] for r in roles[1::2])
+    # past the limit a field is no longer tracked: its values stay as they came
+    notes = [records[i][0]["note"] for i in range(1, 7)]
+    assert notes == [f"n{i}" for i in range(1, 7)]
+    again = {"id": 9, "role": "".join(["ad", "min"]), "note": "".join(["n", "1"])}
+    index_set.apply(None, again, 7)
+    assert again["role"] is roles[0] and again["note"] is not notes[0]
+    with pytest.raises(ValueError, match="limit"):
+        index_set.share(["role"], limit=-1)

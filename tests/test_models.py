@@ -837,3 +837,55 @@ def test_a_limited_query_reads_about_limit_records_not_every_match(
         CountingRecords.reads = 0
         assert Paged.exists(**query) and Paged.find_one(**query) is not None
         assert CountingRecords.reads <= 10, (query, CountingRecords.reads)
+
+
+def test_the_replica_keeps_no_copy_of_the_records_and_reads_through_them(db: natskv.Client, User: Any) -> None:
+    a = User.create(nick="a", age=1)
+    b = User.create(nick="b", age=2, role="admin")
+    replica = User._store.replica
+    key_a, key_b = f"r:i:{a.id}", f"r:i:{b.id}"
+    assert replica._values == {} and replica._revisions == {}  # the store's records are the storage
+    assert len(replica) == 2 and key_a in replica and "r:i:999" not in replica and 5 not in replica
+    assert replica.get(key_a)["nick"] == "a" and replica.get("r:i:999", "none") == "none"
+    assert replica.revision_of(key_b) == b._version and replica.revision_of("r:i:999") is None
+    assert set(replica.snapshot()) == {key_a, key_b}
+    b.delete()
+    assert key_b not in replica and len(replica) == 1 and User.count(role="admin") == 0
+
+
+def test_a_record_under_another_records_key_is_not_a_record(db: natskv.Client, User: Any) -> None:
+    """Written behind the model's back: r:i:<n> holding a record whose id is not n, or no id."""
+    a = User.create(nick="a", age=1)
+    kv = db.bucket(User.__bucket__)
+    stored = kv.get(f"r:i:{a.id}")
+    rev = kv.set("r:i:777", dict(stored, nick="copy"))  # its id says a.id
+    kv.set("r:i:0778", dict(stored, id=778, nick="padded"))  # not the key of 778
+    last = kv.set("r:s:x", dict(stored, id="x", nick="str"))  # another pk type, but under its own key
+    User._store.replica.wait_for(last)
+    assert User.get(a.id).nick == "a" and User.get(777) is None and User.get(778) is None
+    assert rev < last and sorted(u.nick for u in User.find()) == ["a", "str"]
+    kv.set("r:i:777", "not a record")
+    kv.delete("r:s:x")
+    User._store.replica.wait_for(kv.set("r:i:779", dict(stored, id=779, nick="fine")))
+    assert sorted(u.nick for u in User.find()) == ["a", "fine"]
+
+
+def test_a_replica_with_a_storage_needs_its_hook(db: natskv.Client, name: str) -> None:
+    from natskv.replica import LocalReplica
+
+    with pytest.raises(InvalidArgumentError, match="on_apply"):
+        LocalReplica(db.bucket(name), storage=object())  # type: ignore[arg-type]
+    db.delete_bucket(name)
+
+
+def test_stored_pk_inverts_record_key_exactly() -> None:
+    import uuid
+
+    from natskv.models.store import record_key, stored_pk
+
+    u = uuid.UUID(int=0xABCDEF)
+    assert stored_pk(record_key(12)) == 12 and stored_pk(record_key(-3)) == -3
+    assert stored_pk(record_key("a:b c")) == "a:b c" and stored_pk(record_key(u)) == str(u)
+    for key in ("r:i:012", "r:i:+1", "r:i: 1", "r:i:1_0", "r:i:x", "r:u:not-a-uuid", "r:u:" + str(u).upper(),
+                "u:email:x", "r:x:1", "r:"):
+        assert stored_pk(key) is None, key

@@ -231,9 +231,11 @@ def test_watchers_of_one_filter_share_a_consumer(db: natskv.Client, kv: natskv.B
     w2 = kv.watch("user:2*")
     w3 = kv.watch("user:*")
     try:
-        assert consumer_count(db, kv.name) == 1
         assert sorted(c.key for c in initial(w2)) == ["user:2"]
         assert summary(initial(w3)) == [("user:1", 1, "PUT"), ("user:2", 2, "PUT"), ("user:3", 3, "PUT")]
+        # A late joiner reads its initial values through a snapshot consumer of its own, deleted
+        # before they are delivered; the changes then come from the one shared consumer.
+        assert consumer_count(db, kv.name) == 1
         kv.set("user:1", 10)
         kv.set("user:2", 20)
         assert summary(take(w1, 1)) == [("user:1", 10, "PUT")]
@@ -727,3 +729,24 @@ def test_get_with_math_inf_waits_without_limit(nats_url: str, name: str) -> None
             assert change is not None and change.value == 1
             with pytest.raises(natskv.InvalidArgumentError, match="timeout"):
                 w.get(timeout=-1)
+
+
+def test_a_joiner_whose_initial_values_cannot_be_read_fails_alone(db: natskv.Client, name: str) -> None:
+    """A watcher joining a running feed reads its initial values through a consumer of its own;
+    when the server refuses that consumer, the joiner raises, and the feed's others go on."""
+    from natskv.wire import jsapi
+
+    kv = db.bucket(name)
+    kv.set("k:1", 1)
+    stream = f"KV_{name}"
+    try:
+        with kv.watch("k:*") as first:
+            assert summary(initial(first)) == [("k:1", 1, "PUT")]
+            config = jsapi.call(db._conn, f"STREAM.INFO.{stream}", None, 5)["config"]
+            jsapi.call(db._conn, f"STREAM.UPDATE.{stream}", dict(config, max_consumers=1), 5)
+            with kv.watch("k:*") as joiner, pytest.raises(natskv.NatsKVError, match=r"(?i)consumer"):
+                joiner.get(timeout=5)
+            kv.set("k:2", 2)
+            assert summary(take(first, 1)) == [("k:2", 2, "PUT")]
+    finally:
+        db.delete_bucket(name)

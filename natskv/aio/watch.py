@@ -21,6 +21,7 @@ import orjson
 from natskv._speedups import core
 from natskv.aio.connection import Connection
 from natskv.errors import BucketNotFoundError, NatsKVError, NatsKVTimeoutError
+from natskv.wire.headers import OP_PUT
 from natskv.wire.jsapi import API_LEVEL_TTL
 from natskv.wire.kv import NANOS, KVProtocol, RawEntry, entry_from_headers
 from natskv.wire.replies import RawReply, encode_command, fresh_error, parse_reply_headers, status_of
@@ -217,13 +218,17 @@ class ConsumerFeed:
         self._next_dseq = dseq + 1
         self.last_sseq = sseq
         self._positioned = True
-        _, _, hdrs = parse_reply_headers(headers)
-        entry = entry_from_headers(hdrs, data, subject)
-        entry.revision = sseq
-        entry.timestamp = str(ts_ns)
-        entry.delta = pending
-        if self.headers_only:
-            entry.data = b""
+        if headers is None and not self.headers_only:
+            # A plain put (no TTL, no marker, not raw bytes): nothing in the headers to read.
+            entry = RawEntry(subject, data, sseq, str(ts_ns), OP_PUT, pending)
+        else:
+            _, _, hdrs = parse_reply_headers(headers)
+            entry = entry_from_headers(hdrs, data, subject)
+            entry.revision = sseq
+            entry.timestamp = str(ts_ns)
+            entry.delta = pending
+            if self.headers_only:
+                entry.data = b""
         self.sink(entry)
         if self._initial_pending and pending == 0:
             self._initial_pending = False
@@ -321,12 +326,24 @@ async def snapshot(
 
     Used where a batch direct get would match too many subjects. Deletes are included.
     """
+    return (await _snapshot_at(conn, proto, filter_subject, headers_only, timeout))[0]
+
+
+async def _snapshot_at(
+    conn: Connection, proto: KVProtocol, filter_subject: str, headers_only: bool, timeout: float
+) -> tuple[list[RawEntry], int]:
+    """:func:`snapshot`, and the stream sequence it is complete up to: every message under the
+    filter up to that sequence is reflected in it, none after it."""
     out: list[RawEntry] = []
     done = asyncio.Event()
     closed: list[NatsKVError] = []
+    position: list[int] = []
 
     def sink(event: Any) -> None:
+        if position:
+            return  # a change after the end of the initial values: not part of the snapshot
         if event is INITIAL_DONE:
+            position.append(feed.last_sseq)
             done.set()
         elif type(event) is FeedClosed:
             closed.append(event.error)
@@ -342,7 +359,7 @@ async def snapshot(
         await feed.stop()
     if closed:
         raise fresh_error(closed[0])
-    return out
+    return out, position[0]
 
 
 async def latest_async(
@@ -377,32 +394,48 @@ async def latest_async(
     return proto.batch_entries(replies)
 
 
+# A shared feed's initial values are checked against one batch direct get (see
+# SharedFeed._complete_initial), which the server answers only for this many subjects at most.
+BATCH_GET_SUBJECTS = 1024
+
+
 class FeedSubscriber:
     """One watcher's place on a shared feed. Loop thread only.
 
-    ``wants_initial`` marks subscribers still waiting for the feed's end-of-initial-values marker.
+    ``wants_initial`` marks subscribers still waiting for the feed's end-of-initial-values marker;
+    ``held`` (not None) the live changes of a subscriber that joined a running feed, kept while its
+    own initial values are read (:meth:`SharedFeed.join`).
     """
 
-    __slots__ = ("sink", "wants_initial")
+    __slots__ = ("held", "sink", "wants_initial")
 
     def __init__(self, sink: Callable[[Any], None]) -> None:
         self.sink = sink
         self.wants_initial = False
+        self.held: list[Any] | None = None
 
 
 class SharedFeed:
     """A consumer feed fanned out to every watcher of the same bucket, filter and start policy.
 
-    A ``last_per_subject`` feed also keeps the current value of every key it has seen (``state``),
-    so a watcher that joins later gets its initial values from memory, in the same loop-thread
-    step that attaches it: nothing missed, nothing twice, no round trip.
+    The feed keeps no copy of the values it delivers (a replica of a large bucket would hold them
+    twice): a watcher that joins a running ``last_per_subject`` feed reads its initial values from
+    a snapshot consumer of its own, complete up to a known stream sequence, and then gets the
+    shared feed's changes after that sequence, held until then: nothing missed, nothing twice.
     """
 
     def __init__(self, conn: Connection, proto: KVProtocol, filter_subject: str, policy: str) -> None:
         self.key = (proto.stream, filter_subject, policy)
         self.subscribers: list[FeedSubscriber] = []
         self.initial_done = policy == "new"
-        self.state: dict[str, RawEntry] | None = {} if policy == "last_per_subject" else None
+        self.replays = policy == "last_per_subject"
+        self.closed = False
+        # During the initial values only: the revision of each subject delivered, which
+        # _complete_initial needs. Dropped (None) once there are more subjects than its batch get
+        # can answer for: the check is then skipped, as the server would refuse it.
+        self._seen: dict[str, int] | None = {} if self.replays else None
+        # Revisions that _complete_initial delivered ahead of the consumer, which sends them later.
+        self._ahead: dict[str, int] = {}
         # Live changes that arrive while the initial values are being checked (_complete_initial):
         # held back, so that every subscriber sees them after the end-of-initial-values marker.
         self._held: list[Any] | None = None
@@ -410,14 +443,16 @@ class SharedFeed:
 
     def _fan_out(self, event: Any) -> None:
         if type(event) is FeedClosed:
+            self.closed = True
             conn = self.feed.conn
             if conn.feeds.get(self.key) is self:
                 del conn.feeds[self.key]
             for sub in self.subscribers:
+                sub.held = None
                 sub.sink(event)
             return
         if event is INITIAL_DONE:
-            if self.state is not None and not self.initial_done:
+            if self.replays and not self.initial_done:
                 # Check the initial values against a snapshot before declaring them complete.
                 self._held = []
                 asyncio.get_running_loop().create_task(self._complete_initial())
@@ -430,32 +465,44 @@ class SharedFeed:
         self._deliver(event)
 
     def _deliver(self, event: RawEntry) -> None:
-        if self.state is not None:
-            known = self.state.get(event.subject)
-            if known is not None and known.revision >= event.revision:
-                return  # already delivered (from the completion snapshot)
+        seen = self._seen
+        if seen is not None:
             if event.operation == "PUT":
-                self.state[event.subject] = event
+                seen[event.subject] = event.revision
+                if len(seen) > BATCH_GET_SUBJECTS:
+                    self._seen = None
             else:
-                self.state.pop(event.subject, None)
+                seen.pop(event.subject, None)
+        ahead = self._ahead
+        if ahead:
+            revision = ahead.get(event.subject)
+            if revision is not None:
+                if revision >= event.revision:
+                    return  # already delivered (from the completion check)
+                del ahead[event.subject]
         for sub in self.subscribers:
-            sub.sink(event)
+            if sub.held is None:
+                sub.sink(event)
+            else:
+                sub.held.append(event)
 
     async def _complete_initial(self) -> None:
         # With history=1, a key overwritten while the consumer sends its initial values loses
         # the revision the consumer was going to send; its new revision would only come after
         # the marker. One batch get fills such gaps first, so the initial values are complete.
-        try:
-            entries = await latest_async(self.feed.conn, self.feed.proto, self.key[1], 5.0)
-        except Exception:
-            log.debug("natskv: could not check a watch's initial values", exc_info=True)
-            entries = None
-        assert self.state is not None
+        seen, self._seen = self._seen, None
+        entries = None
+        if seen is not None:
+            try:
+                entries = await latest_async(self.feed.conn, self.feed.proto, self.key[1], 5.0)
+            except Exception:
+                log.debug("natskv: could not check a watch's initial values", exc_info=True)
         for entry in sorted(entries or (), key=lambda e: e.revision):
             # Only keys the consumer never sent: a newer revision of a key already sent is a live
             # change, which the consumer delivers (held until after the marker).
-            if entry.operation == "PUT" and entry.subject not in self.state:
+            if entry.operation == "PUT" and seen is not None and entry.subject not in seen:
                 self._deliver(entry)
+                self._ahead[entry.subject] = entry.revision
         self._initial_done()
         held, self._held = self._held or [], None
         for event in held:
@@ -469,15 +516,56 @@ class SharedFeed:
                 sub.sink(INITIAL_DONE)
 
     def join(self, sub: FeedSubscriber) -> None:
-        """Attach a subscriber to a running feed, replaying the current values first."""
-        if self.state is not None:
-            for entry in sorted(self.state.values(), key=lambda e: e.revision):
-                sub.sink(entry)
-            if self.initial_done:
-                sub.sink(INITIAL_DONE)
-            else:
-                sub.wants_initial = True
+        """Attach a subscriber to a running feed; on a ``last_per_subject`` feed, its initial
+        values (then the marker) come from a snapshot read in a task of its own."""
+        if self.replays:
+            sub.held = []
+            asyncio.get_running_loop().create_task(self._catch_up(sub))
         self.subscribers.append(sub)
+
+    async def _catch_up(self, sub: FeedSubscriber) -> None:
+        feed = self.feed
+        try:
+            entries, position = await _snapshot_at(
+                feed.conn, feed.proto, self.key[1], False, max(feed.conn.options.request_timeout, 60.0)
+            )
+            current: dict[str, RawEntry] = {}
+            for entry in entries:
+                if entry.operation == "PUT":
+                    current[entry.subject] = entry
+                else:
+                    current.pop(entry.subject, None)
+            # The gaps a key overwritten during the snapshot leaves (see _complete_initial), filled
+            # the same way; such a key's revision is past the snapshot, so the changes held for
+            # the subscriber skip it by subject.
+            ahead: dict[str, int] = {}
+            if len(current) <= BATCH_GET_SUBJECTS:
+                try:
+                    latest = await latest_async(feed.conn, feed.proto, self.key[1], 5.0)
+                except Exception:
+                    log.debug("natskv: could not check a watch's initial values", exc_info=True)
+                    latest = None
+                for entry in latest or ():
+                    if entry.operation == "PUT" and entry.subject not in current:
+                        current[entry.subject] = entry
+                        ahead[entry.subject] = entry.revision
+        except Exception as exc:
+            if sub in self.subscribers and not self.closed:
+                self.subscribers.remove(sub)
+                error = exc if isinstance(exc, NatsKVError) else NatsKVError(
+                    f"could not read a watch's initial values: {exc}")
+                sub.held = None
+                sub.sink(FeedClosed(error))
+            return
+        if sub not in self.subscribers or self.closed:
+            return  # unsubscribed meanwhile, or the connection closed (the subscriber was told)
+        for entry in sorted(current.values(), key=lambda e: e.revision):
+            sub.sink(entry)
+        sub.sink(INITIAL_DONE)
+        held, sub.held = sub.held or [], None
+        for event in held:
+            if event.revision > max(position, ahead.get(event.subject, 0)):
+                sub.sink(event)
 
 
 async def subscribe_feed(

@@ -60,7 +60,8 @@ class ModelRegistry:
         name = bucket or model.__dict__.get("__bucket__") or model.__name__.lower()
         kv = client.bucket(name, timeout=timeout)
         store = ModelStore(model, client, kv)
-        store.replica = LocalReplica(kv, "r:*", on_apply=store.apply, on_reset=store.reset, on_loaded=store.loaded)
+        store.replica = LocalReplica(kv, "r:*", on_apply=store.apply, on_reset=store.reset, on_loaded=store.loaded,
+                                     storage=store)
         if timeout is not None:
             load = resolve_timeout(client, timeout)
         else:

@@ -13,6 +13,7 @@ runs on natskv's loop thread under the replica's lock; readers on any thread tak
 
 from __future__ import annotations
 
+import gc
 import logging
 import uuid
 from collections.abc import Callable
@@ -35,6 +36,12 @@ log = logging.getLogger("natskv")
 
 RECORD, UNIQUE = "r", "u"
 
+# A string value that repeats across records (a role, a status, the timestamps of one bulk write)
+# is held once: each record gets the first object seen with that value, instead of a copy of its
+# own per record. A field whose values turn out not to repeat (more than this many distinct ones:
+# names, emails) stops being tracked, so the cost is a few dict lookups per change.
+SHARED_VALUES_MAX = 256
+
 
 def resolve_timeout(client: Client, timeout: float | None) -> float | None:
     """The seconds a model call waits: ``timeout=None`` is the client's default
@@ -54,6 +61,24 @@ def record_key(pk: Any) -> str:
     if isinstance(pk, uuid.UUID):
         return f"{RECORD}:u:{pk}"
     raise InvalidArgumentError(f"a primary key is an int, str or UUID, not {type(pk).__name__} ({pk!r})")
+
+
+def stored_pk(key: str) -> Any:
+    """The primary key, in its stored (JSON) form, of the record key ``key`` (the inverse of
+    :func:`record_key`: a UUID's is its string); None when ``key`` is not a record key in
+    exactly that form."""
+    kind, text = key[:4], key[4:]
+    if kind == "r:s:":
+        return text
+    try:
+        if kind == "r:i:":
+            number = int(text)
+            return number if str(number) == text else None
+        if kind == "r:u:":
+            return text if str(uuid.UUID(text)) == text else None
+    except ValueError:
+        return None
+    return None
 
 
 def unique_key(field: str, json_value: Any) -> str:
@@ -86,7 +111,14 @@ class ModelStore:
         # so a reader always gets a record and its own revision together.
         self.records: dict[Any, tuple[dict[str, Any], int]] = {}
         self.index_set = core.IndexSet(self.pk, self.unique, self.sorted, self.records)  # keeps both in step
+        # Until the replica's initial values are in, only the records are kept: the indexes are
+        # then built once, in bulk (loaded()), which costs a fraction of inserting entry by entry.
+        # Nobody reads them meanwhile: reads wait for the load (register(), a fork's revive()).
+        self.index_set.defer()
+        self.index_set.share([n for n in (*fields, "_created_at", "_updated_at") if n not in self.unique],
+                             SHARED_VALUES_MAX)
         self.replica: LocalReplica | None = None
+        self._looked_up: tuple[str | None, Any] = (None, None)  # the last held() key and its pk
         # Model watches, live queries and db.on(): called as listener(old, new, revision,
         # old_revision) on the loop thread under the replica's lock; they only match and queue.
         self.listeners: list[Callable[[Any, Any, int, int], None]] = []
@@ -119,6 +151,7 @@ class ModelStore:
         self.records.clear()
         for index in self.indexes.values():
             index.clear()
+        self.index_set.defer()
         self.listeners[:] = [f for f in self.listeners if getattr(f, "carry_over_fork", False)]
 
     def written(self, ops: list[tuple[Any, ...]], revision: int) -> None:
@@ -129,14 +162,40 @@ class ModelStore:
         self.replica.apply_written([(op[1], op[0] != "delete", op[2] if op[0] != "delete" else None) for op in ops],
                                    revision)
 
-    # -- replica hook (loop thread, under the replica's lock) -------------------------------------
+    # -- replica storage and hook (loop thread, or a writer's thread; under the replica's lock) ----
+
+    def held(self, key: str) -> tuple[dict[str, Any], int] | None:
+        """The record stored under the record key ``key`` and its revision (the replica keeps no
+        copy of its own: the records are its storage)."""
+        pk = stored_pk(key)
+        self._looked_up = (key, pk)  # apply() of the same change reads it back
+        return None if pk is None else self.records.get(pk)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every record under its record key."""
+        from_json = self.model._fields[self.pk].from_json
+        return [(record_key(from_json(pk)), record) for pk, (record, _) in self.records.items()]
 
     def apply(self, key: str, old: Any, new: Any, revision: int) -> None:
-        """Keep records and indexes in step with one change of a record key."""
+        """Keep records and indexes in step with one change of a record key.
+
+        A value that is not a record stored under its own key (``r:i:7`` holding ``{"id": 7}``)
+        is not one of the model's records: the key then holds none."""
+        if type(new) is dict:
+            looked_up = self._looked_up
+            expected = looked_up[1] if looked_up[0] is key else stored_pk(key)
+            pk = new.get(self.pk)
+            if type(pk) is not type(expected) or pk != expected:
+                new = None
         old_revision = self.index_set.apply(old, new, revision)
         if self.listeners:
             old = old if type(old) is dict else None
             new = new if type(new) is dict else None
+            if old is None and new is None:
+                return
             if self.inherited is not None and old is None and new is not None:
                 hit = self.inherited.pop(new.get(self.pk), None)
                 if hit is not None:
@@ -147,7 +206,18 @@ class ModelStore:
 
     def loaded(self) -> None:
         """The replica's initial values are in: after a fork's reload, the inherited records
-        that did not come back were deleted meanwhile."""
+        that did not come back were deleted meanwhile. Builds the indexes of the records loaded."""
+        if self.index_set.deferred:
+            # The rebuild allocates an index key per entry and frees nothing: the collector's
+            # passes over that young garbage-free heap would cost about a third of it.
+            paused = gc.isenabled()
+            if paused:
+                gc.disable()
+            try:
+                self.index_set.rebuild()
+            finally:
+                if paused:
+                    gc.enable()
         gone, self.inherited = self.inherited, None
         if gone and self.listeners and self.replica is not None:
             for stored, revision in gone.values():
@@ -161,4 +231,4 @@ class ModelStore:
                 log.exception("natskv: error in a model listener")
 
 
-__all__ = ["RECORD", "UNIQUE", "ModelStore", "record_key", "resolve_timeout", "unique_key"]
+__all__ = ["RECORD", "UNIQUE", "ModelStore", "record_key", "resolve_timeout", "stored_pk", "unique_key"]
