@@ -1808,8 +1808,117 @@ cdef inline int _check_pk(object pk) except -1:
     return 0
 
 
-cdef inline object _last(tuple key):
-    return key[len(key) - 1]
+cdef inline object _last(object key):
+    """The value a stored key stands for (see _value_skey)."""
+    if type(key) is tuple:
+        return (<tuple>key)[len(<tuple>key) - 1]
+    return key
+
+
+# The indexes store keys more compactly than index_key's tuples: a number or a str is kept as
+# itself (a 100,000-record replica saves a 72-byte tuple per entry of each unique index), and
+# only the other kinds keep a tuple whose first item is their rank: bools ``(0, value)`` and,
+# with pk_order, bytes, UUIDs, tuples and other types as _pk_key gives them. A dict still tells
+# ``True`` from ``1`` (a tuple never equals a number) and holds ``1`` and ``1.0`` as one key.
+# Scan bounds use the one-item tuples ``(rank,)``, before every key of that rank.
+
+cdef object _value_skey(object value):
+    """The stored key of a field value, or None when it is not indexed (as _index_key)."""
+    cdef type kind = type(value)
+    cdef double number
+    if kind is str or kind is int:
+        return value
+    if kind is float:
+        number = value
+        return value if number == number else None
+    if kind is bool:
+        return (0, value)
+    if value is None or kind is dict or kind is list:
+        return None
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        value = float.__float__(value)
+        number = value
+        return value if number == number else None
+    return None
+
+
+cdef object _pk_skey(object pk):
+    """The stored key of a primary key (pk_order): raises as _pk_key."""
+    cdef type kind = type(pk)
+    if kind is int or kind is str:
+        return pk
+    key = _pk_key_slow(pk, 0)
+    if (<tuple>key)[0] == 1 or (<tuple>key)[0] == 2:
+        return pk
+    return key
+
+
+cdef inline int _skey_rank(object key) except -2:
+    if type(key) is tuple:
+        return (<tuple>key)[0]
+    return 2 if isinstance(key, str) else 1
+
+
+cdef int _skey_cmp(object a, object b) except -2:
+    """Compare two stored keys: -1, 0 or 1, in index_key's order."""
+    cdef type kind = type(a)
+    cdef double p, q
+    cdef int ra, rb
+    if kind is type(b):
+        if kind is str:
+            return PyUnicode_Compare(a, b)
+        if kind is int:
+            return _int_cmp(a, b)
+        if kind is float:
+            p = a
+            q = b
+            return (p > q) - (p < q)
+    ra = _skey_rank(a)
+    rb = _skey_rank(b)
+    if ra != rb:
+        return -1 if ra < rb else 1
+    if kind is tuple or type(b) is tuple:
+        # Of one rank, a tuple beside a bare value is a (rank,) bound, which sorts first.
+        if kind is not tuple:
+            return 1 if PyTuple_GET_SIZE(b) == 1 else _rich_cmp((ra, a), b)
+        if type(b) is not tuple:
+            return -1 if PyTuple_GET_SIZE(a) == 1 else _rich_cmp(a, (rb, b))
+        return _key_cmp(a, b)
+    if ra == 2:
+        return PyUnicode_Compare(a, b)
+    return _rich_cmp(a, b)
+
+
+cdef object _skey_sort_key(object key):
+    if type(key) is tuple:
+        return key
+    return (2, key) if isinstance(key, str) else (1, key)
+
+
+def _skey_order(key):
+    return _skey_sort_key(key)
+
+
+cdef list _sorted_skeys(object keys):
+    """The stored keys sorted in index order (a plain sort when all are str or all int)."""
+    cdef list out = list(keys)
+    cdef type kind
+    if len(out) < 2:
+        return out
+    kind = type(out[0])
+    if kind is int or kind is str:
+        for key in out:
+            if type(key) is not kind:
+                out.sort(key=_skey_order)
+                return out
+        out.sort()
+    else:
+        out.sort(key=_skey_order)
+    return out
 
 
 cdef int _rich_cmp(object a, object b) except -2:
@@ -1877,7 +1986,7 @@ cdef Py_ssize_t _bisect(list seq, object key, bint right, bint pks) except -1:
     cdef int c
     while lo < hi:
         mid = (lo + hi) >> 1
-        c = _pk_cmp(seq[mid], key) if pks else _key_cmp(seq[mid], key)
+        c = _pk_cmp(seq[mid], key) if pks else _skey_cmp(seq[mid], key)
         if c < 0 or (right and c == 0):
             lo = mid + 1
         else:
@@ -1911,7 +2020,7 @@ cdef class _Chunks:
         self.pks = False
 
     cdef inline int cmp(self, object a, object b) except -2:
-        return _pk_cmp(a, b) if self.pks else _key_cmp(a, b)
+        return _pk_cmp(a, b) if self.pks else _skey_cmp(a, b)
 
     cdef int locate(self, object key, bint right, Py_ssize_t* chunk, Py_ssize_t* offset) except -1:
         cdef Py_ssize_t ci = _bisect(self.maxes, key, right, self.pks)
@@ -2079,7 +2188,7 @@ cdef Py_ssize_t _check_limit(object limit) except -2:
 
 
 cdef object _bound_key(object value):
-    key = _index_key(value)
+    key = _value_skey(value)
     if key is None:
         if isinstance(value, float):
             return None
@@ -2177,7 +2286,7 @@ cdef class _OrderedIndex:
             key = self._lookup_key(value)
             if key is not None and key in self._map:
                 keys.add(key)
-        for key in sorted(keys):
+        for key in _sorted_skeys(keys):
             self._take(out, self._map[key], None, False, -1)
         return out
 
@@ -2213,7 +2322,7 @@ cdef class _OrderedIndex:
         _check_pk(pk)
         return (_last(key), pk)
 
-    cdef tuple _cursor_key(self, object value):
+    cdef object _cursor_key(self, object value):
         key = self._value_key(value)
         if key is None:
             raise ValueError(f"cursor value {value!r} is not indexed (None, NaN or not a scalar)")
@@ -2251,10 +2360,10 @@ cdef class _OrderedIndex:
         if low is None and high is None:
             return self._walk(None, True, None, True, reverse, cursor, need)
         if low is None:
-            return self._walk((high[0],), False, high, hi_inclusive, reverse, cursor, need)
+            return self._walk((_skey_rank(high),), False, high, hi_inclusive, reverse, cursor, need)
         if high is None:
-            return self._walk(low, lo_inclusive, (low[0] + 1,), False, reverse, cursor, need)
-        if low[0] != high[0]:
+            return self._walk(low, lo_inclusive, (_skey_rank(low) + 1,), False, reverse, cursor, need)
+        if _skey_rank(low) != _skey_rank(high):
             return []
         return self._walk(low, lo_inclusive, high, hi_inclusive, reverse, cursor, need)
 
@@ -2265,11 +2374,11 @@ cdef class _OrderedIndex:
         cdef Py_ssize_t need = _check_limit(limit)
         cdef str text = str.__str__(p)
         end = _prefix_end(text)
-        high = (3,) if end is None else (2, end)
+        high = (3,) if end is None else end
         cursor = None if after is None else self._cursor(after)
         if need == 0:
             return []
-        return self._walk((2, text), True, high, False, reverse, cursor, need)
+        return self._walk(text, True, high, False, reverse, cursor, need)
 
     def ordered(self, bint reverse=False, after=None, limit=None):
         """Every pk in index order, or reversed, strictly after the cursor after. See _core_py."""
@@ -2299,11 +2408,11 @@ cdef class _OrderedIndex:
         if cursor is not None:
             at, after_pk = cursor
             if not reverse:
-                if low is None or _key_cmp(at, low) > 0 or (lo_inc and _key_cmp(at, low) == 0):
+                if low is None or _skey_cmp(at, low) > 0 or (lo_inc and _skey_cmp(at, low) == 0):
                     low, lo_inc = at, True
                 else:
                     at = None
-            elif high is None or _key_cmp(at, high) < 0 or (hi_inc and _key_cmp(at, high) == 0):
+            elif high is None or _skey_cmp(at, high) < 0 or (hi_inc and _skey_cmp(at, high) == 0):
                 high, hi_inc = at, True
             else:
                 at = None
@@ -2318,11 +2427,11 @@ cdef class _OrderedIndex:
                 while j < len(chunk):
                     key = chunk[j]
                     if high is not None:
-                        c = _key_cmp(key, high)
+                        c = _skey_cmp(key, high)
                         if c > 0 or (c == 0 and not hi_inc):
                             return out
                     # Only the first key can be the cursor's: the scan starts there.
-                    if at is not None and _key_cmp(key, at) == 0:
+                    if at is not None and _skey_cmp(key, at) == 0:
                         self._take(out, payloads[j], after_pk, False, need)
                     else:
                         self._take(out, payloads[j], None, False, need)
@@ -2349,10 +2458,10 @@ cdef class _OrderedIndex:
             j -= 1
             key = chunk[j]
             if low is not None:
-                c = _key_cmp(key, low)
+                c = _skey_cmp(key, low)
                 if c < 0 or (c == 0 and not lo_inc):
                     return out
-            if at is not None and _key_cmp(key, at) == 0:
+            if at is not None and _skey_cmp(key, at) == 0:
                 self._take(out, payloads[j], after_pk, True, need)
             else:
                 self._take(out, payloads[j], None, True, need)
@@ -2378,7 +2487,7 @@ cdef class SortedIndex(_OrderedIndex):
         return f"SortedIndex(entries={self._len}, distinct={len(self._map)})"
 
     cdef object _value_key(self, object value):
-        return _index_key(value)
+        return _value_skey(value)
 
     cdef list _pks(self, object group):
         if type(group) is list:
@@ -2432,7 +2541,7 @@ cdef class SortedIndex(_OrderedIndex):
         cdef _Chunks chunks
         cdef Py_ssize_t j
         _check_pk(pk)
-        key = _index_key(value)
+        key = _value_skey(value)
         if key is None:
             return False
         group = self._map.get(key)
@@ -2465,7 +2574,7 @@ cdef class SortedIndex(_OrderedIndex):
         cdef Py_ssize_t j
         cdef bint empty
         _check_pk(pk)
-        key = _index_key(value)
+        key = _value_skey(value)
         if key is None:
             return False
         group = self._map.get(key)
@@ -2491,9 +2600,9 @@ cdef class SortedIndex(_OrderedIndex):
     def replace(self, old_value, new_value, pk):
         """Move pk from old_value to new_value (either may be unindexed)."""
         _check_pk(pk)
-        old = _index_key(old_value)
-        new = _index_key(new_value)
-        if old is None or new is None or _key_cmp(old, new) != 0:
+        old = _value_skey(old_value)
+        new = _value_skey(new_value)
+        if old is None or new is None or _skey_cmp(old, new) != 0:
             self._remove(old_value, pk)
         self._add(new_value, pk)
 
@@ -2505,7 +2614,7 @@ cdef class SortedIndex(_OrderedIndex):
         cdef _Chunks chunks
         cdef Py_ssize_t i, n = len(values)
         for i in range(n):
-            key = _index_key(values[i])
+            key = _value_skey(values[i])
             if key is None:
                 continue
             group = groups.get(key)
@@ -2513,7 +2622,7 @@ cdef class SortedIndex(_OrderedIndex):
                 groups[key] = [pks[i]]
             else:
                 group.append(pks[i])
-        keys = sorted(groups)
+        keys = _sorted_skeys(groups)
         payloads = []
         for key in keys:
             group = groups[key]
@@ -2561,8 +2670,8 @@ cdef class UniqueIndex(_OrderedIndex):
 
     cdef object _value_key(self, object value):
         if not self.pk_order:
-            return _index_key(value)
-        return None if value is None else _pk_key(value)
+            return _value_skey(value)
+        return None if value is None else _pk_skey(value)
 
     cdef object _lookup_key(self, object value):
         try:
@@ -2627,7 +2736,7 @@ cdef class UniqueIndex(_OrderedIndex):
             if held is not _MISSING and _pk_cmp(held, pk) != 0:
                 raise ValueError(f"value {new_value!r} is already held by pk {held!r}, not {pk!r}")
         old = self._lookup_key(old_value)
-        if old is not None and (new is None or _key_cmp(old, new) != 0):
+        if old is not None and (new is None or _skey_cmp(old, new) != 0):
             held = self._map.get(old, _MISSING)
             if held is not _MISSING and _pk_cmp(held, pk) == 0:
                 del self._map[old]
@@ -2648,7 +2757,7 @@ cdef class UniqueIndex(_OrderedIndex):
                 continue
             if key is not None:
                 held[key] = pks[i]
-        keys = sorted(held)
+        keys = _sorted_skeys(held)
         self._values.fill_items(keys, [held[key] for key in keys])
         return 0
 
