@@ -2237,6 +2237,10 @@ cdef class _OrderedIndex:
     cdef object _lookup_key(self, object value):
         return self._value_key(value)
 
+    cdef object _payload(self, object key):
+        """The payload held under ``key``, or _MISSING."""
+        return self._map.get(key, _MISSING)
+
     cdef tuple _args(self):
         return ()
 
@@ -2271,8 +2275,8 @@ cdef class _OrderedIndex:
         """The pks holding value, in pk order; [] for a value that is not indexed."""
         key = self._lookup_key(value)
         if key is not None:
-            payload = self._map.get(key)
-            if payload is not None:
+            payload = self._payload(key)
+            if payload is not _MISSING:
                 return self._pks(payload)
         return []
 
@@ -2284,10 +2288,10 @@ cdef class _OrderedIndex:
             raise TypeError(f"in_ needs an iterable of values, not {type(values).__name__}")
         for value in values:
             key = self._lookup_key(value)
-            if key is not None and key in self._map:
+            if key is not None and self._payload(key) is not _MISSING:
                 keys.add(key)
         for key in _sorted_skeys(keys):
-            self._take(out, self._map[key], None, False, -1)
+            self._take(out, self._payload(key), None, False, -1)
         return out
 
     def count_eq(self, value):
@@ -2295,12 +2299,12 @@ cdef class _OrderedIndex:
         key = self._lookup_key(value)
         if key is None:
             return 0
-        payload = self._map.get(key)
-        return 0 if payload is None else self._count(payload)
+        payload = self._payload(key)
+        return 0 if payload is _MISSING else self._count(payload)
 
     def distinct(self):
         """The number of distinct indexed values."""
-        return len(self._map)
+        return self._values.size
 
     def min_value(self):
         """The smallest indexed value in index order, or None if empty."""
@@ -2663,10 +2667,10 @@ cdef class UniqueIndex(_OrderedIndex):
         return (bool(self.pk_order),)
 
     def __len__(self):
-        return len(self._map)
+        return self._values.size
 
     def __repr__(self):
-        return f"UniqueIndex(entries={len(self._map)}, pk_order={bool(self.pk_order)})"
+        return f"UniqueIndex(entries={self._values.size}, pk_order={bool(self.pk_order)})"
 
     cdef object _value_key(self, object value):
         if not self.pk_order:
@@ -2678,6 +2682,18 @@ cdef class UniqueIndex(_OrderedIndex):
             return self._value_key(value)
         except (TypeError, ValueError):
             return None
+
+    cdef object _payload(self, object key):
+        # With pk_order the replica's records already map every pk: a second hash table here
+        # would cost about 50 bytes a record, so the sorted chunks answer lookups (O(log n)).
+        cdef Py_ssize_t ci, j
+        cdef _Chunks values = self._values
+        if not self.pk_order:
+            return self._map.get(key, _MISSING)
+        values.locate(key, False, &ci, &j)
+        if ci < len(values.keys) and _skey_cmp((<list>values.keys[ci])[j], key) == 0:
+            return (<list>values.items[ci])[j]
+        return _MISSING
 
     cdef list _pks(self, object pk):
         return [pk]
@@ -2699,7 +2715,10 @@ cdef class UniqueIndex(_OrderedIndex):
     def get(self, value):
         """The pk holding value, or None (also for a value that cannot be indexed)."""
         key = self._lookup_key(value)
-        return None if key is None else self._map.get(key)
+        if key is None:
+            return None
+        pk = self._payload(key)
+        return None if pk is _MISSING else pk
 
     def add(self, value, pk):
         """Map value to pk: False if already so or not indexed, ValueError if another pk has it."""
@@ -2707,12 +2726,13 @@ cdef class UniqueIndex(_OrderedIndex):
         key = self._value_key(value)
         if key is None:
             return False
-        held = self._map.get(key, _MISSING)
+        held = self._payload(key)
         if held is not _MISSING:
             if _pk_cmp(held, pk) == 0:
                 return False
             raise ValueError(f"value {value!r} is already held by pk {held!r}, not {pk!r}")
-        self._map[key] = pk
+        if not self.pk_order:
+            self._map[key] = pk
         self._values.insert(key, pk)
         return True
 
@@ -2721,10 +2741,11 @@ cdef class UniqueIndex(_OrderedIndex):
         key = self._lookup_key(value)
         if key is None:
             return None
-        pk = self._map.pop(key, _MISSING)
+        pk = self._values.pop(key, _MISSING)
         if pk is _MISSING:
             return None
-        self._values.pop(key, _MISSING)
+        if not self.pk_order:
+            del self._map[key]
         return pk
 
     def replace(self, old_value, new_value, pk):
@@ -2732,21 +2753,22 @@ cdef class UniqueIndex(_OrderedIndex):
         _check_pk(pk)
         new = self._value_key(new_value)
         if new is not None:
-            held = self._map.get(new, _MISSING)
+            held = self._payload(new)
             if held is not _MISSING and _pk_cmp(held, pk) != 0:
                 raise ValueError(f"value {new_value!r} is already held by pk {held!r}, not {pk!r}")
         old = self._lookup_key(old_value)
         if old is not None and (new is None or _skey_cmp(old, new) != 0):
-            held = self._map.get(old, _MISSING)
+            held = self._payload(old)
             if held is not _MISSING and _pk_cmp(held, pk) == 0:
-                del self._map[old]
                 self._values.pop(old, _MISSING)
+                if not self.pk_order:
+                    del self._map[old]
         if new is not None:
             self.add(new_value, pk)
 
     cdef int _bulk(self, list values, list pks) except -1:
         # A later entry takes a value from an earlier one, as apply() does one change at a time.
-        cdef dict held = self._map
+        cdef dict held = {} if self.pk_order else self._map
         cdef Py_ssize_t i, n = len(values)
         cdef list keys
         for i in range(n):
