@@ -2221,7 +2221,8 @@ cdef class _OrderedIndex:
     """What SortedIndex and UniqueIndex share. See natskv._core_py._OrderedIndex.
 
     ``_map`` maps each distinct key to the payload (a group of pks, or one pk); ``_values`` keeps
-    the same keys sorted with the same payloads, so scans never go back to the dict.
+    the same keys sorted with the same payloads, so scans never go back to the dict. Lookups go
+    through ``_payload``: a UniqueIndex with pk_order leaves ``_map`` empty and bisects ``_values``.
     """
 
     cdef dict _map
