@@ -1808,8 +1808,117 @@ cdef inline int _check_pk(object pk) except -1:
     return 0
 
 
-cdef inline object _last(tuple key):
-    return key[len(key) - 1]
+cdef inline object _last(object key):
+    """The value a stored key stands for (see _value_skey)."""
+    if type(key) is tuple:
+        return (<tuple>key)[len(<tuple>key) - 1]
+    return key
+
+
+# The indexes store keys more compactly than index_key's tuples: a number or a str is kept as
+# itself (a 100,000-record replica saves a 72-byte tuple per entry of each unique index), and
+# only the other kinds keep a tuple whose first item is their rank: bools ``(0, value)`` and,
+# with pk_order, bytes, UUIDs, tuples and other types as _pk_key gives them. A dict still tells
+# ``True`` from ``1`` (a tuple never equals a number) and holds ``1`` and ``1.0`` as one key.
+# Scan bounds use the one-item tuples ``(rank,)``, before every key of that rank.
+
+cdef object _value_skey(object value):
+    """The stored key of a field value, or None when it is not indexed (as _index_key)."""
+    cdef type kind = type(value)
+    cdef double number
+    if kind is str or kind is int:
+        return value
+    if kind is float:
+        number = value
+        return value if number == number else None
+    if kind is bool:
+        return (0, value)
+    if value is None or kind is dict or kind is list:
+        return None
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        value = float.__float__(value)
+        number = value
+        return value if number == number else None
+    return None
+
+
+cdef object _pk_skey(object pk):
+    """The stored key of a primary key (pk_order): raises as _pk_key."""
+    cdef type kind = type(pk)
+    if kind is int or kind is str:
+        return pk
+    key = _pk_key_slow(pk, 0)
+    if (<tuple>key)[0] == 1 or (<tuple>key)[0] == 2:
+        return pk
+    return key
+
+
+cdef inline int _skey_rank(object key) except -2:
+    if type(key) is tuple:
+        return (<tuple>key)[0]
+    return 2 if isinstance(key, str) else 1
+
+
+cdef int _skey_cmp(object a, object b) except -2:
+    """Compare two stored keys: -1, 0 or 1, in index_key's order."""
+    cdef type kind = type(a)
+    cdef double p, q
+    cdef int ra, rb
+    if kind is type(b):
+        if kind is str:
+            return PyUnicode_Compare(a, b)
+        if kind is int:
+            return _int_cmp(a, b)
+        if kind is float:
+            p = a
+            q = b
+            return (p > q) - (p < q)
+    ra = _skey_rank(a)
+    rb = _skey_rank(b)
+    if ra != rb:
+        return -1 if ra < rb else 1
+    if kind is tuple or type(b) is tuple:
+        # Of one rank, a tuple beside a bare value is a (rank,) bound, which sorts first.
+        if kind is not tuple:
+            return 1 if PyTuple_GET_SIZE(b) == 1 else _rich_cmp((ra, a), b)
+        if type(b) is not tuple:
+            return -1 if PyTuple_GET_SIZE(a) == 1 else _rich_cmp(a, (rb, b))
+        return _key_cmp(a, b)
+    if ra == 2:
+        return PyUnicode_Compare(a, b)
+    return _rich_cmp(a, b)
+
+
+cdef object _skey_sort_key(object key):
+    if type(key) is tuple:
+        return key
+    return (2, key) if isinstance(key, str) else (1, key)
+
+
+def _skey_order(key):
+    return _skey_sort_key(key)
+
+
+cdef list _sorted_skeys(object keys):
+    """The stored keys sorted in index order (a plain sort when all are str or all int)."""
+    cdef list out = list(keys)
+    cdef type kind
+    if len(out) < 2:
+        return out
+    kind = type(out[0])
+    if kind is int or kind is str:
+        for key in out:
+            if type(key) is not kind:
+                out.sort(key=_skey_order)
+                return out
+        out.sort()
+    else:
+        out.sort(key=_skey_order)
+    return out
 
 
 cdef int _rich_cmp(object a, object b) except -2:
@@ -1877,7 +1986,7 @@ cdef Py_ssize_t _bisect(list seq, object key, bint right, bint pks) except -1:
     cdef int c
     while lo < hi:
         mid = (lo + hi) >> 1
-        c = _pk_cmp(seq[mid], key) if pks else _key_cmp(seq[mid], key)
+        c = _pk_cmp(seq[mid], key) if pks else _skey_cmp(seq[mid], key)
         if c < 0 or (right and c == 0):
             lo = mid + 1
         else:
@@ -1911,7 +2020,7 @@ cdef class _Chunks:
         self.pks = False
 
     cdef inline int cmp(self, object a, object b) except -2:
-        return _pk_cmp(a, b) if self.pks else _key_cmp(a, b)
+        return _pk_cmp(a, b) if self.pks else _skey_cmp(a, b)
 
     cdef int locate(self, object key, bint right, Py_ssize_t* chunk, Py_ssize_t* offset) except -1:
         cdef Py_ssize_t ci = _bisect(self.maxes, key, right, self.pks)
@@ -2079,7 +2188,7 @@ cdef Py_ssize_t _check_limit(object limit) except -2:
 
 
 cdef object _bound_key(object value):
-    key = _index_key(value)
+    key = _value_skey(value)
     if key is None:
         if isinstance(value, float):
             return None
@@ -2112,7 +2221,8 @@ cdef class _OrderedIndex:
     """What SortedIndex and UniqueIndex share. See natskv._core_py._OrderedIndex.
 
     ``_map`` maps each distinct key to the payload (a group of pks, or one pk); ``_values`` keeps
-    the same keys sorted with the same payloads, so scans never go back to the dict.
+    the same keys sorted with the same payloads, so scans never go back to the dict. Lookups go
+    through ``_payload``: a UniqueIndex with pk_order leaves ``_map`` empty and bisects ``_values``.
     """
 
     cdef dict _map
@@ -2127,6 +2237,10 @@ cdef class _OrderedIndex:
 
     cdef object _lookup_key(self, object value):
         return self._value_key(value)
+
+    cdef object _payload(self, object key):
+        """The payload held under ``key``, or _MISSING."""
+        return self._map.get(key, _MISSING)
 
     cdef tuple _args(self):
         return ()
@@ -2162,8 +2276,8 @@ cdef class _OrderedIndex:
         """The pks holding value, in pk order; [] for a value that is not indexed."""
         key = self._lookup_key(value)
         if key is not None:
-            payload = self._map.get(key)
-            if payload is not None:
+            payload = self._payload(key)
+            if payload is not _MISSING:
                 return self._pks(payload)
         return []
 
@@ -2175,10 +2289,10 @@ cdef class _OrderedIndex:
             raise TypeError(f"in_ needs an iterable of values, not {type(values).__name__}")
         for value in values:
             key = self._lookup_key(value)
-            if key is not None and key in self._map:
+            if key is not None and self._payload(key) is not _MISSING:
                 keys.add(key)
-        for key in sorted(keys):
-            self._take(out, self._map[key], None, False, -1)
+        for key in _sorted_skeys(keys):
+            self._take(out, self._payload(key), None, False, -1)
         return out
 
     def count_eq(self, value):
@@ -2186,12 +2300,12 @@ cdef class _OrderedIndex:
         key = self._lookup_key(value)
         if key is None:
             return 0
-        payload = self._map.get(key)
-        return 0 if payload is None else self._count(payload)
+        payload = self._payload(key)
+        return 0 if payload is _MISSING else self._count(payload)
 
     def distinct(self):
         """The number of distinct indexed values."""
-        return len(self._map)
+        return self._values.size
 
     def min_value(self):
         """The smallest indexed value in index order, or None if empty."""
@@ -2213,7 +2327,7 @@ cdef class _OrderedIndex:
         _check_pk(pk)
         return (_last(key), pk)
 
-    cdef tuple _cursor_key(self, object value):
+    cdef object _cursor_key(self, object value):
         key = self._value_key(value)
         if key is None:
             raise ValueError(f"cursor value {value!r} is not indexed (None, NaN or not a scalar)")
@@ -2251,10 +2365,10 @@ cdef class _OrderedIndex:
         if low is None and high is None:
             return self._walk(None, True, None, True, reverse, cursor, need)
         if low is None:
-            return self._walk((high[0],), False, high, hi_inclusive, reverse, cursor, need)
+            return self._walk((_skey_rank(high),), False, high, hi_inclusive, reverse, cursor, need)
         if high is None:
-            return self._walk(low, lo_inclusive, (low[0] + 1,), False, reverse, cursor, need)
-        if low[0] != high[0]:
+            return self._walk(low, lo_inclusive, (_skey_rank(low) + 1,), False, reverse, cursor, need)
+        if _skey_rank(low) != _skey_rank(high):
             return []
         return self._walk(low, lo_inclusive, high, hi_inclusive, reverse, cursor, need)
 
@@ -2265,11 +2379,11 @@ cdef class _OrderedIndex:
         cdef Py_ssize_t need = _check_limit(limit)
         cdef str text = str.__str__(p)
         end = _prefix_end(text)
-        high = (3,) if end is None else (2, end)
+        high = (3,) if end is None else end
         cursor = None if after is None else self._cursor(after)
         if need == 0:
             return []
-        return self._walk((2, text), True, high, False, reverse, cursor, need)
+        return self._walk(text, True, high, False, reverse, cursor, need)
 
     def ordered(self, bint reverse=False, after=None, limit=None):
         """Every pk in index order, or reversed, strictly after the cursor after. See _core_py."""
@@ -2299,11 +2413,11 @@ cdef class _OrderedIndex:
         if cursor is not None:
             at, after_pk = cursor
             if not reverse:
-                if low is None or _key_cmp(at, low) > 0 or (lo_inc and _key_cmp(at, low) == 0):
+                if low is None or _skey_cmp(at, low) > 0 or (lo_inc and _skey_cmp(at, low) == 0):
                     low, lo_inc = at, True
                 else:
                     at = None
-            elif high is None or _key_cmp(at, high) < 0 or (hi_inc and _key_cmp(at, high) == 0):
+            elif high is None or _skey_cmp(at, high) < 0 or (hi_inc and _skey_cmp(at, high) == 0):
                 high, hi_inc = at, True
             else:
                 at = None
@@ -2318,11 +2432,11 @@ cdef class _OrderedIndex:
                 while j < len(chunk):
                     key = chunk[j]
                     if high is not None:
-                        c = _key_cmp(key, high)
+                        c = _skey_cmp(key, high)
                         if c > 0 or (c == 0 and not hi_inc):
                             return out
                     # Only the first key can be the cursor's: the scan starts there.
-                    if at is not None and _key_cmp(key, at) == 0:
+                    if at is not None and _skey_cmp(key, at) == 0:
                         self._take(out, payloads[j], after_pk, False, need)
                     else:
                         self._take(out, payloads[j], None, False, need)
@@ -2349,10 +2463,10 @@ cdef class _OrderedIndex:
             j -= 1
             key = chunk[j]
             if low is not None:
-                c = _key_cmp(key, low)
+                c = _skey_cmp(key, low)
                 if c < 0 or (c == 0 and not lo_inc):
                     return out
-            if at is not None and _key_cmp(key, at) == 0:
+            if at is not None and _skey_cmp(key, at) == 0:
                 self._take(out, payloads[j], after_pk, True, need)
             else:
                 self._take(out, payloads[j], None, True, need)
@@ -2378,7 +2492,7 @@ cdef class SortedIndex(_OrderedIndex):
         return f"SortedIndex(entries={self._len}, distinct={len(self._map)})"
 
     cdef object _value_key(self, object value):
-        return _index_key(value)
+        return _value_skey(value)
 
     cdef list _pks(self, object group):
         if type(group) is list:
@@ -2432,7 +2546,7 @@ cdef class SortedIndex(_OrderedIndex):
         cdef _Chunks chunks
         cdef Py_ssize_t j
         _check_pk(pk)
-        key = _index_key(value)
+        key = _value_skey(value)
         if key is None:
             return False
         group = self._map.get(key)
@@ -2465,7 +2579,7 @@ cdef class SortedIndex(_OrderedIndex):
         cdef Py_ssize_t j
         cdef bint empty
         _check_pk(pk)
-        key = _index_key(value)
+        key = _value_skey(value)
         if key is None:
             return False
         group = self._map.get(key)
@@ -2491,9 +2605,9 @@ cdef class SortedIndex(_OrderedIndex):
     def replace(self, old_value, new_value, pk):
         """Move pk from old_value to new_value (either may be unindexed)."""
         _check_pk(pk)
-        old = _index_key(old_value)
-        new = _index_key(new_value)
-        if old is None or new is None or _key_cmp(old, new) != 0:
+        old = _value_skey(old_value)
+        new = _value_skey(new_value)
+        if old is None or new is None or _skey_cmp(old, new) != 0:
             self._remove(old_value, pk)
         self._add(new_value, pk)
 
@@ -2505,7 +2619,7 @@ cdef class SortedIndex(_OrderedIndex):
         cdef _Chunks chunks
         cdef Py_ssize_t i, n = len(values)
         for i in range(n):
-            key = _index_key(values[i])
+            key = _value_skey(values[i])
             if key is None:
                 continue
             group = groups.get(key)
@@ -2513,7 +2627,7 @@ cdef class SortedIndex(_OrderedIndex):
                 groups[key] = [pks[i]]
             else:
                 group.append(pks[i])
-        keys = sorted(groups)
+        keys = _sorted_skeys(groups)
         payloads = []
         for key in keys:
             group = groups[key]
@@ -2554,21 +2668,33 @@ cdef class UniqueIndex(_OrderedIndex):
         return (bool(self.pk_order),)
 
     def __len__(self):
-        return len(self._map)
+        return self._values.size
 
     def __repr__(self):
-        return f"UniqueIndex(entries={len(self._map)}, pk_order={bool(self.pk_order)})"
+        return f"UniqueIndex(entries={self._values.size}, pk_order={bool(self.pk_order)})"
 
     cdef object _value_key(self, object value):
         if not self.pk_order:
-            return _index_key(value)
-        return None if value is None else _pk_key(value)
+            return _value_skey(value)
+        return None if value is None else _pk_skey(value)
 
     cdef object _lookup_key(self, object value):
         try:
             return self._value_key(value)
         except (TypeError, ValueError):
             return None
+
+    cdef object _payload(self, object key):
+        # With pk_order the replica's records already map every pk: a second hash table here
+        # would cost about 50 bytes a record, so the sorted chunks answer lookups (O(log n)).
+        cdef Py_ssize_t ci, j
+        cdef _Chunks values = self._values
+        if not self.pk_order:
+            return self._map.get(key, _MISSING)
+        values.locate(key, False, &ci, &j)
+        if ci < len(values.keys) and _skey_cmp((<list>values.keys[ci])[j], key) == 0:
+            return (<list>values.items[ci])[j]
+        return _MISSING
 
     cdef list _pks(self, object pk):
         return [pk]
@@ -2590,7 +2716,10 @@ cdef class UniqueIndex(_OrderedIndex):
     def get(self, value):
         """The pk holding value, or None (also for a value that cannot be indexed)."""
         key = self._lookup_key(value)
-        return None if key is None else self._map.get(key)
+        if key is None:
+            return None
+        pk = self._payload(key)
+        return None if pk is _MISSING else pk
 
     def add(self, value, pk):
         """Map value to pk: False if already so or not indexed, ValueError if another pk has it."""
@@ -2598,12 +2727,13 @@ cdef class UniqueIndex(_OrderedIndex):
         key = self._value_key(value)
         if key is None:
             return False
-        held = self._map.get(key, _MISSING)
+        held = self._payload(key)
         if held is not _MISSING:
             if _pk_cmp(held, pk) == 0:
                 return False
             raise ValueError(f"value {value!r} is already held by pk {held!r}, not {pk!r}")
-        self._map[key] = pk
+        if not self.pk_order:
+            self._map[key] = pk
         self._values.insert(key, pk)
         return True
 
@@ -2612,10 +2742,11 @@ cdef class UniqueIndex(_OrderedIndex):
         key = self._lookup_key(value)
         if key is None:
             return None
-        pk = self._map.pop(key, _MISSING)
+        pk = self._values.pop(key, _MISSING)
         if pk is _MISSING:
             return None
-        self._values.pop(key, _MISSING)
+        if not self.pk_order:
+            del self._map[key]
         return pk
 
     def replace(self, old_value, new_value, pk):
@@ -2623,21 +2754,22 @@ cdef class UniqueIndex(_OrderedIndex):
         _check_pk(pk)
         new = self._value_key(new_value)
         if new is not None:
-            held = self._map.get(new, _MISSING)
+            held = self._payload(new)
             if held is not _MISSING and _pk_cmp(held, pk) != 0:
                 raise ValueError(f"value {new_value!r} is already held by pk {held!r}, not {pk!r}")
         old = self._lookup_key(old_value)
-        if old is not None and (new is None or _key_cmp(old, new) != 0):
-            held = self._map.get(old, _MISSING)
+        if old is not None and (new is None or _skey_cmp(old, new) != 0):
+            held = self._payload(old)
             if held is not _MISSING and _pk_cmp(held, pk) == 0:
-                del self._map[old]
                 self._values.pop(old, _MISSING)
+                if not self.pk_order:
+                    del self._map[old]
         if new is not None:
             self.add(new_value, pk)
 
     cdef int _bulk(self, list values, list pks) except -1:
         # A later entry takes a value from an earlier one, as apply() does one change at a time.
-        cdef dict held = self._map
+        cdef dict held = {} if self.pk_order else self._map
         cdef Py_ssize_t i, n = len(values)
         cdef list keys
         for i in range(n):
@@ -2648,7 +2780,7 @@ cdef class UniqueIndex(_OrderedIndex):
                 continue
             if key is not None:
                 held[key] = pks[i]
-        keys = sorted(held)
+        keys = _sorted_skeys(held)
         self._values.fill_items(keys, [held[key] for key in keys])
         return 0
 

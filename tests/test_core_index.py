@@ -127,6 +127,48 @@ def test_bool_never_equals_one(core: ModuleType) -> None:
     assert index.distinct() == 4
 
 
+def test_every_kind_of_value_keeps_its_place_in_unique_indexes(core: ModuleType) -> None:
+    # The compiled indexes hold numbers and strings as bare keys and bools as rank tuples: the
+    # kinds must still never meet, in lookups, bounds, prefixes, cursors and bulk rebuilds.
+    values: list[Any] = ["b", 2, True, 1.5, "a", False, -3, "", Fruit.APPLE, Color.RED, 10**30]
+    for unique in (core.UniqueIndex(), core.UniqueIndex(pk_order=True)):
+        for pk, value in enumerate(values):
+            assert unique.add(value, value if unique.pk_order else pk) is True
+        ordered = unique.ordered()
+        expected = [False, True, -3, Color.RED, 1.5, 2, 10**30, "", "a", Fruit.APPLE, "b"]
+        if unique.pk_order:
+            assert ordered == expected
+            assert unique.get(1) is Color.RED and unique.get(True) is True and unique.get(2.0) == 2
+        else:
+            assert [values[pk] for pk in ordered] == expected
+            assert unique.get(1) == 9 and unique.get(True) == 2 and unique.get(2.0) == 1
+        pks = list(ordered)
+        assert unique.range(lo=False) == pks[:2]
+        assert unique.range(hi=True, hi_inclusive=False) == pks[:1]
+        assert unique.range(lo=-3, lo_inclusive=False) == pks[3:7]
+        assert unique.range(hi=2) == pks[2:6]
+        assert unique.range(lo="", reverse=True) == pks[7:][::-1]
+        assert unique.range(lo=0, hi="z") == []
+        assert unique.prefix("") == pks[7:] and unique.prefix("a") == pks[8:10]
+        assert unique.ordered(after=unique.position(1.5, pks[4]), limit=2) == pks[5:7]
+        assert unique.ordered(reverse=True, after=unique.position("", pks[7]), limit=3) == pks[4:7][::-1]
+        assert unique.min_value() is False and unique.max_value() == "b"
+        if unique.pk_order:
+            assert type(unique.position(Color.RED, 3)[0]) is Color
+        else:
+            assert type(unique.position(Color.RED, 3)[0]) is int
+        records: dict[Any, Any] = {}
+        pk_index = core.UniqueIndex(pk_order=True)
+        field_index = core.UniqueIndex()
+        index_set = core.IndexSet("id", {"id": pk_index, "v": field_index}, {}, records)
+        index_set.defer()
+        for pk, value in enumerate(values):
+            index_set.apply(None, {"id": pk, "v": value}, pk + 1)
+        index_set.rebuild()
+        assert [values[pk] for pk in field_index.ordered()] == expected
+        assert pk_index.ordered() == list(range(len(values)))
+
+
 def test_mixed_pk_types_are_ordered_and_distinct(core: ModuleType) -> None:
     u1, u2 = uuid.UUID(int=1), uuid.UUID(int=2)
     pks: list[Any] = ["1", 1, u2, (2, "a"), b"b", u1, 0.5, (1, "z"), "a", False, Color.RED]
