@@ -2942,6 +2942,7 @@ cdef bint _valid_pk(object pk):
 
 cdef extern from "Python.h":
     int PyObject_GenericSetDict(object obj, object value, void* context) except -1
+    int PyObject_GenericSetAttr(object obj, object name, object value) except -1
 
 cdef object _object_new = object.__new__
 
@@ -2964,6 +2965,10 @@ cdef class RecordBuilder:
     cdef frozenset _fields
     cdef frozenset _skip
     cdef tuple _converters
+    cdef tuple _names
+    cdef tuple _skip_names
+    cdef bint _instance_dict
+    cdef tuple _plan
 
     def __init__(self, cls, fields, skip=(), converters=(), floats=()):
         if not isinstance(cls, type):
@@ -2972,6 +2977,12 @@ cdef class RecordBuilder:
         self._blank = dict.fromkeys(fields)
         self._fields = frozenset(self._blank)
         self._skip = frozenset(skip)
+        self._names = tuple(self._blank)
+        self._skip_names = tuple(n for n in self._skip if n not in self._fields)
+        # Instances of a plain class have a dict of their own to fill; others (a class with
+        # __slots__ and __dict__, say) get one assigned.
+        self._instance_dict = cls.__dictoffset__ != 0
+
         self._converters = tuple((name, convert) for name, convert in converters)
         for name, convert in self._converters:
             if name not in self._fields or not callable(convert):
@@ -2980,29 +2991,78 @@ cdef class RecordBuilder:
         for name in self._floats:
             if name not in self._fields:
                 raise ValueError(f"floats names fields; {name!r} is not one")
+        converter_of = dict(self._converters)
+        self._plan = tuple((name, converter_of.get(name), name in self._floats) for name in self._names)
+
+    cdef int _extras(self, dict stored, dict extra) except -1:
+        cdef Py_ssize_t pos = 0
+        cdef PyObject* key
+        cdef PyObject* raw
+        while PyDict_Next(stored, &pos, &key, &raw):
+            if <object>key not in self._fields and <object>key not in self._skip:
+                PyDict_SetItem(extra, <object>key, <object>raw)
+        return 0
 
     def build(self, pairs):
         """One instance per ``(stored record, revision)`` pair, in order."""
         cdef list out = []
         cdef dict values, extra, stored
-        cdef Py_ssize_t pos
+        cdef Py_ssize_t pos, known
         cdef PyObject* key
         cdef PyObject* raw
-        cdef object cls = self._cls, obj, revision, value
+        cdef object cls = self._cls, obj, revision, value, name, convert
+        cdef bint to_float
+        cdef tuple names = self._names
+        cdef tuple skip = self._skip_names
+        cdef bint instance_dict = self._instance_dict
+        cdef tuple plan = self._plan
         for pair in pairs:
             stored_obj, revision = pair
             if type(stored_obj) is not dict:
                 if not isinstance(stored_obj, dict):
                     raise TypeError(f"a stored record is a dict, not {type(stored_obj).__name__}")
             stored = <dict>stored_obj
-            values = PyDict_Copy(self._blank)
+            obj = _object_new(cls)
+            known = 0
             extra = {}
-            pos = 0
-            while PyDict_Next(stored, &pos, &key, &raw):
-                if <object>key in self._fields:
-                    PyDict_SetItem(values, <object>key, <object>raw)
-                elif <object>key not in self._skip:
-                    PyDict_SetItem(extra, <object>key, <object>raw)
+            if instance_dict:
+                # Set as attributes, in one fixed order: a plain class keeps them in the
+                # instance's own compact storage, faster to fill and smaller than a dict.
+                for name, convert, to_float in plan:
+                    raw = PyDict_GetItem(stored, name)
+                    if raw is NULL:
+                        value = None
+                    else:
+                        known += 1
+                        value = <object>raw
+                        if convert is not None and value is not None:
+                            value = convert(value)
+                        elif to_float and type(value) is int:
+                            value = float(value)
+                    PyObject_GenericSetAttr(obj, name, value)
+                for name in skip:
+                    if PyDict_GetItem(stored, name) is not NULL:
+                        known += 1
+                if known < len(stored):  # keys that are neither fields nor skipped: in _extra
+                    self._extras(stored, extra)
+                PyObject_GenericSetAttr(obj, "_extra", extra)
+                PyObject_GenericSetAttr(obj, "_version", revision)
+                PyObject_GenericSetAttr(obj, "_stored", stored)
+                out.append(obj)
+                continue
+            values = {}
+            for name in names:
+                raw = PyDict_GetItem(stored, name)
+                if raw is NULL:
+                    PyDict_SetItem(values, name, None)
+                else:
+                    PyDict_SetItem(values, name, <object>raw)
+                    known += 1
+            for name in skip:
+                if PyDict_GetItem(stored, name) is not NULL:
+                    known += 1
+            if known < len(stored):  # keys that are neither fields nor skipped: kept in _extra
+                self._extras(stored, extra)
             for name, convert in self._converters:
                 value = values[name]
                 if value is not None:
@@ -3014,7 +3074,6 @@ cdef class RecordBuilder:
             values["_extra"] = extra
             values["_version"] = revision
             values["_stored"] = stored
-            obj = _object_new(cls)
             PyObject_GenericSetDict(obj, values, NULL)
             out.append(obj)
         return out
