@@ -51,6 +51,7 @@ __all__ = [
     "UniqueIndex",
     "compile_filter",
     "compile_pattern",
+    "decode_entries",
     "decode_key",
     "decode_keys",
     "decode_subjects",
@@ -62,6 +63,7 @@ __all__ = [
     "parse_header_fields",
     "parse_headers",
     "pub_command",
+    "take_deliveries",
 ]
 
 ctypedef fused uchar:
@@ -1044,6 +1046,79 @@ def parse_ack_subject(reply):
         _ack_number(reply, tokens[base + 5]),
         _ack_number(reply, tokens[base + 6]),
     )
+
+
+def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_dseq, entry_type,
+                    bint stop_at_caught_up):
+    """The run of plain deliveries of a push consumer at frames[start:], as entries.
+
+    See natskv._core_py.take_deliveries: the same results.
+    """
+    cdef list entries = []
+    cdef Py_ssize_t index, count = len(frames), ntok, base
+    cdef tuple frame
+    cdef list tokens
+    cdef str reply
+    cdef object payload, sseq, dseq, stamp, pending
+    for index in range(start, count):
+        frame = <tuple>frames[index]
+        payload = frame[4]
+        if frame[3] is not None or not payload:
+            return entries, index
+        reply = <str>frame[2]
+        if not reply.startswith("$JS.ACK."):
+            return entries, index
+        tokens = reply.split(".")
+        ntok = len(tokens)
+        if ntok != 9 and ntok != 11 and ntok != 12:
+            return entries, index
+        base = 2 if ntok == 9 else 4
+        if <str>tokens[base + 1] != consumer or len(consumer) == 0 or len(<str>tokens[base]) == 0:
+            return entries, index
+        try:
+            sseq = _ack_number(reply, tokens[base + 3])
+            dseq = _ack_number(reply, tokens[base + 4])
+            stamp = _ack_number(reply, tokens[base + 5])
+            pending = _ack_number(reply, tokens[base + 6])
+            _ack_number(reply, tokens[base + 2])
+        except ValueError:
+            return entries, index
+        if dseq != next_dseq or (ntok == 12 and len(<str>tokens[11]) == 0) or (ntok != 9 and (
+                len(<str>tokens[2]) == 0 or len(<str>tokens[3]) == 0)):
+            return entries, index
+        next_dseq += 1
+        entries.append(entry_type(frame[1], payload, sseq, str(stamp), "PUT", pending))
+        if stop_at_caught_up and pending == 0:
+            return entries, index + 1
+    return entries, count
+
+
+def decode_entries(entries, Py_ssize_t prefix_len, sep, loads):
+    """(revision, key, put, value) of each entry, for a replica to apply.
+
+    See natskv._core_py.decode_entries: the same results.
+    """
+    cdef Py_UCS4 c_sep = <Py_UCS4>_sep_char(sep)
+    cdef list out = []
+    cdef str subject
+    cdef bint put
+    for entry in entries:
+        subject = entry.subject
+        try:
+            key = _decode(subject, c_sep, prefix_len)
+        except ValueError:
+            key = subject[prefix_len:]
+        put = entry.operation == "PUT"
+        value = None
+        if put:
+            value = entry.data
+            if loads is not None and not entry.raw_bytes:
+                try:
+                    value = loads(value)
+                except ValueError:
+                    pass
+        out.append((entry.revision, key, put, value))
+    return out
 
 
 cdef inline bint _is_space(unsigned char c) noexcept nogil:
