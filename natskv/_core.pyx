@@ -1048,6 +1048,67 @@ def parse_ack_subject(reply):
     )
 
 
+cdef tuple _ack_fields(str reply, str consumer):
+    """(stream_seq, consumer_seq, timestamp_ns, num_pending, timestamp str) of an ack subject
+    naming ``consumer``; None for another consumer's, or for anything parse_ack_subject refuses."""
+    cdef Py_ssize_t n = len(reply), i, ndots = 0, ntok, base, k, a, b, clen
+    cdef Py_ssize_t dots[12]
+    cdef const Py_UCS1* p
+    cdef long long numbers[5]
+    cdef long long value
+    cdef bint fast = PyUnicode_KIND(reply) == PyUnicode_1BYTE_KIND
+    if fast:
+        p = PyUnicode_1BYTE_DATA(reply)
+        if n < 8 or memcmp(p, b"$JS.ACK.", 8) != 0:
+            return None
+        for i in range(n):
+            if p[i] == 46:
+                if ndots == 12:
+                    return None
+                dots[ndots] = i
+                ndots += 1
+        ntok = ndots + 1
+        if ntok != 9 and ntok != 11 and ntok != 12:
+            return None
+        for k in range(ntok):  # no empty token
+            a = 0 if k == 0 else dots[k - 1] + 1
+            b = dots[k] if k < ndots else n
+            if b <= a:
+                return None
+        base = 2 if ntok == 9 else 4
+        a, b = dots[base] + 1, dots[base + 1]
+        clen = len(consumer)
+        if (b - a != clen or PyUnicode_KIND(consumer) != PyUnicode_1BYTE_KIND
+                or memcmp(p + a, PyUnicode_1BYTE_DATA(consumer), clen) != 0):
+            return None
+        for k in range(5):
+            a = dots[base + 1 + k] + 1
+            b = dots[base + 2 + k] if base + 2 + k < ndots else n
+            if b - a > 18:
+                fast = False  # may not fit in 64 bits: parse_ack_subject's way
+                break
+            value = 0
+            for i in range(a, b):
+                if p[i] < 48 or p[i] > 57:
+                    return None
+                value = value * 10 + (p[i] - 48)
+            numbers[k] = value
+    if not fast:
+        try:
+            _, name, _, sseq, dseq, stamp, pending = parse_ack_subject(reply)
+        except ValueError:
+            return None
+        if name != consumer:
+            return None
+        return sseq, dseq, stamp, pending, str(stamp)
+    a, b = dots[base + 4] + 1, dots[base + 5]  # the timestamp, followed by num_pending
+    if p[a] == 48 and b - a > 1:
+        text = str(numbers[3])
+    else:
+        text = reply[a:b]
+    return numbers[1], numbers[2], numbers[3], numbers[4], text
+
+
 def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_dseq, entry_type,
                     bint stop_at_caught_up):
     """The run of plain deliveries of a push consumer at frames[start:], as entries.
@@ -1055,40 +1116,24 @@ def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_
     See natskv._core_py.take_deliveries: the same results.
     """
     cdef list entries = []
-    cdef Py_ssize_t index, count = len(frames), ntok, base
-    cdef tuple frame
-    cdef list tokens
+    cdef Py_ssize_t index, count = len(frames)
+    cdef tuple frame, fields
     cdef str reply
-    cdef object payload, sseq, dseq, stamp, pending
+    cdef object payload
+    if len(consumer) == 0:
+        return entries, start
     for index in range(start, count):
         frame = <tuple>frames[index]
         payload = frame[4]
         if frame[3] is not None or not payload:
             return entries, index
         reply = <str>frame[2]
-        if not reply.startswith("$JS.ACK."):
-            return entries, index
-        tokens = reply.split(".")
-        ntok = len(tokens)
-        if ntok != 9 and ntok != 11 and ntok != 12:
-            return entries, index
-        base = 2 if ntok == 9 else 4
-        if <str>tokens[base + 1] != consumer or len(consumer) == 0 or len(<str>tokens[base]) == 0:
-            return entries, index
-        try:
-            sseq = _ack_number(reply, tokens[base + 3])
-            dseq = _ack_number(reply, tokens[base + 4])
-            stamp = _ack_number(reply, tokens[base + 5])
-            pending = _ack_number(reply, tokens[base + 6])
-            _ack_number(reply, tokens[base + 2])
-        except ValueError:
-            return entries, index
-        if dseq != next_dseq or (ntok == 12 and len(<str>tokens[11]) == 0) or (ntok != 9 and (
-                len(<str>tokens[2]) == 0 or len(<str>tokens[3]) == 0)):
+        fields = _ack_fields(reply, consumer)
+        if fields is None or fields[1] != next_dseq:
             return entries, index
         next_dseq += 1
-        entries.append(entry_type(frame[1], payload, sseq, str(stamp), "PUT", pending))
-        if stop_at_caught_up and pending == 0:
+        entries.append(entry_type(frame[1], payload, fields[0], fields[4], "PUT", fields[3]))
+        if stop_at_caught_up and fields[3] == 0:
             return entries, index + 1
     return entries, count
 

@@ -971,6 +971,29 @@ def test_take_deliveries_stops_at_what_it_does_not_take(core: ModuleType, odd: t
     assert core.take_deliveries(frames, 2, "C", 3, _as_tuple, False) == ([], 2)
 
 
+@pytest.mark.parametrize(
+    ("reply", "revision", "stamp", "pending"),
+    [
+        ("$JS.ACK.S.C.1.5.1.007.0", 5, "7", 0),  # numbers as int() reads them
+        ("$JS.ACK.S.C.1.5.1.0.0", 5, "0", 0),
+        ("$JS.ACK.S.C.1.123456789012345678901.1.2.3", 123456789012345678901, "2", 3),  # beyond 64 bits
+        ("$JS.ACK.S.C.1.5.1.123456789012345678901.3", 5, "123456789012345678901", 3),
+        ("$JS.ACK.Sé.C.1.5.1.2.3", 5, "2", 3),  # a Latin-1 stream name
+        ("$JS.ACK.S€.C.1.5.1.2.3", 5, "2", 3),  # and a wider one
+        ("$JS.ACK.dom.acc.S.C.1.5.1.2.3.tok", 5, "2", 3),
+    ],
+)
+def test_take_deliveries_reads_numbers_like_parse_ack_subject(
+    core: ModuleType, reply: str, revision: int, stamp: str, pending: int
+) -> None:
+    frames = [(7, "$KV.b.k", reply, None, b"v")]
+    assert core.take_deliveries(frames, 0, "C", 1, _as_tuple, False) == (
+        [("$KV.b.k", b"v", revision, stamp, "PUT", pending)], 1)
+    assert core.take_deliveries(frames, 0, "Cé", 1, _as_tuple, False) == ([], 0)
+    wide = [(7, "$KV.b.k", reply.replace(".C.", ".C€."), None, b"v")]
+    assert core.take_deliveries(wide, 0, "C€", 1, _as_tuple, False)[1] == 1
+
+
 def test_take_deliveries_ignores_an_empty_consumer_name(core: ModuleType) -> None:
     # A feed between two consumers has no name: nothing is its delivery.
     frames = [(7, "$KV.b.k", "$JS.ACK.S..1.2.1.4.0", None, b"v")]
