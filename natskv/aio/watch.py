@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -250,6 +251,21 @@ class ConsumerFeed:
         if self._stopped:
             return
         self._last_activity = self._loop.time()
+        if not self._initial_pending:
+            self._take_runs(frames)
+            return
+        # The initial values are kept (a replica holds them): the collector's passes over the
+        # growing heap, started by these allocations, would find nothing to free.
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            self._take_runs(frames)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _take_runs(self, frames: list[Any]) -> None:
         take = core.take_deliveries
         count = len(frames)
         index = 0
