@@ -1048,65 +1048,54 @@ def parse_ack_subject(reply):
     )
 
 
-cdef tuple _ack_fields(str reply, str consumer):
-    """(stream_seq, consumer_seq, timestamp_ns, num_pending, timestamp str) of an ack subject
-    naming ``consumer``; None for another consumer's, or for anything parse_ack_subject refuses."""
+cdef int _ack_fields(str reply, str consumer, long long* numbers, Py_ssize_t* stamp) except -2:
+    """Read an ack subject naming ``consumer`` in place: 1 with ``numbers`` (num_delivered,
+    stream_seq, consumer_seq, timestamp_ns, num_pending) and the timestamp's ``stamp`` span set;
+    0 for another consumer's, or for anything parse_ack_subject refuses; -1 when only
+    parse_ack_subject can tell (a number beyond 18 digits, a subject not in Latin-1)."""
     cdef Py_ssize_t n = len(reply), i, ndots = 0, ntok, base, k, a, b, clen
     cdef Py_ssize_t dots[12]
     cdef const Py_UCS1* p
-    cdef long long numbers[5]
     cdef long long value
-    cdef bint fast = PyUnicode_KIND(reply) == PyUnicode_1BYTE_KIND
-    if fast:
-        p = PyUnicode_1BYTE_DATA(reply)
-        if n < 8 or memcmp(p, b"$JS.ACK.", 8) != 0:
-            return None
-        for i in range(n):
-            if p[i] == 46:
-                if ndots == 12:
-                    return None
-                dots[ndots] = i
-                ndots += 1
-        ntok = ndots + 1
-        if ntok != 9 and ntok != 11 and ntok != 12:
-            return None
-        for k in range(ntok):  # no empty token
-            a = 0 if k == 0 else dots[k - 1] + 1
-            b = dots[k] if k < ndots else n
-            if b <= a:
-                return None
-        base = 2 if ntok == 9 else 4
-        a, b = dots[base] + 1, dots[base + 1]
-        clen = len(consumer)
-        if (b - a != clen or PyUnicode_KIND(consumer) != PyUnicode_1BYTE_KIND
-                or memcmp(p + a, PyUnicode_1BYTE_DATA(consumer), clen) != 0):
-            return None
-        for k in range(5):
-            a = dots[base + 1 + k] + 1
-            b = dots[base + 2 + k] if base + 2 + k < ndots else n
-            if b - a > 18:
-                fast = False  # may not fit in 64 bits: parse_ack_subject's way
-                break
-            value = 0
-            for i in range(a, b):
-                if p[i] < 48 or p[i] > 57:
-                    return None
-                value = value * 10 + (p[i] - 48)
-            numbers[k] = value
-    if not fast:
-        try:
-            _, name, _, sseq, dseq, stamp, pending = parse_ack_subject(reply)
-        except ValueError:
-            return None
-        if name != consumer:
-            return None
-        return sseq, dseq, stamp, pending, str(stamp)
-    a, b = dots[base + 4] + 1, dots[base + 5]  # the timestamp, followed by num_pending
-    if p[a] == 48 and b - a > 1:
-        text = str(numbers[3])
-    else:
-        text = reply[a:b]
-    return numbers[1], numbers[2], numbers[3], numbers[4], text
+    if PyUnicode_KIND(reply) != PyUnicode_1BYTE_KIND:
+        return -1
+    p = PyUnicode_1BYTE_DATA(reply)
+    if n < 8 or memcmp(p, b"$JS.ACK.", 8) != 0:
+        return 0
+    for i in range(n):
+        if p[i] == 46:
+            if ndots == 12:
+                return 0
+            dots[ndots] = i
+            ndots += 1
+    ntok = ndots + 1
+    if ntok != 9 and ntok != 11 and ntok != 12:
+        return 0
+    for k in range(ntok):  # no empty token
+        a = 0 if k == 0 else dots[k - 1] + 1
+        b = dots[k] if k < ndots else n
+        if b <= a:
+            return 0
+    base = 2 if ntok == 9 else 4
+    a, b = dots[base] + 1, dots[base + 1]
+    clen = len(consumer)
+    if (b - a != clen or PyUnicode_KIND(consumer) != PyUnicode_1BYTE_KIND
+            or memcmp(p + a, PyUnicode_1BYTE_DATA(consumer), clen) != 0):
+        return 0
+    for k in range(5):
+        a = dots[base + 1 + k] + 1
+        b = dots[base + 2 + k] if base + 2 + k < ndots else n
+        if b - a > 18:
+            return -1  # may not fit in 64 bits
+        value = 0
+        for i in range(a, b):
+            if p[i] < 48 or p[i] > 57:
+                return 0
+            value = value * 10 + (p[i] - 48)
+        numbers[k] = value
+    stamp[0] = dots[base + 4] + 1  # the timestamp, followed by num_pending
+    stamp[1] = dots[base + 5]
+    return 1
 
 
 def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_dseq, entry_type,
@@ -1117,9 +1106,12 @@ def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_
     """
     cdef list entries = []
     cdef Py_ssize_t index, count = len(frames)
-    cdef tuple frame, fields
+    cdef tuple frame
     cdef str reply
-    cdef object payload
+    cdef object payload, sseq, stamp, pending
+    cdef long long numbers[5]
+    cdef Py_ssize_t span[2]
+    cdef int found
     if len(consumer) == 0:
         return entries, start
     for index in range(start, count):
@@ -1128,12 +1120,28 @@ def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_
         if frame[3] is not None or not payload:
             return entries, index
         reply = <str>frame[2]
-        fields = _ack_fields(reply, consumer)
-        if fields is None or fields[1] != next_dseq:
+        found = _ack_fields(reply, consumer, numbers, span)
+        if found == 1:
+            if numbers[2] != next_dseq:
+                return entries, index
+            sseq, pending = numbers[1], numbers[4]
+            if reply[span[0]] == "0" and span[1] - span[0] > 1:
+                stamp = str(numbers[3])
+            else:
+                stamp = reply[span[0]:span[1]]
+        elif found == 0:
             return entries, index
+        else:
+            try:
+                _, name, _, sseq, dseq, stamp, pending = parse_ack_subject(reply)
+            except ValueError:
+                return entries, index
+            if name != consumer or dseq != next_dseq:
+                return entries, index
+            stamp = str(stamp)
         next_dseq += 1
-        entries.append(entry_type(frame[1], payload, fields[0], fields[4], "PUT", fields[3]))
-        if stop_at_caught_up and fields[3] == 0:
+        entries.append(entry_type(frame[1], payload, sseq, stamp, "PUT", pending))
+        if stop_at_caught_up and pending == 0:
             return entries, index + 1
     return entries, count
 
