@@ -57,6 +57,7 @@ __all__ = [
     "decode_subjects",
     "encode_key",
     "encode_keys",
+    "frames_known",
     "index_key",
     "parse_ack_subject",
     "parse_frames",
@@ -1046,6 +1047,14 @@ def parse_ack_subject(reply):
         _ack_number(reply, tokens[base + 5]),
         _ack_number(reply, tokens[base + 6]),
     )
+
+
+def frames_known(list frames, sids):
+    """Whether the subscription id of every frame is in sids. See natskv._core_py.frames_known."""
+    for frame in frames:
+        if (<tuple>frame)[0] not in sids:
+            return False
+    return True
 
 
 cdef int _ack_fields(str reply, str consumer, long long* numbers, Py_ssize_t* stamp) except -2:

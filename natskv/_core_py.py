@@ -48,6 +48,7 @@ __all__ = [
     "decode_subjects",
     "encode_key",
     "encode_keys",
+    "frames_known",
     "index_key",
     "parse_ack_subject",
     "parse_frames",
@@ -705,6 +706,10 @@ def parse_frames(buf: bytes | bytearray) -> tuple[list[Frame], int, bool]:
     return frames, pos, False
 
 
+
+def frames_known(frames: list[Frame], sids: Any) -> bool:
+    """Whether the subscription id of every frame is in ``sids`` (a dict or set)."""
+    return all(frame[0] in sids for frame in frames)
 
 def take_deliveries(
     frames: list[Frame], start: int, consumer: str, next_dseq: int, entry_type: Any, stop_at_caught_up: bool

@@ -1000,6 +1000,15 @@ def test_take_deliveries_ignores_an_empty_consumer_name(core: ModuleType) -> Non
     assert core.take_deliveries(frames, 0, "", 1, _as_tuple, False) == ([], 0)
 
 
+def test_frames_known(core: ModuleType) -> None:
+    frames = [(1, "a", "", None, b""), (3, "b", "", None, b"x"), (1, "c", "r", b"NATS/1.0\r\n\r\n", b"")]
+    assert core.frames_known(frames, {1: "h", 3: "h"})
+    assert core.frames_known(frames, {1, 3, 4})
+    assert not core.frames_known(frames, {1: "h"})
+    assert not core.frames_known(frames, {})
+    assert core.frames_known([], {})
+
+
 def test_decode_entries(core: ModuleType) -> None:
     import orjson
 

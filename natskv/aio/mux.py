@@ -179,6 +179,7 @@ class Multiplexer(CallerMux):
         handlers = self._handlers
         many_handlers = self._many
         parse_frames = core.parse_frames
+        frames_known = core.frames_known
         stats = nc.stats
         routes = self._routes
         inbox_sid = self._inbox_sid
@@ -232,11 +233,8 @@ class Multiplexer(CallerMux):
                 frames, used, control = parse_frames(buf)
             except ValueError:
                 frames, control = [], True  # parse (below) raises it as nats-py would
-            if not control:
-                for frame in frames:
-                    if frame[0] not in handlers:
-                        control = True
-                        break
+            if not control and not frames_known(frames, handlers):
+                control = True
             if control:
                 passing[0] = True
                 data = bytes(buf)
