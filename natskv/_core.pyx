@@ -51,17 +51,20 @@ __all__ = [
     "UniqueIndex",
     "compile_filter",
     "compile_pattern",
+    "decode_entries",
     "decode_key",
     "decode_keys",
     "decode_subjects",
     "encode_key",
     "encode_keys",
+    "frames_known",
     "index_key",
     "parse_ack_subject",
     "parse_frames",
     "parse_header_fields",
     "parse_headers",
     "pub_command",
+    "take_deliveries",
 ]
 
 ctypedef fused uchar:
@@ -1044,6 +1047,140 @@ def parse_ack_subject(reply):
         _ack_number(reply, tokens[base + 5]),
         _ack_number(reply, tokens[base + 6]),
     )
+
+
+def frames_known(list frames, sids):
+    """Whether the subscription id of every frame is in sids. See natskv._core_py.frames_known."""
+    for frame in frames:
+        if (<tuple>frame)[0] not in sids:
+            return False
+    return True
+
+
+cdef int _ack_fields(str reply, str consumer, long long* numbers, Py_ssize_t* stamp) except -2:
+    """Read an ack subject naming ``consumer`` in place: 1 with ``numbers`` (num_delivered,
+    stream_seq, consumer_seq, timestamp_ns, num_pending) and the timestamp's ``stamp`` span set;
+    0 for another consumer's, or for anything parse_ack_subject refuses; -1 when only
+    parse_ack_subject can tell (a number beyond 18 digits, a subject not in Latin-1)."""
+    cdef Py_ssize_t n = len(reply), i, ndots = 0, ntok, base, k, a, b, clen
+    cdef Py_ssize_t dots[12]
+    cdef const Py_UCS1* p
+    cdef long long value
+    if PyUnicode_KIND(reply) != PyUnicode_1BYTE_KIND:
+        return -1
+    p = PyUnicode_1BYTE_DATA(reply)
+    if n < 8 or memcmp(p, b"$JS.ACK.", 8) != 0:
+        return 0
+    for i in range(n):
+        if p[i] == 46:
+            if ndots == 12:
+                return 0
+            dots[ndots] = i
+            ndots += 1
+    ntok = ndots + 1
+    if ntok != 9 and ntok != 11 and ntok != 12:
+        return 0
+    for k in range(ntok):  # no empty token
+        a = 0 if k == 0 else dots[k - 1] + 1
+        b = dots[k] if k < ndots else n
+        if b <= a:
+            return 0
+    base = 2 if ntok == 9 else 4
+    a, b = dots[base] + 1, dots[base + 1]
+    clen = len(consumer)
+    if (b - a != clen or PyUnicode_KIND(consumer) != PyUnicode_1BYTE_KIND
+            or memcmp(p + a, PyUnicode_1BYTE_DATA(consumer), clen) != 0):
+        return 0
+    for k in range(5):
+        a = dots[base + 1 + k] + 1
+        b = dots[base + 2 + k] if base + 2 + k < ndots else n
+        if b - a > 18:
+            return -1  # may not fit in 64 bits
+        value = 0
+        for i in range(a, b):
+            if p[i] < 48 or p[i] > 57:
+                return 0
+            value = value * 10 + (p[i] - 48)
+        numbers[k] = value
+    stamp[0] = dots[base + 4] + 1  # the timestamp, followed by num_pending
+    stamp[1] = dots[base + 5]
+    return 1
+
+
+def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_dseq, entry_type,
+                    bint stop_at_caught_up):
+    """The run of plain deliveries of a push consumer at frames[start:], as entries.
+
+    See natskv._core_py.take_deliveries: the same results.
+    """
+    cdef list entries = []
+    cdef Py_ssize_t index, count = len(frames)
+    cdef tuple frame
+    cdef str reply
+    cdef object payload, sseq, stamp, pending
+    cdef long long numbers[5]
+    cdef Py_ssize_t span[2]
+    cdef int found
+    if len(consumer) == 0:
+        return entries, start
+    for index in range(start, count):
+        frame = <tuple>frames[index]
+        payload = frame[4]
+        if frame[3] is not None or not payload:
+            return entries, index
+        reply = <str>frame[2]
+        found = _ack_fields(reply, consumer, numbers, span)
+        if found == 1:
+            if numbers[2] != next_dseq:
+                return entries, index
+            sseq, pending = numbers[1], numbers[4]
+            if reply[span[0]] == "0" and span[1] - span[0] > 1:
+                stamp = str(numbers[3])
+            else:
+                stamp = reply[span[0]:span[1]]
+        elif found == 0:
+            return entries, index
+        else:
+            try:
+                _, name, _, sseq, dseq, stamp, pending = parse_ack_subject(reply)
+            except ValueError:
+                return entries, index
+            if name != consumer or dseq != next_dseq:
+                return entries, index
+            stamp = str(stamp)
+        next_dseq += 1
+        entries.append(entry_type(frame[1], payload, sseq, stamp, "PUT", pending))
+        if stop_at_caught_up and pending == 0:
+            return entries, index + 1
+    return entries, count
+
+
+def decode_entries(entries, Py_ssize_t prefix_len, sep, loads):
+    """(revision, key, put, value) of each entry, for a replica to apply.
+
+    See natskv._core_py.decode_entries: the same results.
+    """
+    cdef Py_UCS4 c_sep = <Py_UCS4>_sep_char(sep)
+    cdef list out = []
+    cdef str subject
+    cdef bint put
+    for entry in entries:
+        subject = entry.subject
+        try:
+            key = _decode(subject, c_sep, prefix_len)
+        except ValueError:
+            key = subject[prefix_len:]
+        put = entry.operation == "PUT"
+        value = None
+        if put:
+            value = entry.data
+            if loads is not None and not entry.raw_bytes:
+                try:
+                    value = loads(value)
+                except ValueError:
+                    pass
+        out.append((entry.revision, key, put, value))
+    return out
 
 
 cdef inline bint _is_space(unsigned char c) noexcept nogil:

@@ -42,17 +42,20 @@ __all__ = [
     "UniqueIndex",
     "compile_filter",
     "compile_pattern",
+    "decode_entries",
     "decode_key",
     "decode_keys",
     "decode_subjects",
     "encode_key",
     "encode_keys",
+    "frames_known",
     "index_key",
     "parse_ack_subject",
     "parse_frames",
     "parse_header_fields",
     "parse_headers",
     "pub_command",
+    "take_deliveries",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -702,6 +705,71 @@ def parse_frames(buf: bytes | bytearray) -> tuple[list[Frame], int, bool]:
         pos = start + total + 2
     return frames, pos, False
 
+
+
+def frames_known(frames: list[Frame], sids: Any) -> bool:
+    """Whether the subscription id of every frame is in ``sids`` (a dict or set)."""
+    return all(frame[0] in sids for frame in frames)
+
+def take_deliveries(
+    frames: list[Frame], start: int, consumer: str, next_dseq: int, entry_type: Any, stop_at_caught_up: bool
+) -> tuple[list[Any], int]:
+    """The run of plain deliveries of a push consumer at ``frames[start:]``, as entries.
+
+    A plain delivery has no header block, a non-empty payload and a ``$JS.ACK.`` reply (v1 or v2)
+    naming ``consumer`` whose consumer sequence is the one expected (``next_dseq``, then one more
+    per entry). Each becomes ``entry_type(subject, payload, stream_seq, str(timestamp_ns), "PUT",
+    num_pending)``. Returns ``(entries, stop)``: ``stop`` is the index of the first frame not taken
+    (``len(frames)`` when all were), which the caller handles on its own (a control message, a
+    message with headers, another consumer's, a gap, a reply that is no ack subject); with
+    ``stop_at_caught_up`` the run also ends after an entry whose ``num_pending`` is 0.
+    """
+    entries: list[Any] = []
+    for index in range(start, len(frames)):
+        _, subject, reply, headers, payload = frames[index]
+        if headers is not None or not payload or not reply.startswith("$JS.ACK."):
+            return entries, index
+        try:
+            _, name, _, sseq, dseq, stamp, pending = parse_ack_subject(reply)
+        except ValueError:
+            return entries, index
+        if name != consumer or dseq != next_dseq:
+            return entries, index
+        next_dseq += 1
+        entries.append(entry_type(subject, payload, sseq, str(stamp), "PUT", pending))
+        if stop_at_caught_up and pending == 0:
+            return entries, index + 1
+    return entries, len(frames)
+
+
+def decode_entries(entries: list[Any], prefix_len: int, sep: str, loads: Any) -> list[tuple[int, str, bool, Any]]:
+    """``(revision, key, put, value)`` of each entry (an object with the fields of natskv's
+    ``RawEntry``: subject, data, revision, operation, raw_bytes), for a replica to apply.
+
+    ``key`` is ``subject[prefix_len:]`` decoded as :func:`decode_key` does, or left as it is when
+    it is not in that encoding (written by another client); ``put`` says whether the operation
+    is ``PUT``. ``value`` is None for any other operation; for a put, the payload itself when
+    ``raw_bytes`` is set or ``loads`` is None, else ``loads(payload)``, or the payload when that
+    raises ValueError (not JSON: written by another client).
+    """
+    out: list[tuple[int, str, bool, Any]] = []
+    for entry in entries:
+        token = entry.subject[prefix_len:]
+        try:
+            key = decode_key(token, sep)
+        except ValueError:
+            key = token
+        put = entry.operation == "PUT"
+        value = None
+        if put:
+            value = entry.data
+            if loads is not None and not entry.raw_bytes:
+                try:
+                    value = loads(value)
+                except ValueError:
+                    pass
+        out.append((entry.revision, key, put, value))
+    return out
 
 # ---------------------------------------------------------------------------------------------
 # Query filters

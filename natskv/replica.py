@@ -25,16 +25,19 @@ and :meth:`LocalReplica.wait_for`) means the client's default (``request_timeout
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
+
 from natskv._runner import follow_fork, runner, unfollow_fork, wait_limit
 from natskv._speedups import core
 from natskv.aio.watch import INITIAL_DONE, FeedClosed, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
-from natskv.codec import RAW_HEADER
+from natskv.codec import RAW_HEADER, JSONCodec
 from natskv.errors import InvalidArgumentError, InvalidKeyError, NatsKVTimeoutError
 from natskv.wire.replies import fresh_error
 
@@ -110,7 +113,8 @@ class LocalReplica:
         if self._subscription is None:
             client = self.bucket._client
             self._subscription = runner.call(
-                subscribe_feed(client._conn, self.bucket._proto, self._pattern.filter, "last_per_subject", self._apply),
+                subscribe_feed(client._conn, self.bucket._proto, self._pattern.filter, "last_per_subject", self._apply,
+                               self._apply_many),
                 limit,
             )
         follow_fork(self)  # a forked child reloads it (see _after_fork)
@@ -187,24 +191,61 @@ class LocalReplica:
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self._apply_pending)
 
+    def _apply_many(self, entries: list[Any]) -> None:
+        # The feed's sink for a run of entries: _apply on each, in one call.
+        pending = self._pending
+        if not pending:
+            asyncio.get_running_loop().call_soon(self._apply_pending)
+        pending.extend(entries)
+
     def _apply_pending(self) -> None:
+        if self._ready.is_set():
+            self._apply_batch()
+            return
+        # The initial load allocates a value per key and frees nothing: the collector's passes
+        # over that young heap would cost a sixth of it (as in the model store's index rebuild).
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            self._apply_batch()
+        finally:
+            if paused:
+                gc.enable()
+
+    def _apply_batch(self) -> None:
         batch, self._pending = self._pending, []
         bucket = self.bucket
         cut = len(bucket._proto.subject_prefix)
-        key_of, value_of = bucket._key_of_token, bucket._value
         pattern = self._pattern
         # Keys and values decoded outside the lock, so readers wait only for the dict updates.
         changes: list[Any] = []
         loaded = False
-        for raw in batch:
-            if raw is INITIAL_DONE:
-                loaded = True
-                changes.append(None)  # where the initial values end, for on_loaded
-                continue
-            key = key_of(raw.subject[cut:])
-            wanted = pattern.exact or pattern.match(key)
-            put = raw.operation == "PUT"
-            changes.append((raw.revision, key, wanted, put, value_of(raw) if wanted and put else None))
+        if pattern.exact and type(bucket.codec) is JSONCodec:
+            # The server's filter did the matching: every key is wanted. Keys and JSON values
+            # decoded in _core, a run of entries (between markers) per call.
+            decode, sep, start = core.decode_entries, bucket.sep, 0
+            for i, raw in enumerate(batch):
+                if raw is INITIAL_DONE:
+                    changes.extend(decode(batch[start:i], cut, sep, orjson.loads))
+                    changes.append(None)  # where the initial values end, for on_loaded
+                    loaded = True
+                    start = i + 1
+            changes.extend(decode(batch[start:] if start else batch, cut, sep, orjson.loads))
+        else:
+            key_of, value_of = bucket._key_of_token, bucket._value
+            for raw in batch:
+                if raw is INITIAL_DONE:
+                    loaded = True
+                    changes.append(None)
+                    continue
+                key = key_of(raw.subject[cut:])
+                if pattern.exact or pattern.match(key):
+                    put = raw.operation == "PUT"
+                    changes.append((raw.revision, key, put, value_of(raw) if put else None))
+                else:
+                    changes.append((raw.revision, None, False, None))  # passed, not applied
+        apply_change = self._change if self._storage is None else self._change_stored
         with self._changed:
             for change in changes:
                 if change is None:
@@ -214,12 +255,12 @@ class LocalReplica:
                         except Exception:
                             log.exception("natskv: error in a replica's on_loaded hook")
                     continue
-                revision, key, wanted, put, new = change
+                revision, key, put, new = change
                 # The stream position moves for every event, matched or not: wait_for() relies on it.
                 if revision > self.revision:
                     self.revision = revision
-                if wanted:
-                    self._change(key, put, new, revision)
+                if key is not None:
+                    apply_change(key, put, new, revision)
             deleted = self._deleted
             if deleted:
                 for key in [k for k, r in deleted.items() if r <= self.revision]:

@@ -916,6 +916,126 @@ def test_parse_ack_subject_errors(core: ModuleType, reply: str) -> None:
         core.parse_ack_subject(reply)
 
 
+def _delivery(dseq: int, pending: int, consumer: str = "C", *, v2: bool = False, payload: bytes = b"v",
+              headers: bytes | None = None, sseq: int | None = None) -> tuple[int, str, str, bytes | None, bytes]:
+    where = f"_.ACC.S.{consumer}" if v2 else f"S.{consumer}"
+    reply = f"$JS.ACK.{where}.1.{sseq or dseq * 10}.{dseq}.17000000000{dseq}.{pending}" + (".tok" if v2 else "")
+    return (7, f"$KV.b.k{dseq}", reply, headers, payload)
+
+
+def _as_tuple(*fields: object) -> tuple[object, ...]:
+    return fields
+
+
+def test_take_deliveries(core: ModuleType) -> None:
+    frames = [_delivery(1, 3), _delivery(2, 2, v2=True), _delivery(3, 1), _delivery(4, 0)]
+    entries, stop = core.take_deliveries(frames, 0, "C", 1, _as_tuple, False)
+    assert stop == 4
+    assert entries == [
+        ("$KV.b.k1", b"v", 10, "170000000001", "PUT", 3),
+        ("$KV.b.k2", b"v", 20, "170000000002", "PUT", 2),
+        ("$KV.b.k3", b"v", 30, "170000000003", "PUT", 1),
+        ("$KV.b.k4", b"v", 40, "170000000004", "PUT", 0),
+    ]
+    assert core.take_deliveries(frames, 2, "C", 3, _as_tuple, False) == (entries[2:], 4)
+    assert core.take_deliveries([], 0, "C", 1, _as_tuple, False) == ([], 0)
+    assert core.take_deliveries(frames, 4, "C", 5, _as_tuple, False) == ([], 4)
+
+
+def test_take_deliveries_stops_after_the_initial_values(core: ModuleType) -> None:
+    frames = [_delivery(1, 1), _delivery(2, 0), _delivery(3, 0)]
+    assert core.take_deliveries(frames, 0, "C", 1, _as_tuple, True)[1] == 2
+    assert core.take_deliveries(frames, 2, "C", 3, _as_tuple, True)[1] == 3
+    assert core.take_deliveries(frames, 0, "C", 1, _as_tuple, False)[1] == 3
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        _delivery(3, 0, payload=b""),  # a control message (flow control, heartbeat)
+        _delivery(3, 0, headers=b"NATS/1.0\r\nNats-TTL: 5s\r\n\r\n"),  # headers: read elsewhere
+        _delivery(3, 0, consumer="OLD"),  # a late message from a replaced consumer
+        _delivery(4, 0),  # a gap in the consumer sequence
+        (7, "$KV.b.k3", "_INBOX.x.y", None, b"v"),  # not an ack subject
+        (7, "$KV.b.k3", "", None, b"v"),
+        (7, "$KV.b.k3", "$JS.ACK.S.C.1.30.3.x.0", None, b"v"),  # a bad number
+        (7, "$KV.b.k3", "$JS.ACK.S.C.1.30.3.4", None, b"v"),  # too few tokens
+        (7, "$KV.b.k3", "$JS.ACK.d..S.C.1.30.3.4.0", None, b"v"),  # an empty token
+        (7, "$KV.b.k3", "$JS.ACK..C.1.30.3.4.0", None, b"v"),
+    ],
+)
+def test_take_deliveries_stops_at_what_it_does_not_take(core: ModuleType, odd: tuple[Any, ...]) -> None:
+    frames = [_delivery(1, 3), _delivery(2, 2), odd, _delivery(3, 0)]
+    entries, stop = core.take_deliveries(frames, 0, "C", 1, _as_tuple, False)
+    assert stop == 2 and [e[2] for e in entries] == [10, 20]
+    assert core.take_deliveries(frames, 2, "C", 3, _as_tuple, False) == ([], 2)
+
+
+@pytest.mark.parametrize(
+    ("reply", "revision", "stamp", "pending"),
+    [
+        ("$JS.ACK.S.C.1.5.1.007.0", 5, "7", 0),  # numbers as int() reads them
+        ("$JS.ACK.S.C.1.5.1.0.0", 5, "0", 0),
+        ("$JS.ACK.S.C.1.123456789012345678901.1.2.3", 123456789012345678901, "2", 3),  # beyond 64 bits
+        ("$JS.ACK.S.C.1.5.1.123456789012345678901.3", 5, "123456789012345678901", 3),
+        ("$JS.ACK.Sé.C.1.5.1.2.3", 5, "2", 3),  # a Latin-1 stream name
+        ("$JS.ACK.S€.C.1.5.1.2.3", 5, "2", 3),  # and a wider one
+        ("$JS.ACK.dom.acc.S.C.1.5.1.2.3.tok", 5, "2", 3),
+    ],
+)
+def test_take_deliveries_reads_numbers_like_parse_ack_subject(
+    core: ModuleType, reply: str, revision: int, stamp: str, pending: int
+) -> None:
+    frames = [(7, "$KV.b.k", reply, None, b"v")]
+    assert core.take_deliveries(frames, 0, "C", 1, _as_tuple, False) == (
+        [("$KV.b.k", b"v", revision, stamp, "PUT", pending)], 1)
+    assert core.take_deliveries(frames, 0, "Cé", 1, _as_tuple, False) == ([], 0)
+    wide = [(7, "$KV.b.k", reply.replace(".C.", ".C€."), None, b"v")]
+    assert core.take_deliveries(wide, 0, "C€", 1, _as_tuple, False)[1] == 1
+
+
+def test_take_deliveries_ignores_an_empty_consumer_name(core: ModuleType) -> None:
+    # A feed between two consumers has no name: nothing is its delivery.
+    frames = [(7, "$KV.b.k", "$JS.ACK.S..1.2.1.4.0", None, b"v")]
+    assert core.take_deliveries(frames, 0, "", 1, _as_tuple, False) == ([], 0)
+
+
+def test_frames_known(core: ModuleType) -> None:
+    frames = [(1, "a", "", None, b""), (3, "b", "", None, b"x"), (1, "c", "r", b"NATS/1.0\r\n\r\n", b"")]
+    assert core.frames_known(frames, {1: "h", 3: "h"})
+    assert core.frames_known(frames, {1, 3, 4})
+    assert not core.frames_known(frames, {1: "h"})
+    assert not core.frames_known(frames, {})
+    assert core.frames_known([], {})
+
+
+def test_decode_entries(core: ModuleType) -> None:
+    import orjson
+
+    from natskv.wire.kv import RawEntry
+
+    entries = [
+        RawEntry("$KV.b.user.42", b'{"a": [1, 2]}', 5, "t", "PUT"),
+        RawEntry("$KV.b.user.43", b"", 6, "t", "DEL"),
+        RawEntry("$KV.b.user.44", b"not json", 7, "t", "PUT"),
+        RawEntry("$KV.b.user.45", b"[1]", 8, "t", "PUT", raw_bytes=True),
+        RawEntry("$KV.b.user.46", b"", 9, "t", "PURGE"),
+        RawEntry("$KV.b.a%zz.b", b"1", 10, "t", "PUT"),  # not natskv's encoding: kept as it is
+        RawEntry("$KV.b.x", b"1", 11, "t", "PUT"),
+    ]
+    assert core.decode_entries(entries, 6, ":", orjson.loads) == [
+        (5, "user:42", True, {"a": [1, 2]}),
+        (6, "user:43", False, None),
+        (7, "user:44", True, b"not json"),
+        (8, "user:45", True, b"[1]"),
+        (9, "user:46", False, None),
+        (10, "a%zz.b", True, 1),
+        (11, "x", True, 1),
+    ]
+    assert core.decode_entries(entries[:1], 6, "", None) == [(5, "user.42", True, b'{"a": [1, 2]}')]
+    assert core.decode_entries([], 6, ":", orjson.loads) == []
+
+
 def test_parse_ack_subject_type_error(core: ModuleType) -> None:
     with pytest.raises(TypeError):
         core.parse_ack_subject(b"$JS.ACK.S.C.1.2.3.4.5")

@@ -147,3 +147,52 @@ def test_wait_for_without_timeout_waits_the_clients_default(nats_url: str, name:
             assert time.monotonic() - t0 < 3.0
         finally:
             replica.stop()
+
+
+def test_initial_values_of_every_kind_load_in_runs(db: natskv.Client, kv: natskv.Bucket) -> None:
+    """Plain JSON values arrive in runs of deliveries taken in one _core call; values with headers
+    (bytes, TTL), deletes and values another client wrote (not JSON, keys not in natskv's
+    encoding) interrupt the runs and go one at a time. All of them load, in order, and the
+    changes written after the load follow."""
+    expected: dict[str, Any] = {}
+    for start in range(0, 3000, 500):
+        batch = {f"m:{i}": {"i": i} for i in range(start, start + 500)}
+        for i in range(start, start + 500, 97):
+            batch[f"m:{i}"] = f"bytes {i}".encode()  # stored with natskv's raw-bytes header
+        kv.set_many(batch)
+        expected.update(batch)
+    for i in range(5, 3000, 301):
+        kv.delete(f"m:{i}")
+        del expected[f"m:{i}"]
+    if db._conn.api_level >= 1:  # per-key TTL
+        kv.set("m:ttl", {"ttl": True}, ttl=600)
+        expected["m:ttl"] = {"ttl": True}
+    db.publish(f"$KV.{kv.name}.m.raw", b"not json")  # another client's value
+    db.publish(f"$KV.{kv.name}.m.%other", b"[1]")  # a key not in natskv's encoding
+    rev = kv.set("m:last", 1)
+    expected.update({"m:raw": b"not json", "m.%other": [1], "m:last": 1})
+    with kv.replica("m:*", timeout=30) as rep:  # starts the feed: its initial values come in runs
+        rep.wait_for(rev)
+        assert rep.snapshot() == expected
+        revisions = {key: rep.revision_of(key) for key in expected}
+        assert revisions["m:last"] == rev and all(r is not None and r <= rev for r in revisions.values())
+        watcher = kv.watch("m:*")  # joins the running feed, then shares its runs of changes
+        try:
+            seen: dict[str, Any] = {}
+            change = watcher.get(timeout=10)
+            while change is not None and not change.initial_done:
+                if change.operation == "PUT":
+                    seen[change.key] = change.value
+                else:
+                    seen.pop(change.key, None)
+                change = watcher.get(timeout=10)
+            assert change is not None and seen == expected
+            later = kv.set_many({f"m:{i}": {"later": i} for i in range(400)})
+            rep.wait_for(max(later.values()))
+            for i in range(400):
+                assert rep.get(f"m:{i}") == {"later": i} and rep.revision_of(f"m:{i}") == later[f"m:{i}"]
+            changes = [watcher.get(timeout=10) for _ in range(400)]
+            assert [(c.key, c.value, c.revision) for c in changes if c is not None] == sorted(
+                ((f"m:{i}", {"later": i}, later[f"m:{i}"]) for i in range(400)), key=lambda t: t[2])
+        finally:
+            watcher.stop()

@@ -103,6 +103,9 @@ class Multiplexer(CallerMux):
         self._loop = loop
         self._plen = len(self.prefix)
         self._handlers: dict[int, Callable[[str, bytes, Any, str], None]] = {}
+        # Subscriptions that also take a run of their frames in one call (natskv's frame reader
+        # only): a watch consumer's burst costs one call, not one per message.
+        self._many: dict[int, Callable[[list[Any]], None]] = {}
         # What natskv's frame reader receives it adds to nats-py's own in_msgs/in_bytes (loop
         # thread, as nats-py does); what natskv writes is counted in out_msgs/out_bytes.
         self.hooked = False
@@ -119,20 +122,32 @@ class Multiplexer(CallerMux):
         if os.environ.get("NATSKV_NO_PARSER_HOOK") != "1":
             self._install_parser_hook()
 
-    async def subscribe(self, subject: str, handler: Callable[[str, bytes, Any, str], None]) -> int:
+    async def subscribe(
+        self,
+        subject: str,
+        handler: Callable[[str, bytes, Any, str], None],
+        many: Callable[[list[Any]], None] | None = None,
+    ) -> int:
         """Subscribe ``handler(subject, data, headers, reply)``, called on the loop thread per message.
 
         ``headers`` is the raw header block (bytes) or, on nats-py's own path, a parsed dict; use
-        :func:`natskv.wire.replies.parse_reply_headers` to read either.
+        :func:`natskv.wire.replies.parse_reply_headers` to read either. With ``many``, natskv's
+        frame reader calls ``many(frames)`` instead, once per run of consecutive messages of this
+        subscription in what it read, with the frames of ``_core.parse_frames``
+        (``(sid, subject, reply, raw header block or None, payload)``); nats-py's own path still
+        calls ``handler``.
         """
         if self.closed or self.refused is not None:
             raise self._refusal()
         sub = await self._nc.subscribe(subject, future=_HookFuture(handler))  # type: ignore[arg-type]
         self._handlers[sub._id] = handler
+        if many is not None:
+            self._many[sub._id] = many
         return sub._id
 
     async def unsubscribe(self, sid: int) -> None:
         self._handlers.pop(sid, None)
+        self._many.pop(sid, None)
         sub = self._nc._subs.get(sid)
         if sub is not None and not self._nc.is_closed:
             await sub.unsubscribe()
@@ -162,7 +177,9 @@ class Multiplexer(CallerMux):
         ps = nc._ps
         process_msg = nc._process_msg
         handlers = self._handlers
+        many_handlers = self._many
         parse_frames = core.parse_frames
+        frames_known = core.frames_known
         stats = nc.stats
         routes = self._routes
         inbox_sid = self._inbox_sid
@@ -173,23 +190,32 @@ class Multiplexer(CallerMux):
         passing = [True]
 
         def deliver(frames: list[tuple[int, str, str, Any, bytes]]) -> None:
-            mine = size = 0
-            for sid, subject, reply, headers, payload in frames:
-                mine += 1
+            size = 0
+            count = len(frames)
+            i = 0
+            while i < count:
+                sid, subject, reply, headers, payload = frames[i]
                 size += len(payload)
+                i += 1
                 try:
                     if sid == inbox_sid:  # a reply: Multiplexer._on_inbox, inlined
                         token = subject[plen:]
                         route = routes.get(token)
                         if route is not None and route(payload, headers, reply):
                             routes.pop(token, None)
+                    elif sid in many_handlers:
+                        first = i - 1
+                        while i < count and frames[i][0] == sid:
+                            size += len(frames[i][4])
+                            i += 1
+                        many_handlers[sid](frames[first:i] if first or i < count else frames)
                     else:
                         handler = handlers.get(sid)
                         if handler is not None:  # None: unsubscribed while parse() awaited
                             handler(subject, payload, headers, reply)
                 except Exception:
                     log.exception("natskv: error handling a message on %r", subject)
-            stats["in_msgs"] += mine
+            stats["in_msgs"] += count
             stats["in_bytes"] += size
 
         def feed(reader: Any, data: bytes) -> None:
@@ -207,11 +233,8 @@ class Multiplexer(CallerMux):
                 frames, used, control = parse_frames(buf)
             except ValueError:
                 frames, control = [], True  # parse (below) raises it as nats-py would
-            if not control:
-                for frame in frames:
-                    if frame[0] not in handlers:
-                        control = True
-                        break
+            if not control and not frames_known(frames, handlers):
+                control = True
             if control:
                 passing[0] = True
                 data = bytes(buf)

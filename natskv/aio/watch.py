@@ -12,6 +12,8 @@ Everything in this module runs on natskv's loop thread.
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +67,11 @@ class FeedClosed:
         return f"FeedClosed({self.error!r})"
 
 
+def _each(sink: Callable[[Any], None], events: list[Any]) -> None:
+    for event in events:
+        sink(event)
+
+
 class ConsumerFeed:
     """One ordered push consumer and its recovery logic. Loop thread only."""
 
@@ -77,11 +84,14 @@ class ConsumerFeed:
         *,
         deliver_policy: str = "last_per_subject",
         headers_only: bool = False,
+        sink_many: Callable[[list[RawEntry]], None] | None = None,
     ) -> None:
         self.conn = conn
         self.proto = proto
         self.filter_subject = proto.subject_prefix + filter_subject
         self.sink = sink
+        # Takes a run of consecutive entries at once (the same as ``sink`` on each, in order).
+        self.sink_many = sink_many if sink_many is not None else functools.partial(_each, sink)
         self.deliver_policy = deliver_policy
         self.headers_only = headers_only
         self.consumer_name = ""
@@ -104,7 +114,7 @@ class ConsumerFeed:
     async def start(self) -> None:
         assert self.conn.nc is not None and self.conn.mux is not None
         self._inbox = self.conn.nc.new_inbox()
-        self._sid = await self.conn.mux.subscribe(self._inbox, self._on_message)
+        self._sid = await self.conn.mux.subscribe(self._inbox, self._on_message, self._on_messages)
         self.conn.on_reconnect.append(self._on_reconnect)
         self.conn.on_closed.append(self._on_closed)
         await self._create_consumer()
@@ -233,6 +243,54 @@ class ConsumerFeed:
         if self._initial_pending and pending == 0:
             self._initial_pending = False
             self.sink(INITIAL_DONE)
+
+    def _on_messages(self, frames: list[Any]) -> None:
+        # The frame reader's run of this consumer's messages: the plain deliveries (the whole
+        # initial load of a bucket written without headers) are checked and turned into entries
+        # in one _core call per run; anything else goes through _on_message, one at a time.
+        if self._stopped:
+            return
+        self._last_activity = self._loop.time()
+        if not self._initial_pending:
+            self._take_runs(frames)
+            return
+        # The initial values are kept (a replica holds them): the collector's passes over the
+        # growing heap, started by these allocations, would find nothing to free.
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            self._take_runs(frames)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _take_runs(self, frames: list[Any]) -> None:
+        take = core.take_deliveries
+        count = len(frames)
+        index = 0
+        while index < count:
+            initial = self._initial_pending
+            # With ``initial``, the run also ends after the last of the initial values.
+            entries, stop = take(frames, index, self.consumer_name, self._next_dseq, RawEntry, initial)
+            if entries:
+                last = entries[-1]
+                self._next_dseq += len(entries)
+                self.last_sseq = last.revision
+                self._positioned = True
+                self.sink_many(entries)
+                if initial and last.delta == 0:
+                    self._initial_pending = False
+                    self.sink(INITIAL_DONE)
+                    index = stop
+                    continue
+            if stop < count:  # a frame the run stopped at: a control message, headers, a gap ...
+                _, subject, reply, headers, data = frames[stop]
+                self._on_message(subject, data, headers, reply)
+                if self._stopped:
+                    return
+                stop += 1
+            index = stop
 
     def _on_control(self, headers: Any, reply: str) -> None:
         _, desc, hdrs = parse_reply_headers(headers)
@@ -407,10 +465,12 @@ class FeedSubscriber:
     own initial values are read (:meth:`SharedFeed.join`).
     """
 
-    __slots__ = ("held", "sink", "wants_initial")
+    __slots__ = ("held", "sink", "sink_many", "wants_initial")
 
-    def __init__(self, sink: Callable[[Any], None]) -> None:
+    def __init__(self, sink: Callable[[Any], None], sink_many: Callable[[list[RawEntry]], None] | None = None) -> None:
         self.sink = sink
+        # A run of entries in one call: the same as ``sink`` on each, in order.
+        self.sink_many = sink_many if sink_many is not None else functools.partial(_each, sink)
         self.wants_initial = False
         self.held: list[Any] | None = None
 
@@ -439,7 +499,8 @@ class SharedFeed:
         # Live changes that arrive while the initial values are being checked (_complete_initial):
         # held back, so that every subscriber sees them after the end-of-initial-values marker.
         self._held: list[Any] | None = None
-        self.feed = ConsumerFeed(conn, proto, filter_subject, self._fan_out, deliver_policy=policy)
+        self.feed = ConsumerFeed(conn, proto, filter_subject, self._fan_out, deliver_policy=policy,
+                                 sink_many=self._fan_out_many)
 
     def _fan_out(self, event: Any) -> None:
         if type(event) is FeedClosed:
@@ -463,6 +524,22 @@ class SharedFeed:
             self._held.append(event)
             return
         self._deliver(event)
+
+    def _fan_out_many(self, entries: list[RawEntry]) -> None:
+        # A run of entries (no markers): the same as _fan_out on each, with one call per
+        # subscriber once the bookkeeping of the first initial values is over.
+        if self._held is not None:
+            self._held.extend(entries)
+            return
+        if self._seen is not None or self._ahead:
+            for entry in entries:
+                self._deliver(entry)
+            return
+        for sub in self.subscribers:
+            if sub.held is None:
+                sub.sink_many(entries)
+            else:
+                sub.held.extend(entries)
 
     def _deliver(self, event: RawEntry) -> None:
         seen = self._seen
@@ -569,14 +646,20 @@ class SharedFeed:
 
 
 async def subscribe_feed(
-    conn: Connection, proto: KVProtocol, filter_subject: str, policy: str, sink: Callable[[Any], None]
+    conn: Connection,
+    proto: KVProtocol,
+    filter_subject: str,
+    policy: str,
+    sink: Callable[[Any], None],
+    sink_many: Callable[[list[RawEntry]], None] | None = None,
 ) -> tuple[SharedFeed, FeedSubscriber]:
     """Attach ``sink`` to the client's feed for this bucket and filter, starting one if needed.
 
     ``policy`` is ``last_per_subject`` (initial values, then changes), ``new`` (changes only) or
-    ``all`` (full history, never shared).
+    ``all`` (full history, never shared). ``sink_many``, when given, receives runs of entries
+    (never a marker) in one call, as ``sink`` would one by one.
     """
-    sub = FeedSubscriber(sink)
+    sub = FeedSubscriber(sink, sink_many)
     shared = conn.feeds.get((proto.stream, filter_subject, policy)) if policy != "all" else None
     if shared is None:
         return await _start_feed(conn, proto, filter_subject, policy, sub, register=policy != "all")
