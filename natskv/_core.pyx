@@ -2000,20 +2000,31 @@ cdef inline int _skey_rank(object key) except -2:
     return 2 if isinstance(key, str) else 1
 
 
+cdef inline int _same_kind_cmp(object x, object y, type kind) except -3:
+    """Compare two values of one type by that type's own order when it is a str, int, float or
+    bool: -1, 0 or 1; -2 for any other type (the caller falls back)."""
+    cdef double p, q
+    if kind is str:
+        return PyUnicode_Compare(x, y)
+    if kind is int:
+        return _int_cmp(x, y)
+    if kind is float:
+        p = x
+        q = y
+        return (p > q) - (p < q)
+    if kind is bool:
+        return (x is True) - (y is True)
+    return -2
+
+
 cdef int _skey_cmp(object a, object b) except -2:
     """Compare two stored keys: -1, 0 or 1, in index_key's order."""
     cdef type kind = type(a)
-    cdef double p, q
-    cdef int ra, rb
-    if kind is type(b):
-        if kind is str:
-            return PyUnicode_Compare(a, b)
-        if kind is int:
-            return _int_cmp(a, b)
-        if kind is float:
-            p = a
-            q = b
-            return (p > q) - (p < q)
+    cdef int ra, rb, c
+    if kind is type(b) and kind is not bool:  # bools are stored as (0, b): never bare
+        c = _same_kind_cmp(a, b, kind)
+        if c != -2:
+            return c
     ra = _skey_rank(a)
     rb = _skey_rank(b)
     if ra != rb:
@@ -2080,7 +2091,7 @@ cdef int _key_cmp(object a, object b) except -2:
     """Compare two order keys: -1, 0 or 1, exactly as Python compares the tuples."""
     cdef object x, y
     cdef type kind
-    cdef double p, q
+    cdef int c
     if (
         PyTuple_GET_SIZE(a) == 2
         and PyTuple_GET_SIZE(b) == 2
@@ -2090,16 +2101,9 @@ cdef int _key_cmp(object a, object b) except -2:
         y = <object>PyTuple_GET_ITEM(b, 1)
         kind = type(x)
         if kind is type(y):
-            if kind is str:
-                return PyUnicode_Compare(x, y)
-            if kind is int:
-                return _int_cmp(x, y)
-            if kind is float:
-                p = x
-                q = y
-                return (p > q) - (p < q)
-            if kind is bool:
-                return (x is True) - (y is True)
+            c = _same_kind_cmp(x, y, kind)
+            if c != -2:
+                return c
     return _rich_cmp(a, b)
 
 
