@@ -1857,15 +1857,7 @@ class IndexSet:
         for ordered in self._sorted.values():
             ordered.clear()
         for pk, (record, _) in self._records.items():
-            for name, index in self._unique.items():
-                value = record.get(name)
-                if value is not None and index.get(value) != pk:
-                    index.remove(value)
-                    index.add(value, pk)
-            for name, ordered in self._sorted.items():
-                value = record.get(name)
-                if value is not None:
-                    ordered.add(value, pk)
+            self._index(record, pk)
         self.deferred = False
 
     def apply(self, old: Any, new: Any, revision: int) -> int:
@@ -1896,22 +1888,25 @@ class IndexSet:
                 if self._shared:
                     self._share(new)
                 self._records[new_pk] = (new, revision)
-                if self.deferred:
-                    return old_revision
-                for name, index in self._unique.items():
-                    value = new.get(name)
-                    if value is None:
-                        continue
-                    holder = index.get(value)
-                    if holder != new_pk:
-                        if holder is not None:
-                            index.remove(value)
-                        index.add(value, new_pk)
-                for name, ordered in self._sorted.items():
-                    value = new.get(name)
-                    if value is not None:
-                        ordered.add(value, new_pk)
+                if not self.deferred:
+                    self._index(new, new_pk)
         return old_revision
+
+    def _index(self, record: dict[str, Any], pk: Any) -> None:
+        """Enter ``record`` (held under ``pk``) in every index; a unique value moves to it."""
+        for name, index in self._unique.items():
+            value = record.get(name)
+            if value is None:
+                continue
+            holder = index.get(value)
+            if holder != pk:
+                if holder is not None:
+                    index.remove(value)
+                index.add(value, pk)
+        for name, ordered in self._sorted.items():
+            value = record.get(name)
+            if value is not None:
+                ordered.add(value, pk)
 
 
 def _valid_pk(pk: Any) -> bool:
