@@ -26,6 +26,7 @@ from natskv.errors import (
     JetStreamError,
     KeyExistsError,
     KeyNotFoundError,
+    LockNotOwnedError,
     NatsKVError,
     NatsKVTimeoutError,
     NoRespondersError,
@@ -44,7 +45,9 @@ if TYPE_CHECKING:
     from natskv._version import __version__
     from natskv.client import Client, connect
     from natskv.codec import BytesCodec, Codec, JSONCodec, StrCodec
+    from natskv.counter import Counter
     from natskv.kv import Bucket, BucketStatus, Entry
+    from natskv.lock import Lock
     from natskv.models.fields import Field
     from natskv.models.model import Model, Page
     from natskv.models.transaction import Transaction
@@ -64,6 +67,8 @@ _LAZY = {
     "Bucket": "natskv.kv",
     "BucketStatus": "natskv.kv",
     "Entry": "natskv.kv",
+    "Counter": "natskv.counter",
+    "Lock": "natskv.lock",
     "Change": "natskv.watch",
     "LocalReplica": "natskv.replica",
     "Model": "natskv.models.model",
@@ -106,6 +111,7 @@ __all__ = [
     "Codec",
     "ConfigurationError",
     "ConnectOptions",
+    "Counter",
     "Create",
     "DeadlockError",
     "Delete",
@@ -121,6 +127,8 @@ __all__ = [
     "KeyExistsError",
     "KeyNotFoundError",
     "LocalReplica",
+    "Lock",
+    "LockNotOwnedError",
     "Model",
     "NatsKVError",
     "NatsKVTimeoutError",

@@ -9,6 +9,7 @@ is untouched (watches do not carry over into the child).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import weakref
@@ -29,11 +30,13 @@ from natskv.errors import (
 )
 from natskv.kv import Bucket
 from natskv.wire import counters, jsapi
-from natskv.wire.jsapi import API_LEVEL_ATOMIC
+from natskv.wire.jsapi import API_LEVEL_ATOMIC, API_LEVEL_TTL
 from natskv.wire.kv import KVProtocol, validate_bucket_name
 from natskv.wire.replies import status_of
 
 if TYPE_CHECKING:
+    from natskv.counter import Counter
+    from natskv.lock import Lock
     from natskv.models.live import ModelEvent
     from natskv.models.model import Model
     from natskv.models.registry import ModelRegistry
@@ -250,6 +253,31 @@ class Client:
     def get_model(self, name: str) -> type[Model]:
         """A model registered with this client, by class name."""
         return self._models().get_model(name)
+
+    # -- counters and locks ------------------------------------------------------------------------
+
+    def counter(self, name: str, *, bucket: str = "counters", timeout: float | None = None) -> Counter:
+        """The distributed counter ``name``: the server adds (nats-server 2.12 or newer), so any
+        number of threads and processes count exactly. It lives in the counter stream of
+        ``bucket`` (created with default settings if missing; create it first with
+        ``db.bucket(bucket, replicas=3)`` for a replicated counter). See :class:`natskv.Counter`."""
+        return self.bucket(bucket, timeout=timeout).counter(name)
+
+    def lock(
+        self, name: str, *, ttl: float = 30, timeout: float | None = None, blocking: bool = True,
+        bucket: str = "locks",
+    ) -> Lock:
+        """The distributed mutex ``name`` (not yet acquired): use it in a ``with`` statement or
+        call ``acquire()``. A holder that dies keeps it at most ``ttl`` seconds; ``timeout`` and
+        ``blocking`` are the defaults of ``acquire()``. The lock's key lives in ``bucket``
+        (created with default settings if missing). Needs per-key TTL (nats-server 2.11). See
+        :class:`natskv.Lock`."""
+        from natskv.lock import Lock
+
+        self._check()
+        self._conn.require(API_LEVEL_TTL, "locks (per-key TTL)")  # before the bucket is made
+        return Lock(self.bucket(bucket, timeout=timeout if timeout != math.inf else None), name,
+                    ttl=ttl, timeout=timeout, blocking=blocking)
 
     def _next_counter(self, bucket: str, field: str, timeout: float | None, count: int = 1) -> int:
         """Add ``count`` to an autoincrement counter and return its new value (see natskv.wire.counters)."""

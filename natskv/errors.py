@@ -172,6 +172,11 @@ class NoRespondersError(NatsKVError, LookupError):
     """
 
 
+class LockNotOwnedError(NatsKVError, RuntimeError):
+    """A lock was released or extended by a holder that no longer holds it: it was never
+    acquired, or its TTL ran out (and another holder may have taken it meanwhile)."""
+
+
 class BucketNotFoundError(NatsKVError, LookupError):
     """The bucket does not exist. ``Client.bucket(name)`` creates it unless ``create=False``."""
 
@@ -209,6 +214,7 @@ __all__ = [
     "JetStreamError",
     "KeyExistsError",
     "KeyNotFoundError",
+    "LockNotOwnedError",
     "NatsKVError",
     "NatsKVTimeoutError",
     "NoRespondersError",

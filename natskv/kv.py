@@ -13,7 +13,11 @@ client's default (``request_timeout``, 5 s unless set at connect), and ``math.in
 """
 from __future__ import annotations
 
+import itertools
+import math
+import random
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from natskv._runner import runner, wait_limit
 from natskv._speedups import core
-from natskv._time import parse_timestamp
+from natskv._time import parse_duration, parse_timestamp
 from natskv.aio.watch import snapshot
 from natskv.codec import RAW_HEADER, Codec, JSONCodec, get_codec, non_finite_path
 from natskv.errors import (
@@ -31,6 +35,7 @@ from natskv.errors import (
     KeyExistsError,
     KeyNotFoundError,
     NatsKVError,
+    NatsKVTimeoutError,
     RevisionMismatchError,
 )
 from natskv.ops import Create, Delete, Op, Update, as_op
@@ -41,6 +46,7 @@ from natskv.wire.kv import KVProtocol, RawEntry
 
 if TYPE_CHECKING:
     from natskv.client import Client
+    from natskv.counter import Counter
     from natskv.replica import LocalReplica
     from natskv.watch import Watcher
 
@@ -593,6 +599,85 @@ class Bucket:
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
+    # -- counting ----------------------------------------------------------------------------------
+
+    def incr(self, key: str, by: int = 1, *, ttl: float | None = None, timeout: float | None = None) -> int:
+        """Add ``by`` to the integer stored under ``key`` and return the new value; atomic across
+        threads and processes.
+
+        A missing key (never set, deleted or expired) counts as 0, so the first ``incr`` creates
+        it. The value stays an ordinary integer that :meth:`get` returns and :meth:`set` may
+        overwrite. How: a compare-and-set loop on the key (read it from the stream leader, write
+        ``value + by`` only if nothing was written since, otherwise read again), so it works on
+        any server with per-key TTL and needs no other stream; under heavy contention on one key
+        :meth:`counter` (the server adds, nothing is retried) scales better.
+
+        ``ttl`` (seconds) gives the key a new expiry. Without it the key keeps the expiry it had
+        (it may expire up to a second late, the server counting whole seconds), and a new key
+        never expires. Raises InvalidArgumentError, having written nothing, when the stored value
+        is not an integer; NatsKVTimeoutError when ``timeout`` passes first.
+        """
+        enc = self._token(key)
+        step = _int_step(by, "incr")
+        ttl_value = h.ttl_header(ttl)
+        if ttl_value is not None:
+            self._proto.require_ttl()
+        limit = self._timeout(timeout)
+        deadline = None if limit is None else time.monotonic() + limit
+        for attempt in itertools.count():
+            found = self._proto.message(enc, _left(deadline, key))
+            current, expected, expires = 0, 0, None
+            if found is not None:
+                raw, hdrs = found
+                expected = raw.revision
+                expires = _expiry(hdrs) if ttl_value is None and raw.operation == h.OP_PUT else None
+                if raw.operation == h.OP_PUT and (expires is None or expires > time.time()):
+                    current = self._stored_int(key, raw)
+                else:
+                    expires = None  # gone, or past its expiry and about to be removed: counts as absent
+            value = current + step
+            payload, headers = self._encode(value)
+            headers = h.with_expected_revision(headers, expected)
+            if ttl_value is not None:
+                headers = h.with_ttl(headers, ttl_value)
+            elif expires is not None:
+                headers = h.with_ttl(headers, f"{max(1, math.ceil(expires - time.time()))}s")
+                headers[h.EXPIRES] = f"{expires:.3f}"
+            try:
+                self._proto.put(enc, payload, headers, _left(deadline, key))
+                return value
+            except JetStreamError as exc:
+                if exc.err_code not in CAS_ERROR_CODES:
+                    raise
+            # Another writer got in between: back off a random, growing moment so that many
+            # writers on one key do not collide again in lockstep.
+            pause = random.uniform(0, min(0.001 * 2**attempt, 0.05))  # noqa: S311 - jitter, not a secret
+            if deadline is not None:
+                pause = min(pause, max(deadline - time.monotonic(), 0))
+            time.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def decr(self, key: str, by: int = 1, *, ttl: float | None = None, timeout: float | None = None) -> int:
+        """Subtract ``by`` from the integer stored under ``key`` and return the new value (see
+        :meth:`incr`; a missing key counts as 0, so the result may go below zero)."""
+        return self.incr(key, -_int_step(by, "decr"), ttl=ttl, timeout=timeout)
+
+    def counter(self, name: str) -> Counter:
+        """The server-side counter ``name`` of this bucket (nats-server 2.12 or newer); see
+        :class:`natskv.Counter`. It lives in the bucket's counter stream, not among its keys."""
+        from natskv.counter import Counter
+
+        return Counter(self, name)
+
+    def _stored_int(self, key: str, raw: RawEntry) -> int:
+        value = self._value(raw)
+        if type(value) is not int:
+            raise InvalidArgumentError(
+                f"the value of {key!r} is {type(value).__name__} ({value!r:.60}), not an int: incr and "
+                "decr count integers only; set an int first (or delete the key to start at 0)"
+            )
+        return value
+
     # -- for the model layer's bulk writes (caller's thread) -------------------------------------
 
     def _commit_batches(
@@ -618,6 +703,39 @@ class Bucket:
         again through ``commit``: a failed check (a clash, or a create over a deleted key) or no
         stream leader (503)."""
         return isinstance(error, JetStreamError) and (error.err_code in CAS_ERROR_CODES or error.code == 503)
+
+
+def _int_step(by: object, call: str) -> int:
+    if type(by) is not int:  # bool is an int subclass: refused with the rest
+        raise InvalidArgumentError(f"{call}(by=...) takes an int, not {type(by).__name__} ({by!r})")
+    return by
+
+
+def _left(deadline: float | None, key: str) -> float | None:
+    """What is left of a call's time; NatsKVTimeoutError once nothing is."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise NatsKVTimeoutError(f"incr of {key!r}: the timeout passed while other writers kept changing the key")
+    return left
+
+
+def _expiry(headers: Mapping[str, str]) -> float | None:
+    """The Unix time a stored message expires (None: never): natskv's carried expiry, else the
+    message's time plus its ``Nats-TTL``."""
+    carried = headers.get(h.EXPIRES)
+    if carried is not None:
+        try:
+            return float(carried)
+        except ValueError:
+            pass
+    ttl = headers.get(h.TTL)
+    seconds = parse_duration(ttl) if ttl else None
+    stamp = headers.get(h.TIME_STAMP)
+    if seconds is None or not stamp:
+        return None
+    return parse_timestamp(stamp).timestamp() + seconds
 
 
 def _key_list(keys: Any, call: str) -> list[Any]:

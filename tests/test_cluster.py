@@ -431,3 +431,48 @@ def test_reads_stay_fast_and_right_when_another_client_recreates_the_bucket(whol
     finally:
         other.close()
         db.close()
+
+
+@pytest.mark.slow
+def test_incr_counters_and_locks_lose_nothing_when_the_leader_dies(whole: EmbeddedCluster) -> None:
+    """incr (compare-and-set on a key), Counter (the server adds) and a held lock, on R3 streams
+    whose leaders die under load: every acknowledged increment counted exactly once, and the
+    lock still held by its holder afterwards."""
+    cluster = whole
+    db = connect(cluster)
+    killed = None
+    try:
+        kv = db.bucket("counting_loss", replicas=3)
+        views = kv.counter("views")
+        views.incr(0)  # the counter stream exists (R3, like its bucket) before its leader moves
+        lock = db.lock("held", bucket="counting_loss", ttl=60)
+        assert lock.acquire()
+        leader = move_leader(cluster, db, "KV_counting_loss", lambda leader: leader != node_of(cluster, db))
+        move_leader(cluster, db, "KVC_counting_loss", lambda counter_leader: counter_leader == leader)
+        incrs = [Load(lambda i: kv.incr("hits", timeout=20)) for _ in range(3)]
+        adds = [Load(lambda i: views.incr(timeout=20)) for _ in range(3)]
+        with incrs[0], incrs[1], incrs[2], adds[0], adds[1], adds[2]:
+            time.sleep(0.5)
+            cluster.kill_node(leader)
+            killed = leader
+            cluster.wait_new_stream_leader("KV_counting_loss", leader)
+            time.sleep(1.0)
+        assert [load.failed for load in incrs + adds] == [[]] * 6
+        acked_incrs = sum(len(load.acked) for load in incrs)
+        acked_adds = sum(len(load.acked) for load in adds)
+        assert acked_incrs > 10 and acked_adds > 10
+        assert kv.get("hits") == acked_incrs
+        assert views.value() == acked_adds
+        # Each call's result is a distinct value: none counted twice, none skipped.
+        assert sorted(r for load in incrs for _, r in load.acked.values()) == list(range(1, acked_incrs + 1))
+        assert sorted(r for load in adds for _, r in load.acked.values()) == list(range(1, acked_adds + 1))
+        assert lock.owned() and not db.lock("held", bucket="counting_loss").acquire(blocking=False)
+        lock.release()
+        assert not lock.locked()
+        cluster.start_node(leader)
+        killed = None
+    finally:
+        db.delete_bucket("counting_loss")
+        db.close()
+        if killed is not None:
+            cluster.start_node(killed)

@@ -260,6 +260,28 @@ def test_per_key_ttl(old: tuple[str, natskv.Client], okv: natskv.Bucket) -> None
     assert okv.get("t") == "again"
 
 
+def test_counting_and_locks(old: tuple[str, natskv.Client], okv: natskv.Bucket) -> None:
+    version, client = old
+    assert okv.incr("n") == 1 and okv.incr("n", 2) == 3 and okv.decr("n") == 2  # compare-and-set: any server
+    with not_supported("2.12", version) as info:
+        client.counter("views", bucket=okv.name).incr()
+    assert "counters" in str(info.value)
+    if API_LEVEL[version] < 1:
+        before = okv.status().last_revision
+        with not_supported("2.11", version):
+            okv.incr("n", ttl=5)
+        with not_supported("2.11", version) as info:
+            client.lock("job", bucket=okv.name)
+        assert "locks" in str(info.value)
+        assert okv.status().last_revision == before and okv.get("n") == 2
+        return
+    assert okv.incr("t", ttl=5) == 1
+    lock = client.lock("job", bucket=okv.name, ttl=5)
+    with lock:
+        assert lock.owned() and not client.lock("job", bucket=okv.name).acquire(blocking=False)
+    assert not lock.locked()
+
+
 def test_commit_not_supported(old: tuple[str, natskv.Client], okv: natskv.Bucket) -> None:
     version = old[0]
     rev = okv.set("a", 1)

@@ -17,7 +17,7 @@ import orjson
 from natskv.errors import BucketNotFoundError, JetStreamError
 from natskv.wire import headers as h
 from natskv.wire import jsapi
-from natskv.wire.jsapi import API_LEVEL_ATOMIC, ERR_STREAM_NAME_IN_USE
+from natskv.wire.jsapi import API_LEVEL_ATOMIC, ERR_NO_MESSAGE, ERR_STREAM_NAME_IN_USE
 from natskv.wire.retry import publish_resending, request_retrying_on_503
 
 if TYPE_CHECKING:
@@ -38,12 +38,44 @@ def next_value(conn: Connection, known: dict[str, int], bucket: str, field: str,
     caller keeps per connection): the first use of a stream creates or checks it. Raises
     FeatureNotSupportedError before nats-server 2.12.
     """
-    conn.require(API_LEVEL_ATOMIC, "autoincrement fields (counter streams)")
+    replicas = prepare(conn, known, bucket, "autoincrement fields (counter streams)", timeout)
+    return add(conn, stream_of(bucket), f"$KVC.{bucket}.{field}", count, replicas, timeout)
+
+
+def prepare(conn: Connection, known: dict[str, int], bucket: str, feature: str, timeout: float) -> int:
+    """Make sure the counter stream of ``bucket`` exists (once per client: ``known`` caches it)
+    and return its replicas. FeatureNotSupportedError, naming ``feature``, before nats-server 2.12."""
+    conn.require(API_LEVEL_ATOMIC, feature)
     stream = stream_of(bucket)
     replicas = known.get(stream)
     if replicas is None:
         replicas = known[stream] = ensure_stream(conn, bucket, timeout)
-    return add(conn, stream, f"$KVC.{bucket}.{field}", count, replicas, timeout)
+    return replicas
+
+
+def named_subject(bucket: str, token: str) -> str:
+    """The subject of the named counter ``token`` (an encoded key) of ``bucket``. Autoincrement
+    counters are one token after the bucket (a field name); named ones are two or more, under
+    ``ctr``, so the two never meet."""
+    return f"$KVC.{bucket}.ctr.{token}"
+
+
+def read(conn: Connection, stream: str, subject: str, timeout: float | None) -> int:
+    """The value of the counter ``subject`` (0 when it was never added to, or was reset), read
+    through the stream leader: never older than an increment acknowledged before."""
+    try:
+        stored = jsapi.call_leader(conn, f"STREAM.MSG.GET.{stream}", {"last_by_subj": subject}, timeout)
+    except JetStreamError as exc:
+        if exc.err_code == ERR_NO_MESSAGE:
+            return 0
+        raise
+    return int(orjson.loads(base64.b64decode(stored["message"]["data"]))["val"])
+
+
+def reset(conn: Connection, stream: str, subject: str, timeout: float | None) -> None:
+    """Set the counter ``subject`` back to 0 by purging its messages (the server's counters
+    start again from nothing)."""
+    jsapi.call(conn, f"STREAM.PURGE.{stream}", {"filter": subject}, timeout)
 
 
 def ensure_stream(conn: Connection, bucket: str, timeout: float) -> int:
@@ -91,5 +123,5 @@ def add(conn: Connection, stream: str, subject: str, count: int, replicas: int, 
     if "val" in ack:
         return int(ack["val"])
     # A duplicate's answer has no value: the first copy was stored, and its value with it.
-    stored = jsapi.call(conn, f"STREAM.MSG.GET.{stream}", {"seq": ack["seq"]}, timeout)
+    stored = jsapi.call_leader(conn, f"STREAM.MSG.GET.{stream}", {"seq": ack["seq"]}, timeout)
     return int(orjson.loads(base64.b64decode(stored["message"]["data"]))["val"])

@@ -18,6 +18,9 @@ ROLLUP = "Nats-Rollup"  # "sub": drop the subject's older messages once this one
 KV_OPERATION = "KV-Operation"  # "DEL" / "PURGE" on a tombstone; absent on a value
 MSG_ID = "Nats-Msg-Id"  # deduplication within the stream's duplicate window
 INCR = "Nats-Incr"  # counter streams: add this to the subject's counter (nats-server 2.12)
+# natskv's own: the absolute expiry (Unix seconds) that ``Bucket.incr`` carries from write to write,
+# so a key's expiry does not creep by a rounded-up second at every increment.
+EXPIRES = "Natskv-Expires"
 BATCH_ID = "Nats-Batch-Id"  # atomic batch publish (nats-server 2.12)
 BATCH_SEQUENCE = "Nats-Batch-Sequence"
 BATCH_COMMIT = "Nats-Batch-Commit"
@@ -104,5 +107,5 @@ def batch_part(headers: dict[str, str], batch_id: str, sequence: int, commit: bo
 
 
 def increment(count: int) -> dict[str, str]:
-    """The headers of a counter increment by ``count``."""
-    return {INCR: f"+{count}"}
+    """The headers of a counter increment by ``count`` (negative: a decrement)."""
+    return {INCR: f"{count:+d}"}

@@ -7,6 +7,7 @@ functions that any thread uses.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -17,6 +18,7 @@ from natskv.errors import (
     FeatureNotSupportedError,
     JetStreamError,
     NatsKVError,
+    NatsKVTimeoutError,
     PayloadTooLargeError,
 )
 from natskv.wire.replies import RawReply, status_of
@@ -46,6 +48,31 @@ def call(conn: Connection, api: str, payload: dict[str, Any] | None, timeout: fl
     assert conn.mux is not None
     body = orjson.dumps(payload) if payload is not None else b""
     return api_reply(api, conn.mux.request("$JS.API." + api, body, None, timeout), conn.server_version)
+
+
+# A stream API call answered by the stream leader gets no answer at all while the stream has none
+# (its leader died; the election takes seconds): each attempt waits this long, then asks again.
+LEADER_ATTEMPT = 2.0
+
+
+def call_leader(conn: Connection, api: str, payload: dict[str, Any] | None, timeout: float | None) -> dict[str, Any]:
+    """:func:`call` for a read that only the stream leader answers (``STREAM.MSG.GET``): asked
+    again every :data:`LEADER_ATTEMPT` seconds, and on a 503 answer, until ``timeout``, so a
+    leader election in between costs the election, not the whole timeout. Only for reads:
+    asking twice must be harmless."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        attempt = LEADER_ATTEMPT if left is None else min(left, LEADER_ATTEMPT)
+        try:
+            return call(conn, api, payload, max(attempt, 0.001))
+        except NatsKVTimeoutError:
+            if deadline is not None and time.monotonic() >= deadline - 0.001:
+                raise
+        except JetStreamError as exc:
+            if exc.code != 503 or (deadline is not None and time.monotonic() >= deadline - 0.05):
+                raise
+            time.sleep(0.05)
 
 
 def check_api_reply(api: str, data: bytes) -> dict[str, Any]:

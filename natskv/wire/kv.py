@@ -266,6 +266,12 @@ class KVProtocol:
             return self._get_after_write(encoded_key, timeout)
         return self._entry_of(self._request(self.direct_prefix + encoded_key, b"", None, timeout))
 
+    def message(self, encoded_key: str, timeout: float | None) -> tuple[RawEntry, dict[str, str]] | None:
+        """The latest message of one key with all its headers (``Nats-TTL`` among them), None when
+        the key has none. Read through the stream leader, so never older than a write that was
+        acknowledged before: the read of a read-modify-write (``Bucket.incr``, locks)."""
+        return self._leader_message({"last_by_subj": self.subject_prefix + encoded_key}, timeout)
+
     def get_value(self, encoded_key: str, timeout: float | None) -> tuple[bytes, bool] | None:
         """``(payload, stored as raw bytes)`` of one key's latest message when it is a value;
         None when the key is absent, deleted, purged or expired. ``Bucket.get``'s path: the
@@ -708,7 +714,7 @@ class KVProtocol:
     def _leader_message(self, request: dict[str, Any], timeout: float | None) -> tuple[RawEntry, dict[str, str]] | None:
         """``STREAM.MSG.GET``: a message and its headers, from the stream leader."""
         try:
-            reply = jsapi.call(self.conn, f"STREAM.MSG.GET.{self.stream}", request, timeout)
+            reply = jsapi.call_leader(self.conn, f"STREAM.MSG.GET.{self.stream}", request, timeout)
         except JetStreamError as exc:
             if exc.err_code == ERR_NO_MESSAGE:
                 return None
