@@ -266,11 +266,23 @@ class KVProtocol:
             return self._get_after_write(encoded_key, timeout)
         return self._entry_of(self._request(self.direct_prefix + encoded_key, b"", None, timeout))
 
-    def message(self, encoded_key: str, timeout: float | None) -> tuple[RawEntry, dict[str, str]] | None:
+    def message(
+        self, encoded_key: str, timeout: float | None, *, leader: bool = True
+    ) -> tuple[RawEntry, dict[str, str]] | None:
         """The latest message of one key with all its headers (``Nats-TTL`` among them), None when
-        the key has none. Read through the stream leader, so never older than a write that was
-        acknowledged before: the read of a read-modify-write (``Bucket.incr``, locks)."""
-        return self._leader_message({"last_by_subj": self.subject_prefix + encoded_key}, timeout)
+        the key has none. Read through the stream leader by default, so never older than a write
+        that was acknowledged before: the read of a read-modify-write (``Bucket.incr``, locks).
+        ``leader=False`` asks any replica with a direct get (about half the cost; a follower may
+        lag): for reads a watch keeps right, such as the near cache's."""
+        if leader:
+            return self._leader_message({"last_by_subj": self.subject_prefix + encoded_key}, timeout)
+        data, raw_headers, _ = self._request(self.direct_prefix + encoded_key, b"", None, timeout)
+        status, desc, hdrs = parse_reply_headers(raw_headers)
+        if status == 404:
+            return None
+        if status:
+            raise self._status_error(status, desc)
+        return entry_from_headers(hdrs, data), hdrs
 
     def get_value(self, encoded_key: str, timeout: float | None) -> tuple[bytes, bool] | None:
         """``(payload, stored as raw bytes)`` of one key's latest message when it is a value;

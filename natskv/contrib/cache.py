@@ -1,0 +1,564 @@
+"""A cache on a KV bucket, with an optional near cache: what the Django and Flask backends share.
+
+:class:`KVCache` gives a bucket the semantics web caches expect. Keys are the framework's
+finished keys (prefix and version already in them). TTLs are per key: ``None`` keeps a value
+forever, and ``0`` or less removes it at once. ``add`` only stores absent keys, ``touch`` changes
+an expiry, ``incr`` is atomic, and ``clear`` empties the bucket but keeps it. Values go through a
+:class:`CacheCodec`: pickle by default (any picklable value, the Django convention), with plain
+integers stored as digits so that ``incr`` adds on the server's copy.
+
+:class:`NearCache` answers repeated reads from process memory: a bounded LRU of encoded values.
+One watch per process and bucket keeps it coherent: a write or a delete in any process removes the
+entry in every other process within milliseconds. Expiry is honoured locally too, since each entry
+carries its key's expiry time. Reads then cost microseconds instead of a round trip.
+
+Security: with the pickle codec, whoever can write to the bucket can make every reader run code.
+This is the same as Django's Redis and file caches. Give write access to the cache bucket only to
+your application, or use the JSON codec.
+
+Every call blocks the caller's thread (any thread but natskv's loop thread). :func:`shared_cache`
+keeps one client, one bucket and one near cache per process for each configuration, shared by
+every thread and every framework backend object. Django makes a backend object per thread.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import natskv
+from natskv._time import parse_duration, parse_timestamp
+from natskv.codec import RAW_HEADER, JSONCodec
+from natskv.errors import (
+    InvalidArgumentError,
+    JetStreamError,
+    KeyExistsError,
+    KeyNotFoundError,
+    NotConnectedError,
+    SerializationError,
+)
+from natskv.kv import Bucket
+from natskv.watch import Change, Watcher
+from natskv.wire import headers as h
+from natskv.wire import jsapi
+from natskv.wire.jsapi import CAS_ERROR_CODES
+from natskv.wire.kv import RawEntry
+
+# Written (after the stream is purged) by clear(): near caches drop everything when they see it.
+# A Django or Flask key always has a prefix and a version separated by ':', which this one lacks.
+CLEAR_KEY = "natskv-cache-cleared"
+_FOREVER = math.inf
+
+
+class CacheCodec:
+    """Pickle for any value, except that a plain ``int`` is stored as its digits, so that
+    :meth:`natskv.Bucket.incr` can add to it. The two never meet: a pickle starts with the
+    byte ``0x80`` (protocol 2 and newer), digits never do."""
+
+    name = "natskv-cache"
+
+    def __init__(self, protocol: int = pickle.HIGHEST_PROTOCOL) -> None:
+        if not 2 <= protocol <= pickle.HIGHEST_PROTOCOL:
+            raise InvalidArgumentError(f"pickle protocol must be 2..{pickle.HIGHEST_PROTOCOL}, not {protocol!r}")
+        self.protocol = protocol
+
+    def encode(self, value: Any) -> bytes:
+        if type(value) is int:
+            return str(value).encode()
+        try:
+            return pickle.dumps(value, self.protocol)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise SerializationError(f"cannot pickle a value of type {type(value).__name__}: {exc}") from exc
+
+    def decode(self, data: bytes) -> Any:
+        if data[:1] == b"\x80":
+            return pickle.loads(data)  # noqa: S301 - the cache's own bucket (see the module's security note)
+        return int(data)
+
+
+def codec_named(name: str) -> CacheCodec | JSONCodec:
+    """The codec of a ``serializer`` option: ``"pickle"`` (default) or ``"json"``."""
+    if name == "pickle":
+        return CacheCodec()
+    if name == "json":
+        return JSONCodec()
+    raise InvalidArgumentError(f"serializer must be 'pickle' or 'json', not {name!r}")
+
+
+def ttl_seconds(timeout: float | None) -> float | None:
+    """A cache timeout as a per-key TTL: None stays None (forever); positive numbers are seconds
+    (the server rounds up to whole seconds). Callers handle 0 and below (remove now) first."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout):
+        raise InvalidArgumentError(f"a cache timeout is a number of seconds or None, not {timeout!r}")
+    return float(timeout)
+
+
+class NearCache:
+    """Recently read values of one bucket, in this process, kept coherent by a watch.
+
+    Entries are ``key -> (payload, revision, expires)``, where ``expires`` is on the monotonic
+    clock. The watch removes an entry when its key changes anywhere: its callback runs on the
+    watcher's dispatcher thread. A value fetched from the server, or just written, is only
+    entered if the watch saw no newer change of its key meanwhile (``_pending``), so an older
+    value never replaces a newer one. After a fork the child drops everything and starts its
+    own watch on first use: watches do not cross a fork.
+    """
+
+    def __init__(self, bucket: Bucket, max_entries: int = 10_000) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise InvalidArgumentError(f"near_cache_size must be a positive int, not {max_entries!r}")
+        # The watch needs no decoding: a bytes view of the same bucket hands it payloads as they are.
+        self._raw = bucket._client.bucket(bucket.name, codec="bytes", sep=bucket.sep, create=False)
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[bytes, int, float]] = OrderedDict()
+        self._pending: dict[str, list[int]] = {}  # key -> [reads or writes in flight, newest revision seen]
+        self._lock = threading.Lock()
+        self._watcher: Watcher | None = None
+        self._pid = -1
+        self.hits = self.misses = 0
+        _near_caches.add(self)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- the watch --------------------------------------------------------------------------------
+
+    def _watching(self) -> bool:
+        return self._pid == os.getpid() and self._watcher is not None and not self._watcher.stopped
+
+    def _ensure_watch(self) -> bool:
+        """Start the watch in this process if it is not running; whether it runs."""
+        if self._watching():
+            return True
+        with self._lock:
+            if self._watching():
+                return True
+            self._entries.clear()
+            self._pending.clear()
+            try:
+                self._watcher = self._raw.watch("*", callback=self._on_change, updates_only=True,
+                                                on_error=self._on_error)
+            except NotConnectedError:
+                self._watcher = None
+                return False
+            self._pid = os.getpid()
+            return True
+
+    def _on_change(self, change: Change) -> None:
+        """A change of ``change.key`` anywhere: forget its value (dispatcher thread)."""
+        with self._lock:
+            if change.key == CLEAR_KEY:
+                self._entries.clear()
+                for waiting in self._pending.values():
+                    waiting[1] = max(waiting[1], change.revision)
+                return
+            entry = self._entries.get(change.key)
+            if entry is not None and entry[1] < change.revision:
+                del self._entries[change.key]
+            pending = self._pending.get(change.key)
+            if pending is not None and change.revision > pending[1]:
+                pending[1] = change.revision
+
+    def _on_error(self, error: BaseException) -> None:
+        # The watch ended for good (the client closed): entries could go stale, so none are served.
+        if isinstance(error, NotConnectedError):
+            with self._lock:
+                self._entries.clear()
+                self._watcher = None
+
+    def _after_fork(self) -> None:
+        # The parent's watch, and its lock's state, do not belong to this process.
+        self._lock = threading.Lock()
+        self._entries = OrderedDict()
+        self._pending = {}
+        self._watcher = None
+        self._pid = -1
+
+    # -- entries ----------------------------------------------------------------------------------
+
+    def lookup(self, key: str) -> bytes | None:
+        """The cached payload of ``key``, or None (not cached, or its expiry passed)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                if entry[2] > time.monotonic():
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return entry[0]
+                del self._entries[key]
+            self.misses += 1
+            return None
+
+    def begin(self, key: str) -> bool:
+        """Note that ``key`` is being read or written, before asking the server; False when the
+        watch cannot run (then nothing may be entered)."""
+        if not self._ensure_watch():
+            return False
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is None:
+                self._pending[key] = [1, 0]
+            else:
+                pending[0] += 1
+        return True
+
+    def end(self, key: str, payload: bytes | None, revision: int, expires: float) -> None:
+        """Finish a :meth:`begin`: enter ``payload`` at ``revision`` (None: forget the key), unless
+        the watch saw a newer change of the key meanwhile."""
+        with self._lock:
+            pending = self._pending.get(key)
+            newer = False
+            if pending is not None:
+                newer = pending[1] > revision
+                pending[0] -= 1
+                if pending[0] <= 0:
+                    del self._pending[key]
+            if payload is None or newer or expires <= time.monotonic():
+                self._entries.pop(key, None)
+                return
+            current = self._entries.get(key)
+            if current is not None and current[1] > revision:
+                return
+            self._entries[key] = (payload, revision, expires)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def stop(self) -> None:
+        """Stop the watch and drop every entry."""
+        with self._lock:
+            watcher, self._watcher = self._watcher, None
+            self._entries.clear()
+        if watcher is not None and self._pid == os.getpid():
+            watcher.stop()
+
+
+_near_caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
+
+
+def _near_caches_after_fork() -> None:
+    for near in list(_near_caches):
+        near._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
+    os.register_at_fork(after_in_child=_near_caches_after_fork)
+
+
+class KVCache:
+    """Cache semantics on a bucket (see the module docstring). Thread-safe; keys are final."""
+
+    def __init__(self, bucket: Bucket, *, near_cache: bool = False, near_cache_size: int = 10_000) -> None:
+        self.bucket = bucket
+        self.codec = bucket.codec
+        self.near: NearCache | None = NearCache(bucket, near_cache_size) if near_cache else None
+
+    def __repr__(self) -> str:
+        near = f", near cache of {self.near.max_entries}" if self.near is not None else ""
+        return f"<natskv.contrib.cache.KVCache on bucket {self.bucket.name!r}{near}>"
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key``, or ``default`` when it is absent or expired."""
+        near = self.near
+        if near is None:
+            return self.bucket.get(key, default)
+        payload = near.lookup(key)
+        if payload is None:
+            payload = self._fetch(key)
+            if payload is None:
+                return default
+        return self.codec.decode(payload)
+
+    def _fetch(self, key: str) -> bytes | None:
+        """Read ``key`` from the server (any replica: the watch corrects a lagging one) and enter
+        it in the near cache; its payload, or None when it holds no value."""
+        near = self.near
+        assert near is not None
+        bucket = self.bucket
+        enc = bucket._token(key)
+        if not near.begin(key):
+            return _payload(bucket._proto.message(enc, bucket._timeout(None), leader=False))
+        found = None
+        try:
+            found = bucket._proto.message(enc, bucket._timeout(None), leader=False)
+        finally:
+            payload = _payload(found)
+            if payload is None or found is None:
+                near.end(key, None, 0, 0.0)
+            else:
+                near.end(key, payload, found[0].revision, _expires(found[1]))
+        return payload
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """``{key: value}`` of the keys present: near-cache hits first, the rest in batch reads."""
+        keys = list(keys)
+        near = self.near
+        out: dict[str, Any] = {}
+        missing = keys
+        if near is not None:
+            missing = []
+            for key in keys:
+                payload = near.lookup(key)
+                if payload is None:
+                    missing.append(key)
+                else:
+                    out[key] = self.codec.decode(payload)
+        if missing:
+            out.update(self.bucket.get_many(missing))
+        return out
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` holds an unexpired value."""
+        if self.near is not None:
+            return self.near.lookup(key) is not None or self._fetch(key) is not None
+        bucket = self.bucket
+        return _payload(bucket._proto.message(bucket._token(key), bucket._timeout(None), leader=False)) is not None
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def set(self, key: str, value: Any, timeout: float | None) -> None:
+        """Store ``value`` for ``timeout`` seconds (None: forever; 0 or less: remove the key)."""
+        ttl = ttl_seconds(timeout)
+        if ttl is not None and ttl <= 0:
+            self.bucket._token(key)
+            self.codec.encode(value)  # a value that cannot be stored fails as it would otherwise
+            self.delete(key)
+            return
+        self._write(key, value, ttl, create=False)
+
+    def add(self, key: str, value: Any, timeout: float | None) -> bool:
+        """Store ``value`` only if ``key`` is absent; whether it was stored. With ``timeout`` 0 or
+        less nothing stays: the answer is whether it would have been stored."""
+        ttl = ttl_seconds(timeout)
+        if ttl is not None and ttl <= 0:
+            try:
+                self.bucket.create(key, value, ttl=1)
+            except KeyExistsError:
+                return False
+            self.delete(key)
+            return True
+        try:
+            self._write(key, value, ttl, create=True)
+        except KeyExistsError:
+            return False
+        return True
+
+    def _write(self, key: str, value: Any, ttl: float | None, *, create: bool) -> int:
+        """Store one value (encoded once) and enter it in the near cache; its revision."""
+        near = self.near
+        bucket = self.bucket
+        if near is None:
+            return bucket.create(key, value, ttl=ttl) if create else bucket.set(key, value, ttl=ttl)
+        enc = bucket._token(key)
+        payload, headers = bucket._encode(value, ttl)
+        entering = (headers is None or RAW_HEADER not in headers) and near.begin(key)
+        revision = 0
+        try:
+            if create:
+                revision = bucket.create(key, value, ttl=ttl)
+            else:
+                revision = bucket._proto.put(enc, payload, headers, bucket._timeout(None))
+        finally:
+            if entering:
+                expires = _FOREVER if ttl is None else time.monotonic() + ttl
+                near.end(key, payload if revision else None, revision, expires)
+        return revision
+
+    def set_many(self, mapping: Mapping[str, Any], timeout: float | None) -> None:
+        """Store many values in pipelined writes (not atomic: the first error is raised once all
+        writes are answered)."""
+        ttl = ttl_seconds(timeout)
+        if ttl is not None and ttl <= 0:
+            self.delete_many(mapping)
+            return
+        try:
+            self.bucket.set_many(mapping, ttl=ttl)
+        finally:
+            if self.near is not None:
+                for key in mapping:
+                    self.near.forget(key)
+
+    def touch(self, key: str, timeout: float | None) -> bool:
+        """Give ``key`` a new expiry (None: never) keeping its value; False when it is absent."""
+        ttl = ttl_seconds(timeout)
+        if ttl is not None and ttl <= 0:
+            return self.delete(key)
+        bucket = self.bucket
+        enc = bucket._token(key)
+        limit = bucket._timeout(None)
+        ttl_value = h.ttl_header(ttl)
+        if ttl_value is not None:
+            bucket._proto.require_ttl()
+        try:
+            while True:
+                found = bucket._proto.message(enc, limit)
+                if found is None or not _live(found):
+                    return False
+                raw, stored = found
+                headers = h.with_expected_revision({RAW_HEADER: "1"} if RAW_HEADER in stored else None, raw.revision)
+                if ttl_value is not None:
+                    headers = h.with_ttl(headers, ttl_value)
+                try:
+                    bucket._proto.put(enc, raw.data, headers, limit)
+                    return True
+                except JetStreamError as exc:
+                    if exc.err_code not in CAS_ERROR_CODES:
+                        raise
+                    # written meanwhile: look again
+        finally:
+            if self.near is not None:
+                self.near.forget(key)
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; whether it held a value."""
+        bucket = self.bucket
+        enc = bucket._token(key)
+        found = bucket._proto.message(enc, bucket._timeout(None), leader=False)
+        try:
+            bucket.delete(key)
+        finally:
+            if self.near is not None:
+                self.near.forget(key)
+        return found is not None and _live(found)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove many keys in pipelined writes."""
+        bucket = self.bucket
+        keys = list(keys)
+        items: list[tuple[str, bytes, dict[str, str] | None]] = [
+            (bucket._token(k), b"", h.tombstone(h.OP_DEL)) for k in keys
+        ]
+        try:
+            results = bucket._proto.put_many(items, bucket._timeout(None))
+        finally:
+            if self.near is not None:
+                for key in keys:
+                    self.near.forget(key)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+
+    def incr(self, key: str, delta: int, *, missing_ok: bool = False) -> int:
+        """Add ``delta`` to the integer under ``key`` atomically, keeping its expiry, and return
+        the new value. A missing key raises KeyNotFoundError (a ``KeyError``), or with
+        ``missing_ok=True`` counts as 0 (and then never expires)."""
+        if not missing_ok and not self.has(key):
+            raise KeyNotFoundError(key, self.bucket.name)
+        try:
+            return self.bucket.incr(key, delta)
+        finally:
+            if self.near is not None:
+                self.near.forget(key)
+
+    def clear(self) -> None:
+        """Remove every key and keep the bucket: one purge of its stream, then a marker that tells
+        every near cache to drop its entries."""
+        bucket = self.bucket
+        proto = bucket._proto
+        jsapi.call(proto.conn, f"STREAM.PURGE.{proto.stream}", {}, bucket._timeout(None))
+        if self.near is not None:
+            self.near.clear()
+        bucket.set(CLEAR_KEY, 0, ttl=60 if proto.conn.api_level >= jsapi.API_LEVEL_TTL else None)
+
+    def close(self) -> None:
+        """Stop the near cache's watch (the client stays open: it is shared)."""
+        if self.near is not None:
+            self.near.stop()
+
+
+def _live(found: tuple[RawEntry, dict[str, str]]) -> bool:
+    """Whether a stored message is a value whose expiry has not passed."""
+    return found[0].operation == h.OP_PUT and _expires(found[1]) > time.monotonic()
+
+
+def _payload(found: tuple[RawEntry, dict[str, str]] | None) -> bytes | None:
+    """The payload of a live stored value that the near cache may hold (not raw bytes given to a
+    JSON bucket, which need their header to be read back)."""
+    if found is None or not _live(found) or RAW_HEADER in found[1]:
+        return None
+    data: bytes = found[0].data
+    return data
+
+
+def _expires(headers: Mapping[str, str]) -> float:
+    """The monotonic time a stored message expires (``inf``: never), from natskv's carried
+    expiry or the message's time plus its ``Nats-TTL``."""
+    wall: float | None = None
+    carried = headers.get(h.EXPIRES)
+    if carried is not None:
+        try:
+            wall = float(carried)
+        except ValueError:
+            wall = None
+    if wall is None:
+        ttl = headers.get(h.TTL)
+        seconds = parse_duration(ttl) if ttl else None
+        stamp = headers.get(h.TIME_STAMP)
+        if seconds is None or not stamp:
+            return _FOREVER
+        wall = parse_timestamp(stamp).timestamp() + seconds
+    return time.monotonic() + (wall - time.time())
+
+
+# -- one cache per process and configuration ----------------------------------------------------------
+
+_shared: dict[tuple[Any, ...], KVCache] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_cache(
+    servers: str | list[str] | tuple[str, ...] | None,
+    *,
+    bucket: str,
+    serializer: str = "pickle",
+    near_cache: bool = False,
+    near_cache_size: int = 10_000,
+    replicas: int = 1,
+    storage: str = "file",
+    connect: Mapping[str, Any] | None = None,
+) -> KVCache:
+    """The process's :class:`KVCache` for this configuration: made (its client connected, its
+    bucket created if missing) on first use, then shared by every thread and backend object.
+    ``servers`` None or empty: natskv's embedded server (development). ``connect``: options of
+    :func:`natskv.connect` (credentials, TLS, timeouts)."""
+    options = dict(connect or {})
+    key = (_servers_key(servers), bucket, serializer, near_cache, near_cache_size, replicas, storage,
+           tuple(sorted((k, repr(v)) for k, v in options.items())))
+    cache = _shared.get(key)
+    if cache is not None:
+        return cache
+    with _shared_lock:
+        cache = _shared.get(key)
+        if cache is None:
+            codec = codec_named(serializer)
+            client = natskv.connect(servers or None, **options)
+            kv = client.bucket(bucket, history=1, replicas=replicas, storage=storage, codec=codec)
+            cache = _shared[key] = KVCache(kv, near_cache=near_cache, near_cache_size=near_cache_size)
+    return cache
+
+
+def _servers_key(servers: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    if not servers:
+        return ()
+    if isinstance(servers, str):
+        return tuple(s.strip() for s in servers.split(","))
+    return tuple(servers)
