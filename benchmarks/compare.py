@@ -2,7 +2,7 @@
 
     python benchmarks/compare.py                 # full run (kv + models + redis), about 4-6 minutes
     python benchmarks/compare.py --quick         # fewer rounds, about 2 minutes
-    python benchmarks/compare.py --only models   # or --only kv / writes / redis; combines with --quick
+    python benchmarks/compare.py --only models   # or --only kv / writes / redis / cache; combines with --quick
 
 Starts its own nats-server (``natskv.EmbeddedServer``, loopback, temporary store; or uses
 ``NATSKV_BENCH_URL``) and measures, interleaving the two sides of every comparison in alternating
@@ -1390,7 +1390,7 @@ def print_table(rows: list[Row], headers: tuple[str, ...] = TABLE_HEADERS) -> No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (under ~90 s with models)")
-    parser.add_argument("--only", choices=("kv", "models", "writes", "redis"),
+    parser.add_argument("--only", choices=("kv", "models", "writes", "redis", "cache"),
                         help="run one section (default: all; redis only where redis-server is installed)")
     parser.add_argument("--models-worker", nargs=6, metavar=("URL", "BUCKET", "N", "ROUNDS", "WARM", "CALLS"),
                         help=argparse.SUPPRESS)  # internal: the pure-core subprocess of the models section
@@ -1413,6 +1413,7 @@ def main(argv: list[str] | None = None) -> int:
     run_models = args.only in (None, "models")
     run_writes = args.only in (None, "writes")
     run_redis = args.only in (None, "redis")
+    run_cache = args.only in (None, "cache")
     s = QUICK if args.quick else FULL
     began = time.perf_counter()
 
@@ -1451,6 +1452,10 @@ def main(argv: list[str] | None = None) -> int:
                 model_rows += writes.write_rows(url, args.quick)
             if run_redis:
                 redis_rows = compare_redis(client, s)
+            if run_cache:  # C rows: benchmarks/cache.py (the Django cache backend, with django-redis)
+                from benchmarks import cache
+
+                model_rows += cache.cache_rows(url, args.quick)
         finally:
             client.close()
     if run_kv:
