@@ -106,19 +106,25 @@ class NearCache:
     """Recently read values of one bucket, in this process, kept coherent by a watch.
 
     Entries are ``key -> (payload, revision, expires)``, where ``expires`` is on the monotonic
-    clock. The watch removes an entry when its key changes anywhere: its callback runs on the
-    watcher's dispatcher thread. A value fetched from the server, or just written, is only
-    entered if the watch saw no newer change of its key meanwhile (``_pending``), so an older
-    value never replaces a newer one. After a fork the child drops everything and starts its
-    own watch on first use: watches do not cross a fork.
+    clock; at most ``max_entries`` of them and ``max_bytes`` of payloads (least recently used
+    go first; a value over an eighth of ``max_bytes`` is not kept). The watch removes an entry
+    when its key changes anywhere: its callback runs on the watcher's dispatcher thread. A value
+    fetched from the server, or just written, is only entered if the watch saw no newer change
+    of its key meanwhile (``_pending``), so an older value never replaces a newer one. After a
+    fork the child drops everything and starts its own watch on first use: watches do not
+    cross a fork.
     """
 
-    def __init__(self, bucket: Bucket, max_entries: int = 10_000) -> None:
+    def __init__(self, bucket: Bucket, max_entries: int = 10_000, max_bytes: int = 64 << 20) -> None:
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise InvalidArgumentError(f"near_cache_size must be a positive int, not {max_entries!r}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise InvalidArgumentError(f"near_cache_bytes must be a positive int, not {max_bytes!r}")
         # The watch needs no decoding: a bytes view of the same bucket hands it payloads as they are.
         self._raw = bucket._client.bucket(bucket.name, codec="bytes", sep=bucket.sep, create=False)
         self.max_entries = max_entries
+        self.max_bytes = max_bytes  # of payloads: a few large values must not take the memory
+        self._bytes = 0
         self._entries: OrderedDict[str, tuple[bytes, int, float]] = OrderedDict()
         self._pending: dict[str, list[int]] = {}  # key -> [reads or writes in flight, newest revision seen]
         self._lock = threading.Lock()
@@ -143,6 +149,7 @@ class NearCache:
             if self._watching():
                 return True
             self._entries.clear()
+            self._bytes = 0
             self._pending.clear()
             try:
                 self._watcher = self._raw.watch("*", callback=self._on_change, updates_only=True,
@@ -158,12 +165,13 @@ class NearCache:
         with self._lock:
             if change.key == CLEAR_KEY:
                 self._entries.clear()
+                self._bytes = 0
                 for waiting in self._pending.values():
                     waiting[1] = max(waiting[1], change.revision)
                 return
             entry = self._entries.get(change.key)
             if entry is not None and entry[1] < change.revision:
-                del self._entries[change.key]
+                self._drop(change.key)
             pending = self._pending.get(change.key)
             if pending is not None and change.revision > pending[1]:
                 pending[1] = change.revision
@@ -173,12 +181,14 @@ class NearCache:
         if isinstance(error, NotConnectedError):
             with self._lock:
                 self._entries.clear()
+                self._bytes = 0
                 self._watcher = None
 
     def _after_fork(self) -> None:
         # The parent's watch, and its lock's state, do not belong to this process.
         self._lock = threading.Lock()
         self._entries = OrderedDict()
+        self._bytes = 0
         self._pending = {}
         self._watcher = None
         self._pid = -1
@@ -194,7 +204,7 @@ class NearCache:
                     self._entries.move_to_end(key)
                     self.hits += 1
                     return entry[0]
-                del self._entries[key]
+                self._drop(key)
             self.misses += 1
             return None
 
@@ -222,30 +232,40 @@ class NearCache:
                 pending[0] -= 1
                 if pending[0] <= 0:
                     del self._pending[key]
-            if payload is None or newer or expires <= time.monotonic():
-                self._entries.pop(key, None)
+            if payload is None or newer or expires <= time.monotonic() or len(payload) > self.max_bytes // 8:
+                self._drop(key)  # gone, stale, expired, or too large to be worth its memory
                 return
             current = self._entries.get(key)
             if current is not None and current[1] > revision:
                 return
+            self._drop(key)
             self._entries[key] = (payload, revision, expires)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._bytes += len(payload)
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                _, (old, _, _) = self._entries.popitem(last=False)
+                self._bytes -= len(old)
+
+    def _drop(self, key: str) -> None:
+        """Remove ``key``'s entry (under the lock)."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry[0])
 
     def forget(self, key: str) -> None:
         with self._lock:
-            self._entries.pop(key, None)
+            self._drop(key)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._bytes = 0
 
     def stop(self) -> None:
         """Stop the watch and drop every entry."""
         with self._lock:
             watcher, self._watcher = self._watcher, None
             self._entries.clear()
+            self._bytes = 0
         if watcher is not None and self._pid == os.getpid():
             watcher.stop()
 
@@ -265,10 +285,15 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
 class KVCache:
     """Cache semantics on a bucket (see the module docstring). Thread-safe; keys are final."""
 
-    def __init__(self, bucket: Bucket, *, near_cache: bool = False, near_cache_size: int = 10_000) -> None:
+    def __init__(
+        self, bucket: Bucket, *, near_cache: bool = False, near_cache_size: int = 10_000,
+        near_cache_bytes: int = 64 << 20,
+    ) -> None:
         self.bucket = bucket
         self.codec = bucket.codec
-        self.near: NearCache | None = NearCache(bucket, near_cache_size) if near_cache else None
+        self.near: NearCache | None = (
+            NearCache(bucket, near_cache_size, near_cache_bytes) if near_cache else None
+        )
 
     def __repr__(self) -> str:
         near = f", near cache of {self.near.max_entries}" if self.near is not None else ""
@@ -532,6 +557,7 @@ def shared_cache(
     serializer: str = "pickle",
     near_cache: bool = False,
     near_cache_size: int = 10_000,
+    near_cache_bytes: int = 64 << 20,
     replicas: int = 1,
     storage: str = "file",
     connect: Mapping[str, Any] | None = None,
@@ -541,7 +567,7 @@ def shared_cache(
     ``servers`` None or empty: natskv's embedded server (development). ``connect``: options of
     :func:`natskv.connect` (credentials, TLS, timeouts)."""
     options = dict(connect or {})
-    key = (_servers_key(servers), bucket, serializer, near_cache, near_cache_size, replicas, storage,
+    key = (_servers_key(servers), bucket, serializer, near_cache, near_cache_size, near_cache_bytes, replicas, storage,
            tuple(sorted((k, repr(v)) for k, v in options.items())))
     cache = _shared.get(key)
     if cache is not None:
@@ -552,7 +578,8 @@ def shared_cache(
             codec = codec_named(serializer)
             client = natskv.connect(servers or None, **options)
             kv = client.bucket(bucket, history=1, replicas=replicas, storage=storage, codec=codec)
-            cache = _shared[key] = KVCache(kv, near_cache=near_cache, near_cache_size=near_cache_size)
+            cache = _shared[key] = KVCache(kv, near_cache=near_cache, near_cache_size=near_cache_size,
+                                           near_cache_bytes=near_cache_bytes)
     return cache
 
 

@@ -5,8 +5,9 @@ server (development). ``OPTIONS``:
 
 - ``bucket`` (default ``"django_cache"``), ``replicas`` (1), ``storage`` (``"file"`` or
   ``"memory"``): the bucket, created on first use if missing;
-- ``near_cache`` (False) and ``near_cache_size`` (10,000 entries): answer repeated reads from
-  process memory, kept coherent across processes by a watch (see :mod:`natskv.contrib.cache`);
+- ``near_cache`` (False), ``near_cache_size`` (10,000 entries) and ``near_cache_bytes`` (64 MiB of
+  values): answer repeated reads from process memory, kept coherent across processes by a watch
+  (see :mod:`natskv.contrib.cache`);
 - ``serializer``: ``"pickle"`` (default: any picklable value, as Django's own backends) or
   ``"json"``;
 - anything else is passed to :func:`natskv.connect`: ``user``, ``password``, ``token``,
@@ -35,7 +36,7 @@ from natskv.contrib.cache import KVCache, shared_cache
 from natskv.errors import KeyNotFoundError
 from natskv.kv import MAX_ENCODED_KEY
 
-_BACKEND_OPTIONS = ("bucket", "replicas", "storage", "near_cache", "near_cache_size", "serializer")
+_BACKEND_OPTIONS = ("bucket", "replicas", "storage", "near_cache", "near_cache_size", "near_cache_bytes", "serializer")
 
 
 class NatsKVCache(BaseCache):
