@@ -36,6 +36,8 @@ from natskv.errors import (
     RevisionMismatchError,
     SerializationError,
     ServerError,
+    ServiceError,
+    SlowConsumerError,
     UniqueConstraintError,
     ValidationError,
 )
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from natskv.models.model import Model, Page
     from natskv.models.transaction import Transaction
     from natskv.ops import Create, Delete, Set, Update
+    from natskv.pubsub import Message, PubAck, StreamInfo, Subscription
     from natskv.replica import LocalReplica
     from natskv.watch import Change, Watcher
 
@@ -76,6 +79,10 @@ _LAZY = {
     "Transaction": "natskv.models.transaction",
     "Field": "natskv.models.fields",
     "Watcher": "natskv.watch",
+    "Message": "natskv.pubsub",
+    "PubAck": "natskv.pubsub",
+    "StreamInfo": "natskv.pubsub",
+    "Subscription": "natskv.pubsub",
     "Set": "natskv.ops",
     "Create": "natskv.ops",
     "Update": "natskv.ops",
@@ -129,6 +136,7 @@ __all__ = [
     "LocalReplica",
     "Lock",
     "LockNotOwnedError",
+    "Message",
     "Model",
     "NatsKVError",
     "NatsKVTimeoutError",
@@ -137,11 +145,16 @@ __all__ = [
     "Page",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "PubAck",
     "RevisionMismatchError",
     "SerializationError",
     "ServerError",
+    "ServiceError",
     "Set",
+    "SlowConsumerError",
     "StrCodec",
+    "StreamInfo",
+    "Subscription",
     "Transaction",
     "UniqueConstraintError",
     "Update",

@@ -4,6 +4,7 @@
     natskv server --stop                           stop the shared background server
     natskv demo                                    a short tour of the API
     natskv get KEY | set KEY VALUE | del KEY | ls [PATTERN] | watch [PATTERN]
+    natskv pub SUBJECT [DATA] | sub SUBJECT                 plain NATS messages (and JetStream)
 
 Every command that talks to NATS takes ``--url`` (else ``NATS_URL``, else the embedded server that
 ``natskv.connect()`` starts), ``--bucket`` and ``--timeout``. A natskv error prints one line on
@@ -44,6 +45,7 @@ examples:
   natskv get user:1
   natskv ls 'user:*'
   natskv watch 'user:*'
+  natskv sub 'orders.>'            (in another terminal: natskv pub orders.new '{"id": 1}')
 """
 
 
@@ -199,6 +201,55 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     # The bucket is created when missing: watching a bucket before it is first written is normal.
     return _with_bucket(args, create=True, body=body)
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+
+def _headers(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    headers = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise CommandError(f"a header is NAME=VALUE, not {pair!r}")
+        headers[name] = value
+    return headers
+
+
+def cmd_pub(args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
+    headers = _headers(args.header)
+    db = _connect(args)
+    try:
+        if args.request:
+            _out(db.request(args.subject, data, headers=headers, timeout=args.timeout).decode(errors="replace"))
+        elif args.jetstream:
+            ack = db.jetstream_publish(args.subject, data, msg_id=args.msg_id, headers=headers, timeout=args.timeout)
+            duplicate = "  (duplicate: not stored again)" if ack.duplicate else ""
+            _out(f"stored in stream {ack.stream} at sequence {ack.seq}{duplicate}")
+        else:
+            db.publish(args.subject, data, headers=headers)
+        return 0
+    finally:
+        db.close(timeout=2.0)  # the drain sends what was published
+
+
+def cmd_sub(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    try:
+        with db.subscribe(args.subject, queue=args.queue or "", timeout=args.timeout) as sub:
+            group = f" in queue group {args.queue!r}" if args.queue else ""
+            print(f"{PROG}: listening on {args.subject!r}{group}; press Ctrl-C to stop", file=sys.stderr, flush=True)
+            for received, message in enumerate(sub, 1):
+                headers = f" {_json(message.headers)}" if args.headers and message.headers else ""
+                _out(f"[{message.subject}]{headers} {message.data.decode(errors='replace')}")
+                if args.count and received >= args.count:
+                    break
+        return 0
+    finally:
+        db.close(timeout=2.0)
 
 
 # -- server -------------------------------------------------------------------------------------
@@ -381,6 +432,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("watch", cmd_watch, "print the current values, then every change, until Ctrl-C")
     p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*", help="glob: * ? [abc] (default: *)")
     p.add_argument("--updates-only", action="store_true", help="skip the current values; print new changes only")
+
+    p = command("pub", cmd_pub, "publish DATA to SUBJECT (plain NATS, or to a JetStream stream)", bucket=False)
+    p.add_argument("subject", metavar="SUBJECT")
+    p.add_argument("data", metavar="DATA", nargs="?", default="", help="the payload; - reads it from stdin")
+    p.add_argument("-H", "--header", action="append", metavar="NAME=VALUE", help="a header (repeatable)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--request", action="store_true", help="send a request and print the reply")
+    mode.add_argument("--jetstream", action="store_true", help="publish to a stream and print where it was stored")
+    p.add_argument("--msg-id", help="with --jetstream: the id that deduplicates the message")
+
+    p = command("sub", cmd_sub, "print the messages published to SUBJECT (wildcards * and >) until Ctrl-C",
+                bucket=False)
+    p.add_argument("subject", metavar="SUBJECT")
+    p.add_argument("--queue", help="join this queue group: each message goes to one member")
+    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N messages")
+    p.add_argument("--headers", action="store_true", help="print each message's headers (as JSON)")
     return parser
 
 

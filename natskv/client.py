@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from natskv._runner import check_timeout, loop_name, runner
+from natskv._runner import check_timeout, loop_name, runner, wait_limit
 from natskv.aio.connection import Connection
 from natskv.aio.watch import stop_feeds_of
 from natskv.codec import Codec, get_codec
@@ -24,15 +24,20 @@ from natskv.config import ConnectOptions
 from natskv.errors import (
     BucketNotFoundError,
     InvalidArgumentError,
+    JetStreamError,
     NoRespondersError,
     NotConnectedError,
     PayloadTooLargeError,
+    ServiceError,
 )
 from natskv.kv import Bucket
+from natskv.pubsub import DEFAULT_MAX_PENDING
 from natskv.wire import counters, jsapi
+from natskv.wire import headers as h
 from natskv.wire.jsapi import API_LEVEL_ATOMIC, API_LEVEL_TTL
 from natskv.wire.kv import KVProtocol, validate_bucket_name
-from natskv.wire.replies import status_of
+from natskv.wire.replies import parse_reply_headers
+from natskv.wire.retry import request_retrying_on_503
 
 if TYPE_CHECKING:
     from natskv.counter import Counter
@@ -41,11 +46,13 @@ if TYPE_CHECKING:
     from natskv.models.model import Model
     from natskv.models.registry import ModelRegistry
     from natskv.models.transaction import Transaction
+    from natskv.pubsub import Message, PubAck, StreamInfo, Subscription
     from natskv.server import EmbeddedServer
     from natskv.watch import Watcher
 
 log = logging.getLogger("natskv")
 T = TypeVar("T")
+SERVICE_ERROR, SERVICE_ERROR_CODE = "Nats-Service-Error", "Nats-Service-Error-Code"
 
 
 class Client:
@@ -306,7 +313,8 @@ class Client:
     ) -> bytes:
         """Send a plain NATS request and return the reply's payload. Checks its arguments as
         :meth:`publish` does; raises :class:`NoRespondersError` when nothing subscribes to
-        ``subject``."""
+        ``subject``, and :class:`ServiceError` when the responder answers with an error (the
+        ``Nats-Service-Error`` headers of :meth:`respond` and NATS micro services)."""
         self._check()
         runner.check_not_loop_thread()
         assert self._conn.mux is not None
@@ -314,11 +322,189 @@ class Client:
         self._check_size(data, headers)
         wait = timeout if timeout is not None else self.options.request_timeout
         reply = self._conn.mux.request(subject, data, headers, wait)
-        if not reply[0] and status_of(reply[1]) == 503:
-            raise NoRespondersError(
-                f"no subscriber answers requests on {subject!r}; start the responder or check the subject"
-            )
+        if not reply[0] and reply[1]:
+            status, _, headers = parse_reply_headers(reply[1])
+            if status == 503:
+                raise NoRespondersError(
+                    f"no subscriber answers requests on {subject!r}; start the responder or check the subject"
+                )
+            if SERVICE_ERROR in headers:
+                code = headers.get(SERVICE_ERROR_CODE, "500")
+                raise ServiceError(subject, int(code) if code.isdigit() else 500, headers[SERVICE_ERROR])
         return reply[0]
+
+    def subscribe(
+        self,
+        subject: str,
+        callback: Callable[[Message], Any] | None = None,
+        *,
+        queue: str = "",
+        max_pending: int = DEFAULT_MAX_PENDING,
+        on_error: Callable[[BaseException], None] | None = None,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """Receive the messages published to ``subject`` (``*`` matches one token, ``>`` the
+        rest). Iterate the :class:`~natskv.pubsub.Subscription`, or pass ``callback``, which
+        runs on the subscription's dispatcher thread (never natskv's loop thread). With
+        ``queue``, the subscriptions of one queue group share the messages: each goes to one
+        member, in any process. A consumer ``max_pending`` messages behind loses the newer ones,
+        reported as :class:`SlowConsumerError` (to ``on_error``, or raised by the iterator).
+        Stop it with ``unsubscribe()``, ``drain()`` or a ``with`` block."""
+        from natskv.pubsub import Subscription
+
+        self._check()
+        runner.check_not_loop_thread()
+        return Subscription(self, subject, callback, queue_group=queue, max_pending=max_pending,
+                            on_error=on_error, timeout=wait_limit(timeout, self.options.request_timeout))
+
+    def respond(
+        self,
+        subject: str,
+        handler: Callable[[Message], bytes | str | None],
+        *,
+        queue: str = "",
+        on_error: Callable[[BaseException], None] | None = None,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """Serve requests on ``subject``: ``handler(message)`` runs on a dispatcher thread and its
+        return value (bytes, a str sent as UTF-8, or None for an empty body) is the reply. A
+        handler that raises is logged and answered with the headers ``Nats-Service-Error`` and
+        ``Nats-Service-Error-Code: 500``, so the requester does not wait for its timeout. Give
+        several responders the same ``queue`` to share the load."""
+        if not callable(handler):
+            raise InvalidArgumentError(f"handler must be a function, not {handler!r}")
+
+        def serve(message: Message) -> None:
+            if not message.reply:
+                return  # a publish, not a request: nothing to answer
+            try:
+                answer = handler(message)
+            except Exception as exc:
+                log.exception("natskv: error in the request handler on %r", subject)
+                if on_error is not None:
+                    on_error(exc)
+                if not message._responded:
+                    message.respond(b"", headers={SERVICE_ERROR: f"{type(exc).__name__}: {exc}"[:1000],
+                                                  SERVICE_ERROR_CODE: "500"})
+                return
+            if message._responded:
+                return
+            if answer is None:
+                answer = b""
+            elif isinstance(answer, str):
+                answer = answer.encode()
+            message.respond(answer)
+
+        return self.subscribe(subject, serve, queue=queue, on_error=on_error, timeout=timeout)
+
+    def jetstream_publish(
+        self,
+        subject: str,
+        data: bytes = b"",
+        *,
+        msg_id: str | None = None,
+        expected_last_seq: int | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> PubAck:
+        """Publish to a JetStream stream and return its :class:`~natskv.pubsub.PubAck` once the
+        message is stored. ``msg_id`` deduplicates: a message with an id the stream stored within
+        its duplicate window is not stored again (``PubAck.duplicate``). ``expected_last_seq``
+        stores only if the stream's last sequence is that (JetStreamError otherwise). Raises
+        NoRespondersError when no stream takes ``subject`` (declare one with :meth:`stream`)."""
+        from natskv.pubsub import PubAck
+
+        self._check()
+        runner.check_not_loop_thread()
+        assert self._conn.mux is not None
+        data = _outgoing(subject, data)
+        if headers is not None and not isinstance(headers, dict):
+            raise InvalidArgumentError(f"headers must be a dict of str to str, not {type(headers).__name__}")
+        sent = dict(headers or {})
+        if msg_id is not None:
+            if not isinstance(msg_id, str) or not msg_id:
+                raise InvalidArgumentError(f"msg_id must be a non-empty str, not {msg_id!r}")
+            sent[h.MSG_ID] = msg_id
+        if expected_last_seq is not None:
+            if isinstance(expected_last_seq, bool) or not isinstance(expected_last_seq, int) or expected_last_seq < 0:
+                raise InvalidArgumentError(f"expected_last_seq must be an int >= 0, not {expected_last_seq!r}")
+            sent[h.EXPECTED_LAST_SEQUENCE] = str(expected_last_seq)
+        self._check_size(data, sent)
+        limit = wait_limit(timeout, self.options.request_timeout)
+
+        def no_stream(wait: float) -> None:
+            # No stream takes the subject, or its stream has no leader (an election): only the
+            # first is worth failing at once for.
+            names = jsapi.call(self._conn, "STREAM.NAMES", {"subject": subject}, wait).get("streams") or []
+            if not names:
+                raise NoRespondersError(
+                    f"no JetStream stream takes subject {subject!r}; declare one with db.stream(name, subjects=[...])"
+                )
+
+        reply = request_retrying_on_503(self._conn.mux, subject, data, sent or None, limit,
+                                        f"publish to {subject!r}", no_stream)
+        ack = jsapi.check_pub_ack(reply[0])
+        return PubAck(stream=ack["stream"], seq=int(ack["seq"]), duplicate=bool(ack.get("duplicate")))
+
+    def stream(
+        self,
+        name: str,
+        subjects: Sequence[str],
+        *,
+        storage: str = "file",
+        replicas: int = 1,
+        max_age: float | None = None,
+        max_msgs: int = -1,
+        max_bytes: int = -1,
+        duplicate_window: float = 120.0,
+        timeout: float | None = None,
+    ) -> StreamInfo:
+        """Declare the JetStream stream ``name`` capturing ``subjects``: created when missing; an
+        existing one with other subjects or limits is updated to these (its storage cannot
+        change). Returns its :class:`~natskv.pubsub.StreamInfo`. Calling it again with the same
+        settings changes nothing. ``max_age`` (seconds, None: forever), ``max_msgs`` and
+        ``max_bytes`` (-1: no limit) bound it, oldest messages going first; ``duplicate_window``
+        is how long a ``msg_id`` deduplicates (at most ``max_age``)."""
+        from natskv.pubsub import StreamInfo, check_subscribe_subject
+
+        validate_bucket_name(name)  # stream names follow the same rule
+        if isinstance(subjects, str) or not subjects:
+            raise InvalidArgumentError(f"subjects is a non-empty list of subjects, not {subjects!r}")
+        for subject in subjects:
+            check_subscribe_subject(subject)
+        if storage not in ("file", "memory"):
+            raise InvalidArgumentError(f"storage is 'file' or 'memory', not {storage!r}")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
+            raise InvalidArgumentError(f"replicas is an int from 1 to 5, not {replicas!r}")
+        for label, seconds in (("max_age", max_age), ("duplicate_window", duplicate_window)):
+            if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                        or not 0 <= seconds < math.inf):
+                raise InvalidArgumentError(f"{label} is a number of seconds >= 0, not {seconds!r}")
+        self._check()
+        runner.check_not_loop_thread()
+        wait = wait_limit(timeout, self.options.request_timeout)
+        nanos = 1_000_000_000
+        wanted = {
+            "name": name, "subjects": list(subjects), "storage": storage, "num_replicas": replicas,
+            "max_age": int((max_age or 0) * nanos), "max_msgs": max_msgs, "max_bytes": max_bytes,
+            # The server refuses a duplicate window longer than max_age.
+            "duplicate_window": int(min(duplicate_window, max_age or math.inf) * nanos),
+            "retention": "limits", "discard": "old",
+        }
+        try:
+            info = jsapi.call(self._conn, f"STREAM.INFO.{name}", None, wait)
+        except BucketNotFoundError:
+            try:
+                return StreamInfo.of(jsapi.call(self._conn, f"STREAM.CREATE.{name}", wanted, wait))
+            except JetStreamError as exc:
+                if exc.err_code != jsapi.ERR_STREAM_NAME_IN_USE:
+                    raise
+                info = jsapi.call(self._conn, f"STREAM.INFO.{name}", None, wait)  # created meanwhile
+        current = info.get("config", {})
+        changes = {k: v for k, v in wanted.items() if k != "storage" and current.get(k) != v}
+        if not changes:
+            return StreamInfo.of(info)
+        return StreamInfo.of(jsapi.call(self._conn, f"STREAM.UPDATE.{name}", {**current, **changes}, wait))
 
     def _check_size(self, data: bytes, headers: dict[str, str] | None) -> None:
         size = len(data)

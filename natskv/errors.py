@@ -177,6 +177,23 @@ class LockNotOwnedError(NatsKVError, RuntimeError):
     acquired, or its TTL ran out (and another holder may have taken it meanwhile)."""
 
 
+class SlowConsumerError(NatsKVError):
+    """A subscription's consumer fell ``max_pending`` messages behind, so newer messages were
+    dropped. Consume faster (a callback that hands work to a pool), or subscribe with a larger
+    ``max_pending``."""
+
+
+class ServiceError(NatsKVError):
+    """A request's responder answered with an error (the ``Nats-Service-Error`` headers that
+    ``Client.respond`` and NATS micro services send): ``code`` and ``description`` are theirs."""
+
+    def __init__(self, subject: str, code: int, description: str) -> None:
+        self.subject = subject
+        self.code = code
+        self.description = description
+        super().__init__(f"the responder on {subject!r} failed: {description} (code {code})")
+
+
 class BucketNotFoundError(NatsKVError, LookupError):
     """The bucket does not exist. ``Client.bucket(name)`` creates it unless ``create=False``."""
 
@@ -224,6 +241,8 @@ __all__ = [
     "RevisionMismatchError",
     "SerializationError",
     "ServerError",
+    "ServiceError",
+    "SlowConsumerError",
     "UniqueConstraintError",
     "ValidationError",
 ]

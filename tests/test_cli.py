@@ -18,6 +18,7 @@ import pytest
 from helpers import default_sigint
 
 import natskv
+from natskv.wire import jsapi
 
 # The children import the same natskv as this process, wherever it was imported from.
 _PACKAGE_ROOT = str(Path(natskv.__file__).resolve().parent.parent)
@@ -433,3 +434,55 @@ def test_server_stop_stops_the_shared_server_and_is_fine_without_one(tmp_path: P
         assert_clean_error(run("get", "k", "--url", url, "--timeout", "0.5"), one_line=False)
     finally:
         natskv.EmbeddedServer.stop_shared(data_dir)
+
+
+@pytest.mark.slow
+def test_sub_prints_what_pub_sends_until_count_or_sigint(nats_url: str) -> None:
+    subject = f"cli.{os.getpid()}"
+    proc = start("sub", f"{subject}.>", "--url", nats_url, "--headers")
+    try:
+        out, err = Lines(proc.stdout), Lines(proc.stderr)
+        err.wait_for("press Ctrl-C to stop")
+        assert run("pub", f"{subject}.a", "hello", "--url", nats_url, "-H", "Trace=1").returncode == 0
+        assert out.wait_for(f"[{subject}.a]") == f'[{subject}.a] {{"Trace":"1"}} hello\n'
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in "".join(err.seen)
+    counted = start("sub", subject, "--url", nats_url, "--count", "2")
+    try:
+        Lines(counted.stderr).wait_for("press Ctrl-C to stop")
+        for data in ("one", "two", "three"):
+            assert run("pub", subject, data, "--url", nats_url).returncode == 0
+        output, _ = counted.communicate(timeout=15)
+        assert counted.returncode == 0 and output == f"[{subject}] one\n[{subject}] two\n"
+    finally:
+        if counted.poll() is None:
+            counted.kill()
+            counted.wait()
+
+
+def test_pub_request_and_jetstream(nats_url: str, db: natskv.Client) -> None:
+    subject = f"clirr.{os.getpid()}"
+    service = db.respond(subject, lambda m: m.data[::-1])
+    try:
+        done = run("pub", subject, "abc", "--request", "--url", nats_url)
+        assert done.returncode == 0 and done.stdout == "cba\n"
+    finally:
+        service.drain()
+    nobody = run("pub", subject + ".none", "x", "--request", "--url", nats_url, "--timeout", "3")
+    assert_clean_error(nobody, "no subscriber answers requests")
+    stream = f"CLI_{os.getpid()}"
+    db.stream(stream, [f"{subject}.js.>"])
+    try:
+        first = run("pub", f"{subject}.js.1", "x", "--jetstream", "--msg-id", "m1", "--url", nats_url)
+        assert first.returncode == 0 and first.stdout == f"stored in stream {stream} at sequence 1\n"
+        again = run("pub", f"{subject}.js.1", "x", "--jetstream", "--msg-id", "m1", "--url", nats_url)
+        assert "duplicate" in again.stdout
+    finally:
+        jsapi.call(db._conn, f"STREAM.DELETE.{stream}", None, 5.0)
+    assert_clean_error(run("pub", "a..b", "x", "--url", nats_url), "empty token")
+    assert_clean_error(run("pub", subject, "x", "-H", "novalue", "--url", nats_url), "NAME=VALUE")

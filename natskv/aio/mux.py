@@ -127,8 +127,10 @@ class Multiplexer(CallerMux):
         subject: str,
         handler: Callable[[str, bytes, Any, str], None],
         many: Callable[[list[Any]], None] | None = None,
+        queue: str = "",
     ) -> int:
-        """Subscribe ``handler(subject, data, headers, reply)``, called on the loop thread per message.
+        """Subscribe ``handler(subject, data, headers, reply)``, called on the loop thread per message
+        (as a member of the queue group ``queue`` when given: each message to one member).
 
         ``headers`` is the raw header block (bytes) or, on nats-py's own path, a parsed dict; use
         :func:`natskv.wire.replies.parse_reply_headers` to read either. With ``many``, natskv's
@@ -139,7 +141,7 @@ class Multiplexer(CallerMux):
         """
         if self.closed or self.refused is not None:
             raise self._refusal()
-        sub = await self._nc.subscribe(subject, future=_HookFuture(handler))  # type: ignore[arg-type]
+        sub = await self._nc.subscribe(subject, queue=queue, future=_HookFuture(handler))  # type: ignore[arg-type]
         self._handlers[sub._id] = handler
         if many is not None:
             self._many[sub._id] = many

@@ -13,6 +13,7 @@ from natskv.errors import InvalidArgumentError
 # -- names ----------------------------------------------------------------------------------------
 
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"  # CAS on one subject
+EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"  # CAS on the whole stream
 TTL = "Nats-TTL"  # per-message TTL (nats-server 2.11)
 ROLLUP = "Nats-Rollup"  # "sub": drop the subject's older messages once this one is stored
 KV_OPERATION = "KV-Operation"  # "DEL" / "PURGE" on a tombstone; absent on a value
