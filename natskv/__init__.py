@@ -15,6 +15,7 @@ from natskv._speedups import __impl__
 from natskv.config import ConnectOptions
 from natskv.errors import (
     AuthenticationError,
+    BackupError,
     BatchError,
     BucketNotFoundError,
     ConfigurationError,
@@ -108,6 +109,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AuthenticationError",
+    "BackupError",
     "BatchError",
     "Bucket",
     "BucketNotFoundError",

@@ -5,6 +5,8 @@
     natskv demo                                    a short tour of the API
     natskv get KEY | set KEY VALUE | del KEY | ls [PATTERN] | watch [PATTERN]
     natskv pub SUBJECT [DATA] | sub SUBJECT                 plain NATS messages (and JetStream)
+    natskv buckets | status | history KEY | find BUCKET WHERE
+    natskv backup BUCKET FILE | restore FILE BUCKET
 
 Every command that talks to NATS takes ``--url`` (else ``NATS_URL``, else the embedded server that
 ``natskv.connect()`` starts), ``--bucket`` and ``--timeout``. A natskv error prints one line on
@@ -201,6 +203,123 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     # The bucket is created when missing: watching a bucket before it is first written is normal.
     return _with_bucket(args, create=True, body=body)
+
+
+# -- buckets ------------------------------------------------------------------------------------
+
+
+def cmd_buckets(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    try:
+        for name in db.buckets(timeout=args.timeout):
+            _out(name)
+        return 0
+    finally:
+        db.close(timeout=2.0)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    def body(kv: Bucket) -> int:
+        status = kv.status(timeout=args.timeout)
+        rows = [
+            ("bucket", status.bucket), ("values", f"{status.values:,}"), ("bytes", f"{status.bytes:,}"),
+            ("history", status.history), ("ttl", "none" if status.ttl is None else f"{status.ttl:g} s"),
+            ("max value size", status.max_value_size or "server's limit"), ("replicas", status.replicas),
+            ("storage", status.storage), ("revisions", f"{status.first_revision}..{status.last_revision}"),
+            ("atomic commits", "yes" if status.supports_atomic else "no"),
+            ("per-key TTL", "yes" if status.supports_ttl else "no"),
+        ]
+        for label, value in rows:
+            _out(f"{label + ':':16}{value}")
+        return 0
+
+    return _with_bucket(args, create=False, body=body)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from natskv.errors import KeyNotFoundError
+
+    def body(kv: Bucket) -> int:
+        entries = kv.history(args.key, timeout=args.timeout)
+        if not entries:
+            raise KeyNotFoundError(args.key, kv.name)
+        for entry in entries:
+            when = entry.created.isoformat(timespec="milliseconds") if entry.created else "?"
+            shown = f" = {_json(entry.value)}" if entry.operation == "PUT" else ""
+            _out(f"revision {entry.revision}  {when}  {entry.operation}{shown}")
+        return 0
+
+    return _with_bucket(args, create=False, body=body)
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    where = _parse_value(args.where)
+    if not isinstance(where, dict):
+        raise CommandError(f"WHERE is a JSON object such as '{{\"age\": {{\"$gte\": 18}}}}', not {args.where!r}")
+    args.bucket = args.bucket_name
+
+    def body(kv: Bucket) -> int:
+        for key, value in kv.find(where, args.pattern, limit=args.limit, timeout=args.timeout):
+            _out(f"{key}\t{_json(value)}")
+        return 0
+
+    return _with_bucket(args, create=False, body=body)
+
+
+class _Progress:
+    """Progress of a backup or restore on stderr: a live line on a terminal (records, rate,
+    ETA), plain lines every few seconds otherwise."""
+
+    def __init__(self, verb: str) -> None:
+        import time
+
+        self.verb = verb
+        self.started = self.last = time.monotonic()
+        self.live = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int | None) -> None:
+        import time
+
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if not self.live and now - self.last < 2.0 and not finished:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-6)
+        eta = f", {max(0.0, ((total or done) - done) / rate):.0f} s left" if rate and not finished else ""
+        line = f"{self.verb} {done:,}{'' if total is None else f'/{total:,}'} records ({rate:,.0f}/s{eta})"
+        if self.live:
+            print(f"\r{line}\x1b[K", end="\n" if finished else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    args.bucket = args.bucket_name
+
+    def body(kv: Bucket) -> int:
+        written = kv.backup(args.file, args.pattern, progress=_Progress("backed up"), timeout=args.timeout)
+        _out(f"{written:,} records of bucket {kv.name!r} written to {args.file}")
+        return 0
+
+    return _with_bucket(args, create=False, body=body)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from natskv.backup import read_header
+
+    header = read_header(args.file)  # a file that is not a backup fails before connecting
+    config = header.get("config") or {}
+    db = _connect(args)
+    try:
+        options = {k: config[k] for k in ("history", "ttl", "max_value_size", "storage", "replicas")
+                   if config.get(k) is not None}
+        kv = db.bucket(args.bucket_name, timeout=args.timeout, **options)  # the source's settings if new
+        written = kv.restore(args.file, clear=args.clear, progress=_Progress("restored"), timeout=args.timeout)
+        _out(f"{written:,} records restored into bucket {kv.name!r} (backed up from {header.get('bucket')!r})")
+        return 0
+    finally:
+        db.close(timeout=2.0)
 
 
 # -- messages -----------------------------------------------------------------------------------
@@ -432,6 +551,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("watch", cmd_watch, "print the current values, then every change, until Ctrl-C")
     p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*", help="glob: * ? [abc] (default: *)")
     p.add_argument("--updates-only", action="store_true", help="skip the current values; print new changes only")
+
+    command("buckets", cmd_buckets, "list the buckets", bucket=False)
+    command("status", cmd_status, "print the size and settings of the bucket")
+
+    p = command("history", cmd_history, "print every kept revision of KEY, oldest first, deletes included")
+    p.add_argument("key", metavar="KEY")
+
+    p = command("find", cmd_find, "print the keys of BUCKET whose JSON value matches WHERE (a MongoDB-style "
+                "filter such as '{\"age\": {\"$gte\": 18}}')", bucket=False)
+    p.add_argument("bucket_name", metavar="BUCKET")
+    p.add_argument("where", metavar="WHERE")
+    p.add_argument("--pattern", default="*", help="only keys matching this glob (default: *)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N matches")
+
+    p = command("backup", cmd_backup, "write the keys of BUCKET to FILE (JSON Lines)", bucket=False)
+    p.add_argument("bucket_name", metavar="BUCKET")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--pattern", default="*", help="only keys matching this glob (default: *)")
+
+    p = command("restore", cmd_restore, "write the keys of the backup FILE into BUCKET (created with the "
+                "backed-up bucket's settings when missing); a bad file writes nothing", bucket=False)
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("bucket_name", metavar="BUCKET")
+    p.add_argument("--clear", action="store_true", help="empty the bucket first")
 
     p = command("pub", cmd_pub, "publish DATA to SUBJECT (plain NATS, or to a JetStream stream)", bucket=False)
     p.add_argument("subject", metavar="SUBJECT")

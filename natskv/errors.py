@@ -194,6 +194,11 @@ class ServiceError(NatsKVError):
         super().__init__(f"the responder on {subject!r} failed: {description} (code {code})")
 
 
+class BackupError(NatsKVError, ValueError):
+    """A backup file cannot be restored: unreadable, not a natskv backup, corrupt, or cut short.
+    The message names the line. A restore that raises it has written nothing."""
+
+
 class BucketNotFoundError(NatsKVError, LookupError):
     """The bucket does not exist. ``Client.bucket(name)`` creates it unless ``create=False``."""
 
@@ -220,6 +225,7 @@ class ValidationError(NatsKVError, ValueError):
 
 __all__ = [
     "AuthenticationError",
+    "BackupError",
     "BatchError",
     "BucketNotFoundError",
     "ConfigurationError",

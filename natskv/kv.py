@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 import re
 import time
@@ -598,6 +599,32 @@ class Bucket:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
+
+    # -- backups -----------------------------------------------------------------------------------
+
+    def backup(
+        self, path: str | os.PathLike[str], pattern: str = "*", *,
+        progress: Callable[[int, int | None], None] | None = None, timeout: float | None = None,
+    ) -> int:
+        """Write the keys matching ``pattern`` (values, and the time left to keys that expire) to
+        the JSON Lines file ``path``; return how many. See :mod:`natskv.backup` for the format.
+        ``progress(done, total)`` is called after each chunk of 1,000 keys. ``timeout`` bounds
+        each request, not the whole backup."""
+        from natskv import backup
+
+        return backup.backup(self, path, pattern, progress=progress, timeout=timeout)
+
+    def restore(
+        self, path: str | os.PathLike[str], *, clear: bool = False,
+        progress: Callable[[int, int | None], None] | None = None, timeout: float | None = None,
+    ) -> int:
+        """Write the keys of the backup ``path`` into this bucket; return how many. The whole file
+        is checked before anything is written: a truncated or corrupt file raises
+        :class:`BackupError` naming the line, and nothing is written. ``clear=True`` empties
+        the bucket first. Existing keys not in the backup stay otherwise."""
+        from natskv import backup
+
+        return backup.restore(self, path, clear=clear, progress=progress, timeout=timeout)
 
     # -- counting ----------------------------------------------------------------------------------
 

@@ -486,3 +486,50 @@ def test_pub_request_and_jetstream(nats_url: str, db: natskv.Client) -> None:
         jsapi.call(db._conn, f"STREAM.DELETE.{stream}", None, 5.0)
     assert_clean_error(run("pub", "a..b", "x", "--url", nats_url), "empty token")
     assert_clean_error(run("pub", subject, "x", "-H", "novalue", "--url", nats_url), "NAME=VALUE")
+
+
+def test_buckets_status_history_and_find(nats_url: str, bucket: str, db: natskv.Client) -> None:
+    kv = db.bucket(bucket, history=5)
+    kv.set("user:1", {"age": 30})
+    kv.set("user:1", {"age": 31})
+    kv.set("user:2", {"age": 12})
+    kv.delete("user:2")
+    kv.set("user:3", {"age": 50})
+    common = ("--url", nats_url)
+    listed = run("buckets", *common)
+    assert listed.returncode == 0 and bucket in listed.stdout.split()
+    status = run("status", "--bucket", bucket, *common)
+    assert status.returncode == 0 and f"bucket:         {bucket}" in status.stdout and "values:" in status.stdout
+    history = run("history", "user:2", "--bucket", bucket, *common)
+    lines = history.stdout.splitlines()
+    assert history.returncode == 0 and len(lines) == 2
+    assert lines[0].startswith("revision 3 ") and lines[0].endswith('PUT = {"age":12}')
+    assert lines[1].startswith("revision 4 ") and lines[1].endswith("DEL")
+    assert_clean_error(run("history", "nope", "--bucket", bucket, *common), "not found")
+    found = run("find", bucket, '{"age": {"$gte": 18}}', *common)
+    assert found.returncode == 0 and found.stdout == 'user:1\t{"age":31}\nuser:3\t{"age":50}\n'
+    limited = run("find", bucket, '{"age": {"$gte": 18}}', "--limit", "1", *common)
+    assert limited.stdout.count("\n") == 1
+    assert_clean_error(run("find", bucket, "[1]", *common), "JSON object")
+
+
+@pytest.mark.slow
+def test_backup_and_restore_commands(nats_url: str, bucket: str, tmp_path: Path, db: natskv.Client) -> None:
+    kv = db.bucket(bucket, history=3)
+    kv.set_many({f"k{i}": i for i in range(1500)})
+    path = tmp_path / "b.jsonl"
+    done = run("backup", bucket, str(path), "--url", nats_url)
+    assert done.returncode == 0 and done.stdout == f"1,500 records of bucket {bucket!r} written to {path}\n"
+    assert "backed up 1,500/1,500 records" in done.stderr  # plain progress lines: stderr is not a terminal
+    copy = bucket + "-copy"
+    try:
+        restored = run("restore", str(path), copy, "--url", nats_url)
+        assert restored.returncode == 0 and "1,500 records restored" in restored.stdout
+        assert db.bucket(copy).status().history == kv.status().history == 3  # the backed-up bucket's settings
+        assert db.bucket(copy).get("k1499") == 1499
+        path.write_text(path.read_text().rsplit("\n", 2)[0] + "\n")  # cut short
+        assert_clean_error(run("restore", str(path), copy, "--url", nats_url, "--clear"), "cut short")
+        assert db.bucket(copy).get("k1499") == 1499  # nothing written, nothing cleared
+    finally:
+        db.delete_bucket(copy)
+    assert_clean_error(run("restore", str(tmp_path / "missing.jsonl"), copy, "--url", nats_url), "cannot read")

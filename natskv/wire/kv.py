@@ -284,6 +284,29 @@ class KVProtocol:
             raise self._status_error(status, desc)
         return entry_from_headers(hdrs, data), hdrs
 
+    def messages(self, encoded_keys: list[str], timeout: float | None) -> list[tuple[RawEntry, dict[str, str]]]:
+        """The latest message of each key (no wildcards) with all its headers, in batch direct
+        gets (several in flight); keys without a message are left out. Backups' read path: it
+        keeps the TTL header that :meth:`get_last_many`'s entries drop. Any replica answers."""
+        assert self.conn.mux is not None
+        if self.conn.api_level < API_LEVEL_TTL:  # no batch get before nats-server 2.11
+            found = (self.message(key, timeout, leader=False) for key in encoded_keys)
+            return [m for m in found if m is not None]
+        out: list[tuple[RawEntry, dict[str, str]]] = []
+        answers = self._pipelined_batch_get([self.subject_prefix + k for k in encoded_keys], timeout)
+        try:
+            for replies in answers:
+                for data, raw_headers, _ in replies:
+                    status, desc, hdrs = parse_reply_headers(raw_headers)
+                    if status in (204, 404):
+                        break
+                    if status:
+                        raise self._status_error(status, desc)
+                    out.append((entry_from_headers(hdrs, data), hdrs))
+        finally:
+            answers.close()
+        return out
+
     def get_value(self, encoded_key: str, timeout: float | None) -> tuple[bytes, bool] | None:
         """``(payload, stored as raw bytes)`` of one key's latest message when it is a value;
         None when the key is absent, deleted, purged or expired. ``Bucket.get``'s path: the
