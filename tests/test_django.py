@@ -292,11 +292,13 @@ def test_close_keeps_the_shared_connection(cache: NatsKVCache, nats_url: str) ->
 
 
 def test_options_reach_the_bucket_and_connect(nats_url: str, db: natskv.Client, name: str) -> None:
-    cache = backend(nats_url, name, OPTIONS={"storage": "memory", "serializer": "json", "request_timeout": 7})
+    cache = backend(nats_url, name, OPTIONS={"storage": "memory", "serializer": "json", "request_timeout": 7,
+                                             "history": 3})
     try:
         cache.set("j", {"a": [1, 2]})
         assert db.bucket(name).get(":1:j") == {"a": [1, 2]}  # JSON: readable by any client
         assert db.bucket(name).status().storage == "memory"
+        assert db.bucket(name).status().history == 3
         assert cache.kv.bucket._client.options.request_timeout == 7
     finally:
         db.delete_bucket(name)

@@ -559,6 +559,7 @@ def shared_cache(
     near_cache_size: int = 10_000,
     near_cache_bytes: int = 64 << 20,
     replicas: int = 1,
+    history: int = 1,
     storage: str = "file",
     connect: Mapping[str, Any] | None = None,
 ) -> KVCache:
@@ -567,7 +568,8 @@ def shared_cache(
     ``servers`` None or empty: natskv's embedded server (development). ``connect``: options of
     :func:`natskv.connect` (credentials, TLS, timeouts)."""
     options = dict(connect or {})
-    key = (_servers_key(servers), bucket, serializer, near_cache, near_cache_size, near_cache_bytes, replicas, storage,
+    key = (_servers_key(servers), bucket, serializer, near_cache, near_cache_size, near_cache_bytes, replicas, history,
+           storage,
            tuple(sorted((k, repr(v)) for k, v in options.items())))
     cache = _shared.get(key)
     if cache is not None:
@@ -577,7 +579,7 @@ def shared_cache(
         if cache is None:
             codec = codec_named(serializer)
             client = natskv.connect(servers or None, **options)
-            kv = client.bucket(bucket, history=1, replicas=replicas, storage=storage, codec=codec)
+            kv = client.bucket(bucket, history=history, replicas=replicas, storage=storage, codec=codec)
             cache = _shared[key] = KVCache(kv, near_cache=near_cache, near_cache_size=near_cache_size,
                                            near_cache_bytes=near_cache_bytes)
     return cache

@@ -3,8 +3,8 @@
 ``LOCATION`` is a NATS URL, several comma-separated, or a list; empty means natskv's embedded
 server (development). ``OPTIONS``:
 
-- ``bucket`` (default ``"django_cache"``), ``replicas`` (1), ``storage`` (``"file"`` or
-  ``"memory"``): the bucket, created on first use if missing;
+- ``bucket`` (default ``"django_cache"``), ``replicas`` (1), ``history`` (1), ``storage``
+  (``"file"`` or ``"memory"``): the bucket, created on first use if missing;
 - ``near_cache`` (False), ``near_cache_size`` (10,000 entries) and ``near_cache_bytes`` (64 MiB of
   values): answer repeated reads from process memory, kept coherent across processes by a watch
   (see :mod:`natskv.contrib.cache`);
@@ -36,7 +36,9 @@ from natskv.contrib.cache import KVCache, shared_cache
 from natskv.errors import KeyNotFoundError
 from natskv.kv import MAX_ENCODED_KEY
 
-_BACKEND_OPTIONS = ("bucket", "replicas", "storage", "near_cache", "near_cache_size", "near_cache_bytes", "serializer")
+_BACKEND_OPTIONS = (
+    "bucket", "replicas", "history", "storage", "near_cache", "near_cache_size", "near_cache_bytes", "serializer",
+)
 
 
 class NatsKVCache(BaseCache):

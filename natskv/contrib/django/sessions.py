@@ -32,7 +32,7 @@ def session_cache() -> KVCache:
     """The process's session bucket, from the ``NATSKV_SESSIONS`` setting."""
     config = dict(getattr(settings, "NATSKV_SESSIONS", None) or {})
     options = dict(config.get("OPTIONS") or {})
-    layout = {k: options.pop(k) for k in ("replicas", "storage") if k in options}
+    layout = {k: options.pop(k) for k in ("replicas", "history", "storage") if k in options}
     return shared_cache(config.get("LOCATION") or None, bucket=config.get("BUCKET", "django_sessions"),
                         serializer="json", connect=options, **layout)
 
