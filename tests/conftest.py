@@ -14,9 +14,15 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from hypothesis import settings
 
 import natskv
 from natskv.server import EmbeddedServer, find_server_binary, server_version
+
+# Property tests check behaviour, not speed: hypothesis's 200 ms deadline per example fails them
+# on a loaded machine (CI's 2 cores) for no fault of the code. Speed lives in benchmarks/.
+settings.register_profile("natskv", deadline=None)
+settings.load_profile("natskv")
 
 # Environment that would point a client at some other server or credentials.
 _CLIENT_ENV = ("NATS_URL", "NATS_CREDS", "NATS_NKEY", "NATS_CA", "NATS_CERT", "NATS_KEY")
