@@ -35,7 +35,6 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from natskv._time import parse_duration, parse_timestamp
 from natskv.codec import RAW_HEADER
 from natskv.errors import BackupError, InvalidArgumentError
 from natskv.wire import headers as h
@@ -112,18 +111,8 @@ def _record(key: str, payload: bytes, revision: int, headers: dict[str, str]) ->
 
 
 def _ttl_left(headers: dict[str, str]) -> float | None:
-    carried = headers.get(h.EXPIRES)
-    if carried is not None:
-        try:
-            return float(carried) - time.time()
-        except ValueError:
-            pass
-    ttl = headers.get(h.TTL)
-    seconds = parse_duration(ttl) if ttl else None
-    stamp = headers.get(h.TIME_STAMP)
-    if seconds is None or not stamp:
-        return None
-    return parse_timestamp(stamp).timestamp() + seconds - time.time()
+    wall = h.expiry(headers)
+    return None if wall is None else wall - time.time()
 
 
 # -- restoring ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from natskv._runner import runner, wait_limit
 from natskv._speedups import core
-from natskv._time import parse_duration, parse_timestamp
+from natskv._time import parse_timestamp
 from natskv.aio.watch import snapshot
 from natskv.codec import RAW_HEADER, Codec, JSONCodec, get_codec, non_finite_path
 from natskv.errors import (
@@ -657,7 +657,7 @@ class Bucket:
             if found is not None:
                 raw, hdrs = found
                 expected = raw.revision
-                expires = _expiry(hdrs) if ttl_value is None and raw.operation == h.OP_PUT else None
+                expires = h.expiry(hdrs) if ttl_value is None and raw.operation == h.OP_PUT else None
                 if raw.operation == h.OP_PUT and (expires is None or expires > time.time()):
                     current = self._stored_int(key, raw)
                 else:
@@ -746,23 +746,6 @@ def _left(deadline: float | None, key: str) -> float | None:
     if left <= 0:
         raise NatsKVTimeoutError(f"incr of {key!r}: the timeout passed while other writers kept changing the key")
     return left
-
-
-def _expiry(headers: Mapping[str, str]) -> float | None:
-    """The Unix time a stored message expires (None: never): natskv's carried expiry, else the
-    message's time plus its ``Nats-TTL``."""
-    carried = headers.get(h.EXPIRES)
-    if carried is not None:
-        try:
-            return float(carried)
-        except ValueError:
-            pass
-    ttl = headers.get(h.TTL)
-    seconds = parse_duration(ttl) if ttl else None
-    stamp = headers.get(h.TIME_STAMP)
-    if seconds is None or not stamp:
-        return None
-    return parse_timestamp(stamp).timestamp() + seconds
 
 
 def _key_list(keys: Any, call: str) -> list[Any]:

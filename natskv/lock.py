@@ -32,7 +32,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from natskv._runner import wait_limit
-from natskv._time import parse_duration, parse_timestamp
 from natskv.errors import (
     JetStreamError,
     KeyExistsError,
@@ -142,12 +141,10 @@ class Lock:
         found = self.bucket._proto.message(self.bucket._token(self.name), _left(deadline))
         if found is None or found[0].operation != h.OP_PUT:
             return None
-        headers = found[1]
-        seconds = parse_duration(headers.get(h.TTL, ""))
-        stamp = headers.get(h.TIME_STAMP)
-        if seconds is None or not stamp:
+        wall = h.expiry(found[1])
+        if wall is None:
             return math.inf  # no TTL on the holder's key: only a release or a delete frees it
-        left = parse_timestamp(stamp).timestamp() + seconds - time.time()
+        left = wall - time.time()
         return time.monotonic() + max(left, 0) + _EXPIRY_SLACK
 
     # -- holding ------------------------------------------------------------------------------------

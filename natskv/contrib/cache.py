@@ -34,7 +34,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import natskv
-from natskv._time import parse_duration, parse_timestamp
 from natskv.codec import RAW_HEADER, JSONCodec
 from natskv.errors import (
     InvalidArgumentError,
@@ -525,23 +524,9 @@ def _payload(found: tuple[RawEntry, dict[str, str]] | None) -> bytes | None:
 
 
 def _expires(headers: Mapping[str, str]) -> float:
-    """The monotonic time a stored message expires (``inf``: never), from natskv's carried
-    expiry or the message's time plus its ``Nats-TTL``."""
-    wall: float | None = None
-    carried = headers.get(h.EXPIRES)
-    if carried is not None:
-        try:
-            wall = float(carried)
-        except ValueError:
-            wall = None
-    if wall is None:
-        ttl = headers.get(h.TTL)
-        seconds = parse_duration(ttl) if ttl else None
-        stamp = headers.get(h.TIME_STAMP)
-        if seconds is None or not stamp:
-            return _FOREVER
-        wall = parse_timestamp(stamp).timestamp() + seconds
-    return time.monotonic() + (wall - time.time())
+    """The monotonic time a stored message expires (``inf``: never)."""
+    wall = h.expiry(headers)
+    return _FOREVER if wall is None else time.monotonic() + (wall - time.time())
 
 
 # -- one cache per process and configuration ----------------------------------------------------------

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 
+from natskv._time import parse_duration, parse_timestamp
 from natskv.errors import InvalidArgumentError
 
 # -- names ----------------------------------------------------------------------------------------
@@ -110,3 +112,20 @@ def batch_part(headers: dict[str, str], batch_id: str, sequence: int, commit: bo
 def increment(count: int) -> dict[str, str]:
     """The headers of a counter increment by ``count`` (negative: a decrement)."""
     return {INCR: f"{count:+d}"}
+
+
+def expiry(headers: Mapping[str, str]) -> float | None:
+    """The Unix time a stored message expires, from its headers (None: never): natskv's carried
+    expiry (``Natskv-Expires``), else the message's time plus its ``Nats-TTL``."""
+    carried = headers.get(EXPIRES)
+    if carried is not None:
+        try:
+            return float(carried)
+        except ValueError:
+            pass  # not natskv's: fall back to the TTL
+    ttl = headers.get(TTL)
+    seconds = parse_duration(ttl) if ttl else None
+    stamp = headers.get(TIME_STAMP)
+    if seconds is None or not stamp:
+        return None
+    return parse_timestamp(stamp).timestamp() + seconds
