@@ -1,0 +1,83 @@
+"""natskv.stats: the histogram's percentiles, the per-operation summary and the event publisher
+(here in isolation; the client's wiring is tested against the real server further down)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import orjson
+import pytest
+
+from natskv.stats import Histogram, Publisher, Stats, _slot, _slot_floor
+
+
+def test_slots_cover_every_duration_in_order() -> None:
+    previous = -1
+    for nanos in sorted({*range(0, 300), *(int(1.07**i) for i in range(20, 600))}):
+        slot = _slot(nanos)
+        assert slot >= previous  # monotonic
+        assert _slot_floor(slot) <= nanos < _slot_floor(slot + 1)
+        previous = slot
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.99])
+def test_percentiles_are_within_a_slot_of_the_truth(fraction: float) -> None:
+    rng = random.Random(7)
+    durations = sorted(int(rng.lognormvariate(11, 1.2)) for _ in range(20_000))  # around 60 µs
+    histogram = Histogram()
+    for d in durations:
+        histogram.add(d)
+    exact = durations[round(fraction * len(durations)) - 1] / 1000
+    assert abs(histogram.percentile(fraction) - exact) / exact < 0.2
+    assert Histogram().percentile(0.5) == 0.0
+
+
+def test_stats_summarise_counts_errors_bytes_and_results() -> None:
+    stats = Stats()
+    t0 = time.perf_counter()
+    stats.record("get", "b", "k", t0, size=100)
+    stats.record("get", "b", "k", t0, size=50, result_count=0)
+    stats.record("set", "b", "k", t0, error=TimeoutError())
+    summary = stats.summary()
+    assert list(summary) == ["get", "set"]
+    assert summary["get"]["count"] == 2 and summary["get"]["bytes"] == 150 and summary["get"]["results"] == 1
+    assert summary["set"]["errors"] == {"TimeoutError": 1} and summary["get"]["errors"] == {}
+    assert 0 < summary["get"]["p50_us"] <= summary["get"]["p99_us"]
+    stats.reset()
+    assert stats.summary() == {}
+
+
+def test_the_publisher_batches_never_blocks_and_swallows_its_errors() -> None:
+    sent: list[dict[str, object]] = []
+    fail = threading.Event()
+
+    def send(payload: bytes) -> None:
+        if fail.is_set():
+            raise ConnectionError("down")
+        sent.append(orjson.loads(payload))
+
+    publisher = Publisher(send, client_name="test", every=0.05, max_batch=100, max_queued=1000)
+    stats = Stats()
+    stats.publish_to(publisher)
+    t0 = time.perf_counter()
+    for i in range(250):
+        stats.record("get", "b", f"k{i}", t0)
+    deadline = time.monotonic() + 5
+    while publisher.published < 250 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert publisher.published == 250
+    assert all(len(batch["events"]) <= 100 for batch in sent)  # type: ignore[arg-type]
+    events = [e for batch in sent for e in batch["events"]]  # type: ignore[union-attr]
+    assert [e["key"] for e in events] == [f"k{i}" for i in range(250)]
+    assert set(events[0]) == {"operation", "bucket", "key", "duration_us", "timestamp", "result_count", "error"}
+    fail.set()
+    stats.record("set", "b", "x", t0)  # the publish fails on the publisher's thread, not here
+    while publisher.failed < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert publisher.failed == 1
+    for _ in range(2000):  # beyond max_queued: dropped and counted, never waiting
+        publisher.offer("get", "b", "k", 0.0, 1, None)
+    assert publisher.dropped >= 1000
+    stats.publish_to(None)
