@@ -187,6 +187,33 @@ class Model(metaclass=ModelMeta):
         """The record's values (Python form), fields not in the schema included."""
         return self._values()
 
+    # -- changes since the record was read -------------------------------------------------------
+
+    def changed(self) -> list[str]:
+        """The fields set on this instance since it was read or last saved, in schema order (a
+        field set back to its stored value does not count). For a record never stored: the fields
+        that hold a value. Fields not in the schema count by name too."""
+        stored = self._stored
+        if stored is None:
+            return [name for name in self._values()]
+        out = [name for name, field in self._fields.items()
+               if _stored_form(field, getattr(self, name)) != stored.get(name)]
+        out.extend(name for name, value in self._extra.items() if stored.get(name) != value)
+        return out
+
+    def previous(self, name: str) -> Any:
+        """The stored value of field ``name`` (as ``get`` would return it), whatever this instance
+        holds now; None for a record never stored."""
+        field = self._fields.get(name)
+        if field is None:
+            if name in self._extra:
+                return None if self._stored is None else self._stored.get(name)
+            raise InvalidArgumentError(f"{type(self).__name__} has no field {name!r}")
+        if self._stored is None:
+            return None
+        value = self._stored.get(name)
+        return None if value is None else field.from_json(value)
+
     # -- writes ----------------------------------------------------------------------------------
 
     @classmethod
@@ -335,11 +362,14 @@ class Model(metaclass=ModelMeta):
 
     def save(self, *, timeout: float | None = None) -> M:  # type: ignore[type-var]
         """Store this record: create it if new, else update it with compare-and-set on
-        ``_version`` (RevisionMismatchError if someone else changed it since it was read)."""
+        ``_version`` (RevisionMismatchError if someone else changed it since it was read). A
+        stored record with nothing :meth:`changed` is not written (its ``_version`` stays)."""
         check_timeout(timeout)
         if self._stored is None:
             self._insert(timeout)
             return self  # type: ignore[return-value]
+        if not self.changed():
+            return self  # type: ignore[return-value]  # nothing to write: no revision spent
         cls = type(self)
         stored, ops = self._update_ops()
         self._version = cls._write(ops, timeout)
@@ -687,3 +717,8 @@ def _parse_dt(raw: Any) -> dt.datetime | None:
 
 
 __all__ = ["MISSING", "Model", "ModelStore", "Page", "record_key", "unique_key"]
+
+
+def _stored_form(field: Field, value: Any) -> Any:
+    """``value`` as the record stores it (JSON form), for comparing with a stored record."""
+    return None if value is None else field.to_json(value)
