@@ -238,13 +238,15 @@ class Client:
     def on(self, pattern: str, callback: Callable[[ModelEvent], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for model events whose name matches the glob ``pattern``.
 
-        Names are ``"<bucket>.inserted"``, ``"<bucket>.updated"`` and ``"<bucket>.deleted"`` (a
-        model's bucket is its lower-case class name unless set). Patterns use the glob rules of
-        keys (``kv.keys()``): ``*`` any run of characters (``.`` included), ``?`` one character,
-        ``[abc]``, ``[a-z]``, ``[^abc]`` / ``[!abc]``, ``\\x`` a literal x; so ``"*.deleted"``,
-        ``"user.*"``, ``"*"``. A malformed pattern (an unterminated ``[``) raises
-        InvalidArgumentError. Callbacks run on one dispatcher thread, in order; the event carries
-        ``old`` and ``new`` records. Returns a function that removes the handler.
+        Names are ``"<bucket>.inserted"``, ``"<bucket>.updated"``, ``"<bucket>.deleted"`` and
+        ``"<bucket>.expired"``, the last for a record the server removed when its TTL ran out
+        (see ``Model.__ttl__``). A model's bucket is its lower-case class name unless set.
+        Patterns use the glob rules of keys (``kv.keys()``): ``*`` any run of characters (``.``
+        included), ``?`` one character, ``[abc]``, ``[a-z]``, ``[^abc]`` / ``[!abc]``, ``\\x`` a
+        literal x; so ``"*.deleted"``, ``"user.*"``, ``"*"``. A malformed pattern (an
+        unterminated ``[``) raises InvalidArgumentError. Callbacks run on one dispatcher thread,
+        in order; the event carries ``old`` and ``new`` records. Returns a function that removes
+        the handler.
         """
         return self._models().on(pattern, callback)
 

@@ -432,7 +432,8 @@ class Bucket:
         Each op is a :class:`natskv.Set`, :class:`natskv.Create`, :class:`natskv.Update` or
         :class:`natskv.Delete`, or its tuple form: ``("set", key, value)``, ``("create", key,
         value)``, ``("update", key, value, revision)``, ``("delete", key)`` or ``("delete", key,
-        revision)``. ``Create`` and ``Update`` (and ``Delete`` with a revision) are
+        revision)``. Set, Create and Update take a ``ttl`` (seconds; in a tuple, a trailing
+        ``{"ttl": seconds}``) that expires the key. ``Create`` and ``Update`` (and ``Delete`` with a revision) are
         compare-and-set checks; if any fails the whole commit is rejected with
         :class:`RevisionMismatchError` / :class:`KeyExistsError` and nothing is stored. A
         malformed op, a bad key or a value the codec cannot store raises before anything is sent.
@@ -460,7 +461,7 @@ class Bucket:
                 if op.revision is not None:
                     checks[enc] = (key, op.revision)
             else:
-                payload, extra = self._encode(op.value)
+                payload, extra = self._encode(op.value, op.ttl)
                 if isinstance(op, Create):
                     headers = h.with_expected_revision(extra, 0)
                     checks[enc] = (key, 0)

@@ -27,40 +27,55 @@ def _check_key(key: Any) -> None:
         raise InvalidKeyError(f"keys are str, not {type(key).__name__} ({key!r}); convert it with str()")
 
 
+def _check_ttl(ttl: Any) -> None:
+    if ttl is not None:
+        from natskv.wire.headers import ttl_header
+
+        ttl_header(ttl)  # the same checks and message as every other ttl=
+
+
 @dataclass(frozen=True, slots=True)
 class Set:
-    """Store ``value`` under ``key`` (the tuple form ``("set", key, value)``)."""
+    """Store ``value`` under ``key`` (the tuple form ``("set", key, value)``); with ``ttl``
+    (seconds), the key expires (tuple form ``("set", key, value, {"ttl": seconds})``)."""
 
     key: str
     value: Any
+    ttl: float | None = None
 
     def __post_init__(self) -> None:
         _check_key(self.key)
+        _check_ttl(self.ttl)
 
 
 @dataclass(frozen=True, slots=True)
 class Create:
     """Store ``value`` only if ``key`` is absent (``("create", key, value)``); a deleted, purged or
-    expired key counts as absent."""
+    expired key counts as absent. ``ttl`` as for :class:`Set`."""
 
     key: str
     value: Any
+    ttl: float | None = None
 
     def __post_init__(self) -> None:
         _check_key(self.key)
+        _check_ttl(self.ttl)
 
 
 @dataclass(frozen=True, slots=True)
 class Update:
-    """Store ``value`` only if ``key`` is still at ``revision`` (``("update", key, value, revision)``)."""
+    """Store ``value`` only if ``key`` is still at ``revision`` (``("update", key, value, revision)``).
+    ``ttl`` as for :class:`Set`."""
 
     key: str
     value: Any
     revision: int
+    ttl: float | None = None
 
     def __post_init__(self) -> None:
         _check_key(self.key)
         check_revision(self.revision)
+        _check_ttl(self.ttl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +94,11 @@ class Delete:
 
 Op: TypeAlias = Set | Create | Update | Delete
 
+# A trailing dict of options ({"ttl": seconds}) may follow the forms of set, create and update.
 _TUPLE_FORMS = {
-    "set": ((3,), "('set', key, value)"),
-    "create": ((3,), "('create', key, value)"),
-    "update": ((4,), "('update', key, value, revision)"),
+    "set": ((3, 4), "('set', key, value)"),
+    "create": ((3, 4), "('create', key, value)"),
+    "update": ((4, 5), "('update', key, value, revision)"),
     "delete": ((2, 3), "('delete', key) or ('delete', key, revision)"),
 }
 
@@ -100,10 +116,25 @@ def as_op(op: Any) -> Op:
     if len(op) not in sizes:
         raise InvalidArgumentError(f"commit operation {op!r} has {len(op)} items; write it as {form}")
     kind = op[0]
+    if kind == "delete":
+        return Delete(op[1], op[2] if len(op) > 2 else None)
+    base = 4 if kind == "update" else 3
+    ttl = _options(op, base, form)
     if kind == "set":
-        return Set(op[1], op[2])
+        return Set(op[1], op[2], ttl)
     if kind == "create":
-        return Create(op[1], op[2])
-    if kind == "update":
-        return Update(op[1], op[2], op[3])
-    return Delete(op[1], op[2] if len(op) > 2 else None)
+        return Create(op[1], op[2], ttl)
+    return Update(op[1], op[2], op[3], ttl)
+
+
+def _options(op: Any, base: int, form: str) -> float | None:
+    """The ``ttl`` of an op tuple's trailing options dict (None when it has none)."""
+    if len(op) == base:
+        return None
+    options = op[base]
+    if not isinstance(options, dict) or set(options) - {"ttl"}:
+        raise InvalidArgumentError(
+            f"commit operation {op!r}: after {form} only an options dict such as {{'ttl': 30}} may follow"
+        )
+    ttl: float | None = options.get("ttl")
+    return ttl

@@ -7,6 +7,7 @@ fails when it is built (or, inside commit(), before anything is sent) and nothin
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import pytest
@@ -108,3 +109,21 @@ def test_bad_ops_fail_before_anything_is_sent(db: natskv.Client, kv: natskv.Buck
 def test_ops_are_exported() -> None:
     assert {"Set", "Create", "Update", "Delete"} <= set(natskv.__all__)
     assert natskv.Set is natskv.ops.Set
+
+
+def test_commit_ops_may_carry_a_ttl(kv: natskv.Bucket) -> None:
+    kv.set("u", 0)
+    revision = kv.entry("u").revision  # type: ignore[union-attr]
+    kv.commit([natskv.Set("s", 1, ttl=1), ("create", "c", 2, {"ttl": 1}), ("update", "u", 3, revision, {"ttl": 1}),
+               ("set", "keep", 4)])
+    assert kv.get_many(["s", "c", "u", "keep"]) == {"s": 1, "c": 2, "u": 3, "keep": 4}
+    deadline = time.monotonic() + 8
+    while kv.get_many(["s", "c", "u"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kv.get_many(["s", "c", "u", "keep"]) == {"keep": 4}
+    for bad in (("set", "x", 1, {"ttl": 0}), ("set", "x", 1, {"tll": 5}), ("create", "x", 1, 5),
+                ("update", "x", 1, 2, {"ttl": -1})):
+        with pytest.raises(natskv.InvalidArgumentError):
+            kv.commit([bad])
+    with pytest.raises(natskv.InvalidArgumentError, match="ttl"):
+        natskv.Create("x", 1, ttl=float("inf"))

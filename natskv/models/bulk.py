@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from natskv.errors import KeyExistsError, UniqueConstraintError
 from natskv.models.store import record_key, unique_key
+from natskv.wire import headers as h
 
 if TYPE_CHECKING:
     from natskv.models.model import Model
@@ -134,12 +135,23 @@ class BulkInsert(Generic[M]):
         encode = bucket._encode
         to_stored = cls._to_stored
         must_be_new = bucket._must_not_exist(None)  # shared by the messages: the wire copies it
-        now = dt.datetime.now(dt.timezone.utc).isoformat()
+        moment = dt.datetime.now(dt.timezone.utc)
+        now = moment.isoformat()
+        ttl = cls.__ttl__
+        expires = None
+        if ttl is not None:  # the model's records expire: so do these, with their unique markers
+            expires = (moment + dt.timedelta(seconds=ttl)).isoformat()
+            ttl_value = h.ttl_header(ttl)
+            assert ttl_value is not None
+            bucket._proto.require_ttl()
+            must_be_new = h.with_ttl(must_be_new, ttl_value)
         items: list[Item] = []
         ops: list[tuple[Any, ...]] = []
         for row in self.rows[b]:
             stored = to_stored(self.prepared[row])
             stored["_created_at"] = stored["_updated_at"] = now
+            if expires is not None:
+                stored["_expires_at"] = expires
             self.stored[row] = stored
             key, key_token = self.keys[row]
             markers = self.markers[row]
@@ -149,7 +161,7 @@ class BulkInsert(Generic[M]):
                     items.append((marker_token, points_to, must_be_new))
                     ops.append(("create", marker, key))
             payload, extra = encode(stored)
-            items.append((key_token, payload, must_be_new if extra is None else bucket._must_not_exist(extra)))
+            items.append((key_token, payload, must_be_new if extra is None else {**must_be_new, **extra}))
             ops.append(("create", key, stored))
         self.items[b] = items
         self.ops[b] = ops

@@ -8,6 +8,7 @@ An exception in a callback is logged and handed to ``on_error``; the watch goes 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import queue
 import threading
@@ -28,11 +29,33 @@ log = logging.getLogger("natskv")
 
 _STOP = object()
 
-INSERTED, UPDATED, DELETED = "inserted", "updated", "deleted"
+INSERTED, UPDATED, DELETED, EXPIRED = "inserted", "updated", "deleted", "expired"
+# A record removed within this long of its _expires_at was removed by its TTL: the server expires
+# on a sweep (up to about a second late) and counts whole seconds.
+_EXPIRY_SLACK = dt.timedelta(seconds=2)
+
+
+def event_kind(old: Any, new: Any) -> str:
+    """``inserted``, ``updated``, ``deleted``, or ``expired`` (a record gone at its
+    ``_expires_at``)."""
+    if old is None:
+        return INSERTED
+    if new is not None:
+        return UPDATED
+    expires = old.get("_expires_at")
+    if expires:
+        try:
+            when = dt.datetime.fromisoformat(expires)
+        except ValueError:
+            return DELETED
+        if when <= dt.datetime.now(dt.timezone.utc) + _EXPIRY_SLACK:
+            return EXPIRED
+    return DELETED
 
 
 class ModelEvent:
-    """One change to a record: ``type`` is ``"inserted"``, ``"updated"`` or ``"deleted"``;
+    """One change to a record: ``type`` is ``"inserted"``, ``"updated"``, ``"deleted"`` or
+    ``"expired"`` (removed by the server when its TTL ran out: see ``Model.__ttl__``);
     ``old`` / ``new`` are the record before and after (None where there is none); ``name`` is
     ``"<bucket>.<type>"``, as matched by ``db.on()``."""
 
@@ -62,7 +85,7 @@ class ModelEvent:
 def _event(
     model: type[Model], old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_rev: int
 ) -> ModelEvent:
-    kind = INSERTED if old is None else DELETED if new is None else UPDATED
+    kind = event_kind(old, new)
     return ModelEvent(
         kind,
         model,
@@ -303,8 +326,7 @@ class EventBus:
         def on_change(old: Any, new: Any, revision: int, old_rev: int) -> None:
             if not self._handlers or self._dispatcher is None:
                 return
-            kind = INSERTED if old is None else DELETED if new is None else UPDATED
-            name = f"{store.bucket.name}.{kind}"
+            name = f"{store.bucket.name}.{event_kind(old, new)}"
             with self._lock:
                 targets = [cb for _, matcher, cb in self._handlers if matcher.match(name)]
             for cb in targets:

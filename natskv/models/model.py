@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -47,6 +48,8 @@ from natskv.models.store import (
     resolve_timeout,
     unique_key,
 )
+from natskv.ops import Create, Update, as_op
+from natskv.wire import headers as h
 
 if TYPE_CHECKING:
     from natskv.models.live import LiveQuery, ModelEvent, ModelWatcher
@@ -55,7 +58,7 @@ log = logging.getLogger("natskv")
 
 M = TypeVar("M", bound="Model")
 
-META_FIELDS = ("_version", "_created_at", "_updated_at")
+META_FIELDS = ("_version", "_created_at", "_updated_at", "_expires_at")
 _CAS_RETRIES = 20
 MAX_BATCH = 1000  # writes in one atomic batch (the server's limit)
 
@@ -103,6 +106,9 @@ class Model(metaclass=ModelMeta):
 
     __abstract__: ClassVar[bool] = True
     __bucket__: ClassVar[str | None] = None
+    # Seconds a record lives after it is created (None: for ever); create(ttl=) and save(ttl=) set
+    # one record's. The server removes an expired record and its unique values.
+    __ttl__: ClassVar[float | None] = None
     _fields: ClassVar[dict[str, Field]]
     _pk: ClassVar[str]
     _store: ClassVar[ModelStore | None]
@@ -156,6 +162,12 @@ class Model(metaclass=ModelMeta):
     def _updated_at(self) -> dt.datetime | None:
         """When the record was last stored (UTC), None before."""
         return _parse_dt(self._stored.get("_updated_at")) if self._stored else None
+
+    @property
+    def _expires_at(self) -> dt.datetime | None:
+        """When the server removes the record (UTC; it may take up to a second more), None when it
+        does not expire or was never stored."""
+        return _parse_dt(self._stored.get("_expires_at")) if self._stored else None
 
     @classmethod
     def _to_stored(cls, clean: dict[str, Any]) -> dict[str, Any]:
@@ -218,25 +230,37 @@ class Model(metaclass=ModelMeta):
 
     @classmethod
     def create(cls: type[M], values: Mapping[str, Any] | None = None, /, *, timeout: float | None = None,
-               **fields: Any) -> M:
+               ttl: float | None = None, **fields: Any) -> M:
         """Validate and store a new record made of ``values`` and the keyword ``fields``; return
         it. Raises ValidationError (every issue at once) or UniqueConstraintError; nothing is
         written (and no autoincrement value spent) when validation fails.
 
-        ``timeout=`` is the write's timeout, as in every write call: a field named ``timeout``
-        goes in the ``values`` mapping, ``Job.create({"timeout": 30}, name="x")``.
+        ``ttl`` (seconds; default the model's ``__ttl__``) expires the record: the server removes
+        it and its unique values, every replica and watch sees an ``expired`` event.
+        ``timeout=`` and ``ttl=`` are the write's options, as in every write call: a field named
+        ``timeout`` or ``ttl`` goes in the ``values`` mapping, ``Job.create({"timeout": 30},
+        name="x")``.
         """
         check_timeout(timeout)
         if values is not None and not isinstance(values, Mapping):
             raise InvalidArgumentError(f"create() takes a mapping of field values, not {type(values).__name__}")
-        if timeout is not None and "timeout" in cls._fields and "timeout" not in (values or {}):
-            raise InvalidArgumentError(
-                f"{cls.__name__} has a field named 'timeout', but timeout= is the write's timeout: pass the "
-                f"field in the values mapping, {cls.__name__}.create({{'timeout': ...}}, ...)"
-            )
+        for option, given in (("timeout", timeout), ("ttl", ttl)):
+            if given is not None and option in cls._fields and option not in (values or {}):
+                raise InvalidArgumentError(
+                    f"{cls.__name__} has a field named {option!r}, but {option}= is the write's {option}: pass "
+                    f"the field in the values mapping, {cls.__name__}.create({{{option!r}: ...}}, ...)"
+                )
         obj = cls(**{**values, **fields}) if values else cls(**fields)
-        obj._insert(timeout)
+        obj._insert(timeout, cls._lifetime(ttl))
         return obj
+
+    @classmethod
+    def _lifetime(cls, ttl: float | None) -> float | None:
+        """The TTL of a new record: ``ttl``, else the model's ``__ttl__`` (both checked)."""
+        chosen = cls.__ttl__ if ttl is None else ttl
+        if chosen is not None:
+            h.ttl_header(chosen)  # InvalidArgumentError before anything is written
+        return chosen
 
     @classmethod
     def bulk_create(cls: type[M], rows: Iterable[Mapping[str, Any]], *, timeout: float | None = None) -> list[M]:
@@ -290,16 +314,18 @@ class Model(metaclass=ModelMeta):
     def _validate(cls, values: dict[str, Any], partial: bool) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
         return validate_record(cls._fields, values, partial=partial)
 
-    def _insert(self, timeout: float | None) -> None:
+    def _insert(self, timeout: float | None, ttl: float | None = None) -> None:
         cls = type(self)
-        clean, stored, ops = self._new_ops(timeout)
+        clean, stored, ops = self._new_ops(timeout, ttl)
         revision = cls._write(ops, timeout)
         self._stored_as(clean, stored)
         self._version = revision
 
-    def _new_ops(self, timeout: float | None) -> tuple[dict[str, Any], dict[str, Any], list[tuple[Any, ...]]]:
+    def _new_ops(
+        self, timeout: float | None, ttl: float | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any], list[tuple[Any, ...]]]:
         """Validate this new record, draw its autoincrement values; return its clean values, stored
-        form and the writes that create it."""
+        form and the writes that create it (expiring after ``ttl`` seconds when given)."""
         cls = type(self)
         cls._require_store()  # registered? (fails before validating)
         clean, issues = cls._validate(self._values(), partial=False)
@@ -308,24 +334,31 @@ class Model(metaclass=ModelMeta):
         for name, field in cls._fields.items():
             if clean.get(name) is None and field.generated == "autoincrement":
                 clean[name] = cls._require_store().next_ids(name, 1, timeout)[0]
-        stored, ops = cls._insert_ops(clean, dt.datetime.now(dt.timezone.utc))
+        stored, ops = cls._insert_ops(clean, dt.datetime.now(dt.timezone.utc), ttl)
         return clean, stored, ops
 
     @classmethod
-    def _insert_ops(cls, clean: dict[str, Any], now: dt.datetime) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
-        """The stored form of a validated new record and the writes that create it."""
+    def _insert_ops(
+        cls, clean: dict[str, Any], now: dt.datetime, ttl: float | None = None
+    ) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
+        """The stored form of a validated new record and the writes that create it; with ``ttl``,
+        the record and its unique markers expire together."""
         for name, field in cls._fields.items():
             if clean.get(name) is None and field.generated in ("uuid", "timestamp"):
                 clean[name] = field.generate_value()
         stored = cls._to_stored(clean)
         stored["_created_at"] = stored["_updated_at"] = now.isoformat()
+        options: tuple[dict[str, float], ...] = ()
+        if ttl is not None:
+            stored["_expires_at"] = (now + dt.timedelta(seconds=ttl)).isoformat()
+            options = ({"ttl": ttl},)
         key = record_key(clean[cls._pk])
         ops: list[tuple[Any, ...]] = [
-            ("create", unique_key(name, stored[name]), key)
+            ("create", unique_key(name, stored[name]), key, *options)
             for name, field in cls._fields.items()
             if field.unique and stored.get(name) is not None
         ]
-        ops.append(("create", key, stored))  # last: a commit's revision is its record's
+        ops.append(("create", key, stored, *options))  # last: a commit's revision is its record's
         return stored, ops
 
     def _stored_as(self, clean: dict[str, Any], stored: dict[str, Any]) -> None:
@@ -338,11 +371,12 @@ class Model(metaclass=ModelMeta):
         store = cls._require_store()
         try:
             if len(ops) == 1:
-                kind, key, value, *rest = ops[0]
-                if kind == "create":
-                    revision = store.bucket.create(key, value, timeout=timeout)
+                op = as_op(ops[0])
+                if isinstance(op, Create):
+                    revision = store.bucket.create(op.key, op.value, ttl=op.ttl, timeout=timeout)
                 else:
-                    revision = store.bucket.update(key, value, rest[0], timeout=timeout)
+                    assert isinstance(op, Update)
+                    revision = store.bucket.update(op.key, op.value, op.revision, ttl=op.ttl, timeout=timeout)
             else:
                 # Joined with other threads' writes of this model into one atomic batch (see
                 # natskv.models.group_commit): the server takes a stream's batches one at a time.
@@ -360,25 +394,30 @@ class Model(metaclass=ModelMeta):
             return UniqueConstraintError(cls.__name__, name, orjson.loads(raw))
         return UniqueConstraintError(cls.__name__, cls._pk, rest.partition(":")[2])
 
-    def save(self, *, timeout: float | None = None) -> M:  # type: ignore[type-var]
+    def save(self, *, timeout: float | None = None, ttl: float | None = None) -> M:  # type: ignore[type-var]
         """Store this record: create it if new, else update it with compare-and-set on
         ``_version`` (RevisionMismatchError if someone else changed it since it was read). A
-        stored record with nothing :meth:`changed` is not written (its ``_version`` stays)."""
+        stored record with nothing :meth:`changed` (and no ``ttl``) is not written (its
+        ``_version`` stays). ``ttl`` (seconds) gives it a new expiry from now; without it a new
+        record gets the model's ``__ttl__`` and a stored one keeps the expiry it has."""
         check_timeout(timeout)
-        if self._stored is None:
-            self._insert(timeout)
-            return self  # type: ignore[return-value]
-        if not self.changed():
-            return self  # type: ignore[return-value]  # nothing to write: no revision spent
         cls = type(self)
-        stored, ops = self._update_ops()
+        if self._stored is None:
+            self._insert(timeout, cls._lifetime(ttl))
+            return self  # type: ignore[return-value]
+        if ttl is not None:
+            cls._lifetime(ttl)
+        elif not self.changed():
+            return self  # type: ignore[return-value]  # nothing to write: no revision spent
+        stored, ops = self._update_ops(ttl)
         self._version = cls._write(ops, timeout)
         self._stored = stored
         return self  # type: ignore[return-value]
 
-    def _update_ops(self) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
+    def _update_ops(self, ttl: float | None = None) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
         """This stored record's new stored form and the writes that store it (validated; CAS on
-        ``_version``; unique markers moved)."""
+        ``_version``; unique markers moved). With ``ttl`` the record and all its unique markers
+        expire ``ttl`` seconds from now; without it they keep the expiry the record has."""
         cls = type(self)
         assert self._stored is not None
         clean, issues = cls._validate(self._values(), partial=False)
@@ -387,21 +426,40 @@ class Model(metaclass=ModelMeta):
         stored = cls._to_stored(clean)
         if stored.get(cls._pk) != self._stored.get(cls._pk):
             raise InvalidArgumentError("the primary key of a stored record cannot change; create a new record")
+        now = dt.datetime.now(dt.timezone.utc)
         stored["_created_at"] = self._stored.get("_created_at")
-        stored["_updated_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
-        return stored, cls._replace_ops(self._stored, stored, self._version)
+        stored["_updated_at"] = now.isoformat()
+        lifetime, renew = ttl, ttl is not None
+        if ttl is not None:
+            stored["_expires_at"] = (now + dt.timedelta(seconds=ttl)).isoformat()
+        elif self._stored.get("_expires_at"):
+            # Keep the expiry: what is left of it, to the second (the server counts whole ones).
+            stored["_expires_at"] = self._stored.get("_expires_at")
+            expires = _parse_dt(stored["_expires_at"])
+            lifetime = max(1.0, math.ceil((expires - now).total_seconds())) if expires else None
+        return stored, cls._replace_ops(self._stored, stored, self._version, lifetime, renew)
 
     @classmethod
-    def _replace_ops(cls, old: dict[str, Any], new: dict[str, Any], revision: int) -> list[tuple[Any, ...]]:
+    def _replace_ops(
+        cls, old: dict[str, Any], new: dict[str, Any], revision: int, ttl: float | None = None, renew: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """The writes that replace a stored record. ``ttl``: the record's (and new unique
+        markers') TTL; ``renew``: unchanged unique markers take it too, so they do not expire
+        before their record."""
         key = record_key(cls._fields[cls._pk].from_json(new[cls._pk]))
+        options: tuple[dict[str, float], ...] = () if ttl is None else ({"ttl": ttl},)
         ops: list[tuple[Any, ...]] = []
         for name, field in cls._fields.items():
-            if field.unique and old.get(name) != new.get(name):
+            if not field.unique:
+                continue
+            if old.get(name) != new.get(name):
                 if old.get(name) is not None:
                     ops.append(("delete", unique_key(name, old[name])))
                 if new.get(name) is not None:
-                    ops.append(("create", unique_key(name, new[name]), key))
-        ops.append(("update", key, new, revision))
+                    ops.append(("create", unique_key(name, new[name]), key, *options))
+            elif renew and new.get(name) is not None:
+                ops.append(("set", unique_key(name, new[name]), key, *options))
+        ops.append(("update", key, new, revision, *options))
         return ops
 
     def delete(self, *, timeout: float | None = None) -> None:
