@@ -403,6 +403,23 @@ def test_cached_and_memoize_through_the_test_client(cache_env: Any) -> None:
     assert calls["square"] == 4
 
 
+def test_memoize_is_answered_from_the_near_cache(make_cache: Any) -> None:
+    cache, backend = make_cache(CACHE_NATSKV_NEAR_CACHE=True)
+    near = backend.kv.near
+    assert near is not None
+
+    @cache.memoize(timeout=60)
+    def double(x: int) -> int:
+        return 2 * x
+
+    with cache.app.app_context():
+        assert double(2) == 4  # computes, stores the version key and the value
+        assert double(2) == 4  # enters both in the near cache
+        misses = near.misses
+        assert [double(2) for _ in range(5)] == [4] * 5
+    assert near.misses == misses  # no round trip: the version key and the value are local
+
+
 def test_delete_many_ignoring_errors(make_cache: Any) -> None:
     cache, backend = make_cache(CACHE_IGNORE_ERRORS=True)
     cache.set("a", 1)
