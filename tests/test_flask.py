@@ -467,6 +467,10 @@ def test_near_cache_serves_hits_locally_and_sees_other_processes(make_cache: Any
     run_python(_WRITER, nats_url, name, "delete", "k")
     assert eventually(lambda: cache.get("k") is None, timeout=2)
     assert cache.get("other") == "o"
+    cache.set("user:42.name", "ann")  # keys with natskv's separator and dots are watched too
+    assert cache.get("user:42.name") == "ann"
+    run_python(_WRITER, nats_url, name, "set", "user:42.name", "bob")
+    assert eventually(lambda: cache.get("user:42.name") == "bob", timeout=2)
     run_python(_WRITER, nats_url, name, "clear")
     assert eventually(lambda: cache.get("other") is None, timeout=2)
 
