@@ -164,13 +164,14 @@ def test_extension_client_works_in_a_forked_child(nats_url: str, name: str, db: 
 
 def test_factory_reads_the_settings(make_cache: Any, nats_url: str, name: str) -> None:
     cache, backend = make_cache(CACHE_DEFAULT_TIMEOUT=60, CACHE_NATSKV_NEAR_CACHE=True,
-                                     CACHE_NATSKV_NEAR_CACHE_SIZE=5, CACHE_NATSKV_SERIALIZER="json",
+                                     CACHE_NATSKV_NEAR_CACHE_SIZE=5, CACHE_NATSKV_NEAR_CACHE_BYTES=4096,
+                                     CACHE_NATSKV_SERIALIZER="json",
                                      CACHE_NATSKV_OPTIONS={"timeout": 9.0})
     assert backend.default_timeout == 60
     assert backend.key_prefix == "flask_cache_"
     cache.set("k", [1, 2])
     kv = backend.kv
-    assert kv.near is not None and kv.near.max_entries == 5
+    assert kv.near is not None and kv.near.max_entries == 5 and kv.near.max_bytes == 4096
     assert kv.bucket.name == name and kv.bucket.codec.name == "json"
     assert kv.bucket._client.options.request_timeout == 9.0
     # NATSKV_URL is the default of CACHE_NATSKV_URL, and CACHE_OPTIONS pass constructor arguments.
@@ -184,6 +185,8 @@ def test_factory_reads_the_settings(make_cache: Any, nats_url: str, name: str) -
         make_cache(CACHE_NATSKV_SERIALIZER="yaml")
     with pytest.raises(ConfigurationError, match="NEAR_CACHE_SIZE"):
         make_cache(CACHE_NATSKV_NEAR_CACHE_SIZE=0)
+    with pytest.raises(ConfigurationError, match="NEAR_CACHE_BYTES"):
+        make_cache(CACHE_NATSKV_NEAR_CACHE_BYTES="64M")
 
 
 class Point:

@@ -29,11 +29,8 @@ from typing import Any
 try:
     from flask import Flask, current_app
     from flask_caching.backends.base import BaseCache
-    from flask_session.base import (  # type: ignore[import-untyped]
-        ServerSideSession,
-        ServerSideSessionInterface,
-    )
-    from flask_session.defaults import Defaults  # type: ignore[import-untyped]
+    from flask_session.base import ServerSideSession, ServerSideSessionInterface
+    from flask_session.defaults import Defaults
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         f"natskv.contrib.flask needs Flask, Flask-Caching and Flask-Session ({exc}): "
@@ -119,11 +116,13 @@ def _shared_cache(
     serializer: str,
     near_cache: bool,
     near_cache_size: int,
+    near_cache_bytes: int,
     replicas: int,
     storage: str,
 ) -> KVCache:
     """This process's :class:`KVCache` for a configuration, on the shared client."""
-    key = (*_config_key(servers, options), bucket, serializer, near_cache, near_cache_size, replicas, storage)
+    key = (*_config_key(servers, options), bucket, serializer, near_cache, near_cache_size, near_cache_bytes,
+           replicas, storage)
     cache = _caches.get(key)
     if cache is not None:
         return cache
@@ -132,7 +131,8 @@ def _shared_cache(
         cache = _caches.get(key)
         if cache is None:
             kv = client.bucket(bucket, history=1, replicas=replicas, storage=storage, codec=codec_named(serializer))
-            cache = _caches[key] = KVCache(kv, near_cache=near_cache, near_cache_size=near_cache_size)
+            cache = _caches[key] = KVCache(kv, near_cache=near_cache, near_cache_size=near_cache_size,
+                                           near_cache_bytes=near_cache_bytes)
     return cache
 
 
@@ -220,7 +220,8 @@ class NatsKVCache(BaseCache):
     Settings (read by :meth:`factory`): ``CACHE_NATSKV_URL`` (default ``NATSKV_URL``; unset: the
     embedded server), ``CACHE_NATSKV_BUCKET`` (default ``"flask_cache"``), ``CACHE_NATSKV_OPTIONS``
     (default ``NATSKV_OPTIONS``), ``CACHE_NATSKV_NEAR_CACHE`` (bool), ``CACHE_NATSKV_NEAR_CACHE_SIZE``
-    (entries, default 10000), ``CACHE_NATSKV_SERIALIZER`` (``"pickle"`` or ``"json"``), plus
+    (entries, default 10000), ``CACHE_NATSKV_NEAR_CACHE_BYTES`` (of values, default 64 MiB),
+    ``CACHE_NATSKV_SERIALIZER`` (``"pickle"`` or ``"json"``), plus
     Flask-Caching's ``CACHE_DEFAULT_TIMEOUT`` and ``CACHE_KEY_PREFIX``.
 
     Timeouts follow Flask-Caching: ``None`` means the default timeout, ``0`` never expires, a
@@ -241,6 +242,7 @@ class NatsKVCache(BaseCache):
         options: Mapping[str, Any] | None = None,
         near_cache: bool = False,
         near_cache_size: int = 10_000,
+        near_cache_bytes: int = 64 << 20,
         serializer: str = "pickle",
         replicas: int = 1,
         storage: str = "file",
@@ -260,10 +262,15 @@ class NatsKVCache(BaseCache):
             raise ConfigurationError(f"CACHE_NATSKV_NEAR_CACHE must be True or False, not {near_cache!r}")
         if isinstance(near_cache_size, bool) or not isinstance(near_cache_size, int) or near_cache_size < 1:
             raise ConfigurationError(f"CACHE_NATSKV_NEAR_CACHE_SIZE must be a positive int, not {near_cache_size!r}")
+        if isinstance(near_cache_bytes, bool) or not isinstance(near_cache_bytes, int) or near_cache_bytes < 1:
+            raise ConfigurationError(
+                f"CACHE_NATSKV_NEAR_CACHE_BYTES must be a positive int, not {near_cache_bytes!r}"
+            )
         self.key_prefix = key_prefix or ""
         self._settings: dict[str, Any] = {
             "bucket": bucket, "serializer": serializer, "near_cache": near_cache,
-            "near_cache_size": near_cache_size, "replicas": replicas, "storage": storage,
+            "near_cache_size": near_cache_size, "near_cache_bytes": near_cache_bytes,
+            "replicas": replicas, "storage": storage,
         }
         self._url = url
         self._options = _options(options, "CACHE_NATSKV_OPTIONS")
@@ -280,6 +287,7 @@ class NatsKVCache(BaseCache):
             "options": ("CACHE_NATSKV_OPTIONS", "NATSKV_OPTIONS"),
             "near_cache": ("CACHE_NATSKV_NEAR_CACHE",),
             "near_cache_size": ("CACHE_NATSKV_NEAR_CACHE_SIZE",),
+            "near_cache_bytes": ("CACHE_NATSKV_NEAR_CACHE_BYTES",),
             "serializer": ("CACHE_NATSKV_SERIALIZER",),
             "key_prefix": ("CACHE_KEY_PREFIX",),
         }
@@ -406,11 +414,11 @@ def _seconds(timeout: Timeout, what: str) -> float | None:
 # -- Flask-Session ------------------------------------------------------------------------------------------
 
 
-class NatsKVSession(ServerSideSession):  # type: ignore[misc]  # Flask-Session ships no type information
+class NatsKVSession(ServerSideSession):
     """A server-side session stored in a natskv bucket."""
 
 
-class NatsKVSessionInterface(ServerSideSessionInterface):  # type: ignore[misc]
+class NatsKVSessionInterface(ServerSideSessionInterface):
     """Flask-Session's server-side sessions in a bucket of their own: one key per session
     (``key_prefix`` + session id) whose per-key TTL is ``app.permanent_session_lifetime``
     (renewed on every save), so expired sessions vanish from the server by themselves.
