@@ -73,7 +73,10 @@ def _servers_key(servers: Servers) -> tuple[str, ...]:
     if isinstance(servers, str):
         return tuple(s.strip() for s in servers.split(",") if s.strip())
     if not isinstance(servers, Sequence) or not all(isinstance(s, str) for s in servers):
-        raise ConfigurationError(f"NATSKV_URL must be a URL, comma-separated URLs or a list of them, not {servers!r}")
+        raise ConfigurationError(
+            f"a NATS server setting (NATSKV_URL, CACHE_NATSKV_URL, SESSION_NATSKV_URL) is a URL, comma-separated "
+            f"URLs or a list of them, not {servers!r}"
+        )
     return tuple(servers)
 
 
@@ -93,8 +96,8 @@ def _config_key(servers: Servers, options: Mapping[str, Any]) -> tuple[Any, ...]
 
 def shared_client(servers: Servers = None, options: Mapping[str, Any] | None = None) -> natskv.Client:
     """This process's client for ``servers`` and ``options`` (of :func:`natskv.connect`), connected
-    on the first call and shared afterwards. ``servers`` None or empty: natskv's embedded server
-    (development). Do not close it: natskv closes it at interpreter exit."""
+    on the first call and shared afterwards. ``servers`` None or empty: ``NATS_URL``, else natskv's
+    embedded server (development). Do not close it: natskv closes it at interpreter exit."""
     opts = _options(options, "options")
     key = _config_key(servers, opts)
     client = _clients.get(key)
@@ -161,8 +164,8 @@ class NatsKVState:
 class NatsKV:
     """The Flask extension: ``NatsKV(app)``, or ``ext = NatsKV()`` then ``ext.init_app(app)``.
 
-    Settings: ``NATSKV_URL`` (a URL, comma-separated URLs or a list; unset or empty: natskv's
-    embedded server, for development), ``NATSKV_BUCKET`` (the bucket ``ext.bucket()`` opens;
+    Settings: ``NATSKV_URL`` (a URL, comma-separated URLs or a list; unset or empty: ``NATS_URL``,
+    else natskv's embedded server, for development), ``NATSKV_BUCKET`` (the bucket ``ext.bucket()`` opens;
     default ``"flask"``) and ``NATSKV_OPTIONS`` (a dict of :func:`natskv.connect` options:
     credentials, TLS files, timeouts, name). With ``SESSION_TYPE = "natskv"`` it also installs
     :class:`NatsKVSessionInterface` as the app's session interface (do not call Flask-Session's
@@ -217,7 +220,7 @@ Timeout = int | float | dt.timedelta | None
 class NatsKVCache(BaseCache):
     """A Flask-Caching backend on a bucket: ``CACHE_TYPE = "natskv.contrib.flask.NatsKVCache"``.
 
-    Settings (read by :meth:`factory`): ``CACHE_NATSKV_URL`` (default ``NATSKV_URL``; unset: the
+    Settings (read by :meth:`factory`): ``CACHE_NATSKV_URL`` (default ``NATSKV_URL``; unset: ``NATS_URL``, else the
     embedded server), ``CACHE_NATSKV_BUCKET`` (default ``"flask_cache"``), ``CACHE_NATSKV_OPTIONS``
     (default ``NATSKV_OPTIONS``), ``CACHE_NATSKV_NEAR_CACHE`` (bool), ``CACHE_NATSKV_NEAR_CACHE_SIZE``
     (entries, default 10000), ``CACHE_NATSKV_NEAR_CACHE_BYTES`` (of values, default 64 MiB),
