@@ -43,10 +43,12 @@ def free_port() -> int:
 
 
 def run_python(code: str, *args: str, timeout: float = 60) -> str:
-    """Run ``code`` in a fresh interpreter; its stdout (a failure shows its stderr)."""
+    """Run ``code`` in a fresh interpreter; its stdout. It must exit cleanly: natskv closes the
+    shared clients (and stops near-cache watches) at exit without a word on stderr."""
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
     return done.stdout
 
 
