@@ -298,8 +298,9 @@ def test_inc_across_threads_is_exact(make_cache: Any) -> None:
     assert cache.get("hits") == 200
 
 
-def test_timeouts(make_cache: Any, db: natskv.Client, name: str) -> None:
-    cache, _backend = make_cache(CACHE_DEFAULT_TIMEOUT=1)
+@pytest.mark.parametrize("near", [False, True], ids=["server", "near"])
+def test_timeouts(make_cache: Any, db: natskv.Client, name: str, near: bool) -> None:
+    cache, _backend = make_cache(CACHE_DEFAULT_TIMEOUT=1, CACHE_NATSKV_NEAR_CACHE=near)
     cache.set("default", 1)  # None: the default timeout (1 s)
     cache.set("forever", 1, timeout=0)  # Flask-Caching's 0: never expires (unlike Django's)
     cache.set("short", 1, timeout=1)
