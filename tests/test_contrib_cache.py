@@ -111,3 +111,17 @@ def test_near_cache_arguments_are_checked(db: natskv.Client, name: str) -> None:
                 NearCache(bucket, 10, bad)  # type: ignore[arg-type]
     finally:
         db.delete_bucket(name)
+
+
+def test_get_many_enters_what_it_reads_into_the_near_cache(near: KVCache) -> None:
+    cache = near.near
+    assert cache is not None
+    other = near.bucket._client.bucket(near.bucket.name, codec=near.codec)
+    other.set_many({"a": 1, "b": [2], "c": "3"})
+    assert near.get_many(["a", "b", "c", "zz"]) == {"a": 1, "b": [2], "c": "3"}
+    assert all(cache.lookup(k) is not None for k in "abc") and cache.lookup("zz") is None
+    other.set("a", 10)  # coherent afterwards like any entry
+    deadline = time.monotonic() + 5
+    while near.get("a") != 10 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert near.get_many(["a", "b"]) == {"a": 10, "b": [2]}

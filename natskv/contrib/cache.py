@@ -346,8 +346,36 @@ class KVCache:
                     missing.append(key)
                 else:
                     out[key] = self.codec.decode(payload)
-        if missing:
+        if not missing:
+            return out
+        if near is None:
             out.update(self.bucket.get_many(missing))
+            return out
+        # Read with their headers (the expiry of each) and enter them, as get() does one by one.
+        bucket = self.bucket
+        tokens = {bucket._token(key): key for key in missing}
+        entering = [key for key in missing if near.begin(key)]
+        found: dict[str, tuple[Any, dict[str, str]]] = {}
+        try:
+            prefix = len(bucket._proto.subject_prefix)
+            for raw, headers in bucket._proto.messages(list(tokens), bucket._timeout(None)):
+                read = tokens.get(raw.subject[prefix:])
+                if read is not None:
+                    found[read] = (raw, headers)
+        finally:
+            for key in entering:
+                hit = found.get(key)
+                payload = _payload(hit)
+                if payload is None or hit is None:
+                    near.end(key, None, 0, 0.0)
+                else:
+                    near.end(key, payload, hit[0].revision, _expires(hit[1]))
+        for key, hit in found.items():
+            payload = _payload(hit)
+            if payload is not None:
+                out[key] = self.codec.decode(payload)
+            elif _live(hit):  # raw bytes given to a JSON bucket: read as the bucket reads them
+                out[key] = bucket._value(hit[0])
         return out
 
     def has(self, key: str) -> bool:
