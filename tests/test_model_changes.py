@@ -55,10 +55,15 @@ def test_changed_and_previous_follow_the_stored_record(Item: Any) -> None:
     assert item.changed() == ["title"]
     with pytest.raises(InvalidArgumentError, match="no field"):
         item.previous("nope")
+    assert item._changes == 0
     item.save()
     assert item.changed() == [] and item.previous("title") == "pencil"
     fetched = Item.get(item.id)
     assert fetched.changed() == [] and fetched.previous("title") == "pencil"
+    assert fetched._changes == item._changes == 1 and "_changes" not in fetched.to_dict()
+    fetched.price = 3.0
+    fetched.save()
+    assert Item.get(item.id)._changes == 2
 
 
 def test_save_without_changes_writes_nothing(db: natskv.Client, Item: Any) -> None:

@@ -150,6 +150,7 @@ class BulkInsert(Generic[M]):
         for row in self.rows[b]:
             stored = to_stored(self.prepared[row])
             stored["_created_at"] = stored["_updated_at"] = now
+            stored["_changes"] = 0
             if expires is not None:
                 stored["_expires_at"] = expires
             self.stored[row] = stored

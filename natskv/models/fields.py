@@ -47,7 +47,9 @@ GENERATED_KINDS: Final[dict[str, tuple[type, ...]]] = {
     "timestamp": (dt.datetime,),
 }
 FORMATS: Final[tuple[str, ...]] = ("email", "url", "iso-date")
-RESERVED_NAMES: Final[frozenset[str]] = frozenset({"_version", "_created_at", "_updated_at"})
+RESERVED_NAMES: Final[frozenset[str]] = frozenset(
+    {"_version", "_created_at", "_updated_at", "_expires_at", "_changes"}
+)
 
 _TYPE_WORDS: Final[dict[type, str]] = {
     str: "a string",

@@ -58,7 +58,7 @@ log = logging.getLogger("natskv")
 
 M = TypeVar("M", bound="Model")
 
-META_FIELDS = ("_version", "_created_at", "_updated_at", "_expires_at")
+META_FIELDS = ("_version", "_created_at", "_updated_at", "_expires_at", "_changes")
 _CAS_RETRIES = 20
 MAX_BATCH = 1000  # writes in one atomic batch (the server's limit)
 
@@ -101,7 +101,8 @@ class Model(metaclass=ModelMeta):
     """Base class of natskv models. Declare fields as class attributes, then ``db.register(Cls)``.
 
     Class methods (``create``, ``get``, ``find`` ...) need the model registered with a client.
-    Every record carries ``_version`` (its revision), ``_created_at`` and ``_updated_at``.
+    Every record carries ``_version`` (its revision), ``_created_at``, ``_updated_at`` and
+    ``_changes`` (writes since its creation), and ``_expires_at`` when it expires.
     """
 
     __abstract__: ClassVar[bool] = True
@@ -162,6 +163,11 @@ class Model(metaclass=ModelMeta):
     def _updated_at(self) -> dt.datetime | None:
         """When the record was last stored (UTC), None before."""
         return _parse_dt(self._stored.get("_updated_at")) if self._stored else None
+
+    @property
+    def _changes(self) -> int:
+        """How many times the record was written after its creation (0 for a new one)."""
+        return int(self._stored.get("_changes") or 0) if self._stored else 0
 
     @property
     def _expires_at(self) -> dt.datetime | None:
@@ -348,6 +354,7 @@ class Model(metaclass=ModelMeta):
                 clean[name] = field.generate_value()
         stored = cls._to_stored(clean)
         stored["_created_at"] = stored["_updated_at"] = now.isoformat()
+        stored["_changes"] = 0
         options: tuple[dict[str, float], ...] = ()
         if ttl is not None:
             stored["_expires_at"] = (now + dt.timedelta(seconds=ttl)).isoformat()
@@ -429,6 +436,7 @@ class Model(metaclass=ModelMeta):
         now = dt.datetime.now(dt.timezone.utc)
         stored["_created_at"] = self._stored.get("_created_at")
         stored["_updated_at"] = now.isoformat()
+        stored["_changes"] = int(self._stored.get("_changes") or 0) + 1
         lifetime, renew = ttl, ttl is not None
         if ttl is not None:
             stored["_expires_at"] = (now + dt.timedelta(seconds=ttl)).isoformat()
