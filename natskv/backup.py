@@ -49,10 +49,11 @@ Progress = Callable[[int, "int | None"], None]  # (records done, records in all 
 
 
 def backup(bucket: Bucket, path: str | os.PathLike[str], pattern: str = "*", *,
-           progress: Progress | None = None, timeout: float | None = None) -> int:
+           progress: Progress | None = None, timeout: float | None = None,
+           extra: dict[str, Any] | None = None) -> int:
     """Write the keys of ``bucket`` matching ``pattern`` to ``path``; the number written. The
     file is written under a temporary name and renamed when complete, so ``path`` never holds
-    half a backup."""
+    half a backup. ``extra`` goes into the first line (a model backup names its model there)."""
     target = Path(path)
     status = bucket.status(timeout=timeout)
     keys = bucket.keys(pattern, timeout=timeout)
@@ -61,6 +62,7 @@ def backup(bucket: Bucket, path: str | os.PathLike[str], pattern: str = "*", *,
         "created": datetime.now(timezone.utc).isoformat(),
         "config": {"history": status.history, "ttl": status.ttl, "max_value_size": status.max_value_size,
                    "storage": status.storage, "replicas": status.replicas},
+        **(extra or {}),
     }
     partial = target.with_name(target.name + ".partial")
     written = 0
@@ -139,7 +141,7 @@ def restore(bucket: Bucket, path: str | os.PathLike[str], *, clear: bool = False
         jsapi.call(bucket._proto.conn, f"STREAM.PURGE.{bucket._proto.stream}", {}, bucket._timeout(timeout))
     done = 0
     batch: list[tuple[str, bytes, dict[str, str] | None]] = []
-    for record in _records(path):
+    for record in records(path):
         batch.append(_write_of(bucket, record))
         if len(batch) == CHUNK:
             done += _flush(bucket, batch, timeout)
@@ -182,12 +184,12 @@ def _flush(bucket: Bucket, batch: list[tuple[str, bytes, dict[str, str] | None]]
 def _check(path: str | os.PathLike[str]) -> int:
     """Read the whole file and check every line; the number of key lines."""
     count = 0
-    for _ in _records(path):
+    for _ in records(path):
         count += 1
     return count
 
 
-def _records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+def records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     """The key lines of a backup, each checked; BackupError at the first bad line, or at the end
     when the closing line is missing or disagrees."""
     count = 0

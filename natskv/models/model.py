@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -557,6 +558,39 @@ class Model(metaclass=ModelMeta):
         return done
 
     # -- reads (in-memory replica) -----------------------------------------------------------------
+
+    # -- backups ----------------------------------------------------------------------------------
+
+    @classmethod
+    def backup(cls, path: str | os.PathLike[str], *, progress: Callable[[int, int | None], None] | None = None,
+               timeout: float | None = None) -> int:
+        """Write every record (with the time left to records that expire) to the JSON Lines file
+        ``path``; return how many. Unique markers and counters follow from the records:
+        :meth:`restore` makes them again."""
+        from natskv.models import archive
+
+        return archive.backup(cls, path, progress=progress, timeout=timeout)
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike[str], *, clear: bool = False,
+                progress: Callable[[int, int | None], None] | None = None, timeout: float | None = None) -> int:
+        """Write the records of a model backup into this model, with their unique markers, and
+        move its autoincrement counters past them; return how many. The whole file is checked
+        first, and so is uniqueness (within the file, and against records the file does not
+        replace): BackupError or UniqueConstraintError, and nothing is written. ``clear=True``
+        truncates the model first. Records keep the time they had left."""
+        from natskv.models import archive
+
+        return archive.restore(cls, path, clear=clear, progress=progress, timeout=timeout)
+
+    @classmethod
+    def truncate(cls, *, timeout: float | None = None) -> int:
+        """Remove every record, unique marker and autoincrement counter of this model; return the
+        number of records removed. Replicas and watches see each record deleted; a record
+        created meanwhile may survive."""
+        from natskv.models import archive
+
+        return archive.truncate(cls, timeout=timeout)
 
     @classmethod
     def ensure_loaded(cls, *, timeout: float | None = None) -> None:

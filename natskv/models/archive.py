@@ -1,0 +1,183 @@
+"""A model's records as a backup file, back, and away: ``Model.backup``, ``Model.restore`` and
+``Model.truncate``.
+
+A model backup is a bucket backup (:mod:`natskv.backup`) of the record keys (``r:*``) whose first
+line also names the model and its fields. Unique markers and counters are not in the file: they
+follow from the records, and :func:`restore` makes them again. It writes each record together with
+its unique markers, in atomic batches, and moves every autoincrement counter past the largest
+value restored. Before writing anything it reads the whole file and checks it. It also checks
+that no unique value is claimed twice, whether within the file or by a record already in the
+model that the file does not replace. A failed check raises an error naming the record, and
+nothing is written.
+
+Everything here blocks the caller's thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from natskv import backup as bucket_backup
+from natskv.errors import BackupError, BucketNotFoundError, UniqueConstraintError
+from natskv.models.store import RECORD, UNIQUE, record_key, stored_pk, unique_key
+from natskv.wire import counters
+from natskv.wire import headers as h
+
+if TYPE_CHECKING:
+    from natskv.models.model import Model
+
+Progress = Callable[[int, "int | None"], None]
+MAX_OPS = 1000  # writes in one atomic batch (the server's limit)
+
+
+def backup(model: type[Model], path: str | os.PathLike[str], *, progress: Progress | None = None,
+           timeout: float | None = None) -> int:
+    """Write every record of ``model`` to ``path``; the number written."""
+    store = model._require_store()
+    about = {"name": model.__name__, "pk": model._pk,
+             "fields": {name: field.type.__name__ for name, field in model._fields.items()}}
+    return bucket_backup.backup(store.bucket, path, f"{RECORD}:*", progress=progress, timeout=timeout,
+                                extra={"model": about})
+
+
+def restore(model: type[Model], path: str | os.PathLike[str], *, clear: bool = False,
+            progress: Progress | None = None, timeout: float | None = None) -> int:
+    """Write the records of the model backup ``path`` into ``model``, with their unique markers,
+    and move its autoincrement counters past them; the number written (see the module)."""
+    model._require_store()
+    header = bucket_backup.read_header(path)
+    if not isinstance(header.get("model"), dict):
+        raise BackupError(f"{path} is a bucket backup, not a model backup: restore it with Bucket.restore()")
+    unique = [name for name, field in model._fields.items() if field.unique]
+    counted = [name for name, field in model._fields.items() if field.generated == "autoincrement"]
+    total, highest = _check(model, path, unique, counted, clear)
+    if clear:
+        truncate(model, timeout=timeout)
+    written = 0
+    ops: list[tuple[Any, ...]] = []
+    for record in bucket_backup.records(path):
+        stored = record["value"]
+        key = record["key"]
+        options: tuple[dict[str, float], ...] = ()
+        if record.get("ttl") is not None:
+            options = ({"ttl": max(1.0, float(record["ttl"]))},)
+        markers = [("set", unique_key(name, stored[name]), key, *options)
+                   for name in unique if stored.get(name) is not None]
+        if len(ops) + len(markers) + 1 > MAX_OPS:
+            _commit(model, ops, timeout)
+            ops = []
+            if progress is not None:
+                progress(written, total)
+        ops.extend(markers)
+        ops.append(("set", key, stored, *options))
+        written += 1
+    if ops:
+        _commit(model, ops, timeout)
+    for name, value in highest.items():
+        _raise_counter(model, name, value, timeout)
+    if progress is not None:
+        progress(written, total)
+    return written
+
+
+def _check(model: type[Model], path: str | os.PathLike[str], unique: list[str], counted: list[str],
+           clear: bool) -> tuple[int, dict[str, int]]:
+    """Read the whole file: every line a record of this model; no unique value taken twice (in
+    the file, or by a record of the model the file does not replace unless ``clear``). Returns
+    the number of records and the largest autoincrement values."""
+    store = model._require_store()
+    taken: dict[tuple[str, Any], str] = {}
+    highest: dict[str, int] = {}
+    total = 0
+    in_file: set[str] = set()
+    for record in bucket_backup.records(path):
+        key, stored = record["key"], record.get("value")
+        if not isinstance(stored, dict) or not key.startswith(f"{RECORD}:") or stored_pk(key) is None:
+            raise BackupError(f"{path}: {key!r} is not a record of {model.__name__} (a record key holding a JSON "
+                              "object); nothing was written")
+        if record_key(model._fields[model._pk].from_json(stored.get(model._pk))) != key:
+            raise BackupError(f"{path}: the record under {key!r} has {model._pk}={stored.get(model._pk)!r}, which "
+                              "belongs under another key; nothing was written")
+        in_file.add(key)
+        total += 1
+        for name in unique:
+            value = stored.get(name)
+            if value is not None:
+                holder = taken.setdefault((name, _value_key(value)), key)
+                if holder != key:
+                    raise UniqueConstraintError(model.__name__, name, value)
+        for name in counted:
+            value = stored.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                highest[name] = max(highest.get(name, value), value)
+    if not clear and unique:
+        with store.replica.lock if store.replica is not None else contextlib.nullcontext():
+            held = list(store.records.items())
+        for pk, hit in held:
+            current = hit[0] if isinstance(hit, tuple) else hit
+            key = record_key(model._fields[model._pk].from_json(pk))
+            if key in in_file:
+                continue  # replaced by the restore
+            for name in unique:
+                value = current.get(name)
+                if value is not None and (name, _value_key(value)) in taken:
+                    raise UniqueConstraintError(model.__name__, name, value)
+    return total, highest
+
+
+def _value_key(value: Any) -> str:
+    """A stored value as a hashable key (the JSON text unique markers use)."""
+    return unique_key("", value)
+
+
+def _commit(model: type[Model], ops: list[tuple[Any, ...]], timeout: float | None) -> None:
+    store = model._require_store()
+    revision = store.bucket.commit(ops, timeout=timeout)
+    store.written(ops, revision)
+
+
+def _raise_counter(model: type[Model], field: str, value: int, timeout: float | None) -> None:
+    """Move the autoincrement counter of ``field`` to at least ``value``."""
+    store = model._require_store()
+    client, bucket = store.client, store.bucket
+    limit = bucket._timeout(timeout)
+    conn = client._conn
+    counters.prepare(conn, client._counters, bucket.name, "autoincrement fields (counter streams)",
+                     limit if limit is not None else client.options.request_timeout)
+    current = counters.read(conn, counters.stream_of(bucket.name), f"$KVC.{bucket.name}.{field}", limit)
+    if value > current:
+        client._next_counter(bucket.name, field, timeout, value - current)
+
+
+def truncate(model: type[Model], *, timeout: float | None = None) -> int:
+    """Remove every record of ``model``, its unique markers and its autoincrement counters; the
+    number of records removed. Replicas and watches see each record deleted. A record created
+    while this runs may survive it."""
+    store = model._require_store()
+    bucket = store.bucket
+    records = bucket.keys(f"{RECORD}:*", timeout=timeout)
+    markers = bucket.keys(f"{UNIQUE}:*", timeout=timeout)
+    last = 0
+    keys = markers + records  # markers first: a record is never left pointing nowhere
+    for start in range(0, len(keys), MAX_OPS):
+        chunk = keys[start : start + MAX_OPS]
+        items: list[tuple[str, bytes, dict[str, str] | None]] = [
+            (bucket._token(key), b"", h.tombstone(h.OP_DEL)) for key in chunk
+        ]
+        for result in bucket._proto.put_many(items, bucket._timeout(timeout)):
+            if isinstance(result, Exception):
+                raise result
+            last = max(last, result)
+    for name, field in model._fields.items():
+        if field.generated == "autoincrement":
+            try:
+                counters.reset(store.client._conn, counters.stream_of(bucket.name), f"$KVC.{bucket.name}.{name}",
+                               bucket._timeout(timeout))
+            except BucketNotFoundError:
+                pass  # no counter stream yet: nothing was ever counted
+    if records and store.replica is not None:
+        store.replica.wait_for(last, timeout)
+    return len(records)
