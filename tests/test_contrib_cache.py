@@ -78,7 +78,7 @@ def test_a_value_read_before_a_newer_change_is_not_entered(near: KVCache) -> Non
 def _child(cache: KVCache, queue: multiprocessing.Queue[object]) -> None:
     near = cache.near
     assert near is not None
-    queue.put((len(near), cache.get("k"), near._watcher is not None and near._pid == os.getpid()))
+    queue.put((len(near), cache.get("k"), near._feed is not None and near._pid == os.getpid()))
     cache.bucket._client.bucket(cache.bucket.name, codec=cache.codec).set("k", "from the child")
 
 

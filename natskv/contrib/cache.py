@@ -34,17 +34,19 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import natskv
+from natskv._runner import runner
+from natskv.aio.watch import INITIAL_DONE, FeedClosed, subscribe_feed, unsubscribe_feed
 from natskv.codec import RAW_HEADER, JSONCodec
 from natskv.errors import (
     InvalidArgumentError,
     JetStreamError,
     KeyExistsError,
     KeyNotFoundError,
+    NatsKVError,
     NotConnectedError,
     SerializationError,
 )
 from natskv.kv import Bucket
-from natskv.watch import Change, Watcher
 from natskv.wire import headers as h
 from natskv.wire import jsapi
 from natskv.wire.jsapi import CAS_ERROR_CODES
@@ -107,7 +109,7 @@ class NearCache:
     Entries are ``key -> (payload, revision, expires)``, where ``expires`` is on the monotonic
     clock; at most ``max_entries`` of them and ``max_bytes`` of payloads (least recently used
     go first; a value over an eighth of ``max_bytes`` is not kept). The watch removes an entry
-    when its key changes anywhere: its callback runs on the watcher's dispatcher thread. A value
+    when its key changes anywhere: its sink runs on natskv's loop thread (no hand-off). A value
     fetched from the server, or just written, is only entered if the watch saw no newer change
     of its key meanwhile (``_pending``), so an older value never replaces a newer one. After a
     fork the child drops everything and starts its own watch on first use: watches do not
@@ -127,7 +129,9 @@ class NearCache:
         self._entries: OrderedDict[str, tuple[bytes, int, float]] = OrderedDict()
         self._pending: dict[str, list[int]] = {}  # key -> [reads or writes in flight, newest revision seen]
         self._lock = threading.Lock()
-        self._watcher: Watcher | None = None
+        self._starting = threading.Lock()
+        self._feed: tuple[Any, Any] | None = None  # (shared feed, this cache's place on it)
+        self._prefix_len = 0
         self._pid = -1
         self.hits = self.misses = 0
         _near_caches.add(self)
@@ -138,58 +142,76 @@ class NearCache:
     # -- the watch --------------------------------------------------------------------------------
 
     def _watching(self) -> bool:
-        return self._pid == os.getpid() and self._watcher is not None and not self._watcher.stopped
+        return self._pid == os.getpid() and self._feed is not None
 
     def _ensure_watch(self) -> bool:
-        """Start the watch in this process if it is not running; whether it runs."""
+        """Start the watch in this process if it is not running; whether it runs. The feed's sink
+        runs on natskv's loop thread and takes ``_lock``: the feed is started without holding it
+        (under ``_starting``), or the loop thread would wait on this thread waiting on it."""
         if self._watching():
             return True
-        with self._lock:
+        with self._starting:
             if self._watching():
                 return True
-            self._entries.clear()
-            self._bytes = 0
-            self._pending.clear()
+            with self._lock:
+                self._entries.clear()
+                self._bytes = 0
+                self._pending.clear()
+            raw = self._raw
+            client = raw._client
             try:
-                self._watcher = self._raw.watch("*", callback=self._on_change, updates_only=True,
-                                                on_error=self._on_error)
+                client._check()
+                self._prefix_len = len(raw._proto.subject_prefix)
+                self._feed = runner.call(
+                    subscribe_feed(client._conn, raw._proto, ">", "new", self._on_event, self._on_events),
+                    client.options.request_timeout,
+                )
             except NotConnectedError:
-                self._watcher = None
+                self._feed = None
                 return False
             self._pid = os.getpid()
             return True
 
-    def _on_change(self, change: Change) -> None:
-        """A change of ``change.key`` anywhere: forget its value (dispatcher thread)."""
-        with self._lock:
-            if change.key == CLEAR_KEY:
-                self._entries.clear()
-                self._bytes = 0
-                for waiting in self._pending.values():
-                    waiting[1] = max(waiting[1], change.revision)
-                return
-            entry = self._entries.get(change.key)
-            if entry is not None and entry[1] < change.revision:
-                self._drop(change.key)
-            pending = self._pending.get(change.key)
-            if pending is not None and change.revision > pending[1]:
-                pending[1] = change.revision
+    def _on_events(self, entries: list[Any]) -> None:
+        for entry in entries:
+            self._on_event(entry)
 
-    def _on_error(self, error: BaseException) -> None:
-        # The watch ended for good (the client closed): entries could go stale, so none are served.
-        if isinstance(error, NotConnectedError):
+    def _on_event(self, event: Any) -> None:
+        """A change of a key anywhere: forget its value. Loop thread: a few dict operations under
+        ``_lock``, no decoding of values, no thread hand-off."""
+        if type(event) is FeedClosed:
+            # The connection closed for good: entries could go stale, so none are served.
             with self._lock:
                 self._entries.clear()
                 self._bytes = 0
-                self._watcher = None
+                self._feed = None
+            return
+        if event is INITIAL_DONE:
+            return
+        key = self._raw._key_of_token(event.subject[self._prefix_len:])
+        revision = event.revision
+        with self._lock:
+            if key == CLEAR_KEY:
+                self._entries.clear()
+                self._bytes = 0
+                for waiting in self._pending.values():
+                    waiting[1] = max(waiting[1], revision)
+                return
+            entry = self._entries.get(key)
+            if entry is not None and entry[1] < revision:
+                self._drop(key)
+            pending = self._pending.get(key)
+            if pending is not None and revision > pending[1]:
+                pending[1] = revision
 
     def _after_fork(self) -> None:
-        # The parent's watch, and its lock's state, do not belong to this process.
+        # The parent's feed, and its locks' state, do not belong to this process.
         self._lock = threading.Lock()
+        self._starting = threading.Lock()
         self._entries = OrderedDict()
         self._bytes = 0
         self._pending = {}
-        self._watcher = None
+        self._feed = None
         self._pid = -1
 
     # -- entries ----------------------------------------------------------------------------------
@@ -262,11 +284,14 @@ class NearCache:
     def stop(self) -> None:
         """Stop the watch and drop every entry."""
         with self._lock:
-            watcher, self._watcher = self._watcher, None
+            feed, self._feed = self._feed, None
             self._entries.clear()
             self._bytes = 0
-        if watcher is not None and self._pid == os.getpid():
-            watcher.stop()
+        if feed is not None and self._pid == os.getpid() and not runner.in_loop_thread():
+            try:
+                runner.call(unsubscribe_feed(*feed), self._raw._client.options.request_timeout)
+            except NatsKVError:
+                pass  # closed meanwhile: the feed went with the connection
 
 
 _near_caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
