@@ -371,6 +371,64 @@ def cmd_sub(args: argparse.Namespace) -> int:
         db.close(timeout=2.0)
 
 
+# -- stats --------------------------------------------------------------------------------------
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import time
+
+    import orjson
+
+    from natskv.stats import OperationStats
+
+    db = _connect(args)
+    totals: dict[tuple[str, str], OperationStats] = {}
+    clients: set[str] = set()
+
+    def on_batch(message: Any) -> None:
+        try:
+            batch = orjson.loads(message.data)
+            events = batch["events"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return  # not a stats batch
+        clients.add(str(batch.get("client")))
+        for event in events:
+            where = str(batch.get("client")) if args.by_client else "*"
+            stats = totals.setdefault((where, str(event.get("operation"))), OperationStats())
+            stats.latency.add(int(float(event.get("duration_us", 0)) * 1000))
+            stats.results += int(event.get("result_count") or 0)
+            if event.get("error"):
+                stats.errors[event["error"]] = stats.errors.get(event["error"], 0) + 1
+
+    def show(seconds: float) -> None:
+        lines = [f"{len(clients)} client(s), {sum(s.latency.count for s in totals.values()):,} operations "
+                 f"in {seconds:.0f} s on {args.subject!r}"]
+        lines.append(f"{'client':20} {'operation':12} {'count':>9} {'ops/s':>8} {'p50 µs':>9} {'p99 µs':>9}  errors")
+        for (where, operation), stats in sorted(totals.items()):
+            summary = stats.summary()
+            errors = ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "-"
+            lines.append(f"{where[:20]:20} {operation[:12]:12} {summary['count']:>9,} "
+                         f"{summary['count'] / max(seconds, 1e-9):>8,.0f} {summary['p50_us']:>9,.1f} "
+                         f"{summary['p99_us']:>9,.1f}  {errors}")
+        if args.watch and sys.stdout.isatty():
+            print("\x1b[H\x1b[J", end="")
+        _out("\n".join(lines))
+
+    try:
+        with db.subscribe(args.subject, on_batch, timeout=args.timeout):
+            started = time.monotonic()
+            if not args.watch:
+                time.sleep(args.seconds)
+                show(time.monotonic() - started)
+                return 0
+            print(f"{PROG}: listening on {args.subject!r}; press Ctrl-C to stop", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(1.0)
+                show(time.monotonic() - started)
+    finally:
+        db.close(timeout=2.0)
+
+
 # -- server -------------------------------------------------------------------------------------
 
 
@@ -575,6 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("bucket_name", metavar="BUCKET")
     p.add_argument("--clear", action="store_true", help="empty the bucket first")
+
+    p = command("stats", cmd_stats, "show the operations that clients publish with db.publish_stats(): count, "
+                "rate, p50 and p99 latency and errors per operation", bucket=False)
+    p.add_argument("--subject", default="natskv.stats.>", help="where the stats events come (default: natskv.stats.>)")
+    p.add_argument("--seconds", type=_positive_float, default=2.0, help="listen this long, then print (default: 2)")
+    p.add_argument("--watch", action="store_true", help="a live view, refreshed every second, until Ctrl-C")
+    p.add_argument("--by-client", action="store_true", help="one row per client and operation")
 
     p = command("pub", cmd_pub, "publish DATA to SUBJECT (plain NATS, or to a JetStream stream)", bucket=False)
     p.add_argument("subject", metavar="SUBJECT")

@@ -32,6 +32,7 @@ from natskv.errors import (
 )
 from natskv.kv import Bucket
 from natskv.pubsub import DEFAULT_MAX_PENDING
+from natskv.stats import Stats
 from natskv.wire import counters, jsapi
 from natskv.wire import headers as h
 from natskv.wire.jsapi import API_LEVEL_ATOMIC, API_LEVEL_TTL
@@ -70,6 +71,7 @@ class Client:
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         self._registry: ModelRegistry | None = None  # made by _models() on the first model call
         self._counters: dict[str, int] = {}  # counter streams known to exist: their replicas
+        self._stats = Stats()  # per-operation counts and latencies (natskv.stats)
         self._closed = False
         self._pid = os.getpid()
         self._conn = self._open()
@@ -554,7 +556,46 @@ class Client:
             "connected_url": nc.connected_url.geturl() if nc.connected_url else None,
             "parser_hook": bool(self._conn.mux and self._conn.mux.hooked),
             "event_loop": loop_name(runner.loop),
+            "operations": self._stats.summary(),
+            "stats_events": self._publisher_counts(),
         }
+
+    def _publisher_counts(self) -> dict[str, int] | None:
+        publisher = self._stats.publisher
+        if publisher is None:
+            return None
+        return {"published": publisher.published, "dropped": publisher.dropped, "failed": publisher.failed}
+
+    def publish_stats(
+        self, subject: str | None = "natskv.stats.events", *, stream: bool = False, every: float = 0.25,
+        max_queued: int = 100_000,
+    ) -> None:
+        """Publish every recorded operation as an event to ``subject`` (None stops), in batches
+        every ``every`` seconds, from a background thread: ``{"client": ..., "events":
+        [{"operation", "bucket", "key", "duration_us", "timestamp", "result_count", "error"},
+        ...]}``. With ``stream=True`` each batch is a JetStream publish (declare a stream taking
+        ``subject`` first, e.g. with :meth:`stream`). Never slows a call by more than a queue
+        append, and never fails one: a full queue drops events and a failed publish is logged,
+        both counted in ``stats()["stats_events"]``. ``natskv stats`` shows the events live."""
+        from natskv.pubsub import check_subscribe_subject
+        from natskv.stats import Publisher
+
+        if subject is None:
+            self._stats.publish_to(None)
+            return
+        check_subscribe_subject(subject)
+        _outgoing(subject, b"")  # a literal subject: no wildcards
+        if isinstance(every, bool) or not isinstance(every, (int, float)) or not 0 < every <= 60:
+            raise InvalidArgumentError(f"every is a number of seconds from 0 to 60, not {every!r}")
+
+        def send(payload: bytes) -> None:
+            if stream:
+                self.jetstream_publish(subject, payload)
+            else:
+                self.publish(subject, payload)
+
+        self._stats.publish_to(Publisher(send, client_name=self.options.name or "", every=every,
+                                         max_queued=max_queued))
 
     # -- closing ---------------------------------------------------------------------------------
 
@@ -562,6 +603,8 @@ class Client:
         """Stop this client's watches, drain the connection and close it. Safe to call twice."""
         if self._closed:
             return
+        if self._stats.publisher is not None and self._pid == os.getpid():
+            self._stats.publish_to(None)  # the queued stats events go out while the connection is up
         self._closed = True
         self._finalizer.detach()
         runner.unregister(self)

@@ -13,6 +13,7 @@ client's default (``request_timeout``, 5 s unless set at connect), and ``math.in
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -22,7 +23,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._runner import runner, wait_limit
 from natskv._speedups import core
@@ -52,9 +54,47 @@ if TYPE_CHECKING:
     from natskv.watch import Watcher
 
 _MISSING: Any = object()
+F = TypeVar("F", bound=Callable[..., Any])
 _WRONG_SEQ = re.compile(r"wrong last sequence: (\d+)")
 # NATS parses protocol lines up to 4 KiB; keep the whole subject comfortably inside.
 MAX_ENCODED_KEY = 3000
+
+
+def _recorded(operation: str, *, many: bool = False) -> Callable[[F], F]:
+    """Count each call of a Bucket method in its client's statistics (natskv.stats): latency,
+    errors by type, how many results (``many``: the length of what it returns), and the key or
+    pattern (its first argument) for published events. A call made by another (``replace``
+    reads, then updates) is counted too. Costs two clock reads and a few integer operations, under
+    a microsecond."""
+
+    def wrap(method: F) -> F:
+        @functools.wraps(method)
+        def call(self: Bucket, *args: Any, **kwargs: Any) -> Any:
+            started = perf_counter()
+            try:
+                result = method(self, *args, **kwargs)
+            except BaseException as exc:
+                self._client._stats.record(operation, self.name, _subject_of(args), started, error=exc)
+                raise
+            self._client._stats.record(operation, self.name, _subject_of(args), started,
+                                       result_count=len(result) if many else 1)
+            return result
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+def _subject_of(args: tuple[Any, ...]) -> str:
+    """What a recorded call was about: its key or pattern, or how many keys it took."""
+    if not args:
+        return "*"
+    first = args[0]
+    if type(first) is str:
+        return first
+    if isinstance(first, (list, tuple, dict, set)):
+        return f"<{len(first)} keys>"
+    return str(first)
 
 
 class Entry:
@@ -191,6 +231,7 @@ class Bucket:
 
     # -- reads ---------------------------------------------------------------------------------
 
+    @_recorded("get")
     def get(self, key: str, default: Any = None, *, timeout: float | None = None) -> Any:
         """The value of ``key``, or ``default`` when it is absent (never set, deleted or expired)."""
         found = self._proto.get_value(self._token(key), self._timeout(timeout))
@@ -198,6 +239,7 @@ class Bucket:
             return default
         return found[0] if found[1] else self.codec.decode(found[0])
 
+    @_recorded("get")
     def entry(self, key: str, *, revision: int | None = None, timeout: float | None = None) -> Entry | None:
         """The latest :class:`Entry` of ``key`` (or the one at ``revision``), None when absent."""
         enc = self._token(key)
@@ -209,6 +251,7 @@ class Bucket:
             return None
         return self._decode(raw, key)
 
+    @_recorded("get_many", many=True)
     def get_many(self, keys: Iterable[str], *, timeout: float | None = None) -> dict[str, Any]:
         """Values of many keys in batch requests (1024 keys per round trip). Absent keys are left out."""
         keys = _key_list(keys, "get_many")
@@ -254,6 +297,7 @@ class Bucket:
         out.sort(key=lambda kr: kr[0])
         return out
 
+    @_recorded("keys", many=True)
     def keys(self, pattern: str | re.Pattern[str] = "*", *, timeout: float | None = None) -> list[str]:
         """Sorted keys matching a glob (``*``, ``?``, ``[abc]``, Redis KEYS rules) or compiled regex.
 
@@ -264,10 +308,12 @@ class Bucket:
         """
         return [k for k, _ in self._latest(pattern, True, timeout)]
 
+    @_recorded("keys", many=True)
     def items(self, pattern: str | re.Pattern[str] = "*", *, timeout: float | None = None) -> list[tuple[str, Any]]:
         """Sorted ``(key, value)`` pairs of the keys matching ``pattern``."""
         return [(k, self._decode(raw, k).value) for k, raw in self._latest(pattern, False, timeout)]
 
+    @_recorded("find", many=True)
     def find(
         self,
         where: Mapping[str, Any] | None = None,
@@ -304,12 +350,14 @@ class Bucket:
         out = [pairs[i] for i in hits]
         return out[:limit] if limit is not None else out
 
+    @_recorded("history", many=True)
     def history(self, key: str, *, timeout: float | None = None) -> list[Entry]:
         """Every stored revision of ``key``, oldest first, deletes included (as many as ``history`` keeps)."""
         return [self._decode(raw, key) for raw in self._proto.history(self._token(key), self._timeout(timeout))]
 
     # -- writes ----------------------------------------------------------------------------------
 
+    @_recorded("set")
     def set(self, key: str, value: Any, *, ttl: float | None = None, timeout: float | None = None) -> int:
         """Store ``value`` under ``key``; return the new revision.
 
@@ -326,6 +374,7 @@ class Bucket:
 
     put = set
 
+    @_recorded("create")
     def create(self, key: str, value: Any, *, ttl: float | None = None, timeout: float | None = None) -> int:
         """Store ``value`` only if ``key`` is absent; raise :class:`KeyExistsError` otherwise.
 
@@ -352,6 +401,7 @@ class Bucket:
                 raise self._cas_error(exc, key, 0) from None
             raise
 
+    @_recorded("update")
     def update(
         self, key: str, value: Any, revision: int, *, ttl: float | None = None, timeout: float | None = None
     ) -> int:
@@ -370,6 +420,7 @@ class Bucket:
                 raise self._cas_error(exc, key, revision) from None
             raise
 
+    @_recorded("replace")
     def replace(self, key: str, value: Any, *, ttl: float | None = None, timeout: float | None = None) -> bool:
         """Store ``value`` only if ``key`` exists; return whether it was stored."""
         self._token(key)
@@ -384,6 +435,7 @@ class Bucket:
             except RevisionMismatchError:
                 continue  # changed or deleted meanwhile: look again
 
+    @_recorded("delete")
     def delete(self, key: str, *, revision: int | None = None, timeout: float | None = None) -> int:
         """Delete ``key`` (its history is kept); with ``revision``, only if still at that revision.
 
@@ -391,6 +443,7 @@ class Bucket:
         """
         return self._tombstone(key, h.OP_DEL, revision, timeout)
 
+    @_recorded("delete")
     def purge(self, key: str, *, revision: int | None = None, timeout: float | None = None) -> int:
         """Delete ``key`` and drop its history; with ``revision``, only if still at that revision."""
         return self._tombstone(key, h.OP_PURGE, revision, timeout)
@@ -405,6 +458,7 @@ class Bucket:
                 raise self._cas_error(exc, key, revision) from None
             raise
 
+    @_recorded("set_many", many=True)
     def set_many(
         self, mapping: Mapping[str, Any], *, ttl: float | None = None, timeout: float | None = None
     ) -> dict[str, int]:
@@ -426,6 +480,7 @@ class Bucket:
             out[key] = res
         return out
 
+    @_recorded("commit")
     def commit(self, ops: Iterable[Op | tuple[Any, ...]], *, timeout: float | None = None) -> int:
         """Apply several writes atomically: all are stored, or none (needs nats-server 2.12).
 
@@ -629,6 +684,7 @@ class Bucket:
 
     # -- counting ----------------------------------------------------------------------------------
 
+    @_recorded("incr")
     def incr(self, key: str, by: int = 1, *, ttl: float | None = None, timeout: float | None = None) -> int:
         """Add ``by`` to the integer stored under ``key`` and return the new value; atomic across
         threads and processes.

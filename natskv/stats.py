@@ -118,7 +118,14 @@ class Stats:
         size: int = 0, error: BaseException | None = None,
     ) -> None:
         """Count one call of ``operation`` that began at ``started`` (``time.perf_counter()``)."""
-        elapsed = time.perf_counter() - started
+        self.record_elapsed(operation, bucket, key, time.perf_counter() - started, result_count=result_count,
+                            size=size, error=error)
+
+    def record_elapsed(
+        self, operation: str, bucket: str, key: str, elapsed: float, *, result_count: int = 1, size: int = 0,
+        error: BaseException | None = None,
+    ) -> None:
+        """Count one ``operation`` that took ``elapsed`` seconds (a watch event: its age)."""
         nanos = int(elapsed * 1e9)
         with self._lock:
             stats = self._ops.get(operation)

@@ -28,6 +28,7 @@ import logging
 import queue
 import re
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -174,7 +175,11 @@ class Watcher:
         if not self._pattern.exact and not self._pattern.match(key):
             return None
         entry = bucket._decode(raw, key)
-        return Change(key, entry.value, raw.revision, raw.operation, raw.timestamp, raw.delta, bucket.name)
+        stamp = raw.timestamp
+        # A watch event's latency is its age: from the server storing it to its delivery here.
+        age = time.time() - int(stamp) / 1e9 if stamp.isdigit() else 0.0
+        bucket._client._stats.record_elapsed("watch", bucket.name, key, max(age, 0.0))
+        return Change(key, entry.value, raw.revision, raw.operation, stamp, raw.delta, bucket.name)
 
     def get(self, timeout: float | None = None) -> Change | None:
         """The next change, waiting up to ``timeout`` seconds (None: the client's default,

@@ -533,3 +533,28 @@ def test_backup_and_restore_commands(nats_url: str, bucket: str, tmp_path: Path,
     finally:
         db.delete_bucket(copy)
     assert_clean_error(run("restore", str(tmp_path / "missing.jsonl"), copy, "--url", nats_url), "cannot read")
+
+
+@pytest.mark.slow
+def test_stats_shows_what_clients_publish(nats_url: str, bucket: str) -> None:
+    subject = f"natskv.stats.cli{os.getpid()}"
+    proc = start("stats", "--subject", subject, "--seconds", "3", "--url", nats_url)
+    try:
+        with natskv.connect(nats_url, name="web-1") as app:
+            app.publish_stats(subject, every=0.05)
+            kv = app.bucket(bucket)
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline:
+                kv.set("k", 1)
+                kv.get("k")
+                time.sleep(0.01)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("1 client(s), ") and subject in lines[0]
+    rows = {line.split()[1]: line.split() for line in lines[2:]}
+    assert {"get", "set"} <= set(rows) and int(rows["get"][2].replace(",", "")) > 10

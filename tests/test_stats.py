@@ -81,3 +81,65 @@ def test_the_publisher_batches_never_blocks_and_swallows_its_errors() -> None:
         publisher.offer("get", "b", "k", 0.0, 1, None)
     assert publisher.dropped >= 1000
     stats.publish_to(None)
+
+
+# -- the client's wiring, on the real server ---------------------------------------------------------
+
+import natskv  # noqa: E402
+
+
+def test_client_stats_count_operations_errors_and_watch_events(nats_url: str, name: str) -> None:
+    with natskv.connect(nats_url) as db:
+        kv = db.bucket(name)
+        try:
+            with kv.watch(updates_only=True) as watcher:
+                kv.set("a", 1)
+                kv.set("b", 2)
+                kv.get("a")
+                kv.get("missing")
+                kv.keys()
+                with pytest.raises(natskv.KeyExistsError):
+                    kv.create("a", 3)
+                assert watcher.get(5) is not None and watcher.get(5) is not None
+            ops = db.stats()["operations"]
+            assert ops["set"]["count"] == 2 and ops["get"]["count"] >= 2
+            assert ops["keys"]["count"] == 1 and ops["keys"]["results"] == 2
+            assert ops["create"]["errors"] == {"KeyExistsError": 1}
+            assert ops["watch"]["count"] == 2
+            assert 0 < ops["get"]["p50_us"] <= ops["get"]["p99_us"]
+            assert db.stats()["stats_events"] is None  # not published
+        finally:
+            db.delete_bucket(name)
+
+
+def test_publish_stats_sends_batches_that_the_cli_summarises(nats_url: str, name: str) -> None:
+    subject = f"natskv.stats.{name}"
+    with natskv.connect(nats_url) as db, natskv.connect(nats_url, name="app-1") as app:
+        batches = db.subscribe(subject)
+        app.publish_stats(subject, every=0.05)
+        kv = app.bucket(name)
+        try:
+            for i in range(20):
+                kv.set(f"k{i}", i)
+            kv.get("k1")
+            events: list[dict[str, object]] = []
+            deadline = time.monotonic() + 5
+            while len(events) < 21 and time.monotonic() < deadline:
+                message = batches.get(1)
+                if message is not None:
+                    batch = orjson.loads(message.data)
+                    assert batch["client"] == "app-1"
+                    events.extend(batch["events"])
+            assert [e["operation"] for e in events[:21]] == ["set"] * 20 + ["get"]
+            assert events[20]["key"] == "k1" and events[20]["bucket"] == name
+            counts = app.stats()["stats_events"]
+            assert counts is not None and counts["published"] >= 21 and counts["failed"] == 0
+            with pytest.raises(natskv.InvalidArgumentError):
+                app.publish_stats("natskv.stats.*")
+            with pytest.raises(natskv.InvalidArgumentError):
+                app.publish_stats(subject, every=0)
+            app.publish_stats(None)
+            assert app.stats()["stats_events"] is None
+        finally:
+            batches.unsubscribe()
+            db.delete_bucket(name)
