@@ -43,6 +43,7 @@ from natskv.wire.retry import request_retrying_on_503
 if TYPE_CHECKING:
     from natskv.counter import Counter
     from natskv.lock import Lock
+    from natskv.manager import BucketManager
     from natskv.models.live import ModelEvent
     from natskv.models.model import Model
     from natskv.models.registry import ModelRegistry
@@ -68,6 +69,10 @@ class Client:
         self._servers = list(options.servers) if options.servers else [server.url] if server else []
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str, int], Bucket] = {}
+        # Every Bucket handed out, open or closed by the bucket manager: a forked child points
+        # them all at its own connection.
+        self._every_bucket: weakref.WeakSet[Bucket] = weakref.WeakSet()
+        self._manager: BucketManager | None = None
         self._watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
         self._registry: ModelRegistry | None = None  # made by _models() on the first model call
         self._counters: dict[str, int] = {}  # counter streams known to exist: their replicas
@@ -104,7 +109,7 @@ class Client:
                 if self._pid != os.getpid():
                     self._finalizer.detach()  # the parent's connection: not this process's to close
                     self._conn = self._open()
-                    for bucket in self._buckets.values():
+                    for bucket in list(self._every_bucket):
                         bucket._proto.conn = self._conn
                     self._watchers = weakref.WeakSet()
                     self._pid = os.getpid()
@@ -152,7 +157,33 @@ class Client:
         proto.ensure(config, create, timeout if timeout is not None else self.options.request_timeout)
         bucket = Bucket(self, proto, codec_obj, sep)
         self._buckets[key] = bucket
+        self._every_bucket.add(bucket)
+        if self._manager is not None:
+            self._manager.opened(name)
         return bucket
+
+    def _reopen(self, bucket: Bucket) -> None:
+        """A bucket the manager closed is used again: back in the table, and observers told."""
+        bucket._dormant = False
+        with self._lock:
+            self._buckets.setdefault((bucket.name, bucket.sep, id(bucket.codec)), bucket)
+        if self._manager is not None:
+            self._manager.opened(bucket.name)
+
+    def bucket_manager(self, *, keep_alive: float = 3600, sweep_every: float = 60) -> BucketManager:
+        """Close the buckets nobody used for ``keep_alive`` seconds, looking every ``sweep_every``
+        seconds (a background thread); a closed bucket opens again on its next use. Buckets with
+        a running watcher or a registered model stay open. Returns the
+        :class:`~natskv.manager.BucketManager` (``on("opened"|"closed", cb)``, ``sweep()``,
+        ``open_buckets()``, ``stop()``); calling again replaces it with these settings."""
+        from natskv.manager import BucketManager
+
+        self._check()
+        manager = BucketManager(self, keep_alive=keep_alive, sweep_every=sweep_every)
+        old, self._manager = self._manager, manager
+        if old is not None:
+            old.stop()
+        return manager
 
     def delete_bucket(self, name: str, *, timeout: float | None = None) -> bool:
         """Delete a bucket and all its data. Returns False when it did not exist."""
@@ -605,6 +636,8 @@ class Client:
             return
         if self._stats.publisher is not None and self._pid == os.getpid():
             self._stats.publish_to(None)  # the queued stats events go out while the connection is up
+        if self._manager is not None:
+            self._manager.stop()
         self._closed = True
         self._finalizer.detach()
         runner.unregister(self)

@@ -70,6 +70,8 @@ def _recorded(operation: str, *, many: bool = False) -> Callable[[F], F]:
     def wrap(method: F) -> F:
         @functools.wraps(method)
         def call(self: Bucket, *args: Any, **kwargs: Any) -> Any:
+            if self._dormant:  # closed by the client's bucket manager: open again
+                self._client._reopen(self)
             started = perf_counter()
             try:
                 result = method(self, *args, **kwargs)
@@ -161,6 +163,7 @@ class Bucket:
         # Bound once: the hot path looks them up on self, not on the core module.
         self._core_encode_key = core.encode_key
         self._core_decode_key = core.decode_key
+        self._dormant = False  # closed by a bucket manager (natskv.manager) until used again
 
     def __repr__(self) -> str:
         return f"<natskv.Bucket {self.name!r}>"

@@ -112,6 +112,7 @@ class Stats:
         self._lock = threading.Lock()
         self._ops: dict[str, OperationStats] = {}
         self._publisher: Publisher | None = None
+        self.last_used: dict[str, float] = {}  # bucket -> time.monotonic() of its last operation
 
     def record(
         self, operation: str, bucket: str, key: str, started: float, *, result_count: int = 1,
@@ -127,6 +128,7 @@ class Stats:
     ) -> None:
         """Count one ``operation`` that took ``elapsed`` seconds (a watch event: its age)."""
         nanos = int(elapsed * 1e9)
+        self.last_used[bucket] = time.monotonic()
         with self._lock:
             stats = self._ops.get(operation)
             if stats is None:

@@ -120,6 +120,10 @@ class ModelRegistry:
         with self.transaction(timeout) as tx:  # the last try: its conflict is raised
             return fn(tx)
 
+    def bucket_names(self) -> set[str]:
+        """The buckets of the registered models (a bucket manager never closes them)."""
+        return {model._store.bucket.name for model in list(self._models.values()) if model._store is not None}
+
     def forget_bucket(self, bucket: str) -> None:
         """Unregister the models stored in ``bucket`` (``delete_bucket`` deleted it)."""
         for model_name, model in list(self._models.items()):
