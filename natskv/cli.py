@@ -219,6 +219,9 @@ def cmd_buckets(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.bucket_name:
+        args.bucket = args.bucket_name
+
     def body(kv: Bucket) -> int:
         status = kv.status(timeout=args.timeout)
         rows = [
@@ -611,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--updates-only", action="store_true", help="skip the current values; print new changes only")
 
     command("buckets", cmd_buckets, "list the buckets", bucket=False)
-    command("status", cmd_status, "print the size and settings of the bucket")
+    p = command("status", cmd_status, "print the size and settings of BUCKET (default: --bucket)")
+    p.add_argument("bucket_name", metavar="BUCKET", nargs="?", default=None)
 
     p = command("history", cmd_history, "print every kept revision of KEY, oldest first, deletes included")
     p.add_argument("key", metavar="KEY")

@@ -500,6 +500,7 @@ def test_buckets_status_history_and_find(nats_url: str, bucket: str, db: natskv.
     assert listed.returncode == 0 and bucket in listed.stdout.split()
     status = run("status", "--bucket", bucket, *common)
     assert status.returncode == 0 and f"bucket:         {bucket}" in status.stdout and "values:" in status.stdout
+    assert run("status", bucket, *common).stdout == status.stdout
     history = run("history", "user:2", "--bucket", bucket, *common)
     lines = history.stdout.splitlines()
     assert history.returncode == 0 and len(lines) == 2
