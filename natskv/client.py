@@ -321,6 +321,23 @@ class Client:
         return Lock(self.bucket(bucket, timeout=timeout if timeout != math.inf else None), name,
                     ttl=ttl, timeout=timeout, blocking=blocking)
 
+    def _counter_value(self, bucket: str, field: str, timeout: float | None) -> int:
+        """The value of an autoincrement counter (0 when it never counted; its stream is made
+        if missing)."""
+        self._check()
+        t = timeout if timeout is not None else self.options.request_timeout
+        counters.prepare(self._conn, self._counters, bucket, "autoincrement fields (counter streams)", t)
+        return counters.read(self._conn, counters.stream_of(bucket), f"$KVC.{bucket}.{field}", t)
+
+    def _reset_counter(self, bucket: str, field: str, timeout: float | None) -> None:
+        """Set an autoincrement counter back to 0 (nothing to do when its stream does not exist)."""
+        self._check()
+        t = timeout if timeout is not None else self.options.request_timeout
+        try:
+            counters.reset(self._conn, counters.stream_of(bucket), f"$KVC.{bucket}.{field}", t)
+        except BucketNotFoundError:
+            pass  # no counter stream: nothing was ever counted
+
     def _next_counter(self, bucket: str, field: str, timeout: float | None, count: int = 1) -> int:
         """Add ``count`` to an autoincrement counter and return its new value (see natskv.wire.counters)."""
         self._check()

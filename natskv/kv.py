@@ -779,6 +779,25 @@ class Bucket:
         path; ``commit`` is the checked one."""
         return self._proto.commit_batches(batches, self._timeout(timeout), inflight, on_ack)
 
+    def _expiring(self, headers: dict[str, str], ttl: float) -> dict[str, str]:
+        """``headers`` plus a per-key TTL of ``ttl`` seconds (the bucket made to allow it)."""
+        ttl_value = h.ttl_header(ttl)
+        assert ttl_value is not None
+        self._proto.require_ttl()
+        return h.with_ttl(headers, ttl_value)
+
+    def _delete_many(self, keys: Sequence[str], timeout: float | None) -> list[int]:
+        """Delete many keys in pipelined writes (not atomic); their delete markers' revisions, in
+        order. The first error is raised once every write is answered."""
+        items: list[tuple[str, bytes, dict[str, str] | None]] = [
+            (self._token(key), b"", h.tombstone(h.OP_DEL)) for key in keys
+        ]
+        results = self._proto.put_many(items, self._timeout(timeout))
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results  # type: ignore[return-value]  # no Exception left in it
+
     @staticmethod
     def _must_not_exist(headers: dict[str, str] | None) -> dict[str, str]:
         """``headers`` plus the check of a create: stored only if the key has no message."""

@@ -27,11 +27,13 @@ def _check_key(key: Any) -> None:
         raise InvalidKeyError(f"keys are str, not {type(key).__name__} ({key!r}); convert it with str()")
 
 
-def _check_ttl(ttl: Any) -> None:
+def check_ttl(ttl: Any) -> None:
+    """Raise InvalidArgumentError for a ``ttl=`` natskv cannot store (None passes): the same
+    checks and message as every other ``ttl=``."""
     if ttl is not None:
         from natskv.wire.headers import ttl_header
 
-        ttl_header(ttl)  # the same checks and message as every other ttl=
+        ttl_header(ttl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,7 @@ class Set:
 
     def __post_init__(self) -> None:
         _check_key(self.key)
-        _check_ttl(self.ttl)
+        check_ttl(self.ttl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +61,7 @@ class Create:
 
     def __post_init__(self) -> None:
         _check_key(self.key)
-        _check_ttl(self.ttl)
+        check_ttl(self.ttl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,7 @@ class Update:
     def __post_init__(self) -> None:
         _check_key(self.key)
         check_revision(self.revision)
-        _check_ttl(self.ttl)
+        check_ttl(self.ttl)
 
 
 @dataclass(frozen=True, slots=True)

@@ -210,7 +210,8 @@ def test_find_limit_zero_and_none(kv: natskv.Bucket) -> None:
     [
         (("set",), r"has 1 items; write it as \('set', key, value\)"),
         (("set", "k"), "has 2 items"),
-        (("set", "k", 1, 2), "has 4 items"),
+        (("set", "k", 1, 2), r"only an options dict such as \{'ttl': 30\} may follow"),
+        (("set", "k", 1, {}, 5), "has 5 items"),
         (("create", "k"), r"\('create', key, value\)"),
         (("update", "k", 1), r"\('update', key, value, revision\)"),
         (("delete",), r"\('delete', key\) or \('delete', key, revision\)"),

@@ -519,20 +519,13 @@ class KVCache:
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """Remove many keys in pipelined writes."""
-        bucket = self.bucket
         keys = list(keys)
-        items: list[tuple[str, bytes, dict[str, str] | None]] = [
-            (bucket._token(k), b"", h.tombstone(h.OP_DEL)) for k in keys
-        ]
         try:
-            results = bucket._proto.put_many(items, bucket._timeout(None))
+            self.bucket._delete_many(keys, None)
         finally:
             if self.near is not None:
                 for key in keys:
                     self.near.forget(key)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
 
     def incr(self, key: str, delta: int, *, missing_ok: bool = False) -> int:
         """Add ``delta`` to the integer under ``key`` atomically, keeping its expiry, and return

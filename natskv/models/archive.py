@@ -21,10 +21,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from natskv import backup as bucket_backup
-from natskv.errors import BackupError, BucketNotFoundError, UniqueConstraintError
+from natskv.errors import BackupError, UniqueConstraintError
 from natskv.models.store import RECORD, UNIQUE, record_key, stored_pk, unique_key
-from natskv.wire import counters
-from natskv.wire import headers as h
 
 if TYPE_CHECKING:
     from natskv.models.model import Model
@@ -142,14 +140,10 @@ def _commit(model: type[Model], ops: list[tuple[Any, ...]], timeout: float | Non
 def _raise_counter(model: type[Model], field: str, value: int, timeout: float | None) -> None:
     """Move the autoincrement counter of ``field`` to at least ``value``."""
     store = model._require_store()
-    client, bucket = store.client, store.bucket
-    limit = bucket._timeout(timeout)
-    conn = client._conn
-    counters.prepare(conn, client._counters, bucket.name, "autoincrement fields (counter streams)",
-                     limit if limit is not None else client.options.request_timeout)
-    current = counters.read(conn, counters.stream_of(bucket.name), f"$KVC.{bucket.name}.{field}", limit)
+    client, name = store.client, store.bucket.name
+    current = client._counter_value(name, field, timeout)
     if value > current:
-        client._next_counter(bucket.name, field, timeout, value - current)
+        client._next_counter(name, field, timeout, value - current)
 
 
 def truncate(model: type[Model], *, timeout: float | None = None) -> int:
@@ -163,21 +157,10 @@ def truncate(model: type[Model], *, timeout: float | None = None) -> int:
     last = 0
     keys = markers + records  # markers first: a record is never left pointing nowhere
     for start in range(0, len(keys), MAX_OPS):
-        chunk = keys[start : start + MAX_OPS]
-        items: list[tuple[str, bytes, dict[str, str] | None]] = [
-            (bucket._token(key), b"", h.tombstone(h.OP_DEL)) for key in chunk
-        ]
-        for result in bucket._proto.put_many(items, bucket._timeout(timeout)):
-            if isinstance(result, Exception):
-                raise result
-            last = max(last, result)
+        last = max(last, *bucket._delete_many(keys[start : start + MAX_OPS], timeout))
     for name, field in model._fields.items():
         if field.generated == "autoincrement":
-            try:
-                counters.reset(store.client._conn, counters.stream_of(bucket.name), f"$KVC.{bucket.name}.{name}",
-                               bucket._timeout(timeout))
-            except BucketNotFoundError:
-                pass  # no counter stream yet: nothing was ever counted
+            store.client._reset_counter(bucket.name, name, timeout)
     if records and store.replica is not None:
         store.replica.wait_for(last, timeout)
     return len(records)

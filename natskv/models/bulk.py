@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from natskv.errors import KeyExistsError, UniqueConstraintError
 from natskv.models.store import record_key, unique_key
-from natskv.wire import headers as h
 
 if TYPE_CHECKING:
     from natskv.models.model import Model
@@ -141,10 +140,7 @@ class BulkInsert(Generic[M]):
         expires = None
         if ttl is not None:  # the model's records expire: so do these, with their unique markers
             expires = (moment + dt.timedelta(seconds=ttl)).isoformat()
-            ttl_value = h.ttl_header(ttl)
-            assert ttl_value is not None
-            bucket._proto.require_ttl()
-            must_be_new = h.with_ttl(must_be_new, ttl_value)
+            must_be_new = bucket._expiring(must_be_new, ttl)
         items: list[Item] = []
         ops: list[tuple[Any, ...]] = []
         for row in self.rows[b]:

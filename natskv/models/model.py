@@ -49,8 +49,7 @@ from natskv.models.store import (
     resolve_timeout,
     unique_key,
 )
-from natskv.ops import Create, Update, as_op
-from natskv.wire import headers as h
+from natskv.ops import Create, Update, as_op, check_ttl
 
 if TYPE_CHECKING:
     from natskv.models.live import LiveQuery, ModelEvent, ModelWatcher
@@ -265,8 +264,7 @@ class Model(metaclass=ModelMeta):
     def _lifetime(cls, ttl: float | None) -> float | None:
         """The TTL of a new record: ``ttl``, else the model's ``__ttl__`` (both checked)."""
         chosen = cls.__ttl__ if ttl is None else ttl
-        if chosen is not None:
-            h.ttl_header(chosen)  # InvalidArgumentError before anything is written
+        check_ttl(chosen)  # InvalidArgumentError before anything is written
         return chosen
 
     @classmethod
