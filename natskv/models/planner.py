@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
@@ -342,7 +343,7 @@ class Planner:
                         return pairs
         if not compiled_where:
             return pairs
-        return [pairs[i] for i in plan.filter.filter([p[0] for p in pairs])]
+        return _matches(plan.filter, pairs)
 
     def _any_matches(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any], want: int) -> list[Pair]:
         """Rule 4: up to ``want`` matches from the replica, in the order of the index that finds
@@ -366,7 +367,7 @@ class Planner:
                 pairs = list(records.values()) if source is None else [records[pk] for pk in source if pk in records]
                 if not compiled_where:
                     return pairs[:want]
-                return [pairs[i] for i in plan.filter.filter([p[0] for p in pairs])][:want]
+                return _matches(plan.filter, pairs)[:want]
             field, scan = source
             exact = not compiled_where or field == plan.exact_field
             return _scan_matches(scan, records, field, None if exact else plan.filter, want, None)
@@ -448,7 +449,7 @@ class Planner:
             return out
 
         def keep(pairs: list[Pair]) -> None:
-            out.extend(pairs if not compiled_where else [pairs[i] for i in flt.filter([p[0] for p in pairs])])
+            out.extend(pairs if not compiled_where else _matches(flt, pairs))
 
         assert store.replica is not None
         with store.replica.lock:
@@ -508,7 +509,7 @@ def _scan_matches(scan: Callable[[Any, int], list[Any]], records: Mapping[Any, P
             pairs = list(map(records.__getitem__, pks))
         except KeyError:
             pairs = [records[pk] for pk in pks if pk in records]
-        out.extend(pairs if flt is None else [pairs[i] for i in flt.filter([p[0] for p in pairs])])
+        out.extend(pairs if flt is None else _matches(flt, pairs))
         if len(pks) < chunk or len(out) >= want:
             break
         last = pks[-1]
@@ -516,6 +517,16 @@ def _scan_matches(scan: Callable[[Any, int], list[Any]], records: Mapping[Any, P
         chunk = min(chunk * 2, 4096)
     del out[want:]
     return out
+
+
+_record = itemgetter(0)
+
+
+def _matches(flt: Any, pairs: list[Pair]) -> list[Pair]:
+    """The pairs whose record ``flt`` passes, in order. The filter reads the records straight
+    from the pairs (no list of records is built: over a full scan that list cost about a third
+    of the filter's own time, reading every pair once more)."""
+    return [pairs[i] for i in flt.filter(map(_record, pairs))]
 
 
 def _sort_threshold(want: int, total: int) -> int:
