@@ -32,8 +32,12 @@ How a query is answered, first rule that applies:
 5. Otherwise the most selective indexed top-level condition gives candidate primary keys (with
    none, every record), the compiled ``_core`` filter checks them, and the result is sorted.
 
-Queries compile (``query.compile_where`` / ``compile_filter``) once per distinct text: the plan
-cache holds the last 512. Runs on the caller's thread; indexes and records are read under the
+Queries compile (``query.compile_where`` / ``compile_filter``) once per distinct text into a
+:class:`Plan`, which also holds what the rules above ask of the query's shape (its indexed
+equality, the conditions an index can walk); the plan cache holds the last 512. When a query is
+one condition whose index walk yields exactly its matches (an equality to a str or a number, a
+str prefix, a range with bounds of one kind), rules 3 to 5 take the walked records as they are,
+without the filter. Runs on the caller's thread; indexes and records are read under the
 replica's lock, which the loop thread takes to apply changes.
 """
 
@@ -692,8 +696,8 @@ def _estimate(index: SecondaryIndex, cond: Any) -> float | None:
     An equality to a value no index holds (null, a list, a dict) is answered by the filter: the
     records holding such values are not in the index."""
     if not _is_operators(cond):
-        return None if _index_key(cond) is None else index.count_eq(cond)
-    if "$eq" in cond and _index_key(cond["$eq"]) is not None:
+        return None if core.index_key(cond) is None else index.count_eq(cond)
+    if "$eq" in cond and core.index_key(cond["$eq"]) is not None:
         return index.count_eq(cond["$eq"])
     if "$in" in cond and _indexable_list(cond["$in"]):
         return sum(index.count_eq(v) for v in cond["$in"])
@@ -702,18 +706,15 @@ def _estimate(index: SecondaryIndex, cond: Any) -> float | None:
     return None
 
 
-_index_key = core.index_key
-
-
 def _indexable_list(values: Any) -> bool:
     """Whether ``values`` (an ``$in`` operand) is a list of values an index holds, every one."""
-    return isinstance(values, list) and all(_index_key(v) is not None for v in values)
+    return isinstance(values, list) and all(core.index_key(v) is not None for v in values)
 
 
 def _lookup(index: SecondaryIndex, cond: Any, cap: int | None) -> list[Any] | None:
     if not _is_operators(cond):
-        return None if _index_key(cond) is None else index.eq(cond)
-    if "$eq" in cond and _index_key(cond["$eq"]) is not None:
+        return None if core.index_key(cond) is None else index.eq(cond)
+    if "$eq" in cond and core.index_key(cond["$eq"]) is not None:
         return index.eq(cond["$eq"])
     if "$in" in cond and _indexable_list(cond["$in"]):
         return index.in_(cond["$in"])
