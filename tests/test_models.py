@@ -950,7 +950,7 @@ def test_indexed_queries_match_what_a_scan_of_every_record_matches(Odd: Any, que
         got = [o.id for o in Odd.find(limit=limit, **query)]
         assert len(got) == min(limit, len(expected)) and set(got) <= set(expected), (limit, got)
         assert len(set(got)) == len(got)
-    for order_by in ("val", "-val", "tag", "id"):
+    for order_by in ("val", "-val", "tag", "id", "note", "-note"):
         ordered = [o.id for o in Odd.find(order_by=order_by, **query)]
         assert sorted(ordered) == expected
         assert [o.id for o in Odd.find(order_by=order_by, limit=4, **query)] == ordered[:4], order_by
@@ -967,3 +967,31 @@ def test_queries_that_differ_only_in_a_values_type_do_not_share_a_plan(Odd: Any)
         assert [o.id for o in Odd.find(val=1.0, limit=10)] == [3, 4, 22]
         assert [o.id for o in Odd.find(val="2")] == [9]
         assert Odd.count(val=0) == 2 and Odd.count(val=-0.0) == 2 and Odd.count(val=False) == 1
+
+
+@pytest.mark.parametrize("kinds", ["numbers", "str", "numbers and nulls", "mixed"])
+def test_first_records_are_the_first_of_the_full_sort(kinds: str) -> None:
+    """query.first_records (a limited order_by over candidates) keeps exactly the first rows of
+    query.sort_records, ties by primary key in the order's direction, nulls last both ways."""
+    import random
+
+    from natskv.models import query
+
+    rng = random.Random(kinds)
+    pools: dict[str, list[Any]] = {
+        "numbers": [0, 1, 1.0, 2.5, -3, 7, 2**40],
+        "str": ["a", "b", "ab", "", "é", "B"],
+        "numbers and nulls": [1, 2.0, 3, None, -1],
+        "mixed": [1, "a", None, True, False, 2.5, [1], {"a": 1}, "b"],
+    }
+    pairs = []
+    for pk in rng.sample(range(1000), 300):
+        record: dict[str, Any] = {"id": pk}
+        value = rng.choice(pools[kinds])
+        if value is not None or rng.random() < 0.5:  # missing or null
+            record["v"] = value
+        pairs.append((record, pk))
+    for order in ([("v", False)], [("v", True)], [("id", True)]):
+        full = query.sort_records(pairs, order, "id")
+        for count in (1, 5, 20, 74):
+            assert query.first_records(pairs, order, "id", count) == full[:count], (order, count)

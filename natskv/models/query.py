@@ -176,10 +176,45 @@ def first_records(
     if len(order) != 1 or count * 4 >= len(pairs):
         return sort_records(pairs, order, pk)[:count]
     ((name, descending),) = order
+    plain = _first_plain(pairs, name, pk, count, descending)
+    if plain is not None:
+        return plain
     # The same order as sort_records: ties by primary key in the field's direction, nulls last.
     if not descending:
         return heapq.nsmallest(count, pairs, key=lambda p: (order_key(p[0].get(name)), order_key(p[0].get(pk))))
     return heapq.nlargest(count, pairs, key=lambda p: (_valued_key(p[0].get(name)), order_key(p[0].get(pk))))
+
+
+_NUMBERS = frozenset((int, float))
+_STRS = frozenset((str,))
+
+
+def _one_kind(values: list[Any]) -> bool:
+    """Whether the values are all numbers (bools apart) or all str: then they compare as
+    order_key orders them, directly."""
+    kinds = set(map(type, values))
+    return kinds <= _NUMBERS or kinds <= _STRS
+
+
+def _first_plain(
+    pairs: list[tuple[dict[str, Any], int]], name: str, pk: str, count: int, descending: bool
+) -> list[tuple[dict[str, Any], int]] | None:
+    """first_records for one order field whose values are of one kind (numbers or str, nulls
+    aside) and primary keys of one kind: the heap compares plain ``(value, pk, i)`` tuples, no
+    key function per record (about ten times less work). None when the values are mixed."""
+    records = [p[0] for p in pairs]
+    values = [r.get(name) for r in records]
+    pks = [r.get(pk) for r in records]
+    valued = [i for i, v in enumerate(values) if v is not None] if None in values else range(len(values))
+    if not _one_kind([values[i] for i in valued] if len(valued) < len(values) else values) or not _one_kind(pks):
+        return None
+    rows = [(values[i], pks[i], i) for i in valued]
+    best = heapq.nlargest(count, rows) if descending else heapq.nsmallest(count, rows)
+    out = [pairs[i] for _, _, i in best]
+    if len(out) < count and len(valued) < len(values):  # nulls last, by primary key in the order's direction
+        nulls = sorted(((pks[i], i) for i, v in enumerate(values) if v is None), reverse=descending)
+        out.extend(pairs[i] for _, i in nulls[: count - len(out)])
+    return out
 
 
 def _valued_key(value: Any) -> tuple[bool, tuple[Any, ...]]:
