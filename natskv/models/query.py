@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import re
 from collections.abc import Mapping
+from operator import itemgetter
 from typing import Any
 
 from natskv._speedups import core
@@ -187,12 +188,12 @@ def first_records(
 
 _NUMBERS = frozenset((int, float))
 _STRS = frozenset((str,))
+_VALUE, _PK = itemgetter(0), itemgetter(1)
 
 
-def _one_kind(values: list[Any]) -> bool:
-    """Whether the values are all numbers (bools apart) or all str: then they compare as
-    order_key orders them, directly."""
-    kinds = set(map(type, values))
+def _one_kind(kinds: set[type]) -> bool:
+    """Whether values of these types are all numbers (bools apart) or all str: then they compare
+    as order_key orders them, directly."""
     return kinds <= _NUMBERS or kinds <= _STRS
 
 
@@ -201,20 +202,21 @@ def _first_plain(
 ) -> list[tuple[dict[str, Any], int]] | None:
     """first_records for one order field whose values are of one kind (numbers or str, nulls
     aside) and primary keys of one kind: the heap compares plain ``(value, pk, i)`` tuples, no
-    key function per record (about ten times less work). None when the values are mixed."""
-    records = [p[0] for p in pairs]
-    values = [r.get(name) for r in records]
-    pks = [r.get(pk) for r in records]
-    valued = [i for i, v in enumerate(values) if v is not None] if None in values else range(len(values))
-    if not _one_kind([values[i] for i in valued] if len(valued) < len(values) else values) or not _one_kind(pks):
+    key function per record (several times less work). None when the values are mixed."""
+    rows = [(record.get(name), record.get(pk), i) for i, (record, _) in enumerate(pairs)]
+    kinds = set(map(type, map(_VALUE, rows)))
+    nulls: list[tuple[Any, Any, int]] = []
+    if type(None) in kinds:
+        kinds.discard(type(None))
+        nulls = [row for row in rows if row[0] is None]
+        rows = [row for row in rows if row[0] is not None]
+    if not _one_kind(kinds) or not _one_kind(set(map(type, map(_PK, rows))) | set(map(type, map(_PK, nulls)))):
         return None
-    rows = [(values[i], pks[i], i) for i in valued]
     best = heapq.nlargest(count, rows) if descending else heapq.nsmallest(count, rows)
-    out = [pairs[i] for _, _, i in best]
-    if len(out) < count and len(valued) < len(values):  # nulls last, by primary key in the order's direction
-        nulls = sorted(((pks[i], i) for i, v in enumerate(values) if v is None), reverse=descending)
-        out.extend(pairs[i] for _, i in nulls[: count - len(out)])
-    return out
+    if len(best) < count and nulls:  # nulls last, by primary key in the order's direction
+        nulls.sort(key=_PK, reverse=descending)
+        best += nulls[: count - len(best)]
+    return [pairs[row[2]] for row in best]
 
 
 def _valued_key(value: Any) -> tuple[bool, tuple[Any, ...]]:
