@@ -62,7 +62,7 @@ Pair = tuple[dict[str, Any], int]
 """A stored record and its revision."""
 
 _CACHE_MAX = 512
-_RANGE_OPS = ("$gt", "$gte", "$lt", "$lte")
+_RANGE_OPS = frozenset(("$gt", "$gte", "$lt", "$lte"))
 
 
 # -- read options --------------------------------------------------------------------------------
@@ -701,7 +701,7 @@ def _estimate(index: SecondaryIndex, cond: Any) -> float | None:
         return index.count_eq(cond["$eq"])
     if "$in" in cond and _indexable_list(cond["$in"]):
         return sum(index.count_eq(v) for v in cond["$in"])
-    if ("$startswith" in cond and isinstance(cond["$startswith"], str)) or any(op in cond for op in _RANGE_OPS):
+    if ("$startswith" in cond and isinstance(cond["$startswith"], str)) or not _RANGE_OPS.isdisjoint(cond):
         return math.inf
     return None
 
@@ -720,7 +720,7 @@ def _lookup(index: SecondaryIndex, cond: Any, cap: int | None) -> list[Any] | No
         return index.in_(cond["$in"])
     if "$startswith" in cond and isinstance(cond["$startswith"], str):
         return index.prefix(cond["$startswith"], limit=cap)
-    if any(op in cond for op in _RANGE_OPS):
+    if not _RANGE_OPS.isdisjoint(cond):
         bounds = _range_bounds(cond)
         if bounds is None:
             return None
@@ -755,7 +755,7 @@ def _bounded_scan(cond: dict[str, Any], index: Any, reverse: bool) -> Callable[[
     if isinstance(cond.get("$startswith"), str):
         prefix = cond["$startswith"]
         return lambda after, n: index.prefix(prefix, limit=n, reverse=reverse, after=after)
-    bounds = _range_bounds(cond) if any(op in cond for op in _RANGE_OPS) else None
+    bounds = _range_bounds(cond) if not _RANGE_OPS.isdisjoint(cond) else None
     if bounds is None:
         return None
     lo, lo_inc, hi, hi_inc = bounds
