@@ -32,8 +32,12 @@ How a query is answered, first rule that applies:
 5. Otherwise the most selective indexed top-level condition gives candidate primary keys (with
    none, every record), the compiled ``_core`` filter checks them, and the result is sorted.
 
-Queries compile (``query.compile_where`` / ``compile_filter``) once per distinct text: the plan
-cache holds the last 512. Runs on the caller's thread; indexes and records are read under the
+Queries compile (``query.compile_where`` / ``compile_filter``) once per distinct text into a
+:class:`Plan`, which also holds what the rules above ask of the query's shape (its indexed
+equality, the conditions an index can walk); the plan cache holds the last 512. When a query is
+one condition whose index walk yields exactly its matches (an equality to a str or a number, a
+str prefix, a range with bounds of one kind), rules 3 to 5 take the walked records as they are,
+without the filter. Runs on the caller's thread; indexes and records are read under the
 replica's lock, which the loop thread takes to apply changes.
 """
 
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
@@ -57,7 +62,7 @@ Pair = tuple[dict[str, Any], int]
 """A stored record and its revision."""
 
 _CACHE_MAX = 512
-_RANGE_OPS = ("$gt", "$gte", "$lt", "$lte")
+_RANGE_OPS = frozenset(("$gt", "$gte", "$lt", "$lte"))
 
 
 # -- read options --------------------------------------------------------------------------------
@@ -106,6 +111,73 @@ def split_read_options(lookups: Mapping[str, Any]) -> tuple[ReadOptions, Mapping
     return options, {k: v for k, v in lookups.items() if k != "consistency" and k != "timeout"}
 
 
+# -- plans ---------------------------------------------------------------------------------------
+
+
+class Plan:
+    """A query compiled, with what the planner learns of it once (cached by the query's text,
+    :meth:`Planner.plan`): the ``where`` dict and its ``_core`` filter, the equality rule 2
+    answers by index, the index walks of rule 4, and the field whose index walk needs no filter.
+    Made and read on callers' threads; never changed once made."""
+
+    __slots__ = ("equality", "exact_field", "filter", "walks", "where")
+
+    def __init__(self, where: dict[str, Any], flt: Any, store: ModelStore) -> None:
+        self.where = where
+        self.filter = flt
+        equality = _single_equality(where)
+        indexed = equality is not None and (equality[0] in store.unique or equality[0] in store.sorted)
+        # ``(field, value)`` when the query is one equality an index answers (rule 2), else None.
+        self.equality = equality if indexed else None
+        # Which top-level conditions an index can walk: fixed by the query's text (the model's
+        # indexes are made with its store; only their entries change).
+        self.walks = _index_walks(where, store.indexes)
+        # A field whose index, walked over the values the query bounds it to, holds exactly the
+        # matches: the query is that one condition (see _exact). The walk then skips the filter.
+        self.exact_field: str | None = None
+        if len(self.walks) == 1 and len(where) == 1 and self.walks[0][2] is not None:
+            name, cond, _ = self.walks[0]
+            if name in where and _exact(cond):
+                self.exact_field = name
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+def _text_key(where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> Any:
+    """The plan cache's key of a query: equal only for queries that compile alike.
+
+    Keyword lookups of plain values (the common case) key by their names, values and the
+    values' types, which keeps 1, 1.0 and True apart; anything else keys by its text.
+    """
+    if where is None:
+        values = tuple(lookups.values())
+        types = tuple(map(type, values))
+        if _SCALARS.issuperset(types):
+            return tuple(lookups), types, values
+    return repr((where, sorted(lookups.items())))
+
+
+def _exact(cond: Any) -> bool:
+    """Whether the index walk over the values ``cond`` bounds its field to (see
+    :func:`_bounded_scan`) yields exactly the records ``cond`` matches, so no filter need check
+    them: an equality to a str or number, a str prefix, or a range whose bounds are all numbers
+    or all str. An index holds str and numbers (bools apart) as the filter compares them:
+    within one kind, 1 equal to 1.0; records whose value it cannot hold (null, lists, dicts)
+    match none of these conditions."""
+    if not _is_operators(cond):
+        cond = {"$eq": cond}
+    if len(cond) == 1 and "$startswith" in cond:
+        return type(cond["$startswith"]) is str
+    if len(cond) == 1 and "$eq" in cond:
+        return type(cond["$eq"]) in (str, int, float)
+    kinds = {_EXACT_KINDS.get(type(operand)) if op in _RANGE_OPS else None for op, operand in cond.items()}
+    return len(kinds) == 1 and None not in kinds
+
+
+_EXACT_KINDS = {int: "number", float: "number", str: "str"}
+
+
 # -- the planner -----------------------------------------------------------------------------------
 
 
@@ -114,10 +186,7 @@ class Planner:
 
     def __init__(self, store: ModelStore) -> None:
         self.store = store
-        self._plans: dict[str, tuple[dict[str, Any], Any]] = {}
-        # id(compiled where dict of _plans) -> _index_walks() of it, cleared with _plans (which
-        # keeps those dicts alive, so an id is never reused while it is here).
-        self._walks: dict[int, list[IndexWalk]] = {}
+        self._plans: dict[Any, Plan] = {}
         # Lookup names -> ((field, type), ...) for rule 2; () when they are not all equalities on
         # indexed str/int fields.
         self._equality_shapes: dict[tuple[str, ...], tuple[tuple[str, type], ...]] = {}
@@ -212,14 +281,18 @@ class Planner:
 
     def compiled(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
         """The compiled ``where`` dict and filter of a query, cached by its text (queries repeat)."""
-        cache_key = repr((where, sorted(lookups.items())))
+        plan = self.plan(where, lookups)
+        return plan.where, plan.filter
+
+    def plan(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> Plan:
+        """The :class:`Plan` of a query: compiled once per distinct text, then taken from the cache."""
+        cache_key = _text_key(where, lookups)
         hit = self._plans.get(cache_key)
         if hit is None:
             compiled_where = query.compile_where(self.store.model._fields, where, lookups)
-            hit = (compiled_where, query.compile_filter(compiled_where))
+            hit = Plan(compiled_where, query.compile_filter(compiled_where), self.store)
             if len(self._plans) >= _CACHE_MAX:
                 self._plans.clear()
-                self._walks.clear()
             self._plans[cache_key] = hit
         return hit
 
@@ -255,21 +328,26 @@ class Planner:
             equalities = self._indexed_equalities(lookups)
             if equalities is not None:
                 return self._select_equal(equalities, None)
-        compiled_where, flt = self.compiled(where, lookups)
+        plan = self.plan(where, lookups)
+        compiled_where = plan.where
         if options.server:  # rule 1
             pairs = store.server_records(options.timeout)
         else:
             assert store.replica is not None
-            equality = _single_equality(compiled_where)
-            if equality is not None and (equality[0] in store.unique or equality[0] in store.sorted):
-                return self._select_equal({equality[0]: equality[1]}, None)
+            if plan.equality is not None:
+                return self._select_equal(dict((plan.equality,)), None)
             with store.replica.lock:  # rule 5
                 pks = _candidate_pks(compiled_where, store.indexes)
                 records = store.records
-                pairs = list(records.values()) if pks is None else [records[pk] for pk in pks if pk in records]
+                if pks is None:
+                    pairs = list(records.values())
+                else:
+                    pairs = [records[pk] for pk in pks if pk in records]
+                    if plan.exact_field is not None:  # the one condition's index found exactly the matches
+                        return pairs
         if not compiled_where:
             return pairs
-        return [pairs[i] for i in flt.filter([p[0] for p in pairs])]
+        return _matches(plan.filter, pairs)
 
     def _any_matches(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any], want: int) -> list[Pair]:
         """Rule 4: up to ``want`` matches from the replica, in the order of the index that finds
@@ -281,24 +359,22 @@ class Planner:
             equalities = self._indexed_equalities(lookups)
             if equalities is not None:
                 return self._select_equal(equalities, want)
-        compiled_where, flt = self.compiled(where, lookups)
-        equality = _single_equality(compiled_where)
-        if equality is not None and (equality[0] in store.unique or equality[0] in store.sorted):
-            return self._select_equal({equality[0]: equality[1]}, want)
+        plan = self.plan(where, lookups)
+        if plan.equality is not None:
+            return self._select_equal(dict((plan.equality,)), want)
+        compiled_where = plan.where
         assert store.replica is not None
         with store.replica.lock:
             records = store.records
-            walks = self._walks.get(id(compiled_where))
-            if walks is None:  # which conditions an index can walk: fixed for the query's text
-                walks = self._walks[id(compiled_where)] = _index_walks(compiled_where, store.indexes)
-            source = _unordered_source(walks, compiled_where, store.indexes, store.pk, want, len(records))
+            source = _unordered_source(plan.walks, compiled_where, store.indexes, store.pk, want, len(records))
             if not isinstance(source, tuple):  # few candidates (None: every record): check them all
                 pairs = list(records.values()) if source is None else [records[pk] for pk in source if pk in records]
                 if not compiled_where:
                     return pairs[:want]
-                return [pairs[i] for i in flt.filter([p[0] for p in pairs])][:want]
+                return _matches(plan.filter, pairs)[:want]
             field, scan = source
-            return _scan_matches(scan, records, field, flt if compiled_where else None, want, None)
+            exact = not compiled_where or field == plan.exact_field
+            return _scan_matches(scan, records, field, None if exact else plan.filter, want, None)
 
     def _indexed_equalities(self, lookups: Mapping[str, Any]) -> dict[str, Any] | None:
         """``{field: value}`` when every lookup is an equality on an indexed str/int field."""
@@ -368,7 +444,8 @@ class Planner:
         order; None when the filter selects so few records through another index that sorting
         them is cheaper."""
         store = self.store
-        compiled_where, flt = self.compiled(where, lookups)
+        plan = self.plan(where, lookups)
+        compiled_where, flt = plan.where, plan.filter
         pk_name = store.pk
         records = store.records
         out: list[Pair] = []
@@ -376,7 +453,7 @@ class Planner:
             return out
 
         def keep(pairs: list[Pair]) -> None:
-            out.extend(pairs if not compiled_where else [pairs[i] for i in flt.filter([p[0] for p in pairs])])
+            out.extend(pairs if not compiled_where else _matches(flt, pairs))
 
         assert store.replica is not None
         with store.replica.lock:
@@ -408,9 +485,11 @@ class Planner:
                             tails.setdefault("nulls" if p[0].get(field) is None else "others", []).append(p)
                     keep(_after(tails.get(segment, []), mark if segment == at else None, field, pk_name, descending))
                     continue
+                # A bounded walk over the one condition's values finds only matches: no filter.
+                check = compiled_where and not (bounded and field == plan.exact_field)
                 try:
-                    _scan_matches(scan, records, field, flt if compiled_where else None, want, mark
-                                  if at == "index" else None, out)
+                    _scan_matches(scan, records, field, flt if check else None, want, mark if at == "index" else None,
+                                  out)
                 except (ValueError, TypeError):  # a cursor no page of this order gives
                     raise InvalidArgumentError(
                         f"invalid pagination cursor {list(mark or ())!r} for order {field!r}"
@@ -430,14 +509,28 @@ def _scan_matches(scan: Callable[[Any, int], list[Any]], records: Mapping[Any, P
     chunk = max(want - len(out), 1)
     while len(out) < want:
         pks = scan(cursor, chunk)
-        pairs = [records[pk] for pk in pks if pk in records]
-        out.extend(pairs if flt is None else [pairs[i] for i in flt.filter([p[0] for p in pairs])])
-        if len(pks) < chunk:
+        try:  # the indexes hold only the records' primary keys (both change under one lock)
+            pairs = list(map(records.__getitem__, pks))
+        except KeyError:
+            pairs = [records[pk] for pk in pks if pk in records]
+        out.extend(pairs if flt is None else _matches(flt, pairs))
+        if len(pks) < chunk or len(out) >= want:
             break
         last = pks[-1]
         cursor = (records[last][0].get(field), last)
         chunk = min(chunk * 2, 4096)
+    del out[want:]
     return out
+
+
+_record = itemgetter(0)
+
+
+def _matches(flt: Any, pairs: list[Pair]) -> list[Pair]:
+    """The pairs whose record ``flt`` passes, in order. The filter reads the records straight
+    from the pairs (no list of records is built: over a full scan that list cost about a third
+    of the filter's own time, reading every pair once more)."""
+    return [pairs[i] for i in flt.filter(map(_record, pairs))]
 
 
 def _sort_threshold(want: int, total: int) -> int:
@@ -598,28 +691,36 @@ def _range_bounds(cond: dict[str, Any]) -> tuple[Any, bool, Any, bool] | None:
 
 
 def _estimate(index: SecondaryIndex, cond: Any) -> float | None:
-    """How many keys a condition selects (inf: unknown but usable; None: the index cannot help)."""
+    """How many keys a condition selects (inf: unknown but usable; None: the index cannot help).
+
+    An equality to a value no index holds (null, a list, a dict) is answered by the filter: the
+    records holding such values are not in the index."""
     if not _is_operators(cond):
-        return None if cond is None else index.count_eq(cond)
-    if "$eq" in cond and cond["$eq"] is not None:
+        return None if core.index_key(cond) is None else index.count_eq(cond)
+    if "$eq" in cond and core.index_key(cond["$eq"]) is not None:
         return index.count_eq(cond["$eq"])
-    if "$in" in cond and isinstance(cond["$in"], list) and None not in cond["$in"]:
+    if "$in" in cond and _indexable_list(cond["$in"]):
         return sum(index.count_eq(v) for v in cond["$in"])
-    if ("$startswith" in cond and isinstance(cond["$startswith"], str)) or any(op in cond for op in _RANGE_OPS):
+    if ("$startswith" in cond and isinstance(cond["$startswith"], str)) or not _RANGE_OPS.isdisjoint(cond):
         return math.inf
     return None
 
 
+def _indexable_list(values: Any) -> bool:
+    """Whether ``values`` (an ``$in`` operand) is a list of values an index holds, every one."""
+    return isinstance(values, list) and all(core.index_key(v) is not None for v in values)
+
+
 def _lookup(index: SecondaryIndex, cond: Any, cap: int | None) -> list[Any] | None:
     if not _is_operators(cond):
-        return None if cond is None else index.eq(cond)
-    if "$eq" in cond and cond["$eq"] is not None:
+        return None if core.index_key(cond) is None else index.eq(cond)
+    if "$eq" in cond and core.index_key(cond["$eq"]) is not None:
         return index.eq(cond["$eq"])
-    if "$in" in cond and isinstance(cond["$in"], list) and None not in cond["$in"]:
+    if "$in" in cond and _indexable_list(cond["$in"]):
         return index.in_(cond["$in"])
     if "$startswith" in cond and isinstance(cond["$startswith"], str):
         return index.prefix(cond["$startswith"], limit=cap)
-    if any(op in cond for op in _RANGE_OPS):
+    if not _RANGE_OPS.isdisjoint(cond):
         bounds = _range_bounds(cond)
         if bounds is None:
             return None
@@ -654,7 +755,7 @@ def _bounded_scan(cond: dict[str, Any], index: Any, reverse: bool) -> Callable[[
     if isinstance(cond.get("$startswith"), str):
         prefix = cond["$startswith"]
         return lambda after, n: index.prefix(prefix, limit=n, reverse=reverse, after=after)
-    bounds = _range_bounds(cond) if any(op in cond for op in _RANGE_OPS) else None
+    bounds = _range_bounds(cond) if not _RANGE_OPS.isdisjoint(cond) else None
     if bounds is None:
         return None
     lo, lo_inc, hi, hi_inc = bounds

@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import re
 from collections.abc import Mapping
+from operator import itemgetter
 from typing import Any
 
 from natskv._speedups import core
@@ -176,10 +177,46 @@ def first_records(
     if len(order) != 1 or count * 4 >= len(pairs):
         return sort_records(pairs, order, pk)[:count]
     ((name, descending),) = order
+    plain = _first_plain(pairs, name, pk, count, descending)
+    if plain is not None:
+        return plain
     # The same order as sort_records: ties by primary key in the field's direction, nulls last.
     if not descending:
         return heapq.nsmallest(count, pairs, key=lambda p: (order_key(p[0].get(name)), order_key(p[0].get(pk))))
     return heapq.nlargest(count, pairs, key=lambda p: (_valued_key(p[0].get(name)), order_key(p[0].get(pk))))
+
+
+_NUMBERS = frozenset((int, float))
+_STRS = frozenset((str,))
+_VALUE, _PK = itemgetter(0), itemgetter(1)
+
+
+def _one_kind(kinds: set[type]) -> bool:
+    """Whether values of these types are all numbers (bools apart) or all str: then they compare
+    as order_key orders them, directly."""
+    return kinds <= _NUMBERS or kinds <= _STRS
+
+
+def _first_plain(
+    pairs: list[tuple[dict[str, Any], int]], name: str, pk: str, count: int, descending: bool
+) -> list[tuple[dict[str, Any], int]] | None:
+    """first_records for one order field whose values are of one kind (numbers or str, nulls
+    aside) and primary keys of one kind: the heap compares plain ``(value, pk, i)`` tuples, no
+    key function per record (several times less work). None when the values are mixed."""
+    rows = [(record.get(name), record.get(pk), i) for i, (record, _) in enumerate(pairs)]
+    kinds = set(map(type, map(_VALUE, rows)))
+    nulls: list[tuple[Any, Any, int]] = []
+    if type(None) in kinds:
+        kinds.discard(type(None))
+        nulls = [row for row in rows if row[0] is None]
+        rows = [row for row in rows if row[0] is not None]
+    if not _one_kind(kinds) or not _one_kind(set(map(type, map(_PK, rows))) | set(map(type, map(_PK, nulls)))):
+        return None
+    best = heapq.nlargest(count, rows) if descending else heapq.nsmallest(count, rows)
+    if len(best) < count and nulls:  # nulls last, by primary key in the order's direction
+        nulls.sort(key=_PK, reverse=descending)
+        best += nulls[: count - len(best)]
+    return [pairs[row[2]] for row in best]
 
 
 def _valued_key(value: Any) -> tuple[bool, tuple[Any, ...]]:
