@@ -21,10 +21,13 @@ Watch consumers deliver to tokens under the same inbox, routed to their handler 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +35,7 @@ from natskv._speedups import core
 from natskv.errors import NotConnectedError
 from natskv.wire.mux import CallerMux
 from natskv.wire.replies import RawReply, encode_command
-from natskv.wire.waiters import CountWaiter
+from natskv.wire.waiters import CountWaiter, Waiter
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -45,6 +48,28 @@ _WRITE_BUFFER_HIGH = 1 << 20
 
 # nats-py versions whose private parser hook natskv knows (see Multiplexer._install_parser_hook).
 _HOOKED_NATS_VERSIONS = ("2.16.",)
+
+# Every multiplexer of this process: a forked child drops their socket duplicates (see
+# _forget_sockets_in_child).
+_live: weakref.WeakSet[Multiplexer] = weakref.WeakSet()
+
+
+def _forget_sockets_in_child() -> None:
+    # The parent's connections are not the child's to write to (the child's clients reconnect).
+    for mux in list(_live):
+        mux._out_lock = threading.Lock()  # possibly held by a parent thread at the fork
+        mux._writing = False
+        mux._direct_writer = mux._direct_raw = None
+        fds, mux._retired = [mux._fd, *mux._retired], []
+        mux._fd = -1
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
+    os.register_at_fork(after_in_child=_forget_sockets_in_child)
 
 
 class AsyncWaiter:
@@ -113,6 +138,19 @@ class Multiplexer(CallerMux):
         # The stream writer last written to, and the asyncio transport under it (write_now).
         self._writer: Any = None
         self._raw_transport: Any = None
+        # The caller-side send (see _attach_writer): the plain-TCP stream writer callers may
+        # write around, its transport, and natskv's own duplicate of its socket descriptor
+        # (-1: none). Set and cleared on the loop thread under _out_lock; read by callers under it.
+        self._direct_writer: Any = None
+        self._direct_raw: Any = None
+        self._fd = -1
+        # Duplicates detached while a caller was writing to them: closed when it is done.
+        self._retired: list[int] = []
+        # The unwritten end of a caller's partial write, and the writer it belongs to: the loop
+        # writes it before anything else, on that connection only (elsewhere it is garbage).
+        self._remainder: tuple[Any, bytes] | None = None
+        self._writing_via: Any = None  # the stream writer whose socket a caller writes to
+        _live.add(self)
         # Called on the loop thread with the server's "Permissions Violation ..." text, in its
         # original case, by natskv's frame reader (nats-py's parser lower-cases it).
         self.on_permission_violation: Callable[[str], None] | None = None
@@ -184,6 +222,7 @@ class Multiplexer(CallerMux):
         frames_known = core.frames_known
         stats = nc.stats
         routes = self._routes
+        ready = self._ready
         inbox_sid = self._inbox_sid
         plen = self._plen
         # The StreamReader whose feed_data is replaced, and whether chunks go through nats-py's
@@ -203,7 +242,12 @@ class Multiplexer(CallerMux):
                     if sid == inbox_sid:  # a reply: Multiplexer._on_inbox, inlined
                         token = subject[plen:]
                         route = routes.get(token)
-                        if route is not None and route(payload, headers, reply):
+                        if type(route) is Waiter:  # a caller's single request: woken below
+                            routes.pop(token, None)
+                            if route.error is None:
+                                route.reply = (payload, headers, reply)
+                                ready.append(route)
+                        elif route is not None and route(payload, headers, reply):
                             routes.pop(token, None)
                     elif sid in many_handlers:
                         first = i - 1
@@ -219,6 +263,10 @@ class Multiplexer(CallerMux):
                     log.exception("natskv: error handling a message on %r", subject)
             stats["in_msgs"] += count
             stats["in_bytes"] += size
+            # The callers' threads are woken last, in one pass, so that they find the frame
+            # reader done rather than wait for it to let go of the GIL.
+            while ready:
+                ready.popleft().wake()
 
         def feed(reader: Any, data: bytes) -> None:
             # The transport's data callback (loop thread). Must not raise: the transport would
@@ -263,6 +311,7 @@ class Multiplexer(CallerMux):
             if reader is not hooked[0]:
                 hooked[0] = reader
                 reader.feed_data = functools.partial(feed, reader)
+                self._attach_writer()
             if not reader._buffer:
                 passing[0] = False
 
@@ -341,6 +390,8 @@ class Multiplexer(CallerMux):
         self.closed = True
         self._closed_error = error
         error = error or NotConnectedError("the client was closed while this call waited for its reply")
+        with self._out_lock:
+            self._detach_writer()
 
         def fail_all() -> None:
             for waiter in list(self._waiting):
@@ -383,16 +434,28 @@ class Multiplexer(CallerMux):
         with self._out_lock:
             commands, self._outbox = self._outbox, []
             self._scheduled = False
-        if commands:
-            self.write_now(b"".join(commands))
+            remainder, self._remainder = self._remainder, None
+            if remainder is not None:
+                writer, rest = remainder
+                raw = writer.transport
+                if writer is getattr(self._nc._transport, "_io_writer", None) and not raw.is_closing():
+                    raw.write(rest)
+            if commands:
+                self._write_locked(b"".join(commands))
 
     def write_now(self, data: bytes, msgs: int = 0, payload_bytes: int = 0) -> None:
         """Write protocol bytes from the loop thread, keeping order with nats-py's own writes;
         ``msgs`` and ``payload_bytes`` count them (commands queued by :meth:`send` are counted)."""
-        if msgs:
-            with self._out_lock:
-                self.out_msgs += msgs
-                self.out_bytes += payload_bytes
+        with self._out_lock:
+            self.out_msgs += msgs
+            self.out_bytes += payload_bytes
+            if self._writing or self._scheduled:  # after the callers' commands already queued
+                self._outbox.append(data)
+                return
+            self._write_locked(data)
+
+    def _write_locked(self, data: bytes) -> None:
+        # Loop thread, under _out_lock: no caller starts writing to the socket meanwhile.
         nc = self._nc
         # TcpTransport's private stream writer (a new one per connection and TLS upgrade), and
         # the asyncio transport under it, looked up once per writer. A websocket transport has
@@ -410,6 +473,125 @@ class Multiplexer(CallerMux):
         nc._pending_data_size += len(data)
         if nc.is_connected and nc._flush_queue is not None and nc._flush_queue.empty():
             nc._flush_queue.put_nowait(self._loop.create_future())
+
+    # -- the caller-side send ----------------------------------------------------------------
+    #
+    # A caller's thread that finds nothing queued before its command (no outbox, nothing in the
+    # transport's buffer or nats-py's, the connection up) writes the outbox to the socket itself,
+    # instead of waking the loop thread to write it: one system call in place of a wake-up of
+    # the loop (a write to its self-pipe, a poll, a read) and a task switch. While it writes,
+    # other callers' commands and the loop's own writes (natskv's, and nats-py's through the
+    # hooked stream writer) queue in the outbox, which that thread writes too before it stops;
+    # so the bytes of two writers never interleave. Reading, connecting and reconnecting stay
+    # with the loop thread. A write the socket takes only in part leaves its unwritten end to
+    # the loop (_flush_outbox), for that connection only.
+
+    def _attach_writer(self) -> None:
+        """Let callers write around the current connection's stream writer when it is plain
+        TCP (loop thread; called when natskv's frame reader hooks a new connection)."""
+        nc = self._nc
+        writer = getattr(nc._transport, "_io_writer", None)
+        with self._out_lock:
+            if writer is self._direct_writer:
+                return
+            self._detach_writer()
+            if writer is None or self.closed or os.environ.get("NATSKV_NO_DIRECT_WRITE") == "1":
+                return
+            raw = writer.transport
+            if raw.get_extra_info("sslcontext") is not None or raw.get_extra_info("ssl_object") is not None:
+                return  # TLS: the socket carries ciphertext that only the transport makes
+            sock = raw.get_extra_info("socket")
+            try:
+                fd = os.dup(sock.fileno())
+            except (AttributeError, OSError, ValueError):
+                return
+            plain_write = writer.write
+
+            def write(data: Any) -> None:
+                # nats-py's writes (loop thread): behind whatever callers queued.
+                with self._out_lock:
+                    if (self._writing or self._scheduled) and writer is self._direct_writer:
+                        self._outbox.append(bytes(data))
+                        return
+                    plain_write(data)
+
+            writer.write = write
+            writer.writelines = lambda lines: write(b"".join(lines))
+            self._direct_writer, self._direct_raw, self._fd = writer, raw, fd
+
+    def _detach_writer(self) -> None:
+        # Under _out_lock (any thread). A duplicate being written to is closed by its writer.
+        fd, self._fd = self._fd, -1
+        self._direct_writer = self._direct_raw = None
+        if fd >= 0:
+            if self._writing:
+                self._retired.append(fd)
+            else:
+                os.close(fd)
+
+    def _direct_fd(self) -> int:
+        # Caller's thread, under _out_lock. nats-py's state is read, never changed, here.
+        raw = self._direct_raw
+        if raw is None:
+            return -1
+        if len(self._waiting) > 1:
+            # Other requests are out: the loop thread is awake for their replies anyway, and
+            # its writer sends the commands of many threads in one system call.
+            return -1
+        nc = self._nc
+        if (
+            nc._pending
+            or not nc.is_connected
+            or raw.get_write_buffer_size()
+            or raw.is_closing()
+            or getattr(nc._transport, "_io_writer", None) is not self._direct_writer
+        ):
+            return -1
+        self._writing_via = self._direct_writer
+        return self._fd
+
+    def _write_out(self, fd: int) -> None:
+        # Caller's thread, with _writing set: write the outbox until it is empty.
+        lock = self._out_lock
+        writer = self._writing_via  # the connection of fd, whatever happens to it meanwhile
+        while True:
+            with lock:
+                box = self._outbox
+                if not box:
+                    self._writing = False
+                    self._close_retired()
+                    return
+                self._outbox = []
+            data = box[0] if len(box) == 1 else b"".join(box)
+            try:
+                written = os.write(fd, data)
+            except BaseException as exc:
+                # Nothing of data was written (the socket is full, the connection broke, a signal
+                # handler raised): the loop writes it, or nats-py keeps it for the reconnect.
+                self._hand_back(data, None)
+                if isinstance(exc, OSError):
+                    return
+                raise
+            if written < len(data):
+                self._hand_back(data[written:], writer)
+                return
+
+    def _hand_back(self, data: bytes, writer: Any) -> None:
+        # Caller's thread: stop writing and leave the rest to the loop's writer.
+        with self._out_lock:
+            if writer is None:
+                self._outbox.insert(0, data)
+            else:
+                self._remainder = (writer, data)
+            self._writing = False
+            self._scheduled = True
+            self._close_retired()
+        self._wake_writer()
+
+    def _close_retired(self) -> None:
+        # Under _out_lock, once no caller writes.
+        while self._retired:
+            os.close(self._retired.pop())
 
     async def request_async(
         self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None

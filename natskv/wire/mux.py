@@ -17,6 +17,7 @@ state. Splitting that state between two objects would put a hop between them on 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import time
@@ -46,8 +47,13 @@ class CallerMux:
         self._ids = itertools.count(1)
         self._local = threading.local()  # each thread's reusable Waiter (see request)
         self._outbox: list[bytes] = []
+        # Callers' waiters whose reply is in, not yet woken (see aio.mux's frame reader).
+        self._ready: collections.deque[Waiter] = collections.deque()
         self._out_lock = threading.Lock()
+        # Who writes the outbox next (at most one of the two, both under _out_lock): the loop's
+        # writer, scheduled; or a caller's thread writing it to the socket itself (_write_out).
         self._scheduled = False
+        self._writing = False
         # Requests waiting for a reply (caller threads, and the loop's own): close(), refuse()
         # and the server's refusals fail them.
         self._waiting: set[Waiter | StreamWaiter | CountWaiter | AsyncWaiter] = set()
@@ -84,10 +90,26 @@ class CallerMux:
             self._outbox.append(command)
             self.out_msgs += msgs
             self.out_bytes += payload_bytes
-            if self._scheduled:
+            if self._scheduled or self._writing:  # whoever writes next takes this command too
                 return
-            self._scheduled = True
-        self._wake_writer()
+            fd = self._direct_fd()
+            if fd < 0:
+                self._scheduled = True
+            else:
+                self._writing = True
+        if fd < 0:
+            self._wake_writer()
+        else:
+            self._write_out(fd)
+
+    def _direct_fd(self) -> int:
+        """A socket this thread may write the outbox to itself, or -1: wake the loop's writer
+        instead. Called under ``_out_lock``; this half never writes itself."""
+        return -1
+
+    def _write_out(self, fd: int) -> None:
+        """Write the outbox to ``fd`` on the caller's thread (see :meth:`_direct_fd`)."""
+        raise NotImplementedError
 
     def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Fire-and-forget publish from any thread but the loop's."""
@@ -122,7 +144,7 @@ class CallerMux:
             waiter.subject = subject
         token = format(next(self._ids), "x")
         routes = self._routes
-        routes[token] = waiter.deliver
+        routes[token] = waiter
         waiting = self._waiting
         # Known as waiting before the command leaves: the server's refusal of it, or close(),
         # can arrive before this thread gets to wait.
