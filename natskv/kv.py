@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from threading import get_ident
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -176,11 +177,12 @@ class Bucket:
         run here: the client is open (a forked child reconnects here) and this is not the loop
         thread."""
         client = self._client
-        limit = wait_limit(timeout, client.options.request_timeout)
+        limit = client.options.request_timeout if timeout is None else wait_limit(timeout, 0.0)
         if client._closed or self._forks != runner.forks:  # closed, or a forked child reconnects
             client._check()
             self._forks = runner.forks
-        runner.check_not_loop_thread()
+        if get_ident() == runner._ident:
+            runner.check_not_loop_thread()  # raises
         return limit
 
     def _token(self, key: str) -> str:

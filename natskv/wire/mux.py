@@ -24,12 +24,15 @@ import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
+from natskv._speedups import core
 from natskv.errors import NatsKVTimeoutError, NotConnectedError
 from natskv.wire.replies import RawReply, encode_command, fresh_error, short_subject
 from natskv.wire.waiters import CountWaiter, StreamWaiter, Waiter
 
 if TYPE_CHECKING:
     from natskv.aio.mux import AsyncWaiter
+
+_pub_command = core.pub_command  # bound once: request() calls it on every get and set
 
 
 class CallerMux:
@@ -150,8 +153,12 @@ class CallerMux:
         # can arrive before this thread gets to wait.
         waiting.add(waiter)
         try:
-            self.send(encode_command(subject, self.prefix + token, payload, headers), 1, len(payload))
-            completed = waiter.wait(timeout)
+            try:
+                command = _pub_command(subject, self.prefix + token, payload, headers)
+            except (ValueError, TypeError):
+                command = encode_command(subject, self.prefix + token, payload, headers)  # raises natskv's error
+            self.send(command, 1, len(payload))
+            completed = waiter._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))  # waiter.wait()
         except BaseException:  # Ctrl-C while waiting, or a bad command: forget the request
             local.waiter = None
             routes.pop(token, None)
