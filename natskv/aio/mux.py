@@ -4,7 +4,9 @@ A blocking request is encoded and queued on the caller's thread (:mod:`natskv.wi
 caller half); everything here runs on natskv's loop thread, except :meth:`Multiplexer.close`,
 which any thread may call:
 
-* the writer drains the outbox that callers fill, writing the whole batch in one system call;
+* the writer drains the outbox that callers fill, writing the whole batch in one system call. A
+  caller whose request is the only one out writes the outbox to the socket on its own thread
+  instead (see "the caller-side send" below; ``NATSKV_NO_DIRECT_WRITE=1`` turns that off);
 * replies arrive on one wildcard inbox subscription (``<inbox>.*``). When the installed nats-py is
   the version natskv was built against, natskv reads the protocol itself: its frame reader takes
   the place of nats-py's parser (``_core.parse_frames`` splits each chunk read from the socket)

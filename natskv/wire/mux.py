@@ -6,7 +6,8 @@ every thread. Its two halves live where they run:
 * this module, the caller's thread: encode the whole protocol command (``_core.pub_command``),
   register a waiter under a fresh reply token, append the bytes to the outbox (only the first
   caller since the last drain wakes the loop's writer, so commands from many threads go out in
-  one system call), then block on the waiter's lock until the loop thread delivers the reply;
+  one system call; a lone request is written by its own thread, see ``_direct_fd``), then block
+  on the waiter's lock until the loop thread delivers the reply;
 * :mod:`natskv.aio.mux`, the loop thread: the writer that drains the outbox, the frame reader that
   routes each reply to its waiter, subscriptions, and requests made by the loop itself.
 
