@@ -393,3 +393,89 @@ def test_no_caller_side_send_with_no_direct_write_set(nats_url: str) -> None:
     env = dict(os.environ, NATSKV_NO_DIRECT_WRITE="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_writing_caller_leaves_a_steady_stream_of_other_threads_commands_to_the_loop(
+    db: natskv.Client, kv: natskv.Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The thread that writes for the others stops after a few rounds, so that it gets back to its
+    # own request; the loop's writer sends the rest.
+    from natskv.aio import mux as mux_module
+
+    if not direct_path_expected(db):
+        pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+    mux = db._conn.mux
+    real_write = os.write
+    rounds: dict[int, int] = {}
+    most = [0]
+
+    def slow_write(fd: int, data: bytes) -> int:
+        rounds[threading.get_ident()] = rounds.get(threading.get_ident(), 0) + 1
+        time.sleep(0.002)  # the other threads queue commands meanwhile
+        return real_write(fd, data)
+
+    write_out = mux._write_out
+
+    def counted(fd: int) -> None:
+        rounds[threading.get_ident()] = 0
+        try:
+            write_out(fd)
+        finally:
+            most[0] = max(most[0], rounds[threading.get_ident()])
+
+    woken = count_loop_wakeups(mux, monkeypatch)
+    monkeypatch.setattr(mux, "_write_out", counted)
+    monkeypatch.setattr(mux_module, "_DIRECT_ROUNDS", 2)
+    monkeypatch.setattr(mux_module.os, "write", slow_write)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for j in range(30):
+                kv.set(f"t{i}", j)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(mux_module.os, "write", real_write)
+    assert not errors
+    assert kv.get_many([f"t{i}" for i in range(8)]) == {f"t{i}": 29 for i in range(8)}
+    assert 1 <= most[0] <= 2
+    assert woken[0] > 0
+
+
+def test_nats_py_dropping_its_connection_closes_the_socket_duplicate_at_once(
+    db: natskv.Client, kv: natskv.Bucket
+) -> None:
+    if not direct_path_expected(db):
+        pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+    nc = nats_client(db)
+    mux = db._conn.mux
+    kv.set("k", "before")
+    fd = mux._fd
+    assert fd >= 0
+    inode = os.fstat(fd).st_ino
+
+    async def drop() -> None:
+        # what nats-py does with a stale connection: close its transport, then reconnect
+        await nc._process_op_err(ConnectionResetError("test"))
+
+    runner.call(drop(), 10)
+    assert mux._fd == -1 or mux._direct_writer is nc._transport._io_writer
+    try:
+        assert os.fstat(fd).st_ino != inode  # closed (or the number reused by a new descriptor)
+    except OSError:
+        pass
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            kv.set("k", "after", timeout=2)
+            break
+        except natskv.NatsKVError:
+            if time.monotonic() > deadline:
+                raise
+    assert kv.get("k") == "after"

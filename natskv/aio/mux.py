@@ -51,6 +51,10 @@ _WRITE_BUFFER_HIGH = 1 << 20
 # nats-py versions whose private parser hook natskv knows (see Multiplexer._install_parser_hook).
 _HOOKED_NATS_VERSIONS = ("2.16.",)
 
+# How many times a caller's thread writes the outbox before leaving what other threads keep
+# adding to the loop's writer (see Multiplexer._write_out).
+_DIRECT_ROUNDS = 4
+
 # Every multiplexer of this process: a forked child drops their socket duplicates (see
 # _forget_sockets_in_child).
 _live: weakref.WeakSet[Multiplexer] = weakref.WeakSet()
@@ -517,8 +521,19 @@ class Multiplexer(CallerMux):
                         return
                     plain_write(data)
 
+            plain_close = writer.close
+
+            def close() -> None:
+                # nats-py drops the connection (loop thread): let go of natskv's duplicate now,
+                # or the socket stays open (no FIN to the server) until the next connection.
+                with self._out_lock:
+                    if writer is self._direct_writer:
+                        self._detach_writer()
+                plain_close()
+
             writer.write = write
             writer.writelines = lambda lines: write(b"".join(lines))
+            writer.close = close
             self._direct_writer, self._direct_raw, self._fd = writer, raw, fd
 
     def _detach_writer(self) -> None:
@@ -556,6 +571,7 @@ class Multiplexer(CallerMux):
         # Caller's thread, with _writing set: write the outbox until it is empty.
         lock = self._out_lock
         writer = self._writing_via  # the connection of fd, whatever happens to it meanwhile
+        rounds = 0
         while True:
             with lock:
                 box = self._outbox
@@ -563,6 +579,14 @@ class Multiplexer(CallerMux):
                     self._writing = False
                     self._close_retired()
                     return
+                rounds += 1
+                if rounds > _DIRECT_ROUNDS:
+                    # Other threads keep adding commands: this thread has its own reply to wait
+                    # for. The loop's writer takes over.
+                    self._writing = False
+                    self._scheduled = True
+                    self._close_retired()
+                    break
                 self._outbox = []
             data = box[0] if len(box) == 1 else b"".join(box)
             try:
@@ -577,6 +601,7 @@ class Multiplexer(CallerMux):
             if written < len(data):
                 self._hand_back(data[written:], writer)
                 return
+        self._wake_writer()
 
     def _hand_back(self, data: bytes, writer: Any) -> None:
         # Caller's thread: stop writing and leave the rest to the loop's writer.
