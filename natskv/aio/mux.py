@@ -51,10 +51,6 @@ _WRITE_BUFFER_HIGH = 1 << 20
 # nats-py versions whose private parser hook natskv knows (see Multiplexer._install_parser_hook).
 _HOOKED_NATS_VERSIONS = ("2.16.",)
 
-# How many times a caller's thread writes the outbox before leaving what other threads keep
-# adding to the loop's writer (see Multiplexer._write_out).
-_DIRECT_ROUNDS = 4
-
 # Every multiplexer of this process: a forked child drops their socket duplicates (see
 # _forget_sockets_in_child).
 _live: weakref.WeakSet[Multiplexer] = weakref.WeakSet()
@@ -64,14 +60,11 @@ def _forget_sockets_in_child() -> None:
     # The parent's connections are not the child's to write to (the child's clients reconnect).
     for mux in list(_live):
         mux._out_lock = threading.Lock()  # possibly held by a parent thread at the fork
-        mux._writing = False
         mux._direct_writer = mux._direct_raw = None
-        fds, mux._retired = [mux._fd, *mux._retired], []
-        mux._fd = -1
-        for fd in fds:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        fd, mux._fd = mux._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
@@ -150,12 +143,9 @@ class Multiplexer(CallerMux):
         self._direct_writer: Any = None
         self._direct_raw: Any = None
         self._fd = -1
-        # Duplicates detached while a caller was writing to them: closed when it is done.
-        self._retired: list[int] = []
-        # The unwritten end of a caller's partial write, and the writer it belongs to: the loop
-        # writes it before anything else, on that connection only (elsewhere it is garbage).
+        # The unwritten end of a caller's partial write, and the writer it belongs to: written
+        # before anything else on that connection (on another it would be garbage).
         self._remainder: tuple[Any, bytes] | None = None
-        self._writing_via: Any = None  # the stream writer whose socket a caller writes to
         _live.add(self)
         # Called on the loop thread with the server's "Permissions Violation ..." text, in its
         # original case, by natskv's frame reader (nats-py's parser lower-cases it).
@@ -440,14 +430,10 @@ class Multiplexer(CallerMux):
         with self._out_lock:
             commands, self._outbox = self._outbox, []
             self._scheduled = False
-            remainder, self._remainder = self._remainder, None
-            if remainder is not None:
-                writer, rest = remainder
-                raw = writer.transport
-                if writer is getattr(self._nc._transport, "_io_writer", None) and not raw.is_closing():
-                    raw.write(rest)
             if commands:
                 self._write_locked(b"".join(commands))
+            elif self._remainder is not None:
+                self._write_remainder()
 
     def write_now(self, data: bytes, msgs: int = 0, payload_bytes: int = 0) -> None:
         """Write protocol bytes from the loop thread, keeping order with nats-py's own writes;
@@ -455,13 +441,12 @@ class Multiplexer(CallerMux):
         with self._out_lock:
             self.out_msgs += msgs
             self.out_bytes += payload_bytes
-            if self._writing or self._scheduled:  # after the callers' commands already queued
-                self._outbox.append(data)
-                return
             self._write_locked(data)
 
     def _write_locked(self, data: bytes) -> None:
-        # Loop thread, under _out_lock: no caller starts writing to the socket meanwhile.
+        # Loop thread, under _out_lock: no caller writes to the socket meanwhile.
+        if self._remainder is not None:
+            self._write_remainder()
         nc = self._nc
         # TcpTransport's private stream writer (a new one per connection and TLS upgrade), and
         # the asyncio transport under it, looked up once per writer. A websocket transport has
@@ -480,17 +465,26 @@ class Multiplexer(CallerMux):
         if nc.is_connected and nc._flush_queue is not None and nc._flush_queue.empty():
             nc._flush_queue.put_nowait(self._loop.create_future())
 
+    def _write_remainder(self) -> None:
+        # Loop thread, under _out_lock: the end of a caller's partial write goes first, on its
+        # own connection only.
+        assert self._remainder is not None
+        (writer, rest), self._remainder = self._remainder, None
+        raw = writer.transport
+        if writer is getattr(self._nc._transport, "_io_writer", None) and not raw.is_closing():
+            raw.write(rest)
+
     # -- the caller-side send ----------------------------------------------------------------
     #
-    # A caller's thread that finds nothing queued before its command (no outbox, nothing in the
-    # transport's buffer or nats-py's, the connection up) writes the outbox to the socket itself,
-    # instead of waking the loop thread to write it: one system call in place of a wake-up of
-    # the loop (a write to its self-pipe, a poll, a read) and a task switch. While it writes,
-    # other callers' commands and the loop's own writes (natskv's, and nats-py's through the
-    # hooked stream writer) queue in the outbox, which that thread writes too before it stops;
-    # so the bytes of two writers never interleave. Reading, connecting and reconnecting stay
-    # with the loop thread. A write the socket takes only in part leaves its unwritten end to
-    # the loop (_flush_outbox), for that connection only.
+    # A caller's thread whose request is the only one out, and that finds nothing queued before
+    # its command (no outbox, nothing in the transport's write buffer or nats-py's, the
+    # connection up), writes the command to the socket itself instead of waking the loop thread
+    # to write it: one system call in place of a wake-up of the loop (its self-pipe, a poll, a
+    # read) and a task switch. It writes under _out_lock, and every other write to the socket
+    # (the loop's writer and write_now, nats-py's through its hooked stream writer) is made under
+    # that lock too, so the bytes of two writers never interleave. The socket is nonblocking: a
+    # write it takes only in part leaves its end to the loop, for that connection only. Reading,
+    # connecting and reconnecting stay with the loop thread.
 
     def _attach_writer(self) -> None:
         """Let callers write around the current connection's stream writer when it is plain
@@ -512,16 +506,14 @@ class Multiplexer(CallerMux):
             except (AttributeError, OSError, ValueError):
                 return
             plain_write = writer.write
+            plain_close = writer.close
 
             def write(data: Any) -> None:
-                # nats-py's writes (loop thread): behind whatever callers queued.
+                # nats-py's writes (loop thread): never in the middle of a caller's.
                 with self._out_lock:
-                    if (self._writing or self._scheduled) and writer is self._direct_writer:
-                        self._outbox.append(bytes(data))
-                        return
+                    if self._remainder is not None:
+                        self._write_remainder()
                     plain_write(data)
-
-            plain_close = writer.close
 
             def close() -> None:
                 # nats-py drops the connection (loop thread): let go of natskv's duplicate now,
@@ -537,88 +529,48 @@ class Multiplexer(CallerMux):
             self._direct_writer, self._direct_raw, self._fd = writer, raw, fd
 
     def _detach_writer(self) -> None:
-        # Under _out_lock (any thread). A duplicate being written to is closed by its writer.
+        # Under _out_lock (any thread), so no caller is writing to the duplicate.
         fd, self._fd = self._fd, -1
         self._direct_writer = self._direct_raw = None
         if fd >= 0:
-            if self._writing:
-                self._retired.append(fd)
-            else:
-                os.close(fd)
+            os.close(fd)
 
-    def _direct_fd(self) -> int:
+    def _write_here(self) -> bool:
         # Caller's thread, under _out_lock. nats-py's state is read, never changed, here.
         raw = self._direct_raw
         if raw is None:
-            return -1
+            return False
         if len(self._waiting) > 1:
             # Other requests are out: the loop thread is awake for their replies anyway, and
             # its writer sends the commands of many threads in one system call.
-            return -1
+            return False
         nc = self._nc
+        writer = self._direct_writer
         if (
             nc._pending
             or not nc.is_connected
             or raw.get_write_buffer_size()
             or raw.is_closing()
-            or getattr(nc._transport, "_io_writer", None) is not self._direct_writer
+            or getattr(nc._transport, "_io_writer", None) is not writer
         ):
-            return -1
-        self._writing_via = self._direct_writer
-        return self._fd
-
-    def _write_out(self, fd: int) -> None:
-        # Caller's thread, with _writing set: write the outbox until it is empty.
-        lock = self._out_lock
-        writer = self._writing_via  # the connection of fd, whatever happens to it meanwhile
-        rounds = 0
-        while True:
-            with lock:
-                box = self._outbox
-                if not box:
-                    self._writing = False
-                    self._close_retired()
-                    return
-                rounds += 1
-                if rounds > _DIRECT_ROUNDS:
-                    # Other threads keep adding commands: this thread has its own reply to wait
-                    # for. The loop's writer takes over.
-                    self._writing = False
-                    self._scheduled = True
-                    self._close_retired()
-                    break
-                self._outbox = []
-            data = box[0] if len(box) == 1 else b"".join(box)
-            try:
-                written = os.write(fd, data)
-            except BaseException as exc:
-                # Nothing of data was written (the socket is full, the connection broke, a signal
-                # handler raised): the loop writes it, or nats-py keeps it for the reconnect.
-                self._hand_back(data, None)
-                if isinstance(exc, OSError):
-                    return
-                raise
-            if written < len(data):
-                self._hand_back(data[written:], writer)
-                return
-        self._wake_writer()
-
-    def _hand_back(self, data: bytes, writer: Any) -> None:
-        # Caller's thread: stop writing and leave the rest to the loop's writer.
-        with self._out_lock:
-            if writer is None:
-                self._outbox.insert(0, data)
-            else:
-                self._remainder = (writer, data)
-            self._writing = False
+            return False
+        box, self._outbox = self._outbox, []
+        data = box[0] if len(box) == 1 else b"".join(box)
+        try:
+            written = os.write(self._fd, data)
+        except BaseException as exc:
+            # Nothing was written (the socket is full, the connection broke, a signal handler
+            # raised): the loop's writer sends it, or nats-py keeps it for the reconnect.
+            self._outbox = [data]
+            if isinstance(exc, OSError):
+                return False
             self._scheduled = True
-            self._close_retired()
-        self._wake_writer()
-
-    def _close_retired(self) -> None:
-        # Under _out_lock, once no caller writes.
-        while self._retired:
-            os.close(self._retired.pop())
+            self._wake_writer()
+            raise
+        if written < len(data):
+            self._remainder = (writer, data[written:])
+            return False
+        return True
 
     async def request_async(
         self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None

@@ -6,7 +6,7 @@ every thread. Its two halves live where they run:
 * this module, the caller's thread: encode the whole protocol command (``_core.pub_command``),
   register a waiter under a fresh reply token, append the bytes to the outbox (only the first
   caller since the last drain wakes the loop's writer, so commands from many threads go out in
-  one system call; a lone request is written by its own thread, see ``_direct_fd``), then block
+  one system call; a lone request is written by its own thread, see ``_write_here``), then block
   on the waiter's lock until the loop thread delivers the reply;
 * :mod:`natskv.aio.mux`, the loop thread: the writer that drains the outbox, the frame reader that
   routes each reply to its waiter, subscriptions, and requests made by the loop itself.
@@ -54,10 +54,7 @@ class CallerMux:
         # Callers' waiters whose reply is in, not yet woken (see aio.mux's frame reader).
         self._ready: collections.deque[Waiter] = collections.deque()
         self._out_lock = threading.Lock()
-        # Who writes the outbox next (at most one of the two, both under _out_lock): the loop's
-        # writer, scheduled; or a caller's thread writing it to the socket itself (_write_out).
-        self._scheduled = False
-        self._writing = False
+        self._scheduled = False  # the loop's writer is woken and will drain the outbox
         # Requests waiting for a reply (caller threads, and the loop's own): close(), refuse()
         # and the server's refusals fail them.
         self._waiting: set[Waiter | StreamWaiter | CountWaiter | AsyncWaiter] = set()
@@ -94,26 +91,18 @@ class CallerMux:
             self._outbox.append(command)
             self.out_msgs += msgs
             self.out_bytes += payload_bytes
-            if self._scheduled or self._writing:  # whoever writes next takes this command too
+            if self._scheduled:
                 return
-            fd = self._direct_fd()
-            if fd < 0:
-                self._scheduled = True
-            else:
-                self._writing = True
-        if fd < 0:
-            self._wake_writer()
-        else:
-            self._write_out(fd)
+            if self._write_here():
+                return
+            self._scheduled = True
+        self._wake_writer()
 
-    def _direct_fd(self) -> int:
-        """A socket this thread may write the outbox to itself, or -1: wake the loop's writer
-        instead. Called under ``_out_lock``; this half never writes itself."""
-        return -1
-
-    def _write_out(self, fd: int) -> None:
-        """Write the outbox to ``fd`` on the caller's thread (see :meth:`_direct_fd`)."""
-        raise NotImplementedError
+    def _write_here(self) -> bool:
+        """Write the outbox to the socket on this thread when that keeps the stream's order, and
+        say whether it did (False: wake the loop's writer). Called under ``_out_lock``, with
+        nothing queued but this caller's command; this half never writes itself."""
+        return False
 
     def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Fire-and-forget publish from any thread but the loop's."""
