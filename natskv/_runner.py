@@ -111,6 +111,12 @@ class Runner:
         self._closeables: weakref.WeakSet[Any] = weakref.WeakSet()
         # Tasks started by start_soon(): the loop itself keeps only weak references to tasks.
         self._tasks: set[asyncio.Task[Any]] = set()
+        # The loop thread's identifier (0: none), compared on every blocking call.
+        self._ident = 0
+        # Forks this process descends from (counted in the child at each fork): a blocking
+        # call compares it with the count its client last saw instead of asking the kernel
+        # for the process id on every call.
+        self.forks = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -146,6 +152,7 @@ class Runner:
         thread.start()
         ready.wait()
         self._loop, self._thread = loop, thread
+        self._ident = thread.ident or 0
 
     def _after_fork_in_child(self) -> None:
         # The parent's loop thread does not exist here. Forget it without touching it: its sockets
@@ -153,9 +160,11 @@ class Runner:
         self._lock = threading.Lock()
         self._loop = None
         self._thread = None
+        self._ident = 0
         self._pid = os.getpid()
         self._closeables = weakref.WeakSet()
         self._tasks = set()
+        self.forks += 1
 
     def register(self, obj: Any) -> None:
         """Close ``obj`` (via ``obj._close_at_exit()``) when the interpreter exits."""
@@ -175,6 +184,7 @@ class Runner:
                 log.debug("natskv: error while closing %r at exit", obj, exc_info=True)
         loop, thread = self._loop, self._thread
         self._loop = self._thread = None
+        self._ident = 0
         if loop is not None and not loop.is_closed():
             # Cancel what is still running (watch recoveries, timers) and let it finish, so the
             # loop closes with no pending task.
@@ -194,7 +204,7 @@ class Runner:
 
     def in_loop_thread(self) -> bool:
         """True when called from natskv's loop thread."""
-        return self._thread is not None and threading.current_thread() is self._thread
+        return threading.get_ident() == self._ident
 
     def check_not_loop_thread(self, what: str = "a blocking natskv call") -> None:
         """Raise :class:`DeadlockError` if the caller is the loop thread."""

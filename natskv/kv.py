@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from threading import get_ident
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -164,6 +165,7 @@ class Bucket:
         self._core_encode_key = core.encode_key
         self._core_decode_key = core.decode_key
         self._dormant = False  # closed by a bucket manager (natskv.manager) until used again
+        self._forks = -1  # runner.forks when this bucket's client was last checked (see _timeout)
 
     def __repr__(self) -> str:
         return f"<natskv.Bucket {self.name!r}>"
@@ -174,9 +176,13 @@ class Bucket:
         """The limit of a blocking call (see :func:`wait_limit`), after checking that the call may
         run here: the client is open (a forked child reconnects here) and this is not the loop
         thread."""
-        limit = wait_limit(timeout, self._client.options.request_timeout)
-        self._client._check()
-        runner.check_not_loop_thread()
+        client = self._client
+        limit = client.options.request_timeout if timeout is None else wait_limit(timeout, 0.0)
+        if client._closed or self._forks != runner.forks:  # closed, or a forked child reconnects
+            client._check()
+            self._forks = runner.forks
+        if get_ident() == runner._ident:
+            runner.check_not_loop_thread()  # raises
         return limit
 
     def _token(self, key: str) -> str:

@@ -208,3 +208,236 @@ def test_a_timed_out_request_leaves_the_next_one_on_its_thread_its_own_reply(
             assert kv.get_many(["k"]) == {"k": "mine"}
     finally:
         runner.call(sub.unsubscribe(), 5)
+
+
+# -- the caller-side send ---------------------------------------------------------------------
+
+
+def direct_path_expected(db: natskv.Client) -> bool:
+    """Whether this client's caller threads may write to the socket themselves: natskv's frame
+    reader is installed, the connection is plain TCP, and NATSKV_NO_DIRECT_WRITE is not set."""
+    return db._conn.mux.hooked and os.environ.get("NATSKV_NO_DIRECT_WRITE") != "1"
+
+
+def count_loop_wakeups(mux: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    woken = [0]
+    wake = mux._wake_writer
+
+    def counting() -> None:
+        woken[0] += 1
+        wake()
+
+    monkeypatch.setattr(mux, "_wake_writer", counting)
+    return woken
+
+
+def test_a_lone_request_is_written_by_its_callers_thread(
+    db: natskv.Client, kv: natskv.Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mux = db._conn.mux
+    kv.set("k", "v")
+    woken = count_loop_wakeups(mux, monkeypatch)
+    for i in range(50):
+        kv.set("k", i)
+        assert kv.get("k") == i
+    if direct_path_expected(db):
+        assert mux._fd >= 0
+        assert woken[0] == 0  # the loop thread was never asked to write
+    else:
+        assert woken[0] == 100
+
+
+def test_a_partial_write_leaves_its_end_to_the_loop_on_the_same_connection(
+    db: natskv.Client, kv: natskv.Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The socket takes only part of what a caller writes: the loop thread writes the rest before
+    # anything else, so the server still reads whole commands.
+    from natskv.aio import mux as mux_module
+
+    if not direct_path_expected(db):
+        pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+    real_write = os.write
+    partial = [0]
+
+    def short_write(fd: int, data: bytes) -> int:
+        partial[0] += 1
+        return real_write(fd, data[: max(1, len(data) // 3)])
+
+    monkeypatch.setattr(mux_module.os, "write", short_write)
+    for i in range(20):
+        kv.set(f"k{i}", "x" * (i * 50))
+    monkeypatch.setattr(mux_module.os, "write", real_write)
+    assert partial[0] >= 20
+    assert kv.get_many([f"k{i}" for i in range(20)]) == {f"k{i}": "x" * (i * 50) for i in range(20)}
+    assert kv.get("k19") == "x" * 950
+
+
+def test_a_refused_or_failed_write_hands_the_command_to_the_loop(
+    db: natskv.Client, kv: natskv.Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing was written (the socket buffer is full, or the write failed): the loop's writer
+    # sends the whole command instead, and the call completes.
+    from natskv.aio import mux as mux_module
+
+    if not direct_path_expected(db):
+        pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+    woken = count_loop_wakeups(db._conn.mux, monkeypatch)
+    errors = iter([BlockingIOError(11, "full"), ConnectionResetError(104, "reset")] * 10)
+
+    def failing_write(fd: int, data: bytes) -> int:
+        raise next(errors)
+
+    monkeypatch.setattr(mux_module.os, "write", failing_write)
+    for i in range(10):
+        assert kv.set("k", i) > 0
+        assert kv.get("k") == i
+    assert woken[0] == 20
+
+
+def test_nats_py_writes_wait_for_a_caller_that_is_writing(
+    db: natskv.Client, kv: natskv.Bucket, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While a caller's thread writes (slowly, and in parts, here), nats-py publishes from the
+    # loop thread: its writes wait for the caller's, and the unwritten end of the caller's write
+    # goes before them, so the server reads whole commands.
+    from natskv.aio import mux as mux_module
+
+    if not direct_path_expected(db):
+        pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+    nc = nats_client(db)
+    real_write = os.write
+
+    def slow_write(fd: int, data: bytes) -> int:
+        time.sleep(0.002)  # the GIL is free meanwhile: the loop thread runs nats-py
+        return real_write(fd, data[: max(1, len(data) // 2)])
+
+    async def publish_many() -> list[bytes]:
+        got: list[bytes] = []
+
+        async def on_msg(msg: Any) -> None:
+            got.append(msg.data)
+
+        sub = await nc.subscribe(f"q.{name}", cb=on_msg)
+        for i in range(200):
+            await nc.publish(f"q.{name}", str(i).encode())
+            if i % 20 == 0:
+                await nc.flush()
+                await asyncio.sleep(0.001)
+        await nc.flush()
+        for _ in range(200):
+            if len(got) == 200:
+                break
+            await asyncio.sleep(0.01)
+        await sub.unsubscribe()
+        return got
+
+    monkeypatch.setattr(mux_module.os, "write", slow_write)
+    future = asyncio.run_coroutine_threadsafe(publish_many(), runner.loop)
+    for i in range(40):
+        kv.set("k", "y" * 300 + str(i))
+    got = future.result(30)
+    monkeypatch.setattr(mux_module.os, "write", real_write)
+    assert got == [str(i).encode() for i in range(200)]
+    assert kv.get("k") == "y" * 300 + "39"
+
+
+def test_the_socket_duplicate_follows_reconnects_and_is_closed_with_the_client(
+    fresh_server: natskv.EmbeddedServer,
+) -> None:
+    with natskv.connect(fresh_server.url) as db:
+        kv = db.bucket("dup", storage="file")
+        kv.set("k", "before")
+        mux = db._conn.mux
+        if not direct_path_expected(db):
+            pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+        old_fd = mux._fd
+        old_stat = os.fstat(old_fd)
+        fresh_server.restart()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                kv.set("k", "after", timeout=2)
+                break
+            except natskv.NatsKVError:
+                if time.monotonic() > deadline:
+                    raise
+        assert kv.get("k") == "after"
+        for _ in range(100):  # the new connection is hooked by the first data read on it
+            if mux._fd >= 0 and mux._direct_writer is nats_client(db)._transport._io_writer:
+                break
+            time.sleep(0.01)
+        assert mux._direct_writer is nats_client(db)._transport._io_writer
+        new_fd = mux._fd
+        assert new_fd >= 0
+        # the old duplicate is closed (its number may be reused by the new one: compare inodes)
+        assert new_fd != old_fd or os.fstat(new_fd).st_ino != old_stat.st_ino
+        if new_fd != old_fd:
+            with pytest.raises(OSError):
+                os.fstat(old_fd)
+    assert mux._fd == -1
+    with pytest.raises(OSError):
+        os.fstat(new_fd)
+
+
+def test_no_caller_side_send_with_no_direct_write_set(nats_url: str) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import natskv\n"
+        f"db = natskv.connect({nats_url!r})\n"
+        "kv = db.bucket('nodirect_' + str(__import__('os').getpid()))\n"
+        "kv.set('k', 1); assert kv.get('k') == 1\n"
+        "assert db._conn.mux._fd == -1, db._conn.mux._fd\n"
+        "db.delete_bucket(kv.name); db.close()\n"
+    )
+    env = dict(os.environ, NATSKV_NO_DIRECT_WRITE="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_nats_py_dropping_its_connection_closes_the_socket_duplicate_at_once(
+    db: natskv.Client, kv: natskv.Bucket
+) -> None:
+    if not direct_path_expected(db):
+        pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+    nc = nats_client(db)
+    mux = db._conn.mux
+    kv.set("k", "before")
+    fd = mux._fd
+    assert fd >= 0
+    inode = os.fstat(fd).st_ino
+
+    async def drop() -> None:
+        # what nats-py does with a stale connection: close its transport, then reconnect
+        await nc._process_op_err(ConnectionResetError("test"))
+
+    runner.call(drop(), 10)
+    assert mux._fd == -1 or mux._direct_writer is nc._transport._io_writer
+    try:
+        assert os.fstat(fd).st_ino != inode  # closed (or the number reused by a new descriptor)
+    except OSError:
+        pass
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            kv.set("k", "after", timeout=2)
+            break
+        except natskv.NatsKVError:
+            if time.monotonic() > deadline:
+                raise
+    assert kv.get("k") == "after"
+
+
+def test_a_publish_right_after_a_subscribe_reaches_it(db: natskv.Client, name: str) -> None:
+    # subscribe() returns once nats-py has queued its SUB, which its flusher writes a moment
+    # later; a publish made right then from the same thread must not overtake it, whether the
+    # caller's thread or the loop's writer sends it.
+    for i in range(30):
+        sub = db.subscribe(f"order.{name}.{i}")
+        try:
+            db.publish(f"order.{name}.{i}", str(i).encode())
+            msg = sub.get(timeout=5)
+            assert msg is not None and msg.data == str(i).encode()
+        finally:
+            sub.unsubscribe()

@@ -137,8 +137,10 @@ def test_tls_connection_and_no_eof_warning(server_factory, caplog: pytest.LogCap
             kv = db.bucket("tls")
             kv.set("k", "v")
             assert kv.get("k") == "v"
+            assert db._conn.mux._fd == -1  # TLS: no caller thread writes around the transport
             server.restart()  # reconnects upgrade to TLS too
             assert wait_until(lambda: kv.get("k", timeout=1) == "v", 10)
+            assert db._conn.mux._fd == -1
             # A plaintext impostor on the same port never sees the password on reconnect.
             server.stop()
             fake = PlaintextServer(server.port)
@@ -174,6 +176,7 @@ def test_tls_handshake_first(tmp_path: Path) -> None:
             kv = db.bucket("first")
             kv.set("k", 1)
             assert kv.get("k") == 1
+            assert db._conn.mux._fd == -1  # TLS: no caller thread writes around the transport
         # Without the option the client waits for an INFO that never comes.
         error, took = timed(natskv.connect, url, tls_ca=CERT, connect_timeout=1)
         assert isinstance(error, NotConnectedError) and "connect_timeout=1" in str(error) and took < 3

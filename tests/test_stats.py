@@ -132,6 +132,11 @@ def test_publish_stats_sends_batches_that_the_cli_summarises(nats_url: str, name
                     events.extend(batch["events"])
             assert [e["operation"] for e in events[:21]] == ["set"] * 20 + ["get"]
             assert events[20]["key"] == "k1" and events[20]["bucket"] == name
+            # The publisher counts a batch once its publish returned, which may be after the
+            # subscriber got it (a publish from a thread alone is written by that thread).
+            deadline = time.monotonic() + 5
+            while (app.stats()["stats_events"] or {}).get("published", 0) < 21 and time.monotonic() < deadline:
+                time.sleep(0.01)
             counts = app.stats()["stats_events"]
             assert counts is not None and counts["published"] >= 21 and counts["failed"] == 0
             with pytest.raises(natskv.InvalidArgumentError):

@@ -4,7 +4,9 @@ A blocking request is encoded and queued on the caller's thread (:mod:`natskv.wi
 caller half); everything here runs on natskv's loop thread, except :meth:`Multiplexer.close`,
 which any thread may call:
 
-* the writer drains the outbox that callers fill, writing the whole batch in one system call;
+* the writer drains the outbox that callers fill, writing the whole batch in one system call. A
+  caller whose request is the only one out writes the outbox to the socket on its own thread
+  instead (see "the caller-side send" below; ``NATSKV_NO_DIRECT_WRITE=1`` turns that off);
 * replies arrive on one wildcard inbox subscription (``<inbox>.*``). When the installed nats-py is
   the version natskv was built against, natskv reads the protocol itself: its frame reader takes
   the place of nats-py's parser (``_core.parse_frames`` splits each chunk read from the socket)
@@ -21,10 +23,13 @@ Watch consumers deliver to tokens under the same inbox, routed to their handler 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +37,7 @@ from natskv._speedups import core
 from natskv.errors import NotConnectedError
 from natskv.wire.mux import CallerMux
 from natskv.wire.replies import RawReply, encode_command
-from natskv.wire.waiters import CountWaiter
+from natskv.wire.waiters import CountWaiter, Waiter
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -45,6 +50,25 @@ _WRITE_BUFFER_HIGH = 1 << 20
 
 # nats-py versions whose private parser hook natskv knows (see Multiplexer._install_parser_hook).
 _HOOKED_NATS_VERSIONS = ("2.16.",)
+
+# Every multiplexer of this process: a forked child drops their socket duplicates (see
+# _forget_sockets_in_child).
+_live: weakref.WeakSet[Multiplexer] = weakref.WeakSet()
+
+
+def _forget_sockets_in_child() -> None:
+    # The parent's connections are not the child's to write to (the child's clients reconnect).
+    for mux in list(_live):
+        mux._out_lock = threading.Lock()  # possibly held by a parent thread at the fork
+        mux._direct_writer = mux._direct_raw = None
+        fd, mux._fd = mux._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
+    os.register_at_fork(after_in_child=_forget_sockets_in_child)
 
 
 class AsyncWaiter:
@@ -113,6 +137,16 @@ class Multiplexer(CallerMux):
         # The stream writer last written to, and the asyncio transport under it (write_now).
         self._writer: Any = None
         self._raw_transport: Any = None
+        # The caller-side send (see _attach_writer): the plain-TCP stream writer callers may
+        # write around, its transport, and natskv's own duplicate of its socket descriptor
+        # (-1: none). Set and cleared on the loop thread under _out_lock; read by callers under it.
+        self._direct_writer: Any = None
+        self._direct_raw: Any = None
+        self._fd = -1
+        # The unwritten end of a caller's partial write, and the writer it belongs to: written
+        # before anything else on that connection (on another it would be garbage).
+        self._remainder: tuple[Any, bytes] | None = None
+        _live.add(self)
         # Called on the loop thread with the server's "Permissions Violation ..." text, in its
         # original case, by natskv's frame reader (nats-py's parser lower-cases it).
         self.on_permission_violation: Callable[[str], None] | None = None
@@ -184,6 +218,7 @@ class Multiplexer(CallerMux):
         frames_known = core.frames_known
         stats = nc.stats
         routes = self._routes
+        ready = self._ready
         inbox_sid = self._inbox_sid
         plen = self._plen
         # The StreamReader whose feed_data is replaced, and whether chunks go through nats-py's
@@ -203,7 +238,12 @@ class Multiplexer(CallerMux):
                     if sid == inbox_sid:  # a reply: Multiplexer._on_inbox, inlined
                         token = subject[plen:]
                         route = routes.get(token)
-                        if route is not None and route(payload, headers, reply):
+                        if type(route) is Waiter:  # a caller's single request: woken below
+                            routes.pop(token, None)
+                            if route.error is None:
+                                route.reply = (payload, headers, reply)
+                                ready.append(route)
+                        elif route is not None and route(payload, headers, reply):
                             routes.pop(token, None)
                     elif sid in many_handlers:
                         first = i - 1
@@ -219,6 +259,10 @@ class Multiplexer(CallerMux):
                     log.exception("natskv: error handling a message on %r", subject)
             stats["in_msgs"] += count
             stats["in_bytes"] += size
+            # The callers' threads are woken last, in one pass, so that they find the frame
+            # reader done rather than wait for it to let go of the GIL.
+            while ready:
+                ready.popleft().wake()
 
         def feed(reader: Any, data: bytes) -> None:
             # The transport's data callback (loop thread). Must not raise: the transport would
@@ -263,6 +307,7 @@ class Multiplexer(CallerMux):
             if reader is not hooked[0]:
                 hooked[0] = reader
                 reader.feed_data = functools.partial(feed, reader)
+                self._attach_writer()
             if not reader._buffer:
                 passing[0] = False
 
@@ -341,6 +386,8 @@ class Multiplexer(CallerMux):
         self.closed = True
         self._closed_error = error
         error = error or NotConnectedError("the client was closed while this call waited for its reply")
+        with self._out_lock:
+            self._detach_writer()
 
         def fail_all() -> None:
             for waiter in list(self._waiting):
@@ -383,16 +430,23 @@ class Multiplexer(CallerMux):
         with self._out_lock:
             commands, self._outbox = self._outbox, []
             self._scheduled = False
-        if commands:
-            self.write_now(b"".join(commands))
+            if commands:
+                self._write_locked(b"".join(commands))
+            elif self._remainder is not None:
+                self._write_remainder()
 
     def write_now(self, data: bytes, msgs: int = 0, payload_bytes: int = 0) -> None:
         """Write protocol bytes from the loop thread, keeping order with nats-py's own writes;
         ``msgs`` and ``payload_bytes`` count them (commands queued by :meth:`send` are counted)."""
-        if msgs:
-            with self._out_lock:
-                self.out_msgs += msgs
-                self.out_bytes += payload_bytes
+        with self._out_lock:
+            self.out_msgs += msgs
+            self.out_bytes += payload_bytes
+            self._write_locked(data)
+
+    def _write_locked(self, data: bytes) -> None:
+        # Loop thread, under _out_lock: no caller writes to the socket meanwhile.
+        if self._remainder is not None:
+            self._write_remainder()
         nc = self._nc
         # TcpTransport's private stream writer (a new one per connection and TLS upgrade), and
         # the asyncio transport under it, looked up once per writer. A websocket transport has
@@ -410,6 +464,113 @@ class Multiplexer(CallerMux):
         nc._pending_data_size += len(data)
         if nc.is_connected and nc._flush_queue is not None and nc._flush_queue.empty():
             nc._flush_queue.put_nowait(self._loop.create_future())
+
+    def _write_remainder(self) -> None:
+        # Loop thread, under _out_lock: the end of a caller's partial write goes first, on its
+        # own connection only.
+        assert self._remainder is not None
+        (writer, rest), self._remainder = self._remainder, None
+        raw = writer.transport
+        if writer is getattr(self._nc._transport, "_io_writer", None) and not raw.is_closing():
+            raw.write(rest)
+
+    # -- the caller-side send ----------------------------------------------------------------
+    #
+    # A caller's thread whose request is the only one out, and that finds nothing queued before
+    # its command (no outbox, nothing in the transport's write buffer or nats-py's, the
+    # connection up), writes the command to the socket itself instead of waking the loop thread
+    # to write it: one system call in place of a wake-up of the loop (its self-pipe, a poll, a
+    # read) and a task switch. It writes under _out_lock, and every other write to the socket
+    # (the loop's writer and write_now, nats-py's through its hooked stream writer) is made under
+    # that lock too, so the bytes of two writers never interleave. The socket is nonblocking: a
+    # write it takes only in part leaves its end to the loop, for that connection only. Reading,
+    # connecting and reconnecting stay with the loop thread.
+
+    def _attach_writer(self) -> None:
+        """Let callers write around the current connection's stream writer when it is plain
+        TCP (loop thread; called when natskv's frame reader hooks a new connection)."""
+        nc = self._nc
+        writer = getattr(nc._transport, "_io_writer", None)
+        with self._out_lock:
+            if writer is self._direct_writer:
+                return
+            self._detach_writer()
+            if writer is None or self.closed or os.environ.get("NATSKV_NO_DIRECT_WRITE") == "1":
+                return
+            raw = writer.transport
+            if raw.get_extra_info("sslcontext") is not None or raw.get_extra_info("ssl_object") is not None:
+                return  # TLS: the socket carries ciphertext that only the transport makes
+            sock = raw.get_extra_info("socket")
+            try:
+                fd = os.dup(sock.fileno())
+            except (AttributeError, OSError, ValueError):
+                return
+            plain_write = writer.write
+            plain_close = writer.close
+
+            def write(data: Any) -> None:
+                # nats-py's writes (loop thread): never in the middle of a caller's.
+                with self._out_lock:
+                    if self._remainder is not None:
+                        self._write_remainder()
+                    plain_write(data)
+
+            def close() -> None:
+                # nats-py drops the connection (loop thread): let go of natskv's duplicate now,
+                # or the socket stays open (no FIN to the server) until the next connection.
+                with self._out_lock:
+                    if writer is self._direct_writer:
+                        self._detach_writer()
+                plain_close()
+
+            writer.write = write
+            writer.writelines = lambda lines: write(b"".join(lines))
+            writer.close = close
+            self._direct_writer, self._direct_raw, self._fd = writer, raw, fd
+
+    def _detach_writer(self) -> None:
+        # Under _out_lock (any thread), so no caller is writing to the duplicate.
+        fd, self._fd = self._fd, -1
+        self._direct_writer = self._direct_raw = None
+        if fd >= 0:
+            os.close(fd)
+
+    def _write_here(self) -> bool:
+        # Caller's thread, under _out_lock. nats-py's state is read, never changed, here.
+        raw = self._direct_raw
+        if raw is None:
+            return False
+        if len(self._waiting) > 1:
+            # Other requests are out: the loop thread is awake for their replies anyway, and
+            # its writer sends the commands of many threads in one system call.
+            return False
+        nc = self._nc
+        writer = self._direct_writer
+        if (
+            nc._pending
+            or not nc.is_connected
+            or raw.get_write_buffer_size()
+            or raw.is_closing()
+            or getattr(nc._transport, "_io_writer", None) is not writer
+        ):
+            return False
+        box, self._outbox = self._outbox, []
+        data = box[0] if len(box) == 1 else b"".join(box)
+        try:
+            written = os.write(self._fd, data)
+        except BaseException as exc:
+            # Nothing was written (the socket is full, the connection broke, a signal handler
+            # raised): the loop's writer sends it, or nats-py keeps it for the reconnect.
+            self._outbox = [data]
+            if isinstance(exc, OSError):
+                return False
+            self._scheduled = True
+            self._wake_writer()
+            raise
+        if written < len(data):
+            self._remainder = (writer, data[written:])
+            return False
+        return True
 
     async def request_async(
         self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float | None

@@ -6,7 +6,8 @@ every thread. Its two halves live where they run:
 * this module, the caller's thread: encode the whole protocol command (``_core.pub_command``),
   register a waiter under a fresh reply token, append the bytes to the outbox (only the first
   caller since the last drain wakes the loop's writer, so commands from many threads go out in
-  one system call), then block on the waiter's lock until the loop thread delivers the reply;
+  one system call; a lone request is written by its own thread, see ``_write_here``), then block
+  on the waiter's lock until the loop thread delivers the reply;
 * :mod:`natskv.aio.mux`, the loop thread: the writer that drains the outbox, the frame reader that
   routes each reply to its waiter, subscriptions, and requests made by the loop itself.
 
@@ -17,18 +18,22 @@ state. Splitting that state between two objects would put a hop between them on 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
+from natskv._speedups import core
 from natskv.errors import NatsKVTimeoutError, NotConnectedError
 from natskv.wire.replies import RawReply, encode_command, fresh_error, short_subject
 from natskv.wire.waiters import CountWaiter, StreamWaiter, Waiter
 
 if TYPE_CHECKING:
     from natskv.aio.mux import AsyncWaiter
+
+_pub_command = core.pub_command  # bound once: request() calls it on every get and set
 
 
 class CallerMux:
@@ -46,8 +51,10 @@ class CallerMux:
         self._ids = itertools.count(1)
         self._local = threading.local()  # each thread's reusable Waiter (see request)
         self._outbox: list[bytes] = []
+        # Callers' waiters whose reply is in, not yet woken (see aio.mux's frame reader).
+        self._ready: collections.deque[Waiter] = collections.deque()
         self._out_lock = threading.Lock()
-        self._scheduled = False
+        self._scheduled = False  # the loop's writer is woken and will drain the outbox
         # Requests waiting for a reply (caller threads, and the loop's own): close(), refuse()
         # and the server's refusals fail them.
         self._waiting: set[Waiter | StreamWaiter | CountWaiter | AsyncWaiter] = set()
@@ -86,8 +93,16 @@ class CallerMux:
             self.out_bytes += payload_bytes
             if self._scheduled:
                 return
+            if self._write_here():
+                return
             self._scheduled = True
         self._wake_writer()
+
+    def _write_here(self) -> bool:
+        """Write the outbox to the socket on this thread when that keeps the stream's order, and
+        say whether it did (False: wake the loop's writer). Called under ``_out_lock``, with
+        nothing queued but this caller's command; this half never writes itself."""
+        return False
 
     def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Fire-and-forget publish from any thread but the loop's."""
@@ -122,14 +137,18 @@ class CallerMux:
             waiter.subject = subject
         token = format(next(self._ids), "x")
         routes = self._routes
-        routes[token] = waiter.deliver
+        routes[token] = waiter
         waiting = self._waiting
         # Known as waiting before the command leaves: the server's refusal of it, or close(),
         # can arrive before this thread gets to wait.
         waiting.add(waiter)
         try:
-            self.send(encode_command(subject, self.prefix + token, payload, headers), 1, len(payload))
-            completed = waiter.wait(timeout)
+            try:
+                command = _pub_command(subject, self.prefix + token, payload, headers)
+            except (ValueError, TypeError):
+                command = encode_command(subject, self.prefix + token, payload, headers)  # raises natskv's error
+            self.send(command, 1, len(payload))
+            completed = waiter._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0))  # waiter.wait()
         except BaseException:  # Ctrl-C while waiting, or a bad command: forget the request
             local.waiter = None
             routes.pop(token, None)

@@ -7,6 +7,7 @@ frame reader hands it the reply (``deliver``) or an error (``fail``), which rele
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,14 @@ class Waiter(ThreadWaiter):
             self.reply = (data, headers, reply)
             self._lock.release()
         return True
+
+    __call__ = deliver
+
+    def wake(self) -> None:
+        """Release the waiting thread once its reply is stored (any thread; a waiter that
+        close() already woke stays as it is)."""
+        with contextlib.suppress(RuntimeError):
+            self._lock.release()
 
 
 class StreamWaiter(ThreadWaiter):
