@@ -23,7 +23,9 @@ from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_Next, PyDict_SetIt
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport Py_EQ, Py_GE, Py_GT, Py_LE, Py_LT, PyObject, PyObject_RichCompareBool
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.object cimport PyTypeObject
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_SET_ITEM
 from cpython.unicode cimport (
     Py_UCS1,
     Py_UCS2,
@@ -46,6 +48,7 @@ __all__ = [
     "Filter",
     "IndexSet",
     "Pattern",
+    "Record",
     "RecordBuilder",
     "SortedIndex",
     "UniqueIndex",
@@ -64,6 +67,7 @@ __all__ = [
     "parse_header_fields",
     "parse_headers",
     "pub_command",
+    "record_type",
     "take_deliveries",
 ]
 
@@ -1565,9 +1569,10 @@ cdef class _Exists(_Cond):
 
 
 cdef class _Node:
-    """A condition on a whole document (a dict)."""
+    """A condition on a whole document: a dict (``slots`` None), or a Record whose layout's
+    slots (field name -> position) are ``slots``."""
 
-    cdef bint match(self, dict doc) except -1:
+    cdef bint match(self, object doc, dict slots) except -1:
         raise NotImplementedError
 
 
@@ -1583,9 +1588,13 @@ cdef class _Field(_Node):
         self.nested = len(path) > 1
         self.conds = tuple(conds)
 
-    cdef bint match(self, dict doc) except -1:
-        cdef object value = doc.get(self.key, _MISSING)
+    cdef bint match(self, object doc, dict slots) except -1:
+        cdef object value
         cdef bint present
+        if slots is None:
+            value = (<dict>doc).get(self.key, _MISSING)
+        else:
+            value = _record_value(doc, slots, self.key, _MISSING)
         cdef Py_ssize_t i
         if self.nested:
             for i in range(1, len(self.path)):
@@ -1610,9 +1619,9 @@ cdef class _And(_Node):
     def __init__(self, nodes):
         self.nodes = tuple(nodes)
 
-    cdef bint match(self, dict doc) except -1:
+    cdef bint match(self, object doc, dict slots) except -1:
         for node in self.nodes:
-            if not (<_Node>node).match(doc):
+            if not (<_Node>node).match(doc, slots):
                 return False
         return True
 
@@ -1623,9 +1632,9 @@ cdef class _Or(_Node):
     def __init__(self, nodes):
         self.nodes = tuple(nodes)
 
-    cdef bint match(self, dict doc) except -1:
+    cdef bint match(self, object doc, dict slots) except -1:
         for node in self.nodes:
-            if (<_Node>node).match(doc):
+            if (<_Node>node).match(doc, slots):
                 return True
         return False
 
@@ -1636,8 +1645,8 @@ cdef class _Not(_Node):
     def __init__(self, _Node node):
         self.node = node
 
-    cdef bint match(self, dict doc) except -1:
-        return not self.node.match(doc)
+    cdef bint match(self, object doc, dict slots) except -1:
+        return not self.node.match(doc, slots)
 
 
 cdef _Node _all_of(list nodes):
@@ -1807,19 +1816,36 @@ cdef class Filter:
         if self._root is None:
             return True
         if type(value) is dict:
-            return self._root.match(<dict>value)
-        return isinstance(value, dict) and self._root.match(<dict>value)
+            return self._root.match(value, None)
+        if isinstance(value, Record):
+            return self._root.match(value, type(value)._slots)
+        return isinstance(value, dict) and self._root.match(value, None)
 
     def match(self, value):
-        """True if value satisfies the filter. Only dicts can match a non-empty filter."""
+        """True if value satisfies the filter. Only dicts and Records can match a non-empty filter."""
         return self._match(value)
 
     def filter(self, values):
         """The indices of the values that match, in order."""
         cdef list result = []
         cdef Py_ssize_t i = 0
+        cdef object layout = None  # the Record class last seen, and its slots
+        cdef dict slots = None
+        cdef bint hit
         for value in values:
-            if self._match(value):
+            kind = type(value)
+            if self._root is None:
+                hit = True
+            elif kind is layout:
+                hit = self._root.match(value, slots)
+            elif kind is dict:
+                hit = self._root.match(value, None)
+            elif isinstance(value, Record):
+                layout, slots = kind, kind._slots
+                hit = self._root.match(value, slots)
+            else:
+                hit = isinstance(value, dict) and self._root.match(value, None)
+            if hit:
                 result.append(i)
             i += 1
         return result
@@ -2931,22 +2957,197 @@ cdef class UniqueIndex(_OrderedIndex):
         self._values = _new_chunks(False, True)
 
 
+# ---------------------------------------------------------------------------------------------
+# Records: a model's stored records, one tuple each
+# ---------------------------------------------------------------------------------------------
+
+cdef extern from "Python.h":
+    object PyType_GenericAlloc(PyTypeObject* kind, Py_ssize_t items)
+
+
+class _Absent:
+    """The value a record holds for a field of its layout that it does not have."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "<absent>"
+
+
+cdef object _ABSENT = _Absent()
+
+
+cdef inline object _record_value(object record, dict slots, object key, object default):
+    """The value of ``key`` in a Record whose layout's slots are ``slots``, or ``default``."""
+    cdef PyObject* slot = PyDict_GetItem(slots, key)
+    cdef object value
+    cdef Py_ssize_t size
+    if slot is not NULL:
+        value = <object>PyTuple_GET_ITEM(record, <Py_ssize_t><object>slot)
+        return default if value is _ABSENT else value
+    size = PyTuple_GET_SIZE(record)
+    if size > len(slots) + 1:  # the trailing dict of keys outside the layout
+        return (<dict>PyTuple_GET_ITEM(record, size - 1)).get(key, default)
+    return default
+
+
+class Record(tuple):
+    """One stored record of a model in a single object: the tuple ``(revision, v1, ..., vn)``
+    (plus a dict of keys outside the layout). Reads as a read-only mapping of the stored form.
+    See natskv._core_py.Record."""
+
+    __slots__ = ()
+    _names = ()
+    _slots = {}
+
+    @property
+    def revision(self):
+        """The revision of the record."""
+        return <object>PyTuple_GET_ITEM(self, 0)
+
+    def get(self, key, default=None):
+        """The value of key in the stored form, or default."""
+        return _record_value(self, type(self)._slots, key, default)
+
+    def __getitem__(self, key):
+        value = _record_value(self, type(self)._slots, key, _ABSENT)
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key):
+        return _record_value(self, type(self)._slots, key, _ABSENT) is not _ABSENT
+
+    def as_dict(self):
+        """A new dict of the stored form (layout fields first, in layout order)."""
+        cdef tuple names = type(self)._names
+        cdef dict out = {}
+        cdef Py_ssize_t i, n = len(names)
+        cdef object value
+        for i in range(n):
+            value = <object>PyTuple_GET_ITEM(self, i + 1)
+            if value is not _ABSENT:
+                out[names[i]] = value
+        if PyTuple_GET_SIZE(self) > n + 1:
+            out.update(<dict>PyTuple_GET_ITEM(self, n + 1))
+        return out
+
+    def __iter__(self):
+        return iter(self.as_dict())
+
+    def __len__(self):
+        return len(self.as_dict())
+
+    def keys(self):
+        """The keys of the stored form."""
+        return self.as_dict().keys()
+
+    def values(self):
+        """The values of the stored form."""
+        return self.as_dict().values()
+
+    def items(self):
+        """The (key, value) pairs of the stored form."""
+        return self.as_dict().items()
+
+    def __eq__(self, other):
+        if isinstance(other, Record):
+            return self.as_dict() == other.as_dict()
+        if isinstance(other, dict):
+            return self.as_dict() == other
+        return NotImplemented
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Record({self.as_dict()!r}, revision={self.revision!r})"
+
+    def __reduce__(self):
+        return dict, (self.as_dict(),)
+
+
+def record_type(names):
+    """The Record class of records whose layout is the field names, in order. See
+    natskv._core_py.record_type."""
+    layout = tuple(names)
+    for name in layout:
+        if type(name) is not str:
+            raise TypeError(f"field names are str, not {type(name).__name__}")
+    if len(set(layout)) != len(layout):
+        raise ValueError(f"field names repeat in {layout!r}")
+    slots = {name: i for i, name in enumerate(layout, 1)}
+    return type("Record", (Record,), {"__slots__": (), "__module__": __name__, "_names": layout, "_slots": slots})
+
+
+cdef object _new_record(object cls, dict stored, object revision, list shared, Py_ssize_t limit):
+    """The record of cls holding the dict stored at revision; see natskv._core_py._new_record."""
+    cdef tuple names = cls._names
+    cdef Py_ssize_t n = len(names), i, known = 0
+    cdef bint extra = False
+    cdef PyObject* raw
+    cdef PyObject* kept
+    cdef object value, seen
+    for i in range(n):
+        if PyDict_GetItem(stored, names[i]) is not NULL:
+            known += 1
+    extra = known < len(stored)
+    record = PyType_GenericAlloc(<PyTypeObject*>cls, n + 2 if extra else n + 1)
+    Py_INCREF(revision)
+    PyTuple_SET_ITEM(record, 0, revision)
+    for i in range(n):
+        raw = PyDict_GetItem(stored, names[i])
+        if raw is NULL:
+            value = _ABSENT
+        else:
+            value = <object>raw
+            if shared is not None and type(value) is str:
+                seen = shared[i + 1]
+                if seen is not None:
+                    kept = PyDict_GetItem(<dict>seen, value)
+                    if kept is not NULL:
+                        value = <object>kept
+                    elif len(<dict>seen) < limit:
+                        PyDict_SetItem(<dict>seen, value, value)
+                    else:
+                        shared[i + 1] = None
+        Py_INCREF(value)
+        PyTuple_SET_ITEM(record, i + 1, value)
+    if extra:
+        slots = cls._slots
+        value = {key: item for key, item in stored.items() if key not in slots}
+        Py_INCREF(value)
+        PyTuple_SET_ITEM(record, n + 1, value)
+    return record
+
+
+cdef inline object _slot_value(object record, Py_ssize_t slot):
+    """A record's value at slot for an index: None when absent."""
+    cdef object value = <object>PyTuple_GET_ITEM(record, slot)
+    return None if value is _ABSENT else value
+
+
 @cython.final
 cdef class IndexSet:
-    """The records of one model by primary key and the indexes over their fields, kept in step
-    one change at a time. Same API and behaviour as natskv._core_py.IndexSet. Not thread-safe:
-    the owner serializes access.
+    """The records of one model by primary key (Records) and the indexes over their fields,
+    kept in step one change at a time. Same API and behaviour as natskv._core_py.IndexSet. Not
+    thread-safe: the owner serializes access.
     """
 
     cdef object _pk
-    cdef dict _unique
-    cdef dict _sorted
+    cdef Py_ssize_t _pk_slot
+    cdef tuple _unique          # ((slot, UniqueIndex), ...)
+    cdef tuple _sorted          # ((slot, SortedIndex), ...)
     cdef dict _records
-    cdef dict _shared
+    cdef list _shared           # None, or per slot: the str values seen there (None: not tracked)
     cdef Py_ssize_t _share_max
     cdef readonly bint deferred
+    cdef readonly object record_type
 
-    def __init__(self, pk_field, unique, sorted, records):
+    def __init__(self, pk_field, unique, sorted, records, fields):
         if not isinstance(unique, dict) or not isinstance(sorted, dict) or not isinstance(records, dict):
             raise TypeError("unique, sorted and records must be dicts")
         for name, index in unique.items():
@@ -2955,11 +3156,17 @@ cdef class IndexSet:
         for name, index in sorted.items():
             if not isinstance(index, SortedIndex):
                 raise TypeError(f"sorted[{name!r}] must be a SortedIndex, not {type(index).__name__}")
+        self.record_type = record_type(fields)
+        slots = self.record_type._slots
+        for name in (pk_field, *unique, *sorted):
+            if name not in slots:
+                raise ValueError(f"{name!r} is not one of the fields {self.record_type._names!r}")
         self._pk = pk_field
-        self._unique = unique
-        self._sorted = sorted
+        self._pk_slot = slots[pk_field]
+        self._unique = tuple((slots[name], index) for name, index in unique.items())
+        self._sorted = tuple((slots[name], index) for name, index in sorted.items())
         self._records = records
-        self._shared = {}
+        self._shared = None
         self._share_max = 0
         self.deferred = False
 
@@ -2967,33 +3174,16 @@ cdef class IndexSet:
         """Hold each repeated str value of the fields ``names`` once. See natskv._core_py.IndexSet.share."""
         if type(limit) is bool or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be an int >= 0, not {limit!r}")
+        slots = self.record_type._slots
+        tracked = {slots[name] for name in names if name in slots}
+        self._shared = [{} if slot in tracked else None for slot in range(len(slots) + 1)] if tracked else None
         self._share_max = limit
-        self._shared = {name: {} for name in names}
 
-    cdef int _share(self, dict record) except -1:
-        cdef list tired = None
-        cdef dict seen
-        cdef PyObject* raw
-        cdef PyObject* kept
-        for name, seen_obj in self._shared.items():
-            raw = PyDict_GetItem(record, name)
-            if raw is NULL or type(<object>raw) is not str:
-                continue
-            seen = <dict>seen_obj
-            kept = PyDict_GetItem(seen, <object>raw)
-            if kept is NULL:
-                if len(seen) < self._share_max:
-                    PyDict_SetItem(seen, <object>raw, <object>raw)
-                else:
-                    if tired is None:
-                        tired = []
-                    tired.append(name)
-            elif kept != raw:
-                PyDict_SetItem(record, name, <object>kept)
-        if tired is not None:
-            for name in tired:
-                del self._shared[name]
-        return 0
+    def record(self, stored, revision):
+        """A record of this set's layout holding the dict stored (not held, not indexed)."""
+        if not isinstance(stored, dict):
+            raise TypeError(f"a stored record is a dict, not {type(stored).__name__}")
+        return _new_record(self.record_type, stored, revision, None, 0)
 
     def defer(self):
         """Keep only the records up to date from now on, and leave the indexes alone until
@@ -3005,55 +3195,54 @@ cdef class IndexSet:
         cdef list records = list(self._records.values())
         cdef list pks = list(self._records)
         cdef list values
-        cdef dict record
+        cdef Py_ssize_t slot
         cdef _OrderedIndex index
         for indexes in (self._unique, self._sorted):
-            for name, index_obj in (<dict>indexes).items():
-                index = <_OrderedIndex>index_obj
+            for entry in <tuple>indexes:
+                slot = (<tuple>entry)[0]
+                index = <_OrderedIndex>(<tuple>entry)[1]
                 index.clear()
-                values = []
-                for pair in records:
-                    record = <dict>(<tuple>pair)[0]
-                    values.append(record.get(name))
+                values = [_slot_value(record, slot) for record in records]
                 index._bulk(values, pks)
         self.deferred = False
 
     def apply(self, old, new, revision):
-        """Replace the record old by new (either may be None) as of revision; return the
-        revision old was held at, 0 if it was not held. See natskv._core_py.IndexSet.apply."""
-        cdef object old_revision = 0, held, value, holder, old_pk, new_pk
-        cdef dict record
+        """Replace the record old (a dict or the Record held) by the dict new (either may be
+        None) as of revision; return the revision the old record was held at, 0 if it was not
+        held. See natskv._core_py.IndexSet.apply."""
+        cdef object old_revision = 0, held, value, holder, old_pk, new_pk, record
         cdef UniqueIndex unique
         cdef SortedIndex ordered
-        if type(old) is dict:
-            record = <dict>old
-            old_pk = record.get(self._pk)
+        cdef Py_ssize_t slot
+        if old is not None and (type(old) is dict or isinstance(old, Record)):
+            old_pk = old.get(self._pk)
             held = self._records.pop(old_pk, None) if _valid_pk(old_pk) else None
             if held is not None:
-                old_revision = held[1]
-            if held is not None and not self.deferred:
-                for name, index in self._unique.items():
-                    unique = <UniqueIndex>index
-                    value = record.get(name)
-                    if value is not None and unique.get(value) == old_pk:
-                        unique.remove(value)
-                for name, index in self._sorted.items():
-                    ordered = <SortedIndex>index
-                    value = record.get(name)
-                    if value is not None:
-                        ordered._remove(value, old_pk)
+                old_revision = <object>PyTuple_GET_ITEM(held, 0)
+                if not self.deferred:
+                    for entry in self._unique:
+                        slot = (<tuple>entry)[0]
+                        unique = <UniqueIndex>(<tuple>entry)[1]
+                        value = _slot_value(held, slot)
+                        if value is not None and unique.get(value) == old_pk:
+                            unique.remove(value)
+                    for entry in self._sorted:
+                        slot = (<tuple>entry)[0]
+                        ordered = <SortedIndex>(<tuple>entry)[1]
+                        value = _slot_value(held, slot)
+                        if value is not None:
+                            ordered._remove(value, old_pk)
         if type(new) is dict:
-            record = <dict>new
-            new_pk = record.get(self._pk)
+            new_pk = (<dict>new).get(self._pk)
             if _valid_pk(new_pk):
-                if self._shared:
-                    self._share(record)
-                self._records[new_pk] = (new, revision)
+                record = _new_record(self.record_type, <dict>new, revision, self._shared, self._share_max)
+                self._records[new_pk] = record
                 if self.deferred:
                     return old_revision
-                for name, index in self._unique.items():
-                    unique = <UniqueIndex>index
-                    value = record.get(name)
+                for entry in self._unique:
+                    slot = (<tuple>entry)[0]
+                    unique = <UniqueIndex>(<tuple>entry)[1]
+                    value = _slot_value(record, slot)
                     if value is None:
                         continue
                     holder = unique.get(value)
@@ -3061,9 +3250,10 @@ cdef class IndexSet:
                         if holder is not None:
                             unique.remove(value)
                         unique.add(value, new_pk)
-                for name, index in self._sorted.items():
-                    ordered = <SortedIndex>index
-                    value = record.get(name)
+                for entry in self._sorted:
+                    slot = (<tuple>entry)[0]
+                    ordered = <SortedIndex>(<tuple>entry)[1]
+                    value = _slot_value(record, slot)
                     if value is not None:
                         ordered._add(value, new_pk)
         return old_revision
@@ -3090,14 +3280,16 @@ cdef object _object_new = object.__new__
 
 @cython.final
 cdef class RecordBuilder:
-    """Turns stored records (JSON-decoded dicts) into instances of a plain Python class.
+    """Turns stored records (Records, or (stored dict or Record, revision) pairs) into instances
+    of a plain Python class. See natskv._core_py.RecordBuilder.
 
     Each instance's ``__dict__`` gets every name of ``fields`` (None when the record lacks it),
     ``_extra`` (a dict of the record's other keys, except those in ``skip``), ``_version`` (the
     revision) and ``_stored`` (the record itself, shared, never modified). ``converters`` are
     ``(field, function)`` pairs applied to non-None values of those fields; the fields named in
     ``floats`` get ints (not bools) turned into floats, as JSON writes 1.0 as 1. ``__init__`` is
-    not called. Immutable once built: safe to share between threads.
+    not called. Immutable once built (its per-layout plans are a cache): safe to share between
+    threads.
     """
 
     cdef object _cls
@@ -3110,6 +3302,7 @@ cdef class RecordBuilder:
     cdef tuple _skip_names
     cdef bint _instance_dict
     cdef tuple _plan
+    cdef dict _layouts          # Record class -> (slots of the fields, (name, slot) of the others)
 
     def __init__(self, cls, fields, skip=(), converters=(), floats=()):
         if not isinstance(cls, type):
@@ -3134,6 +3327,7 @@ cdef class RecordBuilder:
                 raise ValueError(f"floats names fields; {name!r} is not one")
         converter_of = dict(self._converters)
         self._plan = tuple((name, converter_of.get(name), name in self._floats) for name in self._names)
+        self._layouts = {}
 
     cdef int _extras(self, dict stored, dict extra) except -1:
         cdef Py_ssize_t pos = 0
@@ -3144,66 +3338,127 @@ cdef class RecordBuilder:
                 PyDict_SetItem(extra, <object>key, <object>raw)
         return 0
 
-    def build(self, pairs):
-        """One instance per ``(stored record, revision)`` pair, in order."""
+    cdef tuple _layout(self, object kind):
+        """How records of the Record class kind map to this builder's fields: the slot of each
+        field (0: outside the layout), and the (name, slot) of the layout's other kept names."""
+        cdef tuple layout = <tuple>self._layouts.get(kind)
+        if layout is None:
+            slots = kind._slots
+            layout = (
+                tuple(slots.get(name, 0) for name in self._names),
+                tuple((name, slot) for name, slot in slots.items()
+                      if name not in self._fields and name not in self._skip),
+            )
+            self._layouts[kind] = layout
+        return layout
+
+    cdef dict _record_values(self, object record, dict extra):
+        """A Record's field values by name (None when absent), its other kept keys put in extra."""
+        cdef tuple layout = self._layout(type(record))
+        cdef tuple field_slots = <tuple>layout[0]
+        cdef tuple names = self._names
+        cdef dict values = {}
+        cdef Py_ssize_t i, slot, size = PyTuple_GET_SIZE(record)
+        cdef Py_ssize_t width = len(type(record)._names) + 1
+        cdef object value
+        cdef dict outside = <dict>PyTuple_GET_ITEM(record, width) if size > width else None
+        for i in range(len(names)):
+            slot = <Py_ssize_t>field_slots[i]
+            if slot:
+                value = <object>PyTuple_GET_ITEM(record, slot)
+                if value is _ABSENT:
+                    value = None
+            elif outside is not None:
+                value = outside.get(names[i])
+            else:
+                value = None
+            PyDict_SetItem(values, names[i], value)
+        for name, slot_obj in <tuple>layout[1]:
+            value = <object>PyTuple_GET_ITEM(record, <Py_ssize_t>slot_obj)
+            if value is not _ABSENT:
+                PyDict_SetItem(extra, name, value)
+        if outside is not None:
+            self._extras(outside, extra)
+        return values
+
+    def build(self, records):
+        """One instance per stored record (a Record, or a (stored, revision) pair), in order."""
         cdef list out = []
         cdef dict values, extra, stored
-        cdef Py_ssize_t pos, known
-        cdef PyObject* key
+        cdef Py_ssize_t known
         cdef PyObject* raw
         cdef object cls = self._cls, obj, revision, value, name, convert
         cdef bint to_float
-        cdef tuple names = self._names
         cdef tuple skip = self._skip_names
         cdef bint instance_dict = self._instance_dict
         cdef tuple plan = self._plan
-        for pair in pairs:
-            stored_obj, revision = pair
-            if type(stored_obj) is not dict:
-                if not isinstance(stored_obj, dict):
-                    raise TypeError(f"a stored record is a dict, not {type(stored_obj).__name__}")
-            stored = <dict>stored_obj
+        for item in records:
+            if isinstance(item, Record):
+                stored_obj = item
+                revision = <object>PyTuple_GET_ITEM(item, 0)
+            else:
+                stored_obj, revision = item
             obj = _object_new(cls)
-            known = 0
             extra = {}
-            if instance_dict:
-                # Set as attributes, in one fixed order: a plain class keeps them in the
-                # instance's own compact storage, faster to fill and smaller than a dict.
-                for name, convert, to_float in plan:
-                    raw = PyDict_GetItem(stored, name)
-                    if raw is NULL:
-                        value = None
-                    else:
-                        known += 1
-                        value = <object>raw
+            if isinstance(stored_obj, Record):
+                values = self._record_values(stored_obj, extra)
+                if instance_dict:
+                    for name, convert, to_float in plan:
+                        value = values[name]
                         if convert is not None and value is not None:
                             value = convert(value)
                         elif to_float and type(value) is int:
                             value = float(value)
-                    PyObject_GenericSetAttr(obj, name, value)
+                        PyObject_GenericSetAttr(obj, name, value)
+                    PyObject_GenericSetAttr(obj, "_extra", extra)
+                    PyObject_GenericSetAttr(obj, "_version", revision)
+                    PyObject_GenericSetAttr(obj, "_stored", stored_obj)
+                    out.append(obj)
+                    continue
+            else:
+                if type(stored_obj) is not dict:
+                    if not isinstance(stored_obj, dict):
+                        raise TypeError(f"a stored record is a dict, not {type(stored_obj).__name__}")
+                stored = <dict>stored_obj
+                known = 0
+                if instance_dict:
+                    # Set as attributes, in one fixed order: a plain class keeps them in the
+                    # instance's own compact storage, faster to fill and smaller than a dict.
+                    for name, convert, to_float in plan:
+                        raw = PyDict_GetItem(stored, name)
+                        if raw is NULL:
+                            value = None
+                        else:
+                            known += 1
+                            value = <object>raw
+                            if convert is not None and value is not None:
+                                value = convert(value)
+                            elif to_float and type(value) is int:
+                                value = float(value)
+                        PyObject_GenericSetAttr(obj, name, value)
+                    for name in skip:
+                        if PyDict_GetItem(stored, name) is not NULL:
+                            known += 1
+                    if known < len(stored):  # keys that are neither fields nor skipped: in _extra
+                        self._extras(stored, extra)
+                    PyObject_GenericSetAttr(obj, "_extra", extra)
+                    PyObject_GenericSetAttr(obj, "_version", revision)
+                    PyObject_GenericSetAttr(obj, "_stored", stored)
+                    out.append(obj)
+                    continue
+                values = {}
+                for name in self._names:
+                    raw = PyDict_GetItem(stored, name)
+                    if raw is NULL:
+                        PyDict_SetItem(values, name, None)
+                    else:
+                        PyDict_SetItem(values, name, <object>raw)
+                        known += 1
                 for name in skip:
                     if PyDict_GetItem(stored, name) is not NULL:
                         known += 1
-                if known < len(stored):  # keys that are neither fields nor skipped: in _extra
+                if known < len(stored):  # keys that are neither fields nor skipped: kept in _extra
                     self._extras(stored, extra)
-                PyObject_GenericSetAttr(obj, "_extra", extra)
-                PyObject_GenericSetAttr(obj, "_version", revision)
-                PyObject_GenericSetAttr(obj, "_stored", stored)
-                out.append(obj)
-                continue
-            values = {}
-            for name in names:
-                raw = PyDict_GetItem(stored, name)
-                if raw is NULL:
-                    PyDict_SetItem(values, name, None)
-                else:
-                    PyDict_SetItem(values, name, <object>raw)
-                    known += 1
-            for name in skip:
-                if PyDict_GetItem(stored, name) is not NULL:
-                    known += 1
-            if known < len(stored):  # keys that are neither fields nor skipped: kept in _extra
-                self._extras(stored, extra)
             for name, convert in self._converters:
                 value = values[name]
                 if value is not None:
@@ -3214,7 +3469,7 @@ cdef class RecordBuilder:
                     values[name] = float(value)
             values["_extra"] = extra
             values["_version"] = revision
-            values["_stored"] = stored
+            values["_stored"] = stored_obj
             PyObject_GenericSetDict(obj, values, NULL)
             out.append(obj)
         return out
