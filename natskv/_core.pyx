@@ -3210,6 +3210,52 @@ cdef class IndexSet:
         """Replace the record old (a dict or the Record held) by the dict new (either may be
         None) as of revision; return the revision the old record was held at, 0 if it was not
         held. See natskv._core_py.IndexSet.apply."""
+        return self._apply(old, new, revision)
+
+    def apply_entries(self, entries, Py_ssize_t prefix_len, sep, loads, pk_of, dict deleted):
+        """Apply a run of raw entries of record keys in one call; return the highest revision
+        among them (0 for none). See natskv._core_py.IndexSet.apply_entries."""
+        cdef Py_UCS4 c_sep = <Py_UCS4>_sep_char(sep)
+        cdef object top = 0, revision, held, new, value, pk
+        cdef str subject
+        cdef bint put
+        cdef dict records = self._records
+        cdef PyObject* raw
+        for entry in entries:
+            revision = entry.revision
+            if revision > top:
+                top = revision
+            subject = entry.subject
+            try:
+                key = _decode(subject, c_sep, prefix_len)
+            except ValueError:
+                key = subject[prefix_len:]
+            pk = pk_of(key)
+            if pk is None:
+                continue  # not a record key: it holds no record
+            raw = PyDict_GetItem(records, pk)
+            held = None if raw is NULL else <object>raw
+            if held is not None and revision <= <object>PyTuple_GET_ITEM(held, 0):
+                continue  # applied already
+            if deleted and revision <= deleted.get(key, 0):
+                continue
+            put = entry.operation == "PUT"
+            if not put and held is None:
+                continue
+            new = None
+            if put and not entry.raw_bytes:
+                try:
+                    value = loads(entry.data)
+                except ValueError:
+                    value = None
+                if type(value) is dict:
+                    raw = PyDict_GetItem(<dict>value, self._pk)
+                    if raw is not NULL and type(<object>raw) is type(pk) and <object>raw == pk:
+                        new = value
+            self._apply(held, new, revision)
+        return top
+
+    cdef object _apply(self, object old, object new, object revision):
         cdef object old_revision = 0, held, value, holder, old_pk, new_pk, record
         cdef UniqueIndex unique
         cdef SortedIndex ordered

@@ -2046,6 +2046,54 @@ class IndexSet:
                     self._index(record, new_pk)
         return old_revision
 
+    def apply_entries(self, entries: Iterable[Any], prefix_len: int, sep: str, loads: Callable[[bytes], Any],
+                      pk_of: Callable[[str], Any], deleted: dict[str, int]) -> int:
+        """Apply a run of raw entries (objects with the fields of natskv's ``RawEntry``: subject,
+        data, revision, operation, raw_bytes) of a replica of record keys, in one call, as a
+        replica applies them one by one; return the highest revision among them (0 for none).
+
+        Each entry's key is ``subject[prefix_len:]`` decoded as :func:`decode_key` does (left as
+        it is when not in that encoding); ``pk_of(key)`` is the primary key a record stored under
+        it must have, None for a key that holds no record (skipped). An entry at or below the
+        revision of the record held under that pk, or of ``deleted.get(key)`` (keys deleted
+        ahead of the replica's watch), is one applied already, and skipped. A ``PUT`` whose
+        payload is JSON (``loads``, unless ``raw_bytes``) of a dict with that pk replaces the
+        record; any other entry deletes it.
+        """
+        top = 0
+        records, pk_field = self._records, self._pk
+        for entry in entries:
+            revision = entry.revision
+            top = max(top, revision)
+            token = entry.subject[prefix_len:]
+            try:
+                key = decode_key(token, sep)
+            except ValueError:
+                key = token
+            pk = pk_of(key)
+            if pk is None:
+                continue  # not a record key: it holds no record
+            held = records.get(pk)
+            if held is not None and revision <= held.revision:
+                continue  # applied already
+            if deleted and revision <= deleted.get(key, 0):
+                continue
+            put = entry.operation == "PUT"
+            if not put and held is None:
+                continue
+            new = None
+            if put and not entry.raw_bytes:
+                try:
+                    value = loads(entry.data)
+                except ValueError:
+                    value = None
+                if type(value) is dict:
+                    stored = value.get(pk_field, _ABSENT)
+                    if type(stored) is type(pk) and stored == pk:
+                        new = value
+            self.apply(held, new, revision)
+        return top
+
     def _unindex(self, record: Record, pk: Any) -> None:
         for slot, unique in self._unique:
             value = tuple.__getitem__(record, slot)

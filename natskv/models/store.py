@@ -212,6 +212,15 @@ class ModelStore:
                     old, old_revision = hit, hit.revision
             self._tell(old, new, revision, old_revision)
 
+    def apply_entries(self, entries: list[Any], prefix_len: int, sep: str, deleted: dict[str, int]) -> int | None:
+        """Apply a run of the replica's raw entries in one ``_core`` call, as :meth:`apply` would
+        one by one (see ``ReplicaStorage.apply_entries``): the highest revision among them, or
+        None, applying nothing, while listeners would have to hear of each change."""
+        if self.listeners or self.inherited is not None:
+            return None
+        top: int = self.index_set.apply_entries(entries, prefix_len, sep, orjson.loads, stored_pk, deleted)
+        return top
+
     def loaded(self) -> None:
         """The replica's initial values are in: after a fork's reload, the inherited records
         that did not come back were deleted meanwhile. Builds the indexes of the records loaded."""
