@@ -24,7 +24,7 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport Py_EQ, Py_GE, Py_GT, Py_LE, Py_LT, PyObject, PyObject_RichCompareBool
 from cpython.object cimport PyTypeObject
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_SET_ITEM
 from cpython.unicode cimport (
     Py_UCS1,
@@ -2962,7 +2962,23 @@ cdef class UniqueIndex(_OrderedIndex):
 # ---------------------------------------------------------------------------------------------
 
 cdef extern from "Python.h":
-    object PyType_GenericAlloc(PyTypeObject* kind, Py_ssize_t items)
+    ctypedef struct PyTupleObject:
+        PyObject* ob_item[1]
+    PyObject* _PyObject_GC_NewVar(PyTypeObject* kind, Py_ssize_t items) except NULL
+    void PyObject_GC_Track(void* op)
+
+
+cdef object _alloc_record(object cls, Py_ssize_t size):
+    """An empty (all NULL) tuple of the Record class cls with size items, not yet tracked by
+    the collector. Allocated at its exact size: tp_alloc (PyType_GenericAlloc) adds room for
+    one more item, which puts a 6-field record in the next 16-byte size class."""
+    cdef PyObject* raw = _PyObject_GC_NewVar(<PyTypeObject*>cls, size)
+    cdef Py_ssize_t i
+    for i in range(size):
+        (<PyTupleObject*>raw).ob_item[i] = NULL
+    record = <object>raw
+    Py_DECREF(record)  # <object> took a reference of its own
+    return record
 
 
 class _Absent:
@@ -3091,11 +3107,13 @@ cdef object _new_record(object cls, dict stored, object revision, list shared, P
     cdef PyObject* raw
     cdef PyObject* kept
     cdef object value, seen
+    cdef bint containers = False
+    cdef type kind
     for i in range(n):
         if PyDict_GetItem(stored, names[i]) is not NULL:
             known += 1
     extra = known < len(stored)
-    record = PyType_GenericAlloc(<PyTypeObject*>cls, n + 2 if extra else n + 1)
+    record = _alloc_record(cls, n + 2 if extra else n + 1)
     Py_INCREF(revision)
     PyTuple_SET_ITEM(record, 0, revision)
     for i in range(n):
@@ -3114,6 +3132,9 @@ cdef object _new_record(object cls, dict stored, object revision, list shared, P
                         PyDict_SetItem(<dict>seen, value, value)
                     else:
                         shared[i + 1] = None
+            kind = type(value)
+            if not (kind is str or kind is int or kind is float or kind is bool or value is None):
+                containers = True
         Py_INCREF(value)
         PyTuple_SET_ITEM(record, i + 1, value)
     if extra:
@@ -3121,6 +3142,11 @@ cdef object _new_record(object cls, dict stored, object revision, list shared, P
         value = {key: item for key, item in stored.items() if key not in slots}
         Py_INCREF(value)
         PyTuple_SET_ITEM(record, n + 1, value)
+        containers = True
+    # Like CPython's own tuples, a record of strs and numbers only is left to reference
+    # counting: it can be in no cycle, and the collector's full passes need not visit it.
+    if containers or type(revision) is not int:
+        PyObject_GC_Track(<PyObject*>record)
     return record
 
 
@@ -3385,47 +3411,69 @@ cdef class RecordBuilder:
         return 0
 
     cdef tuple _layout(self, object kind):
-        """How records of the Record class kind map to this builder's fields: the slot of each
-        field (0: outside the layout), and the (name, slot) of the layout's other kept names."""
+        """How records of the Record class kind map to this builder: per field (name, slot (0:
+        outside the layout), converter, to_float), the (name, slot) of the layout's other kept
+        names, and the record width without its dict of keys outside the layout."""
         cdef tuple layout = <tuple>self._layouts.get(kind)
         if layout is None:
             slots = kind._slots
             layout = (
-                tuple(slots.get(name, 0) for name in self._names),
+                tuple((name, slots.get(name, 0), convert, to_float) for name, convert, to_float in self._plan),
                 tuple((name, slot) for name, slot in slots.items()
                       if name not in self._fields and name not in self._skip),
+                len(slots) + 1,
             )
             self._layouts[kind] = layout
         return layout
 
-    cdef dict _record_values(self, object record, dict extra):
-        """A Record's field values by name (None when absent), its other kept keys put in extra."""
-        cdef tuple layout = self._layout(type(record))
-        cdef tuple field_slots = <tuple>layout[0]
-        cdef tuple names = self._names
-        cdef dict values = {}
-        cdef Py_ssize_t i, slot, size = PyTuple_GET_SIZE(record)
-        cdef Py_ssize_t width = len(type(record)._names) + 1
+    cdef object _record_value(self, object record, Py_ssize_t slot, object name, dict outside,
+                              object convert, bint to_float):
         cdef object value
-        cdef dict outside = <dict>PyTuple_GET_ITEM(record, width) if size > width else None
-        for i in range(len(names)):
-            slot = <Py_ssize_t>field_slots[i]
-            if slot:
-                value = <object>PyTuple_GET_ITEM(record, slot)
-                if value is _ABSENT:
-                    value = None
-            elif outside is not None:
-                value = outside.get(names[i])
-            else:
-                value = None
-            PyDict_SetItem(values, names[i], value)
+        if slot:
+            value = <object>PyTuple_GET_ITEM(record, slot)
+            if value is _ABSENT:
+                return None
+        elif outside is not None:
+            value = outside.get(name)
+        else:
+            return None
+        if convert is not None and value is not None:
+            return convert(value)
+        if to_float and type(value) is int:
+            return float(value)
+        return value
+
+    cdef object _from_record(self, object record, object revision):
+        """An instance of a Record (see build)."""
+        cdef tuple layout = self._layout(type(record))
+        cdef Py_ssize_t width = <Py_ssize_t>layout[2]
+        cdef dict outside = <dict>PyTuple_GET_ITEM(record, width) if PyTuple_GET_SIZE(record) > width else None
+        cdef dict extra = {}
+        cdef dict values
+        cdef object obj = _object_new(self._cls), value
         for name, slot_obj in <tuple>layout[1]:
             value = <object>PyTuple_GET_ITEM(record, <Py_ssize_t>slot_obj)
             if value is not _ABSENT:
                 PyDict_SetItem(extra, name, value)
         if outside is not None:
             self._extras(outside, extra)
-        return values
+        if self._instance_dict:
+            for name, slot_obj, convert, to_float in <tuple>layout[0]:
+                PyObject_GenericSetAttr(obj, name, self._record_value(
+                    record, <Py_ssize_t>slot_obj, name, outside, convert, to_float))
+            PyObject_GenericSetAttr(obj, "_extra", extra)
+            PyObject_GenericSetAttr(obj, "_version", revision)
+            PyObject_GenericSetAttr(obj, "_stored", record)
+            return obj
+        values = {}
+        for name, slot_obj, convert, to_float in <tuple>layout[0]:
+            PyDict_SetItem(values, name, self._record_value(
+                record, <Py_ssize_t>slot_obj, name, outside, convert, to_float))
+        values["_extra"] = extra
+        values["_version"] = revision
+        values["_stored"] = record
+        PyObject_GenericSetDict(obj, values, NULL)
+        return obj
 
     def build(self, records):
         """One instance per stored record (a Record, or a (stored, revision) pair), in order."""
@@ -3444,67 +3492,54 @@ cdef class RecordBuilder:
                 revision = <object>PyTuple_GET_ITEM(item, 0)
             else:
                 stored_obj, revision = item
+            if isinstance(stored_obj, Record):
+                out.append(self._from_record(stored_obj, revision))
+                continue
             obj = _object_new(cls)
             extra = {}
-            if isinstance(stored_obj, Record):
-                values = self._record_values(stored_obj, extra)
-                if instance_dict:
-                    for name, convert, to_float in plan:
-                        value = values[name]
+            if type(stored_obj) is not dict:
+                if not isinstance(stored_obj, dict):
+                    raise TypeError(f"a stored record is a dict, not {type(stored_obj).__name__}")
+            stored = <dict>stored_obj
+            known = 0
+            if instance_dict:
+                # Set as attributes, in one fixed order: a plain class keeps them in the
+                # instance's own compact storage, faster to fill and smaller than a dict.
+                for name, convert, to_float in plan:
+                    raw = PyDict_GetItem(stored, name)
+                    if raw is NULL:
+                        value = None
+                    else:
+                        known += 1
+                        value = <object>raw
                         if convert is not None and value is not None:
                             value = convert(value)
                         elif to_float and type(value) is int:
                             value = float(value)
-                        PyObject_GenericSetAttr(obj, name, value)
-                    PyObject_GenericSetAttr(obj, "_extra", extra)
-                    PyObject_GenericSetAttr(obj, "_version", revision)
-                    PyObject_GenericSetAttr(obj, "_stored", stored_obj)
-                    out.append(obj)
-                    continue
-            else:
-                if type(stored_obj) is not dict:
-                    if not isinstance(stored_obj, dict):
-                        raise TypeError(f"a stored record is a dict, not {type(stored_obj).__name__}")
-                stored = <dict>stored_obj
-                known = 0
-                if instance_dict:
-                    # Set as attributes, in one fixed order: a plain class keeps them in the
-                    # instance's own compact storage, faster to fill and smaller than a dict.
-                    for name, convert, to_float in plan:
-                        raw = PyDict_GetItem(stored, name)
-                        if raw is NULL:
-                            value = None
-                        else:
-                            known += 1
-                            value = <object>raw
-                            if convert is not None and value is not None:
-                                value = convert(value)
-                            elif to_float and type(value) is int:
-                                value = float(value)
-                        PyObject_GenericSetAttr(obj, name, value)
-                    for name in skip:
-                        if PyDict_GetItem(stored, name) is not NULL:
-                            known += 1
-                    if known < len(stored):  # keys that are neither fields nor skipped: in _extra
-                        self._extras(stored, extra)
-                    PyObject_GenericSetAttr(obj, "_extra", extra)
-                    PyObject_GenericSetAttr(obj, "_version", revision)
-                    PyObject_GenericSetAttr(obj, "_stored", stored)
-                    out.append(obj)
-                    continue
-                values = {}
-                for name in self._names:
-                    raw = PyDict_GetItem(stored, name)
-                    if raw is NULL:
-                        PyDict_SetItem(values, name, None)
-                    else:
-                        PyDict_SetItem(values, name, <object>raw)
-                        known += 1
+                    PyObject_GenericSetAttr(obj, name, value)
                 for name in skip:
                     if PyDict_GetItem(stored, name) is not NULL:
                         known += 1
-                if known < len(stored):  # keys that are neither fields nor skipped: kept in _extra
+                if known < len(stored):  # keys that are neither fields nor skipped: in _extra
                     self._extras(stored, extra)
+                PyObject_GenericSetAttr(obj, "_extra", extra)
+                PyObject_GenericSetAttr(obj, "_version", revision)
+                PyObject_GenericSetAttr(obj, "_stored", stored)
+                out.append(obj)
+                continue
+            values = {}
+            for name in self._names:
+                raw = PyDict_GetItem(stored, name)
+                if raw is NULL:
+                    PyDict_SetItem(values, name, None)
+                else:
+                    PyDict_SetItem(values, name, <object>raw)
+                    known += 1
+            for name in skip:
+                if PyDict_GetItem(stored, name) is not NULL:
+                    known += 1
+            if known < len(stored):  # keys that are neither fields nor skipped: kept in _extra
+                self._extras(stored, extra)
             for name, convert in self._converters:
                 value = values[name]
                 if value is not None:
