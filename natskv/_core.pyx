@@ -67,6 +67,7 @@ __all__ = [
     "parse_header_fields",
     "parse_headers",
     "pub_command",
+    "record_pk",
     "record_type",
     "take_deliveries",
 ]
@@ -3099,6 +3100,44 @@ def record_type(names):
     return type("Record", (Record,), {"__slots__": (), "__module__": __name__, "_names": layout, "_slots": slots})
 
 
+cdef object _record_pk(str key):
+    cdef Py_ssize_t n = len(key), i, start = 5
+    cdef Py_UCS4 kind, c
+    if n < 4 or key[0] != u"r" or key[1] != u":" or key[3] != u":":
+        return None
+    kind = key[2]
+    if kind == u"s":
+        return key[4:]
+    if kind == u"i":
+        # exactly as str() writes an int: ASCII digits, no "+", no leading zero, no "-0"
+        if n == 4 or (key[4] == u"-" and n == 5):
+            return None
+        if key[4] != u"-":
+            start = 4
+        if key[start] == u"0" and (n > start + 1 or start == 5):
+            return None
+        for i in range(start, n):
+            c = key[i]
+            if c < u"0" or c > u"9":
+                return None
+        return int(key[4:])
+    if kind == u"u":
+        text = key[4:]
+        try:
+            return text if str(uuid.UUID(text)) == text else None
+        except ValueError:
+            return None
+    return None
+
+
+def record_pk(key):
+    """The primary key (stored form) of a model's record key, None for any other key. See
+    natskv._core_py.record_pk."""
+    if type(key) is not str:
+        raise TypeError(f"a key is a str, not {type(key).__name__}")
+    return _record_pk(key)
+
+
 cdef object _new_record(object cls, dict stored, object revision, list shared, Py_ssize_t limit):
     """The record of cls holding the dict stored at revision; see natskv._core_py._new_record."""
     cdef tuple names = cls._names
@@ -3256,7 +3295,7 @@ cdef class IndexSet:
                 key = _decode(subject, c_sep, prefix_len)
             except ValueError:
                 key = subject[prefix_len:]
-            pk = pk_of(key)
+            pk = _record_pk(key) if pk_of is record_pk else pk_of(key)
             if pk is None:
                 continue  # not a record key: it holds no record
             raw = PyDict_GetItem(records, pk)

@@ -56,6 +56,7 @@ __all__ = [
     "parse_header_fields",
     "parse_headers",
     "pub_command",
+    "record_pk",
     "record_type",
     "take_deliveries",
 ]
@@ -1915,6 +1916,26 @@ def record_type(names: Iterable[str]) -> type[Record]:
         raise ValueError(f"field names repeat in {layout!r}")
     slots = {name: i for i, name in enumerate(layout, 1)}
     return type("Record", (Record,), {"__slots__": (), "__module__": __name__, "_names": layout, "_slots": slots})
+
+
+def record_pk(key: str) -> Any:
+    """The primary key, in its stored (JSON) form, of a model's record key: ``r:i:<int>`` (the
+    int, written exactly as ``str`` writes it), ``r:s:<str>`` (the str), ``r:u:<uuid>`` (the
+    UUID's str, in its canonical form); None for any other key."""
+    if type(key) is not str:
+        raise TypeError(f"a key is a str, not {type(key).__name__}")
+    kind, text = key[:4], key[4:]
+    if kind == "r:s:":
+        return text
+    try:
+        if kind == "r:i:":
+            number = int(text)
+            return number if str(number) == text else None
+        if kind == "r:u:":
+            return text if str(uuid.UUID(text)) == text else None
+    except ValueError:
+        return None
+    return None
 
 
 def _new_record(cls: type[Record], stored: dict[str, Any], revision: Any,

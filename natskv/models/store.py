@@ -68,19 +68,8 @@ def record_key(pk: Any) -> str:
 def stored_pk(key: str) -> Any:
     """The primary key, in its stored (JSON) form, of the record key ``key`` (the inverse of
     :func:`record_key`: a UUID's is its string); None when ``key`` is not a record key in
-    exactly that form."""
-    kind, text = key[:4], key[4:]
-    if kind == "r:s:":
-        return text
-    try:
-        if kind == "r:i:":
-            number = int(text)
-            return number if str(number) == text else None
-        if kind == "r:u:":
-            return text if str(uuid.UUID(text)) == text else None
-    except ValueError:
-        return None
-    return None
+    exactly that form (``_core.record_pk``)."""
+    return core.record_pk(key)
 
 
 def unique_key(field: str, json_value: Any) -> str:
@@ -218,7 +207,7 @@ class ModelStore:
         None, applying nothing, while listeners would have to hear of each change."""
         if self.listeners or self.inherited is not None:
             return None
-        top: int = self.index_set.apply_entries(entries, prefix_len, sep, orjson.loads, stored_pk, deleted)
+        top: int = self.index_set.apply_entries(entries, prefix_len, sep, orjson.loads, core.record_pk, deleted)
         return top
 
     def loaded(self) -> None:
