@@ -3278,15 +3278,22 @@ cdef class IndexSet:
         return self._apply(old, new, revision)
 
     def apply_entries(self, entries, Py_ssize_t prefix_len, sep, loads, pk_of, dict deleted):
-        """Apply a run of raw entries of record keys in one call; return the highest revision
-        among them (0 for none). See natskv._core_py.IndexSet.apply_entries."""
+        """Apply a run of raw entries of record keys in one call (a list is consumed); return
+        the highest revision among them (0 for none). See natskv._core_py.IndexSet.apply_entries."""
         cdef Py_UCS4 c_sep = <Py_UCS4>_sep_char(sep)
         cdef object top = 0, revision, held, new, value, pk
         cdef str subject
         cdef bint put
         cdef dict records = self._records
         cdef PyObject* raw
+        cdef list consumed = entries if type(entries) is list else None
+        cdef Py_ssize_t at = -1
         for entry in entries:
+            at += 1
+            if consumed is not None:
+                # Let go of each entry once read: its payload's memory is reused for the records
+                # that follow, instead of the whole run's staying allocated until the end.
+                consumed[at] = None
             revision = entry.revision
             if revision > top:
                 top = revision

@@ -2080,10 +2080,16 @@ class IndexSet:
         ahead of the replica's watch), is one applied already, and skipped. A ``PUT`` whose
         payload is JSON (``loads``, unless ``raw_bytes``) of a dict with that pk replaces the
         record; any other entry deletes it.
+
+        A list of entries is consumed: each of its items is replaced by None once read, so that
+        the memory of a long run's payloads is reused as it goes.
         """
         top = 0
         records, pk_field = self._records, self._pk
-        for entry in entries:
+        consumed = entries if type(entries) is list else None
+        for at, entry in enumerate(entries):
+            if consumed is not None:
+                consumed[at] = None
             revision = entry.revision
             top = max(top, revision)
             token = entry.subject[prefix_len:]

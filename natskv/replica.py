@@ -71,7 +71,8 @@ class ReplicaStorage(Protocol):
         the server's filter matched) in one call, as the ``on_apply`` hook would one by one:
         skip what is at or below the revision held for its key or in ``deleted`` (key ->
         revision), store the rest. Return the highest revision among them, or None to decline
-        (nothing applied: the replica then applies them one by one)."""
+        (nothing applied, ``entries`` untouched: the replica then applies them one by one).
+        ``entries`` is the replica's own list: it may be consumed (items replaced by None)."""
 
 
 class LocalReplica:
@@ -290,6 +291,8 @@ class LocalReplica:
                 if i < len(batch) and batch[i] is not INITIAL_DONE:
                     continue
                 run = batch[start:i] if start or i < len(batch) else batch
+                if run is not batch:
+                    batch[start:i] = [None] * (i - start)  # the run alone holds its entries
                 start = i + 1
                 if run:
                     top = bulk(run, cut, sep, self._deleted)

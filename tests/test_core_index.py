@@ -1380,3 +1380,15 @@ def test_apply_entries_with_a_pk_function_of_its_own(core: ModuleType) -> None:
     only_a = lambda key: key if key == "a" else None  # noqa: E731
     top = index_set.apply_entries(entries, len("$KV.b."), ":", orjson.loads, only_a, {})
     assert top == 2 and held(records) == {"a": ({"id": "a"}, 1)}
+
+
+def test_apply_entries_consumes_a_list_and_leaves_it_alone_when_declined(core: ModuleType) -> None:
+    index_set, _, _, records = make_index_set(core)
+    import orjson
+
+    entries: list[Any] = entries_case()
+    index_set.apply_entries(entries, len("$KV.b."), ":", orjson.loads, core.record_pk, {})
+    assert entries == [None] * len(entries_case())  # each let go once read
+    again, _, _, records_again = make_index_set(core)
+    again.apply_entries(tuple(entries_case()), len("$KV.b."), ":", orjson.loads, core.record_pk, {})
+    assert held(records_again) == held(records)  # any iterable: only a list is consumed
