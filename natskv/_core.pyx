@@ -2998,11 +2998,13 @@ cdef inline object _record_value(object record, dict slots, object key, object d
     """The value of ``key`` in a Record whose layout's slots are ``slots``, or ``default``."""
     cdef PyObject* slot = PyDict_GetItem(slots, key)
     cdef object value
-    cdef Py_ssize_t size
+    cdef Py_ssize_t size = PyTuple_GET_SIZE(record), at
     if slot is not NULL:
-        value = <object>PyTuple_GET_ITEM(record, <Py_ssize_t><object>slot)
+        at = <Py_ssize_t><object>slot
+        if at >= size:  # past the end of a record cut short: absent
+            return default
+        value = <object>PyTuple_GET_ITEM(record, at)
         return default if value is _ABSENT else value
-    size = PyTuple_GET_SIZE(record)
     if size > len(slots) + 1:  # the trailing dict of keys outside the layout
         return (<dict>PyTuple_GET_ITEM(record, size - 1)).get(key, default)
     return default
@@ -3041,7 +3043,7 @@ class Record(tuple):
         cdef dict out = {}
         cdef Py_ssize_t i, n = len(names)
         cdef object value
-        for i in range(n):
+        for i in range(min(n, PyTuple_GET_SIZE(self) - 1)):
             value = <object>PyTuple_GET_ITEM(self, i + 1)
             if value is not _ABSENT:
                 out[names[i]] = value
@@ -3148,14 +3150,18 @@ cdef object _new_record(object cls, dict stored, object revision, list shared, P
     cdef object value, seen
     cdef bint containers = False
     cdef type kind
+    cdef Py_ssize_t width = 0  # values held: up to the last present one, or all with extra keys
     for i in range(n):
         if PyDict_GetItem(stored, names[i]) is not NULL:
             known += 1
+            width = i + 1
     extra = known < len(stored)
-    record = _alloc_record(cls, n + 2 if extra else n + 1)
+    if extra:
+        width = n
+    record = _alloc_record(cls, n + 2 if extra else width + 1)
     Py_INCREF(revision)
     PyTuple_SET_ITEM(record, 0, revision)
-    for i in range(n):
+    for i in range(width):
         raw = PyDict_GetItem(stored, names[i])
         if raw is NULL:
             value = _ABSENT
@@ -3191,7 +3197,10 @@ cdef object _new_record(object cls, dict stored, object revision, list shared, P
 
 cdef inline object _slot_value(object record, Py_ssize_t slot):
     """A record's value at slot for an index: None when absent."""
-    cdef object value = <object>PyTuple_GET_ITEM(record, slot)
+    cdef object value
+    if slot >= PyTuple_GET_SIZE(record):
+        return None
+    value = <object>PyTuple_GET_ITEM(record, slot)
     return None if value is _ABSENT else value
 
 
@@ -3476,6 +3485,8 @@ cdef class RecordBuilder:
                               object convert, bint to_float):
         cdef object value
         if slot:
+            if slot >= PyTuple_GET_SIZE(record):
+                return None
             value = <object>PyTuple_GET_ITEM(record, slot)
             if value is _ABSENT:
                 return None
@@ -3498,6 +3509,8 @@ cdef class RecordBuilder:
         cdef dict values
         cdef object obj = _object_new(self._cls), value
         for name, slot_obj in <tuple>layout[1]:
+            if <Py_ssize_t>slot_obj >= PyTuple_GET_SIZE(record):
+                continue
             value = <object>PyTuple_GET_ITEM(record, <Py_ssize_t>slot_obj)
             if value is not _ABSENT:
                 PyDict_SetItem(extra, name, value)

@@ -1817,6 +1817,9 @@ class Record(tuple):  # type: ignore[type-arg]
     :func:`record_type`), an absent field holding a private marker, followed by a dict of the
     record's other keys when it has any (written by another client, or by an older schema).
 
+    Absent values at the end are left out (a record lacking the layout's last fields is
+    shorter), unless the record has other keys.
+
     To Python code it reads as a read-only mapping of the stored (JSON-decoded) form:
     ``get``, ``[]``, ``in``, ``len``, iteration, ``keys`` / ``values`` / ``items``, equality
     with a dict; :meth:`as_dict` copies it into one, and ``revision`` is its revision. It pickles
@@ -1844,7 +1847,7 @@ class Record(tuple):  # type: ignore[type-arg]
         """The value of ``key`` in the stored form, or ``default``."""
         slot = self._slots.get(key)
         if slot is not None:
-            value = tuple.__getitem__(self, slot)
+            value = _slot(self, slot)
             return default if value is _ABSENT else value
         extra = self._extra()
         return default if extra is None else extra.get(key, default)
@@ -1861,7 +1864,7 @@ class Record(tuple):  # type: ignore[type-arg]
     def as_dict(self) -> dict[str, Any]:
         """A new dict of the stored form (layout fields first, in layout order)."""
         held = tuple.__getitem__(self, slice(1, len(self._names) + 1))
-        out = {name: value for name, value in zip(self._names, held, strict=True) if value is not _ABSENT}
+        out = {name: value for name, value in zip(self._names, held, strict=False) if value is not _ABSENT}
         extra = self._extra()
         if extra is not None:
             out.update(extra)
@@ -1945,11 +1948,12 @@ def _new_record(cls: type[Record], stored: dict[str, Any], revision: Any,
     slot is replaced by the object seen first; a slot with more than ``limit`` of them is no
     longer tracked."""
     values = [revision]
-    known = 0
+    known = width = 0  # width: values held, up to the last present one (all, with other keys)
     for slot, name in enumerate(cls._names, 1):
         value = dict.get(stored, name, _ABSENT)
         if value is not _ABSENT:
             known += 1
+            width = slot
             if shared is not None and type(value) is str:
                 seen = shared[slot]
                 if seen is not None:
@@ -1964,7 +1968,14 @@ def _new_record(cls: type[Record], stored: dict[str, Any], revision: Any,
     if known < len(stored):
         slots = cls._slots
         values.append({key: value for key, value in stored.items() if key not in slots})
+    else:
+        del values[width + 1:]
     return tuple.__new__(cls, values)
+
+
+def _slot(record: Record, slot: int) -> Any:
+    """The value at ``slot`` of a record (absent past the end of one cut short)."""
+    return tuple.__getitem__(record, slot) if slot < tuple.__len__(record) else _ABSENT
 
 
 class IndexSet:
@@ -2123,18 +2134,18 @@ class IndexSet:
 
     def _unindex(self, record: Record, pk: Any) -> None:
         for slot, unique in self._unique:
-            value = tuple.__getitem__(record, slot)
+            value = _slot(record, slot)
             if value is not None and value is not _ABSENT and unique.get(value) == pk:
                 unique.remove(value)
         for slot, ordered in self._sorted:
-            value = tuple.__getitem__(record, slot)
+            value = _slot(record, slot)
             if value is not None and value is not _ABSENT:
                 ordered.remove(value, pk)
 
     def _index(self, record: Record, pk: Any) -> None:
         """Enter ``record`` (held under ``pk``) in every index; a unique value moves to it."""
         for slot, index in self._unique:
-            value = tuple.__getitem__(record, slot)
+            value = _slot(record, slot)
             if value is None or value is _ABSENT:
                 continue
             holder = index.get(value)
@@ -2143,7 +2154,7 @@ class IndexSet:
                     index.remove(value)
                 index.add(value, pk)
         for slot, ordered in self._sorted:
-            value = tuple.__getitem__(record, slot)
+            value = _slot(record, slot)
             if value is not None and value is not _ABSENT:
                 ordered.add(value, pk)
 

@@ -1392,3 +1392,27 @@ def test_apply_entries_consumes_a_list_and_leaves_it_alone_when_declined(core: M
     again, _, _, records_again = make_index_set(core)
     again.apply_entries(tuple(entries_case()), len("$KV.b."), ":", orjson.loads, core.record_pk, {})
     assert held(records_again) == held(records)  # any iterable: only a list is consumed
+
+
+def test_records_cut_short_after_their_last_value(core: ModuleType) -> None:
+    index_set, unique, ordered, records = make_index_set(core)  # layout: id email age role note
+    index_set.apply(None, {"id": 1, "email": "a@x"}, 1)
+    index_set.apply(None, {"id": 2, "note": "n"}, 2)
+    index_set.apply(None, {"id": 3, "age": 4, "other": 1}, 3)
+    short, full, extra = records[1], records[2], records[3]
+    assert tuple.__len__(short) == 3 and tuple.__len__(full) == 6 and tuple.__len__(extra) == 7
+    assert short == {"id": 1, "email": "a@x"} and short.get("note", 0) == 0 and "role" not in short
+    assert full == {"id": 2, "note": "n"} and extra == {"id": 3, "age": 4, "other": 1}
+    flt = core.compile_filter({"note": {"$exists": False}})
+    assert flt.filter([short, full, extra]) == [0, 2]
+
+    class Plain:
+        pass
+
+    built = core.RecordBuilder(Plain, ["id", "note", "age"]).build([short, extra])
+    assert built[0].note is None and built[0]._extra == {"email": "a@x"} and built[1]._extra == {"other": 1}
+    index_set.apply(short, {"id": 1, "role": "r", "age": 2}, 4)
+    assert unique["email"].get("a@x") is None and ordered["age"].eq(2) == [1]
+    index_set.defer()
+    index_set.rebuild()
+    assert ordered["age"].ordered() == [1, 3] and unique["email"].get("a@x") is None

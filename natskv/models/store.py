@@ -101,7 +101,11 @@ class ModelStore:
         # By primary key (stored form): the record (a core.Record, carrying its revision),
         # replaced whole on each change so a reader always gets a record and its own revision together.
         self.records: dict[Any, Any] = {}
-        layout = (*fields, *(name for name in ("_created_at", "_updated_at") if name not in fields))
+        # The stored meta fields (model.META_FIELDS but _version) have slots too; _expires_at only
+        # in a model whose records expire (a record cut short after its last value holds no
+        # slot for the absent ones, so the rare expiring record of another model costs a dict).
+        meta = ("_created_at", "_updated_at", "_changes", *(("_expires_at",) if model.__ttl__ is not None else ()))
+        layout = (*fields, *(name for name in meta if name not in fields))
         self.index_set = core.IndexSet(self.pk, self.unique, self.sorted, self.records, layout)  # keeps both in step
         # Until the replica's initial values are in, only the records are kept: the indexes are
         # then built once, in bulk (loaded()), which costs a fraction of inserting entry by entry.
