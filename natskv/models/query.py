@@ -193,13 +193,11 @@ def _one_kind(kinds: set[type]) -> bool:
     return kinds <= _NUMBERS or kinds <= _STRS
 
 
-def _first_plain(
-    pairs: list[tuple[dict[str, Any], int]], name: str, pk: str, count: int, descending: bool
-) -> list[tuple[dict[str, Any], int]] | None:
+def _first_plain(pairs: list[Any], name: str, pk: str, count: int, descending: bool) -> list[Any] | None:
     """first_records for one order field whose values are of one kind (numbers or str, nulls
     aside) and primary keys of one kind: the heap compares plain ``(value, pk, i)`` tuples, no
     key function per record (several times less work). None when the values are mixed."""
-    rows = [(record.get(name), record.get(pk), i) for i, (record, _) in enumerate(pairs)]
+    rows = [(record.get(name), record.get(pk), i) for i, record in enumerate(pairs)]
     kinds = set(map(type, map(_VALUE, rows)))
     nulls: list[tuple[Any, Any, int]] = []
     if type(None) in kinds:
