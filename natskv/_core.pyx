@@ -23,7 +23,9 @@ from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_Next, PyDict_SetIt
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport Py_EQ, Py_GE, Py_GT, Py_LE, Py_LT, PyObject, PyObject_RichCompareBool
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.object cimport PyTypeObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_SET_ITEM
 from cpython.unicode cimport (
     Py_UCS1,
     Py_UCS2,
@@ -46,6 +48,7 @@ __all__ = [
     "Filter",
     "IndexSet",
     "Pattern",
+    "Record",
     "RecordBuilder",
     "SortedIndex",
     "UniqueIndex",
@@ -64,6 +67,8 @@ __all__ = [
     "parse_header_fields",
     "parse_headers",
     "pub_command",
+    "record_pk",
+    "record_type",
     "take_deliveries",
 ]
 
@@ -1565,9 +1570,10 @@ cdef class _Exists(_Cond):
 
 
 cdef class _Node:
-    """A condition on a whole document (a dict)."""
+    """A condition on a whole document: a dict (``slots`` None), or a Record whose layout's
+    slots (field name -> position) are ``slots``."""
 
-    cdef bint match(self, dict doc) except -1:
+    cdef bint match(self, object doc, dict slots) except -1:
         raise NotImplementedError
 
 
@@ -1583,9 +1589,13 @@ cdef class _Field(_Node):
         self.nested = len(path) > 1
         self.conds = tuple(conds)
 
-    cdef bint match(self, dict doc) except -1:
-        cdef object value = doc.get(self.key, _MISSING)
+    cdef bint match(self, object doc, dict slots) except -1:
+        cdef object value
         cdef bint present
+        if slots is None:
+            value = (<dict>doc).get(self.key, _MISSING)
+        else:
+            value = _record_value(doc, slots, self.key, _MISSING)
         cdef Py_ssize_t i
         if self.nested:
             for i in range(1, len(self.path)):
@@ -1610,9 +1620,9 @@ cdef class _And(_Node):
     def __init__(self, nodes):
         self.nodes = tuple(nodes)
 
-    cdef bint match(self, dict doc) except -1:
+    cdef bint match(self, object doc, dict slots) except -1:
         for node in self.nodes:
-            if not (<_Node>node).match(doc):
+            if not (<_Node>node).match(doc, slots):
                 return False
         return True
 
@@ -1623,9 +1633,9 @@ cdef class _Or(_Node):
     def __init__(self, nodes):
         self.nodes = tuple(nodes)
 
-    cdef bint match(self, dict doc) except -1:
+    cdef bint match(self, object doc, dict slots) except -1:
         for node in self.nodes:
-            if (<_Node>node).match(doc):
+            if (<_Node>node).match(doc, slots):
                 return True
         return False
 
@@ -1636,8 +1646,8 @@ cdef class _Not(_Node):
     def __init__(self, _Node node):
         self.node = node
 
-    cdef bint match(self, dict doc) except -1:
-        return not self.node.match(doc)
+    cdef bint match(self, object doc, dict slots) except -1:
+        return not self.node.match(doc, slots)
 
 
 cdef _Node _all_of(list nodes):
@@ -1807,19 +1817,36 @@ cdef class Filter:
         if self._root is None:
             return True
         if type(value) is dict:
-            return self._root.match(<dict>value)
-        return isinstance(value, dict) and self._root.match(<dict>value)
+            return self._root.match(value, None)
+        if isinstance(value, Record):
+            return self._root.match(value, type(value)._slots)
+        return isinstance(value, dict) and self._root.match(value, None)
 
     def match(self, value):
-        """True if value satisfies the filter. Only dicts can match a non-empty filter."""
+        """True if value satisfies the filter. Only dicts and Records can match a non-empty filter."""
         return self._match(value)
 
     def filter(self, values):
         """The indices of the values that match, in order."""
         cdef list result = []
         cdef Py_ssize_t i = 0
+        cdef object layout = None  # the Record class last seen, and its slots
+        cdef dict slots = None
+        cdef bint hit
         for value in values:
-            if self._match(value):
+            kind = type(value)
+            if self._root is None:
+                hit = True
+            elif kind is layout:
+                hit = self._root.match(value, slots)
+            elif kind is dict:
+                hit = self._root.match(value, None)
+            elif isinstance(value, Record):
+                layout, slots = kind, kind._slots
+                hit = self._root.match(value, slots)
+            else:
+                hit = isinstance(value, dict) and self._root.match(value, None)
+            if hit:
                 result.append(i)
             i += 1
         return result
@@ -2931,22 +2958,270 @@ cdef class UniqueIndex(_OrderedIndex):
         self._values = _new_chunks(False, True)
 
 
+# ---------------------------------------------------------------------------------------------
+# Records: a model's stored records, one tuple each
+# ---------------------------------------------------------------------------------------------
+
+cdef extern from "Python.h":
+    ctypedef struct PyTupleObject:
+        PyObject* ob_item[1]
+    PyObject* _PyObject_GC_NewVar(PyTypeObject* kind, Py_ssize_t items) except NULL
+    void PyObject_GC_Track(void* op)
+
+
+cdef object _alloc_record(object cls, Py_ssize_t size):
+    """An empty (all NULL) tuple of the Record class cls with size items, not yet tracked by
+    the collector. Allocated at its exact size: tp_alloc (PyType_GenericAlloc) adds room for
+    one more item, which puts a 6-field record in the next 16-byte size class."""
+    cdef PyObject* raw = _PyObject_GC_NewVar(<PyTypeObject*>cls, size)
+    cdef Py_ssize_t i
+    for i in range(size):
+        (<PyTupleObject*>raw).ob_item[i] = NULL
+    record = <object>raw
+    Py_DECREF(record)  # <object> took a reference of its own
+    return record
+
+
+class _Absent:
+    """The value a record holds for a field of its layout that it does not have."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "<absent>"
+
+
+cdef object _ABSENT = _Absent()
+
+
+cdef inline object _record_value(object record, dict slots, object key, object default):
+    """The value of ``key`` in a Record whose layout's slots are ``slots``, or ``default``."""
+    cdef PyObject* slot = PyDict_GetItem(slots, key)
+    cdef object value
+    cdef Py_ssize_t size = PyTuple_GET_SIZE(record), at
+    if slot is not NULL:
+        at = <Py_ssize_t><object>slot
+        if at >= size:  # past the end of a record cut short: absent
+            return default
+        value = <object>PyTuple_GET_ITEM(record, at)
+        return default if value is _ABSENT else value
+    if size > len(slots) + 1:  # the trailing dict of keys outside the layout
+        return (<dict>PyTuple_GET_ITEM(record, size - 1)).get(key, default)
+    return default
+
+
+class Record(tuple):
+    """One stored record of a model in a single object: the tuple ``(revision, v1, ..., vn)``
+    (plus a dict of keys outside the layout). Reads as a read-only mapping of the stored form.
+    See natskv._core_py.Record."""
+
+    __slots__ = ()
+    _names = ()
+    _slots = {}
+
+    @property
+    def revision(self):
+        """The revision of the record."""
+        return <object>PyTuple_GET_ITEM(self, 0)
+
+    def get(self, key, default=None):
+        """The value of key in the stored form, or default."""
+        return _record_value(self, type(self)._slots, key, default)
+
+    def __getitem__(self, key):
+        value = _record_value(self, type(self)._slots, key, _ABSENT)
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key):
+        return _record_value(self, type(self)._slots, key, _ABSENT) is not _ABSENT
+
+    def as_dict(self):
+        """A new dict of the stored form (layout fields first, in layout order)."""
+        cdef tuple names = type(self)._names
+        cdef dict out = {}
+        cdef Py_ssize_t i, n = len(names)
+        cdef object value
+        for i in range(min(n, PyTuple_GET_SIZE(self) - 1)):
+            value = <object>PyTuple_GET_ITEM(self, i + 1)
+            if value is not _ABSENT:
+                out[names[i]] = value
+        if PyTuple_GET_SIZE(self) > n + 1:
+            out.update(<dict>PyTuple_GET_ITEM(self, n + 1))
+        return out
+
+    def __iter__(self):
+        return iter(self.as_dict())
+
+    def __len__(self):
+        return len(self.as_dict())
+
+    def keys(self):
+        """The keys of the stored form."""
+        return self.as_dict().keys()
+
+    def values(self):
+        """The values of the stored form."""
+        return self.as_dict().values()
+
+    def items(self):
+        """The (key, value) pairs of the stored form."""
+        return self.as_dict().items()
+
+    def __eq__(self, other):
+        if isinstance(other, Record):
+            return self.as_dict() == other.as_dict()
+        if isinstance(other, dict):
+            return self.as_dict() == other
+        return NotImplemented
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Record({self.as_dict()!r}, revision={self.revision!r})"
+
+    def __reduce__(self):
+        return dict, (self.as_dict(),)
+
+
+def record_type(names):
+    """The Record class of records whose layout is the field names, in order. See
+    natskv._core_py.record_type."""
+    layout = tuple(names)
+    for name in layout:
+        if type(name) is not str:
+            raise TypeError(f"field names are str, not {type(name).__name__}")
+    if len(set(layout)) != len(layout):
+        raise ValueError(f"field names repeat in {layout!r}")
+    slots = {name: i for i, name in enumerate(layout, 1)}
+    return type("Record", (Record,), {"__slots__": (), "__module__": __name__, "_names": layout, "_slots": slots})
+
+
+cdef object _record_pk(str key):
+    cdef Py_ssize_t n = len(key), i, start = 5
+    cdef Py_UCS4 kind, c
+    if n < 4 or key[0] != u"r" or key[1] != u":" or key[3] != u":":
+        return None
+    kind = key[2]
+    if kind == u"s":
+        return key[4:]
+    if kind == u"i":
+        # exactly as str() writes an int: ASCII digits, no "+", no leading zero, no "-0"
+        if n == 4 or (key[4] == u"-" and n == 5):
+            return None
+        if key[4] != u"-":
+            start = 4
+        if key[start] == u"0" and (n > start + 1 or start == 5):
+            return None
+        for i in range(start, n):
+            c = key[i]
+            if c < u"0" or c > u"9":
+                return None
+        return int(key[4:])
+    if kind == u"u":
+        text = key[4:]
+        try:
+            return text if str(uuid.UUID(text)) == text else None
+        except ValueError:
+            return None
+    return None
+
+
+def record_pk(key):
+    """The primary key (stored form) of a model's record key, None for any other key. See
+    natskv._core_py.record_pk."""
+    if type(key) is not str:
+        raise TypeError(f"a key is a str, not {type(key).__name__}")
+    return _record_pk(key)
+
+
+cdef object _new_record(object cls, dict stored, object revision, list shared, Py_ssize_t limit):
+    """The record of cls holding the dict stored at revision; see natskv._core_py._new_record."""
+    cdef tuple names = cls._names
+    cdef Py_ssize_t n = len(names), i, known = 0
+    cdef bint extra = False
+    cdef PyObject* raw
+    cdef PyObject* kept
+    cdef object value, seen
+    cdef bint containers = False
+    cdef type kind
+    cdef Py_ssize_t width = 0  # values held: up to the last present one, or all with extra keys
+    for i in range(n):
+        if PyDict_GetItem(stored, names[i]) is not NULL:
+            known += 1
+            width = i + 1
+    extra = known < len(stored)
+    if extra:
+        width = n
+    record = _alloc_record(cls, n + 2 if extra else width + 1)
+    Py_INCREF(revision)
+    PyTuple_SET_ITEM(record, 0, revision)
+    for i in range(width):
+        raw = PyDict_GetItem(stored, names[i])
+        if raw is NULL:
+            value = _ABSENT
+        else:
+            value = <object>raw
+            if shared is not None and type(value) is str:
+                seen = shared[i + 1]
+                if seen is not None:
+                    kept = PyDict_GetItem(<dict>seen, value)
+                    if kept is not NULL:
+                        value = <object>kept
+                    elif len(<dict>seen) < limit:
+                        PyDict_SetItem(<dict>seen, value, value)
+                    else:
+                        shared[i + 1] = None
+            kind = type(value)
+            if not (kind is str or kind is int or kind is float or kind is bool or value is None):
+                containers = True
+        Py_INCREF(value)
+        PyTuple_SET_ITEM(record, i + 1, value)
+    if extra:
+        slots = cls._slots
+        value = {key: item for key, item in stored.items() if key not in slots}
+        Py_INCREF(value)
+        PyTuple_SET_ITEM(record, n + 1, value)
+        containers = True
+    # Like CPython's own tuples, a record of strs and numbers only is left to reference
+    # counting: it can be in no cycle, and the collector's full passes need not visit it.
+    if containers or type(revision) is not int:
+        PyObject_GC_Track(<PyObject*>record)
+    return record
+
+
+cdef inline object _slot_value(object record, Py_ssize_t slot):
+    """A record's value at slot for an index: None when absent."""
+    cdef object value
+    if slot >= PyTuple_GET_SIZE(record):
+        return None
+    value = <object>PyTuple_GET_ITEM(record, slot)
+    return None if value is _ABSENT else value
+
+
 @cython.final
 cdef class IndexSet:
-    """The records of one model by primary key and the indexes over their fields, kept in step
-    one change at a time. Same API and behaviour as natskv._core_py.IndexSet. Not thread-safe:
-    the owner serializes access.
+    """The records of one model by primary key (Records) and the indexes over their fields,
+    kept in step one change at a time. Same API and behaviour as natskv._core_py.IndexSet. Not
+    thread-safe: the owner serializes access.
     """
 
     cdef object _pk
-    cdef dict _unique
-    cdef dict _sorted
+    cdef Py_ssize_t _pk_slot
+    cdef tuple _unique          # ((slot, UniqueIndex), ...)
+    cdef tuple _sorted          # ((slot, SortedIndex), ...)
     cdef dict _records
-    cdef dict _shared
+    cdef list _shared           # None, or per slot: the str values seen there (None: not tracked)
     cdef Py_ssize_t _share_max
     cdef readonly bint deferred
+    cdef readonly object record_type
 
-    def __init__(self, pk_field, unique, sorted, records):
+    def __init__(self, pk_field, unique, sorted, records, fields):
         if not isinstance(unique, dict) or not isinstance(sorted, dict) or not isinstance(records, dict):
             raise TypeError("unique, sorted and records must be dicts")
         for name, index in unique.items():
@@ -2955,11 +3230,17 @@ cdef class IndexSet:
         for name, index in sorted.items():
             if not isinstance(index, SortedIndex):
                 raise TypeError(f"sorted[{name!r}] must be a SortedIndex, not {type(index).__name__}")
+        self.record_type = record_type(fields)
+        slots = self.record_type._slots
+        for name in (pk_field, *unique, *sorted):
+            if name not in slots:
+                raise ValueError(f"{name!r} is not one of the fields {self.record_type._names!r}")
         self._pk = pk_field
-        self._unique = unique
-        self._sorted = sorted
+        self._pk_slot = slots[pk_field]
+        self._unique = tuple((slots[name], index) for name, index in unique.items())
+        self._sorted = tuple((slots[name], index) for name, index in sorted.items())
         self._records = records
-        self._shared = {}
+        self._shared = None
         self._share_max = 0
         self.deferred = False
 
@@ -2967,33 +3248,16 @@ cdef class IndexSet:
         """Hold each repeated str value of the fields ``names`` once. See natskv._core_py.IndexSet.share."""
         if type(limit) is bool or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be an int >= 0, not {limit!r}")
+        slots = self.record_type._slots
+        tracked = {slots[name] for name in names if name in slots}
+        self._shared = [{} if slot in tracked else None for slot in range(len(slots) + 1)] if tracked else None
         self._share_max = limit
-        self._shared = {name: {} for name in names}
 
-    cdef int _share(self, dict record) except -1:
-        cdef list tired = None
-        cdef dict seen
-        cdef PyObject* raw
-        cdef PyObject* kept
-        for name, seen_obj in self._shared.items():
-            raw = PyDict_GetItem(record, name)
-            if raw is NULL or type(<object>raw) is not str:
-                continue
-            seen = <dict>seen_obj
-            kept = PyDict_GetItem(seen, <object>raw)
-            if kept is NULL:
-                if len(seen) < self._share_max:
-                    PyDict_SetItem(seen, <object>raw, <object>raw)
-                else:
-                    if tired is None:
-                        tired = []
-                    tired.append(name)
-            elif kept != raw:
-                PyDict_SetItem(record, name, <object>kept)
-        if tired is not None:
-            for name in tired:
-                del self._shared[name]
-        return 0
+    def record(self, stored, revision):
+        """A record of this set's layout holding the dict stored (not held, not indexed)."""
+        if not isinstance(stored, dict):
+            raise TypeError(f"a stored record is a dict, not {type(stored).__name__}")
+        return _new_record(self.record_type, stored, revision, None, 0)
 
     def defer(self):
         """Keep only the records up to date from now on, and leave the indexes alone until
@@ -3005,55 +3269,107 @@ cdef class IndexSet:
         cdef list records = list(self._records.values())
         cdef list pks = list(self._records)
         cdef list values
-        cdef dict record
+        cdef Py_ssize_t slot
         cdef _OrderedIndex index
         for indexes in (self._unique, self._sorted):
-            for name, index_obj in (<dict>indexes).items():
-                index = <_OrderedIndex>index_obj
+            for entry in <tuple>indexes:
+                slot = (<tuple>entry)[0]
+                index = <_OrderedIndex>(<tuple>entry)[1]
                 index.clear()
-                values = []
-                for pair in records:
-                    record = <dict>(<tuple>pair)[0]
-                    values.append(record.get(name))
+                values = [_slot_value(record, slot) for record in records]
                 index._bulk(values, pks)
         self.deferred = False
 
     def apply(self, old, new, revision):
-        """Replace the record old by new (either may be None) as of revision; return the
-        revision old was held at, 0 if it was not held. See natskv._core_py.IndexSet.apply."""
-        cdef object old_revision = 0, held, value, holder, old_pk, new_pk
-        cdef dict record
+        """Replace the record old (a dict or the Record held) by the dict new (either may be
+        None) as of revision; return the revision the old record was held at, 0 if it was not
+        held. See natskv._core_py.IndexSet.apply."""
+        return self._apply(old, new, revision)
+
+    def apply_entries(self, entries, Py_ssize_t prefix_len, sep, loads, pk_of, dict deleted):
+        """Apply a run of raw entries of record keys in one call (a list is consumed); return
+        the highest revision among them (0 for none). See natskv._core_py.IndexSet.apply_entries."""
+        cdef Py_UCS4 c_sep = <Py_UCS4>_sep_char(sep)
+        cdef object top = 0, revision, held, new, value, pk
+        cdef str subject
+        cdef bint put
+        cdef dict records = self._records
+        cdef PyObject* raw
+        cdef list consumed = entries if type(entries) is list else None
+        cdef Py_ssize_t at = -1
+        for entry in entries:
+            at += 1
+            if consumed is not None:
+                # Let go of each entry once read: its payload's memory is reused for the records
+                # that follow, instead of the whole run's staying allocated until the end.
+                consumed[at] = None
+            revision = entry.revision
+            if revision > top:
+                top = revision
+            subject = entry.subject
+            try:
+                key = _decode(subject, c_sep, prefix_len)
+            except ValueError:
+                key = subject[prefix_len:]
+            pk = _record_pk(key) if pk_of is record_pk else pk_of(key)
+            if pk is None:
+                continue  # not a record key: it holds no record
+            raw = PyDict_GetItem(records, pk)
+            held = None if raw is NULL else <object>raw
+            if held is not None and revision <= <object>PyTuple_GET_ITEM(held, 0):
+                continue  # applied already
+            if deleted and revision <= deleted.get(key, 0):
+                continue
+            put = entry.operation == "PUT"
+            if not put and held is None:
+                continue
+            new = None
+            if put and not entry.raw_bytes:
+                try:
+                    value = loads(entry.data)
+                except ValueError:
+                    value = None
+                if type(value) is dict:
+                    raw = PyDict_GetItem(<dict>value, self._pk)
+                    if raw is not NULL and type(<object>raw) is type(pk) and <object>raw == pk:
+                        new = value
+            self._apply(held, new, revision)
+        return top
+
+    cdef object _apply(self, object old, object new, object revision):
+        cdef object old_revision = 0, held, value, holder, old_pk, new_pk, record
         cdef UniqueIndex unique
         cdef SortedIndex ordered
-        if type(old) is dict:
-            record = <dict>old
-            old_pk = record.get(self._pk)
+        cdef Py_ssize_t slot
+        if old is not None and (type(old) is dict or isinstance(old, Record)):
+            old_pk = old.get(self._pk)
             held = self._records.pop(old_pk, None) if _valid_pk(old_pk) else None
             if held is not None:
-                old_revision = held[1]
-            if held is not None and not self.deferred:
-                for name, index in self._unique.items():
-                    unique = <UniqueIndex>index
-                    value = record.get(name)
-                    if value is not None and unique.get(value) == old_pk:
-                        unique.remove(value)
-                for name, index in self._sorted.items():
-                    ordered = <SortedIndex>index
-                    value = record.get(name)
-                    if value is not None:
-                        ordered._remove(value, old_pk)
+                old_revision = <object>PyTuple_GET_ITEM(held, 0)
+                if not self.deferred:
+                    for entry in self._unique:
+                        slot = (<tuple>entry)[0]
+                        unique = <UniqueIndex>(<tuple>entry)[1]
+                        value = _slot_value(held, slot)
+                        if value is not None and unique.get(value) == old_pk:
+                            unique.remove(value)
+                    for entry in self._sorted:
+                        slot = (<tuple>entry)[0]
+                        ordered = <SortedIndex>(<tuple>entry)[1]
+                        value = _slot_value(held, slot)
+                        if value is not None:
+                            ordered._remove(value, old_pk)
         if type(new) is dict:
-            record = <dict>new
-            new_pk = record.get(self._pk)
+            new_pk = (<dict>new).get(self._pk)
             if _valid_pk(new_pk):
-                if self._shared:
-                    self._share(record)
-                self._records[new_pk] = (new, revision)
+                record = _new_record(self.record_type, <dict>new, revision, self._shared, self._share_max)
+                self._records[new_pk] = record
                 if self.deferred:
                     return old_revision
-                for name, index in self._unique.items():
-                    unique = <UniqueIndex>index
-                    value = record.get(name)
+                for entry in self._unique:
+                    slot = (<tuple>entry)[0]
+                    unique = <UniqueIndex>(<tuple>entry)[1]
+                    value = _slot_value(record, slot)
                     if value is None:
                         continue
                     holder = unique.get(value)
@@ -3061,9 +3377,10 @@ cdef class IndexSet:
                         if holder is not None:
                             unique.remove(value)
                         unique.add(value, new_pk)
-                for name, index in self._sorted.items():
-                    ordered = <SortedIndex>index
-                    value = record.get(name)
+                for entry in self._sorted:
+                    slot = (<tuple>entry)[0]
+                    ordered = <SortedIndex>(<tuple>entry)[1]
+                    value = _slot_value(record, slot)
                     if value is not None:
                         ordered._add(value, new_pk)
         return old_revision
@@ -3090,14 +3407,16 @@ cdef object _object_new = object.__new__
 
 @cython.final
 cdef class RecordBuilder:
-    """Turns stored records (JSON-decoded dicts) into instances of a plain Python class.
+    """Turns stored records (Records, or (stored dict or Record, revision) pairs) into instances
+    of a plain Python class. See natskv._core_py.RecordBuilder.
 
     Each instance's ``__dict__`` gets every name of ``fields`` (None when the record lacks it),
     ``_extra`` (a dict of the record's other keys, except those in ``skip``), ``_version`` (the
     revision) and ``_stored`` (the record itself, shared, never modified). ``converters`` are
     ``(field, function)`` pairs applied to non-None values of those fields; the fields named in
     ``floats`` get ints (not bools) turned into floats, as JSON writes 1.0 as 1. ``__init__`` is
-    not called. Immutable once built: safe to share between threads.
+    not called. Immutable once built (its per-layout plans are a cache): safe to share between
+    threads.
     """
 
     cdef object _cls
@@ -3110,6 +3429,7 @@ cdef class RecordBuilder:
     cdef tuple _skip_names
     cdef bint _instance_dict
     cdef tuple _plan
+    cdef dict _layouts          # Record class -> (slots of the fields, (name, slot) of the others)
 
     def __init__(self, cls, fields, skip=(), converters=(), floats=()):
         if not isinstance(cls, type):
@@ -3134,6 +3454,7 @@ cdef class RecordBuilder:
                 raise ValueError(f"floats names fields; {name!r} is not one")
         converter_of = dict(self._converters)
         self._plan = tuple((name, converter_of.get(name), name in self._floats) for name in self._names)
+        self._layouts = {}
 
     cdef int _extras(self, dict stored, dict extra) except -1:
         cdef Py_ssize_t pos = 0
@@ -3144,28 +3465,102 @@ cdef class RecordBuilder:
                 PyDict_SetItem(extra, <object>key, <object>raw)
         return 0
 
-    def build(self, pairs):
-        """One instance per ``(stored record, revision)`` pair, in order."""
+    cdef tuple _layout(self, object kind):
+        """How records of the Record class kind map to this builder: per field (name, slot (0:
+        outside the layout), converter, to_float), the (name, slot) of the layout's other kept
+        names, and the record width without its dict of keys outside the layout."""
+        cdef tuple layout = <tuple>self._layouts.get(kind)
+        if layout is None:
+            slots = kind._slots
+            layout = (
+                tuple((name, slots.get(name, 0), convert, to_float) for name, convert, to_float in self._plan),
+                tuple((name, slot) for name, slot in slots.items()
+                      if name not in self._fields and name not in self._skip),
+                len(slots) + 1,
+            )
+            self._layouts[kind] = layout
+        return layout
+
+    cdef object _record_value(self, object record, Py_ssize_t slot, object name, dict outside,
+                              object convert, bint to_float):
+        cdef object value
+        if slot:
+            if slot >= PyTuple_GET_SIZE(record):
+                return None
+            value = <object>PyTuple_GET_ITEM(record, slot)
+            if value is _ABSENT:
+                return None
+        elif outside is not None:
+            value = outside.get(name)
+        else:
+            return None
+        if convert is not None and value is not None:
+            return convert(value)
+        if to_float and type(value) is int:
+            return float(value)
+        return value
+
+    cdef object _from_record(self, object record, object revision):
+        """An instance of a Record (see build)."""
+        cdef tuple layout = self._layout(type(record))
+        cdef Py_ssize_t width = <Py_ssize_t>layout[2]
+        cdef dict outside = <dict>PyTuple_GET_ITEM(record, width) if PyTuple_GET_SIZE(record) > width else None
+        cdef dict extra = {}
+        cdef dict values
+        cdef object obj = _object_new(self._cls), value
+        for name, slot_obj in <tuple>layout[1]:
+            if <Py_ssize_t>slot_obj >= PyTuple_GET_SIZE(record):
+                continue
+            value = <object>PyTuple_GET_ITEM(record, <Py_ssize_t>slot_obj)
+            if value is not _ABSENT:
+                PyDict_SetItem(extra, name, value)
+        if outside is not None:
+            self._extras(outside, extra)
+        if self._instance_dict:
+            for name, slot_obj, convert, to_float in <tuple>layout[0]:
+                PyObject_GenericSetAttr(obj, name, self._record_value(
+                    record, <Py_ssize_t>slot_obj, name, outside, convert, to_float))
+            PyObject_GenericSetAttr(obj, "_extra", extra)
+            PyObject_GenericSetAttr(obj, "_version", revision)
+            PyObject_GenericSetAttr(obj, "_stored", record)
+            return obj
+        values = {}
+        for name, slot_obj, convert, to_float in <tuple>layout[0]:
+            PyDict_SetItem(values, name, self._record_value(
+                record, <Py_ssize_t>slot_obj, name, outside, convert, to_float))
+        values["_extra"] = extra
+        values["_version"] = revision
+        values["_stored"] = record
+        PyObject_GenericSetDict(obj, values, NULL)
+        return obj
+
+    def build(self, records):
+        """One instance per stored record (a Record, or a (stored, revision) pair), in order."""
         cdef list out = []
         cdef dict values, extra, stored
-        cdef Py_ssize_t pos, known
-        cdef PyObject* key
+        cdef Py_ssize_t known
         cdef PyObject* raw
         cdef object cls = self._cls, obj, revision, value, name, convert
         cdef bint to_float
-        cdef tuple names = self._names
         cdef tuple skip = self._skip_names
         cdef bint instance_dict = self._instance_dict
         cdef tuple plan = self._plan
-        for pair in pairs:
-            stored_obj, revision = pair
+        for item in records:
+            if isinstance(item, Record):
+                stored_obj = item
+                revision = <object>PyTuple_GET_ITEM(item, 0)
+            else:
+                stored_obj, revision = item
+            if isinstance(stored_obj, Record):
+                out.append(self._from_record(stored_obj, revision))
+                continue
+            obj = _object_new(cls)
+            extra = {}
             if type(stored_obj) is not dict:
                 if not isinstance(stored_obj, dict):
                     raise TypeError(f"a stored record is a dict, not {type(stored_obj).__name__}")
             stored = <dict>stored_obj
-            obj = _object_new(cls)
             known = 0
-            extra = {}
             if instance_dict:
                 # Set as attributes, in one fixed order: a plain class keeps them in the
                 # instance's own compact storage, faster to fill and smaller than a dict.
@@ -3192,7 +3587,7 @@ cdef class RecordBuilder:
                 out.append(obj)
                 continue
             values = {}
-            for name in names:
+            for name in self._names:
                 raw = PyDict_GetItem(stored, name)
                 if raw is NULL:
                     PyDict_SetItem(values, name, None)
@@ -3214,7 +3609,7 @@ cdef class RecordBuilder:
                     values[name] = float(value)
             values["_extra"] = extra
             values["_version"] = revision
-            values["_stored"] = stored
+            values["_stored"] = stored_obj
             PyObject_GenericSetDict(obj, values, NULL)
             out.append(obj)
         return out

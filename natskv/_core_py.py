@@ -37,6 +37,7 @@ __all__ = [
     "Filter",
     "IndexSet",
     "Pattern",
+    "Record",
     "RecordBuilder",
     "SortedIndex",
     "UniqueIndex",
@@ -55,6 +56,8 @@ __all__ = [
     "parse_header_fields",
     "parse_headers",
     "pub_command",
+    "record_pk",
+    "record_type",
     "take_deliveries",
 ]
 
@@ -946,7 +949,8 @@ class _Node:
 
     __slots__ = ()
 
-    def match(self, doc: dict[str, Any]) -> bool:
+    def match(self, doc: Any) -> bool:
+        """``doc`` is a dict or a :class:`Record`."""
         raise NotImplementedError
 
 
@@ -957,11 +961,16 @@ class _Field(_Node):
         self.path = path
         self.conds = conds
 
-    def match(self, doc: dict[str, Any]) -> bool:
+    def match(self, doc: Any) -> bool:
         value: Any = doc
         present = True
         for part in self.path:
-            value = dict.get(value, part, _MISSING) if isinstance(value, dict) else _MISSING
+            if isinstance(value, dict):
+                value = dict.get(value, part, _MISSING)
+            elif isinstance(value, Record):
+                value = value.get(part, _MISSING)
+            else:
+                value = _MISSING
             if value is _MISSING:
                 present = False
                 value = None
@@ -975,7 +984,7 @@ class _And(_Node):
     def __init__(self, nodes: list[_Node]) -> None:
         self.nodes = nodes
 
-    def match(self, doc: dict[str, Any]) -> bool:
+    def match(self, doc: Any) -> bool:
         return all(node.match(doc) for node in self.nodes)
 
 
@@ -985,7 +994,7 @@ class _Or(_Node):
     def __init__(self, nodes: list[_Node]) -> None:
         self.nodes = nodes
 
-    def match(self, doc: dict[str, Any]) -> bool:
+    def match(self, doc: Any) -> bool:
         return any(node.match(doc) for node in self.nodes)
 
 
@@ -995,7 +1004,7 @@ class _Not(_Node):
     def __init__(self, node: _Node) -> None:
         self.node = node
 
-    def match(self, doc: dict[str, Any]) -> bool:
+    def match(self, doc: Any) -> bool:
         return not self.node.match(doc)
 
 
@@ -1165,10 +1174,11 @@ class Filter:
         return compile_filter, (self._where,)
 
     def match(self, value: Any) -> bool:
-        """True if ``value`` satisfies the filter. Only dicts can match a non-empty filter."""
+        """True if ``value`` satisfies the filter. Only dicts and :class:`Record` s (a record
+        reads as the dict of its stored form) can match a non-empty filter."""
         if self._root is None:
             return True
-        return isinstance(value, dict) and self._root.match(value)
+        return isinstance(value, (dict, Record)) and self._root.match(value)
 
     def filter(self, values: Iterable[Any]) -> list[int]:
         """The indices of the values that match, in order."""
@@ -1784,22 +1794,208 @@ class UniqueIndex(_OrderedIndex):
         self._values.clear()
 
 
+# ---------------------------------------------------------------------------------------------
+# Records: a model's stored records, one tuple each
+# ---------------------------------------------------------------------------------------------
+
+
+class _Absent:
+    """The value a record holds for a field of its layout that it does not have."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT: Any = _Absent()
+
+
+class Record(tuple):  # type: ignore[type-arg]
+    """One stored record of a model, held in a single object: the tuple
+    ``(revision, v1, ..., vn)`` of its values in the order of its layout's field names (made by
+    :func:`record_type`), an absent field holding a private marker, followed by a dict of the
+    record's other keys when it has any (written by another client, or by an older schema).
+
+    Absent values at the end are left out (a record lacking the layout's last fields is
+    shorter), unless the record has other keys.
+
+    To Python code it reads as a read-only mapping of the stored (JSON-decoded) form:
+    ``get``, ``[]``, ``in``, ``len``, iteration, ``keys`` / ``values`` / ``items``, equality
+    with a dict; :meth:`as_dict` copies it into one, and ``revision`` is its revision. It pickles
+    and copies as that dict. ``_core`` reads the values by position. Immutable: safe to share
+    between threads.
+    """
+
+    __slots__ = ()
+    _names: tuple[str, ...] = ()
+    _slots: dict[str, int] = {}  # noqa: RUF012 - per layout, set by record_type
+
+    @property
+    def revision(self) -> int:
+        """The revision of the record."""
+        value: int = tuple.__getitem__(self, 0)
+        return value
+
+    def _extra(self) -> dict[str, Any] | None:
+        if tuple.__len__(self) > len(self._names) + 1:
+            extra: dict[str, Any] = tuple.__getitem__(self, -1)
+            return extra
+        return None
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The value of ``key`` in the stored form, or ``default``."""
+        slot = self._slots.get(key)
+        if slot is not None:
+            value = _slot(self, slot)
+            return default if value is _ABSENT else value
+        extra = self._extra()
+        return default if extra is None else extra.get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        value = self.get(key, _ABSENT)
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _ABSENT) is not _ABSENT
+
+    def as_dict(self) -> dict[str, Any]:
+        """A new dict of the stored form (layout fields first, in layout order)."""
+        held = tuple.__getitem__(self, slice(1, len(self._names) + 1))
+        out = {name: value for name, value in zip(self._names, held, strict=False) if value is not _ABSENT}
+        extra = self._extra()
+        if extra is not None:
+            out.update(extra)
+        return out
+
+    def __iter__(self) -> Any:
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self.as_dict())
+
+    def keys(self) -> Any:
+        """The keys of the stored form."""
+        return self.as_dict().keys()
+
+    def values(self) -> Any:
+        """The values of the stored form."""
+        return self.as_dict().values()
+
+    def items(self) -> Any:
+        """The ``(key, value)`` pairs of the stored form."""
+        return self.as_dict().items()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Record):
+            return self.as_dict() == other.as_dict()
+        if isinstance(other, dict):
+            return self.as_dict() == other
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Record({self.as_dict()!r}, revision={self.revision!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return dict, (self.as_dict(),)
+
+
+def record_type(names: Iterable[str]) -> type[Record]:
+    """The :class:`Record` class of records whose layout is the field ``names``, in order
+    (str, no repeats; TypeError / ValueError otherwise)."""
+    layout = tuple(names)
+    for name in layout:
+        if type(name) is not str:
+            raise TypeError(f"field names are str, not {type(name).__name__}")
+    if len(set(layout)) != len(layout):
+        raise ValueError(f"field names repeat in {layout!r}")
+    slots = {name: i for i, name in enumerate(layout, 1)}
+    return type("Record", (Record,), {"__slots__": (), "__module__": __name__, "_names": layout, "_slots": slots})
+
+
+def record_pk(key: str) -> Any:
+    """The primary key, in its stored (JSON) form, of a model's record key: ``r:i:<int>`` (the
+    int, written exactly as ``str`` writes it), ``r:s:<str>`` (the str), ``r:u:<uuid>`` (the
+    UUID's str, in its canonical form); None for any other key."""
+    if type(key) is not str:
+        raise TypeError(f"a key is a str, not {type(key).__name__}")
+    kind, text = key[:4], key[4:]
+    if kind == "r:s:":
+        return text
+    try:
+        if kind == "r:i:":
+            number = int(text)
+            return number if str(number) == text else None
+        if kind == "r:u:":
+            return text if str(uuid.UUID(text)) == text else None
+    except ValueError:
+        return None
+    return None
+
+
+def _new_record(cls: type[Record], stored: dict[str, Any], revision: Any,
+                shared: list[dict[str, str] | None] | None = None, limit: int = 0) -> Record:
+    """The record of ``cls`` holding the dict ``stored`` at ``revision``. With ``shared`` (see
+    IndexSet.share: per slot, the str values seen there, or None), a str value seen before in its
+    slot is replaced by the object seen first; a slot with more than ``limit`` of them is no
+    longer tracked."""
+    values = [revision]
+    known = width = 0  # width: values held, up to the last present one (all, with other keys)
+    for slot, name in enumerate(cls._names, 1):
+        value = dict.get(stored, name, _ABSENT)
+        if value is not _ABSENT:
+            known += 1
+            width = slot
+            if shared is not None and type(value) is str:
+                seen = shared[slot]
+                if seen is not None:
+                    kept = seen.get(value)
+                    if kept is not None:
+                        value = kept
+                    elif len(seen) < limit:
+                        seen[value] = value
+                    else:
+                        shared[slot] = None
+        values.append(value)
+    if known < len(stored):
+        slots = cls._slots
+        values.append({key: value for key, value in stored.items() if key not in slots})
+    else:
+        del values[width + 1:]
+    return tuple.__new__(cls, values)
+
+
+def _slot(record: Record, slot: int) -> Any:
+    """The value at ``slot`` of a record (absent past the end of one cut short)."""
+    return tuple.__getitem__(record, slot) if slot < tuple.__len__(record) else _ABSENT
+
+
 class IndexSet:
     """The records of one model by primary key and the indexes over their fields, kept in step
     one change at a time (the hot path of a model replica).
 
-    ``records`` maps pk -> ``(record, revision)``; ``unique`` and ``sorted`` map field names to
-    the UniqueIndex / SortedIndex of that field (a UniqueIndex with ``pk_order`` for the primary
-    key). All three are the caller's objects, updated in place. A record is a dict whose pk is
-    ``record[pk_field]``; a record without a valid pk (missing, None, NaN, unhashable) is not
-    held. Values an index cannot hold are left out of it. Not thread-safe: the owner serializes
-    access.
+    ``records`` maps pk -> :class:`Record` (of ``record_type``, whose layout is ``fields``);
+    ``unique`` and ``sorted`` map field names to the UniqueIndex / SortedIndex of that field (a
+    UniqueIndex with ``pk_order`` for the primary key). All three are the caller's objects,
+    updated in place. Records are applied as dicts; a record's pk is ``record[pk_field]``, and
+    one without a valid pk (missing, None, NaN, unhashable) is not held. Values an index cannot
+    hold are left out of it. ``pk_field`` and the indexed fields must be among ``fields``
+    (ValueError). Not thread-safe: the owner serializes access.
     """
 
-    __slots__ = ("_pk", "_records", "_share_max", "_shared", "_sorted", "_unique", "deferred")
+    __slots__ = ("_pk", "_pk_slot", "_records", "_share_max", "_shared", "_sorted", "_unique", "deferred",
+                 "record_type")
 
     def __init__(self, pk_field: str, unique: dict[str, UniqueIndex], sorted: dict[str, SortedIndex],
-                 records: dict[Any, tuple[dict[str, Any], int]]) -> None:
+                 records: dict[Any, Record], fields: Iterable[str]) -> None:
         if not isinstance(unique, dict) or not isinstance(sorted, dict) or not isinstance(records, dict):
             raise TypeError("unique, sorted and records must be dicts")
         for name, index in unique.items():
@@ -1808,41 +2004,38 @@ class IndexSet:
         for name, ordered in sorted.items():
             if not isinstance(ordered, SortedIndex):
                 raise TypeError(f"sorted[{name!r}] must be a SortedIndex, not {type(ordered).__name__}")
+        self.record_type = record_type(fields)
+        slots = self.record_type._slots
+        for name in (pk_field, *unique, *sorted):
+            if name not in slots:
+                raise ValueError(f"{name!r} is not one of the fields {self.record_type._names!r}")
         self._pk = pk_field
-        self._unique = unique
-        self._sorted = sorted
+        self._pk_slot = slots[pk_field]
+        self._unique = [(slots[name], index) for name, index in unique.items()]
+        self._sorted = [(slots[name], ordered) for name, ordered in sorted.items()]
         self._records = records
-        self._shared: dict[str, dict[str, str]] = {}
+        self._shared: list[dict[str, str] | None] | None = None
         self._share_max = 0
         self.deferred = False
 
     def share(self, names: Iterable[str], limit: int = 256) -> None:
         """Hold each repeated str value of the fields ``names`` once: a record applied from now on
-        gets, in place, the first object seen with that value (a role, a status, the timestamps
-        of one bulk write), instead of a copy of its own. A field with more than ``limit``
-        distinct values (names, emails) stops being tracked. Replacing a str by an equal one
-        changes nothing a reader can see."""
+        gets the first object seen with that value (a role, a status, the timestamps of one bulk
+        write), instead of a copy of its own. A field with more than ``limit`` distinct values
+        (names, emails) stops being tracked; names outside the layout are not. Replacing a str
+        by an equal one changes nothing a reader can see."""
         if type(limit) is bool or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be an int >= 0, not {limit!r}")
+        slots = self.record_type._slots
+        tracked = {slots[name] for name in names if name in slots}
+        self._shared = [{} if slot in tracked else None for slot in range(len(slots) + 1)] if tracked else None
         self._share_max = limit
-        self._shared = {name: {} for name in names}
 
-    def _share(self, record: dict[str, Any]) -> None:
-        tired = []
-        for name, seen in self._shared.items():
-            value = record.get(name)
-            if type(value) is not str:
-                continue
-            kept = seen.get(value)
-            if kept is None:
-                if len(seen) < self._share_max:
-                    seen[value] = value
-                else:
-                    tired.append(name)
-            elif kept is not value:
-                record[name] = kept
-        for name in tired:
-            del self._shared[name]
+    def record(self, stored: dict[str, Any], revision: int) -> Record:
+        """A record of this set's layout holding the dict ``stored`` (not held, not indexed)."""
+        if not isinstance(stored, dict):
+            raise TypeError(f"a stored record is a dict, not {type(stored).__name__}")
+        return _new_record(self.record_type, stored, revision)
 
     def defer(self) -> None:
         """Keep only the records up to date from now on, and leave the indexes alone until
@@ -1852,60 +2045,117 @@ class IndexSet:
     def rebuild(self) -> None:
         """Rebuild every index from the records and keep them in step again (``deferred`` is
         False after). Of records claiming one unique value, the one applied last holds it."""
-        for unique in self._unique.values():
+        for _, unique in self._unique:
             unique.clear()
-        for ordered in self._sorted.values():
+        for _, ordered in self._sorted:
             ordered.clear()
-        for pk, (record, _) in self._records.items():
+        for pk, record in self._records.items():
             self._index(record, pk)
         self.deferred = False
 
     def apply(self, old: Any, new: Any, revision: int) -> int:
-        """Replace the record ``old`` by ``new`` (either may be None: an insert, a delete) as of
-        ``revision``. Returns the revision ``old`` was held at, 0 if it was not held.
+        """Replace the record ``old`` (a dict or the Record held; only its pk is read) by the
+        dict ``new`` (either may be None: an insert, a delete) as of ``revision``. Returns the
+        revision the old record was held at, 0 if it was not held.
 
         Of two records claiming one unique value, the newer change holds it: the server
         guarantees uniqueness, so the older holder's change is on its way.
         """
         old_revision = 0
-        if type(old) is dict:
+        if type(old) is dict or isinstance(old, Record):
             old_pk = old.get(self._pk)
             held = self._records.pop(old_pk, None) if _valid_pk(old_pk) else None
             if held is not None:
-                old_revision = held[1]
-            if held is not None and not self.deferred:
-                for name, index in self._unique.items():
-                    value = old.get(name)
-                    if value is not None and index.get(value) == old_pk:
-                        index.remove(value)
-                for name, ordered in self._sorted.items():
-                    value = old.get(name)
-                    if value is not None:
-                        ordered.remove(value, old_pk)
+                old_revision = held.revision
+                if not self.deferred:
+                    self._unindex(held, old_pk)
         if type(new) is dict:
             new_pk = new.get(self._pk)
             if _valid_pk(new_pk):
-                if self._shared:
-                    self._share(new)
-                self._records[new_pk] = (new, revision)
+                record = _new_record(self.record_type, new, revision, self._shared, self._share_max)
+                self._records[new_pk] = record
                 if not self.deferred:
-                    self._index(new, new_pk)
+                    self._index(record, new_pk)
         return old_revision
 
-    def _index(self, record: dict[str, Any], pk: Any) -> None:
+    def apply_entries(self, entries: Iterable[Any], prefix_len: int, sep: str, loads: Callable[[bytes], Any],
+                      pk_of: Callable[[str], Any], deleted: dict[str, int]) -> int:
+        """Apply a run of raw entries (objects with the fields of natskv's ``RawEntry``: subject,
+        data, revision, operation, raw_bytes) of a replica of record keys, in one call, as a
+        replica applies them one by one; return the highest revision among them (0 for none).
+
+        Each entry's key is ``subject[prefix_len:]`` decoded as :func:`decode_key` does (left as
+        it is when not in that encoding); ``pk_of(key)`` is the primary key a record stored under
+        it must have, None for a key that holds no record (skipped). An entry at or below the
+        revision of the record held under that pk, or of ``deleted.get(key)`` (keys deleted
+        ahead of the replica's watch), is one applied already, and skipped. A ``PUT`` whose
+        payload is JSON (``loads``, unless ``raw_bytes``) of a dict with that pk replaces the
+        record; any other entry deletes it.
+
+        A list of entries is consumed: each of its items is replaced by None once read, so that
+        the memory of a long run's payloads is reused as it goes.
+        """
+        top = 0
+        records, pk_field = self._records, self._pk
+        consumed = entries if type(entries) is list else None
+        for at, entry in enumerate(entries):
+            if consumed is not None:
+                consumed[at] = None
+            revision = entry.revision
+            top = max(top, revision)
+            token = entry.subject[prefix_len:]
+            try:
+                key = decode_key(token, sep)
+            except ValueError:
+                key = token
+            pk = pk_of(key)
+            if pk is None:
+                continue  # not a record key: it holds no record
+            held = records.get(pk)
+            if held is not None and revision <= held.revision:
+                continue  # applied already
+            if deleted and revision <= deleted.get(key, 0):
+                continue
+            put = entry.operation == "PUT"
+            if not put and held is None:
+                continue
+            new = None
+            if put and not entry.raw_bytes:
+                try:
+                    value = loads(entry.data)
+                except ValueError:
+                    value = None
+                if type(value) is dict:
+                    stored = value.get(pk_field, _ABSENT)
+                    if type(stored) is type(pk) and stored == pk:
+                        new = value
+            self.apply(held, new, revision)
+        return top
+
+    def _unindex(self, record: Record, pk: Any) -> None:
+        for slot, unique in self._unique:
+            value = _slot(record, slot)
+            if value is not None and value is not _ABSENT and unique.get(value) == pk:
+                unique.remove(value)
+        for slot, ordered in self._sorted:
+            value = _slot(record, slot)
+            if value is not None and value is not _ABSENT:
+                ordered.remove(value, pk)
+
+    def _index(self, record: Record, pk: Any) -> None:
         """Enter ``record`` (held under ``pk``) in every index; a unique value moves to it."""
-        for name, index in self._unique.items():
-            value = record.get(name)
-            if value is None:
+        for slot, index in self._unique:
+            value = _slot(record, slot)
+            if value is None or value is _ABSENT:
                 continue
             holder = index.get(value)
             if holder != pk:
                 if holder is not None:
                     index.remove(value)
                 index.add(value, pk)
-        for name, ordered in self._sorted.items():
-            value = record.get(name)
-            if value is not None:
+        for slot, ordered in self._sorted:
+            value = _slot(record, slot)
+            if value is not None and value is not _ABSENT:
                 ordered.add(value, pk)
 
 
@@ -1923,14 +2173,16 @@ def _valid_pk(pk: Any) -> bool:
 
 
 class RecordBuilder:
-    """Turns stored records (JSON-decoded dicts) into instances of a plain Python class.
+    """Turns stored records into instances of a plain Python class.
 
-    Each instance's ``__dict__`` gets every name of ``fields`` (None when the record lacks it),
-    ``_extra`` (a dict of the record's other keys, except those in ``skip``), ``_version`` (the
-    revision) and ``_stored`` (the record itself, shared, never modified). ``converters`` are
-    ``(field, function)`` pairs applied to non-None values of those fields; the fields named in
-    ``floats`` get ints (not bools) turned into floats, as JSON writes 1.0 as 1. ``__init__`` is
-    not called. Immutable once built: safe to share between threads.
+    A stored record is a :class:`Record` (which carries its revision) or a ``(stored,
+    revision)`` pair whose ``stored`` is a JSON-decoded dict or a Record. Each instance's
+    ``__dict__`` gets every name of ``fields`` (None when the record lacks it), ``_extra`` (a
+    dict of the record's other keys, except those in ``skip``), ``_version`` (the revision) and
+    ``_stored`` (the record itself, shared, never modified). ``converters`` are ``(field,
+    function)`` pairs applied to non-None values of those fields; the fields named in ``floats``
+    get ints (not bools) turned into floats, as JSON writes 1.0 as 1. ``__init__`` is not called.
+    Immutable once built: safe to share between threads.
     """
 
     __slots__ = ("_blank", "_cls", "_converters", "_fields", "_floats", "_skip")
@@ -1952,18 +2204,25 @@ class RecordBuilder:
             if name not in self._fields:
                 raise ValueError(f"floats names fields; {name!r} is not one")
 
-    def build(self, pairs: Iterable[tuple[dict[str, Any], int]]) -> list[Any]:
-        """One instance per ``(stored record, revision)`` pair, in order."""
+    def build(self, records: Iterable[Any]) -> list[Any]:
+        """One instance per stored record (a Record, or a ``(stored, revision)`` pair), in order."""
         cls, blank, fields, skip, converters = self._cls, self._blank, self._fields, self._skip, self._converters
         floats = self._floats
         new = object.__new__
         out = []
-        for stored, revision in pairs:
-            if not isinstance(stored, dict):
+        for item in records:
+            if isinstance(item, Record):
+                stored: Any = item
+                revision = item.revision
+            else:
+                stored, revision = item
+            if isinstance(stored, (dict, Record)):
+                pairs = stored.items()
+            else:
                 raise TypeError(f"a stored record is a dict, not {type(stored).__name__}")
             values = dict(blank)
             extra = {}
-            for key, raw in stored.items():
+            for key, raw in pairs:
                 if key in fields:
                     values[key] = raw
                 elif key not in skip:

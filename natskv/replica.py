@@ -66,6 +66,14 @@ class ReplicaStorage(Protocol):
     def items(self) -> Iterable[tuple[str, Any]]:
         """Every ``(key, value)`` held."""
 
+    def apply_entries(self, entries: list[Any], prefix_len: int, sep: str, deleted: dict[str, int]) -> int | None:
+        """Optional (the replica looks it up). Apply a run of raw entries (JSON values, keys that
+        the server's filter matched) in one call, as the ``on_apply`` hook would one by one:
+        skip what is at or below the revision held for its key or in ``deleted`` (key ->
+        revision), store the rest. Return the highest revision among them, or None to decline
+        (nothing applied, ``entries`` untouched: the replica then applies them one by one).
+        ``entries`` is the replica's own list: it may be consumed (items replaced by None)."""
+
 
 class LocalReplica:
     """The keys of ``bucket`` that match ``pattern``, with their latest values, in memory.
@@ -221,6 +229,10 @@ class LocalReplica:
         # Keys and values decoded outside the lock, so readers wait only for the dict updates.
         changes: list[Any] = []
         loaded = False
+        bulk = getattr(self._storage, "apply_entries", None)
+        if bulk is not None and pattern.exact and type(bucket.codec) is JSONCodec:
+            self._apply_runs(batch, bulk, cut)
+            return
         if pattern.exact and type(bucket.codec) is JSONCodec:
             # The server's filter did the matching: every key is wanted. Keys and JSON values
             # decoded in _core, a run of entries (between markers) per call.
@@ -261,6 +273,43 @@ class LocalReplica:
                     self.revision = revision
                 if key is not None:
                     apply_change(key, put, new, revision)
+            deleted = self._deleted
+            if deleted:
+                for key in [k for k, r in deleted.items() if r <= self.revision]:
+                    del deleted[key]
+            self._changed.notify_all()
+        if loaded:
+            self._ready.set()
+
+    def _apply_runs(self, batch: list[Any], bulk: Callable[..., int | None], cut: int) -> None:
+        # _apply_batch when the storage applies runs of entries itself (a model's records): each
+        # run between markers goes to it in one call, decoded and stored in _core, under the lock
+        # (it stores as it decodes: no list of decoded values in between).
+        sep, start, loaded = self.bucket.sep, 0, False
+        with self._changed:
+            for i in range(len(batch) + 1):
+                if i < len(batch) and batch[i] is not INITIAL_DONE:
+                    continue
+                run = batch[start:i] if start or i < len(batch) else batch
+                if run is not batch:
+                    batch[start:i] = [None] * (i - start)  # the run alone holds its entries
+                start = i + 1
+                if run:
+                    top = bulk(run, cut, sep, self._deleted)
+                    if top is None:  # declined: one change at a time
+                        top = 0
+                        for revision, key, put, new in core.decode_entries(run, cut, sep, orjson.loads):
+                            top = max(top, revision)
+                            self._change_stored(key, put, new, revision)
+                    if top > self.revision:
+                        self.revision = top
+                if i < len(batch):
+                    loaded = True
+                    if self._on_loaded is not None:
+                        try:
+                            self._on_loaded()
+                        except Exception:
+                            log.exception("natskv: error in a replica's on_loaded hook")
             deleted = self._deleted
             if deleted:
                 for key in [k for k, r in deleted.items() if r <= self.revision]:

@@ -9,8 +9,10 @@ exception with the same message.
 
 from __future__ import annotations
 
+import copy
 import enum
 import math
+import pickle
 import random
 import uuid
 from types import ModuleType
@@ -160,7 +162,7 @@ def test_every_kind_of_value_keeps_its_place_in_unique_indexes(core: ModuleType)
         records: dict[Any, Any] = {}
         pk_index = core.UniqueIndex(pk_order=True)
         field_index = core.UniqueIndex()
-        index_set = core.IndexSet("id", {"id": pk_index, "v": field_index}, {}, records)
+        index_set = core.IndexSet("id", {"id": pk_index, "v": field_index}, {}, records, ["id", "v"])
         index_set.defer()
         for pk, value in enumerate(values):
             index_set.apply(None, {"id": pk, "v": value}, pk + 1)
@@ -1024,11 +1026,19 @@ def test_record_builder_cores_agree(
 # ---------------------------------------------------------------------------------------------
 
 
+FIELDS = ("id", "email", "age", "role", "note")
+
+
+def held(records: dict[Any, Any]) -> dict[Any, tuple[dict[str, Any], int]]:
+    """What an IndexSet holds, as (stored dict, revision) by primary key."""
+    return {pk: (record.as_dict(), record.revision) for pk, record in records.items()}
+
+
 def make_index_set(core: ModuleType) -> tuple[Any, dict[str, Any], dict[str, Any], dict[Any, Any]]:
     unique = {"id": core.UniqueIndex(pk_order=True), "email": core.UniqueIndex()}
     ordered = {"age": core.SortedIndex()}
     records: dict[Any, Any] = {}
-    return core.IndexSet("id", unique, ordered, records), unique, ordered, records
+    return core.IndexSet("id", unique, ordered, records, FIELDS), unique, ordered, records
 
 
 def test_index_set_insert_update_delete(core: ModuleType) -> None:
@@ -1037,14 +1047,14 @@ def test_index_set_insert_update_delete(core: ModuleType) -> None:
     bob = {"id": 2, "email": "bob@x", "age": 30}
     assert index_set.apply(None, ann, 5) == 0
     assert index_set.apply(None, bob, 6) == 0
-    assert records == {1: (ann, 5), 2: (bob, 6)}
+    assert held(records) == {1: (ann, 5), 2: (bob, 6)}
     assert ordered["age"].eq(30) == [1, 2] and unique["email"].get("bob@x") == 2
     ann2 = {"id": 1, "email": "ann@y", "age": 31}
     assert index_set.apply(ann, ann2, 7) == 5  # an update returns the old revision
     assert unique["email"].get("ann@x") is None and unique["email"].get("ann@y") == 1
     assert ordered["age"].eq(30) == [2] and ordered["age"].eq(31) == [1]
     assert index_set.apply(bob, None, 8) == 6  # a delete
-    assert records == {1: (ann2, 7)} and len(unique["id"]) == 1 and ordered["age"].eq(30) == []
+    assert held(records) == {1: (ann2, 7)} and len(unique["id"]) == 1 and ordered["age"].eq(30) == []
     assert index_set.apply(bob, None, 9) == 0  # deleting what is not held changes nothing
 
 
@@ -1071,11 +1081,19 @@ def test_index_set_newest_claim_of_a_unique_value_wins(core: ModuleType) -> None
 
 def test_index_set_refuses_wrong_containers(core: ModuleType) -> None:
     with pytest.raises(TypeError, match="must be dicts"):
-        core.IndexSet("id", [], {}, {})
+        core.IndexSet("id", [], {}, {}, FIELDS)
     with pytest.raises(TypeError, match="must be a UniqueIndex"):
-        core.IndexSet("id", {"id": core.SortedIndex()}, {}, {})
+        core.IndexSet("id", {"id": core.SortedIndex()}, {}, {}, FIELDS)
     with pytest.raises(TypeError, match="must be a SortedIndex"):
-        core.IndexSet("id", {}, {"age": core.UniqueIndex()}, {})
+        core.IndexSet("id", {}, {"age": core.UniqueIndex()}, {}, FIELDS)
+    with pytest.raises(ValueError, match="'age' is not one of the fields"):
+        core.IndexSet("id", {}, {"age": core.SortedIndex()}, {}, ["id"])
+    with pytest.raises(ValueError, match="'id' is not one of the fields"):
+        core.IndexSet("id", {}, {}, {}, ["email"])
+    with pytest.raises(ValueError, match="repeat"):
+        core.IndexSet("id", {}, {}, {}, ["id", "id"])
+    with pytest.raises(TypeError, match="field names are str"):
+        core.IndexSet("id", {}, {}, {}, ["id", 3])
 
 
 @given(st.lists(st.tuples(
@@ -1102,7 +1120,7 @@ def test_index_set_cores_agree(c_core: ModuleType, py_core: ModuleType, changes:
         assert answers[0] == answers[1]
         current[pk] = new
     (_, u1, o1, r1), (_, u2, o2, r2) = sets
-    assert r1 == r2
+    assert held(r1) == held(r2)
     for name in u1:
         assert u1[name].ordered() == u2[name].ordered()
     assert o1["age"].ordered() == o2["age"].ordered()
@@ -1130,7 +1148,7 @@ def test_index_set_deferred_then_rebuilt_equals_applied_one_by_one(core: ModuleT
     for revision, row in enumerate(rows, 1):
         assert direct.apply(None, row, revision) == deferred.apply(None, row, revision) == 0
     assert len(u2["id"]) == len(u2["email"]) == len(o2["age"]) == 0  # left alone while deferred
-    assert r1 == r2
+    assert held(r1) == held(r2)
     # an update and a delete while deferred: the records follow, and so will the indexes
     for s in (direct, deferred):
         assert s.apply(rows[0], {"id": 1, "email": "new@x", "age": 99}, 3001) == 1
@@ -1178,14 +1196,223 @@ def test_index_set_shares_repeated_strings(core: ModuleType) -> None:
              "note": "".join(["n", str(i)]), "age": 1.5} for i in range(1, 7)]
     for revision, row in enumerate(rows, 1):
         index_set.apply(None, row, revision)
-    roles = [records[i][0]["role"] for i in range(1, 7)]
+    roles = [records[i]["role"] for i in range(1, 7)]
     assert roles == ["admin", "viewer"] * 3
     assert all(r is roles[0] for r in roles[::2]) and all(r is roles[1] for r in roles[1::2])
     # past the limit a field is no longer tracked: its values stay as they came
-    notes = [records[i][0]["note"] for i in range(1, 7)]
+    notes = [records[i]["note"] for i in range(1, 7)]
     assert notes == [f"n{i}" for i in range(1, 7)]
     again = {"id": 9, "role": "".join(["ad", "min"]), "note": "".join(["n", "1"])}
     index_set.apply(None, again, 7)
-    assert again["role"] is roles[0] and again["note"] is not notes[0]
+    assert records[9]["role"] is roles[0] and records[9]["note"] is not notes[0]
     with pytest.raises(ValueError, match="limit"):
         index_set.share(["role"], limit=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+
+def test_record_reads_as_the_mapping_of_its_stored_form(core: ModuleType) -> None:
+    index_set, _, _, records = make_index_set(core)
+    stored = {"role": "admin", "id": 1, "email": None, "other": [1, {"x": 2}], "age": 3.5}
+    index_set.apply(None, dict(stored), 9)
+    record = records[1]
+    assert isinstance(record, core.Record) and isinstance(record, index_set.record_type)
+    assert record.revision == 9 and record == stored and stored == record and record != {"id": 1}
+    assert record.as_dict() == stored and dict(record) == stored and len(record) == len(stored)
+    assert record["role"] == "admin" and record.get("email", 5) is None and record.get("note", 5) == 5
+    assert record["other"] == [1, {"x": 2}] and "other" in record and "note" not in record
+    with pytest.raises(KeyError):
+        record["note"]  # in the layout, absent from this record
+    with pytest.raises(KeyError):
+        record["nowhere"]  # outside the layout
+    with pytest.raises(TypeError):
+        record.get([1])  # unhashable, as with a dict
+    assert sorted(record) == sorted(stored) and sorted(record.keys()) == sorted(stored)
+    assert sorted(record.items(), key=repr) == sorted(stored.items(), key=repr)
+    assert record == index_set.record(stored, 1)  # the revision is not part of the mapping
+    assert pickle.loads(pickle.dumps(record)) == stored and copy.deepcopy(record) == stored
+    assert "Record(" in repr(record) and "revision=9" in repr(record)
+    with pytest.raises(TypeError):
+        hash(record)
+    with pytest.raises(TypeError, match="a stored record is a dict"):
+        index_set.record([1], 1)
+
+
+def test_record_type_checks_its_layout(core: ModuleType) -> None:
+    kind = core.record_type(["a", "b"])
+    assert issubclass(kind, core.Record) and kind._names == ("a", "b")
+    with pytest.raises(ValueError, match="repeat"):
+        core.record_type(["a", "a"])
+    with pytest.raises(TypeError, match="field names are str"):
+        core.record_type([b"a"])
+
+
+def test_record_cores_agree(c_core: ModuleType, py_core: ModuleType) -> None:
+    stored = {"id": 7, "email": "a@x", "zeta": {"deep": [1]}, "age": None}
+    made = [make_index_set(m)[0].record(dict(stored), 3) for m in (c_core, py_core)]
+    for record in made:
+        assert record == stored and record.revision == 3
+        assert list(record) == list(made[0]) and repr(record) == repr(made[0])
+        assert tuple.__len__(record) == tuple.__len__(made[0])  # a trailing dict of the key outside the layout
+
+
+def test_filters_and_builders_read_records(core: ModuleType) -> None:
+    index_set, _, _, records = make_index_set(core)
+    rows = [{"id": 1, "role": "admin", "age": 30, "x": {"y": 1}}, {"id": 2, "role": "user"}, {"id": 3, "age": None}]
+    for revision, row in enumerate(rows, 1):
+        index_set.apply(None, row, revision)
+    held_records = [records[pk] for pk in (1, 2, 3)]
+    wheres: list[dict[str, Any]] = [
+        {"role": "admin"}, {"age": {"$exists": False}}, {"age": None}, {"x.y": 1}, {"nowhere": {"$exists": True}},
+        {"$or": [{"role": "user"}, {"age": {"$gte": 30}}]}, {"$not": {"role": "admin"}}, {},
+    ]
+    for where in wheres:
+        flt = core.compile_filter(where)
+        assert flt.filter(held_records) == flt.filter(rows), where
+        assert [flt.match(r) for r in held_records] == [flt.match(r) for r in rows], where
+
+    class Plain:
+        pass
+
+    builder = core.RecordBuilder(Plain, ["id", "role", "age", "missing"], skip=["email"], floats=["age"])
+    from_records = builder.build(held_records)
+    from_pairs = builder.build([(row, revision) for revision, row in enumerate(rows, 1)])
+    from_held_pairs = builder.build([(r, r.revision) for r in held_records])
+    for a, b, c in zip(from_records, from_pairs, from_held_pairs, strict=True):
+        assert {k: v for k, v in vars(a).items() if k != "_stored"} == {
+            k: v for k, v in vars(b).items() if k != "_stored"
+        }
+        assert vars(c) == vars(a)
+    assert from_records[0].age == 30.0 and type(from_records[0].age) is float
+    assert from_records[0]._extra == {"x": {"y": 1}}
+    assert from_records[0]._stored is held_records[0] and from_records[2]._version == 3
+    assert from_records[1].missing is None and from_records[1].age is None
+
+
+@pytest.mark.parametrize("key, pk", [
+    ("r:i:12", 12), ("r:i:-3", -3), ("r:i:0", 0), ("r:s:a:b c", "a:b c"), ("r:s:", ""),
+    ("r:u:00000000-0000-0000-0000-000000abcdef", "00000000-0000-0000-0000-000000abcdef"),
+    ("r:i:012", None), ("r:i:+1", None), ("r:i: 1", None), ("r:i:1_0", None), ("r:i:x", None), ("r:i:-0", None),
+    ("r:i:-", None), ("r:i:", None), ("r:i:\u0661", None), ("r:u:not-a-uuid", None),
+    ("r:u:00000000-0000-0000-0000-000000ABCDEF", None), ("u:email:x", None), ("r:x:1", None), ("r:", None), ("", None),
+])
+def test_record_pk(core: ModuleType, key: str, pk: Any) -> None:
+    got = core.record_pk(key)
+    assert got == pk and type(got) is type(pk)
+
+
+def test_record_pk_refuses_what_is_not_a_str(core: ModuleType) -> None:
+    with pytest.raises(TypeError, match="a key is a str"):
+        core.record_pk(b"r:i:1")
+
+
+class Entry:
+    """A raw entry as the watch delivers it (the fields of natskv's RawEntry that count here)."""
+
+    def __init__(self, key: str, data: bytes, revision: int, operation: str = "PUT", raw_bytes: bool = False) -> None:
+        self.subject = "$KV.b." + key.replace(":", ".")
+        self.data = data
+        self.revision = revision
+        self.operation = operation
+        self.raw_bytes = raw_bytes
+
+
+def entries_case() -> list[Entry]:
+    return [
+        Entry("r:i:1", b'{"id": 1, "email": "a@x", "age": 5}', 1),
+        Entry("r:i:2", b'{"id": 2, "email": "b@x", "age": 5, "role": "admin"}', 2),
+        Entry("r:i:3", b'{"id": 4, "email": "c@x"}', 3),  # a pk that is not its key's: no record
+        Entry("r:i:5", b'[1, 2]', 4),  # not an object: no record
+        Entry("r:i:6", b'not json', 5),
+        Entry("r:i:7", b'{"id": 7}', 6, raw_bytes=True),  # stored as bytes: no record
+        Entry("u:email:x", b'"r:i:1"', 7),  # not a record key
+        Entry("r:i:1", b'{"id": 1, "email": "a2@x", "age": 6}', 8),  # an update
+        Entry("r:i:2", b"", 9, "DEL"),  # a delete
+        Entry("r:i:9", b"", 10, "PURGE"),  # deleting what is not held
+        Entry("r:i:1", b'{"id": 1, "email": "old@x"}', 8),  # applied already
+        Entry("r:i:8", b'{"id": 8, "email": "d@x"}', 11),
+        Entry("r:i:8", b'{"id": 8, "email": "e@x"}', 12),  # deleted ahead of the watch at 12
+        Entry("r:s:k", b'{"id": "k", "age": 1}', 13),
+        Entry("r:i:10", b'{"id": "10"}', 14),  # a str pk under an int key: no record
+    ]
+
+
+def test_apply_entries_applies_as_one_change_at_a_time(core: ModuleType) -> None:
+    bulk, u1, o1, r1 = make_index_set(core)
+    single, u2, o2, r2 = make_index_set(core)
+    import orjson
+
+    deleted = {"r:i:8": 12}
+    assert bulk.apply_entries(entries_case(), len("$KV.b."), ":", orjson.loads, core.record_pk, deleted) == 14
+    for entry in entries_case():  # what a replica does one change at a time
+        key = entry.subject[len("$KV.b."):].replace(".", ":")
+        pk = core.record_pk(key)
+        held_record = r2.get(pk) if pk is not None else None
+        if pk is None or (held_record is not None and entry.revision <= held_record.revision):
+            continue
+        if entry.revision <= deleted.get(key, 0):
+            continue
+        new = None
+        if entry.operation == "PUT" and not entry.raw_bytes:
+            try:
+                value = orjson.loads(entry.data)
+            except ValueError:
+                value = None
+            if type(value) is dict and type(value.get("id")) is type(pk) and value.get("id") == pk:
+                new = value
+        single.apply(held_record, new, entry.revision)
+    assert held(r1) == held(r2) == {
+        1: ({"id": 1, "email": "a2@x", "age": 6}, 8),
+        "k": ({"id": "k", "age": 1}, 13),
+    }
+    assert index_contents(u1, o1) == index_contents(u2, o2)
+    assert bulk.apply_entries([], 6, ":", orjson.loads, core.record_pk, {}) == 0
+
+
+def test_apply_entries_with_a_pk_function_of_its_own(core: ModuleType) -> None:
+    index_set, _, _, records = make_index_set(core)
+    import orjson
+
+    entries = [Entry("a", b'{"id": "a"}', 1), Entry("b", b'{"id": "b"}', 2)]
+    only_a = lambda key: key if key == "a" else None  # noqa: E731
+    top = index_set.apply_entries(entries, len("$KV.b."), ":", orjson.loads, only_a, {})
+    assert top == 2 and held(records) == {"a": ({"id": "a"}, 1)}
+
+
+def test_apply_entries_consumes_a_list_and_leaves_it_alone_when_declined(core: ModuleType) -> None:
+    index_set, _, _, records = make_index_set(core)
+    import orjson
+
+    entries: list[Any] = entries_case()
+    index_set.apply_entries(entries, len("$KV.b."), ":", orjson.loads, core.record_pk, {})
+    assert entries == [None] * len(entries_case())  # each let go once read
+    again, _, _, records_again = make_index_set(core)
+    again.apply_entries(tuple(entries_case()), len("$KV.b."), ":", orjson.loads, core.record_pk, {})
+    assert held(records_again) == held(records)  # any iterable: only a list is consumed
+
+
+def test_records_cut_short_after_their_last_value(core: ModuleType) -> None:
+    index_set, unique, ordered, records = make_index_set(core)  # layout: id email age role note
+    index_set.apply(None, {"id": 1, "email": "a@x"}, 1)
+    index_set.apply(None, {"id": 2, "note": "n"}, 2)
+    index_set.apply(None, {"id": 3, "age": 4, "other": 1}, 3)
+    short, full, extra = records[1], records[2], records[3]
+    assert tuple.__len__(short) == 3 and tuple.__len__(full) == 6 and tuple.__len__(extra) == 7
+    assert short == {"id": 1, "email": "a@x"} and short.get("note", 0) == 0 and "role" not in short
+    assert full == {"id": 2, "note": "n"} and extra == {"id": 3, "age": 4, "other": 1}
+    flt = core.compile_filter({"note": {"$exists": False}})
+    assert flt.filter([short, full, extra]) == [0, 2]
+
+    class Plain:
+        pass
+
+    built = core.RecordBuilder(Plain, ["id", "note", "age"]).build([short, extra])
+    assert built[0].note is None and built[0]._extra == {"email": "a@x"} and built[1]._extra == {"other": 1}
+    index_set.apply(short, {"id": 1, "role": "r", "age": 2}, 4)
+    assert unique["email"].get("a@x") is None and ordered["age"].eq(2) == [1]
+    index_set.defer()
+    index_set.rebuild()
+    assert ordered["age"].ordered() == [1, 3] and unique["email"].get("a@x") is None

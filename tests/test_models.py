@@ -990,7 +990,7 @@ def test_first_records_are_the_first_of_the_full_sort(kinds: str) -> None:
         value = rng.choice(pools[kinds])
         if value is not None or rng.random() < 0.5:  # missing or null
             record["v"] = value
-        pairs.append((record, pk))
+        pairs.append(record)  # the planner hands over stored records (mappings), revision inside
     for order in ([("v", False)], [("v", True)], [("id", True)]):
         full = query.sort_records(pairs, order, "id")
         for count in (1, 5, 20, 74):

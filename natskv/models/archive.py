@@ -114,8 +114,7 @@ def _check(model: type[Model], path: str | os.PathLike[str], unique: list[str], 
     if not clear and unique:
         with store.replica.lock if store.replica is not None else contextlib.nullcontext():
             held = list(store.records.items())
-        for pk, hit in held:
-            current = hit[0] if isinstance(hit, tuple) else hit
+        for pk, current in held:  # current: a core.Record, the mapping of the stored form
             key = record_key(model._fields[model._pk].from_json(pk))
             if key in in_file:
                 continue  # replaced by the restore

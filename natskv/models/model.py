@@ -150,9 +150,10 @@ class Model(metaclass=ModelMeta):
         return cls._build([(stored, revision)])[0]
 
     @classmethod
-    def _build(cls: type[M], pairs: Iterable[tuple[dict[str, Any], int]]) -> list[M]:
-        """Instances of (stored record, revision) pairs, built by ``_core``."""
-        return cls._builder.build(pairs)  # type: ignore[attr-defined, no-any-return]
+    def _build(cls: type[M], records: Iterable[Any]) -> list[M]:
+        """Instances of stored records (``_core.Record`` s, or ``(stored dict, revision)`` pairs),
+        built by ``_core``."""
+        return cls._builder.build(records)  # type: ignore[attr-defined, no-any-return]
 
     @property
     def _created_at(self) -> dt.datetime | None:
@@ -624,8 +625,7 @@ class Model(metaclass=ModelMeta):
             hit = store.records.get(stored_pk)
         if hit is None:
             return default
-        stored, revision = hit
-        return cls._from_stored(stored, revision)
+        return cls._build([hit])[0]
 
     @classmethod
     def find(cls: type[M], *, where: Mapping[str, Any] | None = None, order_by: Any = None,
@@ -758,7 +758,7 @@ class Model(metaclass=ModelMeta):
     def _numbers(cls, field: str, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> list[float]:
         if field not in cls._fields:
             raise InvalidArgumentError(f"{cls.__name__} has no field {field!r}")
-        values = (stored.get(field) for stored, _ in cls._require_store().planner.select(where, lookups))
+        values = (stored.get(field) for stored in cls._require_store().planner.select(where, lookups))
         return [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
     @classmethod

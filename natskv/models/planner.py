@@ -1,7 +1,7 @@
 """The query planner: every query of a model's records is planned and run here.
 
 :class:`Planner` (one per registered model, ``store.planner``) answers the read calls of
-:class:`~natskv.models.model.Model` with ``(stored record, revision)`` pairs, which the model turns
+:class:`~natskv.models.model.Model` with stored records (``_core.Record`` s), which the model turns
 into instances. Its entry points, one per kind of read:
 
 - :meth:`Planner.find` -- matches in order, ``offset`` / ``limit`` applied (``find``, ``first``,
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
@@ -58,8 +57,9 @@ from natskv.models import query
 if TYPE_CHECKING:
     from natskv.models.store import ModelStore
 
-Pair = tuple[dict[str, Any], int]
-"""A stored record and its revision."""
+Pair = Any
+"""A stored record: a ``_core.Record``, which reads as a mapping of the stored form and carries
+its revision (``record.revision``)."""
 
 _CACHE_MAX = 512
 _RANGE_OPS = frozenset(("$gt", "$gte", "$lt", "$lte"))
@@ -267,7 +267,7 @@ class Planner:
         if len(pairs) <= limit:
             return pairs, None
         pairs = pairs[:limit]
-        last = pairs[-1][0]
+        last = pairs[-1]
         return pairs, orjson.dumps([last.get(field), last.get(pk)]).decode()
 
     def for_update(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> tuple[list[Pair], Any]:
@@ -417,7 +417,7 @@ class Planner:
                     hit = records.get(pk) if pk is not None else None
                     if hit is None:
                         return []
-                    stored = hit[0]
+                    stored = hit
                     for other, value in equal.items():
                         if stored.get(other) != value:
                             return []
@@ -432,7 +432,7 @@ class Planner:
             out = []
             for pk in candidates:
                 hit = records.get(pk)
-                if hit is not None and all(hit[0].get(n) == v for n, v in equal.items()):
+                if hit is not None and all(hit.get(n) == v for n, v in equal.items()):
                     out.append(hit)
                     if len(out) == first:
                         break
@@ -479,10 +479,10 @@ class Planner:
                 if segment != "index":
                     if has_tail and not tails:
                         for p in query.sort_records(
-                            [p for p in records.values() if core.index_key(p[0].get(field)) is None],
+                            [p for p in records.values() if core.index_key(p.get(field)) is None],
                             [(field, descending)], pk_name,
                         ):
-                            tails.setdefault("nulls" if p[0].get(field) is None else "others", []).append(p)
+                            tails.setdefault("nulls" if p.get(field) is None else "others", []).append(p)
                     keep(_after(tails.get(segment, []), mark if segment == at else None, field, pk_name, descending))
                     continue
                 # A bounded walk over the one condition's values finds only matches: no filter.
@@ -517,20 +517,15 @@ def _scan_matches(scan: Callable[[Any, int], list[Any]], records: Mapping[Any, P
         if len(pks) < chunk or len(out) >= want:
             break
         last = pks[-1]
-        cursor = (records[last][0].get(field), last)
+        cursor = (records[last].get(field), last)
         chunk = min(chunk * 2, 4096)
     del out[want:]
     return out
 
 
-_record = itemgetter(0)
-
-
-def _matches(flt: Any, pairs: list[Pair]) -> list[Pair]:
-    """The pairs whose record ``flt`` passes, in order. The filter reads the records straight
-    from the pairs (no list of records is built: over a full scan that list cost about a third
-    of the filter's own time, reading every pair once more)."""
-    return [pairs[i] for i in flt.filter(map(_record, pairs))]
+def _matches(flt: Any, records: list[Pair]) -> list[Pair]:
+    """The records (``core.Record`` s) that ``flt`` passes, in order."""
+    return [records[i] for i in flt.filter(records)]
 
 
 def _sort_threshold(want: int, total: int) -> int:
@@ -591,7 +586,7 @@ def _after(pairs: list[Pair], mark: tuple[Any, Any] | None, field: str, pk: str,
     in the order they come."""
     if mark is None:
         return pairs
-    return [p for p in pairs if query.follows(p[0], mark, field, pk, descending)]
+    return [p for p in pairs if query.follows(p, mark, field, pk, descending)]
 
 
 def _single_equality(where: dict[str, Any]) -> tuple[str, Any] | None:

@@ -147,10 +147,8 @@ def parse_order_by(
     return out
 
 
-def sort_records(
-    pairs: list[tuple[dict[str, Any], int]], order: list[tuple[str, bool]], pk: str
-) -> list[tuple[dict[str, Any], int]]:
-    """Stable multi-key sort of (stored record, revision) pairs.
+def sort_records(pairs: list[Any], order: list[tuple[str, bool]], pk: str) -> list[Any]:
+    """Stable multi-key sort of stored records (mappings of the stored form: ``_core.Record`` s).
 
     Records without a value (null or missing) come after the others in both directions; among
     the others ``"-age"`` is exactly the reverse of ``"age"``, the order an index walks in (see
@@ -158,20 +156,18 @@ def sort_records(
     """
     reverse = bool(order) and order[-1][1]
     try:  # one primary key type per model: compared directly, the fast way
-        pairs = sorted(pairs, key=lambda p: p[0][pk], reverse=reverse)
+        pairs = sorted(pairs, key=lambda p: p[pk], reverse=reverse)
     except (KeyError, TypeError):  # records written by other clients: the total order instead
-        pairs = sorted(pairs, key=lambda p: order_key(p[0].get(pk)), reverse=reverse)
+        pairs = sorted(pairs, key=lambda p: order_key(p.get(pk)), reverse=reverse)
     for name, descending in reversed(order):
         if descending:  # reversed, nulls (False) after the values (True)
-            pairs.sort(key=lambda p: _valued_key(p[0].get(name)), reverse=True)
+            pairs.sort(key=lambda p: _valued_key(p.get(name)), reverse=True)
         else:  # order_key puts nulls last already
-            pairs.sort(key=lambda p: order_key(p[0].get(name)))
+            pairs.sort(key=lambda p: order_key(p.get(name)))
     return pairs
 
 
-def first_records(
-    pairs: list[tuple[dict[str, Any], int]], order: list[tuple[str, bool]], pk: str, count: int
-) -> list[tuple[dict[str, Any], int]]:
+def first_records(pairs: list[Any], order: list[tuple[str, bool]], pk: str, count: int) -> list[Any]:
     """The first ``count`` pairs of ``sort_records(pairs, order, pk)``, without sorting them all
     when there is one order field: a heap keeps the best ``count`` (n log count, not n log n)."""
     if len(order) != 1 or count * 4 >= len(pairs):
@@ -182,8 +178,8 @@ def first_records(
         return plain
     # The same order as sort_records: ties by primary key in the field's direction, nulls last.
     if not descending:
-        return heapq.nsmallest(count, pairs, key=lambda p: (order_key(p[0].get(name)), order_key(p[0].get(pk))))
-    return heapq.nlargest(count, pairs, key=lambda p: (_valued_key(p[0].get(name)), order_key(p[0].get(pk))))
+        return heapq.nsmallest(count, pairs, key=lambda p: (order_key(p.get(name)), order_key(p.get(pk))))
+    return heapq.nlargest(count, pairs, key=lambda p: (_valued_key(p.get(name)), order_key(p.get(pk))))
 
 
 _NUMBERS = frozenset((int, float))
@@ -197,13 +193,11 @@ def _one_kind(kinds: set[type]) -> bool:
     return kinds <= _NUMBERS or kinds <= _STRS
 
 
-def _first_plain(
-    pairs: list[tuple[dict[str, Any], int]], name: str, pk: str, count: int, descending: bool
-) -> list[tuple[dict[str, Any], int]] | None:
+def _first_plain(pairs: list[Any], name: str, pk: str, count: int, descending: bool) -> list[Any] | None:
     """first_records for one order field whose values are of one kind (numbers or str, nulls
     aside) and primary keys of one kind: the heap compares plain ``(value, pk, i)`` tuples, no
     key function per record (several times less work). None when the values are mixed."""
-    rows = [(record.get(name), record.get(pk), i) for i, (record, _) in enumerate(pairs)]
+    rows = [(record.get(name), record.get(pk), i) for i, record in enumerate(pairs)]
     kinds = set(map(type, map(_VALUE, rows)))
     nulls: list[tuple[Any, Any, int]] = []
     if type(None) in kinds:
@@ -223,7 +217,7 @@ def _valued_key(value: Any) -> tuple[bool, tuple[Any, ...]]:
     return value is not None, order_key(value)
 
 
-def follows(record: dict[str, Any], mark: tuple[Any, Any], field: str, pk: str, descending: bool) -> bool:
+def follows(record: Mapping[str, Any], mark: tuple[Any, Any], field: str, pk: str, descending: bool) -> bool:
     """Whether ``record`` sorts after the cursor ``mark`` (a sort value and a primary key) in
     the order :func:`sort_records` gives by ``field``."""
     at = (order_key(mark[0]), order_key(mark[1]))
@@ -235,6 +229,6 @@ def follows(record: dict[str, Any], mark: tuple[Any, Any], field: str, pk: str, 
     return position(record, field, pk) < at
 
 
-def position(record: dict[str, Any], field: str, pk: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+def position(record: Mapping[str, Any], field: str, pk: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """Where a record sorts when ordered by ``field`` (ties by primary key): comparable tuples."""
     return order_key(record.get(field)), order_key(record.get(pk))

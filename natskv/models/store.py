@@ -8,7 +8,9 @@ Storage layout in the model's bucket (keys use natskv's ``:`` hierarchy):
 
 The store keeps the records of a :class:`~natskv.replica.LocalReplica` of the ``r:`` keys with their
 indexes (``_core.SortedIndex`` / ``UniqueIndex``), in step through the replica's apply hook, which
-runs on natskv's loop thread under the replica's lock; readers on any thread take that lock.
+runs on natskv's loop thread under the replica's lock; readers on any thread take that lock. Each
+record is held as one ``_core.Record``: a tuple of its revision and values in the model's field
+order, which reads as a mapping of the stored form (a dict per record would cost twice the memory).
 """
 
 from __future__ import annotations
@@ -66,19 +68,8 @@ def record_key(pk: Any) -> str:
 def stored_pk(key: str) -> Any:
     """The primary key, in its stored (JSON) form, of the record key ``key`` (the inverse of
     :func:`record_key`: a UUID's is its string); None when ``key`` is not a record key in
-    exactly that form."""
-    kind, text = key[:4], key[4:]
-    if kind == "r:s:":
-        return text
-    try:
-        if kind == "r:i:":
-            number = int(text)
-            return number if str(number) == text else None
-        if kind == "r:u:":
-            return text if str(uuid.UUID(text)) == text else None
-    except ValueError:
-        return None
-    return None
+    exactly that form (``_core.record_pk``)."""
+    return core.record_pk(key)
 
 
 def unique_key(field: str, json_value: Any) -> str:
@@ -107,16 +98,20 @@ class ModelStore:
             name: core.SortedIndex() for name, field in fields.items() if field.index and name not in self.unique
         }
         self.indexes: dict[str, Any] = {**self.unique, **self.sorted}
-        # By primary key (stored form): (stored record, revision), replaced whole on each change
-        # so a reader always gets a record and its own revision together.
-        self.records: dict[Any, tuple[dict[str, Any], int]] = {}
-        self.index_set = core.IndexSet(self.pk, self.unique, self.sorted, self.records)  # keeps both in step
+        # By primary key (stored form): the record (a core.Record, carrying its revision),
+        # replaced whole on each change so a reader always gets a record and its own revision together.
+        self.records: dict[Any, Any] = {}
+        # The stored meta fields (model.META_FIELDS but _version) have slots too; _expires_at only
+        # in a model whose records expire (a record cut short after its last value holds no
+        # slot for the absent ones, so the rare expiring record of another model costs a dict).
+        meta = ("_created_at", "_updated_at", "_changes", *(("_expires_at",) if model.__ttl__ is not None else ()))
+        layout = (*fields, *(name for name in meta if name not in fields))
+        self.index_set = core.IndexSet(self.pk, self.unique, self.sorted, self.records, layout)  # keeps both in step
         # Until the replica's initial values are in, only the records are kept: the indexes are
         # then built once, in bulk (loaded()), which costs a fraction of inserting entry by entry.
         # Nobody reads them meanwhile: reads wait for the load (register(), a fork's revive()).
         self.index_set.defer()
-        self.index_set.share([n for n in (*fields, "_created_at", "_updated_at") if n not in self.unique],
-                             SHARED_VALUES_MAX)
+        self.index_set.share([n for n in layout if n not in self.unique], SHARED_VALUES_MAX)
         self.replica: LocalReplica | None = None
         self._looked_up: tuple[str | None, Any] = (None, None)  # the last held() key and its pk
         # Model watches, live queries and db.on(): called as listener(old, new, revision,
@@ -124,7 +119,7 @@ class ModelStore:
         self.listeners: list[Callable[[Any, Any, int, int], None]] = []
         # In a forked child reloading its replica: the records inherited from the parent, by
         # primary key, so the reload tells listeners only what changed since the fork.
-        self.inherited: dict[Any, tuple[dict[str, Any], int]] | None = None
+        self.inherited: dict[Any, Any] | None = None
         self.planner = Planner(self)
 
     def next_ids(self, field: str, count: int, timeout: float | None) -> range:
@@ -134,11 +129,17 @@ class ModelStore:
         last = self.client._next_counter(self.bucket.name, field, timeout, count)
         return range(last - count + 1, last + 1)
 
-    def server_records(self, timeout: float | None) -> list[tuple[dict[str, Any], int]]:
-        """Every record as the server has it now, with its revision (one batch read of the
-        ``r:`` keys; ``consistency="server"`` reads). ``timeout=None`` is the client's default."""
-        bucket = self.bucket
-        return [(bucket._decode(e).value, e.revision) for _, e in bucket._latest(f"{RECORD}:*", False, timeout)]
+    def server_records(self, timeout: float | None) -> list[Any]:
+        """Every record as the server has it now, as ``core.Record`` s (one batch read of the
+        ``r:`` keys; ``consistency="server"`` reads); values that are not JSON objects are no
+        records. ``timeout=None`` is the client's default."""
+        bucket, record = self.bucket, self.index_set.record
+        out = []
+        for _, entry in bucket._latest(f"{RECORD}:*", False, timeout):
+            value = bucket._decode(entry).value
+            if type(value) is dict:
+                out.append(record(value, entry.revision))
+        return out
 
     def reset(self) -> None:
         """Forget every record (the replica calls this in a forked child before it reloads).
@@ -164,20 +165,21 @@ class ModelStore:
 
     # -- replica storage and hook (loop thread, or a writer's thread; under the replica's lock) ----
 
-    def held(self, key: str) -> tuple[dict[str, Any], int] | None:
+    def held(self, key: str) -> tuple[Any, int] | None:
         """The record stored under the record key ``key`` and its revision (the replica keeps no
         copy of its own: the records are its storage)."""
         pk = stored_pk(key)
         self._looked_up = (key, pk)  # apply() of the same change reads it back
-        return None if pk is None else self.records.get(pk)
+        record = None if pk is None else self.records.get(pk)
+        return None if record is None else (record, record.revision)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def items(self) -> list[tuple[str, dict[str, Any]]]:
+    def items(self) -> list[tuple[str, Any]]:
         """Every record under its record key."""
         from_json = self.model._fields[self.pk].from_json
-        return [(record_key(from_json(pk)), record) for pk, (record, _) in self.records.items()]
+        return [(record_key(from_json(pk)), record) for pk, record in self.records.items()]
 
     def apply(self, key: str, old: Any, new: Any, revision: int) -> None:
         """Keep records and indexes in step with one change of a record key.
@@ -192,17 +194,25 @@ class ModelStore:
                 new = None
         old_revision = self.index_set.apply(old, new, revision)
         if self.listeners:
-            old = old if type(old) is dict else None
             new = new if type(new) is dict else None
             if old is None and new is None:
                 return
             if self.inherited is not None and old is None and new is not None:
                 hit = self.inherited.pop(new.get(self.pk), None)
                 if hit is not None:
-                    if hit[1] == revision:
+                    if hit.revision == revision:
                         return  # reloaded as it was at the fork: not news
-                    old, old_revision = hit
+                    old, old_revision = hit, hit.revision
             self._tell(old, new, revision, old_revision)
+
+    def apply_entries(self, entries: list[Any], prefix_len: int, sep: str, deleted: dict[str, int]) -> int | None:
+        """Apply a run of the replica's raw entries in one ``_core`` call, as :meth:`apply` would
+        one by one (see ``ReplicaStorage.apply_entries``): the highest revision among them, or
+        None, applying nothing, while listeners would have to hear of each change."""
+        if self.listeners or self.inherited is not None:
+            return None
+        top: int = self.index_set.apply_entries(entries, prefix_len, sep, orjson.loads, core.record_pk, deleted)
+        return top
 
     def loaded(self) -> None:
         """The replica's initial values are in: after a fork's reload, the inherited records
@@ -220,10 +230,10 @@ class ModelStore:
                     gc.enable()
         gone, self.inherited = self.inherited, None
         if gone and self.listeners and self.replica is not None:
-            for stored, revision in gone.values():
-                self._tell(stored, None, self.replica.revision, revision)
+            for stored in gone.values():
+                self._tell(stored, None, self.replica.revision, stored.revision)
 
-    def _tell(self, old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_revision: int) -> None:
+    def _tell(self, old: Any, new: Any, revision: int, old_revision: int) -> None:
         for listener in list(self.listeners):
             try:
                 listener(old, new, revision, old_revision)

@@ -175,7 +175,8 @@ class Transaction:
                         obj._stored_as(clean, stored)
                     else:
                         obj._stored = stored
-                    obj._version = store.records.get(stored[type(obj)._pk], (None, revision))[1]
+                    held = store.records.get(stored[type(obj)._pk])
+                    obj._version = held.revision if held is not None else revision
             return revision
         finally:
             self._state = "done"
