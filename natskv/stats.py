@@ -1,4 +1,4 @@
-"""Per-operation statistics of a client: counts, latency percentiles, errors and bytes, and the
+"""Per-operation statistics of a client: counts, latency percentiles, errors and results, and the
 optional publishing of every operation as an event.
 
 Each blocking KV call (``get``, ``set``, ``delete``, ``keys``, ``find`` ...) and each watch event
@@ -85,12 +85,11 @@ class Histogram:
 class OperationStats:
     """The statistics of one operation name."""
 
-    __slots__ = ("bytes", "errors", "latency", "results")
+    __slots__ = ("errors", "latency", "results")
 
     def __init__(self) -> None:
         self.latency = Histogram()
         self.errors: dict[str, int] = {}
-        self.bytes = 0
         self.results = 0
 
     def summary(self) -> dict[str, Any]:
@@ -100,7 +99,6 @@ class OperationStats:
             "p99_us": round(self.latency.percentile(0.99), 1),
             "mean_us": round(self.latency.total / self.latency.count / 1000, 1) if self.latency.count else 0.0,
             "errors": dict(self.errors),
-            "bytes": self.bytes,
             "results": self.results,
         }
 
@@ -116,14 +114,14 @@ class Stats:
 
     def record(
         self, operation: str, bucket: str, key: str, started: float, *, result_count: int = 1,
-        size: int = 0, error: BaseException | None = None,
+        error: BaseException | None = None,
     ) -> None:
         """Count one call of ``operation`` that began at ``started`` (``time.perf_counter()``)."""
         self.record_elapsed(operation, bucket, key, time.perf_counter() - started, result_count=result_count,
-                            size=size, error=error)
+                            error=error)
 
     def record_elapsed(
-        self, operation: str, bucket: str, key: str, elapsed: float, *, result_count: int = 1, size: int = 0,
+        self, operation: str, bucket: str, key: str, elapsed: float, *, result_count: int = 1,
         error: BaseException | None = None,
     ) -> None:
         """Count one ``operation`` that took ``elapsed`` seconds (a watch event: its age)."""
@@ -134,7 +132,6 @@ class Stats:
             if stats is None:
                 stats = self._ops[operation] = OperationStats()
             stats.latency.add(nanos)
-            stats.bytes += size
             stats.results += result_count
             if error is not None:
                 name = type(error).__name__
@@ -144,7 +141,8 @@ class Stats:
             publisher.offer(operation, bucket, key, elapsed, result_count, error)
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """``{operation: {count, p50_us, p99_us, mean_us, errors, bytes, results}}``."""
+        """``{operation: {count, p50_us, p99_us, mean_us, errors, results}}``. Bytes are counted
+        per connection: ``in_bytes`` and ``out_bytes`` of :meth:`natskv.Client.stats`."""
         with self._lock:
             return {name: stats.summary() for name, stats in sorted(self._ops.items())}
 
