@@ -261,11 +261,7 @@ class LocalReplica:
         with self._changed:
             for change in changes:
                 if change is None:
-                    if self._on_loaded is not None:
-                        try:
-                            self._on_loaded()
-                        except Exception:
-                            log.exception("natskv: error in a replica's on_loaded hook")
+                    self._tell_loaded()
                     continue
                 revision, key, put, new = change
                 # The stream position moves for every event, matched or not: wait_for() relies on it.
@@ -273,11 +269,7 @@ class LocalReplica:
                     self.revision = revision
                 if key is not None:
                     apply_change(key, put, new, revision)
-            deleted = self._deleted
-            if deleted:
-                for key in [k for k, r in deleted.items() if r <= self.revision]:
-                    del deleted[key]
-            self._changed.notify_all()
+            self._settle()
         if loaded:
             self._ready.set()
 
@@ -305,18 +297,26 @@ class LocalReplica:
                         self.revision = top
                 if i < len(batch):
                     loaded = True
-                    if self._on_loaded is not None:
-                        try:
-                            self._on_loaded()
-                        except Exception:
-                            log.exception("natskv: error in a replica's on_loaded hook")
-            deleted = self._deleted
-            if deleted:
-                for key in [k for k, r in deleted.items() if r <= self.revision]:
-                    del deleted[key]
-            self._changed.notify_all()
+                    self._tell_loaded()
+            self._settle()
         if loaded:
             self._ready.set()
+
+    def _tell_loaded(self) -> None:
+        # Under the lock: the initial values are in.
+        if self._on_loaded is not None:
+            try:
+                self._on_loaded()
+            except Exception:
+                log.exception("natskv: error in a replica's on_loaded hook")
+
+    def _settle(self) -> None:
+        # Under the lock, after a batch: forget deletes the replica has passed, wake the waiters.
+        deleted = self._deleted
+        if deleted:
+            for key in [k for k, r in deleted.items() if r <= self.revision]:
+                del deleted[key]
+        self._changed.notify_all()
 
     def _change(self, key: str, put: bool, new: Any, revision: int) -> None:
         # Under the lock. A revision at or below the key's own is one already applied.

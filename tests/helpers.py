@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def default_sigint() -> None:
@@ -43,3 +44,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             pass
         time.sleep(interval)
     return predicate()
+
+
+def drop_model_bucket(db: Any, name: str) -> None:
+    """Delete a test model's bucket and its autoincrement counter stream (if it has one)."""
+    import natskv
+    from natskv.wire import jsapi
+
+    db.delete_bucket(name)
+    try:
+        jsapi.call(db._conn, f"STREAM.DELETE.KVC_{name}", None, 5)
+    except natskv.NatsKVError:
+        pass

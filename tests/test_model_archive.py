@@ -9,10 +9,10 @@ from typing import Any
 
 import orjson
 import pytest
+from helpers import drop_model_bucket
 
 import natskv
 from natskv import BackupError, Field, Model, UniqueConstraintError
-from natskv.wire import jsapi
 
 
 def model_class(bucket: str) -> type[Model]:
@@ -32,12 +32,7 @@ def Member(db: natskv.Client, name: str) -> Iterator[type[Model]]:
     try:
         yield cls
     finally:
-        db.delete_bucket(name)
-        for stream in (f"KVC_{name}",):
-            try:
-                jsapi.call(db._conn, f"STREAM.DELETE.{stream}", None, 5)
-            except natskv.NatsKVError:
-                pass
+        drop_model_bucket(db, name)
 
 
 def test_backup_truncate_restore(Member: Any, tmp_path: Path) -> None:

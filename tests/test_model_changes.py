@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers import drop_model_bucket
 
 import natskv
 from natskv import Field, InvalidArgumentError, Model
-from natskv.wire import jsapi
 
 
 @pytest.fixture
@@ -30,11 +30,7 @@ def Item(db: natskv.Client, name: str) -> Iterator[type[Model]]:
     try:
         yield Item
     finally:
-        db.delete_bucket(name)
-        try:
-            jsapi.call(db._conn, f"STREAM.DELETE.KVC_{name}", None, 5)
-        except natskv.NatsKVError:
-            pass
+        drop_model_bucket(db, name)
 
 
 def test_changed_and_previous_follow_the_stored_record(Item: Any) -> None:

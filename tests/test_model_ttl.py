@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import drop_model_bucket
 
 import natskv
 from natskv import Field, InvalidArgumentError, Model, UniqueConstraintError
-from natskv.wire import jsapi
 
 
 def until(predicate: Callable[[], bool], timeout: float = 8.0) -> bool:
@@ -39,11 +39,7 @@ def Session(db: natskv.Client, name: str) -> Iterator[type[Model]]:
     try:
         yield Session
     finally:
-        db.delete_bucket(name)
-        try:
-            jsapi.call(db._conn, f"STREAM.DELETE.KVC_{name}", None, 5)
-        except natskv.NatsKVError:
-            pass
+        drop_model_bucket(db, name)
 
 
 def test_a_record_expires_with_its_unique_values_and_says_so(db: natskv.Client, Session: Any) -> None:
