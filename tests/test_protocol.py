@@ -254,8 +254,10 @@ def test_a_partial_write_leaves_its_end_to_the_loop_on_the_same_connection(
     # anything else, so the server still reads whole commands.
     from natskv.aio import mux as mux_module
 
-    if not direct_path_expected(db):
-        pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+    assert direct_path_expected(db), (
+        "the caller-side send needs natskv's frame reader on plain TCP, with NATSKV_NO_DIRECT_WRITE "
+        "and NATSKV_NO_PARSER_HOOK unset"
+    )
     real_write = os.write
     partial = [0]
 
@@ -279,8 +281,10 @@ def test_a_refused_or_failed_write_hands_the_command_to_the_loop(
     # sends the whole command instead, and the call completes.
     from natskv.aio import mux as mux_module
 
-    if not direct_path_expected(db):
-        pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+    assert direct_path_expected(db), (
+        "the caller-side send needs natskv's frame reader on plain TCP, with NATSKV_NO_DIRECT_WRITE "
+        "and NATSKV_NO_PARSER_HOOK unset"
+    )
     woken = count_loop_wakeups(db._conn.mux, monkeypatch)
     errors = iter([BlockingIOError(11, "full"), ConnectionResetError(104, "reset")] * 10)
 
@@ -302,8 +306,10 @@ def test_nats_py_writes_wait_for_a_caller_that_is_writing(
     # goes before them, so the server reads whole commands.
     from natskv.aio import mux as mux_module
 
-    if not direct_path_expected(db):
-        pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+    assert direct_path_expected(db), (
+        "the caller-side send needs natskv's frame reader on plain TCP, with NATSKV_NO_DIRECT_WRITE "
+        "and NATSKV_NO_PARSER_HOOK unset"
+    )
     nc = nats_client(db)
     real_write = os.write
 
@@ -348,8 +354,10 @@ def test_the_socket_duplicate_follows_reconnects_and_is_closed_with_the_client(
         kv = db.bucket("dup", storage="file")
         kv.set("k", "before")
         mux = db._conn.mux
-        if not direct_path_expected(db):
-            pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+        assert direct_path_expected(db), (
+            "the caller-side send needs natskv's frame reader on plain TCP, with NATSKV_NO_DIRECT_WRITE "
+            "and NATSKV_NO_PARSER_HOOK unset"
+        )
         old_fd = mux._fd
         old_stat = os.fstat(old_fd)
         fresh_server.restart()
@@ -399,8 +407,10 @@ def test_no_caller_side_send_with_no_direct_write_set(nats_url: str) -> None:
 def test_nats_py_dropping_its_connection_closes_the_socket_duplicate_at_once(
     db: natskv.Client, kv: natskv.Bucket
 ) -> None:
-    if not direct_path_expected(db):
-        pytest.skip("the caller-side send needs natskv's frame reader on plain TCP")
+    assert direct_path_expected(db), (
+        "the caller-side send needs natskv's frame reader on plain TCP, with NATSKV_NO_DIRECT_WRITE "
+        "and NATSKV_NO_PARSER_HOOK unset"
+    )
     nc = nats_client(db)
     mux = db._conn.mux
     kv.set("k", "before")
