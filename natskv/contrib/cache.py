@@ -17,8 +17,9 @@ This is the same as Django's Redis and file caches. Give write access to the cac
 your application, or use the JSON codec.
 
 Every call blocks the caller's thread (any thread but natskv's loop thread). :func:`shared_cache`
-keeps one client, one bucket and one near cache per process for each configuration, shared by
-every thread and every framework backend object. Django makes a backend object per thread.
+keeps one bucket and one near cache per process for each configuration, on one client per
+process (:func:`shared_client`) shared by every thread and every framework integration. Django
+makes a backend object per thread.
 """
 
 from __future__ import annotations
@@ -575,10 +576,44 @@ def _expires(headers: Mapping[str, str]) -> float:
     return _FOREVER if wall is None else time.monotonic() + (wall - time.time())
 
 
-# -- one cache per process and configuration ----------------------------------------------------------
+# -- one client, and one cache per bucket, per process and configuration ----------------------------
 
+_clients: dict[tuple[Any, ...], natskv.Client] = {}
 _shared: dict[tuple[Any, ...], KVCache] = {}
 _shared_lock = threading.Lock()
+
+
+def _shared_after_fork() -> None:
+    # Another thread of the parent may have held the lock at fork(): the child needs a free one.
+    # The clients reconnect in the child on their first call.
+    global _shared_lock  # noqa: PLW0603 - the child's module state is replaced, as the runner does
+    _shared_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_shared_after_fork)
+
+
+def _options_key(options: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, repr(v)) for k, v in options.items()))
+
+
+def shared_client(servers: str | list[str] | tuple[str, ...] | None,
+                  connect: Mapping[str, Any] | None = None) -> natskv.Client:
+    """This process's client for ``servers`` and ``connect`` (options of :func:`natskv.connect`),
+    connected on the first call and shared by every framework integration afterwards.
+    ``servers`` None or empty: ``NATS_URL``, else natskv's embedded server (development). Do not
+    close it: natskv closes it at interpreter exit."""
+    options = dict(connect or {})
+    key = (_servers_key(servers), _options_key(options))
+    client = _clients.get(key)
+    if client is not None:
+        return client
+    with _shared_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = natskv.connect(list(key[0]) or None, **options)
+    return client
 
 
 def shared_cache(
@@ -594,22 +629,20 @@ def shared_cache(
     storage: str = "file",
     connect: Mapping[str, Any] | None = None,
 ) -> KVCache:
-    """The process's :class:`KVCache` for this configuration: made (its client connected, its
-    bucket created if missing) on first use, then shared by every thread and backend object.
-    ``servers`` None or empty: natskv's embedded server (development). ``connect``: options of
-    :func:`natskv.connect` (credentials, TLS, timeouts)."""
+    """The process's :class:`KVCache` for this configuration, on :func:`shared_client`'s client:
+    made (its bucket created if missing) on first use, then shared by every thread and backend
+    object."""
     options = dict(connect or {})
-    key = (_servers_key(servers), bucket, serializer, near_cache, near_cache_size, near_cache_bytes, replicas, history,
-           storage,
-           tuple(sorted((k, repr(v)) for k, v in options.items())))
+    key = (_servers_key(servers), _options_key(options), bucket, serializer, near_cache, near_cache_size,
+           near_cache_bytes, replicas, history, storage)
     cache = _shared.get(key)
     if cache is not None:
         return cache
+    codec = codec_named(serializer)
+    client = shared_client(servers, options)
     with _shared_lock:
         cache = _shared.get(key)
         if cache is None:
-            codec = codec_named(serializer)
-            client = natskv.connect(servers or None, **options)
             kv = client.bucket(bucket, history=history, replicas=replicas, storage=storage, codec=codec)
             cache = _shared[key] = KVCache(kv, near_cache=near_cache, near_cache_size=near_cache_size,
                                            near_cache_bytes=near_cache_bytes)
@@ -620,5 +653,5 @@ def _servers_key(servers: str | list[str] | tuple[str, ...] | None) -> tuple[str
     if not servers:
         return ()
     if isinstance(servers, str):
-        return tuple(s.strip() for s in servers.split(","))
+        return tuple(s.strip() for s in servers.split(",") if s.strip())
     return tuple(servers)
