@@ -521,7 +521,7 @@ class Bucket:
             headers: dict[str, str]
             if isinstance(op, Delete):
                 payload = b""
-                headers = h.tombstone(h.OP_DEL, op.revision)
+                headers = h.tombstone(h.OP_DEL, op.revision, op.reason)
                 if op.revision is not None:
                     checks[enc] = (key, op.revision)
             else:

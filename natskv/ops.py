@@ -8,10 +8,13 @@ the same errors. Pure Python: any thread.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from natskv.errors import InvalidArgumentError, InvalidKeyError
+
+_REASON = re.compile(r"[a-z][a-z_]{0,31}")  # a delete's reason: one header-safe word
 
 
 def check_revision(revision: Any) -> int:
@@ -83,15 +86,23 @@ class Update:
 @dataclass(frozen=True, slots=True)
 class Delete:
     """Delete ``key``; with ``revision``, only if it is still at that revision (``("delete", key)``
-    or ``("delete", key, revision)``)."""
+    or ``("delete", key, revision)``). ``reason`` (a short lower-case word) is stored in the delete
+    marker and reaches watchers: natskv's models mark the records a bounded model evicts
+    ``"evicted"`` (tuple form ``("delete", key, revision, {"reason": "evicted"})``, revision may
+    be None)."""
 
     key: str
     revision: int | None = None
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         _check_key(self.key)
         if self.revision is not None:
             check_revision(self.revision)
+        if self.reason is not None and (not isinstance(self.reason, str) or not _REASON.fullmatch(self.reason)):
+            raise InvalidArgumentError(
+                f"a delete's reason is a short lower-case word such as 'evicted', not {self.reason!r}"
+            )
 
 
 Op: TypeAlias = Set | Create | Update | Delete
@@ -101,7 +112,7 @@ _TUPLE_FORMS = {
     "set": ((3, 4), "('set', key, value)"),
     "create": ((3, 4), "('create', key, value)"),
     "update": ((4, 5), "('update', key, value, revision)"),
-    "delete": ((2, 3), "('delete', key) or ('delete', key, revision)"),
+    "delete": ((2, 3, 4), "('delete', key) or ('delete', key, revision)"),
 }
 
 
@@ -119,7 +130,8 @@ def as_op(op: Any) -> Op:
         raise InvalidArgumentError(f"commit operation {op!r} has {len(op)} items; write it as {form}")
     kind = op[0]
     if kind == "delete":
-        return Delete(op[1], op[2] if len(op) > 2 else None)
+        reason = _options(op, 3, form, "reason") if len(op) > 3 else None
+        return Delete(op[1], op[2] if len(op) > 2 else None, reason)
     base = 4 if kind == "update" else 3
     ttl = _options(op, base, form)
     if kind == "set":
@@ -129,14 +141,15 @@ def as_op(op: Any) -> Op:
     return Update(op[1], op[2], op[3], ttl)
 
 
-def _options(op: Any, base: int, form: str) -> float | None:
-    """The ``ttl`` of an op tuple's trailing options dict (None when it has none)."""
+def _options(op: Any, base: int, form: str, name: str = "ttl") -> Any:
+    """Option ``name`` (``ttl``; ``reason`` for a delete) of an op tuple's trailing options dict
+    (None when it has none)."""
     if len(op) == base:
         return None
     options = op[base]
-    if not isinstance(options, dict) or set(options) - {"ttl"}:
+    if not isinstance(options, dict) or set(options) - {name}:
+        example = "{'reason': 'evicted'}" if name == "reason" else "{'ttl': 30}"
         raise InvalidArgumentError(
-            f"commit operation {op!r}: after {form} only an options dict such as {{'ttl': 30}} may follow"
+            f"commit operation {op!r}: after {form} only an options dict such as {example} may follow"
         )
-    ttl: float | None = options.get("ttl")
-    return ttl
+    return options.get(name)

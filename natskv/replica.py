@@ -290,9 +290,10 @@ class LocalReplica:
                     top = bulk(run, cut, sep, self._deleted)
                     if top is None:  # declined: one change at a time
                         top = 0
-                        for revision, key, put, new in core.decode_entries(run, cut, sep, orjson.loads):
+                        decoded = core.decode_entries(run, cut, sep, orjson.loads)
+                        for entry, (revision, key, put, new) in zip(run, decoded, strict=True):
                             top = max(top, revision)
-                            self._change_stored(key, put, new, revision)
+                            self._change_stored(key, put, new, revision, entry.reason)
                     if top > self.revision:
                         self.revision = top
                 if i < len(batch):
@@ -342,8 +343,9 @@ class LocalReplica:
             except Exception:
                 log.exception("natskv: error applying %r to a replica hook", key)
 
-    def _change_stored(self, key: str, put: bool, new: Any, revision: int) -> None:
+    def _change_stored(self, key: str, put: bool, new: Any, revision: int, reason: str = "") -> None:
         # _change when the hook keeps the values: it stores the change, and nothing is kept here.
+        # A delete's ``reason`` (``"evicted"``) goes to the hook when there is one.
         assert self._storage is not None and self._on_apply is not None
         held = self._storage.held(key)
         old, current = held if held is not None else (None, 0)
@@ -354,7 +356,10 @@ class LocalReplica:
                 return
             new = None
         try:
-            self._on_apply(key, old, new, revision)
+            if reason:
+                self._on_apply(key, old, new, revision, reason)  # type: ignore[call-arg]
+            else:
+                self._on_apply(key, old, new, revision)
         except Exception:
             log.exception("natskv: error applying %r to a replica hook", key)
 
@@ -364,24 +369,32 @@ class LocalReplica:
         ``writes`` are ``(key, is_put, value)`` in the order they were stored, ``last_revision``
         the revision of the last one: one write, or an atomic batch (stored at consecutive
         revisions). Values go through the bucket's codec, so they read back exactly as the
-        watch would deliver them. Any thread; the apply hook runs here, under the lock.
+        watch would deliver them; a delete's value is its reason (``"evicted"``) or None. Any
+        thread; the apply hook runs here, under the lock.
         """
         if self._stale and self._dead is None:  # a forked child's first write
             self.revive()
         pattern = self._pattern
         first = last_revision - len(writes) + 1
-        changes = []
+        changes: list[tuple[str, bool, Any, int, str]] = []
         for offset, (key, put, value) in enumerate(writes):
             # Always matched here: ``pattern.exact`` says the server's subject filter already
             # did the matching, which is true of the watch's deliveries, not of these writes
             # (a model's batch also writes its unique-value keys).
             if pattern.match(key):
-                changes.append((key, put, self._as_delivered(value) if put else None, first + offset))
+                if put:
+                    changes.append((key, put, self._as_delivered(value), first + offset, ""))
+                else:
+                    changes.append((key, put, None, first + offset, value or ""))
         if not changes:
             return
+        stored = self._storage is not None
         with self._changed:
-            for key, put, new, revision in changes:
-                self._change(key, put, new, revision)
+            for key, put, new, revision, reason in changes:
+                if stored:
+                    self._change_stored(key, put, new, revision, reason)
+                else:
+                    self._change(key, put, new, revision)
                 if not put and revision > self.revision:
                     self._deleted[key] = revision
             self._changed.notify_all()

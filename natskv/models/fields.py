@@ -48,7 +48,7 @@ GENERATED_KINDS: Final[dict[str, tuple[type, ...]]] = {
 }
 FORMATS: Final[tuple[str, ...]] = ("email", "url", "iso-date")
 RESERVED_NAMES: Final[frozenset[str]] = frozenset(
-    {"_version", "_created_at", "_updated_at", "_expires_at", "_changes"}
+    {"_version", "_created_at", "_updated_at", "_expires_at", "_changes", "_slot"}
 )
 
 _TYPE_WORDS: Final[dict[type, str]] = {

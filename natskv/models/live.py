@@ -29,19 +29,22 @@ log = logging.getLogger("natskv")
 
 _STOP = object()
 
-INSERTED, UPDATED, DELETED, EXPIRED = "inserted", "updated", "deleted", "expired"
+INSERTED, UPDATED, DELETED, EXPIRED, EVICTED = "inserted", "updated", "deleted", "expired", "evicted"
 # A record removed within this long of its _expires_at was removed by its TTL: the server expires
 # on a sweep (up to about a second late) and counts whole seconds.
 _EXPIRY_SLACK = dt.timedelta(seconds=2)
 
 
-def event_kind(old: Any, new: Any) -> str:
-    """``inserted``, ``updated``, ``deleted``, or ``expired`` (a record gone at its
-    ``_expires_at``)."""
+def event_kind(old: Any, new: Any, reason: str = "") -> str:
+    """``inserted``, ``updated``, ``deleted``, ``expired`` (a record gone at its
+    ``_expires_at``) or ``evicted`` (removed by an insert into a model at its ``__max_records__``:
+    the delete's ``reason``)."""
     if old is None:
         return INSERTED
     if new is not None:
         return UPDATED
+    if reason == EVICTED:
+        return EVICTED
     expires = old.get("_expires_at")
     if expires:
         try:
@@ -54,8 +57,9 @@ def event_kind(old: Any, new: Any) -> str:
 
 
 class ModelEvent:
-    """One change to a record: ``type`` is ``"inserted"``, ``"updated"``, ``"deleted"`` or
-    ``"expired"`` (removed by the server when its TTL ran out: see ``Model.__ttl__``);
+    """One change to a record: ``type`` is ``"inserted"``, ``"updated"``, ``"deleted"``,
+    ``"expired"`` (removed by the server when its TTL ran out: see ``Model.__ttl__``) or
+    ``"evicted"`` (removed by an insert into a model at its ``__max_records__``);
     ``old`` / ``new`` are the record before and after (None where there is none); ``name`` is
     ``"<bucket>.<type>"``, as matched by ``db.on()``."""
 
@@ -83,9 +87,10 @@ class ModelEvent:
 
 
 def _event(
-    model: type[Model], old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_rev: int
+    model: type[Model], old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_rev: int,
+    reason: str = "",
 ) -> ModelEvent:
-    kind = event_kind(old, new)
+    kind = event_kind(old, new, reason)
     return ModelEvent(
         kind,
         model,
@@ -159,7 +164,8 @@ class ModelWatcher:
         self._dispatcher = _Dispatcher(f"natskv-model-watch-{model.__name__}", on_error)
         self._store.listeners.append(self._on_change)
 
-    def _on_change(self, old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_rev: int) -> None:
+    def _on_change(self, old: dict[str, Any] | None, new: dict[str, Any] | None, revision: int, old_rev: int,
+                   reason: str = "") -> None:
         # Loop thread, under the replica's lock: match and queue only.
         match = self._filter.match
         if not ((old is not None and match(old)) or (new is not None and match(new))):
@@ -172,7 +178,7 @@ class ModelWatcher:
         ):
             return
         model, callback = self.model, self._callback
-        self._dispatcher.put(lambda: callback(_event(model, old, new, revision, old_rev)))
+        self._dispatcher.put(lambda: callback(_event(model, old, new, revision, old_rev, reason)))
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop calling the callback, waiting up to ``timeout`` (None: the client's default) for
@@ -221,7 +227,7 @@ class LiveQuery:
     def _sign(records: list[Model]) -> list[tuple[Any, int]]:
         return [(r.pk, r._version) for r in records]
 
-    def _on_change(self, old: Any, new: Any, revision: int, old_rev: int) -> None:
+    def _on_change(self, old: Any, new: Any, revision: int, old_rev: int, reason: str = "") -> None:
         if not self._pending.is_set():  # coalesce a burst of changes into one recomputation
             self._pending.set()
             self._dispatcher.put(self._refresh)
@@ -323,15 +329,15 @@ class EventBus:
         loop thread: it only matches names and queues the callbacks)."""
         store = model._require_store()
 
-        def on_change(old: Any, new: Any, revision: int, old_rev: int) -> None:
+        def on_change(old: Any, new: Any, revision: int, old_rev: int, reason: str = "") -> None:
             if not self._handlers or self._dispatcher is None:
                 return
-            name = f"{store.bucket.name}.{event_kind(old, new)}"
+            name = f"{store.bucket.name}.{event_kind(old, new, reason)}"
             with self._lock:
                 targets = [cb for _, matcher, cb in self._handlers if matcher.match(name)]
             for cb in targets:
                 def job(cb: Callable[[ModelEvent], None] = cb) -> None:
-                    cb(_event(model, old, new, revision, old_rev))
+                    cb(_event(model, old, new, revision, old_rev, reason))
 
                 self._dispatcher.put(job)
 

@@ -32,6 +32,7 @@ from natskv.errors import (
     UniqueConstraintError,
     ValidationError,
 )
+from natskv.models import bounded
 from natskv.models.bulk import BulkInsert
 from natskv.models.fields import (
     MISSING,
@@ -58,7 +59,7 @@ log = logging.getLogger("natskv")
 
 M = TypeVar("M", bound="Model")
 
-META_FIELDS = ("_version", "_created_at", "_updated_at", "_expires_at", "_changes")
+META_FIELDS = ("_version", "_created_at", "_updated_at", "_expires_at", "_changes", "_slot")
 _CAS_RETRIES = 20
 MAX_BATCH = 1000  # writes in one atomic batch (the server's limit)
 
@@ -75,6 +76,7 @@ class ModelMeta(type):
         if namespace.get("__abstract__") or (name == "Model" and not fields):
             cls._fields = fields  # type: ignore[attr-defined]
             return cls
+        bounded.check_limit(name, getattr(cls, "__max_records__", None))
         if primary_key_name(fields) is None:
             auto = Field(str, primary_key=True, generated="uuid", name="id")
             fields = {"id": auto, **fields}
@@ -110,6 +112,10 @@ class Model(metaclass=ModelMeta):
     # Seconds a record lives after it is created (None: for ever); create(ttl=) and save(ttl=) set
     # one record's. The server removes an expired record and its unique values.
     __ttl__: ClassVar[float | None] = None
+    # The most records the model keeps (None: no limit). An insert at the limit evicts the oldest
+    # record (by _created_at), which every replica and watch sees as an ``evicted`` event; the
+    # server enforces it for every writer (see natskv.models.bounded). Needs nats-server 2.12.
+    __max_records__: ClassVar[int | None] = None
     _fields: ClassVar[dict[str, Field]]
     _pk: ClassVar[str]
     _store: ClassVar[ModelStore | None]
@@ -285,6 +291,8 @@ class Model(metaclass=ModelMeta):
         given = [dict(row) for row in rows]
         if not given:
             return []
+        if cls.__max_records__ is not None:
+            return cls._bulk_create_bounded(given, timeout)
         store = cls._require_store()
         fields = cls._fields
         prepared = []
@@ -317,13 +325,37 @@ class Model(metaclass=ModelMeta):
         return BulkInsert(cls, store, given, prepared, timeout).run()
 
     @classmethod
+    def _bulk_create_bounded(cls: type[M], rows: list[dict[str, Any]], timeout: float | None) -> list[M]:
+        """bulk_create for a model with ``__max_records__``: every row validated first, then
+        created one at a time, each taking a slot (and evicting at the limit) as ``create`` does."""
+        problems: list[tuple[str, str, str]] = []
+        for i, row in enumerate(rows):
+            _, issues = cls._validate(cls(**row)._values(), partial=False)
+            problems.extend((f"[{i}].{f}", m, c) for f, m, c in issues)
+        if problems:
+            raise ValidationError(problems)
+        done: list[M] = []
+        for i, row in enumerate(rows):
+            try:
+                done.append(cls.create(row, timeout=timeout))
+            except UniqueConstraintError as exc:
+                raise UniqueConstraintError(
+                    cls.__name__, exc.field, exc.value, row=i,
+                    written=list(range(i)), not_written=list(range(i, len(rows))),
+                ) from exc
+        return done
+
+    @classmethod
     def _validate(cls, values: dict[str, Any], partial: bool) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
         return validate_record(cls._fields, values, partial=partial)
 
     def _insert(self, timeout: float | None, ttl: float | None = None) -> None:
         cls = type(self)
         clean, stored, ops = self._new_ops(timeout, ttl)
-        revision = cls._write(ops, timeout)
+        if cls.__max_records__ is None:
+            revision = cls._write(ops, timeout)
+        else:
+            revision = bounded.insert(cls, stored, ops, () if ttl is None else ({"ttl": ttl},), timeout)
         self._stored_as(clean, stored)
         self._version = revision
 
@@ -435,6 +467,8 @@ class Model(metaclass=ModelMeta):
             raise InvalidArgumentError("the primary key of a stored record cannot change; create a new record")
         now = dt.datetime.now(dt.timezone.utc)
         stored["_created_at"] = self._stored.get("_created_at")
+        if "_slot" in self._stored:
+            stored["_slot"] = self._stored["_slot"]  # held while the record lives
         stored["_updated_at"] = now.isoformat()
         stored["_changes"] = int(self._stored.get("_changes") or 0) + 1
         lifetime, renew = ttl, ttl is not None
@@ -467,6 +501,8 @@ class Model(metaclass=ModelMeta):
                     ops.append(("create", unique_key(name, new[name]), key, *options))
             elif renew and new.get(name) is not None:
                 ops.append(("set", unique_key(name, new[name]), key, *options))
+        if cls.__max_records__ is not None:
+            ops.extend(bounded.slot_ops(new, key, cls.__max_records__, options, renew))
         ops.append(("update", key, new, revision, *options))
         return ops
 
@@ -488,6 +524,8 @@ class Model(metaclass=ModelMeta):
             for name, field in cls._fields.items()
             if field.unique and stored.get(name) is not None
         ]
+        if stored.get("_slot") is not None:  # a bounded model's record frees its slot
+            ops.append(("delete", unique_key("_slot", stored["_slot"])))
         ops.append(("delete", key, revision))
         return ops
 

@@ -72,6 +72,8 @@ class ModelRegistry:
         if not client.has_atomic_batches:
             needs = [f"unique field {n!r}" for n, f in model._fields.items() if f.unique and n != model._pk]
             needs += [f"autoincrement field {n!r}" for n, f in model._fields.items() if f.generated == "autoincrement"]
+            if model.__max_records__ is not None:
+                needs.append(f"__max_records__ = {model.__max_records__}")
             if needs:
                 log.warning(
                     "natskv: model %s has %s, which need nats-server 2.12 (atomic batches); this server "

@@ -105,8 +105,23 @@ class ModelStore:
         # in a model whose records expire (a record cut short after its last value holds no
         # slot for the absent ones, so the rare expiring record of another model costs a dict).
         meta = ("_created_at", "_updated_at", "_changes", *(("_expires_at",) if model.__ttl__ is not None else ()))
+        # A bounded model (``__max_records__``, natskv.models.bounded) also finds records by slot
+        # and by age; these indexes are the store's own, not the planner's.
+        self.limit: int | None = model.__max_records__
+        self.slots: Any = None
+        self.by_age: Any = None
+        hidden_unique: dict[str, Any] = {}
+        hidden_sorted: dict[str, Any] = {}
+        if self.limit is not None:
+            meta = (*meta, "_slot")
+            self.slots = hidden_unique["_slot"] = core.UniqueIndex()
+            self.by_age = hidden_sorted["_created_at"] = core.SortedIndex()
+        self._hidden = [*hidden_unique.values(), *hidden_sorted.values()]
+        self._slot_cursor = 0
         layout = (*fields, *(name for name in meta if name not in fields))
-        self.index_set = core.IndexSet(self.pk, self.unique, self.sorted, self.records, layout)  # keeps both in step
+        self.index_set = core.IndexSet(  # keeps records and indexes in step
+            self.pk, {**self.unique, **hidden_unique}, {**self.sorted, **hidden_sorted}, self.records, layout
+        )
         # Until the replica's initial values are in, only the records are kept: the indexes are
         # then built once, in bulk (loaded()), which costs a fraction of inserting entry by entry.
         # Nobody reads them meanwhile: reads wait for the load (register(), a fork's revive()).
@@ -115,8 +130,8 @@ class ModelStore:
         self.replica: LocalReplica | None = None
         self._looked_up: tuple[str | None, Any] = (None, None)  # the last held() key and its pk
         # Model watches, live queries and db.on(): called as listener(old, new, revision,
-        # old_revision) on the loop thread under the replica's lock; they only match and queue.
-        self.listeners: list[Callable[[Any, Any, int, int], None]] = []
+        # old_revision, reason) on the loop thread under the replica's lock; they only match and queue.
+        self.listeners: list[Callable[[Any, Any, int, int, str], None]] = []
         # In a forked child reloading its replica: the records inherited from the parent, by
         # primary key, so the reload tells listeners only what changed since the fork.
         self.inherited: dict[Any, Any] | None = None
@@ -150,7 +165,7 @@ class ModelStore:
         """
         self.inherited = dict(self.records)
         self.records.clear()
-        for index in self.indexes.values():
+        for index in [*self.indexes.values(), *self._hidden]:
             index.clear()
         self.index_set.defer()
         self.listeners[:] = [f for f in self.listeners if getattr(f, "carry_over_fork", False)]
@@ -160,8 +175,53 @@ class ModelStore:
         whose last op got ``revision``) to the replica at once: this client reads its own write
         back without waiting for the watch, whose later delivery of it is skipped."""
         assert self.replica is not None
-        self.replica.apply_written([(op[1], op[0] != "delete", op[2] if op[0] != "delete" else None) for op in ops],
-                                   revision)
+        self.replica.apply_written([_as_written(op) for op in ops], revision)
+
+    def choose_slot(self, limit: int) -> tuple[int, list[Any]]:
+        """For an insert into a bounded model: the slot it takes and the records it evicts
+        (``core.Record`` s, oldest first), as this replica sees the model now (see
+        :mod:`natskv.models.bounded`). Caller's thread, under the replica's lock."""
+        from natskv.models.bounded import slot_of
+
+        assert self.replica is not None and self.slots is not None and self.by_age is not None
+        records = self.records
+        with self.replica.lock:
+            if len(records) < limit:
+                free = self._free_slot(limit)
+                if free is not None:
+                    return free, []
+            # At the limit: the oldest record goes. One that holds no slot (stored before the
+            # limit, or past a lowered one) frees none, so a free slot is taken, else the slot of
+            # the oldest record that holds one, which goes too.
+            oldest = records[self.by_age.ordered(limit=1)[0]]
+            slot = slot_of(oldest, limit)
+            if slot is not None:
+                return slot, [oldest]
+            free = self._free_slot(limit)
+            if free is not None:
+                return free, [oldest]
+            after = None
+            while True:
+                page = self.by_age.ordered(after=after, limit=256)
+                for pk in page:
+                    record = records[pk]
+                    slot = slot_of(record, limit)
+                    if slot is not None:
+                        return slot, [oldest, record]
+                last = records[page[-1]]
+                after = self.by_age.position(last["_created_at"], page[-1])
+
+    def _free_slot(self, limit: int) -> int | None:
+        """A slot under ``limit`` that no record holds (None: all are held). Probes on from the
+        last one given, so a model filling up finds each in one step."""
+        taken = self.slots.get
+        start = self._slot_cursor % limit
+        for step in range(limit):
+            slot = (start + step) % limit
+            if taken(slot) is None:
+                self._slot_cursor = slot + 1
+                return slot
+        return None
 
     # -- replica storage and hook (loop thread, or a writer's thread; under the replica's lock) ----
 
@@ -181,8 +241,9 @@ class ModelStore:
         from_json = self.model._fields[self.pk].from_json
         return [(record_key(from_json(pk)), record) for pk, record in self.records.items()]
 
-    def apply(self, key: str, old: Any, new: Any, revision: int) -> None:
-        """Keep records and indexes in step with one change of a record key.
+    def apply(self, key: str, old: Any, new: Any, revision: int, reason: str = "") -> None:
+        """Keep records and indexes in step with one change of a record key (``reason``: why a
+        delete happened, when its writer said: ``"evicted"``).
 
         A value that is not a record stored under its own key (``r:i:7`` holding ``{"id": 7}``)
         is not one of the model's records: the key then holds none."""
@@ -203,7 +264,7 @@ class ModelStore:
                     if hit.revision == revision:
                         return  # reloaded as it was at the fork: not news
                     old, old_revision = hit, hit.revision
-            self._tell(old, new, revision, old_revision)
+            self._tell(old, new, revision, old_revision, reason)
 
     def apply_entries(self, entries: list[Any], prefix_len: int, sep: str, deleted: dict[str, int]) -> int | None:
         """Apply a run of the replica's raw entries in one ``_core`` call, as :meth:`apply` would
@@ -233,12 +294,20 @@ class ModelStore:
             for stored in gone.values():
                 self._tell(stored, None, self.replica.revision, stored.revision)
 
-    def _tell(self, old: Any, new: Any, revision: int, old_revision: int) -> None:
+    def _tell(self, old: Any, new: Any, revision: int, old_revision: int, reason: str = "") -> None:
         for listener in list(self.listeners):
             try:
-                listener(old, new, revision, old_revision)
+                listener(old, new, revision, old_revision, reason)
             except Exception:
                 log.exception("natskv: error in a model listener")
+
+
+def _as_written(op: tuple[Any, ...]) -> tuple[str, bool, Any]:
+    """A model write op as ``LocalReplica.apply_written`` takes it: ``(key, is_put, value)``, a
+    delete's value its reason (``("delete", key, revision, {"reason": "evicted"})``) or None."""
+    if op[0] != "delete":
+        return (op[1], True, op[2])
+    return (op[1], False, op[3].get("reason") if len(op) > 3 else None)
 
 
 __all__ = ["RECORD", "UNIQUE", "ModelStore", "record_key", "resolve_timeout", "stored_pk", "unique_key"]

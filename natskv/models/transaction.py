@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from natskv._runner import check_timeout
 from natskv.errors import InvalidArgumentError, KeyExistsError
+from natskv.models import bounded
 from natskv.models.model import MAX_BATCH, Model
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ class Transaction:
         model = type(obj)
         self._join(model)
         if obj._stored is None:
+            if model.__max_records__ is not None:
+                bounded.not_in_transaction(model)
             clean, stored, ops = obj._new_ops(self._timeout)
             for name in model._fields:  # the primary key and generated values show at once
                 object.__setattr__(obj, name, clean.get(name))

@@ -24,6 +24,9 @@ INCR = "Nats-Incr"  # counter streams: add this to the subject's counter (nats-s
 # natskv's own: the absolute expiry (Unix seconds) that ``Bucket.incr`` carries from write to write,
 # so a key's expiry does not creep by a rounded-up second at every increment.
 EXPIRES = "Natskv-Expires"
+# natskv's own: why a key was deleted, on a delete marker that says (``"evicted"``: a bounded
+# model's insert removed its oldest record); a model's replicas report it as the event's type.
+REASON = "Natskv-Reason"
 BATCH_ID = "Nats-Batch-Id"  # atomic batch publish (nats-server 2.12)
 BATCH_SEQUENCE = "Nats-Batch-Sequence"
 BATCH_COMMIT = "Nats-Batch-Commit"
@@ -76,10 +79,13 @@ def with_expected_revision(headers: dict[str, str] | None, revision: int) -> dic
     return dict(headers or {}, **{EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)})
 
 
-def tombstone(operation: str, revision: int | None = None) -> dict[str, str]:
+def tombstone(operation: str, revision: int | None = None, reason: str | None = None) -> dict[str, str]:
     """The headers of a delete (``"DEL"``, history kept) or purge (``"PURGE"``, history dropped)
-    marker; with ``revision``, only if the key is still at that revision."""
+    marker; with ``revision``, only if the key is still at that revision; with ``reason``, saying
+    why (see :data:`REASON`)."""
     headers = {KV_OPERATION: operation}
+    if reason is not None:
+        headers[REASON] = reason
     if operation == OP_PURGE:
         headers[ROLLUP] = "sub"
     if revision is not None:

@@ -90,6 +90,7 @@ class RawEntry:
     operation: str
     delta: int = 0  # for watches: messages still pending after this one
     raw_bytes: bool = False  # stored as bytes by natskv's JSON codec (see natskv.codec)
+    reason: str = ""  # on a delete marker: why, when the writer said (headers.REASON)
 
     @property
     def absent(self) -> bool:
@@ -107,6 +108,7 @@ def entry_from_headers(hdrs: dict[str, str], data: bytes, subject: str = "") -> 
         timestamp=hdrs.get(h.TIME_STAMP, ""),
         operation=op,
         raw_bytes=RAW_HEADER in hdrs,
+        reason=hdrs.get(h.REASON, "") if op != OP_PUT else "",
     )
 
 
