@@ -63,6 +63,38 @@ def test_bulk_create_many_batches_reads_back_everywhere(db: natskv.Client, Perso
         other.close()
 
 
+def test_bulk_rows_reach_the_replica_in_bulk_and_db_on_still_hears_each(db: natskv.Client, Person: Any) -> None:
+    store = Person._store
+    bulk_runs: list[int | None] = []
+    apply_entries = store.apply_entries
+
+    def counted(*args: Any) -> int | None:
+        top = apply_entries(*args)
+        bulk_runs.append(top)
+        return top
+
+    store.apply_entries = counted
+    made = Person.bulk_create(rows(range(1, 1501)))
+    # Read back at once (the call waited for its watch) with the revisions it returned.
+    assert all(Person.get(p.id)._version == p._version for p in made)
+    assert Person.count() == 1500 and len(Person.find(age=7)) == 30
+    # db.on() with no handler leaves the replica free to apply runs in one _core call.
+    assert any(top is not None for top in bulk_runs)
+    heard: list[str] = []
+    off = db.on(f"{Person.__bucket__}.*", lambda event: heard.append(event.type))
+    try:
+        bulk_runs.clear()
+        Person.bulk_create(rows(range(2001, 2101)))
+        deadline = time.monotonic() + 5
+        while len(heard) < 100 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert heard == ["inserted"] * 100
+        assert all(top is None for top in bulk_runs)  # one change at a time, so the handler hears each
+    finally:
+        off()
+        store.apply_entries = apply_entries
+
+
 def test_bulk_create_rows_clashing_with_each_other_write_nothing(db: natskv.Client, Person: Any) -> None:
     before = db.bucket(Person.__bucket__).status().last_revision
     batch = rows(range(1300), taken={1200: "p3@example.com"})

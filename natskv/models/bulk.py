@@ -4,9 +4,12 @@ The rows arrive validated, with their autoincrement values drawn. Each record an
 markers become the messages of one batch (with "must not exist" checks), built straight in wire
 form (subject token, payload, headers) instead of through ``Bucket.commit``'s general path, and
 rows that clash with one another are refused before anything is sent. The batches go out through
-``Bucket._commit_batches`` (``KVProtocol.commit_batches``), a few in flight at once, and each
-acknowledged batch is applied to the model's replica as its acknowledgement arrives, while the
-next ones are out.
+``Bucket._commit_batches`` (``KVProtocol.commit_batches``), a few in flight at once. The model's
+replica takes the stored records from its watch, which delivers them a moment after their
+acknowledgements and applies runs of them in one ``_core`` call: the call waits for that before
+it returns or raises (a short wait: the watch is usually done when the last batch is
+acknowledged), and applies whatever the watch has not delivered by then itself, so the rows
+stored are in the replica either way.
 
 A batch the server rejects for a failed check (or because the stream had no leader) goes again
 through ``Bucket.commit``, which tells a real clash (raised as UniqueConstraintError naming the
@@ -22,8 +25,8 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from natskv.errors import KeyExistsError, UniqueConstraintError
-from natskv.models.store import record_key, unique_key
+from natskv.errors import KeyExistsError, NatsKVError, UniqueConstraintError
+from natskv.models.store import record_key, resolve_timeout, unique_key
 
 if TYPE_CHECKING:
     from natskv.models.model import Model
@@ -33,6 +36,7 @@ M = TypeVar("M", bound="Model")
 
 MAX_BATCH = 1000  # messages in one atomic batch (the server's limit)
 INFLIGHT = 4  # batches out at once: enough to keep the stream busy (the server allows 50 per stream)
+WATCH_WAIT = 2.0  # seconds the call waits for its watch to deliver the stored records, at most
 
 Item = tuple[str, bytes, dict[str, str]]
 
@@ -44,7 +48,7 @@ class BulkInsert(Generic[M]):
                  timeout: float | None) -> None:
         self.cls = cls
         self.store = store
-        self.given = given  # the rows as given: each becomes ``cls(**row)`` once stored
+        self.given = given  # the rows as given (their indexes name rows in errors)
         self.objs: list[M | None] = [None] * len(given)
         self.prepared = prepared
         self.timeout = timeout
@@ -56,9 +60,16 @@ class BulkInsert(Generic[M]):
         self.ops: list[list[tuple[Any, ...]]] = []  # per batch, once built: the same writes as commit() ops
         self.stored: dict[int, dict[str, Any]] = {}  # row -> its stored form, once built
         self.done: list[bool] = []
+        self.acked: list[tuple[int, int]] = []  # (batch, revision) stored, maybe not yet in the replica
 
     def run(self) -> list[M]:
         self._plan()
+        try:
+            return self._send()
+        finally:
+            self._settle()
+
+    def _send(self) -> list[M]:
         bucket = self.store.bucket
         todo = list(range(len(self.rows)))
         while todo:
@@ -169,17 +180,35 @@ class BulkInsert(Generic[M]):
         give each of its records its revision (a batch is stored at consecutive revisions)."""
         self.done[b] = True
         ops = self.ops[b]
-        self.store.written(ops, revision)
+        self.acked.append((b, revision))
         at = revision - len(ops)
-        cls, given, objs, prepared = self.cls, self.given, self.objs, self.prepared
-        stored, markers = self.stored, self.markers
+        stored, markers, objs = self.stored, self.markers, self.objs
+        pairs = []
         for row in self.rows[b]:
             at += len(markers[row]) + 1  # a record's message comes after its markers'
-            obj = objs[row] = cls(**given[row])
-            obj._stored_as(prepared[row], stored.pop(row))
-            obj._version = at
-        self.items[b] = None  # sent and stored: let it go
-        self.ops[b] = []
+            pairs.append((stored.pop(row), at))
+        # Built by _core from the stored form, as a read of the record would build them.
+        for row, obj in zip(self.rows[b], self.cls._build(pairs), strict=True):
+            objs[row] = obj
+        self.items[b] = None  # sent and stored: let it go (its ops go once in the replica)
+
+    def _settle(self) -> None:
+        """Return once the replica holds every batch stored: delivered by the watch (a short
+        wait), or applied here from the ops (see the module docstring)."""
+        if not self.acked:
+            return
+        replica = self.store.replica
+        assert replica is not None
+        top = max(revision for _, revision in self.acked)
+        limit = resolve_timeout(self.store.client, self.timeout)
+        try:
+            replica.wait_for(top, WATCH_WAIT if limit is None else min(limit, WATCH_WAIT))
+        except NatsKVError:
+            for b, revision in self.acked:  # earlier revisions the replica has are passed over
+                self.store.written(self.ops[b], revision)
+        for b, _ in self.acked:
+            self.ops[b] = []
+        self.acked.clear()
 
     def _clash(self, exc: KeyExistsError) -> UniqueConstraintError:
         """The UniqueConstraintError of a batch rejected for ``exc``'s key, with the rows stored."""

@@ -342,6 +342,8 @@ class EventBus:
                 self._dispatcher.put(job)
 
         on_change.carry_over_fork = True  # type: ignore[attr-defined]  # see ModelStore.reset
+        # With no handler it ignores every change: the replica may then apply runs in bulk.
+        on_change.idle = lambda: not self._handlers  # type: ignore[attr-defined]
         store.listeners.append(on_change)
 
     def stop(self, timeout: float | None) -> None:

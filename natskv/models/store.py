@@ -269,8 +269,9 @@ class ModelStore:
     def apply_entries(self, entries: list[Any], prefix_len: int, sep: str, deleted: dict[str, int]) -> int | None:
         """Apply a run of the replica's raw entries in one ``_core`` call, as :meth:`apply` would
         one by one (see ``ReplicaStorage.apply_entries``): the highest revision among them, or
-        None, applying nothing, while listeners would have to hear of each change."""
-        if self.listeners or self.inherited is not None:
+        None, applying nothing, while listeners would have to hear of each change (a listener
+        with an ``idle()`` that says True, such as db.on()'s with no handlers, hears nothing)."""
+        if self.inherited is not None or any(not _idle(listener) for listener in self.listeners):
             return None
         top: int = self.index_set.apply_entries(entries, prefix_len, sep, orjson.loads, core.record_pk, deleted)
         return top
@@ -300,6 +301,12 @@ class ModelStore:
                 listener(old, new, revision, old_revision, reason)
             except Exception:
                 log.exception("natskv: error in a model listener")
+
+
+def _idle(listener: Callable[..., Any]) -> bool:
+    """Whether a store listener would ignore every change now (its ``idle()``, when it has one)."""
+    idle = getattr(listener, "idle", None)
+    return idle is not None and bool(idle())
 
 
 def _as_written(op: tuple[Any, ...]) -> tuple[str, bool, Any]:
