@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import compare, plot  # noqa: E402
+from benchmarks import compare, floors, plot  # noqa: E402
 
 FIGURES = {
     "meta": {"date": "2026-12-01", "natskv": "0.1.0", "nats-py": "2.16.0", "nats-server": "2.15.1",
@@ -76,3 +76,22 @@ def test_plot_draws_a_third_line_when_redis_was_measured(tmp_path):
     a, b = matplotlib.image.imread(two), matplotlib.image.imread(three)
     assert a.shape == b.shape
     assert (a != b).any()
+
+
+def test_floors_counts_a_busy_process_cpu_and_not_an_idle_one():
+    import subprocess
+    import time
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.3)  # both started
+        busy0, idle0 = floors.cpu_seconds(busy.pid), floors.cpu_seconds(idle.pid)
+        time.sleep(0.6)
+        assert floors.cpu_seconds(busy.pid) - busy0 >= 0.2  # it spun most of that time
+        assert floors.cpu_seconds(idle.pid) - idle0 <= 0.05
+        wall, client, server = floors.measure(lambda: sum(range(20_000)), 50, idle.pid)
+        assert wall > 0 and client > 0 and server <= 1000  # µs per call; the idle process took none
+    finally:
+        busy.kill()
+        idle.kill()
