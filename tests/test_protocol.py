@@ -451,3 +451,40 @@ def test_a_publish_right_after_a_subscribe_reaches_it(db: natskv.Client, name: s
             assert msg is not None and msg.data == str(i).encode()
         finally:
             sub.unsubscribe()
+
+
+def test_a_batch_replys_run_of_frames_is_delivered_at_once_and_ends_at_its_status() -> None:
+    from natskv.wire.waiters import StreamWaiter
+
+    waiter = StreamWaiter("$JS.API.DIRECT.GET.KV_x")
+    end = b"NATS/1.0 204 EOB\r\n\r\n"
+    frames = [(1, "_INBOX.t", "", b"NATS/1.0\r\nNats-Subject: a\r\n\r\n", b"1"),
+              (1, "_INBOX.t", "", b"NATS/1.0\r\nNats-Subject: b\r\n\r\n", b"2")]
+    assert waiter.deliver_run(frames, 0, 2) is False and not waiter.done
+    late = (1, "_INBOX.t", "", b"NATS/1.0\r\nNats-Subject: c\r\n\r\n", b"3")
+    assert waiter.deliver_run([*frames, (1, "_INBOX.t", "", end, b""), late], 2, 4) is True
+    assert waiter.done and waiter.wait(0)
+    assert [data for data, _, _ in waiter.replies] == [b"1", b"2", b""]  # nothing after the status
+
+
+def test_batch_gets_and_single_gets_from_many_threads_each_get_their_own_answers(kv: natskv.Bucket) -> None:
+    kv.set_many({f"k{i}": {"i": i} for i in range(3000)})
+    wrong: list[str] = []
+
+    def batches(t: int) -> None:
+        for _ in range(5):
+            want = [f"k{i}" for i in range(t, 3000, 7)]
+            got = kv.get_many([*want, "absent"])
+            if got != {k: {"i": int(k[1:])} for k in want}:
+                wrong.append(f"batch {t}")
+
+    def singles(t: int) -> None:
+        wrong.extend(f"single {i}" for i in range(t, 3000, 97) if kv.get(f"k{i}") != {"i": i})
+
+    threads = [threading.Thread(target=batches, args=(t,)) for t in range(3)]
+    threads += [threading.Thread(target=singles, args=(t,)) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert wrong == []

@@ -37,7 +37,7 @@ from natskv._speedups import core
 from natskv.errors import NotConnectedError
 from natskv.wire.mux import CallerMux
 from natskv.wire.replies import RawReply, encode_command
-from natskv.wire.waiters import CountWaiter, Waiter
+from natskv.wire.waiters import CountWaiter, StreamWaiter, Waiter
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -243,6 +243,14 @@ class Multiplexer(CallerMux):
                             if route.error is None:
                                 route.reply = (payload, headers, reply)
                                 ready.append(route)
+                        elif type(route) is StreamWaiter:  # a batch reply: its run of frames at once
+                            end = i
+                            while end < count and frames[end][1] == subject and frames[end][0] == sid:
+                                size += len(frames[end][4])
+                                end += 1
+                            if route.deliver_run(frames, i - 1, end):
+                                routes.pop(token, None)
+                            i = end
                         elif route is not None and route(payload, headers, reply):
                             routes.pop(token, None)
                     elif sid in many_handlers:

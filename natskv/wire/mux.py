@@ -173,7 +173,7 @@ class CallerMux:
         """Send one request whose answer is several messages ending with a status message."""
         token = self.new_token()
         waiter = StreamWaiter(subject)
-        self._routes[token] = waiter.deliver
+        self._routes[token] = waiter
         try:
             command = encode_command(subject, self.prefix + token, payload, None)
             completed = self._send_and_wait(waiter, command, timeout, 1, len(payload))
@@ -197,7 +197,7 @@ class CallerMux:
         waiters = [StreamWaiter(subject) for _ in payloads]
         tokens = [self.new_token() for _ in payloads]
         for token, waiter in zip(tokens, waiters, strict=True):
-            self._routes[token] = waiter.deliver
+            self._routes[token] = waiter
             self._waiting.add(waiter)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:

@@ -90,6 +90,24 @@ class StreamWaiter(ThreadWaiter):
             return True
         return False
 
+    __call__ = deliver
+
+    def deliver_run(self, frames: list[tuple[int, str, str, Any, bytes]], start: int, end: int) -> bool:
+        """:meth:`deliver` of each of ``frames[start:end]`` (parsed frames ``(sid, subject,
+        reply, headers, payload)``, all of them replies to this waiter), in one call: the frame
+        reader hands a batch's run of replies over at once. Loop thread."""
+        if self.error is not None:
+            return True
+        append = self.replies.append
+        for k in range(start, end):
+            _, _, reply, headers, data = frames[k]
+            append((data, headers, reply))
+            if not data and status_of(headers):
+                self.done = True
+                self._lock.release()
+                return True
+        return False
+
 
 class CountWaiter(ThreadWaiter):
     """Waits for ``n`` single replies sent under tokens ``base+0 .. base+n-1`` (pipelined writes)."""
