@@ -687,8 +687,10 @@ class Bucket:
     ) -> int:
         """Write the keys matching ``pattern`` (values, and the time left to keys that expire) to
         the JSON Lines file ``path``; return how many. See :mod:`natskv.backup` for the format.
-        ``progress(done, total)`` is called after each chunk of 1,000 keys. ``timeout`` bounds
-        each request, not the whole backup."""
+        ``progress(done, total)`` is called after each page of 1,000 keys read, ``total`` being an
+        upper bound (delete markers count in it) until the last call, ``(written, written)``.
+        Memory stays at one page whatever the bucket's size. ``timeout`` bounds each request, not
+        the whole backup."""
         from natskv import backup
 
         return backup.backup(self, path, pattern, progress=progress, timeout=timeout)
