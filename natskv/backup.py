@@ -14,8 +14,11 @@ A backup file is text, one JSON object per line:
 A file without its last line was cut short (a full disk, an interrupted copy). :meth:`restore`
 reads the whole file once to check it before it writes anything, so a truncated or corrupt file
 stops with a :class:`~natskv.errors.BackupError` naming the line, having written nothing. Both
-directions stream: values are read and written in chunks of 1,000 keys, and memory holds the
-key names of the bucket, not its values.
+directions stream in constant memory, whatever the size of the bucket or the file. A backup
+reads the bucket once through a pull consumer (:mod:`natskv.aio.scan`), asking for the next
+1,000 values when it has written the last ones; it also holds the names of the keys written
+while it runs (those are read again at the end). A restore reads the file line by line, twice
+(the check, then the writes), holding 1,000 writes at a time.
 
 Everything here blocks the caller's thread.
 """
@@ -35,10 +38,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from natskv._runner import runner
+from natskv._speedups import core
+from natskv.aio.scan import Scan, parse_delivery
 from natskv.codec import RAW_HEADER
-from natskv.errors import BackupError, InvalidArgumentError
+from natskv.errors import BackupError, InvalidArgumentError, InvalidKeyError
 from natskv.wire import headers as h
 from natskv.wire import jsapi
+from natskv.wire.kv import entry_from_headers
 
 if TYPE_CHECKING:
     from natskv.kv import Bucket
@@ -53,10 +60,17 @@ def backup(bucket: Bucket, path: str | os.PathLike[str], pattern: str = "*", *,
            extra: dict[str, Any] | None = None) -> int:
     """Write the keys of ``bucket`` matching ``pattern`` to ``path``; the number written. The
     file is written under a temporary name and renamed when complete, so ``path`` never holds
-    half a backup. ``extra`` goes into the first line (a model backup names its model there)."""
+    half a backup. ``extra`` goes into the first line (a model backup names its model there).
+
+    One pass over the bucket, a page of ``CHUNK`` values at a time (see the module). Keys
+    written while it runs are read again at the end, so each key is in the file once, with a
+    value it held during the backup; a key deleted meanwhile is left out."""
+    try:
+        compiled = core.compile_pattern(pattern, bucket.sep)
+    except (ValueError, TypeError) as exc:
+        raise InvalidKeyError(f"invalid key pattern {pattern!r}: {exc}") from exc
     target = Path(path)
     status = bucket.status(timeout=timeout)
-    keys = bucket.keys(pattern, timeout=timeout)
     header = {
         "natskv": "backup", "format": FORMAT, "bucket": bucket.name, "pattern": pattern,
         "created": datetime.now(timezone.utc).isoformat(),
@@ -65,31 +79,115 @@ def backup(bucket: Bucket, path: str | os.PathLike[str], pattern: str = "*", *,
         **(extra or {}),
     }
     partial = target.with_name(target.name + ".partial")
-    written = 0
+    rewritten = target.with_name(target.name + ".partial2")
+    limit = bucket._timeout(timeout)
+    scan = Scan(bucket._client._conn, bucket._proto, compiled.filter)
     try:
+        total = runner.call(scan.start(limit or 30.0), None, "backup")
         with partial.open("wb") as out:
             out.write(orjson.dumps(header) + b"\n")
-            for start in range(0, len(keys), CHUNK):
-                chunk = keys[start : start + CHUNK]
-                tokens = {bucket._token(key): key for key in chunk}
-                limit = bucket._timeout(timeout)
-                for raw, headers in bucket._proto.messages(list(tokens), limit):
-                    if raw.operation != h.OP_PUT:
-                        continue  # deleted since it was listed
-                    key = tokens.get(raw.subject[len(bucket._proto.subject_prefix):])
-                    if key is None:
-                        continue
-                    line = _record(key, raw.data, raw.revision, headers)
-                    if line is not None:
-                        out.write(orjson.dumps(line) + b"\n")
-                        written += 1
-                if progress is not None:
-                    progress(min(start + CHUNK, len(keys)), len(keys))
+            written, changed = _write_current(bucket, scan, compiled, status.last_revision, out, total,
+                                              progress, timeout)
+        if changed:
+            written = _replace_changed(bucket, compiled, partial, rewritten, changed, written, timeout)
+        with partial.open("ab") as out:
             out.write(orjson.dumps({"natskv": "end", "records": written}) + b"\n")
         partial.replace(target)
     except BaseException:
         partial.unlink(missing_ok=True)
+        rewritten.unlink(missing_ok=True)
         raise
+    finally:
+        runner.call(scan.stop(), None, "backup")
+    if progress is not None:
+        progress(written, written)
+    return written
+
+
+def _write_current(bucket: Bucket, scan: Scan, compiled: Any, last_before: int, out: IO[bytes], total: int,
+                   progress: Progress | None, timeout: float | None) -> tuple[int, set[str]]:
+    """Write the value of each key as the scan delivers it; ``(lines written, keys written
+    since the backup began)``.
+
+    The scan sends each key's latest message as of ``last_before`` (the stream's last sequence
+    when the backup began), in stream order, then whatever was written since. Those later keys
+    are only collected: such a key may already be in the file, or its earlier message was
+    replaced before the scan reached it (a bucket keeping one revision). The scan stops at the
+    stream's last sequence as seen when the first of them arrives, so a busy bucket cannot keep
+    it going; every key replaced before then has its newer message by then."""
+    limit = bucket._timeout(timeout)
+    prefix_len = len(bucket._proto.subject_prefix)
+    exact = compiled.exact
+    written = 0
+    changed: set[str] = set()
+    stop_at: int | None = None
+    drained = False
+    while not drained:
+        deliveries, drained = runner.call(scan.page(CHUNK, limit or 30.0), None, "backup")
+        for delivery in deliveries:
+            subject, seq, ts_ns, headers = parse_delivery(delivery)
+            if seq > last_before:
+                if stop_at is None:
+                    stop_at = bucket.status(timeout=timeout).last_revision
+                if seq > stop_at:
+                    drained = True
+                    break
+                changed.add(subject)
+                if seq == stop_at:
+                    drained = True
+                    break
+                continue
+            data = delivery[1]
+            if entry_from_headers(headers, data, subject).operation != h.OP_PUT:
+                continue
+            key = bucket._key_of_token(subject[prefix_len:])
+            if not (exact or compiled.match(key)):
+                continue
+            if h.TTL in headers and h.TIME_STAMP not in headers:
+                headers[h.TIME_STAMP] = str(ts_ns)  # a consumer's delivery has its time in the ack subject
+            line = _record(key, data, seq, headers)
+            if line is not None:
+                out.write(orjson.dumps(line) + b"\n")
+                written += 1
+        if progress is not None:
+            progress(written, max(total, written))
+    return written, changed
+
+
+def _replace_changed(bucket: Bucket, compiled: Any, partial: Path, rewritten: Path, subjects: set[str],
+                     written: int, timeout: float | None) -> int:
+    """Copy ``partial`` to ``rewritten`` without the lines of the keys written during the backup,
+    add those keys' latest values (read now, in batch gets), and move it back over ``partial``;
+    the number of key lines. Memory holds the changed keys, not the file."""
+    prefix_len = len(bucket._proto.subject_prefix)
+    tokens: dict[str, str] = {}
+    for subject in subjects:
+        key = bucket._key_of_token(subject[prefix_len:])
+        if compiled.exact or compiled.match(key):
+            tokens[subject[prefix_len:]] = key
+    keys = set(tokens.values())
+    with partial.open("rb") as source, rewritten.open("wb") as out:
+        out.write(source.readline())  # the header
+        for text in source:
+            if orjson.loads(text)["key"] in keys:
+                written -= 1
+            else:
+                out.write(text)
+        names = list(tokens)
+        limit = bucket._timeout(timeout)
+        for start in range(0, len(names), CHUNK):
+            chunk = names[start : start + CHUNK]
+            for raw, headers in bucket._proto.messages(chunk, limit):
+                if raw.operation != h.OP_PUT:
+                    continue  # deleted during the backup
+                found = tokens.get(raw.subject[prefix_len:])
+                if found is None:
+                    continue
+                line = _record(found, raw.data, raw.revision, headers)
+                if line is not None:
+                    out.write(orjson.dumps(line) + b"\n")
+                    written += 1
+    rewritten.replace(partial)
     return written
 
 

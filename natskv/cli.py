@@ -377,6 +377,16 @@ def cmd_sub(args: argparse.Namespace) -> int:
 # -- stats --------------------------------------------------------------------------------------
 
 
+def _size(count: int) -> str:
+    """A byte count for a table column: 512 B, 3.1 KiB, 12.0 MiB ..."""
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"  # pragma: no cover - the loop returns
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     import time
 
@@ -400,19 +410,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
             stats = totals.setdefault((where, str(event.get("operation"))), OperationStats())
             stats.latency.add(int(float(event.get("duration_us", 0)) * 1000))
             stats.results += int(event.get("result_count") or 0)
+            stats.sent += int(event.get("bytes_sent") or 0)
+            stats.received += int(event.get("bytes_received") or 0)
             if event.get("error"):
                 stats.errors[event["error"]] = stats.errors.get(event["error"], 0) + 1
 
     def show(seconds: float) -> None:
         lines = [f"{len(clients)} client(s), {sum(s.latency.count for s in totals.values()):,} operations "
                  f"in {seconds:.0f} s on {args.subject!r}"]
-        lines.append(f"{'client':20} {'operation':12} {'count':>9} {'ops/s':>8} {'p50 µs':>9} {'p99 µs':>9}  errors")
+        lines.append(f"{'client':20} {'operation':12} {'count':>9} {'ops/s':>8} {'p50 µs':>9} {'p99 µs':>9} "
+                     f"{'sent':>9} {'received':>9}  errors")
         for (where, operation), stats in sorted(totals.items()):
             summary = stats.summary()
             errors = ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "-"
             lines.append(f"{where[:20]:20} {operation[:12]:12} {summary['count']:>9,} "
                          f"{summary['count'] / max(seconds, 1e-9):>8,.0f} {summary['p50_us']:>9,.1f} "
-                         f"{summary['p99_us']:>9,.1f}  {errors}")
+                         f"{summary['p99_us']:>9,.1f} {_size(summary['bytes_sent']):>9} "
+                         f"{_size(summary['bytes_received']):>9}  {errors}")
         if args.watch and sys.stdout.isatty():
             print("\x1b[H\x1b[J", end="")
         _out("\n".join(lines))

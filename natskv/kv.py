@@ -44,6 +44,7 @@ from natskv.errors import (
 )
 from natskv.ops import Create, Delete, Op, Update, as_op
 from natskv.ops import check_revision as _check_revision
+from natskv.stats import flow as _flow
 from natskv.wire import headers as h
 from natskv.wire.jsapi import CAS_ERROR_CODES
 from natskv.wire.kv import KVProtocol, RawEntry
@@ -64,23 +65,27 @@ MAX_ENCODED_KEY = 3000
 def _recorded(operation: str, *, many: bool = False) -> Callable[[F], F]:
     """Count each call of a Bucket method in its client's statistics (natskv.stats): latency,
     errors by type, how many results (``many``: the length of what it returns), and the key or
-    pattern (its first argument) for published events. A call made by another (``replace``
-    reads, then updates) is counted too. Costs two clock reads and a few integer operations, under
-    a microsecond."""
+    pattern (its first argument) for published events, and the value bytes it sent and received
+    (what the call added to the thread's ``natskv.stats.flow``). A call made by another
+    (``replace`` reads, then updates) is counted too. Costs two clock reads and a few integer
+    operations, under a microsecond."""
 
     def wrap(method: F) -> F:
         @functools.wraps(method)
         def call(self: Bucket, *args: Any, **kwargs: Any) -> Any:
             if self._dormant:  # closed by the client's bucket manager: open again
                 self._client._reopen(self)
+            sent, received = _flow.sent, _flow.received
             started = perf_counter()
             try:
                 result = method(self, *args, **kwargs)
             except BaseException as exc:
-                self._client._stats.record(operation, self.name, _subject_of(args), started, error=exc)
+                self._client._stats.record(operation, self.name, _subject_of(args), started, error=exc,
+                                           sent=_flow.sent - sent, received=_flow.received - received)
                 raise
             self._client._stats.record(operation, self.name, _subject_of(args), started,
-                                       result_count=len(result) if many else 1)
+                                       result_count=len(result) if many else 1,
+                                       sent=_flow.sent - sent, received=_flow.received - received)
             return result
 
         return call  # type: ignore[return-value]
@@ -206,6 +211,7 @@ class Bucket:
         else:
             payload = self.codec.encode(value)
         self._proto.check_size(len(payload))
+        _flow.sent += len(payload)  # for the statistics (natskv.stats)
         if ttl is not None:
             ttl_value = h.ttl_header(ttl)
             assert ttl_value is not None
@@ -228,7 +234,10 @@ class Bucket:
     def _decode(self, raw: RawEntry, key: str | None = None) -> Entry:
         if key is None:
             key = self._key_of_token(raw.subject[len(self._proto.subject_prefix) :])
-        value = self._value(raw) if raw.operation == "PUT" else None
+        value = None
+        if raw.operation == "PUT":
+            value = self._value(raw)
+            _flow.received += len(raw.data)
         return Entry(key, value, raw.revision, raw.timestamp, raw.operation, self.name)
 
     def _cas_error(self, exc: JetStreamError, key: str, expected: int) -> Exception:
@@ -246,6 +255,7 @@ class Bucket:
         found = self._proto.get_value(self._token(key), self._timeout(timeout))
         if found is None:
             return default
+        _flow.received += len(found[0])
         return found[0] if found[1] else self.codec.decode(found[0])
 
     @_recorded("get")
@@ -272,10 +282,13 @@ class Bucket:
         found = self._proto.latest_values(list(by_subject), self._timeout(timeout))
         decode = self.codec.decode
         out: dict[str, Any] = {}
+        received = 0
         for subject, key in by_subject.items():  # in the order asked for
             value = found.get(subject)
             if value is not None:
+                received += len(value[0])
                 out[key] = value[0] if value[1] else decode(value[0])
+        _flow.received += received
         return out
 
     def _latest(
@@ -433,7 +446,8 @@ class Bucket:
     def replace(self, key: str, value: Any, *, ttl: float | None = None, timeout: float | None = None) -> bool:
         """Store ``value`` only if ``key`` exists; return whether it was stored."""
         self._token(key)
-        self._encode(value, ttl)  # fail on a bad value before reading anything
+        payload, _ = self._encode(value, ttl)  # fail on a bad value before reading anything
+        _flow.sent -= len(payload)  # a check: update() counts what it sends
         while True:
             current = self.entry(key, timeout=timeout)
             if current is None:
@@ -673,8 +687,10 @@ class Bucket:
     ) -> int:
         """Write the keys matching ``pattern`` (values, and the time left to keys that expire) to
         the JSON Lines file ``path``; return how many. See :mod:`natskv.backup` for the format.
-        ``progress(done, total)`` is called after each chunk of 1,000 keys. ``timeout`` bounds
-        each request, not the whole backup."""
+        ``progress(done, total)`` is called after each page of 1,000 keys read, ``total`` being an
+        upper bound (delete markers count in it) until the last call, ``(written, written)``.
+        Memory stays at one page whatever the bucket's size. ``timeout`` bounds each request, not
+        the whole backup."""
         from natskv import backup
 
         return backup.backup(self, path, pattern, progress=progress, timeout=timeout)

@@ -3,12 +3,18 @@ optional publishing of every operation as an event.
 
 Each blocking KV call (``get``, ``set``, ``delete``, ``keys``, ``find`` ...) and each watch event
 is recorded by :meth:`Stats.record` on the caller's thread. The cost is two clock reads and a few
-integer operations under a lock, so well under a microsecond. Latencies go into a log-linear
+integer operations under a lock, so well under a microsecond. Bytes are the value payloads a call
+sent (writes) and received (reads, listings with values, watch events): the Bucket adds each
+payload's length to :data:`flow`, a per-thread pair of counters, and the recording wrapper takes
+the difference a call made (headers, keys and protocol framing are not counted; the
+connection's totals are ``in_bytes`` / ``out_bytes`` of :meth:`natskv.Client.stats`). A call made
+by another (``find`` reads through ``items``) counts in both. Latencies go into a log-linear
 histogram: four buckets per power of two of nanoseconds, so a percentile is exact to within
 about 19 %. Memory stays fixed however many calls are made.
 
 With :meth:`natskv.Client.publish_stats`, each recorded operation also becomes an event
-``{"operation", "bucket", "key", "duration_us", "timestamp", "result_count", "error"}``. Events
+``{"operation", "bucket", "key", "duration_us", "timestamp", "result_count", "error",
+"bytes_sent", "bytes_received"}``. Events
 are queued (at most ``max_queued``; beyond that they are counted as dropped, never blocking the
 caller) and published by a background thread in batches, one message per batch: ``{"client": ...,
 "events": [...]}``. A failed publish is logged and counted, never raised into the caller's call.
@@ -31,6 +37,17 @@ import orjson
 log = logging.getLogger("natskv")
 
 _SUB_BUCKETS = 4  # per power of two
+
+
+class _Flow(threading.local):
+    """The value bytes the current thread has sent and received through Bucket calls (only ever
+    growing: readers take differences). Class defaults make a new thread start at zero."""
+
+    sent = 0
+    received = 0
+
+
+flow = _Flow()
 _SLOTS = 64 * _SUB_BUCKETS
 
 
@@ -85,12 +102,14 @@ class Histogram:
 class OperationStats:
     """The statistics of one operation name."""
 
-    __slots__ = ("errors", "latency", "results")
+    __slots__ = ("errors", "latency", "received", "results", "sent")
 
     def __init__(self) -> None:
         self.latency = Histogram()
         self.errors: dict[str, int] = {}
         self.results = 0
+        self.sent = 0
+        self.received = 0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -100,6 +119,8 @@ class OperationStats:
             "mean_us": round(self.latency.total / self.latency.count / 1000, 1) if self.latency.count else 0.0,
             "errors": dict(self.errors),
             "results": self.results,
+            "bytes_sent": self.sent,
+            "bytes_received": self.received,
         }
 
 
@@ -114,15 +135,16 @@ class Stats:
 
     def record(
         self, operation: str, bucket: str, key: str, started: float, *, result_count: int = 1,
-        error: BaseException | None = None,
+        error: BaseException | None = None, sent: int = 0, received: int = 0,
     ) -> None:
-        """Count one call of ``operation`` that began at ``started`` (``time.perf_counter()``)."""
+        """Count one call of ``operation`` that began at ``started`` (``time.perf_counter()``) and
+        moved ``sent`` / ``received`` bytes of values."""
         self.record_elapsed(operation, bucket, key, time.perf_counter() - started, result_count=result_count,
-                            error=error)
+                            error=error, sent=sent, received=received)
 
     def record_elapsed(
         self, operation: str, bucket: str, key: str, elapsed: float, *, result_count: int = 1,
-        error: BaseException | None = None,
+        error: BaseException | None = None, sent: int = 0, received: int = 0,
     ) -> None:
         """Count one ``operation`` that took ``elapsed`` seconds (a watch event: its age)."""
         nanos = int(elapsed * 1e9)
@@ -133,16 +155,19 @@ class Stats:
                 stats = self._ops[operation] = OperationStats()
             stats.latency.add(nanos)
             stats.results += result_count
+            stats.sent += sent
+            stats.received += received
             if error is not None:
                 name = type(error).__name__
                 stats.errors[name] = stats.errors.get(name, 0) + 1
         publisher = self._publisher
         if publisher is not None:
-            publisher.offer(operation, bucket, key, elapsed, result_count, error)
+            publisher.offer(operation, bucket, key, elapsed, result_count, error, sent, received)
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """``{operation: {count, p50_us, p99_us, mean_us, errors, results}}``. Bytes are counted
-        per connection: ``in_bytes`` and ``out_bytes`` of :meth:`natskv.Client.stats`."""
+        """``{operation: {count, p50_us, p99_us, mean_us, errors, results, bytes_sent,
+        bytes_received}}`` (value bytes, see the module; the connection's totals are ``in_bytes``
+        and ``out_bytes`` of :meth:`natskv.Client.stats`)."""
         with self._lock:
             return {name: stats.summary() for name, stats in sorted(self._ops.items())}
 
@@ -184,13 +209,13 @@ class Publisher:
         self.published = self.dropped = self.failed = 0
 
     def offer(self, operation: str, bucket: str, key: str, elapsed: float, result_count: int,
-              error: BaseException | None) -> None:
+              error: BaseException | None, sent: int = 0, received: int = 0) -> None:
         """Queue one event (any thread; never blocks; counted as dropped when the queue is full)."""
         if len(self._queue) >= self.max_queued:
             self.dropped += 1
             return
         self._queue.append((operation, bucket, key, elapsed, time.time(), result_count,
-                            None if error is None else type(error).__name__))
+                            None if error is None else type(error).__name__, sent, received))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="natskv-stats", daemon=True)
@@ -215,10 +240,11 @@ class Publisher:
         while queue:
             events: list[dict[str, Any]] = []
             while queue and len(events) < self.max_batch:
-                operation, bucket, key, elapsed, stamp, results, error = queue.popleft()
+                operation, bucket, key, elapsed, stamp, results, error, sent, received = queue.popleft()
                 events.append({"operation": operation, "bucket": bucket, "key": key,
                                "duration_us": round(elapsed * 1e6, 1), "timestamp": stamp,
-                               "result_count": results, "error": error})
+                               "result_count": results, "error": error,
+                               "bytes_sent": sent, "bytes_received": received})
             try:
                 self._send(orjson.dumps({"client": self.client_name, "events": events}))
                 self.published += len(events)

@@ -178,7 +178,7 @@ class Watcher:
         stamp = raw.timestamp
         # A watch event's latency is its age: from the server storing it to its delivery here.
         age = time.time() - int(stamp) / 1e9 if stamp.isdigit() else 0.0
-        bucket._client._stats.record_elapsed("watch", bucket.name, key, max(age, 0.0))
+        bucket._client._stats.record_elapsed("watch", bucket.name, key, max(age, 0.0), received=len(raw.data))
         return Change(key, entry.value, raw.revision, raw.operation, stamp, raw.delta, bucket.name)
 
     def get(self, timeout: float | None = None) -> Change | None:

@@ -3,7 +3,9 @@ kept, and files that are cut short or corrupt refused before anything is written
 
 from __future__ import annotations
 
+import sys
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +38,10 @@ def test_backup_and_restore_round_trip(kv: natskv.Bucket, target: natskv.Bucket,
     seen: list[tuple[int, int | None]] = []
     path = tmp_path / "b.jsonl"
     assert kv.backup(path, progress=lambda done, total: seen.append((done, total))) == len(values)
-    assert seen[-1] == (len(values), len(values)) and len(seen) == 3
+    # One call a page of 1,000; the total is the consumer's count (the delete marker included,
+    # an upper bound) until the last call, which has the number written.
+    assert seen == [(1000, len(values) + 1), (2000, len(values) + 1), (len(values), len(values) + 1),
+                    (len(values), len(values))]
     lines = path.read_bytes().splitlines()
     header, end = orjson.loads(lines[0]), orjson.loads(lines[-1])
     assert header["natskv"] == "backup" and header["bucket"] == kv.name and header["config"]["history"] == 10
@@ -132,3 +137,77 @@ def test_a_failed_backup_leaves_no_file(kv: natskv.Bucket, tmp_path: Path) -> No
     with pytest.raises(RuntimeError, match="disk full"):
         kv.backup(path, progress=fail)
     assert not path.exists() and not (tmp_path / "x.jsonl.partial").exists()
+
+
+def _key_lines(path: Path) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()[1:-1]]
+
+
+def test_a_backup_holds_one_page_not_the_bucket(kv: natskv.Bucket, tmp_path: Path) -> None:
+    # 20,000 keys with long names: a backup that lists every key first holds them all (and, for
+    # a listing that large, an entry per key) at once; a streamed one holds about one page.
+    names = [f"customer:{i:06d}:" + "x" * 80 for i in range(20_000)]
+    for start in range(0, len(names), 5000):
+        kv.set_many({key: {"n": i} for i, key in enumerate(names[start : start + 5000], start)})
+    kv.backup(tmp_path / "warm.jsonl", "customer:00000*")  # connection, imports, caches
+    tracemalloc.start()
+    try:
+        assert kv.backup(tmp_path / "big.jsonl") == len(names)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    listing = sum(sys.getsizeof(key) for key in names)  # the key names alone, ~2.6 MB
+    assert peak < listing / 2, f"peak {peak} bytes while backing up {listing} bytes of key names"
+    lines = _key_lines(tmp_path / "big.jsonl")
+    assert [line["key"] for line in lines] == names and lines[-1]["value"] == {"n": 19_999}
+
+
+@pytest.mark.bucket(history=1)
+def test_writes_during_a_backup(kv: natskv.Bucket, target: natskv.Bucket, tmp_path: Path) -> None:
+    # history=1: a key overwritten before the backup reaches it loses the revision the backup was
+    # about to read; it must still be in the file, once, like every other key.
+    expected: dict[str, object] = {f"k:{i:04d}": i for i in range(5000)}
+    kv.set_many(expected)
+    kv.set("gone", 1)
+    kv.delete("gone")  # deleted before the backup: absent
+
+    def write_meanwhile(done: int, total: int | None) -> None:
+        if done != 1000:
+            return  # once, after the first page: k:0000-k:0999 are in the file, the rest not yet
+        for i in [*range(0, 100), *range(4000, 4100)]:  # already written; not yet reached
+            kv.set(f"k:{i:04d}", {"new": i})
+            expected[f"k:{i:04d}"] = {"new": i}
+        for i in [*range(500, 550), *range(4500, 4550)]:
+            kv.delete(f"k:{i:04d}")
+            del expected[f"k:{i:04d}"]
+        for i in range(10):
+            kv.create(f"new:{i}", i)
+            expected[f"new:{i}"] = i
+
+    path = tmp_path / "busy.jsonl"
+    written = kv.backup(path, progress=write_meanwhile)
+    lines = _key_lines(path)
+    keys = [line["key"] for line in lines]
+    assert len(keys) == len(set(keys)) == written == len(expected)
+    assert {line["key"]: line["value"] for line in lines} == expected
+    assert target.restore(path) == len(expected)
+    assert target.get_many(list(expected)) == expected
+
+
+def test_patterns_deletes_and_ttls(kv: natskv.Bucket, tmp_path: Path) -> None:
+    kv.set_many({"user:1": 1, "user:22": 22, "user:3": 3, "order:1": "o"})
+    kv.set("user:4", 4, ttl=3600)
+    kv.delete("user:3")
+    kv.set("user:5", 5, ttl=1)
+    time.sleep(1.2)  # user:5 expires (its marker may not be written yet: a backup skips it either way)
+    kv.backup(tmp_path / "all.jsonl", "user:*")
+    lines = {line["key"]: line for line in _key_lines(tmp_path / "all.jsonl")}
+    assert sorted(lines) == ["user:1", "user:22", "user:4"]
+    assert 3500 < lines["user:4"]["ttl"] <= 3600 and "ttl" not in lines["user:1"]  # type: ignore[operator]
+    assert kv.backup(tmp_path / "one.jsonl", "user:?") == 2  # a glob the server cannot filter
+    assert sorted(line["key"] for line in _key_lines(tmp_path / "one.jsonl")) == ["user:1", "user:4"]
+    assert kv.backup(tmp_path / "none.jsonl", "nobody:*") == 0
+    assert _key_lines(tmp_path / "none.jsonl") == []
+    with pytest.raises(natskv.InvalidKeyError):
+        kv.backup(tmp_path / "bad.jsonl", "user:[")
+    assert not (tmp_path / "bad.jsonl").exists()

@@ -45,6 +45,13 @@ def test_stats_summarise_counts_errors_and_results() -> None:
     assert summary["get"]["count"] == 2 and summary["get"]["results"] == 1
     assert summary["set"]["errors"] == {"TimeoutError": 1} and summary["get"]["errors"] == {}
     assert 0 < summary["get"]["p50_us"] <= summary["get"]["p99_us"]
+    assert summary["get"]["bytes_sent"] == 0 and summary["get"]["bytes_received"] == 0
+    stats.record("get", "b", "k", t0, received=100)
+    stats.record("set", "b", "k", t0, sent=40)
+    stats.record_elapsed("watch", "b", "k", 0.001, received=7)
+    summary = stats.summary()
+    assert (summary["get"]["bytes_received"], summary["set"]["bytes_sent"]) == (100, 40)
+    assert summary["watch"] == {**summary["watch"], "count": 1, "bytes_sent": 0, "bytes_received": 7}
     stats.reset()
     assert stats.summary() == {}
 
@@ -71,7 +78,8 @@ def test_the_publisher_batches_never_blocks_and_swallows_its_errors() -> None:
     assert all(len(batch["events"]) <= 100 for batch in sent)  # type: ignore[arg-type]
     events = [e for batch in sent for e in batch["events"]]  # type: ignore[union-attr]
     assert [e["key"] for e in events] == [f"k{i}" for i in range(250)]
-    assert set(events[0]) == {"operation", "bucket", "key", "duration_us", "timestamp", "result_count", "error"}
+    assert set(events[0]) == {"operation", "bucket", "key", "duration_us", "timestamp", "result_count", "error",
+                              "bytes_sent", "bytes_received"}
     fail.set()
     stats.record("set", "b", "x", t0)  # the publish fails on the publisher's thread, not here
     while publisher.failed < 1 and time.monotonic() < deadline:
@@ -132,6 +140,9 @@ def test_publish_stats_sends_batches_that_the_cli_summarises(nats_url: str, name
                     events.extend(batch["events"])
             assert [e["operation"] for e in events[:21]] == ["set"] * 20 + ["get"]
             assert events[20]["key"] == "k1" and events[20]["bucket"] == name
+            # The value bytes: str(i) in JSON is len(str(i)) bytes out; the get reads "1" back.
+            assert [e["bytes_sent"] for e in events[:20]] == [len(str(i)) for i in range(20)]
+            assert (events[20]["bytes_sent"], events[20]["bytes_received"]) == (0, 1)
             # The publisher counts a batch once its publish returned, which may be after the
             # subscriber got it (a publish from a thread alone is written by that thread).
             deadline = time.monotonic() + 5
@@ -148,3 +159,58 @@ def test_publish_stats_sends_batches_that_the_cli_summarises(nats_url: str, name
         finally:
             batches.unsubscribe()
             db.delete_bucket(name)
+
+
+def test_bytes_per_operation_are_the_value_payloads(nats_url: str, name: str) -> None:
+    # JSON values as orjson writes them: {"x":1} is 7 bytes, "hello" 7, 1 one, [1,2] five;
+    # bytes under the JSON codec are stored as they are.
+    with natskv.connect(nats_url) as db:
+        kv = db.bucket(name)
+        try:
+            with kv.watch(updates_only=True) as watcher:
+                kv.set("a", {"x": 1})
+                kv.create("b", "hello")
+                kv.set("raw", b"\x00" * 10)
+                kv.set_many({"c": 1, "d": [1, 2]})
+                kv.commit([("set", "e", "xy")])  # '"xy"': 4
+                kv.delete("e")  # a delete marker carries no value
+                assert watcher.get(5) is not None
+            ops = db.stats()["operations"]
+            assert ops["set"]["bytes_sent"] == 7 + 10 and ops["create"]["bytes_sent"] == 7
+            assert ops["set_many"]["bytes_sent"] == 6 and ops["commit"]["bytes_sent"] == 4
+            assert ops["delete"]["bytes_sent"] == 0 and ops["set"]["bytes_received"] == 0
+            assert ops["watch"]["count"] >= 1 and ops["watch"]["bytes_received"] == 7  # the first event: "a"
+            db._stats.reset()
+
+            assert kv.get("a") == {"x": 1} and kv.get("missing") is None
+            assert kv.get_many(["a", "b", "missing"]) == {"a": {"x": 1}, "b": "hello"}
+            assert kv.entry("raw") is not None
+            ops = db.stats()["operations"]
+            assert ops["get"]["bytes_received"] == 7 + 10 and ops["get_many"]["bytes_received"] == 14
+            assert ops["get"]["bytes_sent"] == 0
+            db._stats.reset()
+
+            assert len(kv.items()) == 5  # a 7 + b 7 + c 1 + d 5 + raw 10
+            ops = db.stats()["operations"]
+            assert ops["keys"]["bytes_received"] == 30
+            kv.find({"x": 1})  # reads through items(): counted in both
+            ops = db.stats()["operations"]
+            assert ops["find"]["bytes_received"] == 30 and ops["keys"]["bytes_received"] == 60
+            db._stats.reset()
+
+            assert kv.replace("a", {"x": 22})  # reads a (7), writes {"x":22} (8) once
+            ops = db.stats()["operations"]
+            assert (ops["replace"]["bytes_sent"], ops["replace"]["bytes_received"]) == (8, 7)
+            assert ops["update"]["bytes_sent"] == 8
+            with pytest.raises(natskv.KeyExistsError):
+                kv.create("a", "x" * 50)  # failed calls count what they sent
+            assert db.stats()["operations"]["create"]["bytes_sent"] == 52
+        finally:
+            db.delete_bucket(name)
+
+
+def test_the_cli_sizes() -> None:
+    from natskv.cli import _size
+
+    assert [_size(n) for n in (0, 1023, 1024, 1536, 5 * 2**20, 3 * 2**30, 2**42)] == [
+        "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 MiB", "3.0 GiB", "4096.0 GiB"]

@@ -8,7 +8,8 @@ its unique markers, in atomic batches, and moves every autoincrement counter pas
 value restored. Before writing anything it reads the whole file and checks it. It also checks
 that no unique value is claimed twice, whether within the file or by a record already in the
 model that the file does not replace. A failed check raises an error naming the record, and
-nothing is written.
+nothing is written. Both directions read and write a page at a time; the check holds
+the record keys and unique values of the file (to find clashes), never its lines.
 
 Everything here blocks the caller's thread.
 """
@@ -33,7 +34,9 @@ MAX_OPS = 1000  # writes in one atomic batch (the server's limit)
 
 def backup(model: type[Model], path: str | os.PathLike[str], *, progress: Progress | None = None,
            timeout: float | None = None) -> int:
-    """Write every record of ``model`` to ``path``; the number written."""
+    """Write every record of ``model`` to ``path``; the number written. Streams like
+    :func:`natskv.backup.backup`: constant memory, and a record saved or deleted while it runs
+    is in the file once, with its latest value, or not at all."""
     store = model._require_store()
     about = {"name": model.__name__, "pk": model._pk,
              "fields": {name: field.type.__name__ for name, field in model._fields.items()}}
