@@ -264,3 +264,36 @@ def test_three_processes_never_pass_the_limit(nats_url: str, db: natskv.Client, 
         for p in procs:
             p.kill()
         drop_model_bucket(db, name)
+
+
+def test_backup_and_restore_of_a_bounded_model_give_the_records_slots(
+    db: natskv.Client, Recent: Any, tmp_path: Path
+) -> None:
+    for i in range(3):
+        Recent.create(email=f"r{i}@x.io", topic="t")
+    path = tmp_path / "recent.jsonl"
+    assert Recent.backup(path) == 3
+    with pytest.raises(InvalidArgumentError, match="clear=True"):
+        Recent.restore(path)  # into a model holding records: their slots would clash
+    assert Recent.restore(path, clear=True) == 3
+    kv = db.bucket(Recent.__bucket__)
+    assert sorted(kv.keys("u:_slot:*")) == [f"u:_slot:{n}" for n in range(3)]
+    assert Recent.count() == 3
+    newest = Recent.create(email="r3@x.io", topic="t")  # at the limit: evicts the oldest restored
+    assert Recent.count() == 3 and Recent.find_one(email="r0@x.io") is None
+    assert newest.email == "r3@x.io"
+    Recent.truncate()
+    assert kv.keys("u:*") == []
+    Wide = bounded_model(Recent.__bucket__ + "_wide", 10)
+    db.register(Wide)
+    try:
+        for i in range(5):
+            Wide.create(email=f"w{i}@x.io", topic="t")
+        too_many = tmp_path / "wide.jsonl"
+        assert Wide.backup(too_many) == 5
+        before = kv.status().last_revision
+        with pytest.raises(natskv.BackupError, match="more than"):
+            Recent.restore(too_many, clear=True)
+        assert kv.status().last_revision == before  # nothing written, nothing truncated
+    finally:
+        drop_model_bucket(db, Wide.__bucket__)

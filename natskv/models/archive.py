@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from natskv import backup as bucket_backup
-from natskv.errors import BackupError, UniqueConstraintError
+from natskv.errors import BackupError, InvalidArgumentError, UniqueConstraintError
 from natskv.models.store import RECORD, UNIQUE, record_key, stored_pk, unique_key
 
 if TYPE_CHECKING:
@@ -54,7 +54,18 @@ def restore(model: type[Model], path: str | os.PathLike[str], *, clear: bool = F
         raise BackupError(f"{path} is a bucket backup, not a model backup: restore it with Bucket.restore()")
     unique = [name for name, field in model._fields.items() if field.unique]
     counted = [name for name, field in model._fields.items() if field.generated == "autoincrement"]
+    limit = model.__max_records__
+    if limit is not None and not clear and model.count() > 0:
+        raise InvalidArgumentError(
+            f"{model.__name__} has __max_records__ = {limit}: restore into it with clear=True (or while it is "
+            "empty), so the records restored take its slots; nothing was written"
+        )
     total, highest = _check(model, path, unique, counted, clear)
+    if limit is not None and total > limit:
+        raise BackupError(
+            f"{path} holds {total} records, more than {model.__name__}.__max_records__ = {limit}; nothing was "
+            "written"
+        )
     if clear:
         truncate(model, timeout=timeout)
     written = 0
@@ -67,6 +78,9 @@ def restore(model: type[Model], path: str | os.PathLike[str], *, clear: bool = F
             options = ({"ttl": max(1.0, float(record["ttl"]))},)
         markers = [("set", unique_key(name, stored[name]), key, *options)
                    for name in unique if stored.get(name) is not None]
+        if limit is not None:  # a bounded model: the records take slots 0 .. n-1 in the file's order
+            stored["_slot"] = written
+            markers.append(("set", unique_key("_slot", written), key, *options))
         if len(ops) + len(markers) + 1 > MAX_OPS:
             _commit(model, ops, timeout)
             ops = []
