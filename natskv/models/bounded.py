@@ -39,7 +39,7 @@ from natskv.errors import (
     RevisionMismatchError,
 )
 from natskv.models.group_commit import group_commit
-from natskv.models.store import record_key, resolve_timeout, unique_key
+from natskv.models.store import record_key, resolve_timeout, slot_of, unique_key
 
 if TYPE_CHECKING:
     from natskv.models.model import Model
@@ -60,12 +60,6 @@ def check_limit(model_name: str, limit: Any) -> int | None:
             f"None, not {limit!r}"
         )
     return limit
-
-
-def slot_of(stored: Any, limit: int) -> int | None:
-    """The slot a stored record holds that counts under ``limit`` (None: it holds none)."""
-    slot = stored.get(SLOT)
-    return slot if type(slot) is int and 0 <= slot < limit else None
 
 
 def slot_ops(stored: Any, key: str, limit: int, options: tuple[dict[str, float], ...],
@@ -174,4 +168,4 @@ def not_in_transaction(model: type[Model]) -> None:
     )
 
 
-__all__ = ["EVICTED", "SLOT", "check_limit", "insert", "not_in_transaction", "slot_of", "slot_ops"]
+__all__ = ["EVICTED", "SLOT", "check_limit", "insert", "not_in_transaction", "slot_ops"]

@@ -181,8 +181,6 @@ class ModelStore:
         """For an insert into a bounded model: the slot it takes and the records it evicts
         (``core.Record`` s, oldest first), as this replica sees the model now (see
         :mod:`natskv.models.bounded`). Caller's thread, under the replica's lock."""
-        from natskv.models.bounded import slot_of
-
         assert self.replica is not None and self.slots is not None and self.by_age is not None
         records = self.records
         with self.replica.lock:
@@ -303,6 +301,13 @@ class ModelStore:
                 log.exception("natskv: error in a model listener")
 
 
+def slot_of(stored: Any, limit: int) -> int | None:
+    """The slot a bounded model's stored record holds that counts under ``limit`` (None: it holds
+    none; see :mod:`natskv.models.bounded`)."""
+    slot = stored.get("_slot")
+    return slot if type(slot) is int and 0 <= slot < limit else None
+
+
 def _idle(listener: Callable[..., Any]) -> bool:
     """Whether a store listener would ignore every change now (its ``idle()``, when it has one)."""
     idle = getattr(listener, "idle", None)
@@ -317,4 +322,4 @@ def _as_written(op: tuple[Any, ...]) -> tuple[str, bool, Any]:
     return (op[1], False, op[3].get("reason") if len(op) > 3 else None)
 
 
-__all__ = ["RECORD", "UNIQUE", "ModelStore", "record_key", "resolve_timeout", "stored_pk", "unique_key"]
+__all__ = ["RECORD", "UNIQUE", "ModelStore", "record_key", "resolve_timeout", "slot_of", "stored_pk", "unique_key"]
