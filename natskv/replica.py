@@ -240,7 +240,6 @@ class LocalReplica:
                 if self._uses != uses or self._waiters:
                     self._stale = False
                     return False
-                self._dormant = True
                 self._subscription = None
             try:
                 runner.call(self._detach(subscription), self.bucket._client.options.request_timeout)
@@ -251,6 +250,7 @@ class LocalReplica:
                 self._revisions.clear()
                 self._deleted.clear()
                 self._ready.clear()
+                self._dormant = True  # once closed: its consumer is gone
             return True
 
     async def _detach(self, subscription: tuple[SharedFeed, FeedSubscriber]) -> None:
