@@ -98,7 +98,8 @@ class BucketManager:
         self.sweep_every = float(sweep_every)
         self._handlers: dict[str, list[Callable[[str], Any]]] = {event: [] for event in EVENTS}
         self._events: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
-        self._opened_at: dict[str, float] = {}
+        # Buckets open before the manager started get a whole keep_alive from now.
+        self._opened_at: dict[str, float] = dict.fromkeys(self.open_buckets(), time.monotonic())
         # Replicas and near caches: the use count each had when it last changed, and when.
         self._seen: weakref.WeakKeyDictionary[Any, tuple[int, float]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
@@ -155,7 +156,11 @@ class BucketManager:
         busy = self._sweep_tracked()
         now = time.monotonic()
         last_used = client._stats.last_used
-        busy.update(w.bucket.name for w in list(client._watchers) if not w.stopped)
+        for watcher in list(client._watchers):
+            if not watcher.stopped:
+                busy.add(watcher.bucket.name)
+                if watcher.bucket._dormant:  # closed just before its watch started: open again
+                    client._reopen(watcher.bucket)
         if client._registry is not None:
             busy.update(client._registry.bucket_names())
         closed = []

@@ -34,10 +34,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import re
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -196,13 +194,14 @@ class LocalReplica:
                 return
             if self._dead is not None:
                 raise fresh_error(self._dead)
-            with self._lock:
-                self._values.clear()
-                self._revisions.clear()
-                self._deleted.clear()
-                self.revision = 0
-                if self._on_reset is not None:
-                    self._on_reset()
+            if self._subscription is None:  # else a reload that timed out is loading still: wait for it
+                with self._lock:
+                    self._values.clear()
+                    self._revisions.clear()
+                    self._deleted.clear()
+                    self.revision = 0
+                    if self._on_reset is not None:
+                        self._on_reset()
             self.bucket._client._check()  # the child's own connection
             client = self.bucket._client
             self.start(timeout if timeout is not None else max(client.options.request_timeout, 30.0))
@@ -495,11 +494,9 @@ class LocalReplica:
         limit = self._limit(timeout)
         self._uses += 1
         if self._stale:  # a forked child's first read, or closed by the bucket manager
-            started = time.monotonic()
-            # The reload counts against the caller's limit; timeout=0 (only look) still loads.
-            self.revive(math.inf if limit is None else limit or None)
-            if limit:
-                limit = max(0.0, limit - (time.monotonic() - started))
+            # Loaded as any read loads (revive's own limit): a limit cut short inside the
+            # subscribe call would leave a subscription nobody holds.
+            self.revive()
         with self._changed:
             self._waiters += 1
             try:
