@@ -82,6 +82,8 @@ class Client:
         self._conn = self._open()
         self._finalizer = self._close_when_dropped()
         runner.register(self)
+        if options.bucket_keep_alive is not None:
+            self.bucket_manager(keep_alive=options.bucket_keep_alive, sweep_every=options.bucket_sweep_every)
 
     def _open(self) -> Connection:
         conn = Connection(self.options, self._servers)
@@ -171,11 +173,13 @@ class Client:
             self._manager.opened(bucket.name)
 
     def bucket_manager(self, *, keep_alive: float = 3600, sweep_every: float = 60) -> BucketManager:
-        """Close the buckets nobody used for ``keep_alive`` seconds, looking every ``sweep_every``
-        seconds (a background thread); a closed bucket opens again on its next use. Buckets with
-        a running watcher or a registered model stay open. Returns the
-        :class:`~natskv.manager.BucketManager` (``on("opened"|"closed", cb)``, ``sweep()``,
-        ``open_buckets()``, ``stop()``); calling again replaces it with these settings."""
+        """Close the buckets, replicas and near caches' watches nobody used for ``keep_alive``
+        seconds, looking every ``sweep_every`` seconds (a background thread); what was closed
+        opens again on its next use. Buckets with a running watcher, a registered model or an
+        open replica stay open (see :mod:`natskv.manager`). Returns the
+        :class:`~natskv.manager.BucketManager` (``on(event, cb)``, ``sweep()``,
+        ``open_buckets()``, ``stop()``); calling again replaces it with these settings. The
+        connect options ``bucket_keep_alive=`` and ``bucket_sweep_every=`` start one too."""
         from natskv.manager import BucketManager
 
         self._check()
@@ -730,7 +734,8 @@ def connect(
     directory, or ``NATSKV_DATA_DIR``). Options: user, password, token, creds, nkey_seed, tls_ca,
     tls_cert, tls_key, tls_hostname, tls_handshake_first, name, connect_timeout, request_timeout
     (alias timeout: the default of every blocking call), max_reconnect (default -1: forever),
-    reconnect_wait, drain_timeout, ping_interval, inbox_prefix.
+    reconnect_wait, drain_timeout, ping_interval, inbox_prefix, bucket_keep_alive and
+    bucket_sweep_every (seconds: start :meth:`Client.bucket_manager` with these settings).
 
     Any TLS option or a ``tls://`` URL makes TLS mandatory (a server without TLS is refused before
     the credentials are sent). Each server is tried once.

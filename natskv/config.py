@@ -46,7 +46,7 @@ _FILE_OPTIONS = {
 }
 
 # Durations in seconds: these must be > 0 (zero would mean "give up at once" or "never")...
-_POSITIVE = ("connect_timeout", "request_timeout", "drain_timeout", "ping_interval")
+_POSITIVE = ("connect_timeout", "request_timeout", "drain_timeout", "ping_interval", "bucket_sweep_every")
 # ... and these >= 0.
 _NON_NEGATIVE = ("reconnect_wait",)
 
@@ -176,7 +176,9 @@ class ConnectOptions:
     Any TLS option, or a ``tls://`` / ``wss://`` URL, makes TLS mandatory: a server that does not
     offer it is refused before anything is sent. ``tls_handshake_first=True`` starts the TLS
     handshake before the server's INFO (for servers with ``handshake_first`` in their ``tls``
-    block). ``request_timeout`` is natskv's own default for every blocking call; the other durations
+    block). ``request_timeout`` is natskv's own default for every blocking call;
+    ``bucket_keep_alive`` (None: off) starts the client's bucket manager with that ``keep_alive``
+    and ``bucket_sweep_every`` (see :meth:`natskv.Client.bucket_manager`); the other durations
     (seconds) go to nats-py. ``max_reconnect=-1`` means reconnect forever. ``repr()`` and
     ``redacted()`` never show passwords or tokens.
 
@@ -202,6 +204,8 @@ class ConnectOptions:
     drain_timeout: float = 30.0
     ping_interval: float = 20.0
     inbox_prefix: str = "_INBOX"
+    bucket_keep_alive: float | None = None
+    bucket_sweep_every: float = 60.0
 
     def __post_init__(self) -> None:
         urls, url_user, url_password = parse_servers(self.servers)
@@ -323,6 +327,14 @@ class ConnectOptions:
                 raise ConfigurationError(f"{name} cannot be negative, got {value!r}")
             if name in _POSITIVE and value == 0:
                 raise ConfigurationError(f"{name} must be greater than 0 seconds, got {value!r}")
+        keep_alive = self.bucket_keep_alive
+        if keep_alive is not None and (
+            isinstance(keep_alive, bool) or not isinstance(keep_alive, (int, float))
+            or not 0 < keep_alive < float("inf")
+        ):
+            raise ConfigurationError(
+                f"bucket_keep_alive must be a positive number of seconds (None: keep buckets open), got {keep_alive!r}"
+            )
         if isinstance(self.max_reconnect, bool) or not isinstance(self.max_reconnect, int):
             raise ConfigurationError(
                 f"max_reconnect must be an integer (-1 = unlimited), got {self.max_reconnect!r}"

@@ -17,6 +17,13 @@ and watchers of the same keys cost one server consumer.
 Threads: events are applied on the loop thread (and ``on_apply`` / ``on_loaded`` hooks run there);
 reads, ``start``, ``stop``, ``wait_for`` and ``apply_written`` run on the caller's thread.
 
+Idle replicas: a client's bucket manager (:mod:`natskv.manager`) closes a replica nobody read for
+its ``keep_alive`` seconds: the watch stops (its server consumer is deleted) and the values are
+dropped. The next read loads them again, blocking until they are loaded, so a caller notices only
+the latency. Reads count their use with one integer increment (no clock read); the sweep compares
+the count with the one it saw before. A replica with hooks (``on_apply``, ``on_loaded``: a
+model's, or anyone following its changes) or a ``wait_for`` in progress is never closed.
+
 Timeouts: ``timeout=None`` (the default of :meth:`LocalReplica.start`, :meth:`LocalReplica.stop`
 and :meth:`LocalReplica.wait_for`) means the client's default (``request_timeout``);
 ``timeout=math.inf`` waits without limit and ``timeout=0`` only looks.
@@ -38,10 +45,12 @@ from natskv._runner import follow_fork, runner, unfollow_fork, wait_limit
 from natskv._speedups import core
 from natskv.aio.watch import INITIAL_DONE, FeedClosed, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
 from natskv.codec import RAW_HEADER, JSONCodec
-from natskv.errors import InvalidArgumentError, InvalidKeyError, NatsKVTimeoutError
+from natskv.errors import InvalidArgumentError, InvalidKeyError, NatsKVError, NatsKVTimeoutError
+from natskv.manager import report, track
 from natskv.wire.replies import fresh_error
 
 if TYPE_CHECKING:
+    from natskv.client import Client
     from natskv.kv import Bucket
 
 log = logging.getLogger("natskv")
@@ -82,6 +91,8 @@ class LocalReplica:
     With ``storage``, the ``on_apply`` hook keeps the values (see :class:`ReplicaStorage`).
     """
 
+    sweep_kind = "replica"  # its bucket manager events: replica_opened, replica_closed
+
     def __init__(self, bucket: Bucket, pattern: str | re.Pattern[str] = "*", on_apply: ApplyHook | None = None,
                  on_reset: Callable[[], None] | None = None, on_loaded: Callable[[], None] | None = None,
                  storage: ReplicaStorage | None = None) -> None:
@@ -112,6 +123,10 @@ class LocalReplica:
         self.revision = 0  # highest stream revision applied
         self._subscription: tuple[SharedFeed, FeedSubscriber] | None = None
         self._pending: list[Any] = []  # events delivered, not yet applied (loop thread only)
+        # Closed by a bucket manager (values dropped, _stale set) until the next read reloads it.
+        self._dormant = False
+        self._uses = 0  # reads so far: the bucket manager compares it between sweeps
+        self._waiters = 0  # wait_for() calls waiting (under the lock): the replica is in use
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -125,14 +140,21 @@ class LocalReplica:
                                self._apply_many),
                 limit,
             )
+            track(self)
+            report(client, "replica_opened", self.bucket.name)
         follow_fork(self)  # a forked child reloads it (see _after_fork)
         if not self._ready.wait(limit):
             raise NatsKVTimeoutError(f"replica of bucket {self.bucket.name!r} not loaded within {limit} s")
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop following the bucket (the values stay readable, frozen)."""
+        """Stop following the bucket (the values stay readable, frozen; a replica that the bucket
+        manager closed has dropped its values, and stays empty)."""
         limit = self._limit(timeout)
+        if self._dormant:
+            with self._revive_lock:
+                if self._dormant:
+                    self._dormant = self._stale = False
         subscription, self._subscription = self._subscription, None
         unfollow_fork(self)
         if subscription is not None and not runner.in_loop_thread():
@@ -160,6 +182,7 @@ class LocalReplica:
         self._revive_lock = threading.Lock()
         self._pending = []
         self._subscription = None
+        self._waiters = 0
         self._dead = None  # the child has a connection of its own
         self._stale = True
 
@@ -171,17 +194,71 @@ class LocalReplica:
                 return
             if self._dead is not None:
                 raise fresh_error(self._dead)
-            with self._lock:
-                self._values.clear()
-                self._revisions.clear()
-                self._deleted.clear()
-                self.revision = 0
-                if self._on_reset is not None:
-                    self._on_reset()
+            if self._subscription is None:  # else a reload that timed out is loading still: wait for it
+                with self._lock:
+                    self._values.clear()
+                    self._revisions.clear()
+                    self._deleted.clear()
+                    self.revision = 0
+                    if self._on_reset is not None:
+                        self._on_reset()
             self.bucket._client._check()  # the child's own connection
             client = self.bucket._client
             self.start(timeout if timeout is not None else max(client.options.request_timeout, 30.0))
             self._stale = False
+            if self._dormant:  # closed by the bucket manager: its bucket opens again with it
+                self._dormant = False
+                if self.bucket._dormant:
+                    client._reopen(self.bucket)
+
+    # -- idle close (the bucket manager's thread) -------------------------------------------------
+
+    @property
+    def dormant(self) -> bool:
+        """True while the bucket manager has it closed (its next read loads it again)."""
+        return self._dormant
+
+    def _sweep_state(self) -> tuple[Client, str, int, bool] | None:
+        # See natskv.manager.Sweepable. Open: subscribed and loaded in this process.
+        if self._subscription is None or self._stale:
+            return None
+        closable = self._on_apply is None and self._on_loaded is None and self._storage is None
+        return self.bucket._client, self.bucket.name, self._uses, closable
+
+    def _close_idle(self, uses: int) -> bool:
+        # Readers take the lock property, which counts the use and then tests _stale. Setting
+        # _stale before comparing the count (under the lock) leaves no gap: a read counted
+        # after the comparison sees _stale and waits in revive() (on _revive_lock, held here)
+        # for the reload, and one counted before it cancels the close.
+        with self._revive_lock:
+            subscription = self._subscription
+            if subscription is None or self._stale:
+                return False
+            with self._lock:
+                self._stale = True
+                if self._uses != uses or self._waiters:
+                    self._stale = False
+                    return False
+                self._subscription = None
+            try:
+                runner.call(self._detach(subscription), self.bucket._client.options.request_timeout)
+            except NatsKVError as exc:  # the consumer goes with its connection, or expires
+                log.warning("natskv: closing an idle replica of %r: %s", self.bucket.name, exc)
+            with self._lock:
+                self._values.clear()
+                self._revisions.clear()
+                self._deleted.clear()
+                self._ready.clear()
+                self._dormant = True  # once closed: its consumer is gone
+            return True
+
+    async def _detach(self, subscription: tuple[SharedFeed, FeedSubscriber]) -> None:
+        # Loop thread. Nothing is delivered once the subscriber has left the feed; what was
+        # delivered and not yet applied is dropped with the values.
+        try:
+            await unsubscribe_feed(*subscription)
+        finally:
+            self._pending.clear()
 
     # -- applying (loop thread) ------------------------------------------------------------------
 
@@ -415,10 +492,17 @@ class LocalReplica:
         """
         runner.check_not_loop_thread("LocalReplica.wait_for()")
         limit = self._limit(timeout)
-        if self._stale:  # a forked child's first read
+        self._uses += 1
+        if self._stale:  # a forked child's first read, or closed by the bucket manager
+            # Loaded as any read loads (revive's own limit): a limit cut short inside the
+            # subscribe call would leave a subscription nobody holds.
             self.revive()
         with self._changed:
-            reached = self._changed.wait_for(lambda: self.revision >= revision or self._dead is not None, limit)
+            self._waiters += 1
+            try:
+                reached = self._changed.wait_for(lambda: self.revision >= revision or self._dead is not None, limit)
+            finally:
+                self._waiters -= 1
             if self._dead is not None:
                 raise fresh_error(self._dead)
             if not reached:
@@ -464,6 +548,9 @@ class LocalReplica:
     @property
     def lock(self) -> threading.Lock:
         """Hold this to read several values (or an index kept by ``on_apply``) consistently."""
-        if self._stale:  # a forked child's first read, or a dead feed (every read comes through here)
+        # Counted before _stale is tested: see _close_idle. A lost increment between threads
+        # still changes the count, which is all the bucket manager looks at.
+        self._uses += 1
+        if self._stale:  # a forked child's first read, a dead feed, or closed when idle
             self.revive()
         return self._lock

@@ -10,7 +10,10 @@ integers stored as digits so that ``incr`` adds on the server's copy.
 :class:`NearCache` answers repeated reads from process memory: a bounded LRU of encoded values.
 One watch per process and bucket keeps it coherent: a write or a delete in any process removes the
 entry in every other process within milliseconds. Expiry is honoured locally too, since each entry
-carries its key's expiry time. Reads then cost microseconds instead of a round trip.
+carries its key's expiry time. Reads then cost microseconds instead of a round trip. A client's
+bucket manager (:mod:`natskv.manager`) stops the watch of a near cache nobody used for its
+``keep_alive`` seconds and drops its entries (coherence ends with the watch); the next read starts
+the watch again.
 
 Security: with the pickle codec, whoever can write to the bucket can make every reader run code.
 This is the same as Django's Redis and file caches. Give write access to the cache bucket only to
@@ -48,6 +51,7 @@ from natskv.errors import (
     SerializationError,
 )
 from natskv.kv import Bucket
+from natskv.manager import report, track
 from natskv.wire import headers as h
 from natskv.wire import jsapi
 from natskv.wire.jsapi import CAS_ERROR_CODES
@@ -114,8 +118,10 @@ class NearCache:
     fetched from the server, or just written, is only entered if the watch saw no newer change
     of its key meanwhile (``_pending``), so an older value never replaces a newer one. After a
     fork the child drops everything and starts its own watch on first use: watches do not
-    cross a fork.
+    cross a fork. The same happens after the bucket manager closed an idle near cache.
     """
+
+    sweep_kind = "feed"  # its bucket manager events: feed_opened, feed_closed
 
     def __init__(self, bucket: Bucket, max_entries: int = 10_000, max_bytes: int = 64 << 20) -> None:
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
@@ -135,6 +141,7 @@ class NearCache:
         self._prefix_len = 0
         self._pid = -1
         self.hits = self.misses = 0
+        self._uses = 0  # lookups and reads or writes begun: the bucket manager compares it
         _near_caches.add(self)
 
     def __len__(self) -> int:
@@ -171,6 +178,31 @@ class NearCache:
                 self._feed = None
                 return False
             self._pid = os.getpid()
+            track(self)
+            report(client, "feed_opened", raw.name)
+            return True
+
+    def _sweep_state(self) -> tuple[natskv.Client, str, int, bool] | None:
+        # See natskv.manager.Sweepable: open while its watch runs in this process.
+        if not self._watching():
+            return None
+        return self._raw._client, self._raw.name, self._uses, True
+
+    def _close_idle(self, uses: int) -> bool:
+        # The bucket manager's thread. Under _starting, so no watch starts meanwhile; a read in
+        # flight (in _pending) or one counted since the sweep looked keeps it open.
+        with self._starting:
+            with self._lock:
+                feed = self._feed
+                if feed is None or self._pid != os.getpid() or self._uses != uses or self._pending:
+                    return False
+                self._feed = None
+                self._entries.clear()
+                self._bytes = 0
+            try:
+                runner.call(unsubscribe_feed(*feed), self._raw._client.options.request_timeout)
+            except NatsKVError:
+                pass  # closed meanwhile: the feed went with the connection
             return True
 
     def _on_events(self, entries: list[Any]) -> None:
@@ -220,6 +252,7 @@ class NearCache:
     def lookup(self, key: str) -> bytes | None:
         """The cached payload of ``key``, or None (not cached, or its expiry passed)."""
         with self._lock:
+            self._uses += 1
             entry = self._entries.get(key)
             if entry is not None:
                 if entry[2] > time.monotonic():
@@ -236,6 +269,9 @@ class NearCache:
         if not self._ensure_watch():
             return False
         with self._lock:
+            if self._feed is None:  # closed since (idle, or its connection): read uncached
+                return False
+            self._uses += 1
             pending = self._pending.get(key)
             if pending is None:
                 self._pending[key] = [1, 0]
@@ -248,12 +284,15 @@ class NearCache:
         the watch saw a newer change of the key meanwhile."""
         with self._lock:
             pending = self._pending.get(key)
-            newer = False
-            if pending is not None:
-                newer = pending[1] > revision
-                pending[0] -= 1
-                if pending[0] <= 0:
-                    del self._pending[key]
+            if pending is None:
+                # The watch started again since begin() (its connection closed, or a fork): what
+                # it missed in between is unknown, so this value is not kept.
+                self._drop(key)
+                return
+            newer = pending[1] > revision
+            pending[0] -= 1
+            if pending[0] <= 0:
+                del self._pending[key]
             if payload is None or newer or expires <= time.monotonic() or len(payload) > self.max_bytes // 8:
                 self._drop(key)  # gone, stale, expired, or too large to be worth its memory
                 return
