@@ -143,6 +143,7 @@ class BulkInsert(Generic[M]):
             return built
         cls, bucket = self.cls, self.store.bucket
         encode = bucket._encode
+        key_payload = bucket.codec.encode
         to_stored = cls._to_stored
         must_be_new = bucket._must_not_exist(None)  # shared by the messages: the wire copies it
         moment = dt.datetime.now(dt.timezone.utc)
@@ -164,7 +165,7 @@ class BulkInsert(Generic[M]):
             key, key_token = self.keys[row]
             markers = self.markers[row]
             if markers:
-                points_to = encode(key)[0]
+                points_to = key_payload(key)  # a record key: short, always a JSON string
                 for marker, marker_token in markers:
                     items.append((marker_token, points_to, must_be_new))
                     ops.append(("create", marker, key))
