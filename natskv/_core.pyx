@@ -1062,15 +1062,16 @@ def frames_known(list frames, sids):
     return True
 
 
-cdef int _ack_fields(str reply, str consumer, long long* numbers, Py_ssize_t* stamp) except -2:
+cdef int _ack_fields(str reply, str consumer, unsigned long long* numbers, Py_ssize_t* stamp) except -2:
     """Read an ack subject naming ``consumer`` in place: 1 with ``numbers`` (num_delivered,
     stream_seq, consumer_seq, timestamp_ns, num_pending) and the timestamp's ``stamp`` span set;
     0 for another consumer's, or for anything parse_ack_subject refuses; -1 when only
-    parse_ack_subject can tell (a number beyond 18 digits, a subject not in Latin-1)."""
+    parse_ack_subject can tell (a number beyond 19 digits, a subject not in Latin-1). Up to 19
+    digits always fit in 64 unsigned bits: a timestamp in nanoseconds has 19 (until 2286)."""
     cdef Py_ssize_t n = len(reply), i, ndots = 0, ntok, base, k, a, b, clen
     cdef Py_ssize_t dots[12]
     cdef const Py_UCS1* p
-    cdef long long value
+    cdef unsigned long long value
     if PyUnicode_KIND(reply) != PyUnicode_1BYTE_KIND:
         return -1
     p = PyUnicode_1BYTE_DATA(reply)
@@ -1099,7 +1100,7 @@ cdef int _ack_fields(str reply, str consumer, long long* numbers, Py_ssize_t* st
     for k in range(5):
         a = dots[base + 1 + k] + 1
         b = dots[base + 2 + k] if base + 2 + k < ndots else n
-        if b - a > 18:
+        if b - a > 19:
             return -1  # may not fit in 64 bits
         value = 0
         for i in range(a, b):
@@ -1110,6 +1111,74 @@ cdef int _ack_fields(str reply, str consumer, long long* numbers, Py_ssize_t* st
     stamp[0] = dots[base + 4] + 1  # the timestamp, followed by num_pending
     stamp[1] = dots[base + 5]
     return 1
+
+
+# take_deliveries makes an entry per message. Calling a dataclass runs its generated __init__ (a
+# Python frame and seven attribute stores): for natskv's RawEntry (a dataclass with slots and
+# these fields in this order) the entry is allocated and its slots filled here instead, the
+# same object the call would make.
+_ENTRY_FIELDS = ("subject", "data", "revision", "timestamp", "operation", "delta", "raw_bytes")
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+        int type
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    PyObject* PyType_GenericAlloc(PyTypeObject* kind, Py_ssize_t items) except NULL
+
+cdef dict _entry_layouts = {}  # entry type -> tuple of its slots' offsets, or None (call it)
+
+
+cdef object _entry_layout(object entry_type):
+    """The offsets of entry_type's slots in _ENTRY_FIELDS order, when an instance made by
+    filling them is the one entry_type(...) makes; else None."""
+    import dataclasses
+    import types
+
+    if not isinstance(entry_type, type) or not dataclasses.is_dataclass(entry_type):
+        return None
+    cls = <type>entry_type
+    fields = dataclasses.fields(cls)
+    if (tuple(f.name for f in fields) != _ENTRY_FIELDS or not cls.__dataclass_params__.init
+            or any(not f.init for f in fields) or hasattr(cls, "__post_init__")
+            or tuple(getattr(cls, "__slots__", ())) != _ENTRY_FIELDS or len(cls.__mro__) != 2
+            or type(cls) is not type or cls.__new__ is not object.__new__
+            or fields[5].default != 0 or type(fields[5].default) is not int
+            or fields[6].default is not False):
+        return None
+    offsets = []
+    for name in _ENTRY_FIELDS:
+        descriptor = cls.__dict__.get(name)
+        if type(descriptor) is not types.MemberDescriptorType:
+            return None
+        member = (<PyMemberDescrObject*><PyObject*>descriptor).d_member
+        if member.type != 16:  # T_OBJECT_EX, what __slots__ makes
+            return None
+        offsets.append(member.offset)
+    return tuple(offsets)
+
+
+cdef object _new_entry(object entry_type, tuple layout, object subject, object payload, object sseq,
+                       object stamp, object pending):
+    """entry_type(subject, payload, sseq, stamp, "PUT", pending), made by filling its slots."""
+    cdef PyObject* raw = PyType_GenericAlloc(<PyTypeObject*>entry_type, 0)
+    entry = <object>raw
+    Py_DECREF(entry)  # <object> took a reference of its own
+    _set_slot(raw, layout[0], subject)
+    _set_slot(raw, layout[1], payload)
+    _set_slot(raw, layout[2], sseq)
+    _set_slot(raw, layout[3], stamp)
+    _set_slot(raw, layout[4], "PUT")
+    _set_slot(raw, layout[5], pending)
+    _set_slot(raw, layout[6], False)
+    return entry
+
+
+cdef inline void _set_slot(PyObject* raw, object offset, object value):
+    # The slot is empty (just allocated): it takes a reference of its own.
+    Py_INCREF(value)
+    (<PyObject**>((<char*>raw) + <Py_ssize_t>offset))[0] = <PyObject*>value
 
 
 def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_dseq, entry_type,
@@ -1123,11 +1192,18 @@ def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_
     cdef tuple frame
     cdef str reply
     cdef object payload, sseq, stamp, pending
-    cdef long long numbers[5]
+    cdef unsigned long long numbers[5]
     cdef Py_ssize_t span[2]
     cdef int found
+    cdef object layout
     if len(consumer) == 0:
         return entries, start
+    try:
+        layout = _entry_layouts[entry_type]
+    except KeyError:
+        layout = _entry_layouts[entry_type] = _entry_layout(entry_type)
+    except TypeError:  # not hashable: called
+        layout = None
     for index in range(start, count):
         frame = <tuple>frames[index]
         payload = frame[4]
@@ -1136,7 +1212,7 @@ def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_
         reply = <str>frame[2]
         found = _ack_fields(reply, consumer, numbers, span)
         if found == 1:
-            if numbers[2] != next_dseq:
+            if next_dseq < 0 or numbers[2] != <unsigned long long>next_dseq:
                 return entries, index
             sseq, pending = numbers[1], numbers[4]
             if reply[span[0]] == "0" and span[1] - span[0] > 1:
@@ -1154,7 +1230,10 @@ def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_
                 return entries, index
             stamp = str(stamp)
         next_dseq += 1
-        entries.append(entry_type(frame[1], payload, sseq, stamp, "PUT", pending))
+        if layout is not None:
+            entries.append(_new_entry(entry_type, <tuple>layout, frame[1], payload, sseq, stamp, pending))
+        else:
+            entries.append(entry_type(frame[1], payload, sseq, stamp, "PUT", pending))
         if stop_at_caught_up and pending == 0:
             return entries, index + 1
     return entries, count
@@ -3144,29 +3223,43 @@ cdef object _new_record(object cls, dict stored, object revision, list shared, P
     """The record of cls holding the dict stored at revision; see natskv._core_py._new_record."""
     cdef tuple names = cls._names
     cdef Py_ssize_t n = len(names), i, known = 0
-    cdef bint extra = False
     cdef PyObject* raw
+    cdef list values = [_ABSENT] * n
+    cdef dict extra = None
+    for i in range(n):
+        raw = PyDict_GetItem(stored, names[i])
+        if raw is not NULL:
+            values[i] = <object>raw
+            known += 1
+    if known < len(stored):
+        slots = cls._slots
+        extra = {key: item for key, item in stored.items() if key not in slots}
+    return _assemble_record(cls, values, extra, revision, shared, limit)
+
+
+cdef object _assemble_record(object cls, list values, dict extra, object revision, list shared, Py_ssize_t limit):
+    """The record of cls holding values (one per layout name, _ABSENT where absent) and the
+    dict extra of the keys outside the layout (None: no such key) at revision. Repeated str
+    values of the fields tracked in shared are replaced by the first object seen with that value."""
+    cdef Py_ssize_t n = len(values), i
     cdef PyObject* kept
     cdef object value, seen
     cdef bint containers = False
     cdef type kind
     cdef Py_ssize_t width = 0  # values held: up to the last present one, or all with extra keys
-    for i in range(n):
-        if PyDict_GetItem(stored, names[i]) is not NULL:
-            known += 1
-            width = i + 1
-    extra = known < len(stored)
-    if extra:
+    if extra is not None:
         width = n
-    record = _alloc_record(cls, n + 2 if extra else width + 1)
+    else:
+        for i in range(n - 1, -1, -1):
+            if values[i] is not _ABSENT:
+                width = i + 1
+                break
+    record = _alloc_record(cls, n + 2 if extra is not None else width + 1)
     Py_INCREF(revision)
     PyTuple_SET_ITEM(record, 0, revision)
     for i in range(width):
-        raw = PyDict_GetItem(stored, names[i])
-        if raw is NULL:
-            value = _ABSENT
-        else:
-            value = <object>raw
+        value = values[i]
+        if value is not _ABSENT:
             if shared is not None and type(value) is str:
                 seen = shared[i + 1]
                 if seen is not None:
@@ -3182,17 +3275,228 @@ cdef object _new_record(object cls, dict stored, object revision, list shared, P
                 containers = True
         Py_INCREF(value)
         PyTuple_SET_ITEM(record, i + 1, value)
-    if extra:
-        slots = cls._slots
-        value = {key: item for key, item in stored.items() if key not in slots}
-        Py_INCREF(value)
-        PyTuple_SET_ITEM(record, n + 1, value)
+    if extra is not None:
+        Py_INCREF(extra)
+        PyTuple_SET_ITEM(record, n + 1, extra)
         containers = True
     # Like CPython's own tuples, a record of strs and numbers only is left to reference
     # counting: it can be in no cycle, and the collector's full passes need not visit it.
     if containers or type(revision) is not int:
         PyObject_GC_Track(<PyObject*>record)
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# A record's JSON straight into a Record (IndexSet.apply_entries, with orjson's loads)
+# ---------------------------------------------------------------------------------------------
+#
+# A replica's initial load decodes one JSON object per record. Parsing it with orjson builds a
+# dict (and a key string per field) only for _new_record to read it back into a Record; this
+# reads the flat objects records are made of (strings without escapes, numbers, true, false,
+# null) straight into the record's values. Anything else (an escape, a nested value, a number
+# that needs more care, malformed JSON) is declined, and orjson parses that payload as before:
+# the results are the same either way (tests/test_core_index.py compares them).
+
+cdef extern from "Python.h":
+    double PyOS_string_to_double(const char* s, char** endptr, PyObject* overflow_exception) except? -1.0
+
+cdef extern from "math.h":
+    bint isinf(double x) nogil
+
+try:
+    from orjson import loads as _orjson_loads
+except ImportError:  # natskv depends on orjson; without it the fast decoder is never used
+    _orjson_loads = None
+
+cdef object _DECLINED = object()  # _json_record's answer when orjson has to parse the payload
+
+
+cdef inline Py_ssize_t _json_space(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and (p[i] == 32 or p[i] == 10 or p[i] == 13 or p[i] == 9):
+        i += 1
+    return i
+
+
+cdef inline Py_ssize_t _json_string_end(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """The index of the quote that ends the string whose text starts at i; -1 when the string
+    has an escape or a control character, or does not end (declined)."""
+    cdef const unsigned char* hit
+    cdef Py_ssize_t k
+    hit = <const unsigned char*>memchr(p + i, 34, n - i)
+    if hit == NULL:
+        return -1
+    for k in range(i, hit - p):
+        if p[k] == 92 or p[k] < 32:
+            return -1
+    return hit - p
+
+
+cdef inline bint _is_digit(unsigned char c) noexcept nogil:
+    return 48 <= c <= 57
+
+
+cdef object _json_number(const unsigned char* p, Py_ssize_t* at, Py_ssize_t n):
+    """The JSON number at at[0] (moved past it) as orjson reads it, or _DECLINED: an int of up
+    to 18 digits, or a float that is finite."""
+    cdef Py_ssize_t i = at[0], start = at[0], digits, k
+    cdef bint negative = False, is_float = False
+    cdef long long value = 0
+    cdef char text[48]
+    cdef double number
+    if i < n and p[i] == 45:  # "-"
+        negative = True
+        i += 1
+    digits = i
+    if i >= n:
+        return _DECLINED
+    if p[i] == 48:  # a leading "0" stands alone
+        i += 1
+    elif _is_digit(p[i]):
+        while i < n and _is_digit(p[i]):
+            i += 1
+    else:
+        return _DECLINED
+    if i - digits > 18:
+        return _DECLINED
+    for k in range(digits, i):
+        value = value * 10 + (p[k] - 48)
+    if i < n and p[i] == 46:  # "."
+        i += 1
+        if i >= n or not _is_digit(p[i]):
+            return _DECLINED
+        while i < n and _is_digit(p[i]):
+            i += 1
+        is_float = True
+    if i < n and (p[i] == 101 or p[i] == 69):  # "e" / "E"
+        i += 1
+        if i < n and (p[i] == 43 or p[i] == 45):
+            i += 1
+        if i >= n or not _is_digit(p[i]):
+            return _DECLINED
+        while i < n and _is_digit(p[i]):
+            i += 1
+        is_float = True
+    at[0] = i
+    if not is_float:
+        return -value if negative else value
+    if i - start >= 48:
+        return _DECLINED
+    memcpy(text, p + start, i - start)
+    text[i - start] = 0
+    number = PyOS_string_to_double(text, NULL, NULL)  # correctly rounded, as orjson's
+    if isinf(number):
+        return _DECLINED  # orjson refuses it
+    return number
+
+
+cdef object _json_value(const unsigned char* p, Py_ssize_t* at, Py_ssize_t n):
+    """The scalar JSON value at at[0] (moved past it), or _DECLINED."""
+    cdef Py_ssize_t i = at[0], end
+    cdef unsigned char c
+    if i >= n:
+        return _DECLINED
+    c = p[i]
+    if c == 34:  # a string
+        end = _json_string_end(p, i + 1, n)
+        if end < 0:
+            return _DECLINED
+        try:
+            value = PyUnicode_DecodeUTF8(<const char*>p + i + 1, end - i - 1, NULL)
+        except UnicodeDecodeError:
+            return _DECLINED  # orjson refuses it too: let it say so
+        at[0] = end + 1
+        return value
+    if c == 45 or _is_digit(c):
+        return _json_number(p, at, n)
+    if c == 116 and n - i >= 4 and memcmp(p + i, b"true", 4) == 0:
+        at[0] = i + 4
+        return True
+    if c == 102 and n - i >= 5 and memcmp(p + i, b"false", 5) == 0:
+        at[0] = i + 5
+        return False
+    if c == 110 and n - i >= 4 and memcmp(p + i, b"null", 4) == 0:
+        at[0] = i + 4
+        return None
+    return _DECLINED  # an array, an object, or not JSON
+
+
+cdef object _utf8_or_none(str name):
+    try:
+        return name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
+cdef object _json_record(IndexSet owner, object data, object revision, object pk):
+    """What a put of the JSON ``data`` at revision stores under pk in owner: its Record, or None
+    when ``data`` is no record of pk (a dict with another pk, or an invalid one), or _DECLINED
+    when orjson has to read it (see above)."""
+    cdef const unsigned char* p
+    cdef Py_ssize_t n, i, end, slot, count, guess = 0, length, k, key_start, key_length
+    cdef tuple names = owner._names_utf8
+    cdef object value, name
+    cdef dict extra = None
+    if type(data) is not bytes:
+        return _DECLINED
+    p = <const unsigned char*>PyBytes_AS_STRING(data)
+    n = PyBytes_GET_SIZE(data)
+    count = len(names)
+    cdef list values = [_ABSENT] * count
+    i = _json_space(p, 0, n)
+    if i >= n or p[i] != 123:  # "{"
+        return _DECLINED
+    i = _json_space(p, i + 1, n)
+    if i < n and p[i] == 125:  # "}"
+        i += 1
+    else:
+        while True:
+            if i >= n or p[i] != 34:
+                return _DECLINED
+            end = _json_string_end(p, i + 1, n)
+            if end < 0:
+                return _DECLINED
+            # The field: most often the next one of the layout (records are written in its order).
+            length = end - i - 1
+            slot = -1
+            for k in range(count):
+                name = names[(guess + k) % count]
+                if (name is not None and PyBytes_GET_SIZE(name) == length
+                        and memcmp(PyBytes_AS_STRING(name), p + i + 1, length) == 0):
+                    slot = (guess + k) % count
+                    break
+            key_start, key_length = i + 1, length
+            i = _json_space(p, end + 1, n)
+            if i >= n or p[i] != 58:  # ":"
+                return _DECLINED
+            i = _json_space(p, i + 1, n)
+            value = _json_value(p, &i, n)
+            if value is _DECLINED:
+                return _DECLINED
+            if slot >= 0:
+                values[slot] = value
+                guess = slot + 1
+            else:
+                try:
+                    key = PyUnicode_DecodeUTF8(<const char*>p + key_start, key_length, NULL)
+                except UnicodeDecodeError:
+                    return _DECLINED
+                if extra is None:
+                    extra = {}
+                extra[key] = value
+            i = _json_space(p, i, n)
+            if i < n and p[i] == 44:  # ","
+                i = _json_space(p, i + 1, n)
+                continue
+            if i < n and p[i] == 125:  # "}"
+                i += 1
+                break
+            return _DECLINED
+    if _json_space(p, i, n) != n:
+        return _DECLINED  # something after the object
+    value = values[owner._pk_slot - 1]
+    if value is _ABSENT or type(value) is not type(pk) or value != pk or not _valid_pk(value):
+        return None
+    return _assemble_record(owner.record_type, values, extra, revision, owner._shared, owner._share_max)
 
 
 cdef inline object _slot_value(object record, Py_ssize_t slot):
@@ -3220,6 +3524,7 @@ cdef class IndexSet:
     cdef Py_ssize_t _share_max
     cdef readonly bint deferred
     cdef readonly object record_type
+    cdef tuple _names_utf8      # the layout's names, encoded (_json_record compares keys to them)
 
     def __init__(self, pk_field, unique, sorted, records, fields):
         if not isinstance(unique, dict) or not isinstance(sorted, dict) or not isinstance(records, dict):
@@ -3237,6 +3542,8 @@ cdef class IndexSet:
                 raise ValueError(f"{name!r} is not one of the fields {self.record_type._names!r}")
         self._pk = pk_field
         self._pk_slot = slots[pk_field]
+        # A name that is no valid UTF-8 (a lone surrogate) matches no key of valid JSON: None.
+        self._names_utf8 = tuple(_utf8_or_none(name) for name in self.record_type._names)
         self._unique = tuple((slots[name], index) for name, index in unique.items())
         self._sorted = tuple((slots[name], index) for name, index in sorted.items())
         self._records = records
@@ -3297,6 +3604,8 @@ cdef class IndexSet:
         cdef PyObject* raw
         cdef list consumed = entries if type(entries) is list else None
         cdef Py_ssize_t at = -1
+        # orjson's own loads: payloads are read into Records here (the same results, faster).
+        cdef bint fast = loads is _orjson_loads and loads is not None
         for entry in entries:
             at += 1
             if consumed is not None:
@@ -3325,8 +3634,16 @@ cdef class IndexSet:
                 continue
             new = None
             if put and not entry.raw_bytes:
+                data = entry.data
+                if fast:
+                    record = _json_record(self, data, revision, pk)
+                    if record is not _DECLINED:
+                        self._unhold(held)
+                        if record is not None:
+                            self._hold(record, pk)
+                        continue
                 try:
-                    value = loads(entry.data)
+                    value = loads(data)
                 except ValueError:
                     value = None
                 if type(value) is dict:
@@ -3337,7 +3654,17 @@ cdef class IndexSet:
         return top
 
     cdef object _apply(self, object old, object new, object revision):
-        cdef object old_revision = 0, held, value, holder, old_pk, new_pk, record
+        cdef object old_revision = self._unhold(old), new_pk
+        if type(new) is dict:
+            new_pk = (<dict>new).get(self._pk)
+            if _valid_pk(new_pk):
+                self._hold(_new_record(self.record_type, <dict>new, revision, self._shared, self._share_max), new_pk)
+        return old_revision
+
+    cdef object _unhold(self, object old):
+        """Drop the record old (a dict or the Record held) and its index entries; return the
+        revision it was held at, 0 if it was not held."""
+        cdef object old_revision = 0, held, value, old_pk
         cdef UniqueIndex unique
         cdef SortedIndex ordered
         cdef Py_ssize_t slot
@@ -3359,31 +3686,34 @@ cdef class IndexSet:
                         value = _slot_value(held, slot)
                         if value is not None:
                             ordered._remove(value, old_pk)
-        if type(new) is dict:
-            new_pk = (<dict>new).get(self._pk)
-            if _valid_pk(new_pk):
-                record = _new_record(self.record_type, <dict>new, revision, self._shared, self._share_max)
-                self._records[new_pk] = record
-                if self.deferred:
-                    return old_revision
-                for entry in self._unique:
-                    slot = (<tuple>entry)[0]
-                    unique = <UniqueIndex>(<tuple>entry)[1]
-                    value = _slot_value(record, slot)
-                    if value is None:
-                        continue
-                    holder = unique.get(value)
-                    if holder != new_pk:
-                        if holder is not None:
-                            unique.remove(value)
-                        unique.add(value, new_pk)
-                for entry in self._sorted:
-                    slot = (<tuple>entry)[0]
-                    ordered = <SortedIndex>(<tuple>entry)[1]
-                    value = _slot_value(record, slot)
-                    if value is not None:
-                        ordered._add(value, new_pk)
         return old_revision
+
+    cdef void _hold(self, object record, object new_pk) except *:
+        """Hold record under new_pk (a valid pk) and index it."""
+        cdef object value, holder
+        cdef UniqueIndex unique
+        cdef SortedIndex ordered
+        cdef Py_ssize_t slot
+        self._records[new_pk] = record
+        if self.deferred:
+            return
+        for entry in self._unique:
+            slot = (<tuple>entry)[0]
+            unique = <UniqueIndex>(<tuple>entry)[1]
+            value = _slot_value(record, slot)
+            if value is None:
+                continue
+            holder = unique.get(value)
+            if holder != new_pk:
+                if holder is not None:
+                    unique.remove(value)
+                unique.add(value, new_pk)
+        for entry in self._sorted:
+            slot = (<tuple>entry)[0]
+            ordered = <SortedIndex>(<tuple>entry)[1]
+            value = _slot_value(record, slot)
+            if value is not None:
+                ordered._add(value, new_pk)
 
 
 cdef bint _valid_pk(object pk):
