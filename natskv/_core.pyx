@@ -3303,6 +3303,10 @@ cdef extern from "Python.h":
 cdef extern from "math.h":
     bint isinf(double x) nogil
 
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object text)
+    Py_ssize_t PyUnicode_GET_LENGTH(object text)
+
 try:
     from orjson import loads as _orjson_loads
 except ImportError:  # natskv depends on orjson; without it the fast decoder is never used
@@ -3434,8 +3438,11 @@ cdef object _json_record(IndexSet owner, object data, object revision, object pk
     cdef const unsigned char* p
     cdef Py_ssize_t n, i, end, slot, count, guess = 0, length, k, key_start, key_length
     cdef tuple names = owner._names_utf8
-    cdef object value, name
+    cdef object value, name, last
     cdef dict extra = None
+    cdef list shared = owner._shared
+    cdef list last_shared = owner._last_shared
+    cdef unsigned long long fresh = 0  # slots holding a str made here
     if type(data) is not bytes:
         return _DECLINED
     p = <const unsigned char*>PyBytes_AS_STRING(data)
@@ -3469,9 +3476,24 @@ cdef object _json_record(IndexSet owner, object data, object revision, object pk
             if i >= n or p[i] != 58:  # ":"
                 return _DECLINED
             i = _json_space(p, i + 1, n)
-            value = _json_value(p, &i, n)
+            value = _DECLINED
+            if slot >= 0 and i < n and p[i] == 34:
+                # A str of a shared field, most often the one the last record held there: that
+                # object is what _assemble_record would pick (the first seen with that value).
+                last = last_shared[slot]
+                if last is not None and shared[slot + 1] is not None:
+                    end = _json_string_end(p, i + 1, n)
+                    length = PyUnicode_GET_LENGTH(<str>last)
+                    if (end - i - 1 == length
+                            and memcmp(PyUnicode_1BYTE_DATA(<str>last), p + i + 1, length) == 0):
+                        value = last
+                        i = end + 1
             if value is _DECLINED:
-                return _DECLINED
+                value = _json_value(p, &i, n)
+                if value is _DECLINED:
+                    return _DECLINED
+                if slot >= 0 and slot < 64 and type(value) is str:
+                    fresh |= (<unsigned long long>1) << slot
             if slot >= 0:
                 values[slot] = value
                 guess = slot + 1
@@ -3496,7 +3518,13 @@ cdef object _json_record(IndexSet owner, object data, object revision, object pk
     value = values[owner._pk_slot - 1]
     if value is _ABSENT or type(value) is not type(pk) or value != pk or not _valid_pk(value):
         return None
-    return _assemble_record(owner.record_type, values, extra, revision, owner._shared, owner._share_max)
+    record = _assemble_record(owner.record_type, values, extra, revision, shared, owner._share_max)
+    if shared is not None and fresh:
+        for slot in range(min(count, 64)):
+            if fresh & ((<unsigned long long>1) << slot) and shared[slot + 1] is not None:
+                value = <object>PyTuple_GET_ITEM(record, slot + 1)
+                last_shared[slot] = value if PyUnicode_IS_ASCII(value) else None
+    return record
 
 
 cdef inline object _slot_value(object record, Py_ssize_t slot):
@@ -3506,6 +3534,36 @@ cdef inline object _slot_value(object record, Py_ssize_t slot):
         return None
     value = <object>PyTuple_GET_ITEM(record, slot)
     return None if value is _ABSENT else value
+
+
+cdef inline object _entry_field(object entry, object layout, Py_ssize_t at, str name):
+    """The field name (_ENTRY_FIELDS[at]) of entry, read from its slot when layout (its type's
+    slot offsets, see _entry_layout) is known."""
+    cdef PyObject* value
+    if layout is not None:
+        value = (<PyObject**>((<char*><PyObject*>entry) + <Py_ssize_t>(<tuple>layout)[at]))[0]
+        if value is not NULL:
+            return <object>value
+    return getattr(entry, name)
+
+
+cdef object _int_record_pk(str subject, Py_ssize_t prefix_len):
+    """The int primary key of a record whose subject ends in ``r.i.<digits>`` (an int of up to
+    18 digits as str() writes it: decode_key makes it ``r:i:<digits>``, which record_pk reads
+    as that int); None for any other subject (decoded the long way)."""
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(subject), i, start = prefix_len + 4
+    cdef const Py_UCS1* p
+    cdef long long value = 0
+    if PyUnicode_KIND(subject) != PyUnicode_1BYTE_KIND or prefix_len < 0 or n - start < 1 or n - start > 18:
+        return None
+    p = PyUnicode_1BYTE_DATA(subject)
+    if memcmp(p + prefix_len, b"r.i.", 4) != 0 or (p[start] == 48 and n - start > 1):
+        return None
+    for i in range(start, n):
+        if p[i] < 48 or p[i] > 57:
+            return None
+        value = value * 10 + (p[i] - 48)
+    return value
 
 
 @cython.final
@@ -3525,6 +3583,7 @@ cdef class IndexSet:
     cdef readonly bint deferred
     cdef readonly object record_type
     cdef tuple _names_utf8      # the layout's names, encoded (_json_record compares keys to them)
+    cdef list _last_shared      # per slot: the shared str a record last held there (ASCII), or None
 
     def __init__(self, pk_field, unique, sorted, records, fields):
         if not isinstance(unique, dict) or not isinstance(sorted, dict) or not isinstance(records, dict):
@@ -3544,6 +3603,7 @@ cdef class IndexSet:
         self._pk_slot = slots[pk_field]
         # A name that is no valid UTF-8 (a lone surrogate) matches no key of valid JSON: None.
         self._names_utf8 = tuple(_utf8_or_none(name) for name in self.record_type._names)
+        self._last_shared = [None] * len(self._names_utf8)
         self._unique = tuple((slots[name], index) for name, index in unique.items())
         self._sorted = tuple((slots[name], index) for name, index in sorted.items())
         self._records = records
@@ -3559,6 +3619,7 @@ cdef class IndexSet:
         tracked = {slots[name] for name in names if name in slots}
         self._shared = [{} if slot in tracked else None for slot in range(len(slots) + 1)] if tracked else None
         self._share_max = limit
+        self._last_shared = [None] * len(self._names_utf8)
 
     def record(self, stored, revision):
         """A record of this set's layout holding the dict stored (not held, not indexed)."""
@@ -3606,35 +3667,44 @@ cdef class IndexSet:
         cdef Py_ssize_t at = -1
         # orjson's own loads: payloads are read into Records here (the same results, faster).
         cdef bint fast = loads is _orjson_loads and loads is not None
+        cdef bint int_keys = pk_of is record_pk and c_sep == u":"
+        cdef object entry_type = None, layout = None  # the last entry's type, its slots (RawEntry)
         for entry in entries:
             at += 1
             if consumed is not None:
                 # Let go of each entry once read: its payload's memory is reused for the records
                 # that follow, instead of the whole run's staying allocated until the end.
                 consumed[at] = None
-            revision = entry.revision
+            if type(entry) is not entry_type:
+                entry_type = type(entry)
+                layout = _entry_layouts.get(entry_type)
+            revision = _entry_field(entry, layout, 2, "revision")
             if revision > top:
                 top = revision
-            subject = entry.subject
-            try:
-                key = _decode(subject, c_sep, prefix_len)
-            except ValueError:
-                key = subject[prefix_len:]
-            pk = _record_pk(key) if pk_of is record_pk else pk_of(key)
+            subject = _entry_field(entry, layout, 0, "subject")
+            # The key of an int primary key read in place (most records' keys), when nothing
+            # else needs the key itself; any other is decoded first.
+            pk = _int_record_pk(subject, prefix_len) if int_keys and not deleted else None
             if pk is None:
-                continue  # not a record key: it holds no record
+                try:
+                    key = _decode(subject, c_sep, prefix_len)
+                except ValueError:
+                    key = subject[prefix_len:]
+                pk = _record_pk(key) if pk_of is record_pk else pk_of(key)
+                if pk is None:
+                    continue  # not a record key: it holds no record
             raw = PyDict_GetItem(records, pk)
             held = None if raw is NULL else <object>raw
             if held is not None and revision <= <object>PyTuple_GET_ITEM(held, 0):
                 continue  # applied already
             if deleted and revision <= deleted.get(key, 0):
                 continue
-            put = entry.operation == "PUT"
+            put = _entry_field(entry, layout, 4, "operation") == "PUT"
             if not put and held is None:
                 continue
             new = None
-            if put and not entry.raw_bytes:
-                data = entry.data
+            if put and not _entry_field(entry, layout, 6, "raw_bytes"):
+                data = _entry_field(entry, layout, 1, "data")
                 if fast:
                     record = _json_record(self, data, revision, pk)
                     if record is not _DECLINED:

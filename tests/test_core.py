@@ -9,6 +9,7 @@ with the same message.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -21,6 +22,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from natskv.wire.kv import RawEntry
 
 REPO = Path(__file__).resolve().parent.parent
 ENCODED_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
@@ -992,6 +995,59 @@ def test_take_deliveries_reads_numbers_like_parse_ack_subject(
     assert core.take_deliveries(frames, 0, "Cé", 1, _as_tuple, False) == ([], 0)
     wide = [(7, "$KV.b.k", reply.replace(".C.", ".C€."), None, b"v")]
     assert core.take_deliveries(wide, 0, "C€", 1, _as_tuple, False)[1] == 1
+
+
+@pytest.mark.parametrize("stamp", ["1796147801583614477", "9999999999999999999", "0001796147801583614477"])
+def test_take_deliveries_reads_nanosecond_timestamps(core: ModuleType, stamp: str) -> None:
+    # A timestamp in nanoseconds has 19 digits: read like the other numbers (as int() does).
+    frames = [(7, "$KV.b.k", f"$JS.ACK.S.C.1.12345678901234567.1.{stamp}.18446744073709551615", None, b"v")]
+    assert core.take_deliveries(frames, 0, "C", 1, _as_tuple, False) == (
+        [("$KV.b.k", b"v", 12345678901234567, str(int(stamp)), "PUT", 18446744073709551615)], 1)
+
+
+@dataclasses.dataclass(slots=True)
+class _SlottedEntry:
+    """natskv's RawEntry's shape: take_deliveries fills such an entry's slots itself."""
+
+    subject: str
+    data: bytes
+    revision: int
+    timestamp: str
+    operation: str
+    delta: int = 0
+    raw_bytes: bool = False
+
+
+@dataclasses.dataclass(slots=True)
+class _CheckedEntry(_SlottedEntry):
+    """A subclass (with a __post_init__): its own call makes it."""
+
+    def __post_init__(self) -> None:
+        self.timestamp = "checked:" + self.timestamp
+
+
+@dataclasses.dataclass
+class _PlainEntry:
+    subject: str
+    data: bytes
+    revision: int
+    timestamp: str
+    operation: str
+    delta: int = 0
+    raw_bytes: bool = False
+
+
+@pytest.mark.parametrize("entry_type", [RawEntry, _SlottedEntry, _CheckedEntry, _PlainEntry])
+def test_take_deliveries_makes_the_entries_their_type_makes(core: ModuleType, entry_type: type) -> None:
+    frames = [_delivery(1, 1), _delivery(2, 0, v2=True)]
+    entries, stop = core.take_deliveries(frames, 0, "C", 1, entry_type, False)
+    expected = [entry_type("$KV.b.k1", b"v", 10, "170000000001", "PUT", 1),
+                entry_type("$KV.b.k2", b"v", 20, "170000000002", "PUT", 0)]
+    assert stop == 2 and entries == expected
+    assert all(type(e) is entry_type and e.raw_bytes is False for e in entries)
+    assert [dataclasses.astuple(e) for e in entries] == [dataclasses.astuple(e) for e in expected]
+    entries[0].delta = 5  # an ordinary, mutable entry
+    assert entries[0].delta == 5
 
 
 def test_take_deliveries_ignores_an_empty_consumer_name(core: ModuleType) -> None:
