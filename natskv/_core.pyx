@@ -1126,6 +1126,7 @@ cdef extern from "Python.h":
     ctypedef struct PyMemberDescrObject:
         PyMemberDef* d_member
     PyObject* PyType_GenericAlloc(PyTypeObject* kind, Py_ssize_t items) except NULL
+    void PyObject_GC_UnTrack(void* op)
 
 cdef dict _entry_layouts = {}  # entry type -> tuple of its slots' offsets, or None (call it)
 
@@ -1165,6 +1166,10 @@ cdef object _new_entry(object entry_type, tuple layout, object subject, object p
     cdef PyObject* raw = PyType_GenericAlloc(<PyTypeObject*>entry_type, 0)
     entry = <object>raw
     Py_DECREF(entry)  # <object> took a reference of its own
+    # Its fields are strs, bytes, ints and a bool: it can be in no cycle, so the collector need
+    # not visit it (as CPython leaves such tuples alone). A replica's initial load holds many
+    # such entries between the socket and the records, and each young-generation pass would.
+    PyObject_GC_UnTrack(raw)
     _set_slot(raw, layout[0], subject)
     _set_slot(raw, layout[1], payload)
     _set_slot(raw, layout[2], sseq)
@@ -2898,6 +2903,23 @@ cdef class SortedIndex(_OrderedIndex):
         self._len = 0
 
 
+cdef bint _ascending_pks(list values, list pks) except -1:
+    """Whether values[i] is an int equal to the int pks[i] for every i, in strictly ascending order."""
+    cdef Py_ssize_t i, n = len(values)
+    cdef object value, pk, previous = None
+    if n != len(pks):
+        return False
+    for i in range(n):
+        value = values[i]
+        pk = pks[i]
+        if type(value) is not int or type(pk) is not int or _int_cmp(value, pk) != 0:
+            return False
+        if previous is not None and _int_cmp(previous, value) >= 0:
+            return False
+        previous = value
+    return True
+
+
 @cython.boundscheck(True)
 cdef class UniqueIndex(_OrderedIndex):
     """A unique index: value -> the one pk holding it, with SortedIndex's ordered scans.
@@ -3019,6 +3041,11 @@ cdef class UniqueIndex(_OrderedIndex):
         cdef dict held = {} if self.pk_order else self._map
         cdef Py_ssize_t i, n = len(values)
         cdef list keys
+        if self.pk_order and _ascending_pks(values, pks):
+            # A replica's records by primary key, loaded in pk order (the usual order of a
+            # bucket's keys): each value is its own pk, and they are distinct and sorted already.
+            self._values.fill_items(values, pks)
+            return 0
         for i in range(n):
             value = values[i]
             try:
@@ -3465,12 +3492,18 @@ cdef object _json_record(IndexSet owner, object data, object revision, object pk
             # The field: most often the next one of the layout (records are written in its order).
             length = end - i - 1
             slot = -1
-            for k in range(count):
-                name = names[(guess + k) % count]
+            if guess < count:
+                name = names[guess]
                 if (name is not None and PyBytes_GET_SIZE(name) == length
                         and memcmp(PyBytes_AS_STRING(name), p + i + 1, length) == 0):
-                    slot = (guess + k) % count
-                    break
+                    slot = guess
+            if slot < 0:
+                for k in range(count):
+                    name = names[k]
+                    if (name is not None and PyBytes_GET_SIZE(name) == length
+                            and memcmp(PyBytes_AS_STRING(name), p + i + 1, length) == 0):
+                        slot = k
+                        break
             key_start, key_length = i + 1, length
             i = _json_space(p, end + 1, n)
             if i >= n or p[i] != 58:  # ":"
