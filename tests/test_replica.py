@@ -196,3 +196,47 @@ def test_initial_values_of_every_kind_load_in_runs(db: natskv.Client, kv: natskv
                 ((f"m:{i}", {"later": i}, later[f"m:{i}"]) for i in range(400)), key=lambda t: t[2])
         finally:
             watcher.stop()
+
+
+def test_runs_and_single_events_apply_in_their_order(db: natskv.Client, name: str) -> None:
+    """The feed hands a replica runs of entries and single events (a marker, an entry with
+    headers) in one order, batched until the loop's next step; a model's replica applies each
+    batch in that order, whatever the mix: a batch of runs alone, or runs around single events."""
+    import asyncio
+
+    from natskv._runner import runner
+    from natskv.wire.kv import RawEntry
+
+    user = type("RunsUser", (natskv.Model,), {"__bucket__": name, "id": natskv.Field(int, primary_key=True),
+                                              "n": natskv.Field(int, index=True)})
+    db.register(user)
+    try:
+        replica = user._require_store().replica
+        assert replica is not None
+        base = replica.revision + 100  # past anything the watch delivers
+
+        def entry(pk: int, n: int, revision: int, op: str = "PUT") -> RawEntry:
+            data = f'{{"id": {pk}, "n": {n}}}'.encode() if op == "PUT" else b""
+            return RawEntry(f"$KV.{name}.r.i.{pk}", data, base + revision, "0", op)
+
+        async def feed(batches: list[list[tuple[str, Any]]]) -> None:
+            for batch in batches:
+                for kind, what in batch:
+                    if kind == "run":
+                        replica._apply_many(what)
+                    else:
+                        replica._apply(what)
+                await asyncio.sleep(0)  # the loop's next step applies the batch
+                await asyncio.sleep(0)
+
+        runner.call(feed([
+            [("run", [entry(1, 1, 1), entry(2, 2, 2)]), ("run", [entry(3, 3, 3)])],  # runs alone
+            [("run", [entry(1, 10, 4)]), ("one", entry(2, 0, 5, "DEL")), ("run", [entry(3, 30, 6), entry(4, 4, 7)])],
+            [("one", entry(5, 5, 8)), ("run", [entry(5, 50, 9)]), ("one", entry(4, 40, 10))],
+            [("run", [entry(6, 6, 11)]), ("run", [entry(6, 60, 12)])],
+        ]), 10)
+        assert {u.id: u.n for u in user.find()} == {1: 10, 3: 30, 4: 40, 5: 50, 6: 60}
+        assert user.get(4)._version == base + 10 and replica.revision == base + 12
+        assert [u.id for u in user.find(n__gte=40)] == [4, 5, 6]
+    finally:
+        db.delete_bucket(name)
