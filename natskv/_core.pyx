@@ -3551,6 +3551,8 @@ cdef object _json_record(IndexSet owner, object data, object revision, object pk
     value = values[owner._pk_slot - 1]
     if value is _ABSENT or type(value) is not type(pk) or value != pk or not _valid_pk(value):
         return None
+    # The record's primary key is the very object it is held under: an int or a str less per record.
+    values[owner._pk_slot - 1] = pk
     record = _assemble_record(owner.record_type, values, extra, revision, shared, owner._share_max)
     if shared is not None and fresh:
         for slot in range(min(count, 64)):
