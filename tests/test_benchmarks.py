@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import compare, floors, plot  # noqa: E402
+from benchmarks import compare, floors, plot, warmup  # noqa: E402
 
 FIGURES = {
     "meta": {"date": "2026-12-01", "natskv": "0.1.0", "nats-py": "2.16.0", "nats-server": "2.15.1",
@@ -95,3 +95,23 @@ def test_floors_counts_a_busy_process_cpu_and_not_an_idle_one():
     finally:
         busy.kill()
         idle.kill()
+
+
+def test_warmup_splits_a_replica_load_by_stage(nats_url, monkeypatch):
+    import natskv
+    from natskv._speedups import core
+
+    monkeypatch.setattr(warmup, "N", 500)
+    monkeypatch.setattr(warmup, "BUCKET", "bench_warmup_test")
+    parse_frames = core.parse_frames
+    warmup.populate(nats_url)
+    try:
+        out = warmup.one_round(nats_url, None)
+    finally:
+        with natskv.connect(nats_url) as db:
+            db.delete_bucket("bench_warmup_test")
+    assert set(warmup.STAGES) <= out.keys()
+    assert all(out[stage] > 0 for stage in ("parse", "take", "apply", "rebuild", "loop", "wall"))
+    assert out["server"] == 0.0  # no server pid given
+    assert abs(out["loop"] - sum(out[s] for s in ("parse", "take", "apply", "rebuild", "other"))) < 1e-6
+    assert core.parse_frames is parse_frames  # the timing wrappers are gone
