@@ -3366,10 +3366,15 @@ cdef inline bint _is_digit(unsigned char c) noexcept nogil:
     return 48 <= c <= 57
 
 
+cdef double _POWERS_OF_TEN[16]
+for _k in range(16):
+    _POWERS_OF_TEN[_k] = 10.0 ** _k  # exact
+
+
 cdef object _json_number(const unsigned char* p, Py_ssize_t* at, Py_ssize_t n):
     """The JSON number at at[0] (moved past it) as orjson reads it, or _DECLINED: an int of up
     to 18 digits, or a float that is finite."""
-    cdef Py_ssize_t i = at[0], start = at[0], digits, k
+    cdef Py_ssize_t i = at[0], start = at[0], digits, k, int_end
     cdef bint negative = False, is_float = False
     cdef long long value = 0
     cdef char text[48]
@@ -3391,6 +3396,7 @@ cdef object _json_number(const unsigned char* p, Py_ssize_t* at, Py_ssize_t n):
         return _DECLINED
     for k in range(digits, i):
         value = value * 10 + (p[k] - 48)
+    int_end = i
     if i < n and p[i] == 46:  # "."
         i += 1
         if i >= n or not _is_digit(p[i]):
@@ -3398,6 +3404,15 @@ cdef object _json_number(const unsigned char* p, Py_ssize_t* at, Py_ssize_t n):
         while i < n and _is_digit(p[i]):
             i += 1
         is_float = True
+        # Up to 15 digits in all and no exponent: the digits as an integer and the power of ten
+        # are doubles exactly, and their quotient is correctly rounded (IEEE division), which is
+        # what strtod (and orjson) give. The other floats go to strtod.
+        if (int_end - digits) + (i - int_end - 1) <= 15 and not (i < n and (p[i] == 101 or p[i] == 69)):
+            for k in range(int_end + 1, i):
+                value = value * 10 + (p[k] - 48)
+            number = <double>value / _POWERS_OF_TEN[i - int_end - 1]
+            at[0] = i
+            return -number if negative else number
     if i < n and (p[i] == 101 or p[i] == 69):  # "e" / "E"
         i += 1
         if i < n and (p[i] == 43 or p[i] == 45):

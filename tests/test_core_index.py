@@ -1430,6 +1430,9 @@ _JSON_CASES = [
     b'{"id": 1, "age": 123456789012345678}', b'{"id": 1, "age": 1234567890123456789}',
     b'{"id": 1, "age": 123456789012345678901234}', b'{"id": 1, "age": -0.0}', b'{"id": 1, "age": 1e400}',
     b'{"id": 1, "age": 1e-400}', b'{"id": 1, "age": 0.1}', b'{"id": 1, "age": 2.2250738585072011e-308}',
+    b'{"id": 1, "age": 0.3, "note": -0.0}', b'{"id": 1, "age": 123456789012.345, "note": 99999999999999.9}',
+    b'{"id": 1, "age": 1.000000000000001, "note": 9007199254740.993}', b'{"id": 1, "age": 0.000000000000001}',
+    b'{"id": 1, "age": 395.95, "note": -1234.5678}', b'{"id": 1, "age": 1.5E3}',
     b'{"id": 1, "age": 01}', b'{"id": 1, "age": 1.}', b'{"id": 1, "age": .5}', b'{"id": 1, "age": +1}',
     b'{"id": 1, "age": 1e}', b'{"id": 1, "age": NaN}', b'{"id": 1, "age": tru}', b'{"id": 1, "age": nul}',
     b'{"id": 1,}', b'{"id": 1', b'{"id" 1}', b'{"id": 1} x', b'{"id": 1}{}', b'{}', b'[]', b'"id"', b'1', b'',
@@ -1472,16 +1475,21 @@ _SCALARS = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
-@given(rows=st.lists(
+@settings(max_examples=300, deadline=None)
+@given(decimals=st.lists(st.decimals(allow_nan=False, allow_infinity=False, places=6), max_size=4),
+       rows=st.lists(
     st.dictionaries(st.sampled_from(["id", "email", "age", "role", "note", "other", "é"]),
                     st.one_of(_SCALARS, st.lists(_SCALARS, max_size=2)), max_size=6),
     max_size=6))
-def test_apply_entries_reads_json_as_orjson_does_generated(core: ModuleType, rows: list[dict[str, Any]]) -> None:
+def test_apply_entries_reads_json_as_orjson_does_generated(
+    core: ModuleType, decimals: list[Any], rows: list[dict[str, Any]]
+) -> None:
     import orjson
 
     def entries() -> list[Entry]:
-        out = []
+        # decimal numbers written as people write them (json.dumps writes floats' shortest repr)
+        out = [Entry(f"r:i:{10 + i}", f'{{"id": {10 + i}, "age": {d}}}'.encode(), 100 + i)
+               for i, d in enumerate(decimals)]
         for revision, row in enumerate(rows, 1):
             stored = {**row, "id": revision % 3} if revision % 4 else row  # mostly valid records
             # json, not orjson: ints beyond 64 bits too, and non-ASCII text written as UTF-8 or escaped
