@@ -61,6 +61,7 @@ __all__ = [
     "encode_key",
     "encode_keys",
     "frames_known",
+    "frames_run",
     "index_key",
     "parse_ack_subject",
     "parse_frames",
@@ -1060,6 +1061,22 @@ def frames_known(list frames, sids):
         if (<tuple>frame)[0] not in sids:
             return False
     return True
+
+
+def frames_run(list frames, Py_ssize_t start, sid):
+    """(stop, size) of the run of frames of subscription sid at frames[start:]. See
+    natskv._core_py.frames_run."""
+    cdef Py_ssize_t stop = start, count = len(frames), size = 0
+    cdef tuple frame
+    if start < 0:
+        raise IndexError("start must be >= 0")
+    while stop < count:
+        frame = <tuple>frames[stop]
+        if frame[0] is not sid and frame[0] != sid:
+            break
+        size += len(frame[4])
+        stop += 1
+    return stop, size
 
 
 cdef int _ack_fields(str reply, str consumer, unsigned long long* numbers, Py_ssize_t* stamp) except -2:

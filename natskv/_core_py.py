@@ -50,6 +50,7 @@ __all__ = [
     "encode_key",
     "encode_keys",
     "frames_known",
+    "frames_run",
     "index_key",
     "parse_ack_subject",
     "parse_frames",
@@ -713,6 +714,19 @@ def parse_frames(buf: bytes | bytearray) -> tuple[list[Frame], int, bool]:
 def frames_known(frames: list[Frame], sids: Any) -> bool:
     """Whether the subscription id of every frame is in ``sids`` (a dict or set)."""
     return all(frame[0] in sids for frame in frames)
+
+def frames_run(frames: list[Frame], start: int, sid: int) -> tuple[int, int]:
+    """``(stop, size)``: ``frames[start:stop]`` is the run of frames of subscription ``sid`` that
+    starts at ``start`` (empty when ``frames[start]`` is another's), and ``size`` the bytes of
+    their payloads (the frame reader's count of what it delivers in one call)."""
+    if start < 0:
+        raise IndexError("start must be >= 0")
+    size, stop = 0, start
+    while stop < len(frames) and frames[stop][0] == sid:
+        size += len(frames[stop][4])
+        stop += 1
+    return stop, size
+
 
 def take_deliveries(
     frames: list[Frame], start: int, consumer: str, next_dseq: int, entry_type: Any, stop_at_caught_up: bool

@@ -1065,6 +1065,21 @@ def test_frames_known(core: ModuleType) -> None:
     assert core.frames_known([], {})
 
 
+def test_frames_run(core: ModuleType) -> None:
+    frames = [(1, "a", "", None, b"xy"), (1, "b", "", None, b""), (3, "c", "", None, b"zzz"), (1, "d", "", None, b"q")]
+    assert core.frames_run(frames, 0, 1) == (2, 2)
+    assert core.frames_run(frames, 1, 1) == (2, 0)
+    assert core.frames_run(frames, 2, 3) == (3, 3)
+    assert core.frames_run(frames, 2, 1) == (2, 0)  # another subscription's frame: an empty run
+    assert core.frames_run(frames, 3, 1) == (4, 1)
+    assert core.frames_run(frames, 4, 1) == (4, 0)
+    assert core.frames_run([], 0, 1) == (0, 0)
+    big = 10**30  # subscription ids compare by value
+    assert core.frames_run([(big, "a", "", None, b"x"), (10**30, "b", "", None, b"y")], 0, 10**30) == (2, 2)
+    with pytest.raises(IndexError, match="start must be >= 0"):
+        core.frames_run(frames, -1, 1)
+
+
 def test_decode_entries(core: ModuleType) -> None:
     import orjson
 

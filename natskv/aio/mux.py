@@ -216,6 +216,7 @@ class Multiplexer(CallerMux):
         many_handlers = self._many
         parse_frames = core.parse_frames
         frames_known = core.frames_known
+        frames_run = core.frames_run
         stats = nc.stats
         routes = self._routes
         ready = self._ready
@@ -255,9 +256,8 @@ class Multiplexer(CallerMux):
                             routes.pop(token, None)
                     elif sid in many_handlers:
                         first = i - 1
-                        while i < count and frames[i][0] == sid:
-                            size += len(frames[i][4])
-                            i += 1
+                        i, run_size = frames_run(frames, i, sid)  # the rest of its run, in _core
+                        size += run_size
                         many_handlers[sid](frames[first:i] if first or i < count else frames)
                     else:
                         handler = handlers.get(sid)
