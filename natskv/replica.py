@@ -276,24 +276,12 @@ class LocalReplica:
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self._apply_pending)
 
-    # The pending list that holds nothing but runs of entries (no marker, no single event), and
-    # how long it was after the last run: _apply_runs then need not look for markers in it.
-    _runs_of: list[Any] | None = None
-    _runs_len = 0
-
     def _apply_many(self, entries: list[Any]) -> None:
         # The feed's sink for a run of entries: _apply on each, in one call.
         pending = self._pending
         if not pending:
             asyncio.get_running_loop().call_soon(self._apply_pending)
-            only_runs = True
-        else:  # nothing but runs so far if nothing was appended since the last one
-            only_runs = self._runs_of is pending and self._runs_len == len(pending)
         pending.extend(entries)
-        if only_runs:
-            self._runs_of, self._runs_len = pending, len(pending)
-        else:
-            self._runs_of = None
 
     def _apply_pending(self) -> None:
         if self._ready.is_set():
@@ -367,14 +355,10 @@ class LocalReplica:
         # run between markers goes to it in one call, decoded and stored in _core, under the lock
         # (it stores as it decodes: no list of decoded values in between).
         sep, start, loaded = self.bucket.sep, 0, False
-        count = len(batch)
-        # Where the runs end: at each marker, and at the end. A batch of runs alone has no marker.
-        if self._runs_of is batch and self._runs_len == count:
-            ends = [count]
-        else:
-            ends = [i for i, event in enumerate(batch) if event is INITIAL_DONE]
-            ends.append(count)
-        self._runs_of = None
+        # Where the runs end: at each marker (found by identity: comparing an entry would call
+        # its __eq__), and at the end.
+        ends = [i for i, event in enumerate(batch) if event is INITIAL_DONE]
+        ends.append(len(batch))
         with self._changed:
             for i in ends:
                 run = batch[start:i] if start or i < len(batch) else batch
