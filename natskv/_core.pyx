@@ -67,6 +67,7 @@ __all__ = [
     "parse_frames",
     "parse_header_fields",
     "parse_headers",
+    "plain_header_block",
     "pub_command",
     "record_pk",
     "record_type",
@@ -1203,6 +1204,24 @@ cdef inline void _set_slot(PyObject* raw, object offset, object value):
     (<PyObject**>((<char*>raw) + <Py_ssize_t>offset))[0] = <PyObject*>value
 
 
+_ENTRY_HEADERS = (b"kv-operation", b"nats-marker-reason", b"natskv-raw")
+
+
+cpdef bint plain_header_block(object headers):
+    """Whether a delivery's raw header block leaves it a plain value.
+
+    See natskv._core_py.plain_header_block: the same results.
+    """
+    cdef bytes lowered
+    if type(headers) is not bytes or not (<bytes>headers).startswith(b"NATS/1.0\r\n"):
+        return False
+    lowered = (<bytes>headers).lower()
+    for name in _ENTRY_HEADERS:
+        if lowered.find(name) >= 0:
+            return False
+    return True
+
+
 def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_dseq, entry_type,
                     bint stop_at_caught_up):
     """The run of plain deliveries of a push consumer at frames[start:], as entries.
@@ -1229,7 +1248,7 @@ def take_deliveries(list frames, Py_ssize_t start, str consumer, long long next_
     for index in range(start, count):
         frame = <tuple>frames[index]
         payload = frame[4]
-        if frame[3] is not None or not payload:
+        if not payload or not (frame[3] is None or plain_header_block(frame[3])):
             return entries, index
         reply = <str>frame[2]
         found = _ack_fields(reply, consumer, numbers, span)

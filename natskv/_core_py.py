@@ -56,6 +56,7 @@ __all__ = [
     "parse_frames",
     "parse_header_fields",
     "parse_headers",
+    "plain_header_block",
     "pub_command",
     "record_pk",
     "record_type",
@@ -728,14 +729,31 @@ def frames_run(frames: list[Frame], start: int, sid: int) -> tuple[int, int]:
     return stop, size
 
 
+# Headers that make a stored message something other than a plain value: a delete or purge
+# marker (KV-Operation, and the server's Nats-Marker-Reason) or bytes stored raw (natskv's codec).
+_ENTRY_HEADERS = (b"kv-operation", b"nats-marker-reason", b"natskv-raw")
+
+
+def plain_header_block(headers: Any) -> bool:
+    """Whether a delivery's raw header block (bytes) leaves it a plain value: no status, and none
+    of the headers that make an entry a delete or purge marker or raw bytes (names compared
+    without case). The headers a compare-and-set or an atomic batch stores (the expected
+    revision, the batch's id and sequence), a TTL and a rollup change nothing in the entry."""
+    if type(headers) is not bytes or not headers.startswith(b"NATS/1.0\r\n"):
+        return False
+    lowered = headers.lower()
+    return all(lowered.find(name) < 0 for name in _ENTRY_HEADERS)
+
+
 def take_deliveries(
     frames: list[Frame], start: int, consumer: str, next_dseq: int, entry_type: Any, stop_at_caught_up: bool
 ) -> tuple[list[Any], int]:
     """The run of plain deliveries of a push consumer at ``frames[start:]``, as entries.
 
-    A plain delivery has no header block, a non-empty payload and a ``$JS.ACK.`` reply (v1 or v2)
+    A plain delivery is a stored value: a non-empty payload, a ``$JS.ACK.`` reply (v1 or v2)
     naming ``consumer`` whose consumer sequence is the one expected (``next_dseq``, then one more
-    per entry). Each becomes ``entry_type(subject, payload, stream_seq, str(timestamp_ns), "PUT",
+    per entry), and no header block or one that says nothing about the entry (see
+    :func:`plain_header_block`: a compare-and-set or batch write stores its headers). Each becomes ``entry_type(subject, payload, stream_seq, str(timestamp_ns), "PUT",
     num_pending)``. Returns ``(entries, stop)``: ``stop`` is the index of the first frame not taken
     (``len(frames)`` when all were), which the caller handles on its own (a control message, a
     message with headers, another consumer's, a gap, a reply that is no ack subject); with
@@ -744,7 +762,7 @@ def take_deliveries(
     entries: list[Any] = []
     for index in range(start, len(frames)):
         _, subject, reply, headers, payload = frames[index]
-        if headers is not None or not payload or not reply.startswith("$JS.ACK."):
+        if not payload or not reply.startswith("$JS.ACK.") or not (headers is None or plain_header_block(headers)):
             return entries, index
         try:
             _, name, _, sseq, dseq, stamp, pending = parse_ack_subject(reply)

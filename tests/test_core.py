@@ -945,6 +945,20 @@ def test_take_deliveries(core: ModuleType) -> None:
     assert core.take_deliveries(frames, 4, "C", 5, _as_tuple, False) == ([], 4)
 
 
+def test_take_deliveries_takes_values_whose_headers_say_nothing_about_the_entry(core: ModuleType) -> None:
+    # A compare-and-set write, an atomic batch's message and a TTL'd value store their headers;
+    # they are still plain values.
+    cas = b"NATS/1.0\r\nNats-Expected-Last-Subject-Sequence: 0\r\n\r\n"
+    batch = b"NATS/1.0\r\nNats-Batch-Id: 94fd51e8\r\nNats-Batch-Sequence: 2\r\nNats-Batch-Commit: 1\r\n\r\n"
+    ttl = b"NATS/1.0\r\nNats-TTL: 5s\r\nNats-Rollup: sub\r\n\r\n"
+    frames = [_delivery(1, 2, headers=cas), _delivery(2, 1, headers=batch), _delivery(3, 0, headers=ttl)]
+    entries, stop = core.take_deliveries(frames, 0, "C", 1, _as_tuple, False)
+    assert stop == 3 and [e[2] for e in entries] == [10, 20, 30] and {e[4] for e in entries} == {"PUT"}
+    assert core.plain_header_block(cas) and core.plain_header_block(ttl)
+    assert not core.plain_header_block("NATS/1.0\r\n\r\n")  # parsed headers go the other way
+    assert not core.plain_header_block(b"NATS/1.0 404 No Messages\r\n\r\n")
+
+
 def test_take_deliveries_stops_after_the_initial_values(core: ModuleType) -> None:
     frames = [_delivery(1, 1), _delivery(2, 0), _delivery(3, 0)]
     assert core.take_deliveries(frames, 0, "C", 1, _as_tuple, True)[1] == 2
@@ -956,7 +970,11 @@ def test_take_deliveries_stops_after_the_initial_values(core: ModuleType) -> Non
     "odd",
     [
         _delivery(3, 0, payload=b""),  # a control message (flow control, heartbeat)
-        _delivery(3, 0, headers=b"NATS/1.0\r\nNats-TTL: 5s\r\n\r\n"),  # headers: read elsewhere
+        _delivery(3, 0, headers=b"NATS/1.0\r\nKV-Operation: DEL\r\n\r\n"),  # markers: read elsewhere
+        _delivery(3, 0, headers=b"NATS/1.0\r\nkv-operation: PURGE\r\nNats-Rollup: sub\r\n\r\n"),
+        _delivery(3, 0, headers=b"NATS/1.0\r\nNats-Marker-Reason: MaxAge\r\n\r\n"),
+        _delivery(3, 0, headers=b"NATS/1.0\r\nNatskv-Raw: 1\r\n\r\n"),  # bytes stored raw
+        _delivery(3, 0, headers=b"NATS/1.0 100 Idle Heartbeat\r\n\r\n"),  # a status line
         _delivery(3, 0, consumer="OLD"),  # a late message from a replaced consumer
         _delivery(4, 0),  # a gap in the consumer sequence
         (7, "$KV.b.k3", "_INBOX.x.y", None, b"v"),  # not an ack subject
