@@ -753,10 +753,11 @@ def take_deliveries(
     A plain delivery is a stored value: a non-empty payload, a ``$JS.ACK.`` reply (v1 or v2)
     naming ``consumer`` whose consumer sequence is the one expected (``next_dseq``, then one more
     per entry), and no header block or one that says nothing about the entry (see
-    :func:`plain_header_block`: a compare-and-set or batch write stores its headers). Each becomes ``entry_type(subject, payload, stream_seq, str(timestamp_ns), "PUT",
-    num_pending)``. Returns ``(entries, stop)``: ``stop`` is the index of the first frame not taken
+    :func:`plain_header_block`: a compare-and-set or batch write stores its headers). Each
+    becomes ``entry_type(subject, payload, stream_seq, str(timestamp_ns), "PUT", num_pending)``.
+    Returns ``(entries, stop)``: ``stop`` is the index of the first frame not taken
     (``len(frames)`` when all were), which the caller handles on its own (a control message, a
-    message with headers, another consumer's, a gap, a reply that is no ack subject); with
+    marker's or raw value's headers, another consumer's, a gap, a reply that is no ack subject); with
     ``stop_at_caught_up`` the run also ends after an entry whose ``num_pending`` is 0.
     """
     entries: list[Any] = []
