@@ -1204,7 +1204,26 @@ cdef inline void _set_slot(PyObject* raw, object offset, object value):
     (<PyObject**>((<char*>raw) + <Py_ssize_t>offset))[0] = <PyObject*>value
 
 
-_ENTRY_HEADERS = (b"kv-operation", b"nats-marker-reason", b"natskv-raw")
+cdef bint _names_entry_header(const unsigned char* name, Py_ssize_t n):
+    # Whether a header name is KV-Operation, Nats-Marker-Reason or Natskv-Raw, case aside.
+    cdef const char* want
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if n == 12:
+        want = b"kv-operation"
+    elif n == 18:
+        want = b"nats-marker-reason"
+    elif n == 10:
+        want = b"natskv-raw"
+    else:
+        return False
+    for i in range(n):
+        c = name[i]
+        if 65 <= c <= 90:  # A-Z
+            c += 32
+        if c != <unsigned char>want[i]:
+            return False
+    return True
 
 
 cpdef bint plain_header_block(object headers):
@@ -1212,13 +1231,24 @@ cpdef bint plain_header_block(object headers):
 
     See natskv._core_py.plain_header_block: the same results.
     """
-    cdef bytes lowered
-    if type(headers) is not bytes or not (<bytes>headers).startswith(b"NATS/1.0\r\n"):
+    cdef const unsigned char* buf
+    cdef Py_ssize_t size, i, start
+    if type(headers) is not bytes:
         return False
-    lowered = (<bytes>headers).lower()
-    for name in _ENTRY_HEADERS:
-        if lowered.find(name) >= 0:
+    size = PyBytes_GET_SIZE(headers)
+    buf = <const unsigned char*>PyBytes_AS_STRING(headers)
+    if size < 10 or memcmp(buf, b"NATS/1.0\r\n", 10) != 0:
+        return False
+    i = 10
+    while i < size:
+        start = i
+        while i < size and buf[i] != 58 and buf[i] != 13:  # ':' ends the name, '\r' the line
+            i += 1
+        if i < size and buf[i] == 58 and _names_entry_header(buf + start, i - start):
             return False
+        while i < size and buf[i] != 10:  # to the end of the line
+            i += 1
+        i += 1
     return True
 
 

@@ -736,13 +736,17 @@ _ENTRY_HEADERS = (b"kv-operation", b"nats-marker-reason", b"natskv-raw")
 
 def plain_header_block(headers: Any) -> bool:
     """Whether a delivery's raw header block (bytes) leaves it a plain value: no status, and none
-    of the headers that make an entry a delete or purge marker or raw bytes (names compared
-    without case). The headers a compare-and-set or an atomic batch stores (the expected
-    revision, the batch's id and sequence), a TTL and a rollup change nothing in the entry."""
+    of the headers that make an entry a delete or purge marker or raw bytes (header names, at the
+    start of a line before its colon, compared without case; values are not looked at). The
+    headers a compare-and-set or an atomic batch stores (the expected revision, the batch's id
+    and sequence), a TTL and a rollup change nothing in the entry."""
     if type(headers) is not bytes or not headers.startswith(b"NATS/1.0\r\n"):
         return False
-    lowered = headers.lower()
-    return all(lowered.find(name) < 0 for name in _ENTRY_HEADERS)
+    for line in headers[10:].split(b"\n"):
+        name, colon, _ = line.partition(b":")
+        if colon and b"\r" not in name and name.lower() in _ENTRY_HEADERS:
+            return False
+    return True
 
 
 def take_deliveries(

@@ -957,6 +957,13 @@ def test_take_deliveries_takes_values_whose_headers_say_nothing_about_the_entry(
     assert core.plain_header_block(cas) and core.plain_header_block(ttl)
     assert not core.plain_header_block("NATS/1.0\r\n\r\n")  # parsed headers go the other way
     assert not core.plain_header_block(b"NATS/1.0 404 No Messages\r\n\r\n")
+    assert not core.plain_header_block(b"NATS/1.0")
+    # Names are matched whole, at a line's start, without case; values are not looked at.
+    assert core.plain_header_block(b"NATS/1.0\r\nX-Note: KV-Operation: DEL\r\n\r\n")
+    assert core.plain_header_block(b"NATS/1.0\r\nKV-Operations: x\r\nMy-Natskv-Raw: 1\r\n\r\n")
+    assert not core.plain_header_block(b"NATS/1.0\r\nA: 1\r\nnAtS-mArKeR-rEaSoN: MaxAge\r\n\r\n")
+    assert not core.plain_header_block(b"NATS/1.0\r\nNATSKV-RAW: 1\r\n\r\n")
+    assert core.plain_header_block(b"NATS/1.0\r\nbroken line\r\n\r\n")
 
 
 def test_take_deliveries_stops_after_the_initial_values(core: ModuleType) -> None:
