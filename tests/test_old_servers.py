@@ -373,6 +373,25 @@ def test_model_features_that_need_2_12(
         db.delete_bucket(name + "_n")
 
 
+def test_bounded_models_need_2_12(old: tuple[str, natskv.Client], name: str, caplog: pytest.LogCaptureFixture) -> None:
+    version, db = old
+
+    class Recent(Model):
+        __bucket__ = name
+        __max_records__ = 3
+        id = Field(str, primary_key=True)
+
+    with caplog.at_level("WARNING", logger="natskv"):
+        db.register(Recent)
+    assert any("__max_records__ = 3" in r.getMessage() for r in caplog.records)
+    try:
+        with not_supported("2.12", version):  # slot marker + record: one atomic batch
+            Recent.create(id="r1")
+        assert Recent.count() == 0 and db.bucket(name).status().last_revision == 0
+    finally:
+        db.delete_bucket(name)
+
+
 def test_a_cached_server_is_not_downloaded_again(old_server: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A second run finds the binary the first one downloaded and runs no download at all."""
     version = old_server[0]
