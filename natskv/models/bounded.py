@@ -39,7 +39,7 @@ from natskv.errors import (
     RevisionMismatchError,
 )
 from natskv.models.group_commit import group_commit
-from natskv.models.store import record_key, resolve_timeout, slot_of, unique_key
+from natskv.models.store import resolve_timeout, slot_of, unique_key
 
 if TYPE_CHECKING:
     from natskv.models.model import Model
@@ -89,7 +89,7 @@ def insert(model: type[Model], stored: dict[str, Any], ops: list[tuple[Any, ...]
     while True:
         slot, victims = store.choose_slot(limit)
         stored[SLOT] = slot  # the record's value in ops[-1] is this dict
-        batch = _evictions(model, victims, slot, limit, ops)
+        batch, victim_keys = _evictions(model, victims, slot, limit, ops)
         marker = unique_key(SLOT, slot)
         taken_over = any(slot_of(v, limit) == slot for v in victims)
         batch.append(("set" if taken_over else "create", marker, key, *options))
@@ -107,7 +107,7 @@ def insert(model: type[Model], stored: dict[str, Any], ops: list[tuple[Any, ...]
                 raise model._unique_error(exc.key) from exc
             beaten_at = exc.current_revision  # the slot was taken (its record comes after it)
         except RevisionMismatchError as exc:
-            if not any(exc.key == record_key(_pk(model, v)) for v in victims):
+            if exc.key not in victim_keys:
                 raise
             beaten_at = exc.current_revision  # the oldest record changed: evicted, updated, deleted
         else:
@@ -118,32 +118,25 @@ def insert(model: type[Model], stored: dict[str, Any], ops: list[tuple[Any, ...]
         pause = min(pause * 2, _PAUSE_MAX)
 
 
-def _pk(model: type[Model], stored: Any) -> Any:
-    return model._fields[model._pk].from_json(stored[model._pk])
-
-
 def _evictions(model: type[Model], victims: list[Any], slot: int, limit: int,
-               ops: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The writes that evict ``victims`` (records, oldest first) for a new record taking ``slot``;
-    UniqueConstraintError when the new record's writes (``ops``) meet a victim's, as they
-    would meet any stored record's."""
+               ops: list[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], set[str]]:
+    """The writes that evict ``victims`` (records, oldest first) for a new record taking ``slot``
+    (a record's delete, marked ``evicted``; the slot it held is set to the new record, not
+    deleted), and the victims' record keys. UniqueConstraintError when the new record's writes
+    (``ops``) meet a victim's, as they would meet any stored record's."""
     out: list[tuple[Any, ...]] = []
+    keys = set()
     for victim in victims:
-        key = record_key(_pk(model, victim))
-        for name, field in model._fields.items():
-            if field.unique and victim.get(name) is not None:
-                out.append(("delete", unique_key(name, victim[name])))
-        held = slot_of(victim, limit)
-        if held is not None and held != slot:
-            out.append(("delete", unique_key(SLOT, held)))
-        elif held is None and victim.get(SLOT) is not None:
-            out.append(("delete", unique_key(SLOT, victim[SLOT])))  # a slot past a lowered limit
-        out.append(("delete", key, victim.revision, {"reason": EVICTED}))
+        evict = model._delete_ops(victim, victim.revision, EVICTED)
+        if slot_of(victim, limit) == slot:
+            evict.remove(("delete", unique_key(SLOT, slot)))
+        keys.add(evict[-1][1])
+        out.extend(evict)
     evicted = {op[1] for op in out}
     for op in ops:
         if op[1] in evicted:  # the new record has a unique value (or the key) of a live record
             raise model._unique_error(op[1])
-    return out
+    return out, keys
 
 
 def _catch_up(store: ModelStore, revision: int | None, deadline: float | None) -> None:

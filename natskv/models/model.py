@@ -516,8 +516,9 @@ class Model(metaclass=ModelMeta):
         self._stored = None
 
     @classmethod
-    def _delete_ops(cls, stored: dict[str, Any], revision: int) -> list[tuple[Any, ...]]:
-        """The writes that delete a stored record (CAS on ``revision``) and free its unique values."""
+    def _delete_ops(cls, stored: dict[str, Any], revision: int, reason: str | None = None) -> list[tuple[Any, ...]]:
+        """The writes that delete a stored record (CAS on ``revision``) and free its unique values
+        (and its slot, in a bounded model); ``reason`` goes into the record's delete marker."""
         key = record_key(cls._fields[cls._pk].from_json(stored[cls._pk]))
         ops: list[tuple[Any, ...]] = [
             ("delete", unique_key(name, stored[name]))
@@ -526,7 +527,7 @@ class Model(metaclass=ModelMeta):
         ]
         if stored.get("_slot") is not None:  # a bounded model's record frees its slot
             ops.append(("delete", unique_key("_slot", stored["_slot"])))
-        ops.append(("delete", key, revision))
+        ops.append(("delete", key, revision) if reason is None else ("delete", key, revision, {"reason": reason}))
         return ops
 
     @classmethod
