@@ -95,6 +95,29 @@ def test_bulk_rows_reach_the_replica_in_bulk_and_db_on_still_hears_each(db: nats
         store.apply_entries = apply_entries
 
 
+def test_bulk_rows_are_applied_by_the_call_when_the_watch_has_not_delivered_them(Person: Any) -> None:
+    store = Person._store
+    replica = store.replica
+    real_wait, real_apply = replica.wait_for, store.apply_entries
+    waited: list[int] = []
+
+    def watch_late(revision: int, timeout: float | None = None) -> None:
+        waited.append(revision)
+        raise natskv.NatsKVTimeoutError("the watch has not delivered it")
+
+    # As if the watch were cut off: what it delivers meanwhile never reaches the records.
+    replica.wait_for = watch_late
+    store.apply_entries = lambda *args: 0
+    try:
+        made = Person.bulk_create(rows(range(1, 1201)))
+        assert waited  # the call waited for the watch first, then applied the rows itself
+        assert all(Person.get(p.id)._version == p._version for p in made)
+        assert Person.count() == 1200
+    finally:
+        replica.wait_for, store.apply_entries = real_wait, real_apply
+    assert Person.get(7).email == "p7@example.com"
+
+
 def test_bulk_create_rows_clashing_with_each_other_write_nothing(db: natskv.Client, Person: Any) -> None:
     before = db.bucket(Person.__bucket__).status().last_revision
     batch = rows(range(1300), taken={1200: "p3@example.com"})
