@@ -68,15 +68,29 @@ def make_docs(n: int = N) -> list[Any]:
     ]
 
 
+def make_batch(n: int = 1000) -> list[tuple[str, bytes, dict[str, str]]]:
+    """One ``bulk_create`` batch: ``n // 2`` rows, each a unique marker and its record, every
+    message with a "must not exist" check."""
+    create = {"Nats-Expected-Last-Subject-Sequence": "0"}
+    items = []
+    for i in range(n // 2):
+        items.append((f"u.email.=22u{i}@example=2Ecom=22", f'"r:i:{i}"'.encode(), create))
+        items.append((f"r.i.{i}", b'{"id":%d,"email":"u%d@example.com","name":"User %d","age":30}' % (i, i, i), create))
+    return items
+
+
 def operations(core: ModuleType, keys: list[str], docs: list[Any]) -> dict[str, Callable[[], object]]:
-    """The timed operations, each over ``len(keys)`` keys / ``len(docs)`` dicts."""
+    """The timed operations, each over ``len(keys)`` keys / ``len(docs)`` dicts, and one atomic
+    batch of 1000 messages."""
     encoded = core.encode_keys(keys)
     pattern = core.compile_pattern(PATTERN)
+    batch = make_batch()
     return {
         "encode_keys": lambda: core.encode_keys(keys),
         "decode_keys": lambda: core.decode_keys(encoded),
         "pattern_filter_keys": lambda: pattern.filter_keys(keys),
         "compile_filter_filter": lambda: core.compile_filter(WHERE).filter(docs),
+        "atomic_batch": lambda: core.atomic_batch("$KV.users.", batch, "4f1c9a0e", "_INBOX.a.1", "_INBOX.a.2"),
     }
 
 
@@ -101,3 +115,6 @@ class Core:
 
     def time_compile_filter_filter(self, impl: str) -> None:
         self.ops["compile_filter_filter"]()
+
+    def time_atomic_batch(self, impl: str) -> None:
+        self.ops["atomic_batch"]()

@@ -518,6 +518,7 @@ def compare_core(s: Settings) -> list[Row]:
         "decode_keys": "4b core decode_keys, 10k keys",
         "pattern_filter_keys": f"4c core Pattern({bench_core.PATTERN!r}).filter_keys, 10k keys",
         "compile_filter_filter": "4d core compile_filter(where).filter, 10k dicts",
+        "atomic_batch": "4e core atomic_batch, one batch of 1000 messages",
     }
     try:
         c_core = bench_core.load_core("c")

@@ -52,6 +52,7 @@ __all__ = [
     "RecordBuilder",
     "SortedIndex",
     "UniqueIndex",
+    "atomic_batch",
     "compile_filter",
     "compile_pattern",
     "decode_entries",
@@ -1014,6 +1015,114 @@ def pub_command(subject, reply, payload, headers):
         o = _put(buf, o, b"\r\n", 2)
     o = _put(buf, o, PyBytes_AS_STRING(payload_b), np)
     _put(buf, o, b"\r\n", 2)
+    return out
+
+
+cdef bytes _own_headers(dict headers):
+    """The header lines of ``headers`` ("Name: value\\r\\n" each), checked as pub_command checks them."""
+    cdef list lines = []
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(
+                f"header names and values must be str, got {type(name).__name__}: "
+                f"{type(value).__name__}"
+            )
+        if len(<str>name) == 0 or _has_any(name, " \t\r\n:"):
+            raise ValueError(
+                f"invalid header name {name!r}: it must be non-empty, without spaces, colons,"
+                " tabs or line breaks"
+            )
+        if _has_any(value, "\r\n"):
+            raise ValueError(f"invalid value for header {name!r}: it must not contain CR or LF")
+        lines.append((<str>name).encode("utf-8") + b": " + (<str>value).encode("utf-8") + b"\r\n")
+    return b"".join(lines)
+
+
+def atomic_batch(str prefix, list items, batch_id, str first_reply, str last_reply):
+    """The protocol commands of one atomic batch publish. See natskv._core_py.atomic_batch.
+
+    Two passes over the items: the first checks them and sizes the output (an item's own header
+    lines are encoded once per distinct headers dict: the items of a batch usually share one),
+    the second writes every command into one bytes object."""
+    cdef Py_ssize_t n = len(items), i, seq, total = 0, o, np, ns, nr, hdr_len, args
+    if n == 0:
+        raise ValueError("an atomic batch holds at least one message")
+    if not isinstance(batch_id, str):
+        raise TypeError(f"batch_id must be str, not {type(batch_id).__name__}")
+    if len(<str>batch_id) == 0 or _has_any(batch_id, "\r\n"):
+        raise ValueError(f"invalid batch id {batch_id!r}: it must be non-empty, without CR or LF")
+    cdef bytes prefix_b = prefix.encode("utf-8")
+    cdef bytes first_b = _check_token("reply", first_reply, True)
+    cdef bytes last_b = _check_token("reply", last_reply, True)
+    cdef bytes id_line = b"Nats-Batch-Id: " + (<str>batch_id).encode("utf-8") + b"\r\nNats-Batch-Sequence: "
+    cdef Py_ssize_t nid = len(id_line)
+    cdef list subjects = [None] * n
+    cdef list payloads = [None] * n
+    cdef list owns = [None] * n
+    cdef object last_headers = None
+    cdef bytes own = b"", reply_b, payload_b, subject_b
+    cdef tuple item
+    for i in range(n):
+        item = <tuple?>items[i]
+        if len(item) != 3:
+            raise ValueError(f"an item is (subject token, payload, headers), not {len(item)} values")
+        token, payload, headers = item
+        if not isinstance(token, str):
+            raise TypeError(f"subject must be str, not {type(token).__name__}")
+        subject_b = _check_token("subject", prefix + <str>token, False)
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        payload_b = payload if type(payload) is bytes else bytes(payload)
+        if headers is not None and not isinstance(headers, dict):
+            raise TypeError(f"headers must be a dict or None, not {type(headers).__name__}")
+        if headers is not last_headers:
+            own = _own_headers(<dict>headers) if headers else b""
+            last_headers = headers
+        seq = i + 1
+        # "NATS/1.0\r\n", own lines, id and sequence lines, [commit line], closing "\r\n"
+        hdr_len = 10 + len(own) + nid + _digits(seq) + 2 + (22 if seq == n else 0) + 2
+        reply_b = last_b if seq == n else first_b if seq == 1 else b""
+        ns = len(subject_b)
+        nr = len(reply_b)
+        np = len(payload_b)
+        args = ns + (nr + 1 if nr else 0) + 1 + _digits(hdr_len) + 1 + _digits(hdr_len + np)
+        if args > _MAX_LINE:
+            raise ValueError(_line_too_long(args))
+        total += 5 + args + 2 + hdr_len + np + 2  # "HPUB ", the arguments, CRLF, headers, payload, CRLF
+        subjects[i] = subject_b
+        payloads[i] = payload_b
+        owns[i] = own
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* buf = PyBytes_AS_STRING(out)
+    o = 0
+    for i in range(n):
+        seq = i + 1
+        subject_b = <bytes>subjects[i]
+        payload_b = <bytes>payloads[i]
+        own = <bytes>owns[i]
+        reply_b = last_b if seq == n else first_b if seq == 1 else b""
+        hdr_len = 10 + len(own) + nid + _digits(seq) + 2 + (22 if seq == n else 0) + 2
+        np = len(payload_b)
+        o = _put(buf, o, b"HPUB ", 5)
+        o = _put(buf, o, PyBytes_AS_STRING(subject_b), len(subject_b))
+        if len(reply_b):
+            buf[o] = CH_SPACE
+            o = _put(buf, o + 1, PyBytes_AS_STRING(reply_b), len(reply_b))
+        buf[o] = CH_SPACE
+        o = _put_int(buf, o + 1, hdr_len)
+        buf[o] = CH_SPACE
+        o = _put_int(buf, o + 1, hdr_len + np)
+        o = _put(buf, o, b"\r\nNATS/1.0\r\n", 12)
+        o = _put(buf, o, PyBytes_AS_STRING(own), len(own))
+        o = _put(buf, o, PyBytes_AS_STRING(id_line), nid)
+        o = _put_int(buf, o, seq)
+        o = _put(buf, o, b"\r\n", 2)
+        if seq == n:
+            o = _put(buf, o, b"Nats-Batch-Commit: 1\r\n", 22)
+        o = _put(buf, o, b"\r\n", 2)
+        o = _put(buf, o, PyBytes_AS_STRING(payload_b), np)
+        o = _put(buf, o, b"\r\n", 2)
+    assert o == total
     return out
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "RecordBuilder",
     "SortedIndex",
     "UniqueIndex",
+    "atomic_batch",
     "compile_filter",
     "compile_pattern",
     "decode_entries",
@@ -618,6 +619,65 @@ def pub_command(
         raise ValueError(_line_too_long(line))
     op = b"HPUB" if block else b"PUB"
     return b"%s %s%s %s\r\n%s%s\r\n" % (op, subject_bytes, reply_part, sizes, block, payload)
+
+
+def atomic_batch(
+    prefix: str,
+    items: list[tuple[str, bytes, dict[str, str] | None]],
+    batch_id: str,
+    first_reply: str,
+    last_reply: str,
+) -> bytes:
+    """The protocol commands of one atomic batch publish, in one bytes object.
+
+    ``items`` are (subject token, payload, headers or None); message ``i`` (from 1) goes to
+    ``prefix + token`` as an ``HPUB`` whose headers are the item's, then ``Nats-Batch-Id``,
+    ``Nats-Batch-Sequence: i`` and, on the last message, ``Nats-Batch-Commit: 1``. The first
+    message carries ``first_reply`` (a failed check is answered there), the last ``last_reply``
+    (the commit's acknowledgement); a batch of one message carries ``last_reply``. The same as
+    joining :func:`pub_command` of each message, with the same refusals; ValueError also for no
+    items or an empty batch id.
+    """
+    if not isinstance(items, list):
+        raise TypeError(f"items must be a list, not {type(items).__name__}")
+    if not items:
+        raise ValueError("an atomic batch holds at least one message")
+    if not isinstance(batch_id, str):
+        raise TypeError(f"batch_id must be str, not {type(batch_id).__name__}")
+    if not batch_id or "\r" in batch_id or "\n" in batch_id:
+        raise ValueError(f"invalid batch id {batch_id!r}: it must be non-empty, without CR or LF")
+    first_bytes = _check_token("reply", first_reply, allow_empty=True)
+    last_bytes = _check_token("reply", last_reply, allow_empty=True)
+    n = len(items)
+    out = []
+    for seq, item in enumerate(items, start=1):
+        if not isinstance(item, tuple):
+            raise TypeError(f"an item must be a tuple, not {type(item).__name__}")
+        if len(item) != 3:
+            raise ValueError(f"an item is (subject token, payload, headers), not {len(item)} values")
+        token, payload, headers = item
+        if not isinstance(token, str):
+            raise TypeError(f"subject must be str, not {type(token).__name__}")
+        subject_bytes = _check_token("subject", prefix + token, allow_empty=False)
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        payload = bytes(payload)
+        if headers is not None and not isinstance(headers, dict):
+            raise TypeError(f"headers must be a dict or None, not {type(headers).__name__}")
+        # The item's own headers come first, then the batch's (appended, never merged).
+        own = _header_block(headers)[:-2] if headers else b"NATS/1.0\r\n"
+        tail = f"Nats-Batch-Id: {batch_id}\r\nNats-Batch-Sequence: {seq}\r\n"
+        if seq == n:
+            tail += "Nats-Batch-Commit: 1\r\n"
+        block = own + tail.encode() + b"\r\n"
+        reply = last_bytes if seq == n else first_bytes if seq == 1 else b""
+        reply_part = b" " + reply if reply else b""
+        sizes = b"%d %d" % (len(block), len(block) + len(payload))
+        line = len(subject_bytes) + len(reply_part) + 1 + len(sizes)
+        if line > MAX_CONTROL_LINE:
+            raise ValueError(_line_too_long(line))
+        out.append(b"HPUB %s%s %s\r\n%s%s\r\n" % (subject_bytes, reply_part, sizes, block, payload))
+    return b"".join(out)
 
 
 def _ack_number(reply: str, token: str) -> int:

@@ -204,6 +204,28 @@ class Bucket:
             )
         return encoded
 
+    def _tokens(self, keys: list[str]) -> list[str]:
+        """``[self._token(key) for key in keys]`` in one ``_core`` call; the first bad key raises
+        as ``_token`` would."""
+        try:
+            encoded: list[str] = core.encode_keys(keys, self.sep)
+        except (ValueError, TypeError):
+            encoded = [self._token(key) for key in keys]  # raises for the first bad key
+        if encoded and max(map(len, encoded)) > MAX_ENCODED_KEY:
+            for key in keys:
+                self._token(key)  # raises for the first key too long
+        return encoded
+
+    def _encode_many(self, values: list[Any]) -> list[bytes]:
+        """The payloads of many values (never bytes: those take ``_encode``'s raw path), each
+        checked against the size limits, counted once in the statistics."""
+        encode = self.codec.encode
+        payloads = [encode(value) for value in values]
+        if payloads:
+            self._proto.check_size(max(map(len, payloads)))
+            _flow.sent += sum(map(len, payloads))
+        return payloads
+
     def _encode(self, value: Any, ttl: float | None = None) -> tuple[bytes, dict[str, str] | None]:
         headers: dict[str, str] | None = None
         if type(value) is bytes and isinstance(self.codec, JSONCodec):

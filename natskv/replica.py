@@ -32,7 +32,6 @@ and :meth:`LocalReplica.wait_for`) means the client's default (``request_timeout
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import re
 import threading
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from natskv._collector import collector_paused
 from natskv._runner import follow_fork, runner, unfollow_fork, wait_limit
 from natskv._speedups import core
 from natskv.aio.watch import INITIAL_DONE, FeedClosed, FeedSubscriber, SharedFeed, subscribe_feed, unsubscribe_feed
@@ -289,14 +289,8 @@ class LocalReplica:
             return
         # The initial load allocates a value per key and frees nothing: the collector's passes
         # over that young heap would cost a sixth of it (as in the model store's index rebuild).
-        paused = gc.isenabled()
-        if paused:
-            gc.disable()
-        try:
+        with collector_paused():
             self._apply_batch()
-        finally:
-            if paused:
-                gc.enable()
 
     def _apply_batch(self) -> None:
         batch, self._pending = self._pending, []

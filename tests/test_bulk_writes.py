@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -401,6 +401,29 @@ def test_commit_batches_answers_each_batch_and_stops_sending_after_a_failure(kv:
             assert kv.entry(batches[i][-1][0].replace(".", ":")).revision == result
     with pytest.raises(BatchError):
         proto.commit_batches([[]], 10)
+
+
+def test_commit_batches_gives_each_batch_the_whole_timeout(kv: natskv.Bucket) -> None:
+    # bulk_create's timeout= is per batch: a call that takes longer than it in all, every batch
+    # acknowledged well within it, succeeds (a 100,000-row bulk_create takes several seconds)
+    new = {"Nats-Expected-Last-Subject-Sequence": "0"}
+
+    class SlowToBuild(list[list[tuple[str, bytes, dict[str, str]]]]):
+        built: ClassVar[set[int]] = set()
+
+        def __getitem__(self, i: Any) -> Any:
+            if i not in self.built:  # the caller building the batch: nothing is waiting meanwhile
+                self.built.add(i)
+                time.sleep(0.25)
+            return super().__getitem__(i)
+
+    # full batches: the last one's acknowledgement is still on its way when the call waits for it
+    batches = SlowToBuild([[(f"t{b}.{i}", b"1", new) for i in range(1000)] for b in range(6)])
+    started = time.monotonic()
+    results = kv._proto.commit_batches(batches, 1.0, inflight=2)
+    assert time.monotonic() - started > 1.25
+    assert all(isinstance(r, int) for r in results), results
+    assert kv.get("t5:999") == 1
 
 
 def test_group_commit_joins_only_writes_that_may_wait_as_long_as_its_leader(kv: natskv.Bucket) -> None:

@@ -874,6 +874,80 @@ def test_pub_command_line_limit_parity(
         assert result[0] == "ValueError" and "max_control_line" in result[1]
 
 
+CREATE = {"Nats-Expected-Last-Subject-Sequence": "0"}
+
+
+def test_atomic_batch_is_the_batch_messages_pub_commands_joined(core: ModuleType) -> None:
+    items = [("u.email.x", b'"r:i:1"', CREATE), ("r.i.1", b'{"a":1}', CREATE), ("r.i.2", b"", None),
+             ("r.i.3", bytearray(b"xx"), {})]
+    for n in range(1, len(items) + 1):
+        expected = b"".join(
+            core.pub_command(
+                "$KV.b." + token, "_I.last" if seq == n else "_I.first" if seq == 1 else "", bytes(payload),
+                {**(headers or {}), "Nats-Batch-Id": "id1", "Nats-Batch-Sequence": str(seq),
+                 **({"Nats-Batch-Commit": "1"} if seq == n else {})},
+            )
+            for seq, (token, payload, headers) in enumerate(items[:n], start=1)
+        )
+        assert core.atomic_batch("$KV.b.", items[:n], "id1", "_I.first", "_I.last") == expected
+    one = core.atomic_batch("p.", [("k", b"v", None)], "id", "_I.first", "_I.last")
+    assert one == (b"HPUB p.k _I.last 77 78\r\nNATS/1.0\r\nNats-Batch-Id: id\r\nNats-Batch-Sequence: 1\r\n"
+                   b"Nats-Batch-Commit: 1\r\n\r\nv\r\n")
+    # Headers dicts that differ between items are each encoded (a cache by identity must not leak).
+    mixed = [("a", b"1", {"A": "1"}), ("b", b"2", {"A": "2"}), ("c", b"3", {"A": "2"}), ("d", b"4", None)]
+    lines = core.atomic_batch("", mixed, "i", "", "").split(b"\r\n")
+    assert [line for line in lines if line.startswith(b"A: ")] == [b"A: 1", b"A: 2", b"A: 2"]
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        (("p.", [], "id", "", ""), ValueError, "at least one message"),
+        (("p.", [("k", b"", None)], "", "", ""), ValueError, "invalid batch id"),
+        (("p.", [("k", b"", None)], "a\nb", "", ""), ValueError, "invalid batch id"),
+        (("p.", [("k", b"", None)], 7, "", ""), TypeError, "batch_id must be str"),
+        (("p.", [("k", b"", None)], "id", "r r", ""), ValueError, "must not contain whitespace"),
+        (("p.", [("k", b"", None)], "id", "", "r\n"), ValueError, "must not contain whitespace"),
+        (("p.", [("k", b"", None), ("a b", b"", None)], "id", "", ""), ValueError, "must not contain whitespace"),
+        (("", [("", b"", None)], "id", "", ""), ValueError, "subject must not be empty"),
+        (("p.", [(1, b"", None)], "id", "", ""), TypeError, "subject must be str"),
+        (("p.", [("k", "text", None)], "id", "", ""), TypeError, "payload must be bytes"),
+        (("p.", [("k", b"", [("A", "b")])], "id", "", ""), TypeError, "headers must be a dict"),
+        (("p.", [("k", b"", {"A B": "b"})], "id", "", ""), ValueError, "invalid header name"),
+        (("p.", [("k", b"", {"A": "b\r\nC: d"})], "id", "", ""), ValueError, "must not contain CR or LF"),
+        (("p.", [("k", b"", None, None)], "id", "", ""), ValueError, "not 4 values"),
+        (("p.", [("k" * 4095, b"", None)], "id", "", ""), ValueError, "max_control_line"),
+    ],
+)
+def test_atomic_batch_errors(core: ModuleType, args: tuple[Any, ...], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        core.atomic_batch(*args)
+
+
+@settings(max_examples=200)
+@given(
+    items=st.lists(
+        st.tuples(
+            st.text(alphabet="ab.é \t", max_size=5),
+            st.binary(max_size=12),
+            st.one_of(st.none(), st.dictionaries(HEADER_NAMES, HEADER_VALUES, max_size=2)),
+        ),
+        max_size=4,
+    ),
+    batch_id=st.text(alphabet="ab\r", max_size=3),
+    replies=st.tuples(st.text(alphabet="ab. ", max_size=3), st.text(alphabet="ab.", max_size=3)),
+)
+def test_atomic_batch_parity(
+    c_core: ModuleType,
+    py_core: ModuleType,
+    items: list[tuple[str, bytes, dict[str, str] | None]],
+    batch_id: str,
+    replies: tuple[str, str],
+) -> None:
+    args = ("$KV.b.", items, batch_id, *replies)
+    assert outcome(c_core.atomic_batch, *args) == outcome(py_core.atomic_batch, *args)
+
+
 def test_pub_command_line_limit(core: ModuleType) -> None:
     assert core.pub_command("s" * 4094, "", b"x", None).startswith(b"PUB " + b"s" * 4094 + b" 1\r\n")
     with pytest.raises(ValueError, match=r"would be 4097 bytes.*beyond 4096"):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from natskv.errors import InvalidArgumentError, ValidationError
 from natskv.models import Field
 from natskv.models.attributes import define_schema, field_from_spec, schema_from_spec
-from natskv.models.fields import MISSING, check_schema, primary_key_name, validate_record
+from natskv.models.fields import MISSING, check_schema, primary_key_name, validate_record, validate_rows
 
 UTC = dt.timezone.utc
 
@@ -298,6 +298,30 @@ def test_validate_record_collects_every_issue() -> None:
     ])
     error = ValidationError(issues)
     assert len(error.issues) == 4
+
+
+def test_validate_rows_is_validate_record_of_each_row_without_its_none_fields() -> None:
+    # bulk_create's validation: what Model(**row) would validate, rows named in the issues
+    schema = user_schema()
+    token = uuid.uuid4()
+    rows = [
+        {"name": "Ann", "email": "ann@example.com", "age": 30, "extra": {"x": 1}},
+        {"name": "Bob", "age": None, "role": None, "token": str(token)},  # None: left out, defaults apply
+        {"email": "bad", "age": -1, "role": "root"},
+        {"name": "x" * 21, "id": 7, "tags": ("a",)},
+        {},
+    ]
+    prepared, issues = validate_rows(schema, rows)
+    expected_issues = []
+    for i, row in enumerate(rows):
+        clean, row_issues = validate_record(schema, {k: v for k, v in row.items() if v is not None})
+        assert prepared[i] == clean
+        expected_issues += [(f"[{i}].{field}", message, code) for field, message, code in row_issues]
+    assert sorted(issues) == sorted(expected_issues) and len(issues) == 6
+    assert prepared[1]["token"] == token and prepared[1]["role"] == "user"
+    assert prepared[0]["extra"] == {"x": 1}
+    with pytest.raises(TypeError, match="keywords must be strings"):
+        validate_rows(schema, [{"name": "Ann", 5: "five"}])
 
 
 def test_required_and_null() -> None:

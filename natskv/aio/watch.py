@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from natskv._collector import collector_paused
 from natskv._speedups import core
 from natskv.aio.connection import Connection
 from natskv.errors import BucketNotFoundError, NatsKVError, NatsKVTimeoutError
@@ -257,14 +257,8 @@ class ConsumerFeed:
             return
         # The initial values are kept (a replica holds them): the collector's passes over the
         # growing heap, started by these allocations, would find nothing to free.
-        paused = gc.isenabled()
-        if paused:
-            gc.disable()
-        try:
+        with collector_paused():
             self._take_runs(frames)
-        finally:
-            if paused:
-                gc.enable()
 
     def _take_runs(self, frames: list[Any]) -> None:
         take = core.take_deliveries

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 
 from natskv.errors import KeyExistsError, NatsKVError, UniqueConstraintError
 from natskv.models.store import record_key, resolve_timeout, unique_key
@@ -58,7 +58,7 @@ class BulkInsert(Generic[M]):
         self.rows: list[range] = []  # per batch: the rows it holds
         self.items: list[list[Item] | None] = []  # per batch, once built: its messages
         self.ops: list[list[tuple[Any, ...]]] = []  # per batch, once built: the same writes as commit() ops
-        self.stored: dict[int, dict[str, Any]] = {}  # row -> its stored form, once built
+        self.stored: list[list[dict[str, Any]]] = []  # per batch, once built: its records' stored form
         self.done: list[bool] = []
         self.acked: list[tuple[int, int]] = []  # (batch, revision) stored, maybe not yet in the replica
 
@@ -97,42 +97,61 @@ class BulkInsert(Generic[M]):
     def _plan(self) -> None:
         """Every row's keys, checked for clashes between rows, and the rows of each batch. The
         messages themselves are built batch by batch as the pipeline sends them."""
-        cls, token = self.cls, self.store.bucket._token
+        cls, bucket, prepared = self.cls, self.store.bucket, self.prepared
         fields = cls._fields
+        for name, field in fields.items():
+            if field.generated in ("uuid", "timestamp"):
+                for clean in prepared:
+                    if clean.get(name) is None:
+                        clean[name] = field.generate_value()
         pk = cls._pk
-        unique = [(name, field) for name, field in fields.items() if field.unique]
-        generated = [(name, field) for name, field in fields.items() if field.generated in ("uuid", "timestamp")]
-        size = 0
-        first = 0
-        for i, clean in enumerate(self.prepared):
-            for name, field in generated:
-                if clean.get(name) is None:
-                    clean[name] = field.generate_value()
-            markers = []
-            for name, field in unique:
-                value = clean.get(name)
-                if value is not None:
-                    marker = unique_key(name, field.to_json(value))
-                    markers.append((marker, self._claim(token(marker), i, name, value)))
-            key = record_key(clean[pk])
-            self.keys.append((key, self._claim(token(key), i, pk, clean[pk])))
-            self.markers.append(markers)
+        keys = [record_key(clean[pk]) for clean in prepared]
+        self.keys = list(zip(keys, bucket._tokens(keys), strict=True))
+        self.markers = [[] for _ in prepared]
+        claims = [(token, row) for row, (_, token) in enumerate(self.keys)]
+        for name, field in fields.items():
+            if not field.unique:
+                continue
+            taken = [(row, unique_key(name, field.to_json(clean[name])))
+                     for row, clean in enumerate(prepared) if clean.get(name) is not None]
+            tokens = bucket._tokens([marker for _, marker in taken])
+            for (row, marker), marker_token in zip(taken, tokens, strict=True):
+                self.markers[row].append((marker, marker_token))
+                claims.append((marker_token, row))
+        self.row_of = dict(claims)
+        if len(self.row_of) < len(claims):  # two rows share a key or a unique value
+            self._first_clash()
+        size = first = 0
+        for row, markers in enumerate(self.markers):
             if size + len(markers) + 1 > MAX_BATCH:
-                self._add_batch(first, i)
-                size, first = 0, i
+                self._add_batch(first, row)
+                size, first = 0, row
             size += len(markers) + 1
-        self._add_batch(first, len(self.prepared))
+        self._add_batch(first, len(prepared))
 
-    def _claim(self, subject_token: str, row: int, field: str, value: Any) -> str:
-        if self.row_of.setdefault(subject_token, row) != row:  # an earlier row has it too
-            everything = list(range(len(self.given)))
-            raise UniqueConstraintError(self.cls.__name__, field, value, row=row, written=[], not_written=everything)
-        return subject_token
+    def _first_clash(self) -> NoReturn:
+        """Raise the UniqueConstraintError of the first row, in row order, that repeats an earlier
+        row's primary key or unique value (nothing is written)."""
+        cls, prepared = self.cls, self.prepared
+        unique = [name for name, field in cls._fields.items() if field.unique]
+        seen: dict[str, int] = {}
+        for row, ((_, key_token), markers) in enumerate(zip(self.keys, self.markers, strict=True)):
+            names = [name for name in unique if prepared[row].get(name) is not None]
+            for (field, value), (_, token) in zip(
+                [(name, prepared[row][name]) for name in names] + [(cls._pk, prepared[row][cls._pk])],
+                [*markers, (None, key_token)], strict=True,
+            ):
+                if seen.setdefault(token, row) != row:
+                    everything = list(range(len(self.given)))
+                    raise UniqueConstraintError(cls.__name__, field, value, row=row, written=[],
+                                                not_written=everything)
+        raise AssertionError("no clash found between the rows")
 
     def _add_batch(self, first: int, end: int) -> None:
         self.rows.append(range(first, end))
         self.items.append(None)
         self.ops.append([])
+        self.stored.append([])
         self.done.append(False)
 
     def batch(self, b: int) -> list[Item]:
@@ -142,56 +161,54 @@ class BulkInsert(Generic[M]):
         if built is not None:
             return built
         cls, bucket = self.cls, self.store.bucket
-        encode = bucket._encode
-        key_payload = bucket.codec.encode
-        to_stored = cls._to_stored
         must_be_new = bucket._must_not_exist(None)  # shared by the messages: the wire copies it
         moment = dt.datetime.now(dt.timezone.utc)
         now = moment.isoformat()
+        meta: dict[str, Any] = {"_created_at": now, "_updated_at": now, "_changes": 0}
         ttl = cls.__ttl__
-        expires = None
         if ttl is not None:  # the model's records expire: so do these, with their unique markers
-            expires = (moment + dt.timedelta(seconds=ttl)).isoformat()
+            meta["_expires_at"] = (moment + dt.timedelta(seconds=ttl)).isoformat()
             must_be_new = bucket._expiring(must_be_new, ttl)
+        rows, prepared = self.rows[b], self.prepared
+        if cls._to_json:  # type: ignore[attr-defined]  # datetime, date or UUID fields: converted
+            to_stored = cls._to_stored
+            stored = [{**to_stored(prepared[row]), **meta} for row in rows]
+        else:
+            stored = [{**prepared[row], **meta} for row in rows]
+        payloads = bucket._encode_many(stored)
+        key_payload = bucket.codec.encode
+        keys, markers = self.keys, self.markers
         items: list[Item] = []
         ops: list[tuple[Any, ...]] = []
-        for row in self.rows[b]:
-            stored = to_stored(self.prepared[row])
-            stored["_created_at"] = stored["_updated_at"] = now
-            stored["_changes"] = 0
-            if expires is not None:
-                stored["_expires_at"] = expires
-            self.stored[row] = stored
-            key, key_token = self.keys[row]
-            markers = self.markers[row]
-            if markers:
+        for row, record, payload in zip(rows, stored, payloads, strict=True):
+            key, key_token = keys[row]
+            if markers[row]:
                 points_to = key_payload(key)  # a record key: short, always a JSON string
-                for marker, marker_token in markers:
+                for marker, marker_token in markers[row]:
                     items.append((marker_token, points_to, must_be_new))
                     ops.append(("create", marker, key))
-            payload, extra = encode(stored)
-            items.append((key_token, payload, must_be_new if extra is None else {**must_be_new, **extra}))
-            ops.append(("create", key, stored))
+            items.append((key_token, payload, must_be_new))
+            ops.append(("create", key, record))
         self.items[b] = items
         self.ops[b] = ops
+        self.stored[b] = stored
         return items
 
     def _stored(self, b: int, revision: int) -> None:
-        """Batch ``b`` was stored, its last message at ``revision``: apply it to the replica, and
-        give each of its records its revision (a batch is stored at consecutive revisions)."""
+        """Batch ``b`` was stored, its last message at ``revision``: give each of its records its
+        revision (a batch is stored at consecutive revisions) and make their instances."""
         self.done[b] = True
-        ops = self.ops[b]
         self.acked.append((b, revision))
-        at = revision - len(ops)
-        stored, markers, objs = self.stored, self.markers, self.objs
-        pairs = []
-        for row in self.rows[b]:
+        at = revision - len(self.ops[b])
+        markers, pairs = self.markers, []
+        for row, record in zip(self.rows[b], self.stored[b], strict=True):
             at += len(markers[row]) + 1  # a record's message comes after its markers'
-            pairs.append((stored.pop(row), at))
+            pairs.append((record, at))
         # Built by _core from the stored form, as a read of the record would build them.
-        for row, obj in zip(self.rows[b], self.cls._build(pairs), strict=True):
-            objs[row] = obj
+        first = self.rows[b].start
+        self.objs[first:first + len(pairs)] = self.cls._build(pairs)
         self.items[b] = None  # sent and stored: let it go (its ops go once in the replica)
+        self.stored[b] = []
 
     def _settle(self) -> None:
         """Return once the replica holds every batch stored: delivered by the watch (a short

@@ -520,6 +520,43 @@ def validate_record(
     return clean, issues
 
 
+def validate_rows(
+    fields: Mapping[str, Field], rows: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[Issue]]:
+    """Validate many new records at once (``Model.bulk_create``): per row what
+    ``validate_record(fields, row without its None fields, partial=False)`` gives, and the issues
+    of all rows named ``[i].field``. A field given as None takes its default, as a keyword left
+    out of ``Model(...)`` does; keys outside the schema are kept (they must be str: TypeError
+    otherwise). One pass per row with the per-field work looked up once."""
+    names = frozenset(fields)
+    plan = [(name, field, field._as_is) for name, field in fields.items()]
+    prepared: list[dict[str, Any]] = []
+    issues: list[Issue] = []
+    for i, row in enumerate(rows):
+        clean: dict[str, Any] = {}
+        for name, field, as_is in plan:
+            value = row.get(name)
+            if value is None:
+                value = field.default_value()
+                if value is MISSING:
+                    if field.required and field.generated is None:
+                        issues.append((f"[{i}].{name}", "is required", "required"))
+                    continue
+            if type(value) is as_is:
+                clean[name] = value
+                continue
+            clean[name], problems = field._check(value)
+            issues.extend((f"[{i}].{name}", message, code) for message, code in problems)
+        if not names.issuperset(row):  # keys outside the schema: kept as they are
+            for key, value in row.items():
+                if type(key) is not str and not isinstance(key, str):
+                    raise TypeError("keywords must be strings")
+                if key not in names:
+                    clean[key] = value
+        prepared.append(clean)
+    return prepared, issues
+
+
 def primary_key_name(fields: Mapping[str, Field]) -> str | None:
     """The primary key's name, or None when the schema has none. Raises if it has several."""
     keys = [name for name, field in fields.items() if field.primary_key]
@@ -571,4 +608,5 @@ __all__ = [
     "check_schema",
     "primary_key_name",
     "validate_record",
+    "validate_rows",
 ]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import orjson
 
+from natskv._collector import collector_paused
 from natskv._runner import check_timeout
 from natskv._speedups import core
 from natskv.errors import (
@@ -40,6 +41,7 @@ from natskv.models.fields import (
     check_schema,
     primary_key_name,
     validate_record,
+    validate_rows,
 )
 from natskv.models.group_commit import group_commit
 from natskv.models.planner import read_options
@@ -294,35 +296,22 @@ class Model(metaclass=ModelMeta):
         if cls.__max_records__ is not None:
             return cls._bulk_create_bounded(given, timeout)
         store = cls._require_store()
-        fields = cls._fields
-        prepared = []
-        problems: list[tuple[str, str, str]] = []
-        for i, row in enumerate(given):
-            # What ``cls(**row)._values()`` would be, without the instance: the instances are
-            # made as their batches are stored, while later batches are out.
-            values = {}
-            for key, value in row.items():
-                if type(key) is not str and not isinstance(key, str):
-                    raise TypeError("keywords must be strings")
-                if key not in fields:
-                    values[key] = value
-            for name in fields:
-                value = row.get(name)
-                if value is not None:
-                    values[name] = value
-            clean, issues = cls._validate(values, partial=False)
-            problems.extend((f"[{i}].{f}", m, c) for f, m, c in issues)
-            prepared.append(clean)
-        if problems:
-            raise ValidationError(problems)
-        for name, field in cls._fields.items():
-            if field.generated == "autoincrement":
-                missing = [c for c in prepared if c.get(name) is None]
-                if missing:
-                    ids = store.next_ids(name, len(missing), timeout)
-                    for clean, value in zip(missing, ids, strict=True):
-                        clean[name] = value
-        return BulkInsert(cls, store, given, prepared, timeout).run()
+        # Everything made from here on stays alive (clean rows, stored forms, instances, the
+        # replica's records): the collector's passes over the growing heap would free nothing.
+        with collector_paused():
+            # Validated as ``cls(**row)`` would be, without the instances: they are made as
+            # their batches are stored, while later batches are out.
+            prepared, problems = validate_rows(cls._fields, given)
+            if problems:
+                raise ValidationError(problems)
+            for name, field in cls._fields.items():
+                if field.generated == "autoincrement":
+                    missing = [c for c in prepared if c.get(name) is None]
+                    if missing:
+                        ids = store.next_ids(name, len(missing), timeout)
+                        for clean, value in zip(missing, ids, strict=True):
+                            clean[name] = value
+            return BulkInsert(cls, store, given, prepared, timeout).run()
 
     @classmethod
     def _bulk_create_bounded(cls: type[M], rows: list[dict[str, Any]], timeout: float | None) -> list[M]:

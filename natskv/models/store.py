@@ -15,7 +15,6 @@ order, which reads as a mapping of the stored form (a dict per record would cost
 
 from __future__ import annotations
 
-import gc
 import logging
 import uuid
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from natskv._collector import collector_paused
 from natskv._runner import wait_limit
 from natskv._speedups import core
 from natskv.errors import InvalidArgumentError
@@ -280,14 +280,8 @@ class ModelStore:
         if self.index_set.deferred:
             # The rebuild allocates an index key per entry and frees nothing: the collector's
             # passes over that young garbage-free heap would cost about a third of it.
-            paused = gc.isenabled()
-            if paused:
-                gc.disable()
-            try:
+            with collector_paused():
                 self.index_set.rebuild()
-            finally:
-                if paused:
-                    gc.enable()
         gone, self.inherited = self.inherited, None
         if gone and self.listeners and self.replica is not None:
             for stored in gone.values():

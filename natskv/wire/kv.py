@@ -46,7 +46,7 @@ from natskv.wire.jsapi import (
     check_pub_ack,
     is_ack,
 )
-from natskv.wire.replies import RawReply, encode_command, fresh_error, parse_reply_headers, status_of
+from natskv.wire.replies import RawReply, encode_batch, encode_command, fresh_error, parse_reply_headers, status_of
 from natskv.wire.retry import FIRST_DELAY, RESEND_AFTER, publish_resending, request_retrying_on_503, sleep_before_retry
 from natskv.wire.waiters import Waiter
 
@@ -847,8 +847,9 @@ class KVProtocol:
         that rejected it, or None for a batch not sent.
 
         Each batch is all or nothing on its own. After the first failure no further batch is sent,
-        but those already sent are answered, so an ack may follow a failure. A timeout is returned
-        as a NatsKVTimeoutError for that batch (its outcome is unknown). On a replicated stream the
+        but those already sent are answered, so an ack may follow a failure. ``timeout`` applies
+        to each batch, counted from its sending: a batch not acknowledged by then is returned as
+        a NatsKVTimeoutError (its outcome is unknown). On a replicated stream the
         batches go one after another through :meth:`commit_batch`, which re-sends a batch whose
         leader died (a pipeline of resends could store them out of order).
 
@@ -875,16 +876,16 @@ class KVProtocol:
             return results
         assert self.conn.mux is not None
         mux = self.conn.mux
-        deadline = None if timeout is None else time.monotonic() + timeout
-        window: list[tuple[int, Waiter, str, str, list[RawReply]]] = []
+        window: list[tuple[int, Waiter, str, str, list[RawReply], float | None]] = []
         sent = 0
         failed = False
         try:
             while window or (sent < len(batches) and not failed):
                 while not failed and sent < len(batches) and len(window) < inflight:
-                    window.append(self._start_batch(sent, batches[sent]))
+                    started = self._start_batch(sent, batches[sent])
+                    window.append((*started, None if timeout is None else time.monotonic() + timeout))
                     sent += 1
-                i, waiter, token, first_token, first_reply = window.pop(0)
+                i, waiter, token, first_token, first_reply, deadline = window.pop(0)
                 left = None if deadline is None else deadline - time.monotonic()
                 try:
                     answered = waiter.wait(left)
@@ -911,7 +912,7 @@ class KVProtocol:
                 if on_ack is not None:
                     on_ack(i, revision)
         finally:
-            for _, waiter, token, first_token, _ in window:  # only on an exception (Ctrl-C, close)
+            for _, waiter, token, first_token, _, _ in window:  # only on an exception (Ctrl-C, close)
                 mux._waiting.discard(waiter)
                 mux.remove_route(token)
                 mux.remove_route(first_token)
@@ -939,18 +940,14 @@ class KVProtocol:
 
         token = mux.new_token()
         waiter = Waiter(prefix + items[-1][0])
-        parts = []
-        size = 0
-        for seq, (key, payload, headers) in enumerate(items, start=1):
-            reply = mux.prefix + token if seq == n else mux.prefix + first_token if seq == 1 else ""
-            parts.append(encode_command(prefix + key, reply, payload, h.batch_part(headers, batch_id, seq, seq == n)))
-            size += len(payload)
+        data = encode_batch(prefix, items, batch_id, mux.prefix + first_token, mux.prefix + token)
+        size = sum([len(payload) for _, payload, _ in items])
         if n > 1:
             mux.add_route(first_token, on_first)
         mux.add_route(token, waiter.deliver)
         mux._waiting.add(waiter)
         try:
-            mux.send(b"".join(parts), n, size)
+            mux.send(data, n, size)
         except BaseException:
             mux._waiting.discard(waiter)
             mux.remove_route(token)

@@ -29,6 +29,16 @@ def encode_command(subject: str, reply: str, payload: bytes, headers: dict[str, 
         raise InvalidArgumentError(f"cannot send a message to {short_subject(subject)}: {exc}") from exc
 
 
+def encode_batch(prefix: str, items: list[tuple[str, bytes, dict[str, str]]], batch_id: str, first_reply: str,
+                 last_reply: str) -> bytes:
+    """``_core.atomic_batch`` (every message of an atomic batch publish in one bytes object) with
+    its refusals as natskv errors, raised before anything is sent."""
+    try:
+        return core.atomic_batch(prefix, items, batch_id, first_reply, last_reply)  # type: ignore[arg-type]
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgumentError(f"cannot send an atomic batch to {short_subject(prefix)}...: {exc}") from exc
+
+
 def status_of(headers: bytes | dict[str, str] | None) -> int:
     """The inline status code of a reply (0 when it carries none). Cheap: no full header parse."""
     if headers is None:
