@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("natskv")
 
+APPLY_SLICE = 256  # changes applied per turn of the loop, once loaded (about 2 ms of a model's)
+
 ApplyHook = Callable[[str, Any, Any, int], None]
 """``hook(key, old_value, new_value, revision)`` after each change (None for absent); loop thread,
 under the replica's lock: it must be quick and must not call natskv. ``on_loaded()`` (same rules)
@@ -285,6 +287,17 @@ class LocalReplica:
 
     def _apply_pending(self) -> None:
         if self._ready.is_set():
+            pending = self._pending
+            if len(pending) > APPLY_SLICE:
+                # A long run is applied a slice per turn of the loop: one _core call holds the
+                # GIL throughout, and a caller's thread woken meanwhile (bulk_create's, to send
+                # its next batch) would wait for all of it.
+                self._pending = pending[:APPLY_SLICE]
+                rest = pending[APPLY_SLICE:]
+                self._apply_batch()
+                self._pending = rest + self._pending
+                asyncio.get_running_loop().call_soon(self._apply_pending)
+                return
             self._apply_batch()
             return
         # The initial load allocates a value per key and frees nothing: the collector's passes

@@ -71,6 +71,9 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
     os.register_at_fork(after_in_child=_forget_sockets_in_child)
 
 
+DIRECT_WRITE_BYTES = 32 * 1024  # a command this large is written by its caller's thread (see _write_here)
+
+
 class AsyncWaiter:
     """Waits for one reply on the loop thread itself (``Multiplexer.request_async``)."""
 
@@ -548,9 +551,11 @@ class Multiplexer(CallerMux):
         raw = self._direct_raw
         if raw is None:
             return False
-        if len(self._waiting) > 1:
+        if len(self._waiting) > 1 and len(self._outbox[0]) < DIRECT_WRITE_BYTES:
             # Other requests are out: the loop thread is awake for their replies anyway, and
-            # its writer sends the commands of many threads in one system call.
+            # its writer sends the commands of many threads in one system call. A large command
+            # (a batch of bulk_create) goes now all the same: the loop thread may be busy with
+            # those replies for a while, and there is little to gain from joining it to others.
             return False
         nc = self._nc
         writer = self._direct_writer

@@ -5,6 +5,7 @@ Pure functions; they run on whichever thread calls them (the caller's, for write
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 from collections.abc import Mapping
@@ -97,6 +98,13 @@ def new_msg_id() -> str:
     """A fresh ``Nats-Msg-Id``: 64 random bits, unique within a duplicate window and small in the
     servers' memory of it."""
     return os.urandom(8).hex()
+
+
+def new_batch_id() -> str:
+    """A fresh ``Nats-Batch-Id``: 96 random bits in 16 URL-safe characters. The server scans
+    each message's headers several times, so they are kept short; the id need only be unique
+    among the batches open on a stream at once (at most 50)."""
+    return base64.urlsafe_b64encode(os.urandom(12)).decode()
 
 
 def with_msg_id(headers: dict[str, str] | None, msg_id: str) -> dict[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import re
 import time
-import uuid
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -622,7 +621,7 @@ class KVProtocol:
         """Send one atomic batch; return the commit's reply and the status the first message
         got (0 when it got none: the server answers the first message only when it fails)."""
         assert self.conn.mux is not None
-        batch_id = uuid.uuid4().hex
+        batch_id = h.new_batch_id()
         n = len(items)
         commands: list[tuple[str, bytes, dict[str, str] | None]] = []
         for i, (key, payload, headers) in enumerate(items, start=1):
@@ -853,10 +852,10 @@ class KVProtocol:
         batches go one after another through :meth:`commit_batch`, which re-sends a batch whose
         leader died (a pipeline of resends could store them out of order).
 
-        ``on_ack(i, revision)`` is called (on this thread) as batch ``i``'s acknowledgement
-        arrives, while later batches are still out. ``batches`` is read in order, each batch when
-        it is about to be sent (so it may be built lazily); one that is empty or over 1000
-        messages raises BatchError then.
+        ``on_ack(i, revision)`` is called (on this thread) for each batch stored, in order, once
+        the batches that its acknowledgement let go out are sent. ``batches`` is read in order,
+        up to ``inflight`` batches ahead of those sent (so it may be built lazily, while the
+        server works); one that is empty or over 1000 messages raises BatchError when sent.
         """
         self.conn.require(API_LEVEL_ATOMIC, "atomic multi-key commit (atomic batch publish)")
         results: list[int | NatsKVError | None] = [None] * len(batches)
@@ -879,12 +878,23 @@ class KVProtocol:
         window: list[tuple[int, Waiter, str, str, list[RawReply], float | None]] = []
         sent = 0
         failed = False
+        acked: tuple[int, int] | None = None  # told to on_ack once the next batch is out
         try:
             while window or (sent < len(batches) and not failed):
                 while not failed and sent < len(batches) and len(window) < inflight:
                     started = self._start_batch(sent, batches[sent])
                     window.append((*started, None if timeout is None else time.monotonic() + timeout))
                     sent += 1
+                # The server answers the batches it holds together, once it has stored them
+                # all, and then waits for more: the next batches go out before anything else is
+                # done with an answer, and they are built while the server works on these (a
+                # lazily built sequence builds on access).
+                if acked is not None:
+                    if on_ack is not None:
+                        on_ack(*acked)
+                    acked = None
+                for ahead in range(sent, min(sent + inflight, len(batches)) if not failed else 0):
+                    batches[ahead]
                 i, waiter, token, first_token, first_reply, deadline = window.pop(0)
                 left = None if deadline is None else deadline - time.monotonic()
                 try:
@@ -909,9 +919,10 @@ class KVProtocol:
                     results[i] = exc
                     failed = True
                     continue
-                if on_ack is not None:
-                    on_ack(i, revision)
+                acked = (i, revision)
         finally:
+            if acked is not None and on_ack is not None:  # the last batch, or one before an error
+                on_ack(*acked)
             for _, waiter, token, first_token, _, _ in window:  # only on an exception (Ctrl-C, close)
                 mux._waiting.discard(waiter)
                 mux.remove_route(token)
@@ -929,7 +940,7 @@ class KVProtocol:
         n = len(items)
         if not items or n > MAX_ATOMIC_BATCH:
             raise BatchError(f"an atomic commit holds 1 to {MAX_ATOMIC_BATCH} operations, not {n}")
-        batch_id = uuid.uuid4().hex
+        batch_id = h.new_batch_id()
         prefix = self.subject_prefix
         first_token = mux.new_token()
         first_reply: list[RawReply] = []
