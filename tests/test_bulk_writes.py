@@ -160,6 +160,31 @@ def test_bulk_create_reuses_the_values_of_deleted_records(db: natskv.Client, Per
     assert Person.find_one(email="p1@example.com").id == 1
 
 
+def test_bulk_create_rows_without_a_unique_value_take_no_marker(db: natskv.Client, name: str) -> None:
+    # rows with no value in a unique field write no marker for it: the batches hold different
+    # numbers of rows, none over the server's 1000 messages
+    class Account(Model):
+        __bucket__ = name
+        id = Field(int, primary_key=True)
+        email = Field(str, unique=True)
+        phone = Field(str, unique=True)
+
+    db.register(Account)
+    try:
+        given = [{"id": i, "email": f"a{i}@x.io" if i % 3 else None, "phone": f"+{i}" if i % 5 else None}
+                 for i in range(1500)]
+        made = Account.bulk_create(given)
+        assert [a.id for a in made] == list(range(1500)) and Account.count() == 1500
+        markers = [k for k in server_keys(db, name) if k.startswith("u:")]
+        assert len(markers) == sum(1 for i in range(1500) if i % 3) + sum(1 for i in range(1500) if i % 5)
+        assert Account.find_one(phone="+7").email == "a7@x.io" and Account.get(3).email is None
+        with pytest.raises(UniqueConstraintError) as info:  # a clash in the second field, found before sending
+            Account.bulk_create([{"id": 2000, "phone": "+1"}, {"id": 2001, "email": "n@x.io", "phone": "+1"}])
+        assert (info.value.field, info.value.row) == ("phone", 1) and not info.value.written
+    finally:
+        db.delete_bucket(name)
+
+
 def test_bulk_create_generated_values(db: natskv.Client, name: str) -> None:
     class Doc(Model):
         __bucket__ = name

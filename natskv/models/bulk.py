@@ -22,11 +22,12 @@ Runs on the caller's thread.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 
 from natskv.errors import KeyExistsError, NatsKVError, UniqueConstraintError
-from natskv.models.store import record_key, resolve_timeout, unique_key
+from natskv.models.store import record_keys, resolve_timeout, unique_keys
 
 if TYPE_CHECKING:
     from natskv.models.model import Model
@@ -54,7 +55,6 @@ class BulkInsert(Generic[M]):
         self.timeout = timeout
         self.keys: list[tuple[str, str]] = []  # per row: its record's key and subject token
         self.markers: list[list[tuple[str, str]]] = []  # per row: its unique markers' keys and tokens
-        self.row_of: dict[str, int] = {}  # subject token -> row
         self.rows: list[range] = []  # per batch: the rows it holds
         self.items: list[list[Item] | None] = []  # per batch, once built: its messages
         self.ops: list[list[tuple[Any, ...]]] = []  # per batch, once built: the same writes as commit() ops
@@ -105,28 +105,42 @@ class BulkInsert(Generic[M]):
                     if clean.get(name) is None:
                         clean[name] = field.generate_value()
         pk = cls._pk
-        keys = [record_key(clean[pk]) for clean in prepared]
-        self.keys = list(zip(keys, bucket._tokens(keys), strict=True))
+        keys = record_keys([clean[pk] for clean in prepared])
+        key_tokens = bucket._tokens(keys)
+        self.keys = list(zip(keys, key_tokens, strict=True))
+        clash = len(set(key_tokens)) < len(key_tokens)
         self.markers = [[] for _ in prepared]
-        claims = [(token, row) for row, (_, token) in enumerate(self.keys)]
+        uniform = True  # every row has a value in every unique field: as many messages each
         for name, field in fields.items():
             if not field.unique:
                 continue
-            taken = [(row, unique_key(name, field.to_json(clean[name])))
-                     for row, clean in enumerate(prepared) if clean.get(name) is not None]
-            tokens = bucket._tokens([marker for _, marker in taken])
-            for (row, marker), marker_token in zip(taken, tokens, strict=True):
-                self.markers[row].append((marker, marker_token))
-                claims.append((marker_token, row))
-        self.row_of = dict(claims)
-        if len(self.row_of) < len(claims):  # two rows share a key or a unique value
+            values = [clean.get(name) for clean in prepared]
+            rows: Sequence[int] = range(len(prepared))
+            if None in values:
+                rows = [row for row, value in enumerate(values) if value is not None]
+                values = [values[row] for row in rows]
+                uniform = False
+            if field.type in (dt.datetime, dt.date, uuid.UUID):
+                values = [field.to_json(value) for value in values]
+            markers = unique_keys(name, values)
+            tokens = bucket._tokens(markers)
+            clash = clash or len(set(tokens)) < len(tokens)
+            per_row = self.markers
+            for row, marker, marker_token in zip(rows, markers, tokens, strict=True):
+                per_row[row].append((marker, marker_token))
+        if clash:  # two rows share a key or a unique value: nothing is sent
             self._first_clash()
+        if uniform:
+            per_batch = MAX_BATCH // (len(self.markers[0]) + 1)
+            for first in range(0, len(prepared), per_batch):
+                self._add_batch(first, min(first + per_batch, len(prepared)))
+            return
         size = first = 0
-        for row, markers in enumerate(self.markers):
-            if size + len(markers) + 1 > MAX_BATCH:
+        for row, row_markers in enumerate(self.markers):
+            if size + len(row_markers) + 1 > MAX_BATCH:
                 self._add_batch(first, row)
                 size, first = 0, row
-            size += len(markers) + 1
+            size += len(row_markers) + 1
         self._add_batch(first, len(prepared))
 
     def _first_clash(self) -> NoReturn:
@@ -231,7 +245,10 @@ class BulkInsert(Generic[M]):
     def _clash(self, exc: KeyExistsError) -> UniqueConstraintError:
         """The UniqueConstraintError of a batch rejected for ``exc``'s key, with the rows stored."""
         found = self.cls._unique_error(exc.key)
-        row = self.row_of.get(self.store.bucket._token(exc.key))
+        token = self.store.bucket._token(exc.key)
+        row = next((r for r, (_, key_token) in enumerate(self.keys) if key_token == token), None)
+        if row is None:
+            row = next((r for r, markers in enumerate(self.markers) if any(t == token for _, t in markers)), None)
         written = [r for b, rows in enumerate(self.rows) if self.done[b] for r in rows]
         not_written = [r for b, rows in enumerate(self.rows) if not self.done[b] for r in rows]
         assert isinstance(found, UniqueConstraintError)

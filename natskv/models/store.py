@@ -65,6 +65,15 @@ def record_key(pk: Any) -> str:
     raise InvalidArgumentError(f"a primary key is an int, str or UUID, not {type(pk).__name__} ({pk!r})")
 
 
+def record_keys(pks: list[Any]) -> list[str]:
+    """``[record_key(pk) for pk in pks]``, with int primary keys (the common case) formatted
+    without the checks of each."""
+    if all(type(pk) is int for pk in pks):
+        prefix = f"{RECORD}:i:"
+        return [prefix + str(pk) for pk in pks]
+    return [record_key(pk) for pk in pks]
+
+
 def stored_pk(key: str) -> Any:
     """The primary key, in its stored (JSON) form, of the record key ``key`` (the inverse of
     :func:`record_key`: a UUID's is its string); None when ``key`` is not a record key in
@@ -75,6 +84,13 @@ def stored_pk(key: str) -> Any:
 def unique_key(field: str, json_value: Any) -> str:
     """The bucket key that marks ``json_value`` (stored form) of the unique ``field`` as taken."""
     return f"{UNIQUE}:{field}:{orjson.dumps(json_value).decode()}"
+
+
+def unique_keys(field: str, json_values: list[Any]) -> list[str]:
+    """``[unique_key(field, v) for v in json_values]``."""
+    prefix = f"{UNIQUE}:{field}:"
+    dumps = orjson.dumps
+    return [prefix + dumps(value).decode() for value in json_values]
 
 
 class ModelStore:
