@@ -127,6 +127,9 @@ def test_unique_values_are_enforced_moved_and_freed(User: Any) -> None:
     b.email = "a2@example.com"
     b.save()  # freed by the delete
     assert User.find_one(email="a2@example.com").id == b.id
+    # asked again (the planner's one-probe path for one unique field, from the second query on)
+    assert User.find_one(email="a2@example.com").id == b.id and User.find_one(email="a@example.com") is None
+    assert User.find_one(email=7) is None  # not a str: no probe, the general path
     # null is not indexed: many records may leave a unique field empty
     User.create(nick="C", age=3)
     User.create(nick="D", age=4)

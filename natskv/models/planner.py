@@ -207,6 +207,16 @@ class Planner:
 
     def find_one(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> Pair | None:
         """A match (the first one the planner finds, see rule 4), or None."""
+        if where is None and len(lookups) == 1:
+            # The commonest query, ``find_one(email=...)`` on a unique field: one probe of its
+            # index, as Model.get probes the records.
+            ((key, value),) = lookups.items()
+            fields = self._equality_shapes.get((key,))
+            if fields and len(fields) == 1 and fields[0][0] in self.store.unique and type(value) is fields[0][1]:
+                store = self.store
+                with store.replica.lock:  # type: ignore[union-attr]
+                    pk = store.unique[fields[0][0]].get(value)
+                    return store.records.get(pk) if pk is not None else None
         if where is None and lookups:
             equal = self._indexed_equalities(lookups)  # None when read options are among them
             if equal is not None:
