@@ -208,14 +208,20 @@ class Planner:
     def find_one(self, where: Mapping[str, Any] | None, lookups: Mapping[str, Any]) -> Pair | None:
         """A match (the first one the planner finds, see rule 4), or None."""
         if where is None and len(lookups) == 1:
-            # The commonest query, ``find_one(email=...)`` on a unique field: one probe of its
-            # index, as Model.get probes the records.
+            # The commonest queries, ``find_one(email=...)`` on a unique field or one equality on
+            # another indexed field: one probe of its index, as Model.get probes the records
+            # (from the second query of that shape on, once _indexed_equalities has seen it).
             ((key, value),) = lookups.items()
             fields = self._equality_shapes.get((key,))
-            if fields and len(fields) == 1 and fields[0][0] in self.store.unique and type(value) is fields[0][1]:
+            if fields and type(value) is fields[0][1]:
+                name = fields[0][0]
                 store = self.store
                 with store.replica.lock:  # type: ignore[union-attr]
-                    pk = store.unique[fields[0][0]].get(value)
+                    if name in store.unique:
+                        pk = store.unique[name].get(value)
+                    else:  # the first in primary key order, as _select_equal gives it
+                        first = store.sorted[name].range(value, value, limit=1)
+                        pk = first[0] if first else None
                     return store.records.get(pk) if pk is not None else None
         if where is None and lookups:
             equal = self._indexed_equalities(lookups)  # None when read options are among them
