@@ -1513,7 +1513,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print(
             "ratio: 1a/1b natskv p50 / nats-py p50 (lower is better); 2 16 threads / 1 thread;\n"
-            "       3 sequential / get_many; 4a-4d, M3 pure / compiled; M1 kv.get round trip / replica read\n"
+            "       3 sequential / get_many; 4a-4e, M3 pure / compiled; M1 kv.get round trip / replica read\n"
             "       (higher is better); M5 create rate / kv.set rate."
         )
     print(f"Medians over interleaved rounds (alternating order); total {time.perf_counter() - began:.0f} s; "
