@@ -940,6 +940,24 @@ def _line_too_long(Py_ssize_t length):
     )
 
 
+cdef int _check_header(object name, object value) except -1:
+    """Refuse a header NATS cannot carry: names and values are str, a name is non-empty without
+    spaces, colons, tabs or line breaks, a value has no CR or LF."""
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise TypeError(
+            f"header names and values must be str, got {type(name).__name__}: "
+            f"{type(value).__name__}"
+        )
+    if len(<str>name) == 0 or _has_any(name, " \t\r\n:"):
+        raise ValueError(
+            f"invalid header name {name!r}: it must be non-empty, without spaces, colons,"
+            " tabs or line breaks"
+        )
+    if _has_any(value, "\r\n"):
+        raise ValueError(f"invalid value for header {name!r}: it must not contain CR or LF")
+    return 0
+
+
 def pub_command(subject, reply, payload, headers):
     """Build a PUB or HPUB client protocol command. See natskv._core_py.pub_command."""
     cdef bytes subject_b = _check_token("subject", subject, False)
@@ -954,18 +972,7 @@ def pub_command(subject, reply, payload, headers):
     if headers:
         hdr_len = 12  # "NATS/1.0\r\n" and the closing "\r\n"
         for name, value in (<dict>headers).items():
-            if not isinstance(name, str) or not isinstance(value, str):
-                raise TypeError(
-                    f"header names and values must be str, got {type(name).__name__}: "
-                    f"{type(value).__name__}"
-                )
-            if len(<str>name) == 0 or _has_any(name, " \t\r\n:"):
-                raise ValueError(
-                    f"invalid header name {name!r}: it must be non-empty, without spaces, colons,"
-                    " tabs or line breaks"
-                )
-            if _has_any(value, "\r\n"):
-                raise ValueError(f"invalid value for header {name!r}: it must not contain CR or LF")
+            _check_header(name, value)
             name_b = (<str>name).encode("utf-8")
             value_b = (<str>value).encode("utf-8")
             parts.append(name_b)
@@ -1022,18 +1029,7 @@ cdef bytes _own_headers(dict headers):
     """The header lines of ``headers`` ("Name: value\\r\\n" each), checked as pub_command checks them."""
     cdef list lines = []
     for name, value in headers.items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise TypeError(
-                f"header names and values must be str, got {type(name).__name__}: "
-                f"{type(value).__name__}"
-            )
-        if len(<str>name) == 0 or _has_any(name, " \t\r\n:"):
-            raise ValueError(
-                f"invalid header name {name!r}: it must be non-empty, without spaces, colons,"
-                " tabs or line breaks"
-            )
-        if _has_any(value, "\r\n"):
-            raise ValueError(f"invalid value for header {name!r}: it must not contain CR or LF")
+        _check_header(name, value)
         lines.append((<str>name).encode("utf-8") + b": " + (<str>value).encode("utf-8") + b"\r\n")
     return b"".join(lines)
 
