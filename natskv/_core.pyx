@@ -3537,6 +3537,15 @@ cdef inline bint _is_digit(unsigned char c) noexcept nogil:
     return 48 <= c <= 57
 
 
+cdef inline Py_ssize_t _digit_run(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Where the run of digits starting at ``i`` ends; -1 when there is no digit at ``i``."""
+    if i >= n or not _is_digit(p[i]):
+        return -1
+    while i < n and _is_digit(p[i]):
+        i += 1
+    return i
+
+
 cdef double _POWERS_OF_TEN[16]
 for _k in range(16):
     _POWERS_OF_TEN[_k] = 10.0 ** _k  # exact
@@ -3558,22 +3567,19 @@ cdef object _json_number(const unsigned char* p, Py_ssize_t* at, Py_ssize_t n):
         return _DECLINED
     if p[i] == 48:  # a leading "0" stands alone
         i += 1
-    elif _is_digit(p[i]):
-        while i < n and _is_digit(p[i]):
-            i += 1
     else:
-        return _DECLINED
+        i = _digit_run(p, i, n)
+        if i < 0:
+            return _DECLINED
     if i - digits > 18:
         return _DECLINED
     for k in range(digits, i):
         value = value * 10 + (p[k] - 48)
     int_end = i
     if i < n and p[i] == 46:  # "."
-        i += 1
-        if i >= n or not _is_digit(p[i]):
+        i = _digit_run(p, i + 1, n)
+        if i < 0:
             return _DECLINED
-        while i < n and _is_digit(p[i]):
-            i += 1
         is_float = True
         # Up to 15 digits in all and no exponent: the digits as an integer and the power of ten
         # are doubles exactly, and their quotient is correctly rounded (IEEE division), which is
@@ -3588,10 +3594,9 @@ cdef object _json_number(const unsigned char* p, Py_ssize_t* at, Py_ssize_t n):
         i += 1
         if i < n and (p[i] == 43 or p[i] == 45):
             i += 1
-        if i >= n or not _is_digit(p[i]):
+        i = _digit_run(p, i, n)
+        if i < 0:
             return _DECLINED
-        while i < n and _is_digit(p[i]):
-            i += 1
         is_float = True
     at[0] = i
     if not is_float:

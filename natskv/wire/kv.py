@@ -893,8 +893,9 @@ class KVProtocol:
                     if on_ack is not None:
                         on_ack(*acked)
                     acked = None
-                for ahead in range(sent, min(sent + inflight, len(batches)) if not failed else 0):
-                    batches[ahead]
+                if not failed:
+                    for ahead in range(sent, min(sent + inflight, len(batches))):
+                        batches[ahead]
                 i, waiter, token, first_token, first_reply, deadline = window.pop(0)
                 left = None if deadline is None else deadline - time.monotonic()
                 try:
