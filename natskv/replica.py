@@ -286,27 +286,23 @@ class LocalReplica:
         pending.extend(entries)
 
     def _apply_pending(self) -> None:
+        batch, self._pending = self._pending, []
         if self._ready.is_set():
-            pending = self._pending
-            if len(pending) > APPLY_SLICE:
+            if len(batch) > APPLY_SLICE:
                 # A long run is applied a slice per turn of the loop: one _core call holds the
                 # GIL throughout, and a caller's thread woken meanwhile (bulk_create's, to send
-                # its next batch) would wait for all of it.
-                self._pending = pending[:APPLY_SLICE]
-                rest = pending[APPLY_SLICE:]
-                self._apply_batch()
-                self._pending = rest + self._pending
+                # its next batch) would wait for all of it. What arrives meanwhile goes after
+                # the rest (_apply_many sees a pending list and leaves the scheduling to this).
+                batch, self._pending = batch[:APPLY_SLICE], batch[APPLY_SLICE:]
                 asyncio.get_running_loop().call_soon(self._apply_pending)
-                return
-            self._apply_batch()
+            self._apply_batch(batch)
             return
         # The initial load allocates a value per key and frees nothing: the collector's passes
         # over that young heap would cost a sixth of it (as in the model store's index rebuild).
         with collector_paused():
-            self._apply_batch()
+            self._apply_batch(batch)
 
-    def _apply_batch(self) -> None:
-        batch, self._pending = self._pending, []
+    def _apply_batch(self, batch: list[Any]) -> None:
         bucket = self.bucket
         cut = len(bucket._proto.subject_prefix)
         pattern = self._pattern
