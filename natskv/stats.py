@@ -37,6 +37,7 @@ import orjson
 log = logging.getLogger("natskv")
 
 _SUB_BUCKETS = 4  # per power of two
+_SLOTS = 64 * _SUB_BUCKETS
 
 
 class _Flow(threading.local):
@@ -48,7 +49,6 @@ class _Flow(threading.local):
 
 
 flow = _Flow()
-_SLOTS = 64 * _SUB_BUCKETS
 
 
 def _slot(nanos: int) -> int:
