@@ -46,6 +46,26 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return predicate()
 
 
+def child_exit_code(pid: int, timeout: float, hung: str) -> int:
+    """The exit code of the forked child ``pid``, waited for at most ``timeout`` seconds; a child
+    still running then is killed and the test fails with ``hung``."""
+    import os
+    import signal
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(hung)
+        time.sleep(0.02)
+
+
 def drop_model_bucket(db: Any, name: str) -> None:
     """Delete a test model's bucket and its autoincrement counter stream (if it has one)."""
     import natskv

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import default_sigint
+from helpers import child_exit_code, default_sigint
 
 import natskv
 from natskv import DeadlockError, NatsKVError, NotConnectedError, RevisionMismatchError
@@ -448,17 +448,7 @@ def test_fork_in_this_process(db: natskv.Client, kv: natskv.Bucket) -> None:
             os._exit(code)  # whatever happened: the exit code says how far the child got
     for i in range(20):
         kv.set("from-parent", i)
-    deadline = time.monotonic() + 20
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung using the inherited client")
-        time.sleep(0.02)
-    code = os.waitstatus_to_exitcode(status)
+    code = child_exit_code(pid, 20, "the forked child hung using the inherited client")
     assert code == 0, {2: "the child's get failed", 3: "the child's set failed"}.get(code, code)
     assert kv.get("from-child") == pid
     assert kv.get("from-parent") == 19

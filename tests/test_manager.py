@@ -5,12 +5,12 @@ readers kept open."""
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from helpers import child_exit_code
 
 import natskv
 from natskv import Field, LocalReplica, Model
@@ -257,17 +257,7 @@ def test_forked_child_reloads_a_closed_replica(client: natskv.Client, name: str)
                 code = 0
             finally:
                 os._exit(code)
-        deadline = time.monotonic() + 30
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail("the forked child hung reloading a closed replica")
-            time.sleep(0.02)
-        code = os.waitstatus_to_exitcode(status)
+        code = child_exit_code(pid, 30, "the forked child hung reloading a closed replica")
         assert code == 0, {2: "the child's reload failed", 3: "the child's wait_for failed"}.get(code, code)
         assert replica.snapshot() == {"before": 1, "after": 2, "from-child": 3}  # the parent reloads too
     finally:
